@@ -1,0 +1,198 @@
+//! Descriptor chains in guest memory.
+//!
+//! A chain is walked once: every descriptor's guest range is checked against guest memory
+//! and recorded as a region list. Afterwards only the checked regions are used. Headers may
+//! span descriptors (a guest is free to split them); payload moves region by region through
+//! [`VolatileSlice`]s straight to or from host sockets.
+
+use domsock_proto::{RawHeader, HEADER_LEN};
+use std::ops::ControlFlow;
+use thiserror::Error;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+
+/// Guest memory as used by the data plane.
+pub type Mem = GuestMemoryMmap<()>;
+
+/// A malformed chain.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ChainError {
+    /// A descriptor of the wrong direction (device-writable in TX or readable in RX).
+    #[error("descriptor {index} has the wrong direction")]
+    WrongDirection {
+        /// Position in the chain.
+        index: usize,
+    },
+    /// A descriptor points outside guest memory.
+    #[error("descriptor range {addr:#x}+{len} is outside guest memory")]
+    OutOfRange {
+        /// Guest address.
+        addr: u64,
+        /// Length.
+        len: u32,
+    },
+    /// The chain is shorter than a header.
+    #[error("chain of {total} bytes cannot hold a {HEADER_LEN}-byte header")]
+    TooShort {
+        /// Bytes in the chain.
+        total: usize,
+    },
+    /// The header claims more payload than the chain holds.
+    #[error("header claims {claimed} payload bytes, chain holds {available}")]
+    PayloadTruncated {
+        /// Claimed.
+        claimed: u32,
+        /// Available.
+        available: usize,
+    },
+    /// Reading guest memory failed.
+    #[error("guest memory access failed")]
+    Memory,
+}
+
+/// The checked regions of one chain.
+#[derive(Debug, Default)]
+pub struct Regions {
+    regions: Vec<(GuestAddress, usize)>,
+    total: usize,
+}
+
+impl Regions {
+    /// Replaces the contents with the descriptors of `chain`, all of which must be
+    /// device-readable (`writable == false`) or device-writable (`writable == true`).
+    pub fn load<M>(&mut self, chain: DescriptorChain<M>, mem: &Mem, writable: bool) -> Result<(), ChainError>
+    where
+        M: std::ops::Deref<Target = Mem>,
+    {
+        self.regions.clear();
+        self.total = 0;
+        for (index, desc) in chain.enumerate() {
+            if desc.is_write_only() != writable {
+                return Err(ChainError::WrongDirection { index });
+            }
+            let len = desc.len() as usize;
+            if len == 0 {
+                continue;
+            }
+            if !mem.check_range(desc.addr(), len) {
+                return Err(ChainError::OutOfRange {
+                    addr: desc.addr().0,
+                    len: desc.len(),
+                });
+            }
+            self.regions.push((desc.addr(), len));
+            self.total += len;
+        }
+        Ok(())
+    }
+
+    /// Total bytes.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Payload capacity after the header.
+    pub fn payload_capacity(&self) -> usize {
+        self.total.saturating_sub(HEADER_LEN)
+    }
+
+    /// Reads the header from the start of the chain.
+    pub fn read_header(&self, mem: &Mem) -> Result<RawHeader, ChainError> {
+        if self.total < HEADER_LEN {
+            return Err(ChainError::TooShort { total: self.total });
+        }
+        let mut buf = [0u8; HEADER_LEN];
+        let mut filled = 0;
+        for &(addr, len) in &self.regions {
+            let n = len.min(HEADER_LEN - filled);
+            mem.read_slice(&mut buf[filled..filled + n], addr)
+                .map_err(|_| ChainError::Memory)?;
+            filled += n;
+            if filled == HEADER_LEN {
+                break;
+            }
+        }
+        Ok(RawHeader::decode(&buf))
+    }
+
+    /// Writes a header at the start of the chain.
+    pub fn write_header(&self, mem: &Mem, hdr: &RawHeader) -> Result<(), ChainError> {
+        if self.total < HEADER_LEN {
+            return Err(ChainError::TooShort { total: self.total });
+        }
+        let bytes = hdr.encode();
+        let mut done = 0;
+        for &(addr, len) in &self.regions {
+            let n = len.min(HEADER_LEN - done);
+            mem.write_slice(&bytes[done..done + n], addr)
+                .map_err(|_| ChainError::Memory)?;
+            done += n;
+            if done == HEADER_LEN {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Visits the payload as guest memory slices, starting `skip` bytes into the payload and
+    /// covering at most `len` bytes. The visitor may stop early with `Break`.
+    pub fn for_each_payload_slice<F, R>(
+        &self,
+        mem: &Mem,
+        skip: usize,
+        len: usize,
+        mut f: F,
+    ) -> Result<Option<R>, ChainError>
+    where
+        F: FnMut(VolatileSlice<'_, ()>) -> ControlFlow<R>,
+    {
+        let mut offset = HEADER_LEN + skip;
+        let mut left = len;
+        for &(addr, rlen) in &self.regions {
+            if left == 0 {
+                break;
+            }
+            if offset >= rlen {
+                offset -= rlen;
+                continue;
+            }
+            let start = addr.unchecked_add(offset as u64);
+            let n = (rlen - offset).min(left);
+            offset = 0;
+            left -= n;
+            for slice in mem.get_slices(start, n) {
+                let slice = slice.map_err(|_| ChainError::Memory)?;
+                if let ControlFlow::Break(r) = f(slice) {
+                    return Ok(Some(r));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Copies `len` payload bytes starting `skip` bytes into the payload into `out`.
+    pub fn copy_payload(&self, mem: &Mem, skip: usize, len: usize, out: &mut Vec<u8>) -> Result<(), ChainError> {
+        let start = out.len();
+        out.resize(start + len, 0);
+        let mut pos = start;
+        self.for_each_payload_slice(mem, skip, len, |s| {
+            let n = s.len();
+            s.copy_to(&mut out[pos..pos + n]);
+            pos += n;
+            ControlFlow::<()>::Continue(())
+        })?;
+        Ok(())
+    }
+
+    /// Copies bytes into the payload area starting `skip` bytes into it.
+    pub fn write_payload(&self, mem: &Mem, skip: usize, data: &[u8]) -> Result<(), ChainError> {
+        let mut pos = 0;
+        self.for_each_payload_slice(mem, skip, data.len(), |s| {
+            let n = s.len();
+            s.copy_from(&data[pos..pos + n]);
+            pos += n;
+            ControlFlow::<()>::Continue(())
+        })?;
+        Ok(())
+    }
+}

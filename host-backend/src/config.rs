@@ -1,0 +1,374 @@
+//! Command line and config file: one path from either to a validated [`Config`].
+//!
+//! The command line is a drop-in for vhost-device-vsock's: `--vm guest-cid=N,socket=PATH,
+//! uds-path=PATH` (repeatable), or the single-VM `--guest-cid/--socket/--uds-path`, or
+//! `--config FILE` (TOML with the same fields). Our own fields (`name=`) extend the same
+//! syntax. Unknown fields are errors, never silently ignored.
+
+use clap::Parser;
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// Command line of `domsockd`.
+#[derive(Debug, Parser, Default)]
+#[command(name = "domsockd", version, about = "vhost-user vsock backend for many VMs")]
+pub struct Args {
+    /// One VM: `guest-cid=N,socket=PATH,uds-path=PATH[,name=NAME][,groups=G1+G2]`.
+    /// Repeat for several VMs served by this process.
+    #[arg(long = "vm", value_name = "FIELDS")]
+    pub vm: Vec<String>,
+    /// Single-VM form: the guest's CID.
+    #[arg(long, value_name = "CID")]
+    pub guest_cid: Option<u64>,
+    /// Single-VM form: the vhost-user socket QEMU connects to.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Single-VM form: the host-side Unix socket prefix (`<uds>` and `<uds>_<port>`).
+    #[arg(long, value_name = "PATH")]
+    pub uds_path: Option<PathBuf>,
+    /// TOML config file with a `[[vm]]` table per VM (same fields as `--vm`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Virtqueue size offered to the frontend.
+    #[arg(long, default_value_t = 1024)]
+    pub queue_size: u16,
+}
+
+/// One VM's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct VmConfig {
+    /// Guest CID (>= 3).
+    pub guest_cid: u64,
+    /// vhost-user socket path.
+    pub socket: PathBuf,
+    /// Host-side Unix socket prefix.
+    pub uds_path: PathBuf,
+    /// Human-readable name (defaults to `vm<cid>`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// vhost-device-vsock groups (accepted for compatibility; guest-to-guest routing uses
+    /// them in a later release).
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+impl VmConfig {
+    /// The VM's name.
+    pub fn display_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| format!("vm{}", self.guest_cid))
+    }
+}
+
+/// The TOML file layout.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    #[serde(default)]
+    queue_size: Option<u16>,
+    #[serde(default)]
+    vm: Vec<VmConfig>,
+}
+
+/// Validated daemon configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// VMs to serve.
+    pub vms: Vec<VmConfig>,
+    /// Virtqueue size.
+    pub queue_size: u16,
+}
+
+/// Why a configuration was rejected.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// A `--vm` value has a field without `=`.
+    #[error("--vm field {0:?} is not key=value")]
+    NotKeyValue(String),
+    /// Unknown field name.
+    #[error("unknown --vm field {0:?} (known: guest-cid, socket, uds-path, name, groups)")]
+    UnknownField(String),
+    /// A field appears twice.
+    #[error("--vm field {0:?} given twice")]
+    DuplicateField(String),
+    /// A required field is missing.
+    #[error("VM {vm:?} lacks required field {field}")]
+    MissingField {
+        /// The offending `--vm` text.
+        vm: String,
+        /// Field name.
+        field: &'static str,
+    },
+    /// The CID is not a number.
+    #[error("guest-cid {0:?} is not a number")]
+    BadCid(String),
+    /// The CID is reserved.
+    #[error("guest-cid {0} is reserved (guests use 3..=4294967294)")]
+    ReservedCid(u64),
+    /// Two VMs share a CID.
+    #[error("guest-cid {0} is used by two VMs")]
+    DuplicateCid(u64),
+    /// Two VMs share a path.
+    #[error("path {0} is used by two VMs")]
+    DuplicatePath(PathBuf),
+    /// Two VMs share a name.
+    #[error("name {0:?} is used by two VMs")]
+    DuplicateName(String),
+    /// Single-VM flags mixed with `--vm`, or incomplete.
+    #[error("use either --vm, --config, or all of --guest-cid/--socket/--uds-path")]
+    MixedForms,
+    /// No VM given.
+    #[error("no VM configured (use --vm, --config or --guest-cid/--socket/--uds-path)")]
+    NoVm,
+    /// Queue size must be a power of two in 1..=32768.
+    #[error("queue size {0} must be a power of two up to 32768")]
+    BadQueueSize(u16),
+    /// The config file could not be read.
+    #[error("cannot read config file {path}")]
+    ReadFile {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for us.
+    #[error("invalid config file {path}")]
+    ParseFile {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+}
+
+/// Parses one `--vm` value.
+pub fn parse_vm_fields(text: &str) -> Result<VmConfig, ConfigError> {
+    let mut cid = None;
+    let mut socket = None;
+    let mut uds = None;
+    let mut name = None;
+    let mut groups = None;
+    for field in text.split(',').filter(|f| !f.is_empty()) {
+        let (k, v) = field
+            .split_once('=')
+            .ok_or_else(|| ConfigError::NotKeyValue(field.to_string()))?;
+        let dup = || ConfigError::DuplicateField(k.to_string());
+        match k {
+            "guest-cid" | "guest_cid" => {
+                let n: u64 = v.parse().map_err(|_| ConfigError::BadCid(v.to_string()))?;
+                if cid.replace(n).is_some() {
+                    return Err(dup());
+                }
+            }
+            "socket" => {
+                if socket.replace(PathBuf::from(v)).is_some() {
+                    return Err(dup());
+                }
+            }
+            "uds-path" | "uds_path" => {
+                if uds.replace(PathBuf::from(v)).is_some() {
+                    return Err(dup());
+                }
+            }
+            "name" => {
+                if name.replace(v.to_string()).is_some() {
+                    return Err(dup());
+                }
+            }
+            "groups" => {
+                let g: Vec<String> = v.split('+').map(str::to_string).collect();
+                if groups.replace(g).is_some() {
+                    return Err(dup());
+                }
+            }
+            _ => return Err(ConfigError::UnknownField(k.to_string())),
+        }
+    }
+    let missing = |field| ConfigError::MissingField {
+        vm: text.to_string(),
+        field,
+    };
+    Ok(VmConfig {
+        guest_cid: cid.ok_or_else(|| missing("guest-cid"))?,
+        socket: socket.ok_or_else(|| missing("socket"))?,
+        uds_path: uds.ok_or_else(|| missing("uds-path"))?,
+        name,
+        groups: groups.unwrap_or_default(),
+    })
+}
+
+fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::ParseFile {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    })
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, ConfigError> {
+        let single = [
+            args.guest_cid.is_some(),
+            args.socket.is_some(),
+            args.uds_path.is_some(),
+        ];
+        let mut queue_size = args.queue_size;
+        let mut vms = Vec::new();
+        if single.iter().any(|&b| b) {
+            if !single.iter().all(|&b| b) || !args.vm.is_empty() {
+                return Err(ConfigError::MixedForms);
+            }
+            vms.push(VmConfig {
+                guest_cid: args.guest_cid.expect("checked"),
+                socket: args.socket.expect("checked"),
+                uds_path: args.uds_path.expect("checked"),
+                name: None,
+                groups: Vec::new(),
+            });
+        }
+        for v in &args.vm {
+            vms.push(parse_vm_fields(v)?);
+        }
+        if let Some(path) = &args.config {
+            let file = load_file(path)?;
+            if let Some(q) = file.queue_size {
+                queue_size = q;
+            }
+            vms.extend(file.vm);
+        }
+        let config = Config { vms, queue_size };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl Config {
+    /// Checks cross-field rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vms.is_empty() {
+            return Err(ConfigError::NoVm);
+        }
+        if !self.queue_size.is_power_of_two() || self.queue_size > 32768 {
+            return Err(ConfigError::BadQueueSize(self.queue_size));
+        }
+        let mut cids = HashSet::new();
+        let mut paths = HashSet::new();
+        let mut names = HashSet::new();
+        for vm in &self.vms {
+            if !domsock_proto::Cid(vm.guest_cid).is_guest() {
+                return Err(ConfigError::ReservedCid(vm.guest_cid));
+            }
+            if !cids.insert(vm.guest_cid) {
+                return Err(ConfigError::DuplicateCid(vm.guest_cid));
+            }
+            for p in [&vm.socket, &vm.uds_path] {
+                if !paths.insert(p.clone()) {
+                    return Err(ConfigError::DuplicatePath(p.clone()));
+                }
+            }
+            if !names.insert(vm.display_name()) {
+                return Err(ConfigError::DuplicateName(vm.display_name()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("domsockd").chain(v.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn vhost_device_vsock_syntax() {
+        let c = Config::try_from(args(&[
+            "--vm",
+            "guest-cid=3,socket=/tmp/a.sock,uds-path=/tmp/a.vsock",
+            "--vm",
+            "guest-cid=4,socket=/tmp/b.sock,uds-path=/tmp/b.vsock,name=web,groups=g1+g2",
+        ]))
+        .unwrap();
+        assert_eq!(c.vms.len(), 2);
+        assert_eq!(c.vms[0].guest_cid, 3);
+        assert_eq!(c.vms[0].display_name(), "vm3");
+        assert_eq!(c.vms[1].display_name(), "web");
+        assert_eq!(c.vms[1].groups, vec!["g1", "g2"]);
+    }
+
+    #[test]
+    fn single_vm_flags() {
+        let c = Config::try_from(args(&[
+            "--guest-cid",
+            "5",
+            "--socket",
+            "/tmp/s",
+            "--uds-path",
+            "/tmp/u",
+        ]))
+        .unwrap();
+        assert_eq!(c.vms[0].guest_cid, 5);
+        assert!(matches!(
+            Config::try_from(args(&["--guest-cid", "5"])),
+            Err(ConfigError::MixedForms)
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let bad = |s: &str| Config::try_from(args(&["--vm", s])).unwrap_err();
+        assert!(matches!(bad("guest-cid=2,socket=/a,uds-path=/b"), ConfigError::ReservedCid(2)));
+        assert!(matches!(bad("guest-cid=x,socket=/a,uds-path=/b"), ConfigError::BadCid(_)));
+        assert!(matches!(bad("guest-cid=3,socket=/a"), ConfigError::MissingField { .. }));
+        assert!(matches!(
+            bad("guest-cid=3,socket=/a,uds-path=/b,forward-cid=1"),
+            ConfigError::UnknownField(_)
+        ));
+        assert!(matches!(
+            bad("guest-cid=3,guest-cid=4,socket=/a,uds-path=/b"),
+            ConfigError::DuplicateField(_)
+        ));
+        assert!(matches!(
+            Config::try_from(args(&[
+                "--vm",
+                "guest-cid=3,socket=/a,uds-path=/b",
+                "--vm",
+                "guest-cid=3,socket=/c,uds-path=/d"
+            ])),
+            Err(ConfigError::DuplicateCid(3))
+        ));
+        assert!(matches!(Config::try_from(args(&[])), Err(ConfigError::NoVm)));
+    }
+
+    #[test]
+    fn toml_file() {
+        let dir = std::env::temp_dir().join(format!("domsock-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("d.toml");
+        std::fs::write(
+            &path,
+            "queue-size = 256\n[[vm]]\nguest-cid = 7\nsocket = \"/tmp/x\"\nuds-path = \"/tmp/y\"\nname = \"db\"\n",
+        )
+        .unwrap();
+        let c = Config::try_from(args(&["--config", path.to_str().unwrap()])).unwrap();
+        assert_eq!(c.queue_size, 256);
+        assert_eq!(c.vms[0].display_name(), "db");
+        std::fs::write(&path, "[[vm]]\nguest-cid = 7\nbogus = 1\n").unwrap();
+        assert!(matches!(
+            Config::try_from(args(&["--config", path.to_str().unwrap()])),
+            Err(ConfigError::ParseFile { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

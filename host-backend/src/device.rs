@@ -1,0 +1,151 @@
+//! The vhost-user vsock device of one VM connection: feature negotiation, config space
+//! (the guest CID), and event dispatch into the [`DataPlane`].
+//!
+//! A new device is built for every frontend connection (QEMU start or restart); the VM's
+//! [`VmShared`] state (host listener, counters) outlives it.
+
+use crate::chain::Mem;
+use crate::dataplane::{DataPlane, VmShared, RX_QUEUE, TX_QUEUE};
+use domsock_proto::packet::VIRTIO_VSOCK_F_SEQPACKET;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tracing::{debug, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+/// Number of virtqueues: rx, tx, event.
+pub const NUM_QUEUES: usize = 3;
+/// Event id of the data plane's nested epoll fd (ids `0..=NUM_QUEUES` are reserved).
+pub const BACKEND_EVENT: u16 = (NUM_QUEUES + 1) as u16;
+
+/// One VM's device for one frontend connection.
+#[derive(Debug)]
+pub struct VsockDevice {
+    shared: Arc<VmShared>,
+    plane: Mutex<DataPlane>,
+    queue_size: u16,
+    exit: (EventConsumer, EventNotifier),
+    epoll_fd: i32,
+}
+
+impl VsockDevice {
+    /// Builds a device for the VM described by `shared`.
+    pub fn new(shared: Arc<VmShared>, queue_size: u16) -> io::Result<Self> {
+        let plane = DataPlane::new(shared.clone())?;
+        let epoll_fd = plane.epoll_fd();
+        Ok(Self {
+            shared,
+            plane: Mutex::new(plane),
+            queue_size,
+            exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
+            epoll_fd,
+        })
+    }
+
+    /// The fd the worker thread must watch for host socket events.
+    pub fn backend_fd(&self) -> i32 {
+        self.epoll_fd
+    }
+
+    /// Ends every connection (frontend gone).
+    pub fn stop(&self) {
+        self.plane().stop();
+    }
+
+    /// Wakes the worker thread so it exits.
+    pub fn signal_exit(&self) {
+        let _ = self.exit.1.notify();
+    }
+
+    fn plane(&self) -> MutexGuard<'_, DataPlane> {
+        // A panic while holding the lock would be a bug; keep serving the VM regardless.
+        self.plane.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl VhostUserBackend for VsockDevice {
+    type Bitmap = ();
+    type Vring = VringRwLock<GuestMemoryAtomic<Mem>>;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_F_NOTIFY_ON_EMPTY)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_VSOCK_F_SEQPACKET)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        debug!(vm = %self.shared.name, features = format_args!("{features:#x}"), "features acked");
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG
+    }
+
+    fn reset_device(&self) {
+        self.stop();
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // virtio-queue tracks EVENT_IDX per queue; the data plane always uses the
+        // disable/enable_notification + needs_notification protocol, which honours it.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        let cfg = self.shared.cid.0.to_le_bytes();
+        let (offset, size) = (offset as usize, size as usize);
+        match offset.checked_add(size) {
+            Some(end) if end <= cfg.len() => cfg[offset..end].to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
+        self.plane().set_memory(mem);
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
+    }
+
+    fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
+        self.stop();
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Self::Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        // Never return an error: it would end the worker thread and with it the VM's
+        // data plane. Data-plane faults are per connection and handled inside.
+        match device_event {
+            e if e as usize == RX_QUEUE || e as usize == TX_QUEUE || e == BACKEND_EVENT => {
+                self.plane().pump(vrings);
+            }
+            2 => {} // event queue: only the guest's buffers for transport events
+            other => warn!(vm = %self.shared.name, event = other, ?evset, "unexpected event"),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,21 @@
+//! domsockd: a vhost-user vsock device backend serving many VMs in one process.
+//!
+//! Each VM gets a thread that accepts its QEMU on a vhost-user socket; the vhost-user
+//! worker thread of that VM runs its [`dataplane::DataPlane`], which connects guest vsock
+//! connections to host Unix sockets using the hybrid convention of Firecracker and
+//! vhost-device-vsock (`<uds>_<port>` for guest-initiated, `CONNECT <port>` on `<uds>` for
+//! host-initiated). Protocol decisions live in `domsock-proto`; this crate does the I/O.
+//!
+//! `unsafe` is not used here: guest memory is reached through vm-memory's checked
+//! accessors and sockets through std/nix.
+
+#![forbid(unsafe_code)]
+
+pub mod chain;
+pub mod config;
+pub mod dataplane;
+pub mod device;
+pub mod host;
+pub mod metrics;
+pub mod server;
+pub mod tunables;

@@ -1,0 +1,80 @@
+//! Per-VM counters. Every failure kind has its own counter so an operator can tell a
+//! misbehaving guest from a misconfigured host.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Counters of one VM; monotonically increasing for the daemon's lifetime.
+        #[derive(Debug, Default)]
+        pub struct VmStats {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+        }
+
+        impl VmStats {
+            /// Name/value pairs, for logs and metrics export.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name.load(Ordering::Relaxed)),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Packets taken from the TX queue.
+    tx_packets,
+    /// Payload bytes taken from the TX queue.
+    tx_bytes,
+    /// Packets put on the RX queue.
+    rx_packets,
+    /// Payload bytes put on the RX queue.
+    rx_bytes,
+    /// Descriptor chains that were malformed (bad direction, out of range, too short).
+    malformed_chains,
+    /// Headers with an unknown type/op or inconsistent length.
+    bad_headers,
+    /// Packets whose src_cid was not this VM's CID.
+    spoofed_packets,
+    /// Packets to a CID this VM cannot reach.
+    unroutable_packets,
+    /// Guest connection requests refused (no host listener).
+    refused_connections,
+    /// Guest connection requests accepted.
+    accepted_connections,
+    /// Host-initiated connections started.
+    host_connects,
+    /// Host handshakes rejected (malformed, too long, timed out, too many).
+    bad_handshakes,
+    /// Connections reset because the guest broke credit or protocol rules.
+    protocol_resets,
+    /// Connections reset because of a host socket error.
+    host_errors,
+    /// RSTs sent for unknown connections.
+    unknown_connection_rsts,
+    /// Device stops (guest reset, reboot, QEMU disconnect).
+    device_stops,
+}
+
+impl VmStats {
+    /// Adds one.
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Adds `n`.
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+impl fmt::Display for VmStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (k, v)) in self.snapshot().into_iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{k}={v}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,115 @@
+//! Serving one VM: accept its frontend (QEMU) on the vhost-user socket, run the device
+//! until the frontend goes away, and wait for the next one. The host listener and counters
+//! persist, so a restarted QEMU is served without restarting domsockd.
+
+use crate::config::VmConfig;
+use crate::dataplane::VmShared;
+use crate::device::{VsockDevice, BACKEND_EVENT};
+use domsock_proto::Cid;
+use std::sync::Arc;
+use thiserror::Error;
+use tracing::{error, info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+/// Why a VM could not be served at all.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    /// Binding the host-side `<uds>` socket failed.
+    #[error("cannot bind host socket {path}")]
+    BindHost {
+        /// Path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Creating the vhost-user listener failed.
+    #[error("cannot listen on vhost-user socket {path}")]
+    Listen {
+        /// Path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+}
+
+/// Prepared VM: bound sockets, ready to serve.
+pub struct VmServer {
+    shared: Arc<VmShared>,
+    listener: Listener,
+    queue_size: u16,
+}
+
+impl std::fmt::Debug for VmServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmServer").field("shared", &self.shared).finish_non_exhaustive()
+    }
+}
+
+impl VmServer {
+    /// Binds the VM's sockets.
+    pub fn bind(cfg: &VmConfig, queue_size: u16) -> Result<Self, ServeError> {
+        let shared = VmShared::bind(
+            Cid(cfg.guest_cid),
+            cfg.display_name(),
+            cfg.uds_path.clone(),
+        )
+        .map_err(|source| ServeError::BindHost {
+            path: cfg.uds_path.display().to_string(),
+            source,
+        })?;
+        let listener = Listener::new(&cfg.socket, true).map_err(|source| ServeError::Listen {
+            path: cfg.socket.display().to_string(),
+            source,
+        })?;
+        Ok(Self {
+            shared,
+            listener,
+            queue_size,
+        })
+    }
+
+    /// Serves frontends one after another, forever.
+    pub fn run(mut self) {
+        let name = self.shared.name.clone();
+        loop {
+            if let Err(e) = self.serve_one() {
+                error!(vm = %name, error = %e, "frontend session failed");
+                // Avoid a hot loop if something is persistently wrong.
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
+    }
+
+    fn serve_one(&mut self) -> Result<(), Box<dyn std::error::Error>> {
+        let device = Arc::new(VsockDevice::new(self.shared.clone(), self.queue_size)?);
+        let mut daemon = VhostUserDaemon::new(
+            format!("domsock-{}", self.shared.name),
+            device.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| format!("creating daemon: {e}"))?;
+        for handler in daemon.get_epoll_handlers() {
+            handler
+                .register_listener(device.backend_fd(), EventSet::IN, u64::from(BACKEND_EVENT))
+                .map_err(|e| format!("registering backend fd: {e}"))?;
+        }
+        info!(vm = %self.shared.name, cid = %self.shared.cid, "waiting for frontend");
+        daemon
+            .start(&mut self.listener)
+            .map_err(|e| format!("accepting frontend: {e}"))?;
+        info!(vm = %self.shared.name, "frontend connected");
+        let result = daemon.wait();
+        device.stop();
+        device.signal_exit();
+        match result {
+            Ok(()) => info!(vm = %self.shared.name, "frontend disconnected"),
+            Err(e) => warn!(vm = %self.shared.name, error = %e, "frontend session ended"),
+        }
+        Ok(())
+    }
+}

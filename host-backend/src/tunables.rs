@@ -1,0 +1,11 @@
+//! Every tunable of the daemon in one place, with units in the names.
+
+/// Largest payload accepted in one TX packet. Linux sends at most 64 KiB; a larger claim is
+/// rejected at the header.
+pub const MAX_PAYLOAD_BYTES: u32 = 64 * 1024;
+/// Largest payload put in one RX packet (the guest's buffers usually bound it first).
+pub const MAX_RX_PAYLOAD_BYTES: usize = 64 * 1024;
+/// Host connections waiting for their `CONNECT` line, per VM.
+pub const MAX_PENDING_HANDSHAKES: usize = 128;
+/// How long a host connection may take to send its `CONNECT` line.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;

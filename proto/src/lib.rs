@@ -1,0 +1,22 @@
+//! Sans-IO core of domsock.
+//!
+//! Wire codecs and connection state machines, with no sockets, clocks, threads, guest memory
+//! or `unsafe`. Callers move payload bytes and pass time in; this crate decides what may move
+//! and which control packets must be sent.
+//!
+//! - [`packet`]: the virtio-vsock header codec and its validation.
+//! - [`credit`]: credit-based flow control arithmetic.
+//! - [`endpoint`]: the connection table and per-connection state machine.
+//! - [`hybrid`]: the host-side `CONNECT <port>` handshake parser.
+
+#![forbid(unsafe_code)]
+
+pub mod addr;
+pub mod credit;
+pub mod endpoint;
+pub mod hybrid;
+pub mod packet;
+
+pub use addr::{Cid, ConnKey, Port, VsockAddr};
+pub use endpoint::{ConnError, DropReason, Endpoint, EndpointConfig, Incoming, State, Timeout};
+pub use packet::{Header, HeaderError, Op, RawHeader, Shutdown, SocketType, HEADER_LEN};
