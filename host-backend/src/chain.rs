@@ -60,7 +60,12 @@ pub struct Regions {
 impl Regions {
     /// Replaces the contents with the descriptors of `chain`, all of which must be
     /// device-readable (`writable == false`) or device-writable (`writable == true`).
-    pub fn load<M>(&mut self, chain: DescriptorChain<M>, mem: &Mem, writable: bool) -> Result<(), ChainError>
+    pub fn load<M>(
+        &mut self,
+        chain: DescriptorChain<M>,
+        mem: &Mem,
+        writable: bool,
+    ) -> Result<(), ChainError>
     where
         M: std::ops::Deref<Target = Mem>,
     {
@@ -171,7 +176,13 @@ impl Regions {
     }
 
     /// Copies `len` payload bytes starting `skip` bytes into the payload into `out`.
-    pub fn copy_payload(&self, mem: &Mem, skip: usize, len: usize, out: &mut Vec<u8>) -> Result<(), ChainError> {
+    pub fn copy_payload(
+        &self,
+        mem: &Mem,
+        skip: usize,
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ChainError> {
         let start = out.len();
         out.resize(start + len, 0);
         let mut pos = start;

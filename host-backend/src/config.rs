@@ -13,7 +13,11 @@ use thiserror::Error;
 
 /// Command line of `domsockd`.
 #[derive(Debug, Parser, Default)]
-#[command(name = "domsockd", version, about = "vhost-user vsock backend for many VMs")]
+#[command(
+    name = "domsockd",
+    version,
+    about = "vhost-user vsock backend for many VMs"
+)]
 pub struct Args {
     /// One VM: `guest-cid=N,socket=PATH,uds-path=PATH[,name=NAME][,groups=G1+G2]`.
     /// Repeat for several VMs served by this process.
@@ -58,7 +62,9 @@ pub struct VmConfig {
 impl VmConfig {
     /// The VM's name.
     pub fn display_name(&self) -> String {
-        self.name.clone().unwrap_or_else(|| format!("vm{}", self.guest_cid))
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("vm{}", self.guest_cid))
     }
 }
 
@@ -328,9 +334,18 @@ mod tests {
     #[test]
     fn rejects_bad_values() {
         let bad = |s: &str| Config::try_from(args(&["--vm", s])).unwrap_err();
-        assert!(matches!(bad("guest-cid=2,socket=/a,uds-path=/b"), ConfigError::ReservedCid(2)));
-        assert!(matches!(bad("guest-cid=x,socket=/a,uds-path=/b"), ConfigError::BadCid(_)));
-        assert!(matches!(bad("guest-cid=3,socket=/a"), ConfigError::MissingField { .. }));
+        assert!(matches!(
+            bad("guest-cid=2,socket=/a,uds-path=/b"),
+            ConfigError::ReservedCid(2)
+        ));
+        assert!(matches!(
+            bad("guest-cid=x,socket=/a,uds-path=/b"),
+            ConfigError::BadCid(_)
+        ));
+        assert!(matches!(
+            bad("guest-cid=3,socket=/a"),
+            ConfigError::MissingField { .. }
+        ));
         assert!(matches!(
             bad("guest-cid=3,socket=/a,uds-path=/b,forward-cid=1"),
             ConfigError::UnknownField(_)
@@ -348,7 +363,10 @@ mod tests {
             ])),
             Err(ConfigError::DuplicateCid(3))
         ));
-        assert!(matches!(Config::try_from(args(&[])), Err(ConfigError::NoVm)));
+        assert!(matches!(
+            Config::try_from(args(&[])),
+            Err(ConfigError::NoVm)
+        ));
     }
 
     #[test]

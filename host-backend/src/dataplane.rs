@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestMemoryAtomic, GuestAddressSpace};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -183,6 +183,9 @@ pub struct DataPlane {
     regions: Regions,
     events: Vec<EpollEvent>,
     stopped: bool,
+    /// The guest driver has both data queues running; host connects are refused at once
+    /// otherwise (nobody could answer them).
+    guest_running: bool,
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -218,6 +221,7 @@ impl DataPlane {
             regions: Regions::default(),
             events: vec![EpollEvent::default(); 64],
             stopped: false,
+            guest_running: false,
         })
     }
 
@@ -263,18 +267,20 @@ impl DataPlane {
 
     /// Runs everything that can make progress now.
     pub fn pump(&mut self, vrings: &[VringRwLock<GuestMemoryAtomic<Mem>>]) {
-        self.stopped = false;
-        let Some(atomic) = self.mem.clone() else {
-            return;
-        };
         let now = Instant::now();
-        self.drain_socket_events(now);
-        if let Some(tx) = vrings.get(TX_QUEUE) {
-            self.process_tx(tx, &atomic, now);
+        self.guest_running = self.mem.is_some()
+            && vrings.get(RX_QUEUE).is_some_and(queue_running)
+            && vrings.get(TX_QUEUE).is_some_and(queue_running);
+        if self.guest_running {
+            self.stopped = false;
         }
-        self.handle_timers(now);
-        if let Some(rx) = vrings.get(RX_QUEUE) {
-            self.fill_rx(rx, &atomic, now);
+        self.drain_socket_events(now);
+        if let (Some(atomic), true) = (self.mem.clone(), self.guest_running) {
+            self.process_tx(&vrings[TX_QUEUE], &atomic, now);
+            self.handle_timers(now);
+            self.fill_rx(&vrings[RX_QUEUE], &atomic, now);
+        } else {
+            self.handle_timers(now);
         }
         self.arm_timer(now);
     }
@@ -337,10 +343,7 @@ impl DataPlane {
             ControlOperation::Add,
             fd,
             EpollEvent::new(
-                EventSet::IN
-                    | EventSet::OUT
-                    | EventSet::READ_HANG_UP
-                    | EventSet::EDGE_TRIGGERED,
+                EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED,
                 token,
             ),
         )?;
@@ -443,6 +446,13 @@ impl DataPlane {
         port: Port,
         used: usize,
     ) {
+        if !self.guest_running {
+            VmStats::inc(&self.shared.stats.bad_handshakes);
+            let mut s = &hs.stream;
+            let _ = s.write_all(b"ERROR guest vsock driver not running\n");
+            self.unregister(hs.stream.as_raw_fd(), token);
+            return;
+        }
         let peer = VsockAddr::new(self.shared.cid, port);
         let key = match self
             .endpoint
@@ -457,11 +467,7 @@ impl DataPlane {
             }
         };
         VmStats::inc(&self.shared.stats.host_connects);
-        let mut hc = HostConn::new(
-            HostSocket::Stream(hs.stream),
-            token,
-            SocketType::Stream,
-        );
+        let mut hc = HostConn::new(HostSocket::Stream(hs.stream), token, SocketType::Stream);
         hc.inbox = hs.buf[used..].to_vec();
         hc.reply_ok = Some(port);
         self.targets.insert(token, Target::Conn(key));
@@ -504,8 +510,12 @@ impl DataPlane {
         }
     }
 
-    fn handle_tx_chain<M>(&mut self, now: Instant, chain: virtio_queue::DescriptorChain<M>, mem: &Mem)
-    where
+    fn handle_tx_chain<M>(
+        &mut self,
+        now: Instant,
+        chain: virtio_queue::DescriptorChain<M>,
+        mem: &Mem,
+    ) where
         M: std::ops::Deref<Target = Mem>,
     {
         let stats = &self.shared.stats;
@@ -552,6 +562,7 @@ impl DataPlane {
         }
         VmStats::inc(&stats.tx_packets);
         VmStats::add(&stats.tx_bytes, u64::from(hdr.len));
+        tracing::trace!(vm = %self.shared.name, op = ?hdr.op, len = hdr.len, buf_alloc = hdr.buf_alloc, fwd_cnt = hdr.fwd_cnt, key = %hdr.receiver_key(), "tx packet");
         let incoming = self.endpoint.handle(&hdr);
         match incoming {
             Incoming::Request(req) => self.guest_connect(now, &req),
@@ -564,9 +575,7 @@ impl DataPlane {
             Incoming::Reset(key) | Incoming::Closed(key) => self.close_host(key),
             Incoming::Dropped(reason) => {
                 match reason {
-                    DropReason::UnknownConnection => {
-                        VmStats::inc(&stats.unknown_connection_rsts)
-                    }
+                    DropReason::UnknownConnection => VmStats::inc(&stats.unknown_connection_rsts),
                     DropReason::CreditViolation(_)
                     | DropReason::ProtocolViolation
                     | DropReason::TypeMismatch => {
@@ -685,7 +694,10 @@ impl DataPlane {
                 }
                 if !failed && written < len {
                     let mut rest = Vec::new();
-                    if regions.copy_payload(mem, written, len - written, &mut rest).is_err() {
+                    if regions
+                        .copy_payload(mem, written, len - written, &mut rest)
+                        .is_err()
+                    {
                         failed = true;
                     } else {
                         hc.out_stream.extend(rest);
@@ -707,7 +719,10 @@ impl DataPlane {
                             Err(_) => failed = true,
                         }
                     }
-                } else if regions.copy_payload(mem, 0, len, &mut hc.partial_msg).is_err() {
+                } else if regions
+                    .copy_payload(mem, 0, len, &mut hc.partial_msg)
+                    .is_err()
+                {
                     failed = true;
                 } else if eom {
                     let msg = std::mem::take(&mut hc.partial_msg);
@@ -856,9 +871,11 @@ impl DataPlane {
             .chain(self.endpoint.poll_timeout())
             .min();
         let r = match next {
-            Some(t) => self
-                .timer
-                .reset(t.saturating_duration_since(now).max(Duration::from_millis(1)), None),
+            Some(t) => self.timer.reset(
+                t.saturating_duration_since(now)
+                    .max(Duration::from_millis(1)),
+                None,
+            ),
             None => self.timer.clear(),
         };
         if let Err(e) = r {
@@ -879,12 +896,12 @@ impl DataPlane {
             if !self.endpoint.has_transmit() && self.ready.is_empty() {
                 break;
             }
+            // RX notifications stay enabled: we only need a kick when we are waiting for
+            // buffers, which `enable_notification` below arms (with EVENT_IDX it moves
+            // avail_event; without it, the flag is never cleared).
             let mem = atomic.memory();
             let mut guard = vring.get_mut();
             let queue = guard.get_queue_mut();
-            if queue.disable_notification(&*mem).is_err() {
-                return;
-            }
             loop {
                 if !self.endpoint.has_transmit() && self.ready.is_empty() {
                     break 'outer;
@@ -941,6 +958,15 @@ impl DataPlane {
                 }
                 VmStats::inc(&self.shared.stats.rx_packets);
                 return Some(domsock_proto::HEADER_LEN as u32);
+            }
+            if self.ready.is_empty() {
+                return None;
+            }
+            if self.regions.payload_capacity() == 0 {
+                // A header-only chain carries no data: every ready connection would refuse
+                // it and be re-queued by `after_change`, spinning here. Hand it back empty.
+                VmStats::inc(&self.shared.stats.malformed_chains);
+                return Some(0);
             }
             let key = self.ready.pop_front()?;
             if let Some(hc) = self.conns.get_mut(&key) {
@@ -1033,7 +1059,11 @@ impl DataPlane {
                 }
                 let hc = self.conns.get(&key).expect("present");
                 if hc.host_eof && hc.inbox_pending() == 0 {
-                    let how = if hc.host_hup { Shutdown::BOTH } else { Shutdown::SEND };
+                    let how = if hc.host_hup {
+                        Shutdown::BOTH
+                    } else {
+                        Shutdown::SEND
+                    };
                     self.endpoint.shutdown(now, &key, how);
                 }
                 Fill::Nothing
@@ -1047,7 +1077,11 @@ impl DataPlane {
                         Ok(0) => {
                             hc.host_eof = true;
                             hc.readable = false;
-                            let how = if hc.host_hup { Shutdown::BOTH } else { Shutdown::SEND };
+                            let how = if hc.host_hup {
+                                Shutdown::BOTH
+                            } else {
+                                Shutdown::SEND
+                            };
                             self.endpoint.shutdown(now, &key, how);
                             return Fill::Nothing;
                         }
@@ -1110,6 +1144,11 @@ impl DataPlane {
     fn emit_rw(&mut self, key: ConnKey, n: usize, eom: bool, mem: &Mem) -> Fill {
         match self.endpoint.send_rw(&key, n as u32, eom, false) {
             Ok(hdr) => {
+                if tracing::enabled!(tracing::Level::TRACE) {
+                    if let Some(c) = self.endpoint.get(&key) {
+                        tracing::trace!(%key, len = n, credit_after = c.credit().peer_credit(), in_flight = c.credit().in_flight(), "rx data");
+                    }
+                }
                 if self.regions.write_header(mem, &hdr.to_raw()).is_err() {
                     VmStats::inc(&self.shared.stats.malformed_chains);
                 }
@@ -1126,10 +1165,12 @@ impl DataPlane {
     }
 }
 
-fn signal_if_needed(
-    vring: &VringRwLock<GuestMemoryAtomic<Mem>>,
-    atomic: &GuestMemoryAtomic<Mem>,
-) {
+fn queue_running(vring: &VringRwLock<GuestMemoryAtomic<Mem>>) -> bool {
+    let state = vring.get_ref();
+    state.get_queue().ready() && state.is_enabled()
+}
+
+fn signal_if_needed(vring: &VringRwLock<GuestMemoryAtomic<Mem>>, atomic: &GuestMemoryAtomic<Mem>) {
     let mem = atomic.memory();
     let needs = vring
         .get_mut()

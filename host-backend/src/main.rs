@@ -3,6 +3,7 @@
 use clap::Parser;
 use domsock_host::config::{Args, Config};
 use domsock_host::server::VmServer;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use tracing::error;
 
@@ -13,6 +14,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let config = match Config::try_from(Args::parse()) {
         Ok(c) => c,

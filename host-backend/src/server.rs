@@ -9,7 +9,7 @@ use domsock_proto::Cid;
 use std::sync::Arc;
 use thiserror::Error;
 use tracing::{error, info, warn};
-use vhost::vhost_user::Listener;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -46,19 +46,17 @@ pub struct VmServer {
 
 impl std::fmt::Debug for VmServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VmServer").field("shared", &self.shared).finish_non_exhaustive()
+        f.debug_struct("VmServer")
+            .field("shared", &self.shared)
+            .finish_non_exhaustive()
     }
 }
 
 impl VmServer {
     /// Binds the VM's sockets.
     pub fn bind(cfg: &VmConfig, queue_size: u16) -> Result<Self, ServeError> {
-        let shared = VmShared::bind(
-            Cid(cfg.guest_cid),
-            cfg.display_name(),
-            cfg.uds_path.clone(),
-        )
-        .map_err(|source| ServeError::BindHost {
+        let shared = VmShared::bind(Cid(cfg.guest_cid), cfg.display_name(), cfg.uds_path.clone())
+            .map_err(|source| ServeError::BindHost {
             path: cfg.uds_path.display().to_string(),
             source,
         })?;
@@ -108,6 +106,10 @@ impl VmServer {
         device.signal_exit();
         match result {
             Ok(()) => info!(vm = %self.shared.name, "frontend disconnected"),
+            // QEMU exiting or the guest powering off closes the socket mid-protocol.
+            Err(vhost_user_backend::Error::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => info!(vm = %self.shared.name, "frontend disconnected"),
             Err(e) => warn!(vm = %self.shared.name, error = %e, "frontend session ended"),
         }
         Ok(())

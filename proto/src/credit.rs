@@ -7,7 +7,19 @@
 //!
 //! Credit-update elision: a `CREDIT_UPDATE` is only worth a packet when the peer's view of
 //! our free space has dropped below half the buffer; otherwise the `fwd_cnt` piggybacked on
-//! the next data or control packet is enough.
+//! the next data or control packet is enough. Two rules build on that:
+//!
+//! - [`Credit::wants_update`] also waits until the update would lift the peer's view back to
+//!   at least half the buffer. This avoids silly-window syndrome: with a full buffer and a
+//!   reader taking small pieces, every read would otherwise send an update granting a few
+//!   bytes, and the sender would answer each with a packet just as small. It is safe for a
+//!   consumer that never holds received bytes back while waiting for more (a stream
+//!   forwarder): such a consumer stops only when its own output is blocked, and once it has
+//!   taken everything the whole buffer is free.
+//! - [`Credit::wants_eager_update`] tells the peer about any consumption as soon as its view
+//!   is low. A consumer that holds a partial unit (a seqpacket message) until the rest arrives
+//!   needs this, checked both when it consumes and when data arrives; batching, or checking
+//!   only on consumption, could leave both sides waiting for each other.
 
 use std::num::Wrapping;
 use thiserror::Error;
@@ -93,7 +105,11 @@ impl Credit {
     /// Accounts `n` bytes handed on to our consumer. Panics in debug builds if `n` exceeds
     /// what was received; release builds clamp.
     pub fn consume(&mut self, n: u32) {
-        debug_assert!(n <= self.unconsumed(), "consumed {n} > unconsumed {}", self.unconsumed());
+        debug_assert!(
+            n <= self.unconsumed(),
+            "consumed {n} > unconsumed {}",
+            self.unconsumed()
+        );
         self.fwd_cnt += Wrapping(n.min(self.unconsumed()));
     }
 
@@ -109,14 +125,27 @@ impl Credit {
         (self.buf_alloc, self.fwd_cnt.0)
     }
 
-    /// Whether a `CREDIT_UPDATE` should be sent now (see the module doc).
+    /// Whether a `CREDIT_UPDATE` should be sent now, batching small consumptions (see the
+    /// module doc).
     pub fn wants_update(&self) -> bool {
+        let free_now = self.buf_alloc.saturating_sub(self.unconsumed());
+        self.wants_eager_update() && free_now >= self.half_buffer()
+    }
+
+    /// Whether a `CREDIT_UPDATE` should be sent now for a consumer that may hold bytes back
+    /// while waiting for more (see the module doc).
+    pub fn wants_eager_update(&self) -> bool {
         if self.fwd_cnt == self.last_sent_fwd_cnt {
             return false;
         }
         let peer_view_used = (self.rx_cnt - self.last_sent_fwd_cnt).0;
         let peer_view_free = self.buf_alloc.saturating_sub(peer_view_used);
-        peer_view_free < self.buf_alloc / 2
+        peer_view_free < self.half_buffer()
+    }
+
+    /// Half the buffer, rounded up so that a one-byte buffer still gets updates.
+    fn half_buffer(&self) -> u32 {
+        self.buf_alloc.div_ceil(2)
     }
 }
 
@@ -160,6 +189,46 @@ mod tests {
         assert!(c.wants_update());
         c.stamp();
         assert!(!c.wants_update());
+    }
+
+    #[test]
+    fn no_batched_update_for_a_few_bytes_of_a_full_buffer() {
+        let mut c = Credit::new(1000, 0, 0);
+        c.on_receive(1000).unwrap();
+        // Reading a little of a full buffer would grant the peer a few bytes only.
+        for _ in 0..4 {
+            c.consume(100);
+            assert!(!c.wants_update());
+            assert!(c.wants_eager_update());
+        }
+        // Once half the buffer is free again, the update is worth a packet.
+        c.consume(100);
+        assert!(c.wants_update());
+        c.stamp();
+        c.consume(100);
+        assert!(!c.wants_update());
+        assert!(!c.wants_eager_update(), "peer sees 500 free: not low");
+    }
+
+    #[test]
+    fn eager_update_when_arrivals_lower_the_peer_view() {
+        let mut c = Credit::new(1000, 0, 0);
+        c.on_receive(400).unwrap();
+        c.consume(300);
+        assert!(!c.wants_eager_update(), "peer sees 600 free");
+        // More data arrives while the consumer waits for the rest of a message.
+        c.on_receive(600).unwrap();
+        assert!(c.wants_eager_update());
+        assert!(!c.wants_update(), "only 300 free: batching would wait");
+    }
+
+    #[test]
+    fn one_byte_buffer_gets_updates() {
+        let mut c = Credit::new(1, 0, 0);
+        c.on_receive(1).unwrap();
+        c.consume(1);
+        assert!(c.wants_update());
+        assert!(c.wants_eager_update());
     }
 
     #[test]

@@ -24,7 +24,7 @@
 
 use crate::addr::{Cid, ConnKey, Port, VsockAddr};
 use crate::credit::{Credit, CreditViolation};
-use crate::packet::{Header, Op, SocketType, Shutdown, SEQ_EOM, SEQ_EOR};
+use crate::packet::{Header, Op, Shutdown, SocketType, SEQ_EOM, SEQ_EOR};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -362,6 +362,13 @@ impl Endpoint {
                     return Incoming::Dropped(DropReason::ReceiveShut);
                 }
                 let seq = conn.socket_type == SocketType::SeqPacket;
+                // A seqpacket consumer may be holding a partial message and waiting for this
+                // data; if the data leaves the peer short of credit, tell it what was consumed
+                // (see `credit`).
+                if seq && conn.credit.wants_eager_update() {
+                    conn.pending.credit_update = true;
+                    self.enqueue_ctl(key);
+                }
                 Incoming::Data {
                     key,
                     len: hdr.len,
@@ -410,7 +417,13 @@ impl Endpoint {
     /// Accepts a connection request returned as [`Incoming::Request`].
     pub fn accept(&mut self, req: &Header) -> Result<ConnKey, ConnError> {
         let key = req.receiver_key();
-        self.insert(key, req.socket_type, State::Established, req.buf_alloc, req.fwd_cnt)?;
+        self.insert(
+            key,
+            req.socket_type,
+            State::Established,
+            req.buf_alloc,
+            req.fwd_cnt,
+        )?;
         let conn = self.conns.get_mut(&key).expect("just inserted");
         conn.pending.response = true;
         self.enqueue_ctl(key);
@@ -500,10 +513,19 @@ impl Endpoint {
     }
 
     /// Reports that the caller handed `n` received bytes on to its consumer.
+    ///
+    /// On a stream, `CREDIT_UPDATE`s are batched until half the receive buffer is free, which
+    /// assumes the caller never holds received bytes back while waiting for more (it stops
+    /// consuming only while its own output is blocked). On a seqpacket connection the caller
+    /// may hold a partial message until the rest arrives; updates are then sent eagerly.
     pub fn consumed(&mut self, key: &ConnKey, n: u32) {
         if let Some(conn) = self.conns.get_mut(key) {
             conn.credit.consume(n);
-            if conn.credit.wants_update() {
+            let wants_update = match conn.socket_type {
+                SocketType::Stream => conn.credit.wants_update(),
+                SocketType::SeqPacket => conn.credit.wants_eager_update(),
+            };
+            if wants_update {
                 conn.pending.credit_update = true;
                 self.enqueue_ctl(*key);
             }

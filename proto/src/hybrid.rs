@@ -63,8 +63,14 @@ mod tests {
 
     #[test]
     fn parses() {
-        assert_eq!(parse_connect_line(b"CONNECT 1234\n"), Ok(Some((Port(1234), 13))));
-        assert_eq!(parse_connect_line(b"CONNECT 5\r\nhello"), Ok(Some((Port(5), 11))));
+        assert_eq!(
+            parse_connect_line(b"CONNECT 1234\n"),
+            Ok(Some((Port(1234), 13)))
+        );
+        assert_eq!(
+            parse_connect_line(b"CONNECT 5\r\nhello"),
+            Ok(Some((Port(5), 11)))
+        );
         assert_eq!(parse_connect_line(b"connect 7\n"), Ok(Some((Port(7), 10))));
         assert_eq!(parse_connect_line(b"CONNECT 12"), Ok(None));
         assert_eq!(parse_connect_line(b""), Ok(None));
@@ -72,7 +78,10 @@ mod tests {
 
     #[test]
     fn rejects() {
-        assert!(matches!(parse_connect_line(b"CONNECT\n"), Err(ConnectLineError::Malformed(_))));
+        assert!(matches!(
+            parse_connect_line(b"CONNECT\n"),
+            Err(ConnectLineError::Malformed(_))
+        ));
         assert!(matches!(
             parse_connect_line(b"CONNECT -1\n"),
             Err(ConnectLineError::Malformed(_))
@@ -85,7 +94,10 @@ mod tests {
             parse_connect_line(b"CONNECT 1 2\n"),
             Err(ConnectLineError::Malformed(_))
         ));
-        assert_eq!(parse_connect_line(&[b'x'; 64]), Err(ConnectLineError::TooLong));
+        assert_eq!(
+            parse_connect_line(&[b'x'; 64]),
+            Err(ConnectLineError::TooLong)
+        );
         assert_eq!(ok_line(Port(9)), "OK 9\n");
     }
 }

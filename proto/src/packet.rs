@@ -402,13 +402,19 @@ mod tests {
         r.op = Op::Request.to_wire();
         assert!(matches!(
             Header::parse(&r, 65536),
-            Err(HeaderError::UnexpectedPayload { op: Op::Request, len: 100 })
+            Err(HeaderError::UnexpectedPayload {
+                op: Op::Request,
+                len: 100
+            })
         ));
         let mut r = sample();
         r.len = 70_000;
         assert_eq!(
             Header::parse(&r, 65536),
-            Err(HeaderError::PayloadTooLong { len: 70_000, max: 65536 })
+            Err(HeaderError::PayloadTooLong {
+                len: 70_000,
+                max: 65536
+            })
         );
     }
 

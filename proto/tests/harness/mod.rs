@@ -235,6 +235,9 @@ pub struct Flow {
     pub read_size: usize,
     /// Reads per simulation step (0 pauses the reader).
     pub reads_per_step: usize,
+    /// Seqpacket: consume nothing until a whole message has arrived, then all of it in one
+    /// read (like a forwarder to a Unix `SOCK_SEQPACKET` socket); `read_size` is ignored.
+    pub whole_messages: bool,
     rx: VecDeque<Segment>,
     /// Bytes received and not yet read (must equal `Credit::unconsumed`).
     pub unread: u64,
@@ -285,6 +288,7 @@ impl Flow {
             peer_shutdown: Shutdown::default(),
             read_size,
             reads_per_step,
+            whole_messages: false,
             rx: VecDeque::new(),
             unread: 0,
             rx_total: 0,
@@ -319,6 +323,17 @@ impl Flow {
         !self.tx.is_empty()
     }
 
+    /// Whether the application would read now.
+    pub fn can_read(&self) -> bool {
+        if self.reads_per_step == 0 {
+            return false;
+        }
+        if self.socket_type == SocketType::SeqPacket && self.whole_messages {
+            return self.rx.iter().any(|s| s.eom);
+        }
+        !self.rx.is_empty()
+    }
+
     fn end_if_gone(&mut self, ep: &Endpoint, end: End) {
         if self.end.is_none() && ep.get(&self.key).is_none() {
             self.end = Some(end);
@@ -329,13 +344,21 @@ impl Flow {
     /// a message. Returns the bytes taken.
     fn read_once(&mut self) -> usize {
         let seq = self.socket_type == SocketType::SeqPacket;
+        let limit = if seq && self.whole_messages {
+            if !self.rx.iter().any(|s| s.eom) {
+                return 0;
+            }
+            usize::MAX
+        } else {
+            self.read_size
+        };
         let mut taken = 0;
         let mut eom = None;
-        while taken < self.read_size {
+        while taken < limit {
             let Some(seg) = self.rx.front_mut() else {
                 break;
             };
-            let n = (seg.len - seg.pos).min(self.read_size - taken);
+            let n = (seg.len - seg.pos).min(limit - taken);
             if let Some(data) = &seg.data {
                 let bytes = &data[seg.pos..seg.pos + n];
                 if seq {
@@ -467,11 +490,12 @@ impl Side {
                 continue;
             }
             for _ in 0..flow.reads_per_step {
-                if flow.rx.is_empty() {
+                if !flow.can_read() {
                     break;
                 }
                 let n = flow.read_once();
-                self.ep.consumed(&flow.key, u32::try_from(n).expect("read fits u32"));
+                self.ep
+                    .consumed(&flow.key, u32::try_from(n).expect("read fits u32"));
             }
         }
     }
@@ -580,7 +604,12 @@ impl Side {
                 self.events.push(Event::Incoming(incoming));
                 self.flows.get_mut(&k).expect("connecting flow").established = true;
             }
-            Incoming::Data { key: k, len, eom, eor } => {
+            Incoming::Data {
+                key: k,
+                len,
+                eom,
+                eor,
+            } => {
                 let flow = self.flows.get_mut(&k).expect("data for a known flow");
                 if let Some(offset) = pkt.offset {
                     assert_eq!(offset, flow.rx_total, "{k}: out of order or lost data");
@@ -588,7 +617,10 @@ impl Side {
                 let data = if pkt.payload.len() == len as usize {
                     Some(pkt.payload)
                 } else {
-                    assert!(pkt.payload.is_empty(), "{k}: payload length differs from header");
+                    assert!(
+                        pkt.payload.is_empty(),
+                        "{k}: payload length differs from header"
+                    );
                     None
                 };
                 flow.rx.push_back(Segment {
@@ -660,7 +692,10 @@ impl Side {
             let conn = self.ep.get(&flow.key);
             match (flow.end, conn) {
                 (Some(end), Some(_)) => {
-                    panic!("{:?}: flow {} ended ({end:?}) but is live", self.id, flow.key)
+                    panic!(
+                        "{:?}: flow {} ended ({end:?}) but is live",
+                        self.id, flow.key
+                    )
                 }
                 (None, None) => panic!("{:?}: flow {} vanished silently", self.id, flow.key),
                 (Some(_), None) => {}
@@ -673,7 +708,10 @@ impl Side {
                         self.id,
                         flow.key
                     );
-                    assert!(flow.unread <= u64::from(buf_alloc), "receive buffer overrun");
+                    assert!(
+                        flow.unread <= u64::from(buf_alloc),
+                        "receive buffer overrun"
+                    );
                     assert!(
                         credit.in_flight() <= peer_buf_alloc,
                         "{:?} {}: {} bytes in flight > peer buf_alloc {peer_buf_alloc}",
@@ -719,7 +757,10 @@ impl Sim {
             base: Instant::now(),
             elapsed: Duration::ZERO,
             tick: Duration::from_millis(1),
-            sides: [Side::new(SideId::Host, host), Side::new(SideId::Guest, guest)],
+            sides: [
+                Side::new(SideId::Host, host),
+                Side::new(SideId::Guest, guest),
+            ],
             wires: [VecDeque::new(), VecDeque::new()],
             link_up: [true, true],
             lost: [0, 0],
@@ -958,8 +999,7 @@ impl Sim {
             !side.ep.has_transmit()
                 && side.flows.values().all(|f| {
                     f.end.is_some()
-                        || ((f.rx.is_empty() || f.reads_per_step == 0)
-                            && (!f.has_unsent() || side.ep.send_credit(&f.key) == 0))
+                        || (!f.can_read() && (!f.has_unsent() || side.ep.send_credit(&f.key) == 0))
                 })
         })
     }
@@ -973,7 +1013,10 @@ impl Sim {
     pub fn run_bounded(&mut self, max_steps: u64) -> u64 {
         let start = self.steps;
         while !self.is_idle() {
-            assert!(self.steps - start < max_steps, "not idle after {max_steps} steps");
+            assert!(
+                self.steps - start < max_steps,
+                "not idle after {max_steps} steps"
+            );
             self.step();
         }
         self.steps - start
@@ -988,7 +1031,11 @@ impl Sim {
 
     /// Jumps to the earliest timer deadline of either endpoint and fires it.
     pub fn advance_to_next_timeout(&mut self) -> Option<Instant> {
-        let next = self.sides.iter().filter_map(|s| s.ep.poll_timeout()).min()?;
+        let next = self
+            .sides
+            .iter()
+            .filter_map(|s| s.ep.poll_timeout())
+            .min()?;
         self.elapsed = self.elapsed.max(next - self.base);
         self.fire_timers();
         self.check();
