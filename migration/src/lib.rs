@@ -234,20 +234,38 @@ mod tests {
     #[test]
     fn rejects_hostile_bytes() {
         let good = sample().encode();
-        assert!(matches!(ConnSnapshot::decode(&good[..5]), Err(SnapshotError::Truncated { .. })));
-        assert!(matches!(ConnSnapshot::decode(&good[..30]), Err(SnapshotError::Truncated { .. })));
+        assert!(matches!(
+            ConnSnapshot::decode(&good[..5]),
+            Err(SnapshotError::Truncated { .. })
+        ));
+        assert!(matches!(
+            ConnSnapshot::decode(&good[..30]),
+            Err(SnapshotError::Truncated { .. })
+        ));
         let mut b = good;
         b[0] = b'X';
-        assert!(matches!(ConnSnapshot::decode(&b), Err(SnapshotError::BadMagic(_))));
+        assert!(matches!(
+            ConnSnapshot::decode(&b),
+            Err(SnapshotError::BadMagic(_))
+        ));
         let mut b = good;
         b[4] = 2;
-        assert_eq!(ConnSnapshot::decode(&b), Err(SnapshotError::UnsupportedVersion(2)));
+        assert_eq!(
+            ConnSnapshot::decode(&b),
+            Err(SnapshotError::UnsupportedVersion(2))
+        );
         let mut b = good;
         b[6] = 53;
-        assert_eq!(ConnSnapshot::decode(&b), Err(SnapshotError::BadLength { got: 53 }));
+        assert_eq!(
+            ConnSnapshot::decode(&b),
+            Err(SnapshotError::BadLength { got: 53 })
+        );
         let mut b = good;
         b[32] = 9;
-        assert_eq!(ConnSnapshot::decode(&b), Err(SnapshotError::BadSocketType(9)));
+        assert_eq!(
+            ConnSnapshot::decode(&b),
+            Err(SnapshotError::BadSocketType(9))
+        );
         let mut b = good;
         b[35] = 1;
         assert_eq!(ConnSnapshot::decode(&b), Err(SnapshotError::ReservedBits));
