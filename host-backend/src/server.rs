@@ -71,6 +71,11 @@ impl VmServer {
         })
     }
 
+    /// The VM's shared state (counters, paths).
+    pub fn shared(&self) -> Arc<VmShared> {
+        self.shared.clone()
+    }
+
     /// Serves frontends one after another, forever.
     pub fn run(mut self) {
         let name = self.shared.name.clone();
