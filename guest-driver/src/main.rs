@@ -1,0 +1,643 @@
+//! `domsock`: the guest-side test program run inside QEMU guests by the end-to-end tests.
+//!
+//! Each subcommand does one vsock exercise and prints machine-readable lines on stdout:
+//! `DS-READY ...` once a listener is ready, `DS-RESULT cmd=<name> key=value ...` per finished
+//! exercise, and `DS-ERROR cmd=<name> msg=<text to end of line>` on failure, in which case the
+//! exit status is 1. Sizes accept binary suffixes (`64K`, `256M`, `1G`). Byte streams are the
+//! [`domsock_guest::pattern`] stream for `--seed`; checksums are XXH3-64 in hex.
+//!
+//! Never run the vsock subcommands on a host: they open AF_VSOCK sockets.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::Shutdown;
+use std::process::ExitCode;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use domsock_guest::pattern::{Checksum, PatternStream};
+use domsock_guest::vsock::{self, SockType, VsockAddr, VsockSocket};
+
+const USAGE: &str = "\
+usage: domsock <command> [--option value]...
+  cid                  [--wait-ms 0]
+  send                 --cid C --port P --bytes N [--chunk 64K] [--seed 1] [--expect-reply-bytes M]
+  halfclose-client     --cid C --port P [--bytes 1M] [--chunk 64K] [--seed 1]
+  recv                 --port P [--reply-bytes 0] [--reply-seed 2] [--conns 1] [--chunk 64K]
+  seq-echo-client      --cid C --port P --sizes 1,2,4K,64K [--seed 1] [--rounds 1]
+  seq-echo-server      --port P [--conns 1]
+  echo-server          --port P [--conns 1]
+  connect-expect-fail  --cid C --port P [--max-ms 1000] [--type stream|seqpacket]
+  rr                   --cid C --port P [--count 1000] [--size 64]
+common: --timeout-ms 30000 (connect and idle timeout of every blocking call)";
+
+/// Receive buffer for seqpacket messages: larger than any message we send, so a message that
+/// arrives bigger than sent shows up as a length mismatch rather than a silent truncation.
+const SEQ_RECV_BUF_BYTES: usize = 256 * 1024;
+const DEFAULT_TIMEOUT_MS: u64 = 30_000;
+const STREAM_RECV_BUF_BYTES: usize = 256 * 1024;
+
+/// A failed subcommand; printed as a `DS-ERROR` line.
+#[derive(Debug)]
+struct Failure(String);
+
+impl Failure {
+    fn io(context: &str, e: &io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(errno) => Failure(format!("{context}: {} ({e})", vsock::errno_name(errno))),
+            None => Failure(format!("{context}: {e}")),
+        }
+    }
+}
+
+type CmdResult = Result<(), Failure>;
+
+/// `--key value` options of one invocation; each subcommand takes what it knows and
+/// [`Opts::finish`] rejects the rest.
+struct Opts {
+    map: BTreeMap<String, String>,
+}
+
+impl Opts {
+    fn parse(args: &[String]) -> Result<Self, Failure> {
+        let mut map = BTreeMap::new();
+        let mut it = args.iter();
+        while let Some(key) = it.next() {
+            let name = key
+                .strip_prefix("--")
+                .ok_or_else(|| Failure(format!("expected --option, got {key:?}")))?;
+            let value = it
+                .next()
+                .ok_or_else(|| Failure(format!("--{name} needs a value")))?;
+            if map.insert(name.to_owned(), value.clone()).is_some() {
+                return Err(Failure(format!("--{name} given twice")));
+            }
+        }
+        Ok(Self { map })
+    }
+
+    fn take_str(&mut self, name: &str) -> Option<String> {
+        self.map.remove(name)
+    }
+
+    fn size(&mut self, name: &str) -> Result<Option<u64>, Failure> {
+        self.map
+            .remove(name)
+            .map(|v| parse_size(&v).map_err(|e| Failure(format!("--{name}: {e}"))))
+            .transpose()
+    }
+
+    fn size_or(&mut self, name: &str, default: u64) -> Result<u64, Failure> {
+        Ok(self.size(name)?.unwrap_or(default))
+    }
+
+    fn required(&mut self, name: &str) -> Result<u64, Failure> {
+        self.size(name)?
+            .ok_or_else(|| Failure(format!("--{name} is required")))
+    }
+
+    fn u32_required(&mut self, name: &str) -> Result<u32, Failure> {
+        let v = self.required(name)?;
+        u32::try_from(v).map_err(|_| Failure(format!("--{name} {v} does not fit in 32 bits")))
+    }
+
+    fn usize_or(&mut self, name: &str, default: usize) -> Result<usize, Failure> {
+        let v = self.size_or(name, default as u64)?;
+        usize::try_from(v).map_err(|_| Failure(format!("--{name} {v} too large")))
+    }
+
+    fn finish(self) -> CmdResult {
+        match self.map.keys().next() {
+            Some(k) => Err(Failure(format!("unknown option --{k}\n{USAGE}"))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Parses `123`, `4K`, `64KiB`, `256M`, `1G` (binary multiples) or `0x...`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if let Some(hex) = s.strip_prefix("0x") {
+        return u64::from_str_radix(hex, 16).map_err(|e| format!("{s:?}: {e}"));
+    }
+    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, suffix) = s.split_at(digits_end);
+    let num: u64 = num.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    let mult: u64 = match suffix.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KI" | "KIB" => 1 << 10,
+        "M" | "MI" | "MIB" => 1 << 20,
+        "G" | "GI" | "GIB" => 1 << 30,
+        other => return Err(format!("{s:?}: unknown suffix {other:?}")),
+    };
+    num.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?}: too large"))
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// MB/s with MB = 10^6 bytes.
+fn mbps(bytes: u64, d: Duration) -> f64 {
+    let secs = d.as_secs_f64();
+    if secs > 0.0 {
+        bytes as f64 / secs / 1e6
+    } else {
+        0.0
+    }
+}
+
+fn sock_type(name: Option<String>) -> Result<SockType, Failure> {
+    match name.as_deref() {
+        None | Some("stream") => Ok(SockType::Stream),
+        Some("seqpacket") => Ok(SockType::SeqPacket),
+        Some(other) => Err(Failure(format!(
+            "--type {other:?}: expected stream or seqpacket"
+        ))),
+    }
+}
+
+fn set_timeouts(sock: &VsockSocket, timeout: Duration) -> CmdResult {
+    sock.set_read_timeout(timeout)
+        .map_err(|e| Failure::io("SO_RCVTIMEO", &e))?;
+    sock.set_write_timeout(timeout)
+        .map_err(|e| Failure::io("SO_SNDTIMEO", &e))
+}
+
+fn connect(ty: SockType, addr: VsockAddr, timeout: Duration) -> Result<VsockSocket, Failure> {
+    let sock = VsockSocket::connect(ty, addr, timeout)
+        .map_err(|e| Failure::io(&format!("connect {addr}"), &e))?;
+    set_timeouts(&sock, timeout)?;
+    Ok(sock)
+}
+
+fn listen(ty: SockType, port: u32, timeout: Duration) -> Result<VsockSocket, Failure> {
+    let sock = VsockSocket::listen(ty, port, 16)
+        .map_err(|e| Failure::io(&format!("listen on port {port}"), &e))?;
+    // Bounds accept() too.
+    sock.set_read_timeout(timeout)
+        .map_err(|e| Failure::io("SO_RCVTIMEO", &e))?;
+    let kind = match ty {
+        SockType::Stream => "stream",
+        SockType::SeqPacket => "seqpacket",
+    };
+    println!("DS-READY port={port} type={kind}");
+    Ok(sock)
+}
+
+fn accept(listener: &VsockSocket, timeout: Duration) -> Result<(VsockSocket, VsockAddr), Failure> {
+    let (sock, peer) = listener.accept().map_err(|e| Failure::io("accept", &e))?;
+    set_timeouts(&sock, timeout)?;
+    Ok((sock, peer))
+}
+
+/// Writes `len` bytes of the stream for `seed` in `chunk`-byte sends.
+fn send_pattern(
+    sock: &VsockSocket,
+    seed: u64,
+    len: u64,
+    chunk: usize,
+) -> Result<Checksum, Failure> {
+    let mut gen = PatternStream::new(seed);
+    let mut sum = Checksum::new();
+    let mut buf = vec![0u8; chunk.max(1)];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        gen.fill(&mut buf[..n]);
+        sock.send_all(&buf[..n])
+            .map_err(|e| Failure::io(&format!("send after {} bytes", sum.bytes()), &e))?;
+        sum.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(sum)
+}
+
+/// How a read-to-EOF ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamEnd {
+    /// `recv` returned 0.
+    Eof,
+    /// `recv` failed with ENOTCONN after our own `shutdown(SHUT_WR)`: the peer had closed
+    /// before we shut down, and Linux vsock's shutdown() clears the "peer closed" flag
+    /// (SOCK_DONE), so the closed socket reports ENOTCONN instead of EOF.
+    ClosedBeforeShutdown,
+}
+
+impl StreamEnd {
+    fn name(self) -> &'static str {
+        match self {
+            StreamEnd::Eof => "eof",
+            StreamEnd::ClosedBeforeShutdown => "closed-before-shutdown",
+        }
+    }
+}
+
+/// Reads until EOF. `after_shutdown`: we already shut down our sending side (see
+/// [`StreamEnd::ClosedBeforeShutdown`]).
+fn recv_to_eof(sock: &VsockSocket, after_shutdown: bool) -> Result<(Checksum, StreamEnd), Failure> {
+    let mut sum = Checksum::new();
+    let mut buf = vec![0u8; STREAM_RECV_BUF_BYTES];
+    loop {
+        match sock.recv(&mut buf) {
+            Ok(0) => return Ok((sum, StreamEnd::Eof)),
+            Ok(n) => sum.update(&buf[..n]),
+            Err(e) if after_shutdown && e.raw_os_error() == Some(libc::ENOTCONN) => {
+                return Ok((sum, StreamEnd::ClosedBeforeShutdown))
+            }
+            Err(e) => {
+                return Err(Failure::io(
+                    &format!("recv after {} bytes", sum.bytes()),
+                    &e,
+                ))
+            }
+        }
+    }
+}
+
+fn cmd_cid(mut o: Opts) -> CmdResult {
+    let wait = Duration::from_millis(o.size_or("wait-ms", 0)?);
+    o.finish()?;
+    let start = Instant::now();
+    loop {
+        match vsock::local_cid() {
+            Ok(Some(cid)) => {
+                println!(
+                    "DS-RESULT cmd=cid cid={cid} ms={:.1}",
+                    millis(start.elapsed())
+                );
+                return Ok(());
+            }
+            Ok(None) if start.elapsed() < wait => thread::sleep(Duration::from_millis(5)),
+            Ok(None) => {
+                return Err(Failure(
+                    "no vsock transport bound (CID is VMADDR_CID_ANY)".into(),
+                ))
+            }
+            // /dev/vsock appears when the vsock module loads; keep polling until then.
+            Err(_) if start.elapsed() < wait => thread::sleep(Duration::from_millis(5)),
+            Err(e) => return Err(Failure::io("/dev/vsock", &e)),
+        }
+    }
+}
+
+/// `send` and `halfclose-client`: stream out, half-close, read the reply to EOF.
+fn cmd_send(mut o: Opts, name: &str, timeout: Duration) -> CmdResult {
+    let halfclose = name == "halfclose-client";
+    let addr = VsockAddr::new(o.u32_required("cid")?, o.u32_required("port")?);
+    let bytes = if halfclose {
+        o.size_or("bytes", 1 << 20)?
+    } else {
+        o.required("bytes")?
+    };
+    let chunk = o.usize_or("chunk", 64 << 10)?;
+    let seed = o.size_or("seed", 1)?;
+    let expect_reply = o.size("expect-reply-bytes")?;
+    o.finish()?;
+
+    let start = Instant::now();
+    let sock = connect(SockType::Stream, addr, timeout)?;
+    let connected = Instant::now();
+    let sent = send_pattern(&sock, seed, bytes, chunk)?;
+    sock.shutdown(Shutdown::Write)
+        .map_err(|e| Failure::io("shutdown(SHUT_WR)", &e))?;
+    let send_time = connected.elapsed();
+    let (reply, end) = recv_to_eof(&sock, true)?;
+    let total = start.elapsed();
+    println!(
+        "DS-RESULT cmd={name} peer={addr} bytes={} xxh3={} seed={seed} chunk={chunk} connect_ms={:.1} ms={:.1} \
+         mbps={:.1} reply_bytes={} reply_xxh3={} end={} total_ms={:.1}",
+        sent.bytes(),
+        sent.hex(),
+        millis(connected - start),
+        millis(send_time),
+        mbps(sent.bytes(), send_time),
+        reply.bytes(),
+        reply.hex(),
+        end.name(),
+        millis(total),
+    );
+    if halfclose && reply.bytes() == 0 {
+        return Err(Failure("no reply after our shutdown(SHUT_WR)".into()));
+    }
+    if let Some(want) = expect_reply {
+        if reply.bytes() != want {
+            return Err(Failure(format!(
+                "reply was {} bytes, expected {want}",
+                reply.bytes()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn cmd_recv(mut o: Opts, timeout: Duration) -> CmdResult {
+    let port = o.u32_required("port")?;
+    let reply_bytes = o.size_or("reply-bytes", 0)?;
+    let reply_seed = o.size_or("reply-seed", 2)?;
+    let conns = o.size_or("conns", 1)?;
+    let chunk = o.usize_or("chunk", 64 << 10)?;
+    o.finish()?;
+
+    let listener = listen(SockType::Stream, port, timeout)?;
+    for conn in 0..conns {
+        let (sock, peer) = accept(&listener, timeout)?;
+        let start = Instant::now();
+        let (got, _) = recv_to_eof(&sock, false)?;
+        let recv_time = start.elapsed();
+        let reply = send_pattern(&sock, reply_seed, reply_bytes, chunk)?;
+        drop(sock);
+        println!(
+            "DS-RESULT cmd=recv conn={conn} peer={peer} bytes={} xxh3={} ms={:.1} mbps={:.1} reply_bytes={} reply_xxh3={}",
+            got.bytes(),
+            got.hex(),
+            millis(recv_time),
+            mbps(got.bytes(), recv_time),
+            reply.bytes(),
+            reply.hex(),
+        );
+    }
+    Ok(())
+}
+
+fn parse_sizes(list: &str) -> Result<Vec<usize>, Failure> {
+    list.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let v = parse_size(s).map_err(|e| Failure(format!("--sizes: {e}")))?;
+            usize::try_from(v)
+                .ok()
+                .filter(|&v| v < SEQ_RECV_BUF_BYTES)
+                .ok_or_else(|| Failure(format!("--sizes: {v} must be below {SEQ_RECV_BUF_BYTES}")))
+        })
+        .collect()
+}
+
+fn cmd_seq_echo_client(mut o: Opts, timeout: Duration) -> CmdResult {
+    let addr = VsockAddr::new(o.u32_required("cid")?, o.u32_required("port")?);
+    let sizes = parse_sizes(
+        &o.take_str("sizes")
+            .ok_or_else(|| Failure("--sizes is required".into()))?,
+    )?;
+    let seed = o.size_or("seed", 1)?;
+    let rounds = o.size_or("rounds", 1)?;
+    o.finish()?;
+
+    let start = Instant::now();
+    let sock = connect(SockType::SeqPacket, addr, timeout)?;
+    let mut gen = PatternStream::new(seed);
+    let mut buf = vec![0u8; SEQ_RECV_BUF_BYTES];
+    let mut sent = Checksum::new();
+    let mut count = 0u64;
+    for round in 0..rounds {
+        for (i, &size) in sizes.iter().enumerate() {
+            let msg = gen.take(size);
+            let n = sock.send(&msg).map_err(|e| {
+                Failure::io(
+                    &format!("send message {i} ({size} bytes) round {round}"),
+                    &e,
+                )
+            })?;
+            if n != size {
+                return Err(Failure(format!("message {i}: sent {n} of {size} bytes")));
+            }
+            sent.update(&msg);
+            let (got, truncated) = sock.recv_msg(&mut buf).map_err(|e| {
+                Failure::io(&format!("recv echo of message {i} ({size} bytes)"), &e)
+            })?;
+            if truncated || got != size {
+                return Err(Failure(format!(
+                    "message {i}: sent {size} bytes, echo was {got} bytes (truncated={truncated})"
+                )));
+            }
+            if buf[..got] != msg[..] {
+                let at = buf.iter().zip(&msg).position(|(a, b)| a != b).unwrap_or(0);
+                return Err(Failure(format!(
+                    "message {i} ({size} bytes): echo differs at byte {at}"
+                )));
+            }
+            count += 1;
+        }
+    }
+    sock.shutdown(Shutdown::Write)
+        .map_err(|e| Failure::io("shutdown(SHUT_WR)", &e))?;
+    let (tail, _) = sock
+        .recv_msg(&mut buf)
+        .map_err(|e| Failure::io("recv EOF", &e))?;
+    if tail != 0 {
+        return Err(Failure(format!(
+            "unexpected {tail}-byte message after the last echo"
+        )));
+    }
+    println!(
+        "DS-RESULT cmd=seq-echo-client peer={addr} count={count} ok={count} bytes={} xxh3={} ms={:.1}",
+        sent.bytes(),
+        sent.hex(),
+        millis(start.elapsed())
+    );
+    Ok(())
+}
+
+/// Echo server for `seq-echo-server` (messages) and `echo-server` (byte stream).
+fn cmd_echo_server(mut o: Opts, ty: SockType, name: &str, timeout: Duration) -> CmdResult {
+    let port = o.u32_required("port")?;
+    let conns = o.size_or("conns", 1)?;
+    o.finish()?;
+    let listener = listen(ty, port, timeout)?;
+    let mut buf = vec![0u8; SEQ_RECV_BUF_BYTES];
+    for conn in 0..conns {
+        let (sock, peer) = accept(&listener, timeout)?;
+        let mut sum = Checksum::new();
+        let mut sizes = Vec::new();
+        loop {
+            let n = match ty {
+                SockType::SeqPacket => {
+                    let (n, truncated) = sock
+                        .recv_msg(&mut buf)
+                        .map_err(|e| Failure::io("recv", &e))?;
+                    if truncated {
+                        return Err(Failure(format!(
+                            "message larger than {SEQ_RECV_BUF_BYTES} bytes"
+                        )));
+                    }
+                    n
+                }
+                SockType::Stream => sock.recv(&mut buf).map_err(|e| Failure::io("recv", &e))?,
+            };
+            if n == 0 {
+                break;
+            }
+            sock.send_all(&buf[..n])
+                .map_err(|e| Failure::io("send echo", &e))?;
+            sum.update(&buf[..n]);
+            if sizes.len() < 64 {
+                sizes.push(n.to_string());
+            }
+        }
+        drop(sock);
+        let sizes = if ty == SockType::SeqPacket {
+            format!(" sizes={}", sizes.join(","))
+        } else {
+            String::new()
+        };
+        println!(
+            "DS-RESULT cmd={name} conn={conn} peer={peer} bytes={} xxh3={}{sizes}",
+            sum.bytes(),
+            sum.hex()
+        );
+    }
+    Ok(())
+}
+
+fn cmd_connect_expect_fail(mut o: Opts) -> CmdResult {
+    let addr = VsockAddr::new(o.u32_required("cid")?, o.u32_required("port")?);
+    let max = Duration::from_millis(o.size_or("max-ms", 1000)?);
+    let ty = sock_type(o.take_str("type"))?;
+    o.finish()?;
+    // Give the kernel enough time to show how long a failure really takes, but bounded.
+    let connect_timeout = max + Duration::from_millis(1000);
+    let start = Instant::now();
+    let res = VsockSocket::connect(ty, addr, connect_timeout);
+    let elapsed = start.elapsed();
+    match res {
+        Ok(_) => {
+            println!(
+                "DS-RESULT cmd=connect-expect-fail peer={addr} errno=none ms={:.1} ok=0",
+                millis(elapsed)
+            );
+            Err(Failure(format!("connect to {addr} succeeded")))
+        }
+        Err(e) => {
+            let errno = e
+                .raw_os_error()
+                .map_or_else(|| "unknown".to_owned(), vsock::errno_name);
+            let ok = elapsed <= max;
+            println!(
+                "DS-RESULT cmd=connect-expect-fail peer={addr} errno={errno} ms={:.1} ok={}",
+                millis(elapsed),
+                u8::from(ok)
+            );
+            if ok {
+                Ok(())
+            } else {
+                Err(Failure(format!(
+                    "connect failed with {errno} but only after {:.0} ms",
+                    millis(elapsed)
+                )))
+            }
+        }
+    }
+}
+
+fn cmd_rr(mut o: Opts, timeout: Duration) -> CmdResult {
+    let addr = VsockAddr::new(o.u32_required("cid")?, o.u32_required("port")?);
+    let count = o.size_or("count", 1000)?;
+    let size = o.usize_or("size", 64)?;
+    o.finish()?;
+    if count == 0 || size == 0 {
+        return Err(Failure("--count and --size must be positive".into()));
+    }
+    let sock = connect(SockType::Stream, addr, timeout)?;
+    let msg = PatternStream::new(1).take(size);
+    let mut back = vec![0u8; size];
+    let mut rtts = Vec::with_capacity(count as usize);
+    let start = Instant::now();
+    for i in 0..count {
+        let t = Instant::now();
+        sock.send_all(&msg)
+            .map_err(|e| Failure::io(&format!("send {i}"), &e))?;
+        let mut got = 0;
+        while got < size {
+            match sock.recv(&mut back[got..]) {
+                Ok(0) => return Err(Failure(format!("EOF during round trip {i}"))),
+                Ok(n) => got += n,
+                Err(e) => return Err(Failure::io(&format!("recv {i}"), &e)),
+            }
+        }
+        rtts.push(t.elapsed());
+        if back != msg {
+            return Err(Failure(format!("round trip {i}: echo differs")));
+        }
+    }
+    let total = start.elapsed();
+    sock.shutdown(Shutdown::Write)
+        .map_err(|e| Failure::io("shutdown(SHUT_WR)", &e))?;
+    rtts.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let pct = |p: usize| rtts[(rtts.len() - 1) * p / 100];
+    println!(
+        "DS-RESULT cmd=rr peer={addr} count={count} size={size} ms={:.1} avg_us={:.1} p50_us={:.1} p99_us={:.1} max_us={:.1}",
+        millis(total),
+        us(total) / count as f64,
+        us(pct(50)),
+        us(pct(99)),
+        us(pct(100)),
+    );
+    Ok(())
+}
+
+fn run(args: &[String]) -> CmdResult {
+    let Some((cmd, rest)) = args.split_first() else {
+        return Err(Failure(USAGE.into()));
+    };
+    let mut o = Opts::parse(rest)?;
+    let timeout = Duration::from_millis(o.size_or("timeout-ms", DEFAULT_TIMEOUT_MS)?);
+    match cmd.as_str() {
+        "cid" => cmd_cid(o),
+        "send" | "halfclose-client" => cmd_send(o, cmd, timeout),
+        "recv" => cmd_recv(o, timeout),
+        "seq-echo-client" => cmd_seq_echo_client(o, timeout),
+        "seq-echo-server" => cmd_echo_server(o, SockType::SeqPacket, cmd, timeout),
+        "echo-server" => cmd_echo_server(o, SockType::Stream, cmd, timeout),
+        "connect-expect-fail" => cmd_connect_expect_fail(o),
+        "rr" => cmd_rr(o, timeout),
+        "help" | "--help" | "-h" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => Err(Failure(format!("unknown command {other:?}\n{USAGE}"))),
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(msg)) => {
+            let cmd = args.first().map_or("none", String::as_str);
+            println!("DS-ERROR cmd={cmd} msg={msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(parse_size("7").unwrap(), 7);
+        assert_eq!(parse_size("64K").unwrap(), 65536);
+        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("0x10").unwrap(), 16);
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("").is_err());
+        assert_eq!(
+            parse_sizes("1,2,4K,65536").unwrap(),
+            vec![1, 2, 4096, 65536]
+        );
+    }
+
+    #[test]
+    fn options_reject_unknown_and_duplicates() {
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(Opts::parse(&args(&["--port", "1", "--port", "2"])).is_err());
+        assert!(Opts::parse(&args(&["--port"])).is_err());
+        let o = Opts::parse(&args(&["--bogus", "1"])).unwrap();
+        assert!(o.finish().is_err());
+    }
+}

@@ -1,0 +1,23 @@
+//! Test harness shared by domsock's integration tests.
+//!
+//! The real-QEMU end-to-end tests (`tests/vm.rs`) use:
+//! - [`artifacts`]: where the kernel, initramfs, QEMU and backend binaries are, and what to do
+//!   when they are missing;
+//! - [`backend`]: runs the backend process (`domsockd`, or a peer backend) with `--vm` specs;
+//! - [`vm`]: boots a QEMU guest whose `/init` runs `domsock` guest program commands and follows
+//!   its serial console ([`serial`] parses the `DS-*` lines);
+//! - [`host`]: the host ends of hybrid vsock: listeners at `<uds-path>_<port>` and the
+//!   `CONNECT <port>` handshake on `<uds-path>`;
+//! - [`report`]: timing lines that bypass libtest's output capture.
+//!
+//! The byte streams and checksums are those of [`domsock_guest::pattern`], so host and guest
+//! agree on every byte. Nothing here opens an AF_VSOCK socket on the host.
+#![forbid(unsafe_code)]
+
+pub mod artifacts;
+pub mod backend;
+pub mod host;
+pub mod report;
+pub mod serial;
+pub mod tmp;
+pub mod vm;
