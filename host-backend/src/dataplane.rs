@@ -157,6 +157,32 @@ impl HostConn {
     fn inbox_pending(&self) -> usize {
         self.inbox.len() - self.inbox_off
     }
+
+    /// Moves up to `max` inbox bytes into the RX payload area; `None` if guest memory
+    /// could not be written.
+    fn drain_inbox(&mut self, regions: &Regions, mem: &Mem, max: usize) -> Option<usize> {
+        let take = self.inbox_pending().min(max);
+        let start = self.inbox_off;
+        regions
+            .write_payload(mem, 0, &self.inbox[start..start + take])
+            .ok()?;
+        self.inbox_off += take;
+        if self.inbox_pending() == 0 {
+            self.inbox.clear();
+            self.inbox_off = 0;
+        }
+        Some(take)
+    }
+
+    /// What to tell the guest once the host socket reached EOF: a hang-up means the host
+    /// closed both directions.
+    fn eof_shutdown(&self) -> Shutdown {
+        if self.host_hup {
+            Shutdown::BOTH
+        } else {
+            Shutdown::SEND
+        }
+    }
 }
 
 /// Result of trying to fill one RX buffer from one connection.
@@ -575,7 +601,11 @@ impl DataPlane {
             Incoming::Reset(key) | Incoming::Closed(key) => self.close_host(key),
             Incoming::Dropped(reason) => {
                 match reason {
-                    DropReason::UnknownConnection => VmStats::inc(&stats.unknown_connection_rsts),
+                    // An RST for an unknown connection is not answered, so not counted.
+                    DropReason::UnknownConnection if hdr.op != Op::Rst => {
+                        VmStats::inc(&stats.unknown_connection_rsts)
+                    }
+                    DropReason::UnknownConnection => {}
                     DropReason::CreditViolation(_)
                     | DropReason::ProtocolViolation
                     | DropReason::TypeMismatch => {
@@ -997,20 +1027,9 @@ impl DataPlane {
                 let mut n = 0usize;
                 // Handshake leftovers go first.
                 if hc.inbox_pending() > 0 {
-                    let take = hc.inbox_pending().min(max);
-                    let start = hc.inbox_off;
-                    if self
-                        .regions
-                        .write_payload(mem, 0, &hc.inbox[start..start + take])
-                        .is_err()
-                    {
+                    let Some(take) = hc.drain_inbox(&self.regions, mem, max) else {
                         return Fill::Nothing;
-                    }
-                    hc.inbox_off += take;
-                    if hc.inbox_pending() == 0 {
-                        hc.inbox.clear();
-                        hc.inbox_off = 0;
-                    }
+                    };
                     n = take;
                 } else if hc.readable && !hc.host_eof {
                     let sock = &mut hc.sock;
@@ -1059,11 +1078,7 @@ impl DataPlane {
                 }
                 let hc = self.conns.get(&key).expect("present");
                 if hc.host_eof && hc.inbox_pending() == 0 {
-                    let how = if hc.host_hup {
-                        Shutdown::BOTH
-                    } else {
-                        Shutdown::SEND
-                    };
+                    let how = hc.eof_shutdown();
                     self.endpoint.shutdown(now, &key, how);
                 }
                 Fill::Nothing
@@ -1077,11 +1092,7 @@ impl DataPlane {
                         Ok(0) => {
                             hc.host_eof = true;
                             hc.readable = false;
-                            let how = if hc.host_hup {
-                                Shutdown::BOTH
-                            } else {
-                                Shutdown::SEND
-                            };
+                            let how = hc.eof_shutdown();
                             self.endpoint.shutdown(now, &key, how);
                             return Fill::Nothing;
                         }
@@ -1117,25 +1128,10 @@ impl DataPlane {
                     }
                 }
                 let hc = self.conns.get_mut(&key).expect("present");
-                let pending = hc.inbox_pending();
-                let take = pending.min(max);
-                let start = hc.inbox_off;
-                if take == 0 && pending > 0 {
+                let Some(take) = hc.drain_inbox(&self.regions, mem, max) else {
                     return Fill::Nothing;
-                }
-                if self
-                    .regions
-                    .write_payload(mem, 0, &hc.inbox[start..start + take])
-                    .is_err()
-                {
-                    return Fill::Nothing;
-                }
-                hc.inbox_off += take;
+                };
                 let eom = hc.inbox_pending() == 0;
-                if eom {
-                    hc.inbox.clear();
-                    hc.inbox_off = 0;
-                }
                 self.emit_rw(key, take, eom, mem)
             }
         }
