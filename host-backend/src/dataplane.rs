@@ -18,7 +18,8 @@ use crate::chain::{Mem, Regions};
 use crate::host::HostSocket;
 use crate::metrics::VmStats;
 use crate::tunables::{
-    HANDSHAKE_TIMEOUT_MS, MAX_PAYLOAD_BYTES, MAX_PENDING_HANDSHAKES, MAX_RX_PAYLOAD_BYTES,
+    COALESCE_BELOW_BYTES, HANDSHAKE_TIMEOUT_MS, MAX_PAYLOAD_BYTES, MAX_PENDING_HANDSHAKES,
+    MAX_RX_PAYLOAD_BYTES,
 };
 use domsock_proto::hybrid::{ok_line, parse_connect_line};
 use domsock_proto::{
@@ -125,6 +126,8 @@ struct HostConn {
     shut_write_applied: bool,
     shut_read_applied: bool,
     in_ready: bool,
+    /// Listed in [`DataPlane::dirty`].
+    dirty: bool,
     /// Host-initiated: the port to confirm with `OK <port>` once the guest accepts.
     reply_ok: Option<Port>,
 }
@@ -146,6 +149,7 @@ impl HostConn {
             shut_write_applied: false,
             shut_read_applied: false,
             in_ready: false,
+            dirty: false,
             reply_ok: None,
         }
     }
@@ -212,6 +216,11 @@ pub struct DataPlane {
     /// The guest driver has both data queues running; host connects are refused at once
     /// otherwise (nobody could answer them).
     guest_running: bool,
+    /// Connections whose outbox got small payloads during the current TX batch; flushed
+    /// with one write each when the batch ends.
+    dirty: Vec<ConnKey>,
+    /// Reused buffer for copying small payloads out of guest memory.
+    scratch: Vec<u8>,
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -248,6 +257,8 @@ impl DataPlane {
             events: vec![EpollEvent::default(); 64],
             stopped: false,
             guest_running: false,
+            dirty: Vec::new(),
+            scratch: Vec::new(),
         })
     }
 
@@ -531,8 +542,20 @@ impl DataPlane {
                 _ => break,
             }
         }
+        self.flush_dirty(now);
         if used_any {
             signal_if_needed(vring, atomic);
+        }
+    }
+
+    /// Ends a TX batch: one write per connection that collected small payloads.
+    fn flush_dirty(&mut self, now: Instant) {
+        for key in std::mem::take(&mut self.dirty) {
+            if let Some(hc) = self.conns.get_mut(&key) {
+                hc.dirty = false;
+            }
+            self.flush_outbox(now, key);
+            self.after_change(now, key);
         }
     }
 
@@ -692,8 +715,35 @@ impl DataPlane {
             self.endpoint.reset(key);
             return;
         };
-        let regions = &self.regions;
         let len = len as usize;
+        if hc.socket_type == SocketType::Stream && len < COALESCE_BELOW_BYTES {
+            // Small payload: stage it and write once per TX batch (see `flush_dirty`). A
+            // syscall per 64-byte packet would dominate the cost of small writes.
+            self.scratch.clear();
+            if self
+                .regions
+                .copy_payload(mem, 0, len, &mut self.scratch)
+                .is_err()
+            {
+                VmStats::inc(&self.shared.stats.malformed_chains);
+                self.endpoint.reset(key);
+                return;
+            }
+            hc.out_stream.extend(self.scratch.iter());
+            if !hc.dirty {
+                hc.dirty = true;
+                self.dirty.push(key);
+            }
+            return;
+        }
+        if !hc.out_stream.is_empty() {
+            // Keep byte order: staged bytes go before this payload.
+            self.flush_outbox(now, key);
+        }
+        let Some(hc) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let regions = &self.regions;
         let mut failed = false;
         let mut consumed = 0usize;
         match hc.socket_type {

@@ -63,7 +63,15 @@ impl Backend {
     /// # Panics
     /// If it cannot start, exits, or does not create its sockets in time.
     pub fn spawn(specs: &[VmSpec], log_dir: &Path) -> Backend {
-        let binary = artifacts::backend_binary();
+        Self::spawn_binary(&artifacts::backend_binary(), specs, log_dir)
+    }
+
+    /// Like [`Backend::spawn`], with an explicit backend binary.
+    ///
+    /// # Panics
+    /// If it cannot start, exits, or does not create its sockets in time.
+    pub fn spawn_binary(binary: &Path, specs: &[VmSpec], log_dir: &Path) -> Backend {
+        let binary = binary.to_path_buf();
         std::fs::create_dir_all(log_dir).expect("create log dir");
         let log = log_dir.join("backend.log");
         let out = File::create(&log).expect("create backend log");
