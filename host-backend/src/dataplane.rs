@@ -18,14 +18,15 @@ use crate::chain::{Mem, Regions};
 use crate::host::HostSocket;
 use crate::metrics::VmStats;
 use crate::tunables::{
-    COALESCE_BELOW_BYTES, HANDSHAKE_TIMEOUT_MS, MAX_PAYLOAD_BYTES, MAX_PENDING_HANDSHAKES,
-    MAX_RX_PAYLOAD_BYTES,
+    COALESCE_BELOW_BYTES, HANDSHAKE_TIMEOUT_MS, LINGER_TIMEOUT_MS, MAX_PAYLOAD_BYTES,
+    MAX_PENDING_HANDSHAKES, MAX_RX_PAYLOAD_BYTES,
 };
 use domsock_proto::hybrid::{ok_line, parse_connect_line};
 use domsock_proto::{
     Cid, ConnKey, DropReason, Endpoint, EndpointConfig, Header, Incoming, Op, Port, RawHeader,
     Shutdown, SocketType, State, Timeout, VsockAddr,
 };
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, ErrorKind, Read, Write};
 use std::ops::ControlFlow;
@@ -158,6 +159,36 @@ impl HostConn {
         self.out_stream.is_empty() && self.out_msgs.is_empty()
     }
 
+    fn outbox_len(&self) -> usize {
+        self.out_stream.len() + self.out_msgs.iter().map(Vec::len).sum::<usize>()
+    }
+
+    /// Writes the outbox until the socket would block; `Ok(true)` once it is empty.
+    fn write_outbox(&mut self) -> io::Result<bool> {
+        while !self.out_stream.is_empty() {
+            let (a, _) = self.out_stream.as_slices();
+            match self.sock.write(a) {
+                Ok(n) => {
+                    self.out_stream.drain(..n);
+                }
+                Err(e) if would_block(&e) => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        while let Some(msg) = self.out_msgs.front() {
+            match self.sock.write(msg) {
+                Ok(_) => {
+                    self.out_msgs.pop_front();
+                }
+                Err(e) if would_block(&e) => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
     fn inbox_pending(&self) -> usize {
         self.inbox.len() - self.inbox_off
     }
@@ -281,6 +312,7 @@ impl DataPlane {
         self.stopped = true;
         VmStats::inc(&self.shared.stats.device_stops);
         let n = self.conns.len();
+        let mut lingering = Vec::new();
         for (_, hc) in self.conns.drain() {
             let _ = self.epoll.ctl(
                 ControlOperation::Delete,
@@ -288,6 +320,13 @@ impl DataPlane {
                 EpollEvent::default(),
             );
             self.targets.remove(&hc.token);
+            if !hc.outbox_empty() {
+                lingering.push(hc);
+            }
+        }
+        self.dirty.clear();
+        if !lingering.is_empty() {
+            linger(self.shared.clone(), lingering);
         }
         for (token, hs) in self.handshakes.drain() {
             let _ = self.epoll.ctl(
@@ -836,41 +875,13 @@ impl DataPlane {
         let Some(hc) = self.conns.get_mut(&key) else {
             return;
         };
-        let mut consumed = 0usize;
-        let mut failed = false;
-        while !hc.out_stream.is_empty() {
-            let (a, _) = hc.out_stream.as_slices();
-            match hc.sock.write(a) {
-                Ok(n) => {
-                    hc.out_stream.drain(..n);
-                    consumed += n;
-                }
-                Err(e) if would_block(&e) => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    failed = true;
-                    break;
-                }
-            }
-        }
-        while let Some(msg) = hc.out_msgs.front() {
-            match hc.sock.write(msg) {
-                Ok(_) => {
-                    consumed += msg.len();
-                    hc.out_msgs.pop_front();
-                }
-                Err(e) if would_block(&e) => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    failed = true;
-                    break;
-                }
-            }
-        }
+        let before = hc.outbox_len();
+        let result = hc.write_outbox();
+        let consumed = before - hc.outbox_len();
         if consumed > 0 {
             self.endpoint.consumed(&key, consumed as u32);
         }
-        if failed {
+        if result.is_err() {
             VmStats::inc(&self.shared.stats.host_errors);
             self.endpoint.reset(key);
         }
@@ -1208,6 +1219,49 @@ impl DataPlane {
                 Fill::Nothing
             }
         }
+    }
+}
+
+/// Hands connections of a stopped device that still hold guest data the host has not taken
+/// yet to a thread that flushes them for at most [`LINGER_TIMEOUT_MS`], then closes them.
+/// The guest already had these bytes acknowledged (credit), so dropping them with the
+/// device would lose accepted data. Nothing new is read from these sockets.
+fn linger(shared: Arc<VmShared>, mut conns: Vec<HostConn>) {
+    VmStats::add(&shared.stats.lingered_connections, conns.len() as u64);
+    let spawned = std::thread::Builder::new()
+        .name(format!("linger-{}", shared.name))
+        .spawn(move || {
+            let deadline = Instant::now() + Duration::from_millis(LINGER_TIMEOUT_MS);
+            while !conns.is_empty() && Instant::now() < deadline {
+                let wait = deadline.saturating_duration_since(Instant::now());
+                {
+                    let mut fds: Vec<PollFd<'_>> = conns
+                        .iter()
+                        .map(|c| PollFd::new(c.sock.as_fd(), PollFlags::POLLOUT))
+                        .collect();
+                    let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
+                    if poll(&mut fds, PollTimeout::from(ms)).is_err() {
+                        break;
+                    }
+                }
+                conns.retain_mut(|c| match c.write_outbox() {
+                    Ok(true) => {
+                        c.sock.shutdown(std::net::Shutdown::Write);
+                        false
+                    }
+                    Ok(false) => true,
+                    Err(_) => {
+                        VmStats::add(&shared.stats.lingered_bytes_lost, c.outbox_len() as u64);
+                        false
+                    }
+                });
+            }
+            for c in &conns {
+                VmStats::add(&shared.stats.lingered_bytes_lost, c.outbox_len() as u64);
+            }
+        });
+    if spawned.is_err() {
+        warn!("cannot start a linger thread; host sockets with unsent guest data are closed");
     }
 }
 

@@ -64,6 +64,14 @@ impl HostSocket {
         }
     }
 
+    /// The fd, borrowed (for poll).
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            HostSocket::Stream(s) => s.as_fd(),
+            HostSocket::SeqPacket(fd) => fd.as_fd(),
+        }
+    }
+
     /// Reads into guest memory.
     pub fn read_volatile<B: BitmapSlice>(
         &mut self,

@@ -54,6 +54,10 @@ counters! {
     unknown_connection_rsts,
     /// Device stops (guest reset, reboot, QEMU disconnect).
     device_stops,
+    /// Connections whose unsent guest data was flushed after their device stopped.
+    lingered_connections,
+    /// Guest data lost because a lingering connection's host end did not take it in time.
+    lingered_bytes_lost,
 }
 
 impl VmStats {

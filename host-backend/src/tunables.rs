@@ -12,3 +12,6 @@ pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 /// Guest->host stream payloads smaller than this are staged and written to the host socket
 /// once per TX batch instead of once per packet.
 pub const COALESCE_BELOW_BYTES: usize = 4 * 1024;
+/// How long a stopped device's connections may keep flushing guest data the host had not
+/// taken yet, before they are closed and the rest is counted as lost.
+pub const LINGER_TIMEOUT_MS: u64 = 10_000;

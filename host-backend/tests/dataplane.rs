@@ -1074,3 +1074,36 @@ fn two_hundred_concurrent_connections() {
         g.shared.stats
     );
 }
+
+#[test]
+fn device_stop_still_delivers_guest_data_the_host_had_not_taken() {
+    // The guest sends a full credit window while the host does not read: part of it sits
+    // in the host socket's buffer, the rest in domsockd's outbox. The device then stops
+    // (QEMU gone, guest powered off): the bytes were accepted (credit), so they must still
+    // reach the host, followed by EOF.
+    let mut g = TestGuest::new("linger");
+    let listener = g.listen_stream(1020);
+    let conn = GuestConn::stream(50_020, 1020);
+    let resp = g.connect(&conn);
+    let mut host = accept(&listener);
+
+    let total = resp.buf_alloc as usize;
+    let data = pattern(20, total);
+    for chunk in data.chunks(64 * 1024) {
+        g.send_rw(&conn, chunk);
+    }
+    g.settle();
+    g.plane.stop();
+
+    host.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut got = Vec::new();
+    host.read_to_end(&mut got).expect("host reads to EOF");
+    assert!(
+        got == data,
+        "got {} of {total} bytes, or corrupted",
+        got.len()
+    );
+    assert_eq!(g.stat("lingered_connections"), 1);
+    assert_eq!(g.stat("lingered_bytes_lost"), 0);
+}
