@@ -252,6 +252,8 @@ pub struct DataPlane {
     dirty: Vec<ConnKey>,
     /// Reused buffer for copying small payloads out of guest memory.
     scratch: Vec<u8>,
+    /// The deadline the timerfd is armed for.
+    timer_armed: Option<Instant>,
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -290,6 +292,7 @@ impl DataPlane {
             guest_running: false,
             dirty: Vec::new(),
             scratch: Vec::new(),
+            timer_armed: None,
         })
     }
 
@@ -389,6 +392,7 @@ impl DataPlane {
             TOKEN_TIMER => {
                 // Expiry count is irrelevant; timers are re-derived from the endpoint.
                 let _ = self.timer.clear();
+                self.timer_armed = None;
             }
             _ => match self.targets.get(&token).copied() {
                 Some(Target::Handshake) => self.read_handshake(now, token),
@@ -961,6 +965,11 @@ impl DataPlane {
             .map(|h| h.deadline)
             .chain(self.endpoint.poll_timeout())
             .min();
+        // A timerfd_settime per pump would be a syscall per packet batch for nothing: the
+        // deadline rarely changes. An expired timer clears `timer_armed` (TOKEN_TIMER).
+        if next == self.timer_armed {
+            return;
+        }
         let r = match next {
             Some(t) => self.timer.reset(
                 t.saturating_duration_since(now)
@@ -969,8 +978,9 @@ impl DataPlane {
             ),
             None => self.timer.clear(),
         };
-        if let Err(e) = r {
-            warn!(vm = %self.shared.name, error = %e, "timerfd");
+        match r {
+            Ok(()) => self.timer_armed = next,
+            Err(e) => warn!(vm = %self.shared.name, error = %e, "timerfd"),
         }
     }
 

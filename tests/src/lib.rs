@@ -8,7 +8,8 @@
 //!   its serial console ([`serial`] parses the `DS-*` lines);
 //! - [`host`]: the host ends of hybrid vsock: listeners at `<uds-path>_<port>` and the
 //!   `CONNECT <port>` handshake on `<uds-path>`;
-//! - [`report`]: timing lines that bypass libtest's output capture.
+//! - [`report`]: timing lines that bypass libtest's output capture;
+//! - [`bench`]: the side-by-side benchmark (`domsock-bench`).
 //!
 //! The byte streams and checksums are those of [`domsock_guest::pattern`], so host and guest
 //! agree on every byte. Nothing here opens an AF_VSOCK socket on the host.
@@ -16,6 +17,7 @@
 
 pub mod artifacts;
 pub mod backend;
+pub mod bench;
 pub mod host;
 pub mod report;
 pub mod serial;

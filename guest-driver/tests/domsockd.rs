@@ -1,0 +1,371 @@
+//! The user-space guest against a real `domsockd` process over vhost-user: streams both
+//! ways checked byte-exact, seqpacket boundaries, refused connects, half-close, two guests
+//! at once, reconnecting, buffer layouts and RX buffer pressure.
+//!
+//! Needs `target/release/domsockd` (`cargo build --release -p domsock-host`) or `$DOMSOCKD`.
+
+mod support;
+
+use domsock_guest::uvirtio::{
+    Cid, GuestConfig, HeaderPlacement, Port, RxLayout, Shutdown, SockError, SocketType, UserGuest,
+};
+use std::io::{Read, Write};
+use std::thread;
+use std::time::{Duration, Instant};
+use support::*;
+
+#[test]
+fn negotiates_everything_domsockd_offers() {
+    let b = Backend::domsockd("nego", &[3]);
+    let g = b.guest(0, GuestConfig::default());
+    let n = g.negotiated();
+    assert_eq!(g.cid(), Cid(3));
+    assert!(n.cid_from_device);
+    assert!(n.event_idx, "{n:?}");
+    assert!(n.seqpacket, "{n:?}");
+    assert_eq!(n.device_queues, 3);
+    assert!(n.has_event_queue());
+
+    // The caller's CID must agree with the device's.
+    drop(g);
+    let e = UserGuest::connect(&b.vm(0).socket, GuestConfig::with_cid(Cid(9))).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            domsock_guest::uvirtio::SetupError::CidMismatch {
+                device: 3,
+                expected: 9
+            }
+        ),
+        "{}",
+        chain(&e)
+    );
+}
+
+#[test]
+fn guest_to_host_stream_64_mib() {
+    let b = Backend::domsockd("g2h", &[3]);
+    let mut g = b.guest(0, GuestConfig::default());
+    let t = stream_to_host(&mut g, &b.vm(0).uds, 5000, 64 << 20, 64 * 1024);
+    eprintln!(
+        "guest->host 64 MiB in 64 KiB writes: {:.1} MB/s",
+        mbps(64 << 20, t)
+    );
+    // Odd write sizes cut packets at every offset.
+    stream_to_host(&mut g, &b.vm(0).uds, 5001, 3 << 20, 12_345);
+    let s = g.stats();
+    assert_eq!(
+        s.rx_bad_header + s.rx_short + s.rx_truncated + s.rx_misaddressed,
+        0
+    );
+    assert!(
+        s.tx_ring.kicks_suppressed > 0,
+        "EVENT_IDX never suppressed a kick: {s:?}"
+    );
+}
+
+#[test]
+fn host_to_guest_stream() {
+    let b = Backend::domsockd("h2g", &[3]);
+    let mut g = b.guest(0, GuestConfig::default());
+    let t = stream_from_host(&mut g, &b.vm(0).uds, 6000, 32 << 20, 64 * 1024);
+    eprintln!(
+        "host->guest 32 MiB in 64 KiB writes: {:.1} MB/s",
+        mbps(32 << 20, t)
+    );
+    stream_from_host(&mut g, &b.vm(0).uds, 6001, 1 << 20, 777);
+}
+
+#[test]
+fn other_buffer_layouts_and_no_event_idx() {
+    let b = Backend::domsockd("layouts", &[3]);
+    let configs = [
+        GuestConfig {
+            rx_layout: RxLayout::LINUX_6_1,
+            tx_header: HeaderPlacement::SameDescriptor,
+            ..GuestConfig::default()
+        },
+        GuestConfig {
+            rx_layout: RxLayout {
+                payload_bytes: 1500,
+                header: HeaderPlacement::SeparateDescriptor,
+            },
+            max_tx_payload_bytes: 3000,
+            queue_size: 64,
+            event_idx: false,
+            ..GuestConfig::default()
+        },
+    ];
+    for (i, cfg) in configs.into_iter().enumerate() {
+        let event_idx = cfg.event_idx;
+        let mut g = b.guest(0, cfg);
+        assert_eq!(g.negotiated().event_idx, event_idx);
+        let port = 7000 + 10 * i as u32;
+        stream_to_host(&mut g, &b.vm(0).uds, port, 4 << 20, 40_000);
+        stream_from_host(&mut g, &b.vm(0).uds, port + 1, 4 << 20, 40_000);
+        drop(g);
+    }
+}
+
+#[test]
+fn seqpacket_boundaries_both_ways() {
+    let b = Backend::domsockd("seq", &[3]);
+    let mut g = b.guest(0, GuestConfig::default());
+    let sizes = [
+        1usize, 2, 43, 44, 100, 4095, 4096, 4097, 30_000, 65_536, 65_537, 200_000,
+    ];
+    let listener = listen_seqpacket(&b.vm(0).uds, 8000);
+    let host_side = thread::spawn(move || {
+        // Echo every message back, checking what arrived.
+        let mut s = accept(&listener);
+        for (i, &n) in sizes.iter().enumerate() {
+            let m = recv_message(&s, 256 * 1024);
+            assert_eq!(m, pattern(i as u64, n), "message {i} of {n} bytes");
+            assert_eq!(s.write(&m).unwrap(), n);
+        }
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).unwrap(), 0, "expected EOF");
+    });
+    let key = g
+        .connect_timeout(host(8000), SocketType::SeqPacket, STEP_TIMEOUT)
+        .unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    for (i, &n) in sizes.iter().enumerate() {
+        let msg = pattern(i as u64, n);
+        g.send_msg_timeout(key, &msg, STEP_TIMEOUT)
+            .unwrap_or_else(|e| panic!("send message {i}: {}", chain(&e)));
+        let m = g
+            .recv_msg_timeout(key, &mut buf, STEP_TIMEOUT)
+            .unwrap()
+            .expect("a message, not EOF");
+        assert_eq!((m.len, m.msg_len), (n, n), "echo of message {i}");
+        assert_eq!(&buf[..n], &msg[..]);
+    }
+    // Truncation: a short buffer gets the start of one message and loses the rest of it
+    // only, not the next message.
+    let listener = listen_seqpacket(&b.vm(0).uds, 8001);
+    let host_side2 = thread::spawn(move || {
+        let mut s = accept(&listener);
+        s.write_all(&pattern(1, 5000)).unwrap();
+        s.write_all(&pattern(2, 10)).unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).unwrap(), 0);
+    });
+    let k2 = g
+        .connect_timeout(host(8001), SocketType::SeqPacket, STEP_TIMEOUT)
+        .unwrap();
+    let mut small = [0u8; 100];
+    let m = g
+        .recv_msg_timeout(k2, &mut small, STEP_TIMEOUT)
+        .unwrap()
+        .unwrap();
+    assert!(m.truncated());
+    assert_eq!((m.len, m.msg_len), (100, 5000));
+    assert_eq!(&small[..], &pattern(1, 5000)[..100]);
+    let m = g
+        .recv_msg_timeout(k2, &mut small, STEP_TIMEOUT)
+        .unwrap()
+        .unwrap();
+    assert_eq!((m.len, m.msg_len), (10, 10));
+    assert_eq!(&small[..10], &pattern(2, 10)[..]);
+
+    // Messages larger than the peer's whole buffer can never go.
+    let too_big = vec![0u8; 256 * 1024 + 1];
+    assert!(matches!(
+        g.send_msg(key, &too_big),
+        Err(SockError::MessageTooLong { .. })
+    ));
+    // Stream calls on a seqpacket socket work per message; message calls on a stream do not.
+    g.close(key).unwrap();
+    g.close(k2).unwrap();
+    join_polling(&mut g, host_side);
+    join_polling(&mut g, host_side2);
+}
+
+#[test]
+fn connect_to_closed_port_fails_fast() {
+    let b = Backend::domsockd("refused", &[3]);
+    let mut g = b.guest(0, GuestConfig::default());
+    for ty in [SocketType::Stream, SocketType::SeqPacket] {
+        let start = Instant::now();
+        let e = g.connect_timeout(host(9999), ty, STEP_TIMEOUT).unwrap_err();
+        let t = start.elapsed();
+        assert!(matches!(e, SockError::Refused(_)), "{ty:?}: {}", chain(&e));
+        assert!(t < Duration::from_millis(500), "{ty:?} refused after {t:?}");
+        eprintln!("{ty:?} connect to a closed port refused in {t:?}");
+    }
+    // The non-blocking form reports the same once the RST is in.
+    let key = g.start_connect(host(9998), SocketType::Stream).unwrap();
+    let e = loop {
+        match g.is_connected(key) {
+            Ok(false) => g.poll(Some(Duration::from_millis(50))).unwrap(),
+            Ok(true) => panic!("connected to a closed port"),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(e, SockError::Refused(k) if k == key));
+    assert!(matches!(g.send(key, b"x"), Err(SockError::Refused(_))));
+    g.close(key).unwrap();
+    assert!(matches!(
+        g.send(key, b"x"),
+        Err(SockError::UnknownConnection(_))
+    ));
+
+    // A host CONNECT to a guest port nobody listens on gets EOF at once.
+    let uds = b.vm(0).uds.clone();
+    let host_side = thread::spawn(move || {
+        let start = Instant::now();
+        let (_, line) = host_connect(&uds, 4444);
+        (line, start.elapsed())
+    });
+    let (line, t) = join_polling(&mut g, host_side);
+    assert_eq!(line, "", "expected EOF, got {line:?}");
+    assert!(
+        t < Duration::from_millis(500),
+        "host connect refused after {t:?}"
+    );
+    assert!(g.stats().refused_requests >= 1);
+}
+
+#[test]
+fn half_close_guest_to_host() {
+    let b = Backend::domsockd("half-g", &[3]);
+    let mut g = b.guest(0, GuestConfig::default());
+    let listener = listen_stream(&b.vm(0).uds, 5100);
+    let host_side = thread::spawn(move || {
+        let mut s = accept(&listener);
+        let got = read_to_eof(&mut s);
+        // The guest's SHUT_WR arrived as EOF; our direction still works.
+        let reply = write_pattern(&mut s, 2, 300_000, 10_000);
+        drop(s);
+        (got, reply)
+    });
+    let key = g
+        .connect_timeout(host(5100), SocketType::Stream, STEP_TIMEOUT)
+        .unwrap();
+    let sent = guest_send_pattern(&mut g, key, 1, 1 << 20, 64 * 1024);
+    g.shutdown(key, Shutdown::SEND).unwrap();
+    assert!(matches!(g.send(key, b"x"), Err(SockError::BrokenPipe(_))));
+    let reply = guest_recv_to_eof(&mut g, key, 8192);
+    let (got, host_reply) = join_polling(&mut g, host_side);
+    assert_eq!(got.digest(), sent.digest());
+    assert_eq!(reply.bytes(), 300_000);
+    assert_eq!(reply.digest(), host_reply.digest());
+    g.close(key).unwrap();
+}
+
+#[test]
+fn half_close_host_to_guest() {
+    let b = Backend::domsockd("half-h", &[3]);
+    let mut g = b.guest(0, GuestConfig::default());
+    g.listen(Port(6100), SocketType::Stream).unwrap();
+    let uds = b.vm(0).uds.clone();
+    let host_side = thread::spawn(move || {
+        let (mut s, line) = host_connect(&uds, 6100);
+        assert_eq!(line, "OK 6100");
+        let sent = write_pattern(&mut s, 3, 500_000, 7_000);
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let got = read_to_eof(&mut s);
+        (sent, got)
+    });
+    let key = g.accept_timeout(Port(6100), STEP_TIMEOUT).unwrap();
+    let got = guest_recv_to_eof(&mut g, key, 64 * 1024);
+    // After the host's SHUT_WR the guest can still send.
+    let reply = guest_send_pattern(&mut g, key, 4, 700_000, 50_000);
+    g.shutdown(key, Shutdown::SEND).unwrap();
+    let (sent, host_got) = join_polling(&mut g, host_side);
+    assert_eq!(got.digest(), sent.digest());
+    assert_eq!(host_got.digest(), reply.digest());
+    g.close(key).unwrap();
+    g.flush_timeout(STEP_TIMEOUT).unwrap();
+}
+
+#[test]
+fn two_guests_at_once() {
+    let b = Backend::domsockd("two", &[3, 4]);
+    let handles: Vec<_> = (0..2)
+        .map(|i| {
+            let vm = b.vm(i).clone();
+            thread::spawn(move || {
+                let mut g = UserGuest::connect(&vm.socket, GuestConfig::default())
+                    .unwrap_or_else(|e| panic!("guest {}: {}", vm.cid, chain(&e)));
+                assert_eq!(g.cid(), Cid(vm.cid));
+                let t = stream_to_host(&mut g, &vm.uds, 5200, 16 << 20, 64 * 1024);
+                stream_from_host(&mut g, &vm.uds, 6200, 8 << 20, 64 * 1024);
+                t
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let t = h.join().expect("guest thread");
+        eprintln!(
+            "guest {i}: 16 MiB guest->host at {:.1} MB/s",
+            mbps(16 << 20, t)
+        );
+    }
+}
+
+#[test]
+fn reconnect_after_drop() {
+    let b = Backend::domsockd("reconnect", &[3]);
+    for round in 0..3u32 {
+        let mut g = b.guest(0, GuestConfig::default());
+        // A connection left open when the guest goes away: the backend must clean it up.
+        let listener = listen_stream(&b.vm(0).uds, 5300 + round);
+        let key = g
+            .connect_timeout(host(5300 + round), SocketType::Stream, STEP_TIMEOUT)
+            .unwrap();
+        let mut s = accept(&listener);
+        g.write_all(key, b"hello", STEP_TIMEOUT).unwrap();
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        stream_to_host(&mut g, &b.vm(0).uds, 5400 + round, 1 << 20, 4096);
+        drop(g);
+        // The old guest's connection is closed by the backend.
+        let mut b1 = [0u8; 1];
+        assert_eq!(
+            s.read(&mut b1).unwrap(),
+            0,
+            "round {round}: host end not closed"
+        );
+    }
+}
+
+#[test]
+fn rx_buffer_pressure_copies_instead_of_stalling() {
+    let b = Backend::domsockd("pressure", &[3]);
+    let cfg = GuestConfig {
+        rx_spare_buffers: 4,
+        ..GuestConfig::default()
+    };
+    let mut g = b.guest(0, cfg);
+    g.listen(Port(6300), SocketType::Stream).unwrap();
+    let uds = b.vm(0).uds.clone();
+    let host_side = thread::spawn(move || {
+        let (mut s, _) = host_connect(&uds, 6300);
+        let sent = write_pattern(&mut s, 5, 200_000, 1000);
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        sent
+    });
+    let key = g.accept_timeout(Port(6300), STEP_TIMEOUT).unwrap();
+    // Let the whole stream arrive without reading it: 200 KB in 1 KB packets need ~200
+    // buffers beyond the 4 spare ones.
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while !host_side.is_finished() {
+        assert!(Instant::now() < deadline);
+        g.poll(Some(Duration::from_millis(5))).unwrap();
+    }
+    let sent = host_side.join().unwrap();
+    let got = guest_recv_to_eof(&mut g, key, 333);
+    assert_eq!(got.digest(), sent.digest());
+    assert!(g.stats().rx_copied > 0, "{:?}", g.stats());
+    g.close(key).unwrap();
+}
+
+#[test]
+fn throughput_report_domsockd() {
+    let b = Backend::domsockd("tput", &[3]);
+    let mut g = b.guest(0, GuestConfig::default());
+    report_throughput("domsockd", &mut g, &b.vm(0).uds, 5500, true);
+}

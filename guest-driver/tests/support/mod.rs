@@ -1,0 +1,563 @@
+//! Shared pieces of the user-space guest integration tests: running a real vhost-user vsock
+//! backend process (domsockd, or vhost-device-vsock for comparison), the host ends of hybrid
+//! vsock (`<uds>_<port>` listeners, `CONNECT <port>`), and bounded waits.
+//!
+//! Backends run only as `--vm guest-cid=N,socket=<vhost-user socket>,uds-path=<uds>`: nothing
+//! here opens an AF_VSOCK socket. Each backend process is stopped by its PID when dropped.
+
+#![allow(dead_code)] // Each test binary uses a different subset.
+
+use domsock_guest::pattern::{Checksum, PatternStream};
+use domsock_guest::uvirtio::{GuestConfig, UserGuest};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Bound on every blocking step of a test.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(20);
+/// A test still running after this long aborts the binary instead of hanging.
+const WATCHDOG: Duration = Duration::from_secs(120);
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("crate has a parent")
+        .to_path_buf()
+}
+
+/// `domsockd`: `$DOMSOCKD`, else `target/release/domsockd`, else `target/debug/domsockd`.
+///
+/// # Panics
+/// If none exists: a missing backend must not look like a pass.
+pub fn domsockd() -> PathBuf {
+    if let Some(p) = std::env::var_os("DOMSOCKD") {
+        return PathBuf::from(p);
+    }
+    let target = workspace_root().join("target");
+    for profile in ["release", "debug"] {
+        let p = target.join(profile).join("domsockd");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!(
+        "no domsockd binary under {}: build it first with `cargo build --release -p domsock-host`",
+        target.display()
+    );
+}
+
+/// vhost-device-vsock 0.3.0 if installed (`$DOMSOCK_PEER_BACKEND`, else
+/// `.cache/peer/bin/vhost-device-vsock`); `None` (with a note) otherwise.
+pub fn peer_backend() -> Option<PathBuf> {
+    let p = std::env::var_os("DOMSOCK_PEER_BACKEND")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            workspace_root()
+                .join(".cache")
+                .join("peer")
+                .join("bin")
+                .join("vhost-device-vsock")
+        });
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!(
+            "NOTE: {} is not installed; skipping the vhost-device-vsock comparison",
+            p.display()
+        );
+        None
+    }
+}
+
+/// A scratch directory with a short path (Unix socket paths are limited to 108 bytes).
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("dsug-{}-{n}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One VM of a backend: its CID and sockets.
+#[derive(Debug, Clone)]
+pub struct Vm {
+    pub cid: u64,
+    pub socket: PathBuf,
+    pub uds: PathBuf,
+}
+
+/// A running backend process, stopped (SIGTERM, then SIGKILL) by PID on drop.
+#[derive(Debug)]
+pub struct Backend {
+    child: Child,
+    log: PathBuf,
+    pub vms: Vec<Vm>,
+    _watchdog: Watchdog,
+    dir: TempDir,
+}
+
+impl Backend {
+    /// domsockd serving one VM per CID.
+    pub fn domsockd(tag: &str, cids: &[u64]) -> Self {
+        Self::spawn(&domsockd(), tag, cids)
+    }
+
+    /// `binary` with `--vm guest-cid=N,socket=...,uds-path=...` per CID.
+    pub fn spawn(binary: &Path, tag: &str, cids: &[u64]) -> Self {
+        let dir = TempDir::new(tag);
+        let vms: Vec<Vm> = cids
+            .iter()
+            .map(|&cid| Vm {
+                cid,
+                socket: dir.path().join(format!("v{cid}.sock")),
+                uds: dir.path().join(format!("u{cid}")),
+            })
+            .collect();
+        let log = dir.path().join("backend.log");
+        let out = File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        let mut cmd = Command::new(binary);
+        for vm in &vms {
+            cmd.arg("--vm").arg(format!(
+                "guest-cid={},socket={},uds-path={}",
+                vm.cid,
+                vm.socket.display(),
+                vm.uds.display()
+            ));
+        }
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        let mut b = Self {
+            child,
+            log,
+            vms,
+            _watchdog: Watchdog::start(tag.to_string()),
+            dir,
+        };
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        while !b.vms.iter().all(|vm| vm.socket.exists()) {
+            if let Ok(Some(status)) = b.child.try_wait() {
+                panic!("backend exited at startup with {status}\n{}", b.log_tail());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "backend did not create its sockets\n{}",
+                b.log_tail()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        b
+    }
+
+    pub fn vm(&self, i: usize) -> &Vm {
+        &self.vms[i]
+    }
+
+    /// A guest on VM `i` with `cfg`.
+    pub fn guest(&self, i: usize, cfg: GuestConfig) -> UserGuest {
+        UserGuest::connect(&self.vms[i].socket, cfg)
+            .unwrap_or_else(|e| panic!("guest setup: {}\n{}", chain(&e), self.log_tail()))
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "--- {} ---\n{}",
+            self.log.display(),
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        )
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5));
+            }
+            if let Ok(None) = self.child.try_wait() {
+                let _ = self.child.kill();
+            }
+        }
+        let _ = self.child.wait();
+        if thread::panicking() {
+            eprintln!("{}", self.log_tail());
+        }
+    }
+}
+
+/// Aborts a hung test binary.
+#[derive(Debug)]
+struct Watchdog(Arc<AtomicBool>);
+
+impl Watchdog {
+    fn start(name: String) -> Self {
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        thread::spawn(move || {
+            let start = Instant::now();
+            while start.elapsed() < WATCHDOG {
+                if flag.load(Ordering::Relaxed) {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+            eprintln!("test {name} still running after {WATCHDOG:?}; aborting");
+            std::process::abort();
+        });
+        Self(done)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// An error with its sources, one per line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(&format!("\n  caused by: {c}"));
+        cur = c.source();
+    }
+    s
+}
+
+// ---- host side ------------------------------------------------------------------------
+
+/// `<uds>_<port>`.
+pub fn port_path(uds: &Path, port: u32) -> PathBuf {
+    let mut p = uds.as_os_str().to_owned();
+    p.push(format!("_{port}"));
+    PathBuf::from(p)
+}
+
+pub fn listen_stream(uds: &Path, port: u32) -> UnixListener {
+    UnixListener::bind(port_path(uds, port)).unwrap()
+}
+
+/// A `SOCK_SEQPACKET` listener; accepted sockets come back as `UnixStream`s, whose
+/// `read`/`write` keep message boundaries.
+pub fn listen_seqpacket(uds: &Path, port: u32) -> UnixListener {
+    use nix::sys::socket::UnixAddr;
+    use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(
+        fd.as_raw_fd(),
+        &UnixAddr::new(&port_path(uds, port)).unwrap(),
+    )
+    .unwrap();
+    listen(&fd, Backlog::new(16).unwrap()).unwrap();
+    UnixListener::from(fd)
+}
+
+/// Accepts one connection within [`STEP_TIMEOUT`]; the stream gets read/write timeouts.
+pub fn accept(listener: &UnixListener) -> UnixStream {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+                s.set_write_timeout(Some(STEP_TIMEOUT)).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "no host connection to accept");
+                thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+/// Host-initiated connection: `CONNECT <port>\n` on `<uds>`; returns the stream after the
+/// reply line, and the line.
+pub fn host_connect(uds: &Path, port: u32) -> (UnixStream, String) {
+    let mut s = UnixStream::connect(uds).unwrap();
+    s.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(STEP_TIMEOUT)).unwrap();
+    // One write: vhost-device-vsock 0.3.0 drops a connection whose line arrives in pieces
+    // (it reads it with a single non-blocking read_until), and `writeln!` would write the
+    // formatted pieces separately.
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    // Byte by byte: anything after the newline belongs to the stream.
+    while line.len() < 64 {
+        match s.read(&mut b) {
+            Ok(0) => break,
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) => line.push(b[0]),
+            Err(e) => panic!("reading the CONNECT reply: {e}"),
+        }
+    }
+    (s, String::from_utf8_lossy(&line).into_owned())
+}
+
+/// Reads to EOF; returns the checksum.
+pub fn read_to_eof(s: &mut UnixStream) -> Checksum {
+    let mut sum = Checksum::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return sum,
+            Ok(n) => sum.update(&buf[..n]),
+            Err(e) => panic!("host read after {} bytes: {e}", sum.bytes()),
+        }
+    }
+}
+
+/// Writes `len` bytes of the pattern for `seed` in `chunk`-byte writes.
+pub fn write_pattern(s: &mut UnixStream, seed: u64, len: usize, chunk: usize) -> Checksum {
+    let mut gen = PatternStream::new(seed);
+    let mut sum = Checksum::new();
+    let mut buf = vec![0u8; chunk];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk);
+        gen.fill(&mut buf[..n]);
+        s.write_all(&buf[..n]).unwrap();
+        sum.update(&buf[..n]);
+        left -= n;
+    }
+    sum
+}
+
+/// Receives one seqpacket message (its full length even if larger than `max`).
+pub fn recv_message(s: &UnixStream, max: usize) -> Vec<u8> {
+    use nix::sys::socket::{recv, MsgFlags};
+    let mut buf = vec![0u8; max];
+    let n = recv(s.as_raw_fd(), &mut buf, MsgFlags::MSG_TRUNC).unwrap();
+    assert!(n <= max, "message of {n} bytes exceeds {max}");
+    buf.truncate(n);
+    buf
+}
+
+/// The test pattern.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    PatternStream::new(seed).take(len)
+}
+
+/// MB/s with MB = 10^6 bytes.
+pub fn mbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64().max(1e-9) / 1e6
+}
+
+// ---- scenarios shared by the backend test files ------------------------------------------
+
+use domsock_guest::uvirtio::{Cid, ConnKey, Port, SocketType, VsockAddr};
+
+/// The host, port `port`.
+pub fn host(port: u32) -> VsockAddr {
+    VsockAddr::new(Cid::HOST, Port(port))
+}
+
+/// Sends `len` pattern bytes for `seed` in `chunk`-byte writes.
+pub fn guest_send_pattern(
+    g: &mut UserGuest,
+    key: ConnKey,
+    seed: u64,
+    len: usize,
+    chunk: usize,
+) -> Checksum {
+    let mut gen = PatternStream::new(seed);
+    let mut sum = Checksum::new();
+    let mut buf = vec![0u8; chunk];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk);
+        gen.fill(&mut buf[..n]);
+        g.write_all(key, &buf[..n], STEP_TIMEOUT)
+            .unwrap_or_else(|e| panic!("write after {} bytes: {}", sum.bytes(), chain(&e)));
+        sum.update(&buf[..n]);
+        left -= n;
+    }
+    sum
+}
+
+/// Reads until EOF in reads of up to `chunk` bytes; returns the checksum.
+pub fn guest_recv_to_eof(g: &mut UserGuest, key: ConnKey, chunk: usize) -> Checksum {
+    let mut sum = Checksum::new();
+    let mut buf = vec![0u8; chunk];
+    loop {
+        match g.recv_timeout(key, &mut buf, STEP_TIMEOUT) {
+            Ok(0) => return sum,
+            Ok(n) => sum.update(&buf[..n]),
+            Err(e) => panic!("guest recv after {} bytes: {}", sum.bytes(), chain(&e)),
+        }
+    }
+}
+
+/// Polls the guest until `h` finished, then joins it.
+pub fn join_polling<T>(g: &mut UserGuest, h: thread::JoinHandle<T>) -> T {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while !h.is_finished() {
+        assert!(Instant::now() < deadline, "host side did not finish");
+        g.poll(Some(Duration::from_millis(5))).unwrap();
+    }
+    h.join().expect("host thread panicked")
+}
+
+/// Guest -> host stream of `len` bytes in `chunk`-byte writes to `<uds>_<port>`, checked
+/// byte-exact by checksum; returns the time from connect to the host seeing EOF.
+pub fn stream_to_host(
+    g: &mut UserGuest,
+    uds: &Path,
+    port: u32,
+    len: usize,
+    chunk: usize,
+) -> Duration {
+    let listener = listen_stream(uds, port);
+    let host_side = thread::spawn(move || read_to_eof(&mut accept(&listener)));
+    let start = Instant::now();
+    let key = g
+        .connect_timeout(host(port), SocketType::Stream, STEP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("connect: {}", chain(&e)));
+    let sent = guest_send_pattern(g, key, port.into(), len, chunk);
+    g.close(key).unwrap();
+    let got = join_polling(g, host_side);
+    let elapsed = start.elapsed();
+    assert_eq!(got.bytes(), len as u64, "host received a different length");
+    assert_eq!(got.digest(), sent.digest(), "host received different bytes");
+    elapsed
+}
+
+/// Host -> guest stream of `len` bytes in `chunk`-byte host writes via `CONNECT <port>`,
+/// checked by checksum; the guest then answers with a short reply the host checks (over the
+/// still open direction: needs half-close). Returns the time from `CONNECT` to the guest
+/// seeing EOF.
+pub fn stream_from_host(
+    g: &mut UserGuest,
+    uds: &Path,
+    port: u32,
+    len: usize,
+    chunk: usize,
+) -> Duration {
+    stream_from_host_with(g, uds, port, len, chunk, true)
+}
+
+/// [`stream_from_host`], optionally without the reply (for backends without half-close).
+pub fn stream_from_host_with(
+    g: &mut UserGuest,
+    uds: &Path,
+    port: u32,
+    len: usize,
+    chunk: usize,
+    reply: bool,
+) -> Duration {
+    g.listen(Port(port), SocketType::Stream).unwrap();
+    let uds = uds.to_path_buf();
+    let start = Instant::now();
+    let host_side = thread::spawn(move || {
+        let (mut s, line) = host_connect(&uds, port);
+        assert_eq!(line, format!("OK {port}"));
+        let sent = write_pattern(&mut s, 7, len, chunk);
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let reply = read_to_eof(&mut s);
+        (sent, reply)
+    });
+    let key = g.accept_timeout(Port(port), STEP_TIMEOUT).unwrap();
+    let got = guest_recv_to_eof(g, key, 64 * 1024);
+    let elapsed = start.elapsed();
+    let reply = if reply {
+        guest_send_pattern(g, key, 8, 1000, 1000)
+    } else {
+        Checksum::new()
+    };
+    g.close(key).unwrap();
+    let (sent, host_reply) = join_polling(g, host_side);
+    g.unlisten(Port(port)).unwrap();
+    assert_eq!(got.bytes(), len as u64, "guest received a different length");
+    assert_eq!(
+        got.digest(),
+        sent.digest(),
+        "guest received different bytes"
+    );
+    assert_eq!(
+        host_reply.digest(),
+        reply.digest(),
+        "host got a different reply"
+    );
+    elapsed
+}
+
+/// Informal single-stream throughput at 64 B, 4 KiB and 64 KiB writes, both directions.
+pub fn report_throughput(
+    name: &str,
+    g: &mut UserGuest,
+    uds: &Path,
+    first_port: u32,
+    half_close: bool,
+) {
+    let mut port = first_port;
+    for (chunk, len) in [(64, 4 << 20), (4096, 64 << 20), (64 * 1024, 64 << 20)] {
+        let up = stream_to_host(g, uds, port, len, chunk);
+        let down = stream_from_host_with(g, uds, port + 1, len, chunk, half_close);
+        port += 2;
+        eprintln!(
+            "THROUGHPUT {name}: {chunk:>6} B writes, {:>3} MiB: guest->host {:>7.1} MB/s, host->guest {:>7.1} MB/s",
+            len >> 20,
+            mbps(len as u64, up),
+            mbps(len as u64, down)
+        );
+    }
+    let s = g.stats();
+    eprintln!(
+        "THROUGHPUT {name}: tx kicks {} (suppressed {}), rx kicks {} (suppressed {}), waits {}, calls {}, rx copied {}",
+        s.tx_ring.kicks, s.tx_ring.kicks_suppressed, s.rx_ring.kicks, s.rx_ring.kicks_suppressed, s.waits, s.calls, s.rx_copied
+    );
+}

@@ -1,0 +1,265 @@
+//! The side-by-side benchmark: domsockd against vhost-device-vsock 0.3.0 and host-only
+//! baselines (a Unix socket pair, TCP loopback), all measured in one run with the same
+//! workloads, printed as a table with ratios and written as JSON.
+//!
+//! Every vsock measurement drives the backend with the user-space virtio-vsock driver of
+//! `domsock-guest` (a native-speed simulated guest), so both backends see the same guest.
+//! Backend CPU time comes from `/proc/<pid>/stat` around each measurement. Nothing here opens
+//! an AF_VSOCK socket.
+
+pub mod baseline;
+pub mod peer;
+pub mod report;
+pub mod vsock;
+
+use std::time::Duration;
+
+/// Write sizes of the throughput scenarios.
+pub const WRITE_SIZES: [usize; 4] = [64, 4 << 10, 64 << 10, 1 << 20];
+/// Payload of the latency scenario.
+pub const RR_SIZE: usize = 64;
+/// Guest counts of the concurrency scenario.
+pub const GUEST_COUNTS: [usize; 3] = [1, 8, 32];
+
+/// How long and how much.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Duration of one throughput measurement.
+    pub duration: Duration,
+    /// Round trips per latency measurement.
+    pub round_trips: usize,
+    /// Repetitions of each measurement; the median is reported.
+    pub repeats: usize,
+}
+
+impl Plan {
+    /// The full run (a few minutes).
+    pub fn full() -> Self {
+        Self {
+            duration: Duration::from_millis(1500),
+            round_trips: 20_000,
+            repeats: 3,
+        }
+    }
+
+    /// A quick run for smoke tests (seconds).
+    pub fn quick() -> Self {
+        Self {
+            duration: Duration::from_millis(250),
+            round_trips: 2_000,
+            repeats: 1,
+        }
+    }
+}
+
+/// Which transport a measurement used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Transport {
+    /// domsockd with the user-space guest.
+    Domsockd,
+    /// vhost-device-vsock 0.3.0 with the user-space guest.
+    VhostDeviceVsock,
+    /// `UnixStream::pair`.
+    UnixPair,
+    /// TCP over 127.0.0.1.
+    TcpLoopback,
+}
+
+impl Transport {
+    /// Short name for tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Domsockd => "domsockd",
+            Transport::VhostDeviceVsock => "vhost-device-vsock",
+            Transport::UnixPair => "unix-pair",
+            Transport::TcpLoopback => "tcp-loopback",
+        }
+    }
+
+    /// All, in table order.
+    pub const ALL: [Transport; 4] = [
+        Transport::Domsockd,
+        Transport::VhostDeviceVsock,
+        Transport::UnixPair,
+        Transport::TcpLoopback,
+    ];
+}
+
+/// A workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scenario {
+    /// One stream, guest (or writer) to host (or reader), `size`-byte writes.
+    GuestToHost {
+        /// Write size.
+        size: usize,
+    },
+    /// One stream, host to guest, `size`-byte writes.
+    HostToGuest {
+        /// Write size.
+        size: usize,
+    },
+    /// One stream between two guests on the same backend, `size`-byte writes.
+    GuestToGuest {
+        /// Write size.
+        size: usize,
+    },
+    /// `guests` guests each streaming to the host at once, 64 KiB writes.
+    Concurrent {
+        /// Number of guests.
+        guests: usize,
+    },
+    /// Ping-pong of `size` bytes.
+    RoundTrip {
+        /// Message size.
+        size: usize,
+    },
+}
+
+impl Scenario {
+    /// Human-readable label.
+    pub fn label(&self) -> String {
+        match self {
+            Scenario::GuestToHost { size } => format!("guest->host {}", fmt_size(*size)),
+            Scenario::HostToGuest { size } => format!("host->guest {}", fmt_size(*size)),
+            Scenario::GuestToGuest { size } => format!("guest->guest {}", fmt_size(*size)),
+            Scenario::Concurrent { guests } => format!("{guests} guests->host 64K"),
+            Scenario::RoundTrip { size } => format!("round trip {}", fmt_size(*size)),
+        }
+    }
+
+    /// Machine-readable name.
+    pub fn key(&self) -> String {
+        match self {
+            Scenario::GuestToHost { size } => format!("guest_to_host/{size}"),
+            Scenario::HostToGuest { size } => format!("host_to_guest/{size}"),
+            Scenario::GuestToGuest { size } => format!("guest_to_guest/{size}"),
+            Scenario::Concurrent { guests } => format!("concurrent/{guests}"),
+            Scenario::RoundTrip { size } => format!("round_trip/{size}"),
+        }
+    }
+}
+
+/// `64 B`, `4K`, `1M`.
+pub fn fmt_size(n: usize) -> String {
+    if n >= 1 << 20 && n % (1 << 20) == 0 {
+        format!("{}M", n >> 20)
+    } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+        format!("{}K", n >> 10)
+    } else {
+        format!("{n} B")
+    }
+}
+
+/// One throughput measurement.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Throughput {
+    /// Payload bytes delivered.
+    pub bytes: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Backend CPU time during the measurement (vsock transports only).
+    pub backend_cpu: Option<Duration>,
+}
+
+impl Throughput {
+    /// MB/s (10^6 bytes per second).
+    pub fn mbps(&self) -> f64 {
+        self.bytes as f64 / self.elapsed.as_secs_f64() / 1e6
+    }
+
+    /// Backend CPU-seconds per GiB moved.
+    pub fn cpu_s_per_gib(&self) -> Option<f64> {
+        let cpu = self.backend_cpu?;
+        Some(cpu.as_secs_f64() * (1u64 << 30) as f64 / self.bytes.max(1) as f64)
+    }
+}
+
+/// One latency measurement.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Latency {
+    /// Median round trip.
+    pub p50: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+    /// Backend CPU time per round trip (vsock transports only).
+    pub backend_cpu_per_rt: Option<Duration>,
+}
+
+/// What one transport did in one scenario.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Bytes per second.
+    Throughput(Throughput),
+    /// Round-trip times.
+    Latency(Latency),
+    /// Not run, with the reason (e.g. not supported by this transport).
+    Skipped(String),
+    /// Ran and failed (a stall, an error): the reason is part of the result.
+    Failed(String),
+}
+
+/// One cell of the table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Measurement {
+    /// Workload.
+    pub scenario: Scenario,
+    /// Transport.
+    pub transport: Transport,
+    /// Result.
+    pub outcome: Outcome,
+}
+
+/// Median of repeated throughput runs (by MB/s).
+pub fn median_throughput(mut runs: Vec<Throughput>) -> Option<Throughput> {
+    if runs.is_empty() {
+        return None;
+    }
+    runs.sort_by(|a, b| a.mbps().total_cmp(&b.mbps()));
+    Some(runs[runs.len() / 2])
+}
+
+/// Median of repeated latency runs (by p50).
+pub fn median_latency(mut runs: Vec<Latency>) -> Option<Latency> {
+    if runs.is_empty() {
+        return None;
+    }
+    runs.sort_by_key(|l| l.p50);
+    Some(runs[runs.len() / 2])
+}
+
+/// p50 and p99 of samples (sorted in place).
+pub fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
+    if samples.is_empty() {
+        return (Duration::ZERO, Duration::ZERO);
+    }
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    (at(0.50), at(0.99))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_known_samples() {
+        let mut v: Vec<Duration> = (1..=100).rev().map(Duration::from_micros).collect();
+        let (p50, p99) = percentiles(&mut v);
+        assert_eq!(p50, Duration::from_micros(51));
+        assert_eq!(p99, Duration::from_micros(99));
+    }
+
+    #[test]
+    fn throughput_units() {
+        let t = Throughput {
+            bytes: 1 << 30,
+            elapsed: Duration::from_secs(2),
+            backend_cpu: Some(Duration::from_millis(500)),
+        };
+        assert!((t.mbps() - 536.870912).abs() < 1e-6);
+        assert_eq!(t.cpu_s_per_gib(), Some(0.5));
+        assert_eq!(fmt_size(64), "64 B");
+        assert_eq!(fmt_size(4096), "4K");
+        assert_eq!(fmt_size(1 << 20), "1M");
+    }
+}

@@ -1,0 +1,147 @@
+//! `domsock-bench`: domsockd against vhost-device-vsock 0.3.0 and host-only baselines, in
+//! one run, with the same native-speed user-space guest driving both backends. Prints a
+//! table with ratios and writes JSON.
+//!
+//! ```text
+//! domsock-bench [--quick] [--json PATH] [--no-peer]
+//! ```
+//! `--quick` runs every scenario briefly (smoke test); `--no-peer` skips vhost-device-vsock
+//! (otherwise it is installed into .cache/peer with `cargo install` when missing).
+#![forbid(unsafe_code)]
+
+use domsock_tests::artifacts;
+use domsock_tests::bench::report::Results;
+use domsock_tests::bench::{
+    baseline, median_latency, median_throughput, peer, vsock, Measurement, Outcome, Plan, Scenario,
+    Transport, RR_SIZE, WRITE_SIZES,
+};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+struct Args {
+    quick: bool,
+    json: PathBuf,
+    peer: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        quick: false,
+        json: artifacts::workspace_root().join("target/bench/bench.json"),
+        peer: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => args.quick = true,
+            "--no-peer" => args.peer = false,
+            "--json" => args.json = it.next().ok_or("--json needs a path")?.into(),
+            "-h" | "--help" => {
+                return Err("usage: domsock-bench [--quick] [--json PATH] [--no-peer]".into())
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(args)
+}
+
+fn baselines(plan: &Plan, results: &mut Results) {
+    for &size in &WRITE_SIZES {
+        for (t, run) in [
+            (
+                Transport::UnixPair,
+                baseline::throughput::<UnixStream> as fn(_, &_) -> _,
+            ),
+            (Transport::TcpLoopback, baseline::throughput::<TcpStream>),
+        ] {
+            let runs: Result<Vec<_>, _> = (0..plan.repeats).map(|_| run(size, plan)).collect();
+            let outcome = match runs {
+                Ok(v) => Outcome::Throughput(median_throughput(v).expect("repeats >= 1")),
+                Err(e) => Outcome::Failed(e.to_string()),
+            };
+            results.push(Measurement {
+                scenario: Scenario::GuestToHost { size },
+                transport: t,
+                outcome,
+            });
+        }
+    }
+    for (t, run) in [
+        (
+            Transport::UnixPair,
+            baseline::latency::<UnixStream> as fn(_, &_) -> _,
+        ),
+        (Transport::TcpLoopback, baseline::latency::<TcpStream>),
+    ] {
+        let runs: Result<Vec<_>, _> = (0..plan.repeats).map(|_| run(RR_SIZE, plan)).collect();
+        let outcome = match runs {
+            Ok(v) => Outcome::Latency(median_latency(v).expect("repeats >= 1")),
+            Err(e) => Outcome::Failed(e.to_string()),
+        };
+        results.push(Measurement {
+            scenario: Scenario::RoundTrip { size: RR_SIZE },
+            transport: t,
+            outcome,
+        });
+    }
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let plan = if args.quick {
+        Plan::quick()
+    } else {
+        Plan::full()
+    };
+    let mut results = Results::default();
+    results.meta.push((
+        "command".into(),
+        std::env::args().collect::<Vec<_>>().join(" "),
+    ));
+    results.meta.push(("plan".into(), format!("{plan:?}")));
+    results.meta.push((
+        "cpus".into(),
+        std::thread::available_parallelism().map_or("?".into(), |n| n.to_string()),
+    ));
+
+    eprintln!("baselines (unix pair, tcp loopback) ...");
+    baselines(&plan, &mut results);
+
+    let domsockd = artifacts::workspace_root().join("target/release/domsockd");
+    let mut backends = vec![(Transport::Domsockd, Ok(domsockd))];
+    if args.peer {
+        backends.push((Transport::VhostDeviceVsock, peer::ensure_peer()));
+    }
+    for (transport, binary) in backends {
+        match binary {
+            Ok(bin) if bin.is_file() => {
+                eprintln!("{} ({}) ...", transport.name(), bin.display());
+                vsock::run_all(transport, &bin, &plan, &mut results);
+            }
+            Ok(bin) => eprintln!(
+                "{}: {} not found (build it first)",
+                transport.name(),
+                bin.display()
+            ),
+            Err(e) => eprintln!("{}: unavailable: {e}", transport.name()),
+        }
+    }
+
+    println!("{}", results.table());
+    if let Some(dir) = args.json.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    match std::fs::write(&args.json, results.json()) {
+        Ok(()) => println!("JSON: {}", args.json.display()),
+        Err(e) => eprintln!("cannot write {}: {e}", args.json.display()),
+    }
+    ExitCode::SUCCESS
+}
