@@ -51,6 +51,19 @@ const TOKEN_LISTENER: u64 = 1;
 const TOKEN_TIMER: u64 = 2;
 const FIRST_DYNAMIC_TOKEN: u64 = 16;
 
+/// Why the worker thread runs the data plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The guest added RX buffers.
+    RxKick,
+    /// The guest added TX packets.
+    TxKick,
+    /// A host socket, the host listener or the timer is ready.
+    Sockets,
+    /// Everything (tests, and any caller that does not know why).
+    All,
+}
+
 /// What a VM is, shared by every device instance the VM's QEMU connects.
 #[derive(Debug)]
 pub struct VmShared {
@@ -122,6 +135,8 @@ struct HostConn {
     inbox: Vec<u8>,
     inbox_off: usize,
     readable: bool,
+    /// The host shut its write side (EPOLLRDHUP/EPOLLHUP seen): EOF follows the data.
+    peer_closed_write: bool,
     host_eof: bool,
     host_hup: bool,
     shut_write_applied: bool,
@@ -145,6 +160,7 @@ impl HostConn {
             inbox: Vec::new(),
             inbox_off: 0,
             readable: true,
+            peer_closed_write: false,
             host_eof: false,
             host_hup: false,
             shut_write_applied: false,
@@ -346,6 +362,14 @@ impl DataPlane {
 
     /// Runs everything that can make progress now.
     pub fn pump(&mut self, vrings: &[VringRwLock<GuestMemoryAtomic<Mem>>]) {
+        self.pump_for(vrings, Wake::All);
+    }
+
+    /// Runs what `wake` can have made possible. Host socket events stay pending in the
+    /// nested epoll (whose fd the worker watches level-triggered) until a [`Wake::Sockets`]
+    /// pump, and TX chains stay in their ring until a [`Wake::TxKick`] pump, so skipping
+    /// either here loses nothing; it saves a syscall or a ring walk on every wake-up.
+    pub fn pump_for(&mut self, vrings: &[VringRwLock<GuestMemoryAtomic<Mem>>], wake: Wake) {
         let now = Instant::now();
         self.guest_running = self.mem.is_some()
             && vrings.get(RX_QUEUE).is_some_and(queue_running)
@@ -353,9 +377,13 @@ impl DataPlane {
         if self.guest_running {
             self.stopped = false;
         }
-        self.drain_socket_events(now);
+        if matches!(wake, Wake::Sockets | Wake::All) {
+            self.drain_socket_events(now);
+        }
         if let (Some(atomic), true) = (self.mem.clone(), self.guest_running) {
-            self.process_tx(&vrings[TX_QUEUE], &atomic, now);
+            if matches!(wake, Wake::TxKick | Wake::All) {
+                self.process_tx(&vrings[TX_QUEUE], &atomic, now);
+            }
             self.handle_timers(now);
             self.fill_rx(&vrings[RX_QUEUE], &atomic, now);
         } else {
@@ -402,6 +430,9 @@ impl DataPlane {
                     };
                     if set.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP) {
                         hc.readable = true;
+                    }
+                    if set.intersects(EventSet::READ_HANG_UP | EventSet::HANG_UP) {
+                        hc.peer_closed_write = true;
                     }
                     if set.contains(EventSet::HANG_UP) {
                         hc.host_hup = true;
@@ -547,7 +578,11 @@ impl DataPlane {
             }
         };
         VmStats::inc(&self.shared.stats.host_connects);
-        let mut hc = HostConn::new(HostSocket::Stream(hs.stream), token, SocketType::Stream);
+        let Ok(sock) = HostSocket::from_stream(hs.stream) else {
+            self.endpoint.reset(key);
+            return;
+        };
+        let mut hc = HostConn::new(sock, token, SocketType::Stream);
         hc.inbox = hs.buf[used..].to_vec();
         hc.reply_ok = Some(port);
         self.targets.insert(token, Target::Conn(key));
@@ -1103,6 +1138,7 @@ impl DataPlane {
                     };
                     n = take;
                 } else if hc.readable && !hc.host_eof {
+                    let peer_closed_write = hc.peer_closed_write;
                     let sock = &mut hc.sock;
                     let mut eof = false;
                     let mut err = false;
@@ -1116,6 +1152,11 @@ impl DataPlane {
                             Ok(k) => {
                                 n += k;
                                 if k < s.len() {
+                                    // A short read on a stream socket emptied its receive
+                                    // queue; data arriving later raises a new edge. Saves
+                                    // the EAGAIN read per wake-up. Not once the host has
+                                    // closed: no edge would report the EOF behind the data.
+                                    drained = !peer_closed_write;
                                     ControlFlow::Break(())
                                 } else {
                                     ControlFlow::Continue(())

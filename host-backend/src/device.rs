@@ -5,7 +5,7 @@
 //! [`VmShared`] state (host listener, counters) outlives it.
 
 use crate::chain::Mem;
-use crate::dataplane::{DataPlane, VmShared, RX_QUEUE, TX_QUEUE};
+use crate::dataplane::{DataPlane, VmShared, Wake, RX_QUEUE, TX_QUEUE};
 use domsock_proto::packet::VIRTIO_VSOCK_F_SEQPACKET;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -142,9 +142,9 @@ impl VhostUserBackend for VsockDevice {
         // Never return an error: it would end the worker thread and with it the VM's
         // data plane. Data-plane faults are per connection and handled inside.
         match device_event {
-            e if e as usize == RX_QUEUE || e as usize == TX_QUEUE || e == BACKEND_EVENT => {
-                self.plane().pump(vrings);
-            }
+            e if e as usize == RX_QUEUE => self.plane().pump_for(vrings, Wake::RxKick),
+            e if e as usize == TX_QUEUE => self.plane().pump_for(vrings, Wake::TxKick),
+            BACKEND_EVENT => self.plane().pump_for(vrings, Wake::Sockets),
             2 => {} // event queue: only the guest's buffers for transport events
             other => warn!(vm = %self.shared.name, event = other, ?evset, "unexpected event"),
         }

@@ -4,6 +4,7 @@
 //! Payload moves between these sockets and guest memory through vm-memory's volatile I/O
 //! traits, so there is no intermediate buffer on the fast path and no `unsafe` here.
 
+use crate::tunables::HOST_SEND_BUFFER_BYTES;
 use domsock_proto::SocketType;
 use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr};
 use std::io::{self, Read, Write};
@@ -29,6 +30,14 @@ fn volatile_err(e: VolatileMemoryError) -> io::Error {
     }
 }
 
+/// Asks for a send buffer of [`HOST_SEND_BUFFER_BYTES`] (the kernel caps it at
+/// `net.core.wmem_max`). The default (~208 KiB) is below the credit domsockd gives a guest,
+/// so a full window would otherwise overflow into the outbox: one more copy and one more
+/// wake-up per window.
+fn set_send_buffer(fd: &impl AsFd) {
+    let _ = socket::setsockopt(fd, socket::sockopt::SndBuf, &HOST_SEND_BUFFER_BYTES);
+}
+
 impl HostSocket {
     /// Connects to `path` without blocking. A missing or non-listening socket fails at once.
     pub fn connect(path: &Path, socket_type: SocketType) -> io::Result<HostSocket> {
@@ -44,6 +53,7 @@ impl HostSocket {
         )?;
         let addr = UnixAddr::new(path)?;
         socket::connect(fd.as_raw_fd(), &addr)?;
+        set_send_buffer(&fd);
         Ok(match socket_type {
             SocketType::Stream => HostSocket::Stream(UnixStream::from(fd)),
             SocketType::SeqPacket => HostSocket::SeqPacket(fd),
@@ -53,6 +63,7 @@ impl HostSocket {
     /// Wraps an accepted stream.
     pub fn from_stream(s: UnixStream) -> io::Result<HostSocket> {
         s.set_nonblocking(true)?;
+        set_send_buffer(&s);
         Ok(HostSocket::Stream(s))
     }
 

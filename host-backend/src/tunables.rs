@@ -11,7 +11,9 @@ pub const MAX_PENDING_HANDSHAKES: usize = 128;
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 /// Guest->host stream payloads smaller than this are staged and written to the host socket
 /// once per TX batch instead of once per packet.
-pub const COALESCE_BELOW_BYTES: usize = 4 * 1024;
+pub const COALESCE_BELOW_BYTES: usize = 16 * 1024;
 /// How long a stopped device's connections may keep flushing guest data the host had not
 /// taken yet, before they are closed and the rest is counted as lost.
 pub const LINGER_TIMEOUT_MS: u64 = 10_000;
+/// Send buffer requested for host sockets (capped by `net.core.wmem_max`).
+pub const HOST_SEND_BUFFER_BYTES: usize = 1024 * 1024;

@@ -1077,22 +1077,39 @@ fn two_hundred_concurrent_connections() {
 
 #[test]
 fn device_stop_still_delivers_guest_data_the_host_had_not_taken() {
-    // The guest sends a full credit window while the host does not read: part of it sits
-    // in the host socket's buffer, the rest in domsockd's outbox. The device then stops
-    // (QEMU gone, guest powered off): the bytes were accepted (credit), so they must still
-    // reach the host, followed by EOF.
+    // The host does not read. The guest keeps sending as long as the device grants credit:
+    // the host socket's buffer fills, then domsockd's outbox (its credit window). The
+    // device then stops (QEMU gone, guest powered off): every byte the guest got credit
+    // for was accepted, so all of it must still reach the host, followed by EOF.
     let mut g = TestGuest::new("linger");
     let listener = g.listen_stream(1020);
     let conn = GuestConn::stream(50_020, 1020);
     let resp = g.connect(&conn);
     let mut host = accept(&listener);
 
-    let total = resp.buf_alloc as usize;
-    let data = pattern(20, total);
-    for chunk in data.chunks(64 * 1024) {
-        g.send_rw(&conn, chunk);
+    let data = pattern(20, 16 << 20);
+    let (mut sent, mut dev_fwd, mut idle) = (0usize, resp.fwd_cnt, 0);
+    while idle < 4 && sent < data.len() {
+        let credit = (resp.buf_alloc - (sent as u32 - dev_fwd)) as usize;
+        let n = credit.min(64 * 1024).min(data.len() - sent);
+        if n > 0 {
+            g.send_rw(&conn, &data[sent..sent + n]);
+            sent += n;
+            idle = 0;
+        } else {
+            g.send_ctl(&conn, OP_CREDIT_REQUEST, 0);
+            idle += 1;
+        }
+        g.settle();
+        for p in g.take_rx_of(&conn) {
+            dev_fwd = p.hdr.fwd_cnt;
+        }
     }
-    g.settle();
+    assert!(sent < data.len(), "the host socket never filled up");
+    assert!(
+        sent as u32 - dev_fwd > 0,
+        "nothing waits in the outbox: the test would not exercise the linger"
+    );
     g.plane.stop();
 
     host.set_read_timeout(Some(std::time::Duration::from_secs(20)))
@@ -1100,8 +1117,8 @@ fn device_stop_still_delivers_guest_data_the_host_had_not_taken() {
     let mut got = Vec::new();
     host.read_to_end(&mut got).expect("host reads to EOF");
     assert!(
-        got == data,
-        "got {} of {total} bytes, or corrupted",
+        got == data[..sent],
+        "got {} of {sent} bytes, or corrupted",
         got.len()
     );
     assert_eq!(g.stat("lingered_connections"), 1);

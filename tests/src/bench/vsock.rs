@@ -432,6 +432,8 @@ pub fn run_all(transport: Transport, binary: &Path, plan: &Plan, results: &mut R
     let log_root: PathBuf = crate::artifacts::log_root()
         .join("bench")
         .join(transport.name());
+    let only = std::env::var("DOMSOCK_BENCH_ONLY").ok();
+    let wanted = |s: Scenario| only.as_deref().is_none_or(|o| s.key().contains(o));
     let mut record = |scenario: Scenario, outcome: Outcome| {
         if let Outcome::Failed(why) = &outcome {
             eprintln!("  {}: FAILED: {why}", scenario.label());
@@ -446,17 +448,24 @@ pub fn run_all(transport: Transport, binary: &Path, plan: &Plan, results: &mut R
     };
     for &size in &WRITE_SIZES {
         let log = log_root.join(format!("g2h-{size}"));
-        record(
-            Scenario::GuestToHost { size },
-            throughput_runs(plan, || guest_to_host(binary, size, plan, &log)),
-        );
+        if wanted(Scenario::GuestToHost { size }) {
+            record(
+                Scenario::GuestToHost { size },
+                throughput_runs(plan, || guest_to_host(binary, size, plan, &log)),
+            );
+        }
         let log = log_root.join(format!("h2g-{size}"));
-        record(
-            Scenario::HostToGuest { size },
-            throughput_runs(plan, || host_to_guest(binary, size, plan, &log)),
-        );
+        if wanted(Scenario::HostToGuest { size }) {
+            record(
+                Scenario::HostToGuest { size },
+                throughput_runs(plan, || host_to_guest(binary, size, plan, &log)),
+            );
+        }
     }
     for &size in &[4 << 10, 64 << 10] {
+        if !wanted(Scenario::GuestToGuest { size }) {
+            continue;
+        }
         let log = log_root.join(format!("g2g-{size}"));
         let outcome = if transport == Transport::Domsockd && !siblings_supported(binary) {
             Outcome::Skipped("guest-to-guest routing lands with sibling routing (issue 4)".into())
@@ -466,11 +475,17 @@ pub fn run_all(transport: Transport, binary: &Path, plan: &Plan, results: &mut R
         record(Scenario::GuestToGuest { size }, outcome);
     }
     for &guests in &GUEST_COUNTS {
+        if !wanted(Scenario::Concurrent { guests }) {
+            continue;
+        }
         let log = log_root.join(format!("concurrent-{guests}"));
         record(
             Scenario::Concurrent { guests },
             throughput_runs(plan, || concurrent(binary, guests, plan, &log)),
         );
+    }
+    if !wanted(Scenario::RoundTrip { size: RR_SIZE }) {
+        return;
     }
     let log = log_root.join("rr");
     let mut v = Vec::new();

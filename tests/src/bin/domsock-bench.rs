@@ -5,7 +5,9 @@
 //! ```text
 //! domsock-bench [--quick] [--json PATH] [--no-peer]
 //! ```
-//! `--quick` runs every scenario briefly (smoke test); `--no-peer` skips vhost-device-vsock
+//! `--quick` runs every scenario briefly (smoke test); `--no-peer` skips vhost-device-vsock;
+//! `DOMSOCK_BENCH_ONLY=<text>` runs only the vsock scenarios whose key contains it
+//! (e.g. `host_to_guest/64`, `round_trip`, `concurrent`);
 //! (otherwise it is installed into .cache/peer with `cargo install` when missing).
 #![forbid(unsafe_code)]
 
