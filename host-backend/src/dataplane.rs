@@ -144,6 +144,8 @@ struct HostConn {
     in_ready: bool,
     /// Listed in [`DataPlane::dirty`].
     dirty: bool,
+    /// EPOLLOUT is part of this socket's epoll interest.
+    want_out: bool,
     /// Host-initiated: the port to confirm with `OK <port>` once the guest accepts.
     reply_ok: Option<Port>,
 }
@@ -167,6 +169,7 @@ impl HostConn {
             shut_read_applied: false,
             in_ready: false,
             dirty: false,
+            want_out: false,
             reply_ok: None,
         }
     }
@@ -453,10 +456,7 @@ impl DataPlane {
         self.epoll.ctl(
             ControlOperation::Add,
             fd,
-            EpollEvent::new(
-                EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED,
-                token,
-            ),
+            EpollEvent::new(read_interest(), token),
         )?;
         self.targets.insert(token, target);
         Ok(token)
@@ -951,6 +951,25 @@ impl DataPlane {
             hc.sock.shutdown(std::net::Shutdown::Read);
             hc.shut_read_applied = true;
         }
+        let want_out = !hc.outbox_empty();
+        if want_out != hc.want_out {
+            // Adding OUT to a socket that is writable now reports it at once (edge included),
+            // so no flush opportunity is lost between the write that left data behind and
+            // this call.
+            let interest = if want_out {
+                write_interest()
+            } else {
+                read_interest()
+            };
+            match self.epoll.ctl(
+                ControlOperation::Modify,
+                hc.sock.raw_fd(),
+                EpollEvent::new(interest, hc.token),
+            ) {
+                Ok(()) => hc.want_out = want_out,
+                Err(e) => warn!(vm = %self.shared.name, error = %e, "epoll modify"),
+            }
+        }
         if peer.is_both() && hc.outbox_empty() && state == State::Established {
             // The guest closed and everything it sent reached the host: we are the last
             // to know, so we end the connection with RST.
@@ -1314,6 +1333,17 @@ fn linger(shared: Arc<VmShared>, mut conns: Vec<HostConn>) {
     if spawned.is_err() {
         warn!("cannot start a linger thread; host sockets with unsent guest data are closed");
     }
+}
+
+/// Epoll interest of every host socket: readable and peer hang-up, edge-triggered.
+fn read_interest() -> EventSet {
+    EventSet::IN | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED
+}
+
+/// Interest while a socket's outbox holds data. Asking for EPOLLOUT only then spares a
+/// wake-up per host read on every guest->host stream.
+fn write_interest() -> EventSet {
+    read_interest() | EventSet::OUT
 }
 
 fn queue_running(vring: &VringRwLock<GuestMemoryAtomic<Mem>>) -> bool {
