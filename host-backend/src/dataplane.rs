@@ -21,6 +21,7 @@ use crate::tunables::{
     COALESCE_BELOW_BYTES, HANDSHAKE_TIMEOUT_MS, LINGER_TIMEOUT_MS, MAX_PAYLOAD_BYTES,
     MAX_PENDING_HANDSHAKES, MAX_RX_PAYLOAD_BYTES,
 };
+use domsock_proto::hash::KeyedState;
 use domsock_proto::hybrid::{ok_line, parse_connect_line};
 use domsock_proto::{
     Cid, ConnKey, DropReason, Endpoint, EndpointConfig, Header, Incoming, Op, Port, RawHeader,
@@ -28,6 +29,7 @@ use domsock_proto::{
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::io::{self, ErrorKind, Read, Write};
 use std::ops::ControlFlow;
 use std::os::fd::AsRawFd;
@@ -252,8 +254,8 @@ enum Fill {
 pub struct DataPlane {
     shared: Arc<VmShared>,
     endpoint: Endpoint,
-    conns: HashMap<ConnKey, HostConn>,
-    targets: HashMap<u64, Target>,
+    conns: HashMap<ConnKey, HostConn, KeyedState>,
+    targets: HashMap<u64, Target, KeyedState>,
     handshakes: HashMap<u64, Handshake>,
     next_token: u64,
     ready: VecDeque<ConnKey>,
@@ -282,6 +284,9 @@ fn would_block(e: &io::Error) -> bool {
 impl DataPlane {
     /// A data plane for `shared`, with its own nested epoll.
     pub fn new(shared: Arc<VmShared>) -> io::Result<Self> {
+        // Guests choose the ports in connection keys: key the tables' hasher with a seed
+        // they cannot know. std's RandomState is seeded from OS randomness.
+        let hash_seed = std::hash::RandomState::new().hash_one(0x0064_6f6d_736f_636b_u64);
         let epoll = Epoll::new()?;
         let timer = TimerFd::new()?;
         epoll.ctl(
@@ -296,9 +301,12 @@ impl DataPlane {
         )?;
         Ok(Self {
             shared,
-            endpoint: Endpoint::new(EndpointConfig::default()),
-            conns: HashMap::new(),
-            targets: HashMap::new(),
+            endpoint: Endpoint::new(EndpointConfig {
+                hash_seed,
+                ..EndpointConfig::default()
+            }),
+            conns: HashMap::with_hasher(KeyedState::new(hash_seed)),
+            targets: HashMap::with_hasher(KeyedState::new(hash_seed)),
             handshakes: HashMap::new(),
             next_token: FIRST_DYNAMIC_TOKEN,
             ready: VecDeque::new(),

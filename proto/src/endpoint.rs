@@ -24,6 +24,7 @@
 
 use crate::addr::{Cid, ConnKey, Port, VsockAddr};
 use crate::credit::{Credit, CreditViolation};
+use crate::hash::KeyedState;
 use crate::packet::{Header, Op, Shutdown, SocketType, SEQ_EOM, SEQ_EOR};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -44,6 +45,9 @@ pub struct EndpointConfig {
     pub close_timeout: Duration,
     /// First local port handed out by [`Endpoint::connect`] without an explicit port.
     pub ephemeral_port_start: u32,
+    /// Seed of the connection table's hasher ([`KeyedState`]); callers whose peers are
+    /// untrusted should draw it at random.
+    pub hash_seed: u64,
 }
 
 impl Default for EndpointConfig {
@@ -55,6 +59,7 @@ impl Default for EndpointConfig {
             connect_timeout: Duration::from_secs(2),
             close_timeout: Duration::from_secs(8),
             ephemeral_port_start: 49152,
+            hash_seed: 0,
         }
     }
 }
@@ -243,7 +248,7 @@ pub struct EndpointStats {
 #[derive(Debug)]
 pub struct Endpoint {
     config: EndpointConfig,
-    conns: HashMap<ConnKey, Connection>,
+    conns: HashMap<ConnKey, Connection, KeyedState>,
     ctl_queue: VecDeque<ConnKey>,
     rst_queue: VecDeque<Header>,
     timers: BTreeSet<(Instant, ConnKey)>,
@@ -256,8 +261,8 @@ impl Endpoint {
     pub fn new(config: EndpointConfig) -> Self {
         let next_port = config.ephemeral_port_start;
         Self {
+            conns: HashMap::with_hasher(KeyedState::new(config.hash_seed)),
             config,
-            conns: HashMap::new(),
             ctl_queue: VecDeque::new(),
             rst_queue: VecDeque::new(),
             timers: BTreeSet::new(),

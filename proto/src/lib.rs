@@ -8,12 +8,14 @@
 //! - [`credit`]: credit-based flow control arithmetic.
 //! - [`endpoint`]: the connection table and per-connection state machine.
 //! - [`hybrid`]: the host-side `CONNECT <port>` handshake parser.
+//! - [`hash`]: the keyed hasher of connection tables.
 
 #![forbid(unsafe_code)]
 
 pub mod addr;
 pub mod credit;
 pub mod endpoint;
+pub mod hash;
 pub mod hybrid;
 pub mod packet;
 
