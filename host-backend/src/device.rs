@@ -8,6 +8,7 @@ use crate::chain::Mem;
 use crate::dataplane::{DataPlane, VmShared, Wake, RX_QUEUE, TX_QUEUE};
 use domsock_proto::packet::VIRTIO_VSOCK_F_SEQPACKET;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tracing::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -33,6 +34,8 @@ pub struct VsockDevice {
     queue_size: u16,
     exit: (EventConsumer, EventNotifier),
     epoll_fd: i32,
+    /// See [`VsockDevice::close_leaked_fds`].
+    leaked_fds: Mutex<Vec<RawFd>>,
 }
 
 impl VsockDevice {
@@ -46,6 +49,7 @@ impl VsockDevice {
             queue_size,
             exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
             epoll_fd,
+            leaked_fds: Mutex::new(Vec::new()),
         })
     }
 
@@ -57,6 +61,21 @@ impl VsockDevice {
     /// Ends every connection (frontend gone).
     pub fn stop(&self) {
         self.plane().stop();
+    }
+
+    /// Closes the exit-event fds the vhost-user library took over and leaks. Call only
+    /// after the daemon that used this device was dropped: dropping it joins the worker
+    /// threads, the only users of these fds, and nothing else closes them, so their
+    /// numbers cannot have been reused.
+    pub fn close_leaked_fds(&self) {
+        for fd in self
+            .leaked_fds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            let _ = nix::unistd::close(fd);
+        }
     }
 
     /// Wakes the worker thread so it exits.
@@ -124,7 +143,15 @@ impl VhostUserBackend for VsockDevice {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
+        let consumer = self.exit.0.try_clone().ok()?;
+        let notifier = self.exit.1.try_clone().ok()?;
+        // vhost-user-backend 0.24 registers this consumer with `into_raw_fd()` and never
+        // closes it: one fd per frontend session. Remember it for `close_leaked_fds`.
+        self.leaked_fds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(consumer.as_raw_fd());
+        Some((consumer, notifier))
     }
 
     fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {

@@ -109,6 +109,9 @@ impl VmServer {
         let result = daemon.wait();
         device.stop();
         device.signal_exit();
+        // Dropping the daemon joins its worker threads (the library's handler does on drop).
+        drop(daemon);
+        device.close_leaked_fds();
         match result {
             Ok(()) => info!(vm = %self.shared.name, "frontend disconnected"),
             // QEMU exiting or the guest powering off closes the socket mid-protocol.

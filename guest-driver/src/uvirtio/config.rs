@@ -2,7 +2,7 @@
 //! validation.
 
 use super::error::ConfigError;
-use domsock_proto::{Cid, EndpointConfig};
+use domsock_proto::{Cid, EndpointConfig, HEADER_LEN};
 use std::time::Duration;
 
 /// Default entries of the rx and tx rings.
@@ -76,6 +76,15 @@ pub struct GuestConfig {
     pub rx_spare_buffers: u32,
     /// TX descriptors: Linux puts the header in a descriptor of its own.
     pub tx_header: HeaderPlacement,
+    /// Cut every TX header into two descriptors after this many bytes (1..=43). No Linux
+    /// does this, but the spec lets a driver place buffers as it likes, so a backend must
+    /// cope. `None`: the header is not cut.
+    pub tx_header_split_at: Option<u32>,
+    /// Cut every TX packet's payload into descriptors of at most this many bytes, counted
+    /// from the payload's first byte (with [`HeaderPlacement::SameDescriptor`] the first one
+    /// also holds the header). Linux >= 6.12 sends large writes as 4 KiB page fragments
+    /// (`Some(4096)`). `None`: one descriptor for the payload.
+    pub tx_payload_segment_bytes: Option<u32>,
     /// Largest payload of one TX packet; larger writes are cut into several packets.
     pub max_tx_payload_bytes: u32,
     /// Negotiate `VIRTIO_RING_F_EVENT_IDX` if the device offers it.
@@ -98,6 +107,8 @@ impl Default for GuestConfig {
             rx_layout: RxLayout::default(),
             rx_spare_buffers: DEFAULT_RX_SPARE_BUFFERS,
             tx_header: HeaderPlacement::SeparateDescriptor,
+            tx_header_split_at: None,
+            tx_payload_segment_bytes: None,
             max_tx_payload_bytes: MAX_PACKET_PAYLOAD_BYTES,
             event_idx: true,
             seqpacket: true,
@@ -128,6 +139,21 @@ impl GuestConfig {
         if !(1..=MAX_PACKET_PAYLOAD_BYTES).contains(&self.max_tx_payload_bytes) {
             return Err(ConfigError::TxPayload(self.max_tx_payload_bytes));
         }
+        if let Some(at) = self.tx_header_split_at {
+            if !(1..HEADER_LEN as u32).contains(&at) {
+                return Err(ConfigError::TxHeaderSplit(at));
+            }
+        }
+        if self.tx_payload_segment_bytes == Some(0) {
+            return Err(ConfigError::TxSegment);
+        }
+        let descriptors = TxShape::new(self).descriptors(self.max_tx_payload_bytes);
+        if descriptors > usize::from(self.queue_size) {
+            return Err(ConfigError::TxChainTooLong {
+                descriptors,
+                queue_size: self.queue_size,
+            });
+        }
         if self.endpoint.buf_alloc_bytes == 0 {
             return Err(ConfigError::BufAlloc);
         }
@@ -140,6 +166,51 @@ impl GuestConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// How one TX packet is laid out over descriptors. A TX slot holds the header and the
+/// payload contiguously, so any cut of that byte range is a valid chain; this says where the
+/// cuts go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TxShape {
+    header: HeaderPlacement,
+    header_split_at: Option<u32>,
+    payload_segment_bytes: Option<u32>,
+}
+
+impl TxShape {
+    /// The shape `cfg` asks for (which must be valid).
+    pub fn new(cfg: &GuestConfig) -> Self {
+        Self {
+            header: cfg.tx_header,
+            header_split_at: cfg.tx_header_split_at,
+            payload_segment_bytes: cfg.tx_payload_segment_bytes,
+        }
+    }
+
+    /// Where each descriptor of a packet with `payload` bytes ends, in increasing order,
+    /// as offsets from the header's first byte; the last is the packet's end.
+    pub fn descriptor_ends(&self, payload: u32) -> impl Iterator<Item = u32> {
+        let header = HEADER_LEN as u32;
+        let end = header + payload;
+        let own_header =
+            (self.header == HeaderPlacement::SeparateDescriptor && payload > 0).then_some(header);
+        let segment_ends = self.payload_segment_bytes.into_iter().flat_map(move |s| {
+            (1..)
+                .map(move |i: u32| header.saturating_add(i.saturating_mul(s)))
+                .take_while(move |&at| at < end)
+        });
+        self.header_split_at
+            .into_iter()
+            .chain(own_header)
+            .chain(segment_ends)
+            .chain(std::iter::once(end))
+    }
+
+    /// Descriptors a packet with `payload` bytes takes.
+    pub fn descriptors(&self, payload: u32) -> usize {
+        self.descriptor_ends(payload).count()
     }
 }
 
@@ -170,5 +241,106 @@ mod tests {
             ConfigError::BufAlloc
         );
         assert_eq!(bad(|c| c.cid = Some(Cid::HOST)), ConfigError::Cid(2));
+        assert_eq!(
+            bad(|c| c.tx_header_split_at = Some(0)),
+            ConfigError::TxHeaderSplit(0)
+        );
+        assert_eq!(
+            bad(|c| c.tx_header_split_at = Some(44)),
+            ConfigError::TxHeaderSplit(44)
+        );
+        assert_eq!(
+            bad(|c| c.tx_payload_segment_bytes = Some(0)),
+            ConfigError::TxSegment
+        );
+        // 64 KiB in 1000-byte pieces is 66 descriptors, plus the header's.
+        assert_eq!(
+            bad(|c| {
+                c.tx_payload_segment_bytes = Some(1000);
+                c.queue_size = 64;
+            }),
+            ConfigError::TxChainTooLong {
+                descriptors: 67,
+                queue_size: 64
+            }
+        );
+        let mut ok = GuestConfig {
+            tx_payload_segment_bytes: Some(1000),
+            tx_header_split_at: Some(1),
+            ..GuestConfig::default()
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        ok.queue_size = 64;
+        ok.max_tx_payload_bytes = 60_000;
+        assert_eq!(ok.validate(), Ok(()), "60 + 2 descriptors fit 64");
+    }
+
+    fn ends(cfg: &GuestConfig, payload: u32) -> Vec<u32> {
+        TxShape::new(cfg).descriptor_ends(payload).collect()
+    }
+
+    #[test]
+    fn tx_shape_default_is_linux_6_1() {
+        let cfg = GuestConfig::default();
+        assert_eq!(ends(&cfg, 0), [44]);
+        assert_eq!(ends(&cfg, 100), [44, 144]);
+        assert_eq!(TxShape::new(&cfg).descriptors(65_536), 2);
+        let same = GuestConfig {
+            tx_header: HeaderPlacement::SameDescriptor,
+            ..GuestConfig::default()
+        };
+        assert_eq!(ends(&same, 0), [44]);
+        assert_eq!(ends(&same, 100), [144]);
+    }
+
+    #[test]
+    fn tx_shape_cuts_payload_into_segments() {
+        let cfg = GuestConfig {
+            tx_payload_segment_bytes: Some(4096),
+            ..GuestConfig::default()
+        };
+        // Linux 6.12: header, then page fragments.
+        let e = ends(&cfg, 65_536);
+        assert_eq!(e.len(), 17);
+        assert_eq!(&e[..3], [44, 44 + 4096, 44 + 8192]);
+        assert_eq!(e[16], 44 + 65_536);
+        // A payload of exactly one segment, one byte more, and less than one.
+        assert_eq!(ends(&cfg, 4096), [44, 44 + 4096]);
+        assert_eq!(ends(&cfg, 4097), [44, 44 + 4096, 44 + 4097]);
+        assert_eq!(ends(&cfg, 10), [44, 54]);
+        assert_eq!(ends(&cfg, 0), [44]);
+        // With the header in the first segment's descriptor.
+        let same = GuestConfig {
+            tx_header: HeaderPlacement::SameDescriptor,
+            tx_payload_segment_bytes: Some(1000),
+            ..GuestConfig::default()
+        };
+        assert_eq!(ends(&same, 2500), [1044, 2044, 2544]);
+        assert_eq!(ends(&same, 1000), [1044]);
+        // One-byte segments (the extreme a backend must accept).
+        let tiny = GuestConfig {
+            tx_payload_segment_bytes: Some(1),
+            ..GuestConfig::default()
+        };
+        assert_eq!(ends(&tiny, 3), [44, 45, 46, 47]);
+    }
+
+    #[test]
+    fn tx_shape_splits_the_header() {
+        let cfg = GuestConfig {
+            tx_header_split_at: Some(20),
+            ..GuestConfig::default()
+        };
+        assert_eq!(ends(&cfg, 0), [20, 44]);
+        assert_eq!(ends(&cfg, 8), [20, 44, 52]);
+        let all = GuestConfig {
+            tx_header: HeaderPlacement::SameDescriptor,
+            tx_header_split_at: Some(43),
+            tx_payload_segment_bytes: Some(3),
+            ..GuestConfig::default()
+        };
+        // The header's last byte shares a descriptor with the first payload segment.
+        assert_eq!(ends(&all, 7), [43, 47, 50, 51]);
+        assert_eq!(TxShape::new(&all).descriptors(7), 4);
     }
 }

@@ -3,8 +3,10 @@
 //!
 //! - TX: one slot per ring entry. A packet's header and payload are written into a free
 //!   slot (the payload straight from the caller's buffer: the only copy) and published as a
-//!   chain of one or two descriptors ([`HeaderPlacement`]). Slots come back when the device
-//!   returns the chain.
+//!   chain of descriptors over it: by default one or two ([`HeaderPlacement`]); optionally
+//!   with the header cut in two and the payload cut into segments
+//!   ([`GuestConfig::tx_header_split_at`], [`GuestConfig::tx_payload_segment_bytes`]). Slots
+//!   come back when the device returns the chain.
 //! - RX: a pool of `posted + spare` buffers. [`Driver::refill_rx`] keeps `posted` of them in
 //!   the ring. A used buffer is handed to the caller, who either keeps it until the
 //!   application has read its payload ([`Driver::may_hold_rx`] says whether a spare can take
@@ -14,7 +16,7 @@
 //!   three quarters of the outstanding chains, as Linux's `virtqueue_enable_cb_delayed`),
 //!   re-checks the used rings, and sleeps in epoll on the call eventfds.
 
-use super::config::{GuestConfig, HeaderPlacement};
+use super::config::{GuestConfig, HeaderPlacement, TxShape};
 use super::error::{DeviceError, SetupError};
 use super::memory::{Layout, Mem, EVENT_BUFFER_BYTES};
 use super::ring::{RingStats, Seg, SplitRing};
@@ -81,7 +83,9 @@ pub(crate) struct Driver {
     epoll: Epoll,
     epoll_events: Vec<EpollEvent>,
     tx_free: Vec<u32>,
-    tx_header: HeaderPlacement,
+    tx_shape: TxShape,
+    /// The chain being built by [`Driver::send`], kept to reuse its allocation.
+    tx_segs: Vec<Seg>,
     max_tx_payload_bytes: u32,
     rx_free: Vec<u32>,
     rx_in_ring: u32,
@@ -132,7 +136,8 @@ impl Driver {
             calls,
             epoll,
             epoll_events: vec![EpollEvent::default(); 4],
-            tx_header: cfg.tx_header,
+            tx_shape: TxShape::new(cfg),
+            tx_segs: Vec::new(),
             max_tx_payload_bytes: cfg.max_tx_payload_bytes,
             rx_in_ring: 0,
             rx_header: cfg.rx_layout.header,
@@ -170,13 +175,28 @@ impl Driver {
 
     // ---- TX -----------------------------------------------------------------------------
 
-    /// Whether `packets` more packets (with payload, or header-only) fit in the TX ring.
-    pub fn tx_room(&self, packets: usize, with_payload: bool) -> bool {
-        let descs = match (with_payload, self.tx_header) {
-            (true, HeaderPlacement::SeparateDescriptor) => 2,
-            _ => 1,
-        };
-        self.tx_free.len() >= packets && self.rings[TX_QUEUE].free_descriptors() >= packets * descs
+    /// Packets and descriptors that packets with these payload lengths (0: header only)
+    /// take.
+    pub fn tx_footprint(&self, payloads: impl IntoIterator<Item = usize>) -> (usize, usize) {
+        let (mut packets, mut descs) = (0, 0);
+        for len in payloads {
+            packets += 1;
+            descs += self
+                .tx_shape
+                .descriptors(u32::try_from(len).unwrap_or(u32::MAX));
+        }
+        (packets, descs)
+    }
+
+    /// Whether packets with these payload lengths (0: header only) fit in the TX ring now.
+    pub fn tx_room(&self, payloads: impl IntoIterator<Item = usize>) -> bool {
+        let (packets, descs) = self.tx_footprint(payloads);
+        self.tx_free.len() >= packets && self.rings[TX_QUEUE].free_descriptors() >= descs
+    }
+
+    /// Entries of the TX ring (descriptors, and TX slots).
+    pub fn tx_ring_size(&self) -> usize {
+        usize::from(self.rings[TX_QUEUE].addrs().size)
     }
 
     /// Largest payload of one TX packet (what a TX slot holds after its header).
@@ -199,20 +219,20 @@ impl Driver {
                 .write_slice(payload, p)
                 .map_err(|e| DeviceError::memory(p, e))?;
         }
-        let seg = |addr: GuestAddress, len: usize| Seg {
-            addr,
-            len: len as u32,
-            writable: false,
-        };
-        let header_only = [seg(h, HEADER_LEN)];
-        let separate = [seg(h, HEADER_LEN), seg(p, payload.len())];
-        let same = [seg(h, HEADER_LEN + payload.len())];
-        let segs: &[Seg] = match (payload.is_empty(), self.tx_header) {
-            (true, _) => &header_only,
-            (false, HeaderPlacement::SeparateDescriptor) => &separate,
-            (false, HeaderPlacement::SameDescriptor) => &same,
-        };
-        self.rings[TX_QUEUE].add(&self.mem, segs, slot)?;
+        // The slot holds header and payload contiguously (`p` is where the header ends), so
+        // the chain is a series of cuts of that one range.
+        debug_assert_eq!(h.0 + HEADER_LEN as u64, p.0);
+        self.tx_segs.clear();
+        let mut start = 0;
+        for end in self.tx_shape.descriptor_ends(payload.len() as u32) {
+            self.tx_segs.push(Seg {
+                addr: GuestAddress(h.0 + u64::from(start)),
+                len: end - start,
+                writable: false,
+            });
+            start = end;
+        }
+        self.rings[TX_QUEUE].add(&self.mem, &self.tx_segs, slot)?;
         self.stats.tx_packets += 1;
         self.stats.tx_bytes += payload.len() as u64;
         Ok(())

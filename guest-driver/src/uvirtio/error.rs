@@ -28,6 +28,20 @@ pub enum ConfigError {
     /// TX packets must carry some payload and at most 64 KiB.
     #[error("TX payload limit of {0} bytes must be between 1 and 65536")]
     TxPayload(u32),
+    /// A TX header can only be cut inside itself.
+    #[error("TX header split at byte {0}: must be between 1 and 43")]
+    TxHeaderSplit(u32),
+    /// TX payload segments must hold at least one byte.
+    #[error("TX payload segments of 0 bytes")]
+    TxSegment,
+    /// The largest TX packet would need more descriptors than the ring has.
+    #[error("the largest TX packet needs {descriptors} descriptors; the ring has {queue_size}")]
+    TxChainTooLong {
+        /// Descriptors of a packet of `max_tx_payload_bytes`.
+        descriptors: usize,
+        /// Ring entries.
+        queue_size: u16,
+    },
     /// The receive buffer advertised per connection must not be empty.
     #[error("per-connection receive buffer (buf_alloc) must not be 0")]
     BufAlloc,
@@ -266,6 +280,17 @@ pub enum SockError {
         len: usize,
         /// Peer's buf_alloc.
         max: u32,
+    },
+    /// A seqpacket message needs more TX descriptors than the ring has (a message's packets
+    /// are published together), e.g. with small payload segments.
+    #[error("message of {len} bytes needs {descriptors} TX descriptors; the ring has {ring}")]
+    MessageExceedsRing {
+        /// Message length.
+        len: usize,
+        /// Descriptors its packets take.
+        descriptors: usize,
+        /// Entries of the TX ring.
+        ring: usize,
     },
     /// The protocol core refused the operation.
     #[error("connection table")]

@@ -113,6 +113,9 @@ struct Sock {
     /// The peer shut its sending side: reads end with EOF, whatever happens next.
     peer_send_shut: bool,
     end: Option<End>,
+    /// The credit we had when we last sent CREDIT_REQUEST for a message that did not fit;
+    /// asked again only once the credit moved (see `send_msg`).
+    credit_requested_at: Option<u32>,
 }
 
 impl Sock {
@@ -125,6 +128,7 @@ impl Sock {
             connected,
             peer_send_shut: false,
             end: None,
+            credit_requested_at: None,
         }
     }
 }
@@ -392,8 +396,11 @@ impl UserGuest {
             if !self.endpoint.has_transmit() {
                 let mut credit = self.endpoint.send_credit(&key) as usize;
                 let max = self.driver.max_tx_payload();
-                while sent < data.len() && credit > 0 && self.driver.tx_room(1, true) {
+                while sent < data.len() && credit > 0 {
                     let n = (data.len() - sent).min(credit).min(max);
+                    if !self.driver.tx_room([n]) {
+                        break;
+                    }
                     let hdr = self.endpoint.send_rw(&key, n as u32, false, false)?;
                     self.driver
                         .send(&hdr, &data[sent..sent + n])
@@ -418,6 +425,11 @@ impl UserGuest {
 
     /// Sends `msg` as one seqpacket message, all of it or nothing ([`SockError::WouldBlock`]
     /// until credit and ring space allow). Empty messages are not sent (as Linux does).
+    ///
+    /// Unlike Linux, which sends a message's packets as credit comes in, this waits until the
+    /// peer's credit covers the whole message, and asks for none: a peer that reports freed
+    /// space only once our view of it drops below half its buffer (domsockd does) leaves a
+    /// message larger than the free space we last heard of waiting for ever.
     pub fn send_msg(&mut self, key: ConnKey, msg: &[u8]) -> Result<(), SockError> {
         self.check_broken()?;
         self.check_type(key, SocketType::SeqPacket)?;
@@ -426,6 +438,17 @@ impl UserGuest {
         }
         let max = self.driver.max_tx_payload();
         let packets = msg.len().div_ceil(max);
+        let payloads = || msg.chunks(max).map(<[u8]>::len);
+        // All of a message's packets are published at once; a message that can never fit
+        // the ring would otherwise wait forever.
+        let (_, descriptors) = self.driver.tx_footprint(payloads());
+        if descriptors > self.driver.tx_ring_size() {
+            return Err(SockError::MessageExceedsRing {
+                len: msg.len(),
+                descriptors,
+                ring: self.driver.tx_ring_size(),
+            });
+        }
         for attempt in 0..2 {
             self.check_sendable(key)?;
             let conn = self.endpoint.get(&key).expect("sendable");
@@ -439,7 +462,7 @@ impl UserGuest {
             self.flush_control()?;
             let fits = !self.endpoint.has_transmit()
                 && self.endpoint.send_credit(&key) as usize >= msg.len()
-                && self.driver.tx_room(packets, true);
+                && self.driver.tx_room(payloads());
             if fits {
                 for (i, part) in msg.chunks(max).enumerate() {
                     let eom = i + 1 == packets;
@@ -451,6 +474,19 @@ impl UserGuest {
             }
             if attempt == 0 {
                 self.service()?;
+            }
+        }
+        // A whole message waits for credit for all of it (Linux instead sends what the
+        // credit allows). A peer that batches its credit updates may never volunteer one
+        // while it believes we have plenty, so ask; once per credit value, so waiting
+        // cannot flood the peer.
+        let credit = self.endpoint.send_credit(&key);
+        if (credit as usize) < msg.len() {
+            let sock = self.socks.get_mut(&key).expect("checked");
+            if sock.credit_requested_at != Some(credit) {
+                sock.credit_requested_at = Some(credit);
+                self.endpoint.request_credit(&key);
+                self.flush()?;
             }
         }
         Err(SockError::WouldBlock)
@@ -730,9 +766,9 @@ impl UserGuest {
     /// Moves the endpoint's control packets into the TX ring while it has room.
     fn flush_control_inner(&mut self) -> Result<(), DeviceError> {
         while self.endpoint.has_transmit() {
-            if !self.driver.tx_room(1, false) {
+            if !self.driver.tx_room([0]) {
                 self.driver.reclaim_tx()?;
-                if !self.driver.tx_room(1, false) {
+                if !self.driver.tx_room([0]) {
                     break;
                 }
             }

@@ -10,8 +10,8 @@
 //!         event buffers: EVENT_QUEUE_SIZE x 8 bytes
 //! ```
 //! A slot's header ends where its payload starts (offset 64), so the same slot serves a
-//! chain with the header in its own descriptor and one with header and payload in a single
-//! descriptor.
+//! chain with the header in its own descriptor, one with header and payload in a single
+//! descriptor, and any other cut of the slot into descriptors.
 
 use super::config::{GuestConfig, HeaderPlacement, EVENT_QUEUE_SIZE};
 use super::error::SetupError;

@@ -207,6 +207,101 @@ impl Backend {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// The backend's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// File descriptors the backend process holds open now: every guest connection holds a
+    /// host socket, so this falls back to its idle value once the connection table is empty.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap_or_else(|e| panic!("/proc/{}/fd: {e}", self.pid()))
+            .count()
+    }
+
+    /// Waits until the backend's log has at least `count` lines containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, count: usize) {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if text.lines().filter(|l| l.contains(needle)).count() >= count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {count} log lines with {needle:?}\n{}",
+                self.log_tail()
+            );
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// The counters of the VM with `cid`, as domsockd logs them on SIGUSR1 (a `counters`
+    /// line with `stats=name=value ...`).
+    pub fn counters(&self, cid: u64) -> Counters {
+        let cid_field = format!(" cid={cid} ");
+        let lines = |text: &str| -> Vec<String> {
+            // Only complete lines: the last one may still be being written.
+            let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+            complete
+                .lines()
+                .filter(|l| l.contains(" counters ") && l.contains(&cid_field))
+                .map(str::to_string)
+                .collect()
+        };
+        let before = lines(&std::fs::read_to_string(&self.log).unwrap_or_default()).len();
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).unwrap();
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            let found = lines(&std::fs::read_to_string(&self.log).unwrap_or_default());
+            if found.len() > before {
+                let line = found.last().expect("non-empty");
+                let (_, stats) = line
+                    .split_once(" stats=")
+                    .unwrap_or_else(|| panic!("no stats= in {line:?}"));
+                return Counters(
+                    stats
+                        .split_whitespace()
+                        .filter_map(|kv| kv.split_once('='))
+                        .map(|(k, v)| (k.to_string(), v.parse().unwrap_or(u64::MAX)))
+                        .collect(),
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no counters line for CID {cid} after SIGUSR1\n{}",
+                self.log_tail()
+            );
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// One VM's counters from domsockd's log.
+#[derive(Debug, Clone)]
+pub struct Counters(std::collections::BTreeMap<String, u64>);
+
+impl Counters {
+    /// The counter `name`.
+    ///
+    /// # Panics
+    /// If domsockd did not log it: a renamed counter must not read as 0.
+    pub fn get(&self, name: &str) -> u64 {
+        *self
+            .0
+            .get(name)
+            .unwrap_or_else(|| panic!("domsockd logged no counter {name:?}: {self:?}"))
+    }
+
+    /// Asserts that every named counter is 0.
+    pub fn assert_zero(&self, names: &[&str]) {
+        for n in names {
+            assert_eq!(self.get(n), 0, "counter {n}: {self:?}");
+        }
+    }
 }
 
 impl Drop for Backend {
@@ -387,6 +482,23 @@ pub fn recv_message(s: &UnixStream, max: usize) -> Vec<u8> {
     buf
 }
 
+/// What is queued for reading on `s` now, without consuming it.
+pub fn peek_queued(s: &UnixStream) -> Vec<u8> {
+    use nix::sys::socket::{recv, MsgFlags};
+    let mut buf = vec![0u8; 16 << 20];
+    let n = match recv(
+        s.as_raw_fd(),
+        &mut buf,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Ok(n) => n,
+        Err(nix::errno::Errno::EAGAIN) => 0,
+        Err(e) => panic!("peek: {e}"),
+    };
+    buf.truncate(n);
+    buf
+}
+
 /// The test pattern.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     PatternStream::new(seed).take(len)
@@ -439,6 +551,21 @@ pub fn guest_recv_to_eof(g: &mut UserGuest, key: ConnKey, chunk: usize) -> Check
             Ok(n) => sum.update(&buf[..n]),
             Err(e) => panic!("guest recv after {} bytes: {}", sum.bytes(), chain(&e)),
         }
+    }
+}
+
+/// Polls the guest until `done` holds, at most `timeout`.
+pub fn poll_until(
+    g: &mut UserGuest,
+    what: &str,
+    timeout: Duration,
+    mut done: impl FnMut(&mut UserGuest) -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    while !done(g) {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        g.poll(Some(Duration::from_millis(5)))
+            .unwrap_or_else(|e| panic!("poll while waiting for {what}: {}", chain(&e)));
     }
 }
 

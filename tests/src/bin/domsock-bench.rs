@@ -63,6 +63,13 @@ fn baselines(plan: &Plan, results: &mut Results) {
                 Ok(v) => Outcome::Throughput(median_throughput(v).expect("repeats >= 1")),
                 Err(e) => Outcome::Failed(e.to_string()),
             };
+            // A socket pair has no direction: the same writer->reader run is the baseline
+            // of both guest->host and host->guest.
+            results.push(Measurement {
+                scenario: Scenario::HostToGuest { size },
+                transport: t,
+                outcome: outcome.clone(),
+            });
             results.push(Measurement {
                 scenario: Scenario::GuestToHost { size },
                 transport: t,
