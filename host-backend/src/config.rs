@@ -38,6 +38,10 @@ pub struct Args {
     /// Virtqueue size offered to the frontend.
     #[arg(long, default_value_t = 1024)]
     pub queue_size: u16,
+    /// After each event, keep polling a VM's TX ring and host sockets this many
+    /// microseconds before sleeping: lower latency for more CPU (0: off).
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    pub busy_poll_us: u64,
 }
 
 /// One VM's settings.
@@ -75,6 +79,8 @@ struct FileConfig {
     #[serde(default)]
     queue_size: Option<u16>,
     #[serde(default)]
+    busy_poll_us: Option<u64>,
+    #[serde(default)]
     vm: Vec<VmConfig>,
 }
 
@@ -85,6 +91,8 @@ pub struct Config {
     pub vms: Vec<VmConfig>,
     /// Virtqueue size.
     pub queue_size: u16,
+    /// Busy-poll window after each event (zero: off).
+    pub busy_poll: std::time::Duration,
 }
 
 /// Why a configuration was rejected.
@@ -128,6 +136,9 @@ pub enum ConfigError {
     /// No VM given.
     #[error("no VM configured (use --vm, --config or --guest-cid/--socket/--uds-path)")]
     NoVm,
+    /// Busy polling longer than a millisecond per event is a misconfiguration.
+    #[error("busy-poll-us {0} is above the limit of 1000")]
+    BusyPollTooLong(u64),
     /// Queue size must be a power of two in 1..=32768.
     #[error("queue size {0} must be a power of two up to 32768")]
     BadQueueSize(u16),
@@ -228,6 +239,7 @@ impl TryFrom<Args> for Config {
             args.uds_path.is_some(),
         ];
         let mut queue_size = args.queue_size;
+        let mut busy_poll_us = args.busy_poll_us;
         let mut vms = Vec::new();
         if single.iter().any(|&b| b) {
             if !single.iter().all(|&b| b) || !args.vm.is_empty() {
@@ -249,9 +261,16 @@ impl TryFrom<Args> for Config {
             if let Some(q) = file.queue_size {
                 queue_size = q;
             }
+            if let Some(b) = file.busy_poll_us {
+                busy_poll_us = b;
+            }
             vms.extend(file.vm);
         }
-        let config = Config { vms, queue_size };
+        let config = Config {
+            vms,
+            queue_size,
+            busy_poll: std::time::Duration::from_micros(busy_poll_us),
+        };
         config.validate()?;
         Ok(config)
     }
@@ -262,6 +281,11 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.vms.is_empty() {
             return Err(ConfigError::NoVm);
+        }
+        if self.busy_poll > std::time::Duration::from_micros(1000) {
+            return Err(ConfigError::BusyPollTooLong(
+                self.busy_poll.as_micros() as u64
+            ));
         }
         if !self.queue_size.is_power_of_two() || self.queue_size > 32768 {
             return Err(ConfigError::BadQueueSize(self.queue_size));

@@ -18,8 +18,8 @@ use crate::chain::{Mem, Regions};
 use crate::host::HostSocket;
 use crate::metrics::VmStats;
 use crate::tunables::{
-    COALESCE_BELOW_BYTES, HANDSHAKE_TIMEOUT_MS, LINGER_TIMEOUT_MS, MAX_PAYLOAD_BYTES,
-    MAX_PENDING_HANDSHAKES, MAX_RX_PAYLOAD_BYTES,
+    BUSY_POLL_MAX_WINDOWS, COALESCE_BELOW_BYTES, HANDSHAKE_TIMEOUT_MS, LINGER_TIMEOUT_MS,
+    MAX_PAYLOAD_BYTES, MAX_PENDING_HANDSHAKES, MAX_RX_PAYLOAD_BYTES,
 };
 use domsock_proto::hash::KeyedState;
 use domsock_proto::hybrid::{ok_line, parse_connect_line};
@@ -79,11 +79,25 @@ pub struct VmShared {
     pub listener: UnixListener,
     /// Counters.
     pub stats: VmStats,
+    /// After handling an event, keep polling the TX ring and host sockets this long
+    /// before sleeping (0: never). Trades CPU for latency: a reply that arrives within
+    /// the window costs no wake-up.
+    pub busy_poll: Duration,
 }
 
 impl VmShared {
     /// Binds `<uds>` (replacing a stale socket file) and builds the shared state.
     pub fn bind(cid: Cid, name: String, uds_path: PathBuf) -> io::Result<Arc<VmShared>> {
+        Self::bind_with(cid, name, uds_path, Duration::ZERO)
+    }
+
+    /// Like [`VmShared::bind`], with a busy-poll window (see [`VmShared::busy_poll`]).
+    pub fn bind_with(
+        cid: Cid,
+        name: String,
+        uds_path: PathBuf,
+        busy_poll: Duration,
+    ) -> io::Result<Arc<VmShared>> {
         match std::fs::remove_file(&uds_path) {
             Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
             _ => {}
@@ -96,6 +110,7 @@ impl VmShared {
             uds_path,
             listener,
             stats: VmStats::default(),
+            busy_poll,
         }))
     }
 
@@ -389,7 +404,7 @@ impl DataPlane {
             self.stopped = false;
         }
         if matches!(wake, Wake::Sockets | Wake::All) {
-            self.drain_socket_events(now);
+            let _ = self.drain_socket_events(now);
         }
         if let (Some(atomic), true) = (self.mem.clone(), self.guest_running) {
             if matches!(wake, Wake::TxKick | Wake::All) {
@@ -401,26 +416,73 @@ impl DataPlane {
             self.handle_timers(now);
         }
         self.arm_timer(now);
+        if !self.shared.busy_poll.is_zero() && self.guest_running && wake != Wake::All {
+            self.busy_poll(vrings);
+        }
+    }
+
+    /// Polls the TX ring and the host sockets for [`VmShared::busy_poll`] after the last
+    /// activity, handling what comes without going back to sleep. Bounded overall so the
+    /// vhost-user thread (which takes this data plane's lock to stop a device) never waits
+    /// long.
+    fn busy_poll(&mut self, vrings: &[VringRwLock<GuestMemoryAtomic<Mem>>]) {
+        let Some(atomic) = self.mem.clone() else {
+            return;
+        };
+        let window = self.shared.busy_poll;
+        let start = Instant::now();
+        let hard_stop = start + window * BUSY_POLL_MAX_WINDOWS;
+        let mut deadline = start + window;
+        loop {
+            let now = Instant::now();
+            if now >= deadline || now >= hard_stop {
+                return;
+            }
+            let tx = &vrings[TX_QUEUE];
+            let tx_pending = {
+                let state = tx.get_ref();
+                let q = state.get_queue();
+                let mem = atomic.memory();
+                q.ready()
+                    && state.is_enabled()
+                    && q.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
+                        .is_ok_and(|idx| idx.0 != q.next_avail())
+            };
+            let mut busy = self.drain_socket_events(now);
+            if tx_pending {
+                self.process_tx(tx, &atomic, now);
+                busy = true;
+            }
+            if busy {
+                self.fill_rx(&vrings[RX_QUEUE], &atomic, now);
+                self.arm_timer(now);
+                deadline = Instant::now() + window;
+            } else {
+                std::hint::spin_loop();
+            }
+        }
     }
 
     // ---- host socket events -------------------------------------------------------------
 
-    fn drain_socket_events(&mut self, now: Instant) {
+    fn drain_socket_events(&mut self, now: Instant) -> bool {
+        let mut any = false;
         loop {
             let n = match self.epoll.wait(0, &mut self.events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
                     warn!(vm = %self.shared.name, error = %e, "nested epoll wait failed");
-                    return;
+                    return any;
                 }
             };
+            any |= n > 0;
             for i in 0..n {
                 let ev = self.events[i];
                 self.socket_event(now, ev.data(), ev.event_set());
             }
             if n < self.events.len() {
-                return;
+                return any;
             }
         }
     }

@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     };
     let mut servers = Vec::new();
     for vm in &config.vms {
-        match VmServer::bind(vm, config.queue_size) {
+        match VmServer::bind(vm, config.queue_size, config.busy_poll) {
             Ok(s) => servers.push((vm.display_name(), s)),
             Err(e) => {
                 error!("{}", error_chain(&e));

@@ -7,6 +7,7 @@ use crate::dataplane::VmShared;
 use crate::device::{VsockDevice, BACKEND_EVENT};
 use domsock_proto::Cid;
 use std::sync::Arc;
+use std::time::Duration;
 use thiserror::Error;
 use tracing::{error, info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
@@ -54,9 +55,14 @@ impl std::fmt::Debug for VmServer {
 
 impl VmServer {
     /// Binds the VM's sockets.
-    pub fn bind(cfg: &VmConfig, queue_size: u16) -> Result<Self, ServeError> {
-        let shared = VmShared::bind(Cid(cfg.guest_cid), cfg.display_name(), cfg.uds_path.clone())
-            .map_err(|source| ServeError::BindHost {
+    pub fn bind(cfg: &VmConfig, queue_size: u16, busy_poll: Duration) -> Result<Self, ServeError> {
+        let shared = VmShared::bind_with(
+            Cid(cfg.guest_cid),
+            cfg.display_name(),
+            cfg.uds_path.clone(),
+            busy_poll,
+        )
+        .map_err(|source| ServeError::BindHost {
             path: cfg.uds_path.display().to_string(),
             source,
         })?;
@@ -83,7 +89,7 @@ impl VmServer {
             if let Err(e) = self.serve_one() {
                 error!(vm = %name, error = %e, "frontend session failed");
                 // Avoid a hot loop if something is persistently wrong.
-                std::thread::sleep(std::time::Duration::from_millis(200));
+                std::thread::sleep(Duration::from_millis(200));
             }
         }
     }

@@ -17,3 +17,6 @@ pub const COALESCE_BELOW_BYTES: usize = 16 * 1024;
 pub const LINGER_TIMEOUT_MS: u64 = 10_000;
 /// Send buffer requested for host sockets (capped by `net.core.wmem_max`).
 pub const HOST_SEND_BUFFER_BYTES: usize = 1024 * 1024;
+/// A busy-poll run ends after this many windows even while work keeps arriving, so the
+/// vhost-user thread never waits long for the data plane's lock.
+pub const BUSY_POLL_MAX_WINDOWS: u32 = 20;

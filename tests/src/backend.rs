@@ -71,12 +71,26 @@ impl Backend {
     /// # Panics
     /// If it cannot start, exits, or does not create its sockets in time.
     pub fn spawn_binary(binary: &Path, specs: &[VmSpec], log_dir: &Path) -> Backend {
+        Self::spawn_binary_args(binary, &[], specs, log_dir)
+    }
+
+    /// Like [`Backend::spawn_binary`], with extra command-line arguments before the `--vm`s.
+    ///
+    /// # Panics
+    /// If it cannot start, exits, or does not create its sockets in time.
+    pub fn spawn_binary_args(
+        binary: &Path,
+        args: &[String],
+        specs: &[VmSpec],
+        log_dir: &Path,
+    ) -> Backend {
         let binary = binary.to_path_buf();
         std::fs::create_dir_all(log_dir).expect("create log dir");
         let log = log_dir.join("backend.log");
         let out = File::create(&log).expect("create backend log");
         let err = out.try_clone().expect("clone log fd");
         let mut cmd = Command::new(&binary);
+        cmd.args(args);
         for s in specs {
             cmd.arg("--vm").arg(s.arg());
         }

@@ -143,6 +143,14 @@ impl Backend {
         let out = File::create(&log).unwrap();
         let err = out.try_clone().unwrap();
         let mut cmd = Command::new(binary);
+        // Extra flags to run the whole suite against another configuration, e.g.
+        // DOMSOCKD_ARGS="--busy-poll-us 50".
+        match std::env::var("DOMSOCKD_ARGS") {
+            Ok(extra) if Path::new(&binary).ends_with("domsockd") => {
+                cmd.args(extra.split_whitespace());
+            }
+            _ => {}
+        }
         for vm in &vms {
             cmd.arg("--vm").arg(format!(
                 "guest-cid={},socket={},uds-path={}",

@@ -18,6 +18,8 @@ use std::time::Duration;
 pub const WRITE_SIZES: [usize; 4] = [64, 4 << 10, 64 << 10, 1 << 20];
 /// Payload of the latency scenario.
 pub const RR_SIZE: usize = 64;
+/// domsockd's busy-poll window in the extra latency scenario.
+pub const BUSY_POLL_US: u32 = 50;
 /// Guest counts of the concurrency scenario.
 pub const GUEST_COUNTS: [usize; 3] = [1, 8, 32];
 
@@ -113,6 +115,14 @@ pub enum Scenario {
         /// Message size.
         size: usize,
     },
+    /// The same ping-pong with domsockd's `--busy-poll-us` window (domsockd only; compared
+    /// with the other backends' plain round trip).
+    RoundTripBusyPoll {
+        /// Message size.
+        size: usize,
+        /// Busy-poll window in microseconds.
+        us: u32,
+    },
 }
 
 impl Scenario {
@@ -124,6 +134,9 @@ impl Scenario {
             Scenario::GuestToGuest { size } => format!("guest->guest {}", fmt_size(*size)),
             Scenario::Concurrent { guests } => format!("{guests} guests->host 64K"),
             Scenario::RoundTrip { size } => format!("round trip {}", fmt_size(*size)),
+            Scenario::RoundTripBusyPoll { size, us } => {
+                format!("round trip {}, poll {us}us", fmt_size(*size))
+            }
         }
     }
 
@@ -135,6 +148,9 @@ impl Scenario {
             Scenario::GuestToGuest { size } => format!("guest_to_guest/{size}"),
             Scenario::Concurrent { guests } => format!("concurrent/{guests}"),
             Scenario::RoundTrip { size } => format!("round_trip/{size}"),
+            Scenario::RoundTripBusyPoll { size, us } => {
+                format!("round_trip_busy_poll_{us}us/{size}")
+            }
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The benchmark table (with ratios against vhost-device-vsock and the Unix socket pair)
 //! and its JSON form.
 
-use super::{Measurement, Outcome, Scenario, Transport};
+use super::{Latency, Measurement, Outcome, Scenario, Transport};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
@@ -70,7 +70,10 @@ impl Results {
         );
         let mut notes = Vec::new();
         for s in self.scenarios() {
-            if matches!(s, Scenario::RoundTrip { .. }) {
+            if matches!(
+                s,
+                Scenario::RoundTrip { .. } | Scenario::RoundTripBusyPoll { .. }
+            ) {
                 continue;
             }
             let mut cell = |t: Transport| match self.get(s, t) {
@@ -106,13 +109,28 @@ impl Results {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "{:<22} {:>16} {:>16} {:>16} {:>16} {:>8}",
-            "latency p50/p99 (us)", "domsockd", "vdv-0.3.0", "unix-pair", "tcp-lo", "ds/vdv"
+            "{:<26} {:>14} {:>14} {:>14} {:>14} {:>7} {:>9} {:>9}",
+            "latency p50/p99 (us)",
+            "domsockd",
+            "vdv-0.3.0",
+            "unix-pair",
+            "tcp-lo",
+            "ds/vdv",
+            "ds cpu",
+            "vdv cpu"
+        );
+        let _ = writeln!(
+            out,
+            "{:<26} {:>14} {:>14} {:>14} {:>14} {:>7} {:>9} {:>9}",
+            "", "", "", "", "", "p50", "us/rt", "us/rt"
         );
         for s in self.scenarios() {
-            if !matches!(s, Scenario::RoundTrip { .. }) {
-                continue;
-            }
+            // A busy-poll row is compared with the other backends' plain round trip.
+            let plain = match s {
+                Scenario::RoundTrip { .. } => s,
+                Scenario::RoundTripBusyPoll { size, .. } => Scenario::RoundTrip { size },
+                _ => continue,
+            };
             let mut cell = |t: Transport| match self.get(s, t) {
                 Some(Outcome::Latency(l)) => format!(
                     "{:.1}/{:.1}",
@@ -125,24 +143,44 @@ impl Results {
                 }
                 _ => "-".into(),
             };
-            let p50 = |t| match self.get(s, t) {
-                Some(Outcome::Latency(l)) => Some(l.p50.as_secs_f64()),
+            let latency = |s, t| match self.get(s, t) {
+                Some(Outcome::Latency(l)) => Some(*l),
                 _ => None,
             };
-            let ratio = match (p50(ds), p50(vdv)) {
-                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+            let ratio = match (latency(s, ds), latency(plain, vdv)) {
+                (Some(a), Some(b)) if !b.p50.is_zero() => {
+                    format!("{:.2}x", a.p50.as_secs_f64() / b.p50.as_secs_f64())
+                }
                 _ => "-".into(),
             };
-            let row: Vec<String> = Transport::ALL.iter().map(|&t| cell(t)).collect();
+            let cpu = |l: Option<Latency>| {
+                l.and_then(|l| l.backend_cpu_per_rt)
+                    .map_or("-".into(), |c| format!("{:.1}", c.as_secs_f64() * 1e6))
+            };
+            let mut row: Vec<String> = Transport::ALL.iter().map(|&t| cell(t)).collect();
+            if s != plain {
+                // Only domsockd has this row; show the others' plain numbers beside it.
+                for (i, &t) in Transport::ALL.iter().enumerate().skip(1) {
+                    if let Some(l) = latency(plain, t) {
+                        row[i] = format!(
+                            "{:.1}/{:.1}",
+                            l.p50.as_secs_f64() * 1e6,
+                            l.p99.as_secs_f64() * 1e6
+                        );
+                    }
+                }
+            }
             let _ = writeln!(
                 out,
-                "{:<22} {:>16} {:>16} {:>16} {:>16} {:>8}",
+                "{:<26} {:>14} {:>14} {:>14} {:>14} {:>7} {:>9} {:>9}",
                 s.label(),
                 row[0],
                 row[1],
                 row[2],
                 row[3],
-                ratio
+                ratio,
+                cpu(latency(s, ds)),
+                cpu(latency(plain, vdv)),
             );
         }
         for (s, t, why) in self.cells.iter().filter_map(|((s, t), o)| match o {

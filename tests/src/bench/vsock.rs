@@ -10,7 +10,7 @@ use super::baseline::{echo, write_for};
 use super::report::Results;
 use super::{
     median_latency, median_throughput, percentiles, Latency, Measurement, Outcome, Plan, Scenario,
-    Throughput, Transport, GUEST_COUNTS, RR_SIZE, WRITE_SIZES,
+    Throughput, Transport, BUSY_POLL_US, GUEST_COUNTS, RR_SIZE, WRITE_SIZES,
 };
 use crate::backend::{Backend, VmSpec};
 use crate::host;
@@ -44,11 +44,30 @@ struct Rig {
 
 impl Rig {
     fn start(binary: &Path, n: usize, log_dir: &Path) -> Result<Rig, String> {
+        Self::start_with(binary, n, log_dir, &[])
+    }
+
+    /// `more` are extra domsockd flags on top of `DOMSOCKD_ARGS`.
+    fn start_with(binary: &Path, n: usize, log_dir: &Path, more: &[String]) -> Result<Rig, String> {
         let tmp = TempDir::new().map_err(|e| format!("temp dir: {e}"))?;
         let specs: Vec<VmSpec> = (0..n as u32)
             .map(|i| VmSpec::in_dir(tmp.path(), FIRST_CID + i))
             .collect();
-        let backend = Backend::spawn_binary(binary, &specs, log_dir);
+        // Extra domsockd flags for experiments (e.g. `--busy-poll-us 50`); never given to
+        // the peer backend, which would reject them.
+        let is_domsockd = binary.ends_with("domsockd")
+            || std::env::var_os("DOMSOCKD").is_some_and(|d| Path::new(&d) == binary);
+        let extra: Vec<String> = if is_domsockd {
+            std::env::var("DOMSOCKD_ARGS")
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_owned)
+                .chain(more.iter().cloned())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let backend = Backend::spawn_binary_args(binary, &extra, &specs, log_dir);
         Ok(Rig {
             backend,
             specs,
@@ -380,8 +399,14 @@ fn concurrent(binary: &Path, guests: usize, plan: &Plan, log: &Path) -> Result<T
     })
 }
 
-fn round_trip(binary: &Path, size: usize, plan: &Plan, log: &Path) -> Result<Latency, String> {
-    let rig = Rig::start(binary, 1, log)?;
+fn round_trip(
+    binary: &Path,
+    size: usize,
+    plan: &Plan,
+    log: &Path,
+    more: &[String],
+) -> Result<Latency, String> {
+    let rig = Rig::start_with(binary, 1, log, more)?;
     let spec = &rig.specs[0];
     let listener = host::listen_stream(&spec.uds, ECHO_PORT).map_err(|e| e.to_string())?;
     let echo_thread = thread::spawn(move || -> Result<(), String> {
@@ -484,26 +509,39 @@ pub fn run_all(transport: Transport, binary: &Path, plan: &Plan, results: &mut R
             throughput_runs(plan, || concurrent(binary, guests, plan, &log)),
         );
     }
-    if !wanted(Scenario::RoundTrip { size: RR_SIZE }) {
-        return;
+    let mut latency_scenarios: Vec<(Scenario, Vec<String>)> =
+        vec![(Scenario::RoundTrip { size: RR_SIZE }, Vec::new())];
+    if transport == Transport::Domsockd {
+        latency_scenarios.push((
+            Scenario::RoundTripBusyPoll {
+                size: RR_SIZE,
+                us: BUSY_POLL_US,
+            },
+            vec!["--busy-poll-us".to_owned(), BUSY_POLL_US.to_string()],
+        ));
     }
-    let log = log_root.join("rr");
-    let mut v = Vec::new();
-    let mut failed = None;
-    for _ in 0..plan.repeats {
-        match round_trip(binary, RR_SIZE, plan, &log) {
-            Ok(l) => v.push(l),
-            Err(e) => {
-                failed = Some(e);
-                break;
+    for (scenario, more) in latency_scenarios {
+        if !wanted(scenario) {
+            continue;
+        }
+        let log = log_root.join(scenario.key().replace('/', "-"));
+        let mut v = Vec::new();
+        let mut failed = None;
+        for _ in 0..plan.repeats {
+            match round_trip(binary, RR_SIZE, plan, &log, &more) {
+                Ok(l) => v.push(l),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
             }
         }
+        let outcome = match failed {
+            Some(e) => Outcome::Failed(e),
+            None => Outcome::Latency(median_latency(v).expect("repeats >= 1")),
+        };
+        record(scenario, outcome);
     }
-    let outcome = match failed {
-        Some(e) => Outcome::Failed(e),
-        None => Outcome::Latency(median_latency(v).expect("repeats >= 1")),
-    };
-    record(Scenario::RoundTrip { size: RR_SIZE }, outcome);
 }
 
 /// domsockd answers `--version`; sibling routing is announced in its help text once it

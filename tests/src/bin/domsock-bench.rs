@@ -6,6 +6,7 @@
 //! domsock-bench [--quick] [--json PATH] [--no-peer]
 //! ```
 //! `--quick` runs every scenario briefly (smoke test); `--no-peer` skips vhost-device-vsock;
+//! `DOMSOCKD=<path>` picks the domsockd binary (default `target/release/domsockd`);
 //! `DOMSOCK_BENCH_ONLY=<text>` runs only the vsock scenarios whose key contains it
 //! (e.g. `host_to_guest/64`, `round_trip`, `concurrent`);
 //! (otherwise it is installed into .cache/peer with `cargo install` when missing).
@@ -124,7 +125,10 @@ fn main() -> ExitCode {
     eprintln!("baselines (unix pair, tcp loopback) ...");
     baselines(&plan, &mut results);
 
-    let domsockd = artifacts::workspace_root().join("target/release/domsockd");
+    let domsockd = std::env::var_os("DOMSOCKD").map_or_else(
+        || artifacts::workspace_root().join("target/release/domsockd"),
+        PathBuf::from,
+    );
     let mut backends = vec![(Transport::Domsockd, Ok(domsockd))];
     if args.peer {
         backends.push((Transport::VhostDeviceVsock, peer::ensure_peer()));
