@@ -175,6 +175,26 @@ impl Regions {
         Ok(None)
     }
 
+    /// Appends the guest ranges holding the first `len` payload bytes to `out` (ranges
+    /// checked when the chain was loaded).
+    pub fn payload_ranges(&self, len: usize, out: &mut Vec<(GuestAddress, usize)>) {
+        let mut offset = HEADER_LEN;
+        let mut left = len;
+        for &(addr, rlen) in &self.regions {
+            if left == 0 {
+                break;
+            }
+            if offset >= rlen {
+                offset -= rlen;
+                continue;
+            }
+            let n = (rlen - offset).min(left);
+            out.push((addr.unchecked_add(offset as u64), n));
+            offset = 0;
+            left -= n;
+        }
+    }
+
     /// Copies `len` payload bytes starting `skip` bytes into the payload into `out`.
     pub fn copy_payload(
         &self,

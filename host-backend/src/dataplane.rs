@@ -16,10 +16,11 @@
 
 use crate::chain::{Mem, Regions};
 use crate::host::HostSocket;
+use crate::iov;
 use crate::metrics::VmStats;
 use crate::tunables::{
-    BUSY_POLL_MAX_WINDOWS, COALESCE_BELOW_BYTES, HANDSHAKE_TIMEOUT_MS, LINGER_TIMEOUT_MS,
-    MAX_PAYLOAD_BYTES, MAX_PENDING_HANDSHAKES, MAX_RX_PAYLOAD_BYTES,
+    BUSY_POLL_MAX_WINDOWS, HANDSHAKE_TIMEOUT_MS, LINGER_TIMEOUT_MS, MAX_PAYLOAD_BYTES,
+    MAX_PENDING_HANDSHAKES, MAX_RX_PAYLOAD_BYTES,
 };
 use domsock_proto::hash::KeyedState;
 use domsock_proto::hybrid::{ok_line, parse_connect_line};
@@ -40,7 +41,9 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, VolatileSlice,
+};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -143,6 +146,10 @@ struct HostConn {
     socket_type: SocketType,
     /// Stream bytes accepted from the guest, not yet taken by the host socket.
     out_stream: VecDeque<u8>,
+    /// Stream payload of the current TX batch, still in the guest's buffers (whose chains
+    /// are returned only after `flush_pending`), in order: written with one `writev`.
+    pending: Vec<(GuestAddress, usize)>,
+    pending_len: usize,
     /// Seqpacket messages accepted from the guest, not yet taken by the host socket.
     out_msgs: VecDeque<Vec<u8>>,
     /// A seqpacket message from the guest still missing its EOM packet.
@@ -174,6 +181,8 @@ impl HostConn {
             token,
             socket_type,
             out_stream: VecDeque::new(),
+            pending: Vec::new(),
+            pending_len: 0,
             out_msgs: VecDeque::new(),
             partial_msg: Vec::new(),
             inbox: Vec::new(),
@@ -191,8 +200,15 @@ impl HostConn {
         }
     }
 
+    /// Nothing accepted from the guest waits for the host socket (pending batch payload
+    /// included).
     fn outbox_empty(&self) -> bool {
-        self.out_stream.is_empty() && self.out_msgs.is_empty()
+        self.out_stream.is_empty() && self.out_msgs.is_empty() && self.pending.is_empty()
+    }
+
+    /// Bytes wait in the outbox proper (what EPOLLOUT is needed for).
+    fn outbox_holds_data(&self) -> bool {
+        !self.out_stream.is_empty() || !self.out_msgs.is_empty()
     }
 
     fn outbox_len(&self) -> usize {
@@ -283,11 +299,11 @@ pub struct DataPlane {
     /// The guest driver has both data queues running; host connects are refused at once
     /// otherwise (nobody could answer them).
     guest_running: bool,
-    /// Connections whose outbox got small payloads during the current TX batch; flushed
-    /// with one write each when the batch ends.
+    /// Connections that got stream payload during the current TX batch; written with one
+    /// `writev` each when the batch ends.
     dirty: Vec<ConnKey>,
-    /// Reused buffer for copying small payloads out of guest memory.
-    scratch: Vec<u8>,
+    /// Heads of the current TX batch's chains, returned once its payload is written.
+    tx_heads: Vec<u16>,
     /// The deadline the timerfd is armed for.
     timer_armed: Option<Instant>,
 }
@@ -333,7 +349,7 @@ impl DataPlane {
             stopped: false,
             guest_running: false,
             dirty: Vec::new(),
-            scratch: Vec::new(),
+            tx_heads: Vec::new(),
             timer_armed: None,
         })
     }
@@ -669,41 +685,133 @@ impl DataPlane {
         atomic: &GuestMemoryAtomic<Mem>,
         now: Instant,
     ) {
-        let mut used_any = false;
+        // Chains go back to the guest only after the batch's stream payload has been
+        // written from (or copied out of) their buffers: see `flush_dirty`. The batch is
+        // bounded by the ring: the guest cannot add chains it has not got back.
+        let mut heads = std::mem::take(&mut self.tx_heads);
         loop {
             let mem = atomic.memory();
             let mut guard = vring.get_mut();
             let queue = guard.get_queue_mut();
             if queue.disable_notification(&*mem).is_err() {
-                return;
+                break;
             }
             while let Some(chain) = queue.pop_descriptor_chain(atomic.memory()) {
-                let head = chain.head_index();
+                heads.push(chain.head_index());
                 self.handle_tx_chain(now, chain, &mem);
-                if queue.add_used(&*mem, head, 0).is_err() {
-                    warn!(vm = %self.shared.name, "add_used failed on TX");
-                }
-                used_any = true;
             }
             match queue.enable_notification(&*mem) {
                 Ok(true) => continue,
                 _ => break,
             }
         }
-        self.flush_dirty(now);
-        if used_any {
+        let mem = atomic.memory();
+        self.flush_dirty(now, &mem);
+        if !heads.is_empty() {
+            {
+                let mut guard = vring.get_mut();
+                let queue = guard.get_queue_mut();
+                for head in heads.drain(..) {
+                    if queue.add_used(&*mem, head, 0).is_err() {
+                        warn!(vm = %self.shared.name, "add_used failed on TX");
+                    }
+                }
+            }
             signal_if_needed(vring, atomic);
         }
+        self.tx_heads = heads;
     }
 
-    /// Ends a TX batch: one write per connection that collected small payloads.
-    fn flush_dirty(&mut self, now: Instant) {
+    /// Ends a TX batch: per connection, what waited in the outbox first, then one `writev`
+    /// of the batch's payload straight from guest memory.
+    fn flush_dirty(&mut self, now: Instant, mem: &Mem) {
         for key in std::mem::take(&mut self.dirty) {
             if let Some(hc) = self.conns.get_mut(&key) {
                 hc.dirty = false;
             }
             self.flush_outbox(now, key);
+            self.flush_pending(key, mem);
             self.after_change(now, key);
+        }
+    }
+
+    /// Writes a connection's pending batch payload with `writev`; what the socket does not
+    /// take (or everything, if older bytes still wait in the outbox) is copied into the
+    /// outbox, since the guest gets its buffers back right after.
+    fn flush_pending(&mut self, key: ConnKey, mem: &Mem) {
+        let Some(hc) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if hc.pending.is_empty() {
+            return;
+        }
+        let ranges = std::mem::take(&mut hc.pending);
+        let total = std::mem::take(&mut hc.pending_len);
+        let mut slices = Vec::with_capacity(ranges.len());
+        for &(addr, len) in &ranges {
+            for slice in mem.get_slices(addr, len) {
+                match slice {
+                    Ok(s) => slices.push(s),
+                    Err(_) => {
+                        // Checked when the chain was loaded; the memory map cannot change
+                        // while the worker holds this lock.
+                        VmStats::inc(&self.shared.stats.malformed_chains);
+                        self.endpoint.reset(key);
+                        return;
+                    }
+                }
+            }
+        }
+        let mut written = 0usize;
+        let mut next = 0usize;
+        let mut failed = false;
+        while next < slices.len() && hc.out_stream.is_empty() {
+            let asked: usize = slices[next..]
+                .iter()
+                .take(iov::MAX_IOVECS)
+                .map(VolatileSlice::len)
+                .sum();
+            match iov::writev_slices(hc.sock.as_fd(), &slices[next..]) {
+                Ok(n) => {
+                    written += n;
+                    let mut left = n;
+                    while left > 0 {
+                        let len = slices[next].len();
+                        if left >= len {
+                            left -= len;
+                            next += 1;
+                        } else {
+                            slices[next] = slices[next].offset(left).expect("within the slice");
+                            left = 0;
+                        }
+                    }
+                    if n < asked {
+                        break; // the socket is full
+                    }
+                }
+                Err(e) if would_block(&e) => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if !failed && written < total {
+            let mut rest = Vec::with_capacity(total - written);
+            for s in &slices[next..] {
+                let at = rest.len();
+                rest.resize(at + s.len(), 0);
+                s.copy_to(&mut rest[at..]);
+            }
+            hc.out_stream.extend(rest);
+        }
+        if written > 0 {
+            self.endpoint.consumed(&key, written as u32);
+        }
+        if failed {
+            VmStats::inc(&self.shared.stats.host_errors);
+            self.endpoint.reset(key);
         }
     }
 
@@ -864,75 +972,23 @@ impl DataPlane {
             return;
         };
         let len = len as usize;
-        if hc.socket_type == SocketType::Stream && len < COALESCE_BELOW_BYTES {
-            // Small payload: stage it and write once per TX batch (see `flush_dirty`). A
-            // syscall per 64-byte packet would dominate the cost of small writes.
-            self.scratch.clear();
-            if self
-                .regions
-                .copy_payload(mem, 0, len, &mut self.scratch)
-                .is_err()
-            {
-                VmStats::inc(&self.shared.stats.malformed_chains);
-                self.endpoint.reset(key);
-                return;
-            }
-            hc.out_stream.extend(self.scratch.iter());
+        if hc.socket_type == SocketType::Stream {
+            // Written at the end of the TX batch, with one writev per connection straight
+            // from the guest's buffers (see `flush_dirty`), whose chains wait until then.
+            self.regions.payload_ranges(len, &mut hc.pending);
+            hc.pending_len += len;
             if !hc.dirty {
                 hc.dirty = true;
                 self.dirty.push(key);
             }
             return;
         }
-        if !hc.out_stream.is_empty() {
-            // Keep byte order: staged bytes go before this payload.
-            self.flush_outbox(now, key);
-        }
-        let Some(hc) = self.conns.get_mut(&key) else {
-            return;
-        };
+        // Seqpacket: a message goes out whole, with one write.
         let regions = &self.regions;
         let mut failed = false;
         let mut consumed = 0usize;
         match hc.socket_type {
-            SocketType::Stream => {
-                let mut written = 0usize;
-                if hc.out_stream.is_empty() {
-                    let sock = &mut hc.sock;
-                    let r = regions.for_each_payload_slice(mem, 0, len, |s| {
-                        match sock.write_volatile(&s) {
-                            Ok(n) => {
-                                written += n;
-                                if n < s.len() {
-                                    ControlFlow::Break(())
-                                } else {
-                                    ControlFlow::Continue(())
-                                }
-                            }
-                            Err(e) if would_block(&e) => ControlFlow::Break(()),
-                            Err(_) => {
-                                failed = true;
-                                ControlFlow::Break(())
-                            }
-                        }
-                    });
-                    if r.is_err() {
-                        failed = true;
-                    }
-                }
-                if !failed && written < len {
-                    let mut rest = Vec::new();
-                    if regions
-                        .copy_payload(mem, written, len - written, &mut rest)
-                        .is_err()
-                    {
-                        failed = true;
-                    } else {
-                        hc.out_stream.extend(rest);
-                    }
-                }
-                consumed = written;
-            }
+            SocketType::Stream => unreachable!("handled above"),
             SocketType::SeqPacket => {
                 if hc.partial_msg.is_empty() && eom && hc.out_msgs.is_empty() {
                     // Whole message in one packet: try to send it straight from guest
@@ -1021,7 +1077,7 @@ impl DataPlane {
             hc.sock.shutdown(std::net::Shutdown::Read);
             hc.shut_read_applied = true;
         }
-        let want_out = !hc.outbox_empty();
+        let want_out = hc.outbox_holds_data();
         if want_out != hc.want_out {
             // Adding OUT to a socket that is writable now reports it at once (edge included),
             // so no flush opportunity is lost between the write that left data behind and

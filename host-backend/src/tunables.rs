@@ -9,9 +9,6 @@ pub const MAX_RX_PAYLOAD_BYTES: usize = 64 * 1024;
 pub const MAX_PENDING_HANDSHAKES: usize = 128;
 /// How long a host connection may take to send its `CONNECT` line.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
-/// Guest->host stream payloads smaller than this are staged and written to the host socket
-/// once per TX batch instead of once per packet.
-pub const COALESCE_BELOW_BYTES: usize = 16 * 1024;
 /// How long a stopped device's connections may keep flushing guest data the host had not
 /// taken yet, before they are closed and the rest is counted as lost.
 pub const LINGER_TIMEOUT_MS: u64 = 10_000;
