@@ -1,8 +1,9 @@
 //! Host-side Unix sockets of guest connections: stream sockets for `SOCK_STREAM`,
 //! `SOCK_SEQPACKET` sockets for seqpacket, all non-blocking.
 //!
-//! Payload moves between these sockets and guest memory through vm-memory's volatile I/O
-//! traits, so there is no intermediate buffer on the fast path and no `unsafe` here.
+//! Host->guest payload is read straight into guest memory through vm-memory's volatile I/O
+//! traits; guest->host stream payload is written by [`crate::iov`] with `writev`. No
+//! intermediate buffer on the fast path and no `unsafe` here.
 
 use crate::tunables::HOST_SEND_BUFFER_BYTES;
 use domsock_proto::SocketType;
@@ -12,7 +13,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile};
+use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice};
 
 /// A connected host socket.
 #[derive(Debug)]
@@ -91,15 +92,6 @@ impl HostSocket {
         match self {
             HostSocket::Stream(s) => s.read_volatile(buf),
             HostSocket::SeqPacket(fd) => fd.read_volatile(buf),
-        }
-        .map_err(volatile_err)
-    }
-
-    /// Writes from guest memory (for seqpacket this sends one message).
-    pub fn write_volatile<B: BitmapSlice>(&mut self, buf: &VolatileSlice<B>) -> io::Result<usize> {
-        match self {
-            HostSocket::Stream(s) => s.write_volatile(buf),
-            HostSocket::SeqPacket(fd) => fd.write_volatile(buf),
         }
         .map_err(volatile_err)
     }
