@@ -14,6 +14,14 @@ step() { printf '\n==> %s\n' "$*"; }
 step "setting up VM test prerequisites"
 bash tests/vm/setup.sh
 
+step "installing the peer backend (vhost-device-vsock 0.3.0) for the comparison tests"
+# guest-driver/tests/peer.rs runs its cases against it; without it they only print a note.
+# Only ever run with its Unix-socket backend (never its vsock-forwarding options).
+if [ ! -x .cache/peer/bin/vhost-device-vsock ]; then
+    cargo install --quiet vhost-device-vsock --version 0.3.0 --root .cache/peer ||
+        echo "WARNING: could not install vhost-device-vsock; peer comparison tests will be skipped"
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
