@@ -987,42 +987,37 @@ impl DataPlane {
         let regions = &self.regions;
         let mut failed = false;
         let mut consumed = 0usize;
-        match hc.socket_type {
-            SocketType::Stream => unreachable!("handled above"),
-            SocketType::SeqPacket => {
-                if hc.partial_msg.is_empty() && eom && hc.out_msgs.is_empty() {
-                    // Whole message in one packet: try to send it straight from guest
-                    // memory when it is contiguous.
-                    let mut msg = Vec::new();
-                    if regions.copy_payload(mem, 0, len, &mut msg).is_err() {
-                        failed = true;
-                    } else {
-                        match hc.sock.write(&msg) {
-                            Ok(_) => consumed = len,
-                            Err(e) if would_block(&e) => hc.out_msgs.push_back(msg),
-                            Err(_) => failed = true,
-                        }
-                    }
-                } else if regions
-                    .copy_payload(mem, 0, len, &mut hc.partial_msg)
-                    .is_err()
-                {
-                    failed = true;
-                } else if eom {
-                    let msg = std::mem::take(&mut hc.partial_msg);
-                    hc.out_msgs.push_back(msg);
-                } else {
-                    let unconsumed = self
-                        .endpoint
-                        .get(&key)
-                        .map_or(0, |c| c.credit().unconsumed());
-                    if unconsumed >= self.endpoint.config().buf_alloc_bytes {
-                        // The message can never complete within our buffer: the guest
-                        // ignored our buf_alloc. Reset rather than stall.
-                        VmStats::inc(&self.shared.stats.protocol_resets);
-                        failed = true;
-                    }
+        if hc.partial_msg.is_empty() && eom && hc.out_msgs.is_empty() {
+            // Whole message in one packet: send it at once. It is copied out first because
+            // a seqpacket message must leave in one write even when it spans descriptors.
+            let mut msg = Vec::new();
+            if regions.copy_payload(mem, 0, len, &mut msg).is_err() {
+                failed = true;
+            } else {
+                match hc.sock.write(&msg) {
+                    Ok(_) => consumed = len,
+                    Err(e) if would_block(&e) => hc.out_msgs.push_back(msg),
+                    Err(_) => failed = true,
                 }
+            }
+        } else if regions
+            .copy_payload(mem, 0, len, &mut hc.partial_msg)
+            .is_err()
+        {
+            failed = true;
+        } else if eom {
+            let msg = std::mem::take(&mut hc.partial_msg);
+            hc.out_msgs.push_back(msg);
+        } else {
+            let unconsumed = self
+                .endpoint
+                .get(&key)
+                .map_or(0, |c| c.credit().unconsumed());
+            if unconsumed >= self.endpoint.config().buf_alloc_bytes {
+                // The message can never complete within our buffer: the guest
+                // ignored our buf_alloc. Reset rather than stall.
+                VmStats::inc(&self.shared.stats.protocol_resets);
+                failed = true;
             }
         }
         if consumed > 0 {
