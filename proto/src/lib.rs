@@ -9,10 +9,13 @@
 //! - [`endpoint`]: the connection table and per-connection state machine.
 //! - [`hybrid`]: the host-side `CONNECT <port>` handshake parser.
 //! - [`hash`]: the keyed hasher of connection tables.
+//! - [`control`]: the control service (name resolution) and the all-guests listener
+//!   preamble.
 
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod control;
 pub mod credit;
 pub mod endpoint;
 pub mod hash;
