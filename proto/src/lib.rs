@@ -9,6 +9,7 @@
 //! - [`endpoint`]: the connection table and per-connection state machine.
 //! - [`hybrid`]: the host-side `CONNECT <port>` handshake parser.
 //! - [`hash`]: the keyed hasher of connection tables.
+//! - [`relay`]: guest-to-guest relaying decisions (admission, credit watch).
 //! - [`control`]: the control service (name resolution) and the all-guests listener
 //!   preamble.
 
@@ -21,6 +22,7 @@ pub mod endpoint;
 pub mod hash;
 pub mod hybrid;
 pub mod packet;
+pub mod relay;
 
 pub use addr::{Cid, ConnKey, Port, VsockAddr};
 pub use endpoint::{ConnError, DropReason, Endpoint, EndpointConfig, Incoming, State, Timeout};
