@@ -5,24 +5,35 @@
 //! `--config FILE` (TOML with the same fields). Our own fields (`name=`) extend the same
 //! syntax. Unknown fields are errors, never silently ignored.
 
+use crate::policy::{Domain, PolicyConfig, DEFAULT_NAMESPACE, HOST_KEYWORD};
+use crate::router::ListenerConfig;
 use clap::Parser;
+use domsock_proto::control::valid_name;
+use domsock_proto::Cid;
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 /// Command line of `domsockd`.
-#[derive(Debug, Parser, Default)]
+#[derive(Debug, Parser, Default, Clone)]
 #[command(
     name = "domsockd",
     version,
-    about = "vhost-user vsock backend for many VMs"
+    about = "vhost-user vsock backend for many VMs, with sibling (guest-to-guest) routing, \
+             an access policy, names and namespaces"
 )]
 pub struct Args {
-    /// One VM: `guest-cid=N,socket=PATH,uds-path=PATH[,name=NAME][,groups=G1+G2]`.
-    /// Repeat for several VMs served by this process.
+    /// One VM: `guest-cid=N,socket=PATH,uds-path=PATH[,name=NAME][,namespace=NS]
+    /// [,groups=G1+G2]`. Repeat for several VMs served by this process. VMs sharing a
+    /// group (in one namespace) may connect to each other on any port.
     #[arg(long = "vm", value_name = "FIELDS")]
     pub vm: Vec<String>,
+    /// One host listener for every guest: `port=P,path=PATH[,namespace=NS]`. Guests
+    /// connecting to host port P reach PATH (after a one-line peer preamble) when their
+    /// VM has no `<uds>_<P>`. Repeatable.
+    #[arg(long = "listen", value_name = "FIELDS")]
+    pub listen: Vec<String>,
     /// Single-VM form: the guest's CID.
     #[arg(long, value_name = "CID")]
     pub guest_cid: Option<u64>,
@@ -54,11 +65,13 @@ pub struct VmConfig {
     pub socket: PathBuf,
     /// Host-side Unix socket prefix.
     pub uds_path: PathBuf,
-    /// Human-readable name (defaults to `vm<cid>`).
+    /// Domain name (defaults to `vm<cid>`), unique within its namespace.
     #[serde(default)]
     pub name: Option<String>,
-    /// vhost-device-vsock groups (accepted for compatibility; guest-to-guest routing uses
-    /// them in a later release).
+    /// Namespace (tenant); defaults to `default`.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// vhost-device-vsock groups: VMs sharing one may connect to each other on any port.
     #[serde(default)]
     pub groups: Vec<String>,
 }
@@ -69,6 +82,23 @@ impl VmConfig {
         self.name
             .clone()
             .unwrap_or_else(|| format!("vm{}", self.guest_cid))
+    }
+
+    /// The VM's namespace.
+    pub fn namespace(&self) -> String {
+        self.namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string())
+    }
+
+    /// The VM as the policy sees it.
+    pub fn domain(&self) -> Domain {
+        Domain {
+            cid: Cid(self.guest_cid),
+            name: self.display_name(),
+            namespace: self.namespace(),
+            groups: self.groups.clone(),
+        }
     }
 }
 
@@ -82,6 +112,10 @@ struct FileConfig {
     busy_poll_us: Option<u64>,
     #[serde(default)]
     vm: Vec<VmConfig>,
+    #[serde(default)]
+    policy: Option<PolicyConfig>,
+    #[serde(default)]
+    listen: Vec<ListenerConfig>,
 }
 
 /// Validated daemon configuration.
@@ -93,6 +127,10 @@ pub struct Config {
     pub queue_size: u16,
     /// Busy-poll window after each event (zero: off).
     pub busy_poll: std::time::Duration,
+    /// The access policy (`[policy]` of the config file; `groups=` add to it).
+    pub policy: PolicyConfig,
+    /// All-guests host listeners.
+    pub listeners: Vec<ListenerConfig>,
 }
 
 /// Why a configuration was rejected.
@@ -102,7 +140,9 @@ pub enum ConfigError {
     #[error("--vm field {0:?} is not key=value")]
     NotKeyValue(String),
     /// Unknown field name.
-    #[error("unknown --vm field {0:?} (known: guest-cid, socket, uds-path, name, groups)")]
+    #[error(
+        "unknown --vm field {0:?} (known: guest-cid, socket, uds-path, name, namespace, groups)"
+    )]
     UnknownField(String),
     /// A field appears twice.
     #[error("--vm field {0:?} given twice")]
@@ -127,9 +167,34 @@ pub enum ConfigError {
     /// Two VMs share a path.
     #[error("path {0} is used by two VMs")]
     DuplicatePath(PathBuf),
-    /// Two VMs share a name.
+    /// Two VMs of one namespace share a name.
     #[error("name {0:?} is used by two VMs")]
     DuplicateName(String),
+    /// A name or namespace outside `[A-Za-z0-9._-]{1,64}`, or the reserved `host`.
+    #[error("{what} {value:?} is not a valid name ([A-Za-z0-9._-], 1 to 64 characters, not `host`)")]
+    BadName {
+        /// Which field.
+        what: &'static str,
+        /// Its value.
+        value: String,
+    },
+    /// A `--listen` value is malformed.
+    #[error("--listen {0:?}: expected port=P,path=PATH[,namespace=NS]")]
+    BadListen(String),
+    /// Two listeners for one port and namespace.
+    #[error("two listeners for port {0} in the same namespace scope")]
+    DuplicateListener(u32),
+    /// A listener names a namespace no VM is in.
+    #[error("listener for port {port} names namespace {namespace:?}, which no VM is in")]
+    UnknownListenerNamespace {
+        /// Port.
+        port: u32,
+        /// Namespace.
+        namespace: String,
+    },
+    /// The policy does not compile against the VMs.
+    #[error("invalid policy")]
+    Policy(#[source] crate::policy::PolicyError),
     /// Single-VM flags mixed with `--vm`, or incomplete.
     #[error("use either --vm, --config, or all of --guest-cid/--socket/--uds-path")]
     MixedForms,
@@ -168,6 +233,7 @@ pub fn parse_vm_fields(text: &str) -> Result<VmConfig, ConfigError> {
     let mut socket = None;
     let mut uds = None;
     let mut name = None;
+    let mut namespace = None;
     let mut groups = None;
     for field in text.split(',').filter(|f| !f.is_empty()) {
         let (k, v) = field
@@ -196,6 +262,11 @@ pub fn parse_vm_fields(text: &str) -> Result<VmConfig, ConfigError> {
                     return Err(dup());
                 }
             }
+            "namespace" => {
+                if namespace.replace(v.to_string()).is_some() {
+                    return Err(dup());
+                }
+            }
             "groups" => {
                 let g: Vec<String> = v.split('+').map(str::to_string).collect();
                 if groups.replace(g).is_some() {
@@ -214,7 +285,31 @@ pub fn parse_vm_fields(text: &str) -> Result<VmConfig, ConfigError> {
         socket: socket.ok_or_else(|| missing("socket"))?,
         uds_path: uds.ok_or_else(|| missing("uds-path"))?,
         name,
+        namespace,
         groups: groups.unwrap_or_default(),
+    })
+}
+
+/// Parses one `--listen` value.
+pub fn parse_listen_fields(text: &str) -> Result<ListenerConfig, ConfigError> {
+    let bad = || ConfigError::BadListen(text.to_string());
+    let (mut port, mut path, mut namespace) = (None, None, None);
+    for field in text.split(',').filter(|f| !f.is_empty()) {
+        let (k, v) = field.split_once('=').ok_or_else(bad)?;
+        let fresh = match k {
+            "port" => port.replace(v.parse::<u32>().map_err(|_| bad())?).is_none(),
+            "path" => path.replace(PathBuf::from(v)).is_none(),
+            "namespace" => namespace.replace(v.to_string()).is_none(),
+            _ => return Err(bad()),
+        };
+        if !fresh {
+            return Err(bad());
+        }
+    }
+    Ok(ListenerConfig {
+        port: port.ok_or_else(bad)?,
+        path: path.ok_or_else(bad)?,
+        namespace,
     })
 }
 
@@ -250,12 +345,19 @@ impl TryFrom<Args> for Config {
                 socket: args.socket.expect("checked"),
                 uds_path: args.uds_path.expect("checked"),
                 name: None,
+                namespace: None,
                 groups: Vec::new(),
             });
         }
         for v in &args.vm {
             vms.push(parse_vm_fields(v)?);
         }
+        let mut listeners = args
+            .listen
+            .iter()
+            .map(|l| parse_listen_fields(l))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut policy = PolicyConfig::default();
         if let Some(path) = &args.config {
             let file = load_file(path)?;
             if let Some(q) = file.queue_size {
@@ -265,11 +367,17 @@ impl TryFrom<Args> for Config {
                 busy_poll_us = b;
             }
             vms.extend(file.vm);
+            listeners.extend(file.listen);
+            if let Some(p) = file.policy {
+                policy = p;
+            }
         }
         let config = Config {
             vms,
             queue_size,
             busy_poll: std::time::Duration::from_micros(busy_poll_us),
+            policy,
+            listeners,
         };
         config.validate()?;
         Ok(config)
@@ -294,7 +402,7 @@ impl Config {
         let mut paths = HashSet::new();
         let mut names = HashSet::new();
         for vm in &self.vms {
-            if !domsock_proto::Cid(vm.guest_cid).is_guest() {
+            if !Cid(vm.guest_cid).is_guest() {
                 return Err(ConfigError::ReservedCid(vm.guest_cid));
             }
             if !cids.insert(vm.guest_cid) {
@@ -305,11 +413,48 @@ impl Config {
                     return Err(ConfigError::DuplicatePath(p.clone()));
                 }
             }
-            if !names.insert(vm.display_name()) {
-                return Err(ConfigError::DuplicateName(vm.display_name()));
+            let bad = |what, value: String| ConfigError::BadName { what, value };
+            let (name, ns) = (vm.display_name(), vm.namespace());
+            if !valid_name(&name) || name == HOST_KEYWORD {
+                return Err(bad("name", name));
+            }
+            if !valid_name(&ns) {
+                return Err(bad("namespace", ns));
+            }
+            if let Some(g) = vm.groups.iter().find(|g| !valid_name(g)) {
+                return Err(bad("group", g.clone()));
+            }
+            if !names.insert((ns, name.clone())) {
+                return Err(ConfigError::DuplicateName(name));
             }
         }
+        let namespaces: HashSet<String> = self.vms.iter().map(VmConfig::namespace).collect();
+        let mut scopes = HashSet::new();
+        for l in &self.listeners {
+            if let Some(ns) = &l.namespace {
+                if !namespaces.contains(ns) {
+                    return Err(ConfigError::UnknownListenerNamespace {
+                        port: l.port,
+                        namespace: ns.clone(),
+                    });
+                }
+            }
+            if !scopes.insert((l.port, l.namespace.clone())) {
+                return Err(ConfigError::DuplicateListener(l.port));
+            }
+        }
+        self.compile_policy()?;
         Ok(())
+    }
+
+    /// The VMs as the policy sees them.
+    pub fn domains(&self) -> Vec<Domain> {
+        self.vms.iter().map(VmConfig::domain).collect()
+    }
+
+    /// The compiled access policy.
+    pub fn compile_policy(&self) -> Result<crate::policy::Policy, ConfigError> {
+        crate::policy::Policy::compile(&self.policy, &self.domains()).map_err(ConfigError::Policy)
     }
 }
 

@@ -12,16 +12,24 @@
 //! bounded by the credit we advertise. Host->guest payload is read from the socket straight
 //! into the RX descriptors.
 //!
-//! What it does not do: routing between guests (a later release), any policy.
+//! Packets to other guests go to the [`Router`], which relays them on this thread; the
+//! router also holds the access policy this data plane asks before connecting a guest to a
+//! host port, and the all-guests listeners.
+//!
+//! What it does not do: decide policy, or touch another guest's queues (the router does).
 
 use crate::chain::{Mem, Regions};
 use crate::host::HostSocket;
 use crate::iov;
 use crate::metrics::VmStats;
+use crate::control::CONTROL_PORT;
+use crate::policy::Verdict;
+use crate::router::{Routed, Router};
 use crate::tunables::{
     BUSY_POLL_MAX_WINDOWS, HANDSHAKE_TIMEOUT_MS, LINGER_TIMEOUT_MS, MAX_PAYLOAD_BYTES,
     MAX_PENDING_HANDSHAKES, MAX_RX_PAYLOAD_BYTES,
 };
+use domsock_proto::control::PeerPreamble;
 use domsock_proto::hash::KeyedState;
 use domsock_proto::hybrid::{ok_line, parse_connect_line};
 use domsock_proto::{
@@ -36,6 +44,7 @@ use std::ops::ControlFlow;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
@@ -45,6 +54,7 @@ use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, VolatileSlice,
 };
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 /// Index of the RX virtqueue.
@@ -54,6 +64,7 @@ pub const TX_QUEUE: usize = 1;
 
 const TOKEN_LISTENER: u64 = 1;
 const TOKEN_TIMER: u64 = 2;
+const TOKEN_WAKE: u64 = 3;
 const FIRST_DYNAMIC_TOKEN: u64 = 16;
 
 /// Why the worker thread runs the data plane.
@@ -86,6 +97,10 @@ pub struct VmShared {
     /// before sleeping (0: never). Trades CPU for latency: a reply that arrives within
     /// the window costs no wake-up.
     pub busy_poll: Duration,
+    /// Wakes the VM's data plane from other threads (policy reload).
+    pub wake: EventFd,
+    /// Open control-service connections.
+    pub control_conns: AtomicUsize,
 }
 
 impl VmShared {
@@ -114,6 +129,8 @@ impl VmShared {
             listener,
             stats: VmStats::default(),
             busy_poll,
+            wake: EventFd::new(EFD_NONBLOCK)?,
+            control_conns: AtomicUsize::new(0),
         }))
     }
 
@@ -172,10 +189,16 @@ struct HostConn {
     want_out: bool,
     /// Host-initiated: the port to confirm with `OK <port>` once the guest accepts.
     reply_ok: Option<Port>,
+    /// The guest connected to a host port (checked against the policy on reload).
+    guest_initiated: bool,
 }
 
 impl HostConn {
     fn new(sock: HostSocket, token: u64, socket_type: SocketType) -> Self {
+        Self::with_origin(sock, token, socket_type, false)
+    }
+
+    fn with_origin(sock: HostSocket, token: u64, socket_type: SocketType, guest_initiated: bool) -> Self {
         Self {
             sock,
             token,
@@ -197,6 +220,7 @@ impl HostConn {
             dirty: false,
             want_out: false,
             reply_ok: None,
+            guest_initiated,
         }
     }
 
@@ -284,6 +308,11 @@ enum Fill {
 #[derive(Debug)]
 pub struct DataPlane {
     shared: Arc<VmShared>,
+    router: Arc<Router>,
+    /// Our RX queue is registered with the router.
+    attached: bool,
+    /// The router generation (policy) host connections were last checked against.
+    policy_generation: u64,
     endpoint: Endpoint,
     conns: HashMap<ConnKey, HostConn, KeyedState>,
     targets: HashMap<u64, Target, KeyedState>,
@@ -313,8 +342,15 @@ fn would_block(e: &io::Error) -> bool {
 }
 
 impl DataPlane {
-    /// A data plane for `shared`, with its own nested epoll.
+    /// A data plane for a VM alone (no other guests to route to), with its own nested
+    /// epoll.
     pub fn new(shared: Arc<VmShared>) -> io::Result<Self> {
+        let router = Arc::new(Router::solo(shared.clone()));
+        Self::with_router(shared, router)
+    }
+
+    /// A data plane for `shared` that routes to other guests through `router`.
+    pub fn with_router(shared: Arc<VmShared>, router: Arc<Router>) -> io::Result<Self> {
         // Guests choose the ports in connection keys: key the tables' hasher with a seed
         // they cannot know. std's RandomState is seeded from OS randomness.
         let hash_seed = std::hash::RandomState::new().hash_one(0x0064_6f6d_736f_636b_u64);
@@ -330,8 +366,17 @@ impl DataPlane {
             timer.as_raw_fd(),
             EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, TOKEN_TIMER),
         )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            shared.wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, TOKEN_WAKE),
+        )?;
+        let policy_generation = router.generation();
         Ok(Self {
             shared,
+            router,
+            attached: false,
+            policy_generation,
             endpoint: Endpoint::new(EndpointConfig {
                 hash_seed,
                 ..EndpointConfig::default()
@@ -362,6 +407,8 @@ impl DataPlane {
     /// New guest memory map.
     pub fn set_memory(&mut self, mem: GuestMemoryAtomic<Mem>) {
         self.mem = Some(mem);
+        // Re-register with the router under the new map at the next pump.
+        self.attached = false;
     }
 
     /// The device stopped (guest reset, reboot or QEMU gone): every connection is dead on
@@ -371,6 +418,8 @@ impl DataPlane {
             return;
         }
         self.stopped = true;
+        self.router.detach(self.shared.cid);
+        self.attached = false;
         VmStats::inc(&self.shared.stats.device_stops);
         let n = self.conns.len();
         let mut lingering = Vec::new();
@@ -418,6 +467,13 @@ impl DataPlane {
             && vrings.get(TX_QUEUE).is_some_and(queue_running);
         if self.guest_running {
             self.stopped = false;
+            if !self.attached {
+                if let Some(mem) = self.mem.clone() {
+                    self.router
+                        .attach(self.shared.cid, vrings[RX_QUEUE].clone(), mem);
+                    self.attached = true;
+                }
+            }
         }
         if matches!(wake, Wake::Sockets | Wake::All) {
             let _ = self.drain_socket_events(now);
@@ -510,6 +566,10 @@ impl DataPlane {
                 // Expiry count is irrelevant; timers are re-derived from the endpoint.
                 let _ = self.timer.clear();
                 self.timer_armed = None;
+            }
+            TOKEN_WAKE => {
+                let _ = self.shared.wake.read();
+                self.recheck_policy(now);
             }
             _ => match self.targets.get(&token).copied() {
                 Some(Target::Handshake) => self.read_handshake(now, token),
@@ -851,14 +911,6 @@ impl DataPlane {
             debug!(vm = %self.shared.name, src = %hdr.src, "spoofed source CID");
             return;
         }
-        if hdr.dst.cid != Cid::HOST {
-            VmStats::inc(&stats.unroutable_packets);
-            debug!(vm = %self.shared.name, dst = %hdr.dst, "unroutable destination");
-            if hdr.op != Op::Rst {
-                self.endpoint.refuse(&hdr);
-            }
-            return;
-        }
         if self.regions.payload_capacity() < hdr.len as usize {
             VmStats::inc(&stats.malformed_chains);
             debug!(vm = %self.shared.name, claimed = hdr.len, have = self.regions.payload_capacity(), "payload truncated");
@@ -867,6 +919,10 @@ impl DataPlane {
         }
         VmStats::inc(&stats.tx_packets);
         VmStats::add(&stats.tx_bytes, u64::from(hdr.len));
+        if hdr.dst.cid != Cid::HOST {
+            self.route_to_guest(&hdr, &raw, mem);
+            return;
+        }
         tracing::trace!(vm = %self.shared.name, op = ?hdr.op, len = hdr.len, buf_alloc = hdr.buf_alloc, fwd_cnt = hdr.fwd_cnt, key = %hdr.receiver_key(), "tx packet");
         let incoming = self.endpoint.handle(&hdr);
         match incoming {
@@ -898,6 +954,56 @@ impl DataPlane {
         }
     }
 
+    /// A packet for another guest: the router relays it (on this thread) or says why not.
+    fn route_to_guest(&mut self, hdr: &Header, raw: &RawHeader, mem: &Mem) {
+        let stats = &self.shared.stats;
+        match self
+            .router
+            .route(&self.shared, hdr, raw, &self.regions, mem)
+        {
+            Routed::Forwarded | Routed::Dropped => {}
+            Routed::Unroutable => {
+                VmStats::inc(&stats.unroutable_packets);
+                debug!(vm = %self.shared.name, dst = %hdr.dst, "unroutable destination");
+                self.endpoint.refuse(hdr);
+            }
+            Routed::Refused(why) => {
+                if why == domsock_proto::relay::Refusal::UnknownConnection {
+                    VmStats::inc(&stats.unknown_connection_rsts);
+                }
+                debug!(vm = %self.shared.name, dst = %hdr.dst, ?why, "guest-to-guest packet refused");
+                self.endpoint.refuse(hdr);
+            }
+            Routed::Violation(_) | Routed::Overflow => self.endpoint.refuse(hdr),
+        }
+    }
+
+    /// The policy changed: reset guest connections to host ports it no longer allows.
+    fn recheck_policy(&mut self, now: Instant) {
+        let generation = self.router.generation();
+        if generation == self.policy_generation {
+            return;
+        }
+        self.policy_generation = generation;
+        let denied: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(key, hc)| {
+                hc.guest_initiated
+                    && !self
+                        .router
+                        .check_host(key.peer.cid, key.local.port, hc.socket_type)
+                        .is_allowed()
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in denied {
+            warn!(vm = %self.shared.name, %key, "host connection reset: no longer allowed by the reloaded policy");
+            self.endpoint.reset(key);
+            self.after_change(now, key);
+        }
+    }
+
     fn reset_raw(&mut self, now: Instant, raw: &RawHeader) {
         let key = ConnKey {
             local: VsockAddr::new(Cid(raw.dst_cid), Port(raw.dst_port)),
@@ -916,14 +1022,36 @@ impl DataPlane {
     }
 
     fn guest_connect(&mut self, now: Instant, req: &Header) {
-        let path = self.shared.port_path(req.dst.port);
-        let sock = match HostSocket::connect(&path, req.socket_type) {
-            Ok(s) => s,
-            Err(e) => {
-                VmStats::inc(&self.shared.stats.refused_connections);
-                debug!(vm = %self.shared.name, path = %path.display(), error = %e, "guest connect refused");
+        let stats = &self.shared.stats;
+        let port = req.dst.port;
+        let (sock, preamble) = if port == CONTROL_PORT && req.socket_type == SocketType::Stream {
+            match self.control_socket() {
+                Ok(s) => (s, None),
+                Err(e) => {
+                    VmStats::inc(&stats.refused_connections);
+                    debug!(vm = %self.shared.name, error = %e, "control connection refused");
+                    self.endpoint.refuse(req);
+                    return;
+                }
+            }
+        } else {
+            if let Verdict::Deny(why) = self
+                .router
+                .check_host(self.shared.cid, port, req.socket_type)
+            {
+                VmStats::inc(&stats.denied_connections);
+                warn!(from = %self.shared.name, to = "host", port = port.0, socket_type = ?req.socket_type, %why, "connection denied by policy");
                 self.endpoint.refuse(req);
                 return;
+            }
+            match self.connect_host_port(req) {
+                Ok(found) => found,
+                Err(e) => {
+                    VmStats::inc(&stats.refused_connections);
+                    debug!(vm = %self.shared.name, port = port.0, error = %e, "guest connect refused");
+                    self.endpoint.refuse(req);
+                    return;
+                }
             }
         };
         let key = match self.endpoint.accept(req) {
@@ -934,6 +1062,16 @@ impl DataPlane {
                 return;
             }
         };
+        let mut sock = sock;
+        if let Some(line) = preamble {
+            // A fresh socket's send buffer is empty, so the short line goes out whole, as
+            // one message on a seqpacket socket.
+            if !matches!(sock.write(line.as_bytes()), Ok(n) if n == line.len()) {
+                VmStats::inc(&self.shared.stats.host_errors);
+                self.endpoint.reset(key);
+                return;
+            }
+        }
         let token = match self.register(sock.raw_fd(), Target::Conn(key)) {
             Ok(t) => t,
             Err(e) => {
@@ -944,9 +1082,44 @@ impl DataPlane {
         };
         VmStats::inc(&self.shared.stats.accepted_connections);
         debug!(vm = %self.shared.name, %key, "guest connect accepted");
-        self.conns
-            .insert(key, HostConn::new(sock, token, req.socket_type));
+        self.conns.insert(
+            key,
+            HostConn::with_origin(sock, token, req.socket_type, true),
+        );
         self.after_change(now, key);
+    }
+
+    /// The host socket for a guest connecting to host port `req.dst.port`: the VM's own
+    /// `<uds>_<port>`, or else the all-guests listener of the port, which first gets the
+    /// peer preamble (returned with it).
+    fn connect_host_port(&self, req: &Header) -> io::Result<(HostSocket, Option<String>)> {
+        let path = self.shared.port_path(req.dst.port);
+        let own = HostSocket::connect(&path, req.socket_type);
+        let Err(own_err) = own else {
+            return own.map(|s| (s, None));
+        };
+        let Some(shared_path) = self.router.listener_for(self.shared.cid, req.dst.port) else {
+            return Err(own_err);
+        };
+        let sock = HostSocket::connect(shared_path, req.socket_type)?;
+        let identity = self
+            .router
+            .identity(self.shared.cid)
+            .ok_or_else(|| io::Error::new(ErrorKind::NotFound, "no identity"))?;
+        VmStats::inc(&self.shared.stats.listener_connections);
+        let line = PeerPreamble {
+            identity,
+            port: req.src.port,
+        }
+        .encode();
+        Ok((sock, Some(line)))
+    }
+
+    /// One end of a socket pair whose other end the control service answers.
+    fn control_socket(&self) -> io::Result<HostSocket> {
+        let (ours, theirs) = UnixStream::pair()?;
+        crate::control::spawn(self.router.clone(), self.shared.clone(), theirs)?;
+        HostSocket::from_stream(ours)
     }
 
     fn host_connected(&mut self, now: Instant, key: ConnKey) {
@@ -1167,6 +1340,8 @@ impl DataPlane {
         atomic: &GuestMemoryAtomic<Mem>,
         now: Instant,
     ) {
+        // Guest-to-guest packets that waited for RX buffers go first.
+        self.router.drain(self.shared.cid);
         let mut used_any = false;
         'outer: loop {
             if !self.endpoint.has_transmit() && self.ready.is_empty() {

@@ -6,6 +6,7 @@
 
 use crate::chain::Mem;
 use crate::dataplane::{DataPlane, VmShared, Wake, RX_QUEUE, TX_QUEUE};
+use crate::router::Router;
 use domsock_proto::packet::VIRTIO_VSOCK_F_SEQPACKET;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -39,9 +40,10 @@ pub struct VsockDevice {
 }
 
 impl VsockDevice {
-    /// Builds a device for the VM described by `shared`.
-    pub fn new(shared: Arc<VmShared>, queue_size: u16) -> io::Result<Self> {
-        let plane = DataPlane::new(shared.clone())?;
+    /// Builds a device for the VM described by `shared`, routing to other guests through
+    /// `router`.
+    pub fn new(shared: Arc<VmShared>, queue_size: u16, router: Arc<Router>) -> io::Result<Self> {
+        let plane = DataPlane::with_router(shared.clone(), router)?;
         let epoll_fd = plane.epoll_fd();
         Ok(Self {
             shared,

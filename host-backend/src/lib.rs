@@ -14,10 +14,13 @@
 
 pub mod chain;
 pub mod config;
+pub mod control;
 pub mod dataplane;
 pub mod device;
 pub mod host;
 pub mod iov;
 pub mod metrics;
+pub mod policy;
+pub mod router;
 pub mod server;
 pub mod tunables;

@@ -2,10 +2,12 @@
 
 use clap::Parser;
 use domsock_host::config::{Args, Config};
+use domsock_host::router::{self, Router};
 use domsock_host::server::VmServer;
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use tracing::{error, info};
+use std::sync::Arc;
+use tracing::{error, info, warn};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -16,8 +18,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let config = match Config::try_from(Args::parse()) {
+    let args = Args::parse();
+    let config = match Config::try_from(args.clone()) {
         Ok(c) => c,
+        Err(e) => {
+            error!("{}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let policy = match config.compile_policy() {
+        Ok(p) => p,
         Err(e) => {
             error!("{}", error_chain(&e));
             return ExitCode::from(2);
@@ -34,21 +44,23 @@ fn main() -> ExitCode {
         }
     }
     let vms: Vec<_> = servers.iter().map(|(_, s)| s.shared()).collect();
+    let router = Arc::new(Router::new(vms, policy, config.listeners.clone()));
     let sockets: Vec<_> = config
         .vms
         .iter()
         .flat_map(|v| [v.socket.clone(), v.uds_path.clone()])
         .collect();
-    if let Err(e) = spawn_signal_thread(vms, sockets) {
+    if let Err(e) = spawn_signal_thread(router.clone(), args, config, sockets) {
         error!("cannot set up signal handling: {e}");
         return ExitCode::from(1);
     }
     let handles: Vec<_> = servers
         .into_iter()
         .map(|(name, s)| {
+            let router = router.clone();
             std::thread::Builder::new()
                 .name(format!("vm-{name}"))
-                .spawn(move || s.run())
+                .spawn(move || s.run(router))
                 .expect("spawning a VM thread")
         })
         .collect();
@@ -58,16 +70,24 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Blocks SIGUSR1/SIGTERM/SIGINT in every thread (the mask is inherited by threads spawned
-/// later) and handles them on one thread with `sigwait`: SIGUSR1 logs every VM's counters;
-/// SIGTERM/SIGINT log them, remove our socket files and exit.
+/// Blocks SIGUSR1/SIGHUP/SIGTERM/SIGINT in every thread (the mask is inherited by threads
+/// spawned later) and handles them on one thread with `sigwait`: SIGUSR1 logs every VM's
+/// counters; SIGHUP reloads the access policy; SIGTERM/SIGINT log the counters, remove our
+/// socket files and exit.
 fn spawn_signal_thread(
-    vms: Vec<std::sync::Arc<domsock_host::dataplane::VmShared>>,
+    router: Arc<Router>,
+    args: Args,
+    config: Config,
     sockets: Vec<std::path::PathBuf>,
 ) -> nix::Result<()> {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
-    for sig in [Signal::SIGUSR1, Signal::SIGTERM, Signal::SIGINT] {
+    for sig in [
+        Signal::SIGUSR1,
+        Signal::SIGHUP,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+    ] {
         set.add(sig);
     }
     set.thread_block()?;
@@ -75,9 +95,14 @@ fn spawn_signal_thread(
         .name("signals".into())
         .spawn(move || loop {
             let Ok(sig) = set.wait() else { continue };
-            for vm in &vms {
+            if sig == Signal::SIGHUP {
+                reload(&router, &args, &config);
+                continue;
+            }
+            for vm in router.vms() {
                 info!(vm = %vm.name, cid = %vm.cid, stats = %vm.stats, "counters");
             }
+            router::log_summary(&router);
             if sig != Signal::SIGUSR1 {
                 for p in &sockets {
                     let _ = std::fs::remove_file(p);
@@ -88,6 +113,36 @@ fn spawn_signal_thread(
         })
         .map_err(|_| nix::Error::EAGAIN)?;
     Ok(())
+}
+
+/// Re-reads the configuration and swaps in its policy (rules and groups). The VMs
+/// themselves (CIDs, names, namespaces, sockets) need a restart to change; a file that
+/// changes them, or does not parse, leaves the running policy in place.
+fn reload(router: &Router, args: &Args, running: &Config) {
+    let fresh = match Config::try_from(args.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("policy reload failed, keeping the running policy: {}", error_chain(&e));
+            return;
+        }
+    };
+    let identity = |c: &Config| {
+        c.vms
+            .iter()
+            .map(|v| (v.guest_cid, v.display_name(), v.namespace()))
+            .collect::<Vec<_>>()
+    };
+    if identity(&fresh) != identity(running) {
+        warn!("policy reload: the set of VMs changed, which needs a restart; keeping the running policy");
+        return;
+    }
+    match fresh.compile_policy() {
+        Ok(policy) => {
+            let reset = router.reload(policy);
+            info!(reset, "policy reloaded");
+        }
+        Err(e) => warn!("policy reload failed, keeping the running policy: {}", error_chain(&e)),
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

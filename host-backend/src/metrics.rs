@@ -58,6 +58,20 @@ counters! {
     lingered_connections,
     /// Guest data lost because a lingering connection's host end did not take it in time.
     lingered_bytes_lost,
+    /// Connection requests refused by the access policy (counted on the sender).
+    denied_connections,
+    /// Guest-to-guest connections admitted (counted on the client).
+    g2g_connects,
+    /// Guest-to-guest packets relayed (counted on the sender).
+    g2g_packets,
+    /// Guest-to-guest payload bytes relayed (counted on the sender).
+    g2g_bytes,
+    /// Guest-to-guest payload copied to the backlog because this VM's RX ring was full.
+    g2g_fallback_bytes,
+    /// Guest connections handed to an all-guests host listener.
+    listener_connections,
+    /// Control-service requests answered.
+    control_requests,
 }
 
 impl VmStats {

@@ -5,6 +5,7 @@
 use crate::config::VmConfig;
 use crate::dataplane::VmShared;
 use crate::device::{VsockDevice, BACKEND_EVENT};
+use crate::router::Router;
 use domsock_proto::Cid;
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,11 +83,12 @@ impl VmServer {
         self.shared.clone()
     }
 
-    /// Serves frontends one after another, forever.
-    pub fn run(mut self) {
+    /// Serves frontends one after another, forever, routing to other guests through
+    /// `router`.
+    pub fn run(mut self, router: Arc<Router>) {
         let name = self.shared.name.clone();
         loop {
-            if let Err(e) = self.serve_one() {
+            if let Err(e) = self.serve_one(&router) {
                 error!(vm = %name, error = %e, "frontend session failed");
                 // Avoid a hot loop if something is persistently wrong.
                 std::thread::sleep(Duration::from_millis(200));
@@ -94,8 +96,12 @@ impl VmServer {
         }
     }
 
-    fn serve_one(&mut self) -> Result<(), Box<dyn std::error::Error>> {
-        let device = Arc::new(VsockDevice::new(self.shared.clone(), self.queue_size)?);
+    fn serve_one(&mut self, router: &Arc<Router>) -> Result<(), Box<dyn std::error::Error>> {
+        let device = Arc::new(VsockDevice::new(
+            self.shared.clone(),
+            self.queue_size,
+            router.clone(),
+        )?);
         let mut daemon = VhostUserDaemon::new(
             format!("domsock-{}", self.shared.name),
             device.clone(),

@@ -17,3 +17,15 @@ pub const HOST_SEND_BUFFER_BYTES: usize = 1024 * 1024;
 /// A busy-poll run ends after this many windows even while work keeps arriving, so the
 /// vhost-user thread never waits long for the data plane's lock.
 pub const BUSY_POLL_MAX_WINDOWS: u32 = 20;
+/// Payload (plus headers) a receiving guest's backlog may hold when its RX ring is full;
+/// a connection whose packet would overflow it is reset.
+pub const G2G_BACKLOG_MAX_BYTES: usize = 8 * 1024 * 1024;
+/// Largest receive window forwarded to a guest-to-guest sender (its peer may advertise
+/// more; the sender is told less, which bounds what one connection can have in flight).
+pub const MAX_RELAY_WINDOW_BYTES: u32 = 1024 * 1024;
+/// Relayed (guest-to-guest) connections one VM may take part in.
+pub const MAX_RELAY_CONNS_PER_DOMAIN: usize = 1024;
+/// Open control-service connections per VM.
+pub const MAX_CONTROL_CONNS_PER_VM: usize = 8;
+/// A control-service connection idle this long is closed.
+pub const CONTROL_IDLE_TIMEOUT_MS: u64 = 60_000;

@@ -1,7 +1,8 @@
 //! Runs the vhost-user vsock backend process under test.
 //!
 //! CLI contract (shared by domsockd and vhost-device-vsock):
-//! `<backend> --vm guest-cid=N,socket=PATH,uds-path=PATH [--vm ...]`. The backend listens on
+//! `<backend> --vm guest-cid=N,socket=PATH,uds-path=PATH [--vm ...]`; domsockd also takes
+//! `--config FILE` ([`Backend::spawn_config`]). The backend listens on
 //! each `socket` for QEMU; the spawn returns once every socket exists. Its output goes to a
 //! log file. It is stopped by PID (SIGTERM, then SIGKILL) when the [`Backend`] is dropped.
 
@@ -39,7 +40,8 @@ impl VmSpec {
         }
     }
 
-    fn arg(&self) -> String {
+    /// The `--vm` value: `guest-cid=N,socket=PATH,uds-path=PATH`.
+    pub fn arg(&self) -> String {
         format!(
             "guest-cid={},socket={},uds-path={}",
             self.cid,
@@ -84,6 +86,48 @@ impl Backend {
         specs: &[VmSpec],
         log_dir: &Path,
     ) -> Backend {
+        Self::spawn_binary_vm_fields(binary, args, specs, "", log_dir)
+    }
+
+    /// Like [`Backend::spawn_binary_args`], appending `more_fields` (e.g. `,groups=g`) to
+    /// every `--vm` value.
+    ///
+    /// # Panics
+    /// If it cannot start, exits, or does not create its sockets in time.
+    pub fn spawn_binary_vm_fields(
+        binary: &Path,
+        args: &[String],
+        specs: &[VmSpec],
+        more_fields: &str,
+        log_dir: &Path,
+    ) -> Backend {
+        let mut all = args.to_vec();
+        for s in specs {
+            all.push("--vm".to_owned());
+            all.push(format!("{}{more_fields}", s.arg()));
+        }
+        Self::spawn_waiting(binary, &all, specs, log_dir)
+    }
+
+    /// Starts the backend from [`artifacts::backend_binary`] with `--config <config>` and
+    /// `args`, and waits for the vhost-user sockets of `specs` (the VMs the file configures).
+    ///
+    /// # Panics
+    /// If it cannot start, exits, or does not create its sockets in time.
+    pub fn spawn_config(
+        config: &Path,
+        args: &[String],
+        specs: &[VmSpec],
+        log_dir: &Path,
+    ) -> Backend {
+        let mut all = vec!["--config".to_owned(), config.display().to_string()];
+        all.extend_from_slice(args);
+        Self::spawn_waiting(&artifacts::backend_binary(), &all, specs, log_dir)
+    }
+
+    /// Runs `binary args` with its output in `<log_dir>/backend.log` and waits until every
+    /// socket of `specs` exists.
+    fn spawn_waiting(binary: &Path, args: &[String], specs: &[VmSpec], log_dir: &Path) -> Backend {
         let binary = binary.to_path_buf();
         std::fs::create_dir_all(log_dir).expect("create log dir");
         let log = log_dir.join("backend.log");
@@ -91,9 +135,6 @@ impl Backend {
         let err = out.try_clone().expect("clone log fd");
         let mut cmd = Command::new(&binary);
         cmd.args(args);
-        for s in specs {
-            cmd.arg("--vm").arg(s.arg());
-        }
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
@@ -120,6 +161,17 @@ impl Backend {
             thread::sleep(Duration::from_millis(10));
         }
         backend
+    }
+
+    /// The backend's process id (for signals such as SIGUSR1, which makes domsockd log its
+    /// counters).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the backend logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Backend binary in use.

@@ -44,11 +44,18 @@ struct Rig {
 
 impl Rig {
     fn start(binary: &Path, n: usize, log_dir: &Path) -> Result<Rig, String> {
-        Self::start_with(binary, n, log_dir, &[])
+        Self::start_with(binary, n, log_dir, &[], "")
     }
 
-    /// `more` are extra domsockd flags on top of `DOMSOCKD_ARGS`.
-    fn start_with(binary: &Path, n: usize, log_dir: &Path, more: &[String]) -> Result<Rig, String> {
+    /// `more` are extra domsockd flags on top of `DOMSOCKD_ARGS`; `vm_fields` is appended
+    /// to every `--vm` (both backends take `groups=`).
+    fn start_with(
+        binary: &Path,
+        n: usize,
+        log_dir: &Path,
+        more: &[String],
+        vm_fields: &str,
+    ) -> Result<Rig, String> {
         let tmp = TempDir::new().map_err(|e| format!("temp dir: {e}"))?;
         let specs: Vec<VmSpec> = (0..n as u32)
             .map(|i| VmSpec::in_dir(tmp.path(), FIRST_CID + i))
@@ -67,7 +74,7 @@ impl Rig {
         } else {
             Vec::new()
         };
-        let backend = Backend::spawn_binary_args(binary, &extra, &specs, log_dir);
+        let backend = Backend::spawn_binary_vm_fields(binary, &extra, &specs, vm_fields, log_dir);
         Ok(Rig {
             backend,
             specs,
@@ -279,7 +286,9 @@ fn guest_to_guest(
     plan: &Plan,
     log: &Path,
 ) -> Result<Throughput, String> {
-    let rig = Rig::start(binary, 2, log)?;
+    // Siblings may connect only when they share a group (domsockd denies by default;
+    // vhost-device-vsock puts every VM in group "default" unless told otherwise).
+    let rig = Rig::start_with(binary, 2, log, &[], ",groups=bench")?;
     let (a, b) = (rig.specs[0].clone(), rig.specs[1].clone());
     let mut gb = guest(&b)?;
     gb.listen(Port(GUEST_PORT), SocketType::Stream)
@@ -406,7 +415,7 @@ fn round_trip(
     log: &Path,
     more: &[String],
 ) -> Result<Latency, String> {
-    let rig = Rig::start_with(binary, 1, log, more)?;
+    let rig = Rig::start_with(binary, 1, log, more, "")?;
     let spec = &rig.specs[0];
     let listener = host::listen_stream(&spec.uds, ECHO_PORT).map_err(|e| e.to_string())?;
     let echo_thread = thread::spawn(move || -> Result<(), String> {

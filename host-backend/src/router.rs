@@ -1,0 +1,607 @@
+//! The router between domains: guest-to-guest packets, the access policy, names, and the
+//! all-guests host listeners.
+//!
+//! Every VM's data plane runs on its own vhost-user worker thread. A packet a guest sends
+//! to another guest is handled on the *sender's* thread: the relay table
+//! ([`domsock_proto::relay`]) decides whether it may pass, and the payload is copied once,
+//! from the sender's TX descriptors straight into the receiver's RX descriptors, split to
+//! fit them. Headers pass through (with the window capped), so credit is end to end: the
+//! receiving guest's kernel grants it, the sending guest's kernel obeys it.
+//!
+//! When the receiver's RX ring is full, what did not fit is copied into that receiver's
+//! backlog (bounded by [`G2G_BACKLOG_MAX_BYTES`]; overflowing resets the connection), and
+//! RX notifications are enabled so the receiver's guest kicks its own data plane when it
+//! adds buffers, which drains the backlog first. A stuck receiver therefore costs its
+//! senders one copy and eventually their connections to it, never their other traffic.
+//!
+//! Locks, always taken in this order: a data plane (its device's mutex), the relay table,
+//! one receiver's [`RxSide`], that receiver's RX vring. Nothing takes an earlier one while
+//! holding a later one, so two guests sending to each other cannot deadlock.
+//!
+//! Namespaces: a domain only sees domains of its own namespace. A packet to a CID of
+//! another namespace is treated exactly like one to a CID that does not exist.
+//!
+//! What it does not do: host sockets (the data planes do that) or policy parsing
+//! ([`crate::policy`]).
+
+use crate::chain::{Mem, Regions};
+use crate::dataplane::VmShared;
+use crate::metrics::VmStats;
+use crate::policy::{DenyReason, Domain, Policy, To, Verdict};
+use crate::tunables::{G2G_BACKLOG_MAX_BYTES, MAX_RELAY_CONNS_PER_DOMAIN, MAX_RELAY_WINDOW_BYTES, MAX_RX_PAYLOAD_BYTES};
+use domsock_proto::control::Identity;
+use domsock_proto::packet::{SEQ_EOM, SEQ_EOR};
+use domsock_proto::relay::{Refusal, RelayConfig, RelayTable, Route, Violation};
+use domsock_proto::{Cid, Header, Op, Port, RawHeader, SocketType, VsockAddr, HEADER_LEN};
+use std::collections::{HashMap, VecDeque};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use tracing::{debug, info, warn};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, VolatileSlice};
+
+/// An all-guests host listener: guest connections to host port `port` go to `path` (with
+/// the peer preamble) when the guest's VM has no `<uds>_<port>` of its own.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ListenerConfig {
+    /// Host port the guests connect to.
+    pub port: u32,
+    /// Unix socket of the host process.
+    pub path: PathBuf,
+    /// Only guests of this namespace (every namespace if absent).
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+/// What happened to a guest-to-guest packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routed {
+    /// Delivered (or queued for the receiver).
+    Forwarded,
+    /// The sender must get an RST (the caller sends it; never for an RST).
+    Refused(Refusal),
+    /// The destination does not exist for the sender (or is in another namespace): RST
+    /// and count as unroutable.
+    Unroutable,
+    /// Dropped without answer.
+    Dropped,
+    /// The connection broke a rule; the receiver was sent an RST, the sender needs one.
+    Violation(Violation),
+    /// The receiver's backlog is full: the connection was reset as for a violation.
+    Overflow,
+}
+
+/// Where the payload of a packet comes from.
+enum Source<'a> {
+    /// The sender's TX chain.
+    Guest { regions: &'a Regions, mem: &'a Mem },
+    /// A backlog copy.
+    Heap(&'a [u8]),
+}
+
+impl Source<'_> {
+    /// Copies `dst.len()` bytes starting at payload offset `off` into `dst`.
+    fn copy_into(&self, off: usize, dst: &VolatileSlice<'_, ()>) -> bool {
+        match self {
+            Source::Heap(buf) => {
+                dst.copy_from(&buf[off..off + dst.len()]);
+                true
+            }
+            Source::Guest { regions, mem } => {
+                let mut pos = 0usize;
+                regions
+                    .for_each_payload_slice(mem, off, dst.len(), |s| {
+                        match dst.offset(pos) {
+                            Ok(d) => s.copy_to_volatile_slice(d),
+                            Err(_) => return ControlFlow::Break(()),
+                        }
+                        pos += s.len();
+                        ControlFlow::Continue(())
+                    })
+                    .is_ok()
+                    && pos == dst.len()
+            }
+        }
+    }
+
+    fn to_vec(&self, off: usize, len: usize) -> Option<Vec<u8>> {
+        match self {
+            Source::Heap(buf) => Some(buf[off..off + len].to_vec()),
+            Source::Guest { regions, mem } => {
+                let mut v = Vec::with_capacity(len);
+                regions.copy_payload(mem, off, len, &mut v).ok()?;
+                Some(v)
+            }
+        }
+    }
+}
+
+/// A packet (or the tail of one) waiting for RX buffers.
+#[derive(Debug)]
+struct Queued {
+    hdr: RawHeader,
+    payload: Vec<u8>,
+    delivered: usize,
+    header_sent: bool,
+}
+
+/// The running device's RX queue.
+struct RxPort {
+    vring: VringRwLock<GuestMemoryAtomic<Mem>>,
+    mem: GuestMemoryAtomic<Mem>,
+}
+
+impl std::fmt::Debug for RxPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RxPort").finish_non_exhaustive()
+    }
+}
+
+/// One receiver's side, shared by every sender.
+#[derive(Debug, Default)]
+struct RxSide {
+    port: Option<RxPort>,
+    backlog: VecDeque<Queued>,
+    backlog_bytes: usize,
+    scratch: Regions,
+}
+
+#[derive(Debug)]
+struct Slot {
+    shared: Arc<VmShared>,
+    rx: Mutex<RxSide>,
+    running: AtomicBool,
+    has_backlog: AtomicBool,
+}
+
+/// The router shared by every VM of a daemon.
+#[derive(Debug)]
+pub struct Router {
+    slots: HashMap<Cid, Slot>,
+    policy: RwLock<Arc<Policy>>,
+    generation: AtomicU64,
+    relay: Mutex<RelayTable>,
+    listeners: Vec<ListenerConfig>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these would be a bug; keep serving the other guests.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Router {
+    /// A router for `vms` (each VM's shared state and policy identity) under `policy`.
+    pub fn new(vms: Vec<Arc<VmShared>>, policy: Policy, listeners: Vec<ListenerConfig>) -> Self {
+        let hash_seed =
+            std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), 0x7265_6c61_79u64);
+        let slots = vms
+            .into_iter()
+            .map(|shared| {
+                (
+                    shared.cid,
+                    Slot {
+                        shared,
+                        rx: Mutex::new(RxSide::default()),
+                        running: AtomicBool::new(false),
+                        has_backlog: AtomicBool::new(false),
+                    },
+                )
+            })
+            .collect();
+        Self {
+            slots,
+            policy: RwLock::new(Arc::new(policy)),
+            generation: AtomicU64::new(0),
+            relay: Mutex::new(RelayTable::new(RelayConfig {
+                max_window_bytes: MAX_RELAY_WINDOW_BYTES,
+                max_conns_per_domain: MAX_RELAY_CONNS_PER_DOMAIN,
+                hash_seed,
+            })),
+            listeners,
+        }
+    }
+
+    /// A router for one VM alone, with the default (deny-between-domains) policy.
+    pub fn solo(shared: Arc<VmShared>) -> Self {
+        let domain = Domain {
+            cid: shared.cid,
+            name: shared.name.clone(),
+            namespace: crate::policy::DEFAULT_NAMESPACE.to_string(),
+            groups: Vec::new(),
+        };
+        let policy = Policy::compile(&Default::default(), &[domain]).expect("one domain compiles");
+        Self::new(vec![shared], policy, Vec::new())
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Bumped by every [`Router::reload`]; data planes re-check their host connections
+    /// when it changes.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Every VM's shared state.
+    pub fn vms(&self) -> impl Iterator<Item = &Arc<VmShared>> {
+        self.slots.values().map(|s| &s.shared)
+    }
+
+    /// The identity `cid` has, if it is ours.
+    pub fn identity(&self, cid: Cid) -> Option<Identity> {
+        let p = self.policy();
+        let d = p.domain(cid)?;
+        Some(Identity {
+            name: d.name.clone(),
+            namespace: d.namespace.clone(),
+            cid,
+        })
+    }
+
+    /// The all-guests listener a guest of `from` reaches at host port `port`: the one of
+    /// its namespace first, then one for every namespace.
+    pub fn listener_for(&self, from: Cid, port: Port) -> Option<&Path> {
+        let p = self.policy();
+        let ns = &p.domain(from)?.namespace;
+        let for_port = || self.listeners.iter().filter(|l| l.port == port.0);
+        for_port()
+            .find(|l| l.namespace.as_deref() == Some(ns.as_str()))
+            .or_else(|| for_port().find(|l| l.namespace.is_none()))
+            .map(|l| l.path.as_path())
+    }
+
+    /// The device of `cid` runs: guest-to-guest packets may be put on its RX queue.
+    pub fn attach(&self, cid: Cid, vring: VringRwLock<GuestMemoryAtomic<Mem>>, mem: GuestMemoryAtomic<Mem>) {
+        let Some(slot) = self.slots.get(&cid) else {
+            return;
+        };
+        let mut rx = lock(&slot.rx);
+        rx.port = Some(RxPort { vring, mem });
+        rx.backlog.clear();
+        rx.backlog_bytes = 0;
+        slot.has_backlog.store(false, Ordering::Release);
+        slot.running.store(true, Ordering::Release);
+    }
+
+    /// The device of `cid` stopped: its relayed connections end (the other ends get an
+    /// RST) and nothing more is put on its queue.
+    pub fn detach(&self, cid: Cid) {
+        let Some(slot) = self.slots.get(&cid) else {
+            return;
+        };
+        slot.running.store(false, Ordering::Release);
+        let gone = lock(&self.relay).remove_domain(cid);
+        for r in &gone {
+            let (this, other) = if r.client.cid == cid {
+                (r.client, r.server)
+            } else {
+                (r.server, r.client)
+            };
+            if other.cid != cid {
+                self.send_rst(this, other, r.socket_type);
+            }
+        }
+        let mut rx = lock(&slot.rx);
+        rx.port = None;
+        rx.backlog.clear();
+        rx.backlog_bytes = 0;
+        slot.has_backlog.store(false, Ordering::Release);
+        if !gone.is_empty() {
+            debug!(vm = %slot.shared.name, reset = gone.len(), "relayed connections ended with the device");
+        }
+    }
+
+    /// Replaces the policy: relayed connections it no longer allows are reset at both
+    /// ends, every data plane is woken to re-check its host connections. Returns how many
+    /// relayed connections were reset.
+    pub fn reload(&self, policy: Policy) -> usize {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let p = self.policy();
+        let gone = lock(&self.relay).remove_where(|r| {
+            !p.check(r.client.cid, To::Domain(r.server.cid), r.server.port, r.socket_type)
+                .is_allowed()
+        });
+        for r in &gone {
+            self.send_rst(r.client, r.server, r.socket_type);
+            self.send_rst(r.server, r.client, r.socket_type);
+            warn!(client = %r.client, server = %r.server, "relayed connection reset: no longer allowed by the reloaded policy");
+        }
+        for slot in self.slots.values() {
+            let _ = slot.shared.wake.write(1);
+        }
+        gone.len()
+    }
+
+    /// Checks a guest's connection to a host port.
+    pub fn check_host(&self, from: Cid, port: Port, ty: SocketType) -> Verdict {
+        self.policy().check(from, To::Host, port, ty)
+    }
+
+    /// Routes a packet `from`'s guest sent to another guest. `regions` hold the sender's
+    /// TX chain (header and `hdr.len` payload bytes, checked).
+    pub fn route(
+        &self,
+        from: &VmShared,
+        hdr: &Header,
+        raw: &RawHeader,
+        regions: &Regions,
+        mem: &Mem,
+    ) -> Routed {
+        let policy = self.policy();
+        let same_ns = match (policy.domain(from.cid), policy.domain(hdr.dst.cid)) {
+            (Some(a), Some(b)) => a.namespace == b.namespace,
+            _ => false,
+        };
+        let Some(to) = self.slots.get(&hdr.dst.cid).filter(|_| same_ns) else {
+            return Routed::Unroutable;
+        };
+        let route = lock(&self.relay).handle(hdr, || {
+            match policy.check(from.cid, To::Domain(hdr.dst.cid), hdr.dst.port, hdr.socket_type) {
+                Verdict::Allow => {}
+                Verdict::Deny(reason) => {
+                    if reason == DenyReason::NoRule {
+                        VmStats::inc(&from.stats.denied_connections);
+                        warn!(from = %from.name, to = %to.shared.name, port = hdr.dst.port.0, socket_type = ?hdr.socket_type, "connection denied by policy");
+                    }
+                    return Err(Refusal::Denied);
+                }
+            }
+            if !to.running.load(Ordering::Acquire) {
+                return Err(Refusal::Unavailable);
+            }
+            Ok(())
+        });
+        match route {
+            Route::Forward { buf_alloc, last: _, admitted } => {
+                if admitted {
+                    VmStats::inc(&from.stats.g2g_connects);
+                    debug!(from = %from.name, to = %to.shared.name, src = %hdr.src, dst = %hdr.dst, "relayed connection");
+                }
+                let mut fwd = *raw;
+                fwd.buf_alloc = buf_alloc;
+                VmStats::inc(&from.stats.g2g_packets);
+                VmStats::add(&from.stats.g2g_bytes, u64::from(hdr.len));
+                if self.deliver(to, fwd, &Source::Guest { regions, mem }) {
+                    Routed::Forwarded
+                } else {
+                    // The receiver's backlog is full: it does not take its packets.
+                    warn!(from = %from.name, to = %to.shared.name, "receiver backlog full; connection reset");
+                    lock(&self.relay).remove_where(|r| {
+                        (r.client == hdr.src && r.server == hdr.dst)
+                            || (r.client == hdr.dst && r.server == hdr.src)
+                    });
+                    self.send_rst(hdr.src, hdr.dst, hdr.socket_type);
+                    Routed::Overflow
+                }
+            }
+            Route::Refuse(r) => Routed::Refused(r),
+            Route::Drop => Routed::Dropped,
+            Route::ResetBoth(v) => {
+                VmStats::inc(&from.stats.protocol_resets);
+                debug!(from = %from.name, to = %to.shared.name, violation = ?v, "relayed connection reset");
+                self.send_rst(hdr.src, hdr.dst, hdr.socket_type);
+                Routed::Violation(v)
+            }
+        }
+    }
+
+    /// Puts what waits for `cid` on its RX queue (call from its own data plane, holding no
+    /// vring lock).
+    pub fn drain(&self, cid: Cid) {
+        let Some(slot) = self.slots.get(&cid) else {
+            return;
+        };
+        if !slot.has_backlog.load(Ordering::Acquire) {
+            return;
+        }
+        let mut rx = lock(&slot.rx);
+        drain_backlog(&mut rx, &slot.shared.stats);
+        slot.has_backlog.store(!rx.backlog.is_empty(), Ordering::Release);
+    }
+
+    /// An RST from `src` to the guest of `dst`.
+    fn send_rst(&self, src: VsockAddr, dst: VsockAddr, ty: SocketType) {
+        let Some(slot) = self.slots.get(&dst.cid) else {
+            return;
+        };
+        let rst = Header {
+            src,
+            dst,
+            len: 0,
+            socket_type: ty,
+            op: Op::Rst,
+            flags: 0,
+            buf_alloc: 0,
+            fwd_cnt: 0,
+        }
+        .to_raw();
+        let _ = self.deliver(slot, rst, &Source::Heap(&[]));
+    }
+
+    /// Puts one packet on `to`'s RX queue, or in its backlog for what does not fit.
+    /// `false` if the backlog is full (nothing of the packet was queued then).
+    fn deliver(&self, to: &Slot, hdr: RawHeader, src: &Source<'_>) -> bool {
+        let mut guard = lock(&to.rx);
+        let rx = &mut *guard;
+        let Some(port) = rx.port.as_ref() else {
+            return true; // the device is gone; its connections are being reset
+        };
+        let stats = &to.shared.stats;
+        let mut delivered = 0usize;
+        if rx.backlog.is_empty() {
+            let (n, header_sent) = write_pieces(port, &mut rx.scratch, &hdr, src, 0, false, stats);
+            if header_sent && n == hdr.len as usize {
+                return true;
+            }
+            delivered = n;
+        }
+        let rest = hdr.len as usize - delivered;
+        // Control packets may exceed the byte budget a little: an RST must get through.
+        let budget = if hdr.len == 0 {
+            G2G_BACKLOG_MAX_BYTES + (G2G_BACKLOG_MAX_BYTES >> 4)
+        } else {
+            G2G_BACKLOG_MAX_BYTES
+        };
+        if rx.backlog_bytes + rest + HEADER_LEN > budget {
+            return false;
+        }
+        let Some(payload) = src.to_vec(delivered, rest) else {
+            return true;
+        };
+        VmStats::add(&stats.g2g_fallback_bytes, rest as u64);
+        let mut tail = hdr;
+        tail.len = rest as u32;
+        rx.backlog_bytes += rest + HEADER_LEN;
+        rx.backlog.push_back(Queued {
+            hdr: tail,
+            payload,
+            delivered: 0,
+            header_sent: false,
+        });
+        to.has_backlog.store(true, Ordering::Release);
+        drain_backlog(rx, stats);
+        to.has_backlog.store(!rx.backlog.is_empty(), Ordering::Release);
+        true
+    }
+}
+
+fn drain_backlog(rx: &mut RxSide, stats: &VmStats) {
+    let Some(port) = rx.port.as_ref() else {
+        return;
+    };
+    while let Some(q) = rx.backlog.front_mut() {
+        let (n, sent) = write_pieces(
+            port,
+            &mut rx.scratch,
+            &q.hdr,
+            &Source::Heap(&q.payload),
+            q.delivered,
+            q.header_sent,
+            stats,
+        );
+        q.delivered += n;
+        q.header_sent |= sent;
+        if q.header_sent && q.delivered == q.payload.len() {
+            rx.backlog_bytes -= q.payload.len() + HEADER_LEN;
+            rx.backlog.pop_front();
+        } else {
+            return;
+        }
+    }
+}
+
+/// Writes `hdr`'s payload from `src[skip..]` into RX chains, one packet per chain, until
+/// it is all out or the ring is empty (then RX notifications are on). Returns the payload
+/// bytes written and whether a header went out (a payload-less packet needs one chain).
+fn write_pieces(
+    port: &RxPort,
+    scratch: &mut Regions,
+    hdr: &RawHeader,
+    src: &Source<'_>,
+    skip: usize,
+    header_sent: bool,
+    stats: &VmStats,
+) -> (usize, bool) {
+    let total = hdr.len as usize;
+    let mut off = skip;
+    let mut sent = header_sent;
+    let mut used_any = false;
+    {
+        let mem = port.mem.memory();
+        let mut guard = port.vring.get_mut();
+        if !guard.get_queue().ready() {
+            return (0, false);
+        }
+        let queue = guard.get_queue_mut();
+        loop {
+            if sent && off >= total {
+                break;
+            }
+            let Some(chain) = queue.pop_descriptor_chain(port.mem.memory()) else {
+                match queue.enable_notification(&*mem) {
+                    Ok(true) => continue,
+                    _ => break,
+                }
+            };
+            let head = chain.head_index();
+            let room = match scratch.load(chain, &mem, true) {
+                Ok(()) if scratch.total() >= HEADER_LEN => {
+                    scratch.payload_capacity().min(MAX_RX_PAYLOAD_BYTES)
+                }
+                _ => {
+                    VmStats::inc(&stats.malformed_chains);
+                    let _ = queue.add_used(&*mem, head, 0);
+                    used_any = true;
+                    continue;
+                }
+            };
+            if total > off && room == 0 {
+                // A header-only chain cannot carry data; hand it back empty.
+                VmStats::inc(&stats.malformed_chains);
+                let _ = queue.add_used(&*mem, head, 0);
+                used_any = true;
+                continue;
+            }
+            let n = (total - off).min(room);
+            let mut piece = *hdr;
+            piece.len = n as u32;
+            if off + n < total {
+                piece.flags &= !(SEQ_EOM | SEQ_EOR);
+            }
+            let mut ok = scratch.write_header(&mem, &piece).is_ok();
+            if ok && n > 0 {
+                let mut pos = off;
+                ok = scratch
+                    .for_each_payload_slice(&mem, 0, n, |d| {
+                        if !src.copy_into(pos, &d) {
+                            return ControlFlow::Break(());
+                        }
+                        pos += d.len();
+                        ControlFlow::Continue(())
+                    })
+                    .is_ok_and(|r| r.is_none());
+            }
+            if !ok {
+                VmStats::inc(&stats.malformed_chains);
+            }
+            let _ = queue.add_used(&*mem, head, (HEADER_LEN + n) as u32);
+            used_any = true;
+            VmStats::inc(&stats.rx_packets);
+            VmStats::add(&stats.rx_bytes, n as u64);
+            off += n;
+            sent = true;
+        }
+    }
+    if used_any {
+        signal(port);
+    }
+    (off - skip, sent && !header_sent)
+}
+
+fn signal(port: &RxPort) {
+    let mem = port.mem.memory();
+    let needs = port
+        .vring
+        .get_mut()
+        .get_queue_mut()
+        .needs_notification(&*mem)
+        .unwrap_or(true);
+    if needs {
+        if let Err(e) = port.vring.signal_used_queue() {
+            debug!(error = %e, "signal_used_queue failed");
+        }
+    }
+}
+
+/// Logs a summary line of the routing state (SIGUSR1).
+pub fn log_summary(router: &Router) {
+    let relayed = lock(&router.relay).len();
+    info!(relayed, generation = router.generation(), "router");
+}
