@@ -6,6 +6,10 @@
 //! exit status is 1. Sizes accept binary suffixes (`64K`, `256M`, `1G`). Byte streams are the
 //! [`domsock_guest::pattern`] stream for `--seed`; checksums are XXH3-64 in hex.
 //!
+//! Client commands name their peer with `--cid N` or `--peer CID|NAME`; a name is resolved
+//! through domsockd's control service ([`domsock_guest::control`]) in the guest's namespace,
+//! and the result line then carries `peer_name=` and `resolve_ms=` too.
+//!
 //! Never run the vsock subcommands on a host: they open AF_VSOCK sockets.
 #![forbid(unsafe_code)]
 
@@ -16,20 +20,29 @@ use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use domsock_guest::control::{self, ControlClient, ControlError};
 use domsock_guest::pattern::{Checksum, PatternStream};
 use domsock_guest::vsock::{self, SockType, VsockAddr, VsockSocket};
+use domsock_proto::control::valid_name;
 
 const USAGE: &str = "\
 usage: domsock <command> [--option value]...
   cid                  [--wait-ms 0]
-  send                 --cid C --port P --bytes N [--chunk 64K] [--seed 1] [--expect-reply-bytes M]
-  halfclose-client     --cid C --port P [--bytes 1M] [--chunk 64K] [--seed 1]
+  send                 PEER --port P --bytes N [--chunk 64K] [--seed 1] [--expect-reply-bytes M]
+  halfclose-client     PEER --port P [--bytes 1M] [--chunk 64K] [--seed 1]
   recv                 --port P [--reply-bytes 0] [--reply-seed 2] [--conns 1] [--chunk 64K]
-  seq-echo-client      --cid C --port P --sizes 1,2,4K,64K [--seed 1] [--rounds 1]
+  seq-echo-client      PEER --port P --sizes 1,2,4K,64K [--seed 1] [--rounds 1]
   seq-echo-server      --port P [--conns 1]
   echo-server          --port P [--conns 1]
-  connect-expect-fail  --cid C --port P [--max-ms 1000] [--type stream|seqpacket]
-  rr                   --cid C --port P [--count 1000] [--size 64]
+  duplex-client        PEER --port P --bytes N [--chunk 1M] [--seed <own CID>]
+  duplex-server        --port P --bytes N [--chunk 1M] [--seed <own CID>] [--conns 1]
+  connect-expect-fail  PEER --port P [--max-ms 1000] [--type stream|seqpacket]
+                       [--errno ECONNRESET,ECONNREFUSED]
+  rr                   PEER --port P [--count 1000] [--size 64]
+  resolve              --name NAME
+  whoami
+  list
+PEER: --cid C, or --peer CID|NAME (a name is resolved through the control service)
 common: --timeout-ms 30000 (connect and idle timeout of every blocking call)";
 
 /// Receive buffer for seqpacket messages: larger than any message we send, so a message that
@@ -37,6 +50,8 @@ common: --timeout-ms 30000 (connect and idle timeout of every blocking call)";
 const SEQ_RECV_BUF_BYTES: usize = 256 * 1024;
 const DEFAULT_TIMEOUT_MS: u64 = 30_000;
 const STREAM_RECV_BUF_BYTES: usize = 256 * 1024;
+/// Default write size of the duplex commands.
+const DUPLEX_CHUNK_BYTES: u64 = 1 << 20;
 
 /// A failed subcommand; printed as a `DS-ERROR` line.
 #[derive(Debug)]
@@ -47,6 +62,73 @@ impl Failure {
         match e.raw_os_error() {
             Some(errno) => Failure(format!("{context}: {} ({e})", vsock::errno_name(errno))),
             None => Failure(format!("{context}: {e}")),
+        }
+    }
+
+    /// A control-service failure with its whole cause chain (errno names for OS errors).
+    fn control(context: &str, e: &ControlError) -> Self {
+        let mut msg = format!("{context}: {e}");
+        let mut cause = std::error::Error::source(e);
+        while let Some(c) = cause {
+            match c
+                .downcast_ref::<io::Error>()
+                .and_then(io::Error::raw_os_error)
+            {
+                Some(errno) => msg.push_str(&format!(": {} ({c})", vsock::errno_name(errno))),
+                None => msg.push_str(&format!(": {c}")),
+            }
+            cause = c.source();
+        }
+        Failure(msg)
+    }
+}
+
+/// Who a client command talks to, as given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PeerArg {
+    Cid(u32),
+    Name(String),
+}
+
+/// A peer whose CID is known.
+#[derive(Debug)]
+struct Peer {
+    addr: VsockAddr,
+    /// The name it was resolved from, and how long resolving took.
+    resolved: Option<(String, Duration)>,
+}
+
+impl PeerArg {
+    /// Resolves a name through the control service (on its own connection).
+    fn resolve(self, port: u32, timeout: Duration) -> Result<Peer, Failure> {
+        match self {
+            PeerArg::Cid(cid) => Ok(Peer {
+                addr: VsockAddr::new(cid, port),
+                resolved: None,
+            }),
+            PeerArg::Name(name) => {
+                let start = Instant::now();
+                let cid = control::resolve(&name, timeout)
+                    .map_err(|e| Failure::control(&format!("resolve {name:?}"), &e))?;
+                Ok(Peer {
+                    addr: VsockAddr::new(cid, port),
+                    resolved: Some((name, start.elapsed())),
+                })
+            }
+        }
+    }
+}
+
+impl Peer {
+    /// `peer=<cid>:<port>`, plus `peer_name=` and `resolve_ms=` for a resolved name.
+    fn fields(&self) -> String {
+        match &self.resolved {
+            None => format!("peer={}", self.addr),
+            Some((name, took)) => format!(
+                "peer={} peer_name={name} resolve_ms={:.1}",
+                self.addr,
+                millis(*took)
+            ),
         }
     }
 }
@@ -79,6 +161,25 @@ impl Opts {
 
     fn take_str(&mut self, name: &str) -> Option<String> {
         self.map.remove(name)
+    }
+
+    /// The peer: `--cid N` or `--peer CID|NAME`.
+    fn peer(&mut self) -> Result<PeerArg, Failure> {
+        match (self.map.remove("cid"), self.map.remove("peer")) {
+            (Some(_), Some(_)) => Err(Failure("give --cid or --peer, not both".into())),
+            (None, None) => Err(Failure("--cid or --peer is required".into())),
+            (Some(cid), None) => cid
+                .parse()
+                .map(PeerArg::Cid)
+                .map_err(|_| Failure(format!("--cid {cid:?} is not a CID"))),
+            (None, Some(peer)) => match peer.parse() {
+                Ok(cid) => Ok(PeerArg::Cid(cid)),
+                Err(_) if valid_name(&peer) => Ok(PeerArg::Name(peer)),
+                Err(_) => Err(Failure(format!(
+                    "--peer {peer:?} is neither a CID nor a domain name"
+                ))),
+            },
+        }
     }
 
     fn size(&mut self, name: &str) -> Result<Option<u64>, Failure> {
@@ -286,7 +387,8 @@ fn cmd_cid(mut o: Opts) -> CmdResult {
 /// `send` and `halfclose-client`: stream out, half-close, read the reply to EOF.
 fn cmd_send(mut o: Opts, name: &str, timeout: Duration) -> CmdResult {
     let halfclose = name == "halfclose-client";
-    let addr = VsockAddr::new(o.u32_required("cid")?, o.u32_required("port")?);
+    let peer = o.peer()?;
+    let port = o.u32_required("port")?;
     let bytes = if halfclose {
         o.size_or("bytes", 1 << 20)?
     } else {
@@ -296,9 +398,10 @@ fn cmd_send(mut o: Opts, name: &str, timeout: Duration) -> CmdResult {
     let seed = o.size_or("seed", 1)?;
     let expect_reply = o.size("expect-reply-bytes")?;
     o.finish()?;
+    let peer = peer.resolve(port, timeout)?;
 
     let start = Instant::now();
-    let sock = connect(SockType::Stream, addr, timeout)?;
+    let sock = connect(SockType::Stream, peer.addr, timeout)?;
     let connected = Instant::now();
     let sent = send_pattern(&sock, seed, bytes, chunk)?;
     sock.shutdown(Shutdown::Write)
@@ -307,8 +410,9 @@ fn cmd_send(mut o: Opts, name: &str, timeout: Duration) -> CmdResult {
     let (reply, end) = recv_to_eof(&sock, true)?;
     let total = start.elapsed();
     println!(
-        "DS-RESULT cmd={name} peer={addr} bytes={} xxh3={} seed={seed} chunk={chunk} connect_ms={:.1} ms={:.1} \
+        "DS-RESULT cmd={name} {} bytes={} xxh3={} seed={seed} chunk={chunk} connect_ms={:.1} ms={:.1} \
          mbps={:.1} reply_bytes={} reply_xxh3={} end={} total_ms={:.1}",
+        peer.fields(),
         sent.bytes(),
         sent.hex(),
         millis(connected - start),
@@ -350,7 +454,7 @@ fn cmd_recv(mut o: Opts, timeout: Duration) -> CmdResult {
         let reply = send_pattern(&sock, reply_seed, reply_bytes, chunk)?;
         drop(sock);
         println!(
-            "DS-RESULT cmd=recv conn={conn} peer={peer} bytes={} xxh3={} ms={:.1} mbps={:.1} reply_bytes={} reply_xxh3={}",
+            "DS-RESULT cmd=recv port={port} conn={conn} peer={peer} bytes={} xxh3={} ms={:.1} mbps={:.1} reply_bytes={} reply_xxh3={}",
             got.bytes(),
             got.hex(),
             millis(recv_time),
@@ -376,7 +480,8 @@ fn parse_sizes(list: &str) -> Result<Vec<usize>, Failure> {
 }
 
 fn cmd_seq_echo_client(mut o: Opts, timeout: Duration) -> CmdResult {
-    let addr = VsockAddr::new(o.u32_required("cid")?, o.u32_required("port")?);
+    let peer = o.peer()?;
+    let port = o.u32_required("port")?;
     let sizes = parse_sizes(
         &o.take_str("sizes")
             .ok_or_else(|| Failure("--sizes is required".into()))?,
@@ -384,9 +489,10 @@ fn cmd_seq_echo_client(mut o: Opts, timeout: Duration) -> CmdResult {
     let seed = o.size_or("seed", 1)?;
     let rounds = o.size_or("rounds", 1)?;
     o.finish()?;
+    let peer = peer.resolve(port, timeout)?;
 
     let start = Instant::now();
-    let sock = connect(SockType::SeqPacket, addr, timeout)?;
+    let sock = connect(SockType::SeqPacket, peer.addr, timeout)?;
     let mut gen = PatternStream::new(seed);
     let mut buf = vec![0u8; SEQ_RECV_BUF_BYTES];
     let mut sent = Checksum::new();
@@ -432,7 +538,8 @@ fn cmd_seq_echo_client(mut o: Opts, timeout: Duration) -> CmdResult {
         )));
     }
     println!(
-        "DS-RESULT cmd=seq-echo-client peer={addr} count={count} ok={count} bytes={} xxh3={} ms={:.1}",
+        "DS-RESULT cmd=seq-echo-client {} count={count} ok={count} bytes={} xxh3={} ms={:.1}",
+        peer.fields(),
         sent.bytes(),
         sent.hex(),
         millis(start.elapsed())
@@ -491,11 +598,23 @@ fn cmd_echo_server(mut o: Opts, ty: SockType, name: &str, timeout: Duration) -> 
     Ok(())
 }
 
-fn cmd_connect_expect_fail(mut o: Opts) -> CmdResult {
-    let addr = VsockAddr::new(o.u32_required("cid")?, o.u32_required("port")?);
+/// Connects to a peer that must refuse; succeeds if the connect fails within `--max-ms`
+/// (and, with `--errno`, with one of the listed errnos). The time excludes name resolution.
+fn cmd_connect_expect_fail(mut o: Opts, timeout: Duration) -> CmdResult {
+    let peer = o.peer()?;
+    let port = o.u32_required("port")?;
     let max = Duration::from_millis(o.size_or("max-ms", 1000)?);
     let ty = sock_type(o.take_str("type"))?;
+    let allowed: Option<Vec<String>> = o
+        .take_str("errno")
+        .map(|list| list.split(',').map(str::to_owned).collect());
     o.finish()?;
+    let peer = peer.resolve(port, timeout)?;
+    let addr = peer.addr;
+    let kind = match ty {
+        SockType::Stream => "stream",
+        SockType::SeqPacket => "seqpacket",
+    };
     // Give the kernel enough time to show how long a failure really takes, but bounded.
     let connect_timeout = max + Duration::from_millis(1000);
     let start = Instant::now();
@@ -504,7 +623,8 @@ fn cmd_connect_expect_fail(mut o: Opts) -> CmdResult {
     match res {
         Ok(_) => {
             println!(
-                "DS-RESULT cmd=connect-expect-fail peer={addr} errno=none ms={:.1} ok=0",
+                "DS-RESULT cmd=connect-expect-fail {} type={kind} errno=none ms={:.1} ok=0",
+                peer.fields(),
                 millis(elapsed)
             );
             Err(Failure(format!("connect to {addr} succeeded")))
@@ -513,33 +633,220 @@ fn cmd_connect_expect_fail(mut o: Opts) -> CmdResult {
             let errno = e
                 .raw_os_error()
                 .map_or_else(|| "unknown".to_owned(), vsock::errno_name);
-            let ok = elapsed <= max;
+            let fast = elapsed <= max;
+            let expected = allowed.as_ref().is_none_or(|l| l.contains(&errno));
             println!(
-                "DS-RESULT cmd=connect-expect-fail peer={addr} errno={errno} ms={:.1} ok={}",
+                "DS-RESULT cmd=connect-expect-fail {} type={kind} errno={errno} ms={:.1} ok={}",
+                peer.fields(),
                 millis(elapsed),
-                u8::from(ok)
+                u8::from(fast && expected)
             );
-            if ok {
-                Ok(())
-            } else {
+            if !fast {
                 Err(Failure(format!(
                     "connect failed with {errno} but only after {:.0} ms",
                     millis(elapsed)
                 )))
+            } else if !expected {
+                Err(Failure(format!(
+                    "connect failed with {errno}, expected one of {}",
+                    allowed.unwrap_or_default().join(",")
+                )))
+            } else {
+                Ok(())
             }
         }
     }
 }
 
+/// What one side of a duplex exchange did.
+#[derive(Debug)]
+struct Duplex {
+    sent: Checksum,
+    /// From the first send until `shutdown(SHUT_WR)` returned.
+    send_time: Duration,
+    received: Checksum,
+    /// From the start until EOF.
+    recv_time: Duration,
+    end: StreamEnd,
+    total: Duration,
+}
+
+/// Sends `bytes` of the stream for `seed` in `chunk`-byte writes (then `SHUT_WR`) while
+/// receiving to EOF on another thread; only counts and checksums what arrives.
+fn duplex(sock: &VsockSocket, seed: u64, bytes: u64, chunk: usize) -> Result<Duplex, Failure> {
+    let start = Instant::now();
+    let (sent, received) = thread::scope(|scope| {
+        let sender = scope.spawn(|| {
+            let sum = send_pattern(sock, seed, bytes, chunk)?;
+            sock.shutdown(Shutdown::Write)
+                .map_err(|e| Failure::io("shutdown(SHUT_WR)", &e))?;
+            Ok::<_, Failure>((sum, start.elapsed()))
+        });
+        // Our own SHUT_WR may come first (see StreamEnd::ClosedBeforeShutdown); the byte
+        // count and checksum show whether anything went missing.
+        let received = recv_to_eof(sock, true).map(|r| (r, start.elapsed()));
+        let sent = sender
+            .join()
+            .unwrap_or_else(|_| Err(Failure("sender thread panicked".into())));
+        (sent, received)
+    });
+    let (sent, send_time) = sent?;
+    let ((received, end), recv_time) = received?;
+    Ok(Duplex {
+        sent,
+        send_time,
+        received,
+        recv_time,
+        end,
+        total: start.elapsed(),
+    })
+}
+
+impl Duplex {
+    fn fields(&self) -> String {
+        format!(
+            "sent_bytes={} sent_xxh3={} send_ms={:.1} send_mbps={:.1} recv_bytes={} recv_xxh3={} \
+             recv_ms={:.1} recv_mbps={:.1} end={} ms={:.1} mbps={:.1}",
+            self.sent.bytes(),
+            self.sent.hex(),
+            millis(self.send_time),
+            mbps(self.sent.bytes(), self.send_time),
+            self.received.bytes(),
+            self.received.hex(),
+            millis(self.recv_time),
+            mbps(self.received.bytes(), self.recv_time),
+            self.end.name(),
+            millis(self.total),
+            mbps(self.sent.bytes() + self.received.bytes(), self.total),
+        )
+    }
+}
+
+/// `--seed`, defaulting to the guest's own CID so both sides send different streams.
+fn seed_or_own_cid(o: &mut Opts) -> Result<u64, Failure> {
+    match o.size("seed")? {
+        Some(seed) => Ok(seed),
+        None => match vsock::local_cid() {
+            Ok(Some(cid)) => Ok(u64::from(cid)),
+            Ok(None) => Err(Failure("no vsock transport bound".into())),
+            Err(e) => Err(Failure::io("/dev/vsock", &e)),
+        },
+    }
+}
+
+fn cmd_duplex_client(mut o: Opts, timeout: Duration) -> CmdResult {
+    let peer = o.peer()?;
+    let port = o.u32_required("port")?;
+    let bytes = o.required("bytes")?;
+    let chunk = o.usize_or("chunk", DUPLEX_CHUNK_BYTES as usize)?;
+    let seed = seed_or_own_cid(&mut o)?;
+    o.finish()?;
+    let peer = peer.resolve(port, timeout)?;
+    let start = Instant::now();
+    let sock = connect(SockType::Stream, peer.addr, timeout)?;
+    let connect_time = start.elapsed();
+    let d = duplex(&sock, seed, bytes, chunk)?;
+    drop(sock);
+    println!(
+        "DS-RESULT cmd=duplex-client {} seed={seed} chunk={chunk} connect_ms={:.1} {}",
+        peer.fields(),
+        millis(connect_time),
+        d.fields()
+    );
+    Ok(())
+}
+
+fn cmd_duplex_server(mut o: Opts, timeout: Duration) -> CmdResult {
+    let port = o.u32_required("port")?;
+    let bytes = o.required("bytes")?;
+    let chunk = o.usize_or("chunk", DUPLEX_CHUNK_BYTES as usize)?;
+    let seed = seed_or_own_cid(&mut o)?;
+    let conns = o.size_or("conns", 1)?;
+    o.finish()?;
+    let listener = listen(SockType::Stream, port, timeout)?;
+    for conn in 0..conns {
+        let (sock, peer) = accept(&listener, timeout)?;
+        let d = duplex(&sock, seed, bytes, chunk)?;
+        drop(sock);
+        println!(
+            "DS-RESULT cmd=duplex-server port={port} conn={conn} peer={peer} seed={seed} chunk={chunk} {}",
+            d.fields()
+        );
+    }
+    Ok(())
+}
+
+/// `resolve`: a name that does not resolve is a result (`found=0`), not a failure.
+fn cmd_resolve(mut o: Opts, timeout: Duration) -> CmdResult {
+    let name = o
+        .take_str("name")
+        .ok_or_else(|| Failure("--name is required".into()))?;
+    o.finish()?;
+    let start = Instant::now();
+    let mut client =
+        ControlClient::connect(timeout).map_err(|e| Failure::control("control service", &e))?;
+    let connected = start.elapsed();
+    let res = client.resolve(&name);
+    let took = start.elapsed();
+    let timing = format!("connect_ms={:.1} ms={:.1}", millis(connected), millis(took));
+    match res {
+        Ok(cid) => {
+            let cid = control::guest_cid(cid)
+                .map_err(|e| Failure::control(&format!("resolve {name:?}"), &e))?;
+            println!("DS-RESULT cmd=resolve name={name} found=1 cid={cid} {timing}");
+            Ok(())
+        }
+        Err(ControlError::NotFound(_)) => {
+            println!("DS-RESULT cmd=resolve name={name} found=0 reason=not-found {timing}");
+            Ok(())
+        }
+        Err(e) => Err(Failure::control(&format!("resolve {name:?}"), &e)),
+    }
+}
+
+fn cmd_whoami(o: Opts, timeout: Duration) -> CmdResult {
+    o.finish()?;
+    let start = Instant::now();
+    let id = ControlClient::connect(timeout)
+        .and_then(|mut c| c.whoami())
+        .map_err(|e| Failure::control("whoami", &e))?;
+    println!(
+        "DS-RESULT cmd=whoami name={} namespace={} cid={} ms={:.1}",
+        id.name,
+        id.namespace,
+        id.cid,
+        millis(start.elapsed())
+    );
+    Ok(())
+}
+
+fn cmd_list(o: Opts, timeout: Duration) -> CmdResult {
+    o.finish()?;
+    let start = Instant::now();
+    let items = ControlClient::connect(timeout)
+        .and_then(|mut c| c.list())
+        .map_err(|e| Failure::control("list", &e))?;
+    let domains: Vec<String> = items.iter().map(|(n, c)| format!("{n}={c}")).collect();
+    println!(
+        "DS-RESULT cmd=list count={} domains={} ms={:.1}",
+        items.len(),
+        domains.join(","),
+        millis(start.elapsed())
+    );
+    Ok(())
+}
+
 fn cmd_rr(mut o: Opts, timeout: Duration) -> CmdResult {
-    let addr = VsockAddr::new(o.u32_required("cid")?, o.u32_required("port")?);
+    let peer = o.peer()?;
+    let port = o.u32_required("port")?;
     let count = o.size_or("count", 1000)?;
     let size = o.usize_or("size", 64)?;
     o.finish()?;
     if count == 0 || size == 0 {
         return Err(Failure("--count and --size must be positive".into()));
     }
-    let sock = connect(SockType::Stream, addr, timeout)?;
+    let peer = peer.resolve(port, timeout)?;
+    let sock = connect(SockType::Stream, peer.addr, timeout)?;
     let msg = PatternStream::new(1).take(size);
     let mut back = vec![0u8; size];
     let mut rtts = Vec::with_capacity(count as usize);
@@ -568,7 +875,8 @@ fn cmd_rr(mut o: Opts, timeout: Duration) -> CmdResult {
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let pct = |p: usize| rtts[(rtts.len() - 1) * p / 100];
     println!(
-        "DS-RESULT cmd=rr peer={addr} count={count} size={size} ms={:.1} avg_us={:.1} p50_us={:.1} p99_us={:.1} max_us={:.1}",
+        "DS-RESULT cmd=rr {} count={count} size={size} ms={:.1} avg_us={:.1} p50_us={:.1} p99_us={:.1} max_us={:.1}",
+        peer.fields(),
         millis(total),
         us(total) / count as f64,
         us(pct(50)),
@@ -591,8 +899,13 @@ fn run(args: &[String]) -> CmdResult {
         "seq-echo-client" => cmd_seq_echo_client(o, timeout),
         "seq-echo-server" => cmd_echo_server(o, SockType::SeqPacket, cmd, timeout),
         "echo-server" => cmd_echo_server(o, SockType::Stream, cmd, timeout),
-        "connect-expect-fail" => cmd_connect_expect_fail(o),
+        "connect-expect-fail" => cmd_connect_expect_fail(o, timeout),
         "rr" => cmd_rr(o, timeout),
+        "duplex-client" => cmd_duplex_client(o, timeout),
+        "duplex-server" => cmd_duplex_server(o, timeout),
+        "resolve" => cmd_resolve(o, timeout),
+        "whoami" => cmd_whoami(o, timeout),
+        "list" => cmd_list(o, timeout),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok(())
@@ -630,6 +943,30 @@ mod tests {
             parse_sizes("1,2,4K,65536").unwrap(),
             vec![1, 2, 4096, 65536]
         );
+    }
+
+    #[test]
+    fn peer_is_a_cid_or_a_name() {
+        let opts = |v: &[&str]| Opts::parse(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            opts(&["--cid", "3"]).unwrap().peer().unwrap(),
+            PeerArg::Cid(3)
+        );
+        assert_eq!(
+            opts(&["--peer", "4"]).unwrap().peer().unwrap(),
+            PeerArg::Cid(4)
+        );
+        assert_eq!(
+            opts(&["--peer", "db-1.x"]).unwrap().peer().unwrap(),
+            PeerArg::Name("db-1.x".into())
+        );
+        assert!(opts(&["--cid", "web"]).unwrap().peer().is_err());
+        assert!(opts(&["--peer", "a/b"]).unwrap().peer().is_err());
+        assert!(opts(&["--cid", "3", "--peer", "a"])
+            .unwrap()
+            .peer()
+            .is_err());
+        assert!(opts(&[]).unwrap().peer().is_err());
     }
 
     #[test]

@@ -339,7 +339,9 @@ impl Router {
             (Some(a), Some(b)) => a.namespace == b.namespace,
             _ => false,
         };
-        let Some(to) = self.slots.get(&hdr.dst.cid).filter(|_| same_ns) else {
+        // A guest reaches its own CID through its kernel's loopback, never the device.
+        let to_self = hdr.dst.cid == from.cid;
+        let Some(to) = self.slots.get(&hdr.dst.cid).filter(|_| same_ns && !to_self) else {
             return Routed::Unroutable;
         };
         let route = lock(&self.relay).handle(hdr, || {

@@ -12,13 +12,17 @@
 //! byte counts and XXH3-64 checksums with what it sent.
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
+use std::io::{self, Read};
 use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::{Barrier, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use domsock_guest::pattern::{format_xxh3, pattern_checksum, Checksum};
+use domsock_proto::control::PeerPreamble;
 use domsock_tests::artifacts::{self, Kernel};
 use domsock_tests::backend::{Backend, VmSpec};
 use domsock_tests::host::{self, Handshake};
@@ -531,7 +535,7 @@ fn two_vms_concurrently(c: Case) {
 const REBOOT_BYTES: u64 = 16 << 20;
 
 /// One round of work: guest sends to host port 5000, then receives via CONNECT to port 6000.
-fn reboot_round(vm: &Vm, spec: &VmSpec, listener: &std::os::unix::net::UnixListener, round: u64) {
+fn reboot_round(vm: &Vm, spec: &VmSpec, listener: &UnixListener, round: u64) {
     let mut conn = host::accept(listener, STEP_TIMEOUT, IDLE_TIMEOUT).expect("guest connects");
     let got = host::read_len(&mut conn, REBOOT_BYTES).expect("read the guest's stream");
     drop(conn);
@@ -639,6 +643,796 @@ fn round_trip_latency(c: Case) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// i. guest to guest: names, groups, policy rules, namespaces, the all-guests host listener
+
+/// One guest of [`g2g_namespaces_policy_listener`] as the config file declares it.
+struct Domain {
+    name: &'static str,
+    namespace: &'static str,
+    groups: &'static [&'static str],
+    spec: VmSpec,
+}
+
+/// Each direction of the a<->b duplex stream.
+const G2G_BYTES: u64 = 256 << 20;
+/// Write size of the duplex stream (larger than any RX buffer: exercises credit end to end).
+const G2G_CHUNK_BYTES: u64 = 1 << 20;
+/// b's duplex-server and seq-echo-server.
+const DUPLEX_PORT: u32 = 6000;
+const SEQ_PORT: u32 = 6001;
+/// a's and b's stream listeners that denied and allowed probes aim at.
+const PROBE_PORT: u32 = 6500;
+const PROBE_BYTES: u64 = 1 << 20;
+/// Every guest waits on this port (a `recv` the host connects to) until the host lets it go.
+const GATE_PORT: u32 = 6990;
+/// The all-guests host listener's port, and what each guest sends there.
+const LISTEN_PORT: u32 = 7000;
+const LISTEN_BYTES: u64 = 1 << 20;
+/// How fast a denied or unroutable guest-to-guest connect must fail.
+const DENY_WITHIN: Duration = Duration::from_millis(500);
+/// Guest-side idle timeout of the servers and gates that wait through the whole case.
+const LONG_GUEST_TIMEOUT_MS: u64 = 300_000;
+/// A CID nobody has.
+const NO_SUCH_CID: u32 = 99;
+
+/// A console line a test waits for.
+struct Want {
+    what: String,
+    test: Box<dyn Fn(&DsLine) -> bool>,
+}
+
+fn want_result(cmd: &'static str) -> Want {
+    Want {
+        what: format!("DS-RESULT cmd={cmd}"),
+        test: Box::new(move |l| l.is("DS-RESULT", Some(cmd))),
+    }
+}
+
+fn want_result_with(cmd: &'static str, key: &'static str, value: &str) -> Want {
+    let value = value.to_owned();
+    Want {
+        what: format!("DS-RESULT cmd={cmd} {key}={value}"),
+        test: Box::new(move |l| l.is("DS-RESULT", Some(cmd)) && l.get(key) == Some(&value)),
+    }
+}
+
+fn want_ready(port: u32) -> Want {
+    let p = port.to_string();
+    Want {
+        what: format!("DS-READY port={port}"),
+        test: Box::new(move |l| l.is("DS-READY", None) && l.get("port") == Some(&p)),
+    }
+}
+
+/// Waits for every line of `wants`, in whatever order the guest prints them (its background
+/// and foreground commands race), and returns them in the order of `wants`. Lines before the
+/// last match that nobody asked for are skipped for good, so a call must name everything the
+/// test still needs that may come before its last line.
+fn expect_all(vm: &Vm, timeout: Duration, wants: &[Want]) -> Vec<DsLine> {
+    let deadline = Instant::now() + timeout;
+    let mut got: Vec<Option<DsLine>> = vec![None; wants.len()];
+    loop {
+        let pending: Vec<usize> = (0..wants.len()).filter(|&i| got[i].is_none()).collect();
+        if pending.is_empty() {
+            return got.into_iter().flatten().collect();
+        }
+        let what: Vec<&str> = pending.iter().map(|&i| wants[i].what.as_str()).collect();
+        let line = vm.wait(
+            &what.join(" and "),
+            deadline.saturating_duration_since(Instant::now()),
+            |l| pending.iter().any(|&i| (wants[i].test)(l)),
+        );
+        let i = pending
+            .into_iter()
+            .find(|&i| (wants[i].test)(&line))
+            .expect("the matched line matches a pending want");
+        got[i] = Some(line);
+    }
+}
+
+/// Lets a guest past its `recv --port GATE_PORT`: connect, send nothing, half-close, EOF.
+fn release_gate(spec: &VmSpec) {
+    let mut conn = host::connect_guest_ok(&spec.uds, GATE_PORT, STEP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("CONNECT to the gate of CID {}: {e}", spec.cid));
+    conn.shutdown(Shutdown::Write)
+        .expect("gate shutdown(Write)");
+    host::read_to_eof(&mut conn).expect("gate EOF");
+}
+
+/// One connection accepted on an all-guests listener.
+struct ListenerConn {
+    preamble: PeerPreamble,
+    got: host::Transfer,
+}
+
+/// Reads the `DOMSOCK-PEER ...` line, byte by byte so that no guest data is consumed.
+fn read_preamble(stream: &mut UnixStream) -> io::Result<PeerPreamble> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        stream.read_exact(&mut byte)?;
+        line.push(byte[0]);
+        match PeerPreamble::parse(&line) {
+            Ok(None) => {}
+            Ok(Some((preamble, used))) => {
+                assert_eq!(used, line.len(), "preamble ends at its newline");
+                return Ok(preamble);
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad preamble {:?}: {e}", String::from_utf8_lossy(&line)),
+                ))
+            }
+        }
+    }
+}
+
+/// Accepts `conns` guest connections on an all-guests listener; from each reads the
+/// preamble and then [`LISTEN_BYTES`] of data, and closes it.
+fn serve_listener(listener: UnixListener, conns: usize) -> io::Result<Vec<ListenerConn>> {
+    (0..conns)
+        .map(|_| {
+            let mut stream = host::accept(&listener, BIG_TRANSFER_TIMEOUT, IDLE_TIMEOUT)?;
+            let preamble = read_preamble(&mut stream)?;
+            let got = host::read_len(&mut stream, LISTEN_BYTES)?;
+            Ok(ListenerConn { preamble, got })
+        })
+        .collect()
+}
+
+fn config_toml(domains: &[Domain], listeners: &[(PathBuf, Option<&str>)]) -> String {
+    let mut t = String::new();
+    for d in domains {
+        let groups: Vec<String> = d.groups.iter().map(|g| format!("{g:?}")).collect();
+        t.push_str(&format!(
+            "[[vm]]\nguest-cid = {}\nsocket = {:?}\nuds-path = {:?}\nname = {:?}\n\
+             namespace = {:?}\ngroups = [{}]\n\n",
+            d.spec.cid,
+            d.spec.socket.display().to_string(),
+            d.spec.uds.display().to_string(),
+            d.name,
+            d.namespace,
+            groups.join(", ")
+        ));
+    }
+    // d may reach b's probe port by stream, and nothing else: a rule, not a group.
+    t.push_str(&format!(
+        "[policy]\nguest-to-host = \"allow\"\n\n[[policy.allow]]\nnamespace = \"red\"\n\
+         from = \"d\"\nto = \"b\"\nports = \"{PROBE_PORT}\"\ntypes = [\"stream\"]\n\n"
+    ));
+    for (path, namespace) in listeners {
+        t.push_str(&format!(
+            "[[listen]]\nport = {LISTEN_PORT}\npath = {:?}\n",
+            path.display().to_string()
+        ));
+        if let Some(ns) = namespace {
+            t.push_str(&format!("namespace = {ns:?}\n"));
+        }
+        t.push('\n');
+    }
+    t
+}
+
+/// Asserts a `connect-expect-fail` line: failed fast with ECONNRESET or ECONNREFUSED.
+fn assert_fast_refusal(what: &str, line: &DsLine) {
+    let errno = line.str("errno");
+    assert!(
+        errno == "ECONNRESET" || errno == "ECONNREFUSED",
+        "{what}: connect failed with {errno}, expected ECONNRESET or ECONNREFUSED ({})",
+        line.raw
+    );
+    assert!(
+        line.f64("ms") <= DENY_WITHIN.as_secs_f64() * 1000.0 && line.str("ok") == "1",
+        "{what}: took {} ms, limit {DENY_WITHIN:?} ({})",
+        line.f64("ms"),
+        line.raw
+    );
+}
+
+/// Three guests in namespace `red` (a and b share group `pair`; d has no group but a rule
+/// lets it reach b's probe port) and one, c, in namespace `blue`, on one domsockd configured
+/// by a TOML file with an all-guests listener on port 7000 (plus a blue-only one):
+/// - a and b exchange 256 MiB each way at once in 1 MiB writes (a finds b by name), then
+///   seqpacket messages of 1 B..64 KiB;
+/// - c cannot resolve a, and its connect to a's CID fails at once, like one to a CID
+///   nobody has; d (same namespace, no group) can resolve a but is denied at once; the
+///   listener those probes aimed at is alive: b reaches it afterwards, d reaches b's by rule;
+/// - every guest connects to host port 7000; the host reads who it is from the preamble,
+///   then intact data.
+fn g2g_namespaces_policy_listener(c: Case) {
+    let domain = |name, namespace, groups, cid| Domain {
+        name,
+        namespace,
+        groups,
+        spec: c.spec(cid),
+    };
+    let domains = [
+        domain("a", "red", &["pair"][..], 3),
+        domain("b", "red", &["pair"][..], 4),
+        domain("c", "blue", &[][..], 5),
+        domain("d", "red", &[][..], 6),
+    ];
+    let [a, b, cc, d] = &domains;
+    let any_ns_path = c.tmp.join("p7000.sock");
+    let blue_path = c.tmp.join("p7000-blue.sock");
+    let any_ns = UnixListener::bind(&any_ns_path).expect("bind all-guests listener");
+    let blue = UnixListener::bind(&blue_path).expect("bind blue listener");
+    let config = config_toml(
+        &domains,
+        &[
+            (any_ns_path.clone(), None),
+            (blue_path.clone(), Some("blue")),
+        ],
+    );
+    let config_path = c.log_dir.join("domsockd.toml");
+    std::fs::write(&config_path, &config).expect("write config");
+    let specs: Vec<VmSpec> = domains.iter().map(|d| d.spec.clone()).collect();
+    let backend = Backend::spawn_config(&config_path, &[], &specs, &c.log_dir);
+
+    let any_ns_thread = thread::spawn(move || serve_listener(any_ns, 3));
+    let blue_thread = thread::spawn(move || serve_listener(blue, 1));
+
+    let long = format!("--timeout-ms {LONG_GUEST_TIMEOUT_MS}");
+    let gate = format!("recv --port {GATE_PORT} {long}");
+    let probe_server = format!("bg recv --port {PROBE_PORT} {long}");
+    let to_listener = |seed: u32| {
+        format!("send --cid {HOST_CID} --port {LISTEN_PORT} --bytes {LISTEN_BYTES} --seed {seed}")
+    };
+    let sizes: Vec<String> = SEQ_SIZES.iter().map(usize::to_string).collect();
+    let fail_fast = format!(
+        "--max-ms {} --errno ECONNRESET,ECONNREFUSED",
+        DENY_WITHIN.as_millis()
+    );
+    let cfg_a = c
+        .vm("a", &a.spec)
+        .cmd("whoami")
+        .cmd("resolve --name b")
+        .cmd("resolve --name c")
+        .cmd("resolve --name d")
+        .cmd(&probe_server)
+        .cmd(&gate)
+        .cmd(&format!(
+            "duplex-client --peer b --port {DUPLEX_PORT} --bytes {G2G_BYTES} --chunk {G2G_CHUNK_BYTES} {long}"
+        ))
+        .cmd(&format!(
+            "seq-echo-client --peer b --port {SEQ_PORT} --sizes {} --rounds {SEQ_ROUNDS} --seed 31",
+            sizes.join(",")
+        ))
+        .cmd(&to_listener(703));
+    let cfg_b = c
+        .vm("b", &b.spec)
+        .cmd("whoami")
+        .cmd(&format!(
+            "bg duplex-server --port {DUPLEX_PORT} --bytes {G2G_BYTES} --chunk {G2G_CHUNK_BYTES} {long}"
+        ))
+        .cmd(&format!("bg seq-echo-server --port {SEQ_PORT} {long}"))
+        .cmd(&probe_server)
+        .cmd(&gate)
+        .cmd(&format!(
+            "send --peer a --port {PROBE_PORT} --bytes {PROBE_BYTES} --seed 43"
+        ))
+        .cmd(&to_listener(704));
+    let cfg_c = c
+        .vm("c", &cc.spec)
+        .cmd("whoami")
+        .cmd("resolve --name a")
+        .cmd("list")
+        .cmd(&gate)
+        .cmd(&format!(
+            "connect-expect-fail --cid {} --port {PROBE_PORT} {fail_fast}",
+            a.spec.cid
+        ))
+        .cmd(&format!(
+            "connect-expect-fail --cid {NO_SUCH_CID} --port {PROBE_PORT} {fail_fast}"
+        ))
+        .cmd(&to_listener(705));
+    let cfg_d = c
+        .vm("d", &d.spec)
+        .cmd("whoami")
+        .cmd("resolve --name a")
+        .cmd(&gate)
+        .cmd(&format!(
+            "connect-expect-fail --peer a --port {PROBE_PORT} {fail_fast}"
+        ))
+        .cmd(&format!(
+            "send --peer b --port {PROBE_PORT} --bytes {PROBE_BYTES} --seed 64"
+        ))
+        .cmd(&to_listener(706));
+    let cfgs = [cfg_a, cfg_b, cfg_c, cfg_d];
+    let mut vms: Vec<Vm> = cfgs.iter().map(Vm::boot).collect();
+    for ((vm, cfg), dom) in vms.iter().zip(&cfgs).zip(&domains) {
+        assert_eq!(
+            vm.expect_cid(BOOT_TIMEOUT),
+            dom.spec.cid,
+            "guest {}",
+            dom.name
+        );
+        c.report(&format!(
+            "{}: booted to vsock ready in {}",
+            cfg.name,
+            report::ms(vm.uptime())
+        ));
+    }
+    let (vm_a, vm_b, vm_c, vm_d) = (&vms[0], &vms[1], &vms[2], &vms[3]);
+
+    // Every guest knows who it is.
+    let whoami = |vm: &Vm, dom: &Domain| {
+        let me = vm.expect_result("whoami", STEP_TIMEOUT);
+        assert_eq!(
+            (me.str("name"), me.str("namespace"), me.u64("cid")),
+            (dom.name, dom.namespace, u64::from(dom.spec.cid)),
+            "WHOAMI of {} ({})",
+            dom.name,
+            me.raw
+        );
+    };
+
+    // b's servers, then a's lookups and probe listener; then a may start the duplex stream.
+    whoami(vm_b, b);
+    expect_all(
+        vm_b,
+        STEP_TIMEOUT,
+        &[
+            want_ready(DUPLEX_PORT),
+            want_ready(SEQ_PORT),
+            want_ready(PROBE_PORT),
+            want_ready(GATE_PORT),
+        ],
+    );
+    whoami(vm_a, a);
+    let lookups = expect_all(
+        vm_a,
+        STEP_TIMEOUT,
+        &[
+            want_result_with("resolve", "name", "b"),
+            want_result_with("resolve", "name", "c"),
+            want_result_with("resolve", "name", "d"),
+            want_ready(PROBE_PORT),
+            want_ready(GATE_PORT),
+        ],
+    );
+    let resolved = |l: &DsLine| (l.str("found") == "1").then(|| l.u64("cid"));
+    assert_eq!(
+        resolved(&lookups[0]),
+        Some(4),
+        "a resolves b: {}",
+        lookups[0].raw
+    );
+    assert_eq!(
+        resolved(&lookups[1]),
+        None,
+        "a must not see c of another namespace: {}",
+        lookups[1].raw
+    );
+    assert_eq!(
+        resolved(&lookups[2]),
+        Some(6),
+        "a resolves d: {}",
+        lookups[2].raw
+    );
+    c.report(&format!(
+        "control service: RESOLVE answered in {:.1} ms (connect {:.1} ms)",
+        lookups[0].f64("ms"),
+        lookups[0].f64("connect_ms")
+    ));
+
+    let cpu0 = backend.cpu_time();
+    let duplex_start = Instant::now();
+    release_gate(&a.spec);
+
+    // While a and b stream: c (other namespace) and d (no group) probe a's listener.
+    whoami(vm_c, cc);
+    let c_lookups = expect_all(
+        vm_c,
+        STEP_TIMEOUT,
+        &[
+            want_result_with("resolve", "name", "a"),
+            want_result("list"),
+            want_ready(GATE_PORT),
+        ],
+    );
+    assert_eq!(
+        resolved(&c_lookups[0]),
+        None,
+        "c (namespace blue) must not resolve a (namespace red): {}",
+        c_lookups[0].raw
+    );
+    assert_eq!(
+        c_lookups[1].str("domains"),
+        "c=5",
+        "LIST shows c only its own namespace: {}",
+        c_lookups[1].raw
+    );
+    release_gate(&cc.spec);
+    whoami(vm_d, d);
+    let d_lookup = expect_all(
+        vm_d,
+        STEP_TIMEOUT,
+        &[
+            want_result_with("resolve", "name", "a"),
+            want_ready(GATE_PORT),
+        ],
+    );
+    assert_eq!(
+        resolved(&d_lookup[0]),
+        Some(3),
+        "d resolves a of its own namespace: {}",
+        d_lookup[0].raw
+    );
+    release_gate(&d.spec);
+
+    let a_probe = format!("{}:{PROBE_PORT}", a.spec.cid);
+    let c_probes = expect_all(
+        vm_c,
+        STEP_TIMEOUT,
+        &[
+            want_result_with("connect-expect-fail", "peer", &a_probe),
+            want_result_with(
+                "connect-expect-fail",
+                "peer",
+                &format!("{NO_SUCH_CID}:{PROBE_PORT}"),
+            ),
+        ],
+    );
+    assert_fast_refusal("c (blue) -> a (red)", &c_probes[0]);
+    assert_fast_refusal("c -> a CID nobody has", &c_probes[1]);
+    assert_eq!(
+        c_probes[0].str("errno"),
+        c_probes[1].str("errno"),
+        "a CID of another namespace must look like one that does not exist"
+    );
+    let d_probe = vm_d.expect_result("connect-expect-fail", STEP_TIMEOUT);
+    assert_fast_refusal("d -> a (same namespace, no group, no rule)", &d_probe);
+    c.report(&format!(
+        "denied at once while a<->b stream: c->a (other namespace) {} in {:.1} ms \
+         (no such CID: {} in {:.1} ms), d->a (no group) {} in {:.1} ms",
+        c_probes[0].str("errno"),
+        c_probes[0].f64("ms"),
+        c_probes[1].str("errno"),
+        c_probes[1].f64("ms"),
+        d_probe.str("errno"),
+        d_probe.f64("ms"),
+    ));
+    let d_to_b = vm_d.expect_result("send", STEP_TIMEOUT);
+    assert_eq!(d_to_b.str("peer"), format!("{}:{PROBE_PORT}", b.spec.cid));
+
+    // The duplex stream: each side's sent checksum is the other's received one.
+    let a_duplex = expect_all(
+        vm_a,
+        BIG_TRANSFER_TIMEOUT,
+        &[
+            want_result_with("recv", "port", &GATE_PORT.to_string()),
+            want_result("duplex-client"),
+        ],
+    )
+    .pop()
+    .expect("duplex-client line");
+    let duplex_wall = duplex_start.elapsed();
+    let cpu = backend.cpu_time() - cpu0;
+    let b_lines = expect_all(
+        vm_b,
+        BIG_TRANSFER_TIMEOUT,
+        &[
+            want_result("duplex-server"),
+            want_result_with("recv", "port", &PROBE_PORT.to_string()),
+            want_result("seq-echo-server"),
+        ],
+    );
+    let (b_duplex, b_probe, b_seq) = (&b_lines[0], &b_lines[1], &b_lines[2]);
+    let a_seq = vm_a.expect_result("seq-echo-client", STEP_TIMEOUT);
+
+    assert_eq!(
+        a_duplex.str("peer"),
+        format!("{}:{DUPLEX_PORT}", b.spec.cid)
+    );
+    assert_eq!(a_duplex.str("peer_name"), "b");
+    assert!(
+        b_duplex
+            .str("peer")
+            .starts_with(&format!("{}:", a.spec.cid)),
+        "b sees a's CID as the source: {}",
+        b_duplex.raw
+    );
+    for (who, line, seed) in [("a", &a_duplex, a.spec.cid), ("b", b_duplex, b.spec.cid)] {
+        assert_eq!(line.u64("seed"), u64::from(seed), "{who}'s seed");
+        let want = pattern_checksum(u64::from(seed), G2G_BYTES);
+        assert_guest_saw(&format!("{who} sent its stream"), line, "sent_", &want);
+        assert_eq!(
+            line.u64("recv_bytes"),
+            G2G_BYTES,
+            "{who} received: {}",
+            line.raw
+        );
+    }
+    assert_eq!(
+        a_duplex.str("recv_xxh3"),
+        b_duplex.str("sent_xxh3"),
+        "a received what b sent"
+    );
+    assert_eq!(
+        b_duplex.str("recv_xxh3"),
+        a_duplex.str("sent_xxh3"),
+        "b received what a sent"
+    );
+    c.report(&format!(
+        "a<->b duplex {} MiB each way in {} KiB writes: a sent {:.1} MB/s, received {:.1} MB/s; \
+         b sent {:.1} MB/s, received {:.1} MB/s; {:.1} ms for both ({:.1} MB/s combined), \
+         host wall {}, backend CPU {}",
+        G2G_BYTES >> 20,
+        G2G_CHUNK_BYTES >> 10,
+        a_duplex.f64("send_mbps"),
+        a_duplex.f64("recv_mbps"),
+        b_duplex.f64("send_mbps"),
+        b_duplex.f64("recv_mbps"),
+        a_duplex.f64("ms"),
+        a_duplex.f64("mbps"),
+        report::ms(duplex_wall),
+        cpu_per_gib(cpu, 2 * G2G_BYTES)
+    ));
+
+    // Seqpacket a -> b: b saw every boundary, a verified every echo's size and bytes.
+    let want_sizes: Vec<String> = SEQ_SIZES
+        .iter()
+        .cycle()
+        .take(SEQ_SIZES.len() * SEQ_ROUNDS)
+        .map(usize::to_string)
+        .collect();
+    assert_eq!(
+        b_seq.str("sizes"),
+        want_sizes.join(","),
+        "message sizes b received from a"
+    );
+    assert_eq!(a_seq.u64("ok"), want_sizes.len() as u64, "{}", a_seq.raw);
+    assert_eq!(
+        b_seq.str("xxh3"),
+        a_seq.str("xxh3"),
+        "b received what a sent"
+    );
+    c.report(&format!(
+        "a<->b seqpacket: {} messages of 1 B..64 KiB echoed with boundaries intact in {:.1} ms",
+        want_sizes.len(),
+        a_seq.f64("ms")
+    ));
+
+    // The rule let d reach b's probe port.
+    assert_pattern_line("b received from d (rule)", b_probe, 64, PROBE_BYTES);
+    assert!(b_probe.str("peer").starts_with(&format!("{}:", d.spec.cid)));
+    assert_guest_saw(
+        "d sent to b",
+        &d_to_b,
+        "",
+        &pattern_checksum(64, PROBE_BYTES),
+    );
+
+    // a's probe listener was alive all along: b (same group) gets through.
+    release_gate(&b.spec);
+    let b_rest = expect_all(
+        vm_b,
+        STEP_TIMEOUT,
+        &[
+            want_result_with("recv", "port", &GATE_PORT.to_string()),
+            want_result_with("send", "peer", &a_probe),
+            want_result_with("send", "peer", &format!("{HOST_CID}:{LISTEN_PORT}")),
+        ],
+    );
+    let a_rest = expect_all(
+        vm_a,
+        STEP_TIMEOUT,
+        &[
+            want_result_with("recv", "port", &PROBE_PORT.to_string()),
+            want_result_with("send", "peer", &format!("{HOST_CID}:{LISTEN_PORT}")),
+        ],
+    );
+    assert_pattern_line(
+        "a received from b after the denials",
+        &a_rest[0],
+        43,
+        PROBE_BYTES,
+    );
+    assert!(a_rest[0]
+        .str("peer")
+        .starts_with(&format!("{}:", b.spec.cid)));
+    let c_send = vm_c.expect_result("send", STEP_TIMEOUT);
+    let d_send = vm_d.expect_result("send", STEP_TIMEOUT);
+
+    // The all-guests listener: the preamble names each guest, then its data follows intact.
+    let mut conns = any_ns_thread
+        .join()
+        .expect("listener thread")
+        .expect("all-guests listener: 3 connections");
+    let blue_conns = blue_thread
+        .join()
+        .expect("listener thread")
+        .expect("blue listener: 1 connection");
+    assert_eq!(
+        blue_conns
+            .iter()
+            .map(|l| l.preamble.identity.name.as_str())
+            .collect::<Vec<_>>(),
+        ["c"],
+        "the blue-only listener gets c, the one blue guest"
+    );
+    conns.extend(blue_conns);
+    let sends = [
+        (a, &a_rest[1]),
+        (b, &b_rest[2]),
+        (cc, &c_send),
+        (d, &d_send),
+    ];
+    for (dom, send) in sends {
+        let conn = conns
+            .iter()
+            .find(|l| l.preamble.identity.cid.0 == u64::from(dom.spec.cid))
+            .unwrap_or_else(|| panic!("no listener connection from CID {}", dom.spec.cid));
+        let id = &conn.preamble.identity;
+        assert_eq!(
+            (id.name.as_str(), id.namespace.as_str()),
+            (dom.name, dom.namespace),
+            "preamble of CID {}",
+            dom.spec.cid
+        );
+        assert!(
+            conn.preamble.port.0 > 1023,
+            "preamble source port {} should be an ephemeral guest port",
+            conn.preamble.port
+        );
+        let seed = 700 + u64::from(dom.spec.cid);
+        assert_pattern(
+            &format!("listener got from {}", dom.name),
+            &conn.got.sum,
+            seed,
+            LISTEN_BYTES,
+        );
+        assert_guest_saw(
+            &format!("{} sent to the listener", dom.name),
+            send,
+            "",
+            &conn.got.sum,
+        );
+    }
+    c.report(&format!(
+        "all-guests listener: {} connections, preambles name a, b, d (any namespace) and c \
+         (blue-only listener), 1 MiB each intact",
+        conns.len()
+    ));
+
+    // The counters say the same: who was denied, who was unroutable, what was relayed.
+    let names: Vec<&str> = domains.iter().map(|d| d.name).collect();
+    let counters = backend_counters(&backend, &names);
+    let stat = |name: &str, key: &str| {
+        *counters[name]
+            .get(key)
+            .unwrap_or_else(|| panic!("no counter {key} for VM {name}: {:?}", counters[name]))
+    };
+    for (dom, cfg) in domains.iter().zip(&cfgs) {
+        let n = dom.name;
+        let denied = u64::from(n == "d");
+        assert_eq!(
+            stat(n, "denied_connections"),
+            denied,
+            "{n}: denied_connections"
+        );
+        assert_eq!(
+            stat(n, "listener_connections"),
+            1,
+            "{n}: listener_connections"
+        );
+        assert_eq!(
+            stat(n, "control_requests"),
+            control_requests_of(cfg),
+            "{n}: control_requests"
+        );
+    }
+    assert_eq!(
+        stat("c", "unroutable_packets"),
+        2,
+        "c's connects to a (other namespace) and to a CID nobody has are both unroutable"
+    );
+    for n in ["a", "b"] {
+        assert!(
+            stat(n, "g2g_bytes") >= G2G_BYTES,
+            "{n}: g2g_bytes {} below the {G2G_BYTES} it streamed",
+            stat(n, "g2g_bytes")
+        );
+    }
+    let log = backend.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("from=d") && l.contains("to=a")),
+        "a warning names both domains of the denied connection d -> a:\n{}",
+        backend.log_tail()
+    );
+    c.report(&format!(
+        "counters: denied_connections d=1, unroutable_packets c={}, g2g_bytes a={} b={}, \
+         g2g_fallback_bytes a={} b={}",
+        stat("c", "unroutable_packets"),
+        stat("a", "g2g_bytes"),
+        stat("b", "g2g_bytes"),
+        stat("a", "g2g_fallback_bytes"),
+        stat("b", "g2g_fallback_bytes"),
+    ));
+    for vm in &mut vms {
+        finish(vm);
+    }
+}
+
+/// Makes the backend log its counters (SIGUSR1) and returns, per VM name, the numbers of the
+/// `counters vm=<name> ... stats=k=v k=v ...` line it logged in response.
+fn backend_counters(backend: &Backend, names: &[&str]) -> BTreeMap<String, BTreeMap<String, u64>> {
+    let counter_lines = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains(" counters vm="))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let before = counter_lines(&backend.log_text()).len();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(backend.pid()).expect("pid fits i32"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).expect("SIGUSR1 to the backend");
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let lines = loop {
+        let lines = counter_lines(&backend.log_text());
+        if lines.len() >= before + names.len() {
+            break lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backend logged no counters for {names:?} after SIGUSR1:\n{}",
+            backend.log_tail()
+        );
+        thread::sleep(Duration::from_millis(20));
+    };
+    let mut all = BTreeMap::new();
+    for line in &lines[before..] {
+        let mut name = None;
+        let mut stats = BTreeMap::new();
+        for token in line.split_whitespace() {
+            // `vm=a`, `cid=3`, `stats=tx_packets=1`, `rx_bytes=2`: the last two parts count.
+            let parts: Vec<&str> = token.split('=').collect();
+            if let [.., key, value] = parts[..] {
+                if key == "vm" {
+                    name = Some(value.to_owned());
+                } else if let Ok(v) = value.parse::<u64>() {
+                    stats.insert(key.to_owned(), v);
+                }
+            }
+        }
+        if let Some(name) = name {
+            all.insert(name, stats);
+        }
+    }
+    for name in names {
+        assert!(
+            all.contains_key(*name),
+            "no counters for VM {name}: {lines:?}"
+        );
+    }
+    all
+}
+
+/// How many control requests a guest's commands make: `whoami`, `resolve`, `list`, and one
+/// lookup per `--peer NAME`.
+fn control_requests_of(cfg: &VmConfig) -> u64 {
+    cfg.cmds
+        .iter()
+        .map(|words| {
+            let direct = words
+                .iter()
+                .any(|w| ["whoami", "resolve", "list"].contains(&w.as_str()));
+            let by_name = words
+                .windows(2)
+                .any(|w| w[0] == "--peer" && w[1].parse::<u32>().is_err());
+            u64::from(direct) + u64::from(by_name)
+        })
+        .sum()
+}
+
+/// Asserts a guest result line's `bytes`/`xxh3` are the pattern stream for `seed`.
+fn assert_pattern_line(what: &str, line: &DsLine, seed: u64, len: u64) {
+    assert_guest_saw(what, line, "", &pattern_checksum(seed, len));
+}
+
+// ---------------------------------------------------------------------------------------------
 
 macro_rules! per_kernel {
     ($($case:ident),* $(,)?) => {
@@ -676,4 +1470,5 @@ per_kernel!(
     two_vms_concurrently,
     reboot_and_restart,
     round_trip_latency,
+    g2g_namespaces_policy_listener,
 );

@@ -492,6 +492,40 @@ impl UserGuest {
         Err(SockError::WouldBlock)
     }
 
+    /// Publishes `hdr` and `payload` as one packet exactly as given, outside every
+    /// connection's protocol state, waiting at most `timeout` for TX ring room: how a test
+    /// plays a misbehaving guest (a forged source CID, a packet for no connection). Nothing
+    /// is recorded about it; what comes back is handled like any other packet.
+    ///
+    /// # Panics
+    /// If `hdr.len` is not `payload.len()`, or `payload` does not fit one TX packet.
+    pub fn send_raw_timeout(
+        &mut self,
+        hdr: &Header,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<(), SockError> {
+        assert_eq!(hdr.len as usize, payload.len(), "header length vs payload");
+        assert!(
+            payload.len() <= self.driver.max_tx_payload(),
+            "payload of {} bytes exceeds one TX packet",
+            payload.len()
+        );
+        self.wait_until("send_raw", timeout, |g| {
+            g.check_broken()?;
+            g.flush_control()?;
+            if !g.driver.tx_room([payload.len()]) {
+                g.driver.reclaim_tx().map_err(|e| g.fail(e))?;
+                if !g.driver.tx_room([payload.len()]) {
+                    return Ok(None);
+                }
+            }
+            g.driver.send(hdr, payload).map_err(|e| g.fail(e))?;
+            g.driver.kick().map_err(|e| g.fail(e))?;
+            Ok(Some(()))
+        })
+    }
+
     /// Reads up to `buf.len()` bytes; `Ok(0)` is end of stream. On a seqpacket socket, reads
     /// one message (see [`UserGuest::recv_msg`]) and returns the bytes copied.
     pub fn recv(&mut self, key: ConnKey, buf: &mut [u8]) -> Result<usize, SockError> {

@@ -42,4 +42,6 @@ pub use frontend::Negotiated;
 pub use guest::{Message, UserGuest};
 pub use ring::RingStats;
 
-pub use domsock_proto::{Cid, ConnKey, EndpointConfig, Port, Shutdown, SocketType, VsockAddr};
+pub use domsock_proto::{
+    Cid, ConnKey, EndpointConfig, Header, Op, Port, Shutdown, SocketType, VsockAddr,
+};

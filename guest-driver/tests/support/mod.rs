@@ -112,12 +112,93 @@ pub struct Vm {
     pub uds: PathBuf,
 }
 
+/// Identity and groups of one VM of [`Backend::spawn_with`]; `None` leaves domsockd's
+/// default (name `vm<cid>`, namespace `default`).
+#[derive(Debug, Clone, Default)]
+pub struct VmOpts {
+    pub cid: u64,
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+    pub groups: Vec<String>,
+}
+
+impl VmOpts {
+    pub fn new(cid: u64) -> Self {
+        Self {
+            cid,
+            ..Self::default()
+        }
+    }
+
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = Some(name.to_string());
+        self
+    }
+
+    pub fn namespace(mut self, namespace: &str) -> Self {
+        self.namespace = Some(namespace.to_string());
+        self
+    }
+
+    pub fn groups(mut self, groups: &[&str]) -> Self {
+        self.groups = groups.iter().map(|g| g.to_string()).collect();
+        self
+    }
+
+    /// The `--vm` value for `vm`.
+    fn cli_fields(&self, vm: &Vm) -> String {
+        let mut s = format!(
+            "guest-cid={},socket={},uds-path={}",
+            vm.cid,
+            vm.socket.display(),
+            vm.uds.display()
+        );
+        if let Some(n) = &self.name {
+            s.push_str(&format!(",name={n}"));
+        }
+        if let Some(ns) = &self.namespace {
+            s.push_str(&format!(",namespace={ns}"));
+        }
+        if !self.groups.is_empty() {
+            s.push_str(&format!(",groups={}", self.groups.join("+")));
+        }
+        s
+    }
+
+    /// The `[[vm]]` table for `vm`.
+    fn toml_table(&self, vm: &Vm) -> String {
+        let mut s = format!(
+            "[[vm]]\nguest-cid = {}\nsocket = {:?}\nuds-path = {:?}\n",
+            vm.cid,
+            vm.socket.display().to_string(),
+            vm.uds.display().to_string()
+        );
+        if let Some(n) = &self.name {
+            s.push_str(&format!("name = {n:?}\n"));
+        }
+        if let Some(ns) = &self.namespace {
+            s.push_str(&format!("namespace = {ns:?}\n"));
+        }
+        if !self.groups.is_empty() {
+            s.push_str(&format!("groups = {:?}\n", self.groups));
+        }
+        s
+    }
+}
+
+/// Stands for the backend's temp dir in [`Backend::spawn_with`]'s config text.
+pub const DIR_PLACEHOLDER: &str = "@DIR@";
+
 /// A running backend process, stopped (SIGTERM, then SIGKILL) by PID on drop.
 #[derive(Debug)]
 pub struct Backend {
     child: Child,
     log: PathBuf,
     pub vms: Vec<Vm>,
+    /// The identities the VMs were started with (`spawn_with`), else empty.
+    opts: Vec<VmOpts>,
+    /// The `--config` file (`spawn_with` with a config).
+    config: Option<PathBuf>,
     _watchdog: Watchdog,
     dir: TempDir,
 }
@@ -131,14 +212,62 @@ impl Backend {
     /// `binary` with `--vm guest-cid=N,socket=...,uds-path=...` per CID.
     pub fn spawn(binary: &Path, tag: &str, cids: &[u64]) -> Self {
         let dir = TempDir::new(tag);
-        let vms: Vec<Vm> = cids
+        let vms: Vec<Vm> = cids.iter().map(|&cid| Vm::in_dir(&dir, cid)).collect();
+        let args: Vec<String> = vms
             .iter()
-            .map(|&cid| Vm {
-                cid,
-                socket: dir.path().join(format!("v{cid}.sock")),
-                uds: dir.path().join(format!("u{cid}")),
-            })
+            .flat_map(|vm| ["--vm".to_string(), VmOpts::new(vm.cid).cli_fields(vm)])
             .collect();
+        Self::start(binary, tag, dir, vms, Vec::new(), None, &args)
+    }
+
+    /// domsockd with named VMs ([`Backend::spawn_with`]).
+    pub fn domsockd_with(tag: &str, vms: &[VmOpts], config_toml: Option<&str>) -> Self {
+        Self::spawn_with(&domsockd(), tag, vms, &[], config_toml)
+    }
+
+    /// `binary` serving `vms`, with `extra_args`. Without `config_toml` the VMs are `--vm`
+    /// flags (`name=`, `namespace=`, `groups=a+b`). With it, they are `[[vm]]` tables of a
+    /// `--config` file in the backend's temp dir, followed by `config_toml` (tables only:
+    /// `[policy]`, `[[policy.allow]]`, `[[listen]]`; [`DIR_PLACEHOLDER`] becomes the temp
+    /// dir), which [`Backend::rewrite_config`] can replace later.
+    pub fn spawn_with(
+        binary: &Path,
+        tag: &str,
+        vms: &[VmOpts],
+        extra_args: &[String],
+        config_toml: Option<&str>,
+    ) -> Self {
+        let dir = TempDir::new(tag);
+        let list: Vec<Vm> = vms.iter().map(|o| Vm::in_dir(&dir, o.cid)).collect();
+        let mut args = extra_args.to_vec();
+        let config = match config_toml {
+            None => {
+                for (o, vm) in vms.iter().zip(&list) {
+                    args.push("--vm".to_string());
+                    args.push(o.cli_fields(vm));
+                }
+                None
+            }
+            Some(text) => {
+                let path = dir.path().join("domsockd.toml");
+                write_config_file(&path, &config_text(dir.path(), vms, &list, text));
+                args.push("--config".to_string());
+                args.push(path.display().to_string());
+                Some(path)
+            }
+        };
+        Self::start(binary, tag, dir, list, vms.to_vec(), config, &args)
+    }
+
+    fn start(
+        binary: &Path,
+        tag: &str,
+        dir: TempDir,
+        vms: Vec<Vm>,
+        opts: Vec<VmOpts>,
+        config: Option<PathBuf>,
+        args: &[String],
+    ) -> Self {
         let log = dir.path().join("backend.log");
         let out = File::create(&log).unwrap();
         let err = out.try_clone().unwrap();
@@ -151,14 +280,7 @@ impl Backend {
             }
             _ => {}
         }
-        for vm in &vms {
-            cmd.arg("--vm").arg(format!(
-                "guest-cid={},socket={},uds-path={}",
-                vm.cid,
-                vm.socket.display(),
-                vm.uds.display()
-            ));
-        }
+        cmd.args(args);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
@@ -170,6 +292,8 @@ impl Backend {
             child,
             log,
             vms,
+            opts,
+            config,
             _watchdog: Watchdog::start(tag.to_string()),
             dir,
         };
@@ -190,6 +314,62 @@ impl Backend {
 
     pub fn vm(&self, i: usize) -> &Vm {
         &self.vms[i]
+    }
+
+    /// The VM with `cid`.
+    pub fn vm_by_cid(&self, cid: u64) -> &Vm {
+        self.vms
+            .iter()
+            .find(|v| v.cid == cid)
+            .unwrap_or_else(|| panic!("no VM with CID {cid}"))
+    }
+
+    /// A guest on the VM with `cid`.
+    pub fn guest_on(&self, cid: u64, cfg: GuestConfig) -> UserGuest {
+        let i = self
+            .vms
+            .iter()
+            .position(|v| v.cid == cid)
+            .expect("known CID");
+        self.guest(i, cfg)
+    }
+
+    /// The `--config` file, if the backend was started with one.
+    pub fn config_path(&self) -> &Path {
+        self.config
+            .as_deref()
+            .expect("backend started without a config file")
+    }
+
+    /// Replaces the config file's text after the `[[vm]]` tables with `config_toml` (the VMs
+    /// stay as they were; [`DIR_PLACEHOLDER`] becomes the temp dir). Atomic: domsockd never
+    /// reads half a file.
+    pub fn rewrite_config(&self, config_toml: &str) {
+        let text = config_text(self.dir(), &self.opts, &self.vms, config_toml);
+        write_config_file(self.config_path(), &text);
+    }
+
+    /// [`Backend::rewrite_config`] with other `[[vm]]` tables: `vms` must name the same
+    /// CIDs in the same order (their sockets stay), e.g. with other groups.
+    pub fn rewrite_config_vms(&self, vms: &[VmOpts], config_toml: &str) {
+        assert_eq!(
+            vms.iter().map(|v| v.cid).collect::<Vec<_>>(),
+            self.vms.iter().map(|v| v.cid).collect::<Vec<_>>(),
+            "the VMs of a rewritten config must be the running ones"
+        );
+        let text = config_text(self.dir(), vms, &self.vms, config_toml);
+        write_config_file(self.config_path(), &text);
+    }
+
+    /// Sends SIGHUP (re-read the config file's policy).
+    pub fn reload(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    }
+
+    /// The whole backend log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// A guest on VM `i` with `cfg`.
@@ -286,6 +466,34 @@ impl Backend {
             thread::sleep(Duration::from_millis(2));
         }
     }
+}
+
+impl Vm {
+    fn in_dir(dir: &TempDir, cid: u64) -> Self {
+        Vm {
+            cid,
+            socket: dir.path().join(format!("v{cid}.sock")),
+            uds: dir.path().join(format!("u{cid}")),
+        }
+    }
+}
+
+/// The `[[vm]]` tables of `vms`, then `extra` with [`DIR_PLACEHOLDER`] replaced.
+fn config_text(dir: &Path, opts: &[VmOpts], vms: &[Vm], extra: &str) -> String {
+    let mut text: String = opts
+        .iter()
+        .zip(vms)
+        .map(|(o, vm)| o.toml_table(vm) + "\n")
+        .collect();
+    text.push_str(&extra.replace(DIR_PLACEHOLDER, &dir.display().to_string()));
+    text
+}
+
+/// Writes `text` to `path` through a temp file and a rename.
+fn write_config_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("toml.new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// One VM's counters from domsockd's log.
