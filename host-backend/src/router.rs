@@ -153,6 +153,8 @@ struct RxSide {
 #[derive(Debug)]
 struct Slot {
     shared: Arc<VmShared>,
+    /// Fixed for the daemon's lifetime (a reload may change rules and groups only).
+    namespace: String,
     rx: Mutex<RxSide>,
     running: AtomicBool,
     has_backlog: AtomicBool,
@@ -181,10 +183,15 @@ impl Router {
         let slots = vms
             .into_iter()
             .map(|shared| {
+                let namespace = policy
+                    .domain(shared.cid)
+                    .map(|d| d.namespace.clone())
+                    .unwrap_or_default();
                 (
                     shared.cid,
                     Slot {
                         shared,
+                        namespace,
                         rx: Mutex::new(RxSide::default()),
                         running: AtomicBool::new(false),
                         has_backlog: AtomicBool::new(false),
@@ -334,18 +341,15 @@ impl Router {
         regions: &Regions,
         mem: &Mem,
     ) -> Routed {
-        let policy = self.policy();
-        let same_ns = match (policy.domain(from.cid), policy.domain(hdr.dst.cid)) {
-            (Some(a), Some(b)) => a.namespace == b.namespace,
-            _ => false,
-        };
         // A guest reaches its own CID through its kernel's loopback, never the device.
-        let to_self = hdr.dst.cid == from.cid;
-        let Some(to) = self.slots.get(&hdr.dst.cid).filter(|_| same_ns && !to_self) else {
+        let (Some(me), Some(to)) = (self.slots.get(&from.cid), self.slots.get(&hdr.dst.cid)) else {
             return Routed::Unroutable;
         };
+        if me.namespace != to.namespace || hdr.dst.cid == from.cid {
+            return Routed::Unroutable;
+        }
         let route = lock(&self.relay).handle(hdr, || {
-            match policy.check(from.cid, To::Domain(hdr.dst.cid), hdr.dst.port, hdr.socket_type) {
+            match self.policy().check(from.cid, To::Domain(hdr.dst.cid), hdr.dst.port, hdr.socket_type) {
                 Verdict::Allow => {}
                 Verdict::Deny(reason) => {
                     if reason == DenyReason::NoRule {
