@@ -39,6 +39,7 @@ usage: domsock <command> [--option value]...
   connect-expect-fail  PEER --port P [--max-ms 1000] [--type stream|seqpacket]
                        [--errno ECONNRESET,ECONNREFUSED]
   rr                   PEER --port P [--count 1000] [--size 64]
+  hold-echo            PEER --ports P1,P2 --gate G [--size 64]
   resolve              --name NAME
   whoami
   list
@@ -836,6 +837,81 @@ fn cmd_list(o: Opts, timeout: Duration) -> CmdResult {
     Ok(())
 }
 
+/// One echo round trip of `msg` on a stream socket.
+fn echo_round_trip(sock: &VsockSocket, msg: &[u8]) -> io::Result<()> {
+    sock.send_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    let mut got = 0;
+    while got < msg.len() {
+        match sock.recv(&mut back[got..])? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => got += n,
+        }
+    }
+    if back != msg {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "echo differs"));
+    }
+    Ok(())
+}
+
+/// `hold-echo`: opens one stream per port to echo servers and proves each with a round trip;
+/// then listens on `--gate` until the host connects and closes (the host changes something
+/// meanwhile, such as the access policy), and tries one more round trip on every connection.
+/// How each one went (`after_<port>=ok`, `eof`, or an errno name) is the result, not a
+/// failure: the host decides which connections had to survive.
+fn cmd_hold_echo(mut o: Opts, timeout: Duration) -> CmdResult {
+    let peer = o.peer()?;
+    let ports = o
+        .take_str("ports")
+        .ok_or_else(|| Failure("--ports is required".into()))?;
+    let ports: Vec<u32> = ports
+        .split(',')
+        .map(|p| {
+            p.parse()
+                .map_err(|_| Failure(format!("--ports: bad port {p:?}")))
+        })
+        .collect::<Result<_, _>>()?;
+    let gate = o.u32_required("gate")?;
+    let size = o.usize_or("size", 64)?;
+    o.finish()?;
+    let msg = PatternStream::new(5).take(size.max(1));
+    let mut held = Vec::new();
+    let mut fields = String::new();
+    for &port in &ports {
+        let peer = peer.clone().resolve(port, timeout)?;
+        let sock = connect(SockType::Stream, peer.addr, timeout)?;
+        echo_round_trip(&sock, &msg)
+            .map_err(|e| Failure::io(&format!("first round trip to {}", peer.addr), &e))?;
+        fields.push_str(&format!(" before_{port}=ok"));
+        held.push((port, sock));
+    }
+    let listener = listen(SockType::Stream, gate, timeout)?;
+    let (gate_conn, _) = accept(&listener, timeout)?;
+    recv_to_eof(&gate_conn, false)?;
+    for (port, sock) in &held {
+        let outcome = match echo_round_trip(sock, &msg) {
+            Ok(()) => "ok".to_owned(),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => "eof".to_owned(),
+            Err(e) => e
+                .raw_os_error()
+                .map_or_else(|| e.to_string().replace(' ', "-"), vsock::errno_name),
+        };
+        fields.push_str(&format!(" after_{port}={outcome}"));
+    }
+    println!(
+        "DS-RESULT cmd=hold-echo peer_cid={}{fields}",
+        peer_label(&peer)
+    );
+    Ok(())
+}
+
+fn peer_label(peer: &PeerArg) -> String {
+    match peer {
+        PeerArg::Cid(cid) => cid.to_string(),
+        PeerArg::Name(name) => name.clone(),
+    }
+}
+
 fn cmd_rr(mut o: Opts, timeout: Duration) -> CmdResult {
     let peer = o.peer()?;
     let port = o.u32_required("port")?;
@@ -901,6 +977,7 @@ fn run(args: &[String]) -> CmdResult {
         "echo-server" => cmd_echo_server(o, SockType::Stream, cmd, timeout),
         "connect-expect-fail" => cmd_connect_expect_fail(o, timeout),
         "rr" => cmd_rr(o, timeout),
+        "hold-echo" => cmd_hold_echo(o, timeout),
         "duplex-client" => cmd_duplex_client(o, timeout),
         "duplex-server" => cmd_duplex_server(o, timeout),
         "resolve" => cmd_resolve(o, timeout),
