@@ -591,7 +591,7 @@ fn cmd_echo_server(mut o: Opts, ty: SockType, name: &str, timeout: Duration) -> 
             String::new()
         };
         println!(
-            "DS-RESULT cmd={name} conn={conn} peer={peer} bytes={} xxh3={}{sizes}",
+            "DS-RESULT cmd={name} port={port} conn={conn} peer={peer} bytes={} xxh3={}{sizes}",
             sum.bytes(),
             sum.hex()
         );
@@ -899,7 +899,7 @@ fn cmd_hold_echo(mut o: Opts, timeout: Duration) -> CmdResult {
         fields.push_str(&format!(" after_{port}={outcome}"));
     }
     println!(
-        "DS-RESULT cmd=hold-echo peer_cid={}{fields}",
+        "DS-RESULT cmd=hold-echo peer={}{fields}",
         peer_label(&peer)
     );
     Ok(())

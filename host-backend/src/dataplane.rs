@@ -335,6 +335,8 @@ pub struct DataPlane {
     tx_heads: Vec<u16>,
     /// The deadline the timerfd is armed for.
     timer_armed: Option<Instant>,
+    /// Guests the current TX batch put packets on; notified when it ends.
+    g2g_signals: Vec<Cid>,
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -396,6 +398,7 @@ impl DataPlane {
             dirty: Vec::new(),
             tx_heads: Vec::new(),
             timer_armed: None,
+            g2g_signals: Vec::new(),
         })
     }
 
@@ -767,6 +770,9 @@ impl DataPlane {
         }
         let mem = atomic.memory();
         self.flush_dirty(now, &mem);
+        if !self.g2g_signals.is_empty() {
+            self.router.signal(&mut self.g2g_signals);
+        }
         if !heads.is_empty() {
             {
                 let mut guard = vring.get_mut();
@@ -959,7 +965,7 @@ impl DataPlane {
         let stats = &self.shared.stats;
         match self
             .router
-            .route(&self.shared, hdr, raw, &self.regions, mem)
+            .route(&self.shared, hdr, raw, &self.regions, mem, &mut self.g2g_signals)
         {
             Routed::Forwarded | Routed::Dropped => {}
             Routed::Unroutable => {

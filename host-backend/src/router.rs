@@ -148,6 +148,19 @@ struct RxSide {
     backlog: VecDeque<Queued>,
     backlog_bytes: usize,
     scratch: Regions,
+    /// Chains were used since the guest was last considered for a notification.
+    unsignalled: bool,
+}
+
+impl RxSide {
+    /// Notifies the guest of used RX chains, if it asked for notifications.
+    fn flush_signal(&mut self) {
+        if std::mem::take(&mut self.unsignalled) {
+            if let Some(port) = &self.port {
+                signal(port);
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -332,7 +345,8 @@ impl Router {
     }
 
     /// Routes a packet `from`'s guest sent to another guest. `regions` hold the sender's
-    /// TX chain (header and `hdr.len` payload bytes, checked).
+    /// TX chain (header and `hdr.len` payload bytes, checked). The receiver's CID is added
+    /// to `signals`; pass them to [`Router::signal`] when the TX batch ends.
     pub fn route(
         &self,
         from: &VmShared,
@@ -340,6 +354,7 @@ impl Router {
         raw: &RawHeader,
         regions: &Regions,
         mem: &Mem,
+        signals: &mut Vec<Cid>,
     ) -> Routed {
         // A guest reaches its own CID through its kernel's loopback, never the device.
         let (Some(me), Some(to)) = (self.slots.get(&from.cid), self.slots.get(&hdr.dst.cid)) else {
@@ -374,7 +389,11 @@ impl Router {
                 fwd.buf_alloc = buf_alloc;
                 VmStats::inc(&from.stats.g2g_packets);
                 VmStats::add(&from.stats.g2g_bytes, u64::from(hdr.len));
-                if self.deliver(to, fwd, &Source::Guest { regions, mem }) {
+                let ok = self.deliver(to, fwd, &Source::Guest { regions, mem });
+                if signals.last() != Some(&to.shared.cid) {
+                    signals.push(to.shared.cid);
+                }
+                if ok {
                     Routed::Forwarded
                 } else {
                     // The receiver's backlog is full: it does not take its packets.
@@ -409,7 +428,20 @@ impl Router {
         }
         let mut rx = lock(&slot.rx);
         drain_backlog(&mut rx, &slot.shared.stats);
+        rx.flush_signal();
         slot.has_backlog.store(!rx.backlog.is_empty(), Ordering::Release);
+    }
+
+    /// Notifies the receivers a TX batch delivered to (deferred to the batch's end, so a
+    /// receiver wakes once per batch rather than per packet). Empties `cids`.
+    pub fn signal(&self, cids: &mut Vec<Cid>) {
+        cids.sort_unstable();
+        cids.dedup();
+        for cid in cids.drain(..) {
+            if let Some(slot) = self.slots.get(&cid) {
+                lock(&slot.rx).flush_signal();
+            }
+        }
     }
 
     /// An RST from `src` to the guest of `dst`.
@@ -429,6 +461,7 @@ impl Router {
         }
         .to_raw();
         let _ = self.deliver(slot, rst, &Source::Heap(&[]));
+        lock(&slot.rx).flush_signal();
     }
 
     /// Puts one packet on `to`'s RX queue, or in its backlog for what does not fit.
@@ -442,10 +475,14 @@ impl Router {
         let stats = &to.shared.stats;
         let mut delivered = 0usize;
         if rx.backlog.is_empty() {
-            let (n, header_sent) = write_pieces(port, &mut rx.scratch, &hdr, src, 0, false, stats);
+            let (n, header_sent, used) =
+                write_pieces(port, &mut rx.scratch, &hdr, src, 0, false, stats);
+            rx.unsignalled |= used;
             if header_sent && n == hdr.len as usize {
                 return true;
             }
+            // The ring ran dry: let the guest see what it got at once, so it refills.
+            rx.flush_signal();
             delivered = n;
         }
         let rest = hdr.len as usize - delivered;
@@ -483,7 +520,7 @@ fn drain_backlog(rx: &mut RxSide, stats: &VmStats) {
         return;
     };
     while let Some(q) = rx.backlog.front_mut() {
-        let (n, sent) = write_pieces(
+        let (n, sent, used) = write_pieces(
             port,
             &mut rx.scratch,
             &q.hdr,
@@ -494,6 +531,7 @@ fn drain_backlog(rx: &mut RxSide, stats: &VmStats) {
         );
         q.delivered += n;
         q.header_sent |= sent;
+        rx.unsignalled |= used;
         if q.header_sent && q.delivered == q.payload.len() {
             rx.backlog_bytes -= q.payload.len() + HEADER_LEN;
             rx.backlog.pop_front();
@@ -505,7 +543,8 @@ fn drain_backlog(rx: &mut RxSide, stats: &VmStats) {
 
 /// Writes `hdr`'s payload from `src[skip..]` into RX chains, one packet per chain, until
 /// it is all out or the ring is empty (then RX notifications are on). Returns the payload
-/// bytes written and whether a header went out (a payload-less packet needs one chain).
+/// bytes written, whether a header went out (a payload-less packet needs one chain), and
+/// whether any chain was used (the guest may need a notification).
 fn write_pieces(
     port: &RxPort,
     scratch: &mut Regions,
@@ -514,7 +553,7 @@ fn write_pieces(
     skip: usize,
     header_sent: bool,
     stats: &VmStats,
-) -> (usize, bool) {
+) -> (usize, bool, bool) {
     let total = hdr.len as usize;
     let mut off = skip;
     let mut sent = header_sent;
@@ -523,7 +562,7 @@ fn write_pieces(
         let mem = port.mem.memory();
         let mut guard = port.vring.get_mut();
         if !guard.get_queue().ready() {
-            return (0, false);
+            return (0, false, false);
         }
         let queue = guard.get_queue_mut();
         loop {
@@ -585,10 +624,7 @@ fn write_pieces(
             sent = true;
         }
     }
-    if used_any {
-        signal(port);
-    }
-    (off - skip, sent && !header_sent)
+    (off - skip, sent && !header_sent, used_any)
 }
 
 fn signal(port: &RxPort) {

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Barrier, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -732,7 +732,12 @@ fn expect_all(vm: &Vm, timeout: Duration, wants: &[Want]) -> Vec<DsLine> {
 
 /// Lets a guest past its `recv --port GATE_PORT`: connect, send nothing, half-close, EOF.
 fn release_gate(spec: &VmSpec) {
-    let mut conn = host::connect_guest_ok(&spec.uds, GATE_PORT, STEP_TIMEOUT)
+    release_gate_port(spec, GATE_PORT);
+}
+
+/// Lets a guest past a gate listening on `port`.
+fn release_gate_port(spec: &VmSpec, port: u32) {
+    let mut conn = host::connect_guest_ok(&spec.uds, port, STEP_TIMEOUT)
         .unwrap_or_else(|e| panic!("CONNECT to the gate of CID {}: {e}", spec.cid));
     conn.shutdown(Shutdown::Write)
         .expect("gate shutdown(Write)");
@@ -1357,6 +1362,206 @@ fn g2g_namespaces_policy_listener(c: Case) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// j. SIGHUP reloads the policy: connections no longer allowed are reset, allowed ones stay
+
+/// The echo port a rule keeps open for a -> b after the group is gone.
+const RULE_PORT: u32 = 6100;
+/// The echo port only the group allows.
+const GROUP_PORT: u32 = 6200;
+
+/// a and b in namespace `red`; `with_group`: both in group `pair`. Either way a rule lets a
+/// reach b's [`RULE_PORT`] by stream.
+fn reload_config(a: &VmSpec, b: &VmSpec, with_group: bool) -> String {
+    let groups = if with_group { "[\"pair\"]" } else { "[]" };
+    let mut t = String::new();
+    for (spec, name) in [(a, "a"), (b, "b")] {
+        t.push_str(&format!(
+            "[[vm]]\nguest-cid = {}\nsocket = {:?}\nuds-path = {:?}\nname = \"{name}\"\n\
+             namespace = \"red\"\ngroups = {groups}\n\n",
+            spec.cid,
+            spec.socket.display().to_string(),
+            spec.uds.display().to_string(),
+        ));
+    }
+    t.push_str(&format!(
+        "[[policy.allow]]\nnamespace = \"red\"\nfrom = \"a\"\nto = \"b\"\nports = \"{RULE_PORT}\"\n\
+         types = [\"stream\"]\n"
+    ));
+    t
+}
+
+/// Rewrites the config file, sends SIGHUP and waits for the backend's `policy reloaded`
+/// log line; returns its `reset=` count (connections the new policy no longer allows).
+fn reload_policy(backend: &Backend, path: &Path, config: &str) -> u64 {
+    let reloads = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("policy reloaded") || l.contains("policy reload failed"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let before = reloads(&backend.log_text()).len();
+    std::fs::write(path, config).expect("rewrite config");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(backend.pid()).expect("pid fits i32"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let lines = reloads(&backend.log_text());
+        if let Some(line) = lines.get(before) {
+            assert!(line.contains("policy reloaded"), "reload failed: {line}");
+            let reset = line
+                .split_whitespace()
+                .find_map(|t| t.strip_prefix("reset="))
+                .unwrap_or_else(|| panic!("no reset= in {line:?}"));
+            return reset.parse().expect("reset= is a number");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reload logged after SIGHUP:\n{}",
+            backend.log_tail()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// a holds two connections to b's echo servers, one allowed by the group and a rule, one by
+/// the group only. The group goes away (SIGHUP): the rule's connection keeps working, the
+/// other is reset, and a new connect to it is denied at once. The group comes back
+/// (SIGHUP): a connects and streams again.
+fn g2g_policy_reload(c: Case) {
+    let (sa, sb) = (c.spec(3), c.spec(4));
+    let config_path = c.log_dir.join("domsockd.toml");
+    std::fs::write(&config_path, reload_config(&sa, &sb, true)).expect("write config");
+    let backend = Backend::spawn_config(&config_path, &[], &[sa.clone(), sb.clone()], &c.log_dir);
+    let long = format!("--timeout-ms {LONG_GUEST_TIMEOUT_MS}");
+    let fail_fast = format!(
+        "--max-ms {} --errno ECONNRESET,ECONNREFUSED",
+        DENY_WITHIN.as_millis()
+    );
+    let cfg_a = c
+        .vm("a", &sa)
+        .cmd(&format!("recv --port {GATE_PORT} {long}"))
+        .cmd(&format!(
+            "hold-echo --peer b --ports {RULE_PORT},{GROUP_PORT} --gate {} {long}",
+            GATE_PORT + 1
+        ))
+        .cmd(&format!(
+            "connect-expect-fail --peer b --port {GROUP_PORT} {fail_fast}"
+        ))
+        .cmd(&format!("recv --port {} {long}", GATE_PORT + 2))
+        .cmd(&format!(
+            "send --peer b --port {GROUP_PORT} --bytes {PROBE_BYTES} --seed 81 \
+             --expect-reply-bytes {PROBE_BYTES}"
+        ));
+    let cfg_b = c
+        .vm("b", &sb)
+        .cmd(&format!("bg echo-server --port {RULE_PORT} {long}"))
+        .cmd(&format!(
+            "bg echo-server --port {GROUP_PORT} --conns 2 {long}"
+        ));
+    let mut vm_a = c.boot(&cfg_a, &sa);
+    let mut vm_b = c.boot(&cfg_b, &sb);
+    expect_all(
+        &vm_b,
+        STEP_TIMEOUT,
+        &[want_ready(RULE_PORT), want_ready(GROUP_PORT)],
+    );
+    vm_a.expect_ready(GATE_PORT, STEP_TIMEOUT);
+    release_gate(&sa);
+
+    // Both connections up; then the group goes away.
+    vm_a.expect_ready(GATE_PORT + 1, STEP_TIMEOUT);
+    let t = Instant::now();
+    let reset = reload_policy(&backend, &config_path, &reload_config(&sa, &sb, false));
+    let reload_took = t.elapsed();
+    assert_eq!(
+        reset, 1,
+        "the reload resets exactly the group-only connection"
+    );
+    release_gate_port(&sa, GATE_PORT + 1);
+    let held = vm_a.expect_result("hold-echo", STEP_TIMEOUT);
+    let after = |port: u32| held.str(&format!("after_{port}")).to_owned();
+    assert_eq!(
+        after(RULE_PORT),
+        "ok",
+        "the connection the rule still allows survives the reload: {}",
+        held.raw
+    );
+    assert_ne!(
+        after(GROUP_PORT),
+        "ok",
+        "the group-only connection must be reset by the reload: {}",
+        held.raw
+    );
+    let denied = vm_a.expect_result("connect-expect-fail", STEP_TIMEOUT);
+    assert_fast_refusal("a -> b after the group was removed", &denied);
+
+    // The group comes back: a reaches the same listener again.
+    vm_a.expect_ready(GATE_PORT + 2, STEP_TIMEOUT);
+    let reset_back = reload_policy(&backend, &config_path, &reload_config(&sa, &sb, true));
+    assert_eq!(reset_back, 0, "widening the policy resets nothing");
+    release_gate_port(&sa, GATE_PORT + 2);
+    let sent = vm_a.expect_result("send", STEP_TIMEOUT);
+    assert_pattern_line(
+        "a sent to b after the group came back",
+        &sent,
+        81,
+        PROBE_BYTES,
+    );
+    assert_eq!(
+        sent.str("reply_xxh3"),
+        sent.str("xxh3"),
+        "b echoed it intact"
+    );
+
+    let b_lines = expect_all(
+        &vm_b,
+        STEP_TIMEOUT,
+        &[
+            want_result_with("echo-server", "port", &RULE_PORT.to_string()),
+            want_result_with("echo-server", "port", &GROUP_PORT.to_string()),
+            want_result_with("echo-server", "port", &GROUP_PORT.to_string()),
+        ],
+    );
+    assert_eq!(
+        b_lines[1].str("conn"),
+        "0",
+        "first connection on the group port"
+    );
+    assert_guest_saw(
+        "b echoed a's stream after the group came back",
+        &b_lines[2],
+        "",
+        &pattern_checksum(81, PROBE_BYTES),
+    );
+    let counters = backend_counters(&backend, &["a", "b"]);
+    assert_eq!(
+        counters["a"].get("denied_connections"),
+        Some(&1),
+        "a: one denied connect"
+    );
+    assert!(
+        backend
+            .log_text()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("no longer allowed")),
+        "the reset connection is logged:\n{}",
+        backend.log_tail()
+    );
+    c.report(&format!(
+        "policy reload: SIGHUP applied in {} (reset 1 of 2 held connections; after the reload \
+         rule port {}, group port {}); denied at once afterwards ({} in {:.1} ms); group back, \
+         1 MiB echoed",
+        report::ms(reload_took),
+        after(RULE_PORT),
+        after(GROUP_PORT),
+        denied.str("errno"),
+        denied.f64("ms")
+    ));
+    finish(&mut vm_a);
+    finish(&mut vm_b);
+}
+
 /// Makes the backend log its counters (SIGUSR1) and returns, per VM name, the numbers of the
 /// `counters vm=<name> ... stats=k=v k=v ...` line it logged in response.
 fn backend_counters(backend: &Backend, names: &[&str]) -> BTreeMap<String, BTreeMap<String, u64>> {
@@ -1471,4 +1676,5 @@ per_kernel!(
     reboot_and_restart,
     round_trip_latency,
     g2g_namespaces_policy_listener,
+    g2g_policy_reload,
 );
