@@ -898,10 +898,7 @@ fn cmd_hold_echo(mut o: Opts, timeout: Duration) -> CmdResult {
         };
         fields.push_str(&format!(" after_{port}={outcome}"));
     }
-    println!(
-        "DS-RESULT cmd=hold-echo peer={}{fields}",
-        peer_label(&peer)
-    );
+    println!("DS-RESULT cmd=hold-echo peer={}{fields}", peer_label(&peer));
     Ok(())
 }
 

@@ -672,6 +672,11 @@ const LISTEN_BYTES: u64 = 1 << 20;
 const DENY_WITHIN: Duration = Duration::from_millis(500);
 /// Guest-side idle timeout of the servers and gates that wait through the whole case.
 const LONG_GUEST_TIMEOUT_MS: u64 = 300_000;
+/// Seed of what a guest sends to the all-guests listener.
+fn listen_seed(dom: &Domain) -> u64 {
+    700 + u64::from(dom.spec.cid)
+}
+
 /// A CID nobody has.
 const NO_SUCH_CID: u32 = 99;
 
@@ -881,8 +886,11 @@ fn g2g_namespaces_policy_listener(c: Case) {
     let long = format!("--timeout-ms {LONG_GUEST_TIMEOUT_MS}");
     let gate = format!("recv --port {GATE_PORT} {long}");
     let probe_server = format!("bg recv --port {PROBE_PORT} {long}");
-    let to_listener = |seed: u32| {
-        format!("send --cid {HOST_CID} --port {LISTEN_PORT} --bytes {LISTEN_BYTES} --seed {seed}")
+    let to_listener = |dom: &Domain| {
+        format!(
+            "send --cid {HOST_CID} --port {LISTEN_PORT} --bytes {LISTEN_BYTES} --seed {}",
+            listen_seed(dom)
+        )
     };
     let sizes: Vec<String> = SEQ_SIZES.iter().map(usize::to_string).collect();
     let fail_fast = format!(
@@ -904,7 +912,7 @@ fn g2g_namespaces_policy_listener(c: Case) {
             "seq-echo-client --peer b --port {SEQ_PORT} --sizes {} --rounds {SEQ_ROUNDS} --seed 31",
             sizes.join(",")
         ))
-        .cmd(&to_listener(703));
+        .cmd(&to_listener(a));
     let cfg_b = c
         .vm("b", &b.spec)
         .cmd("whoami")
@@ -917,7 +925,7 @@ fn g2g_namespaces_policy_listener(c: Case) {
         .cmd(&format!(
             "send --peer a --port {PROBE_PORT} --bytes {PROBE_BYTES} --seed 43"
         ))
-        .cmd(&to_listener(704));
+        .cmd(&to_listener(b));
     let cfg_c = c
         .vm("c", &cc.spec)
         .cmd("whoami")
@@ -931,7 +939,7 @@ fn g2g_namespaces_policy_listener(c: Case) {
         .cmd(&format!(
             "connect-expect-fail --cid {NO_SUCH_CID} --port {PROBE_PORT} {fail_fast}"
         ))
-        .cmd(&to_listener(705));
+        .cmd(&to_listener(cc));
     let cfg_d = c
         .vm("d", &d.spec)
         .cmd("whoami")
@@ -943,7 +951,7 @@ fn g2g_namespaces_policy_listener(c: Case) {
         .cmd(&format!(
             "send --peer b --port {PROBE_PORT} --bytes {PROBE_BYTES} --seed 64"
         ))
-        .cmd(&to_listener(706));
+        .cmd(&to_listener(d));
     let cfgs = [cfg_a, cfg_b, cfg_c, cfg_d];
     let mut vms: Vec<Vm> = cfgs.iter().map(Vm::boot).collect();
     for ((vm, cfg), dom) in vms.iter().zip(&cfgs).zip(&domains) {
@@ -1282,7 +1290,7 @@ fn g2g_namespaces_policy_listener(c: Case) {
             "preamble source port {} should be an ephemeral guest port",
             conn.preamble.port
         );
-        let seed = 700 + u64::from(dom.spec.cid);
+        let seed = listen_seed(dom);
         assert_pattern(
             &format!("listener got from {}", dom.name),
             &conn.got.sum,
@@ -1369,6 +1377,9 @@ fn g2g_namespaces_policy_listener(c: Case) {
 const RULE_PORT: u32 = 6100;
 /// The echo port only the group allows.
 const GROUP_PORT: u32 = 6200;
+/// Sent to an echo server by `send`, which reads the echo only after sending everything:
+/// must fit the sender's vsock receive buffer (256 KiB by default), or both ends block.
+const ECHO_BYTES: u64 = 64 << 10;
 
 /// a and b in namespace `red`; `with_group`: both in group `pair`. Either way a rule lets a
 /// reach b's [`RULE_PORT`] by stream.
@@ -1450,8 +1461,8 @@ fn g2g_policy_reload(c: Case) {
         ))
         .cmd(&format!("recv --port {} {long}", GATE_PORT + 2))
         .cmd(&format!(
-            "send --peer b --port {GROUP_PORT} --bytes {PROBE_BYTES} --seed 81 \
-             --expect-reply-bytes {PROBE_BYTES}"
+            "send --peer b --port {GROUP_PORT} --bytes {ECHO_BYTES} --seed 81 \
+             --expect-reply-bytes {ECHO_BYTES}"
         ));
     let cfg_b = c
         .vm("b", &sb)
@@ -1506,7 +1517,7 @@ fn g2g_policy_reload(c: Case) {
         "a sent to b after the group came back",
         &sent,
         81,
-        PROBE_BYTES,
+        ECHO_BYTES,
     );
     assert_eq!(
         sent.str("reply_xxh3"),
@@ -1532,7 +1543,7 @@ fn g2g_policy_reload(c: Case) {
         "b echoed a's stream after the group came back",
         &b_lines[2],
         "",
-        &pattern_checksum(81, PROBE_BYTES),
+        &pattern_checksum(81, ECHO_BYTES),
     );
     let counters = backend_counters(&backend, &["a", "b"]);
     assert_eq!(
@@ -1551,7 +1562,7 @@ fn g2g_policy_reload(c: Case) {
     c.report(&format!(
         "policy reload: SIGHUP applied in {} (reset 1 of 2 held connections; after the reload \
          rule port {}, group port {}); denied at once afterwards ({} in {:.1} ms); group back, \
-         1 MiB echoed",
+         64 KiB echoed",
         report::ms(reload_took),
         after(RULE_PORT),
         after(GROUP_PORT),
