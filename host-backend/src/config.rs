@@ -171,7 +171,9 @@ pub enum ConfigError {
     #[error("name {0:?} is used by two VMs")]
     DuplicateName(String),
     /// A name or namespace outside `[A-Za-z0-9._-]{1,64}`, or the reserved `host`.
-    #[error("{what} {value:?} is not a valid name ([A-Za-z0-9._-], 1 to 64 characters, not `host`)")]
+    #[error(
+        "{what} {value:?} is not a valid name ([A-Za-z0-9._-], 1 to 64 characters, not `host`)"
+    )]
     BadName {
         /// Which field.
         what: &'static str,

@@ -93,7 +93,12 @@ fn serve(router: &Router, shared: &VmShared, mut stream: UnixStream) -> io::Resu
                     Err(_) => (Reply::Error("bad-request".into()), used),
                 },
                 Err(_) => {
+                    VmStats::inc(&shared.stats.control_requests);
                     stream.write_all(Reply::Error("line-too-long".into()).encode().as_bytes())?;
+                    // Say no more, but take what the guest still sends until it closes:
+                    // closing now would fail its writes as if the host had broken down.
+                    stream.shutdown(std::net::Shutdown::Write)?;
+                    while stream.read(&mut chunk)? > 0 {}
                     return Ok(());
                 }
             };

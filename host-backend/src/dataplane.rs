@@ -19,10 +19,10 @@
 //! What it does not do: decide policy, or touch another guest's queues (the router does).
 
 use crate::chain::{Mem, Regions};
+use crate::control::CONTROL_PORT;
 use crate::host::HostSocket;
 use crate::iov;
 use crate::metrics::VmStats;
-use crate::control::CONTROL_PORT;
 use crate::policy::Verdict;
 use crate::router::{Routed, Router};
 use crate::tunables::{
@@ -198,7 +198,12 @@ impl HostConn {
         Self::with_origin(sock, token, socket_type, false)
     }
 
-    fn with_origin(sock: HostSocket, token: u64, socket_type: SocketType, guest_initiated: bool) -> Self {
+    fn with_origin(
+        sock: HostSocket,
+        token: u64,
+        socket_type: SocketType,
+        guest_initiated: bool,
+    ) -> Self {
         Self {
             sock,
             token,
@@ -311,6 +316,8 @@ pub struct DataPlane {
     router: Arc<Router>,
     /// Our RX queue is registered with the router.
     attached: bool,
+    /// See [`DataPlane::end`].
+    ended: bool,
     /// The router generation (policy) host connections were last checked against.
     policy_generation: u64,
     endpoint: Endpoint,
@@ -378,6 +385,7 @@ impl DataPlane {
             shared,
             router,
             attached: false,
+            ended: false,
             policy_generation,
             endpoint: Endpoint::new(EndpointConfig {
                 hash_seed,
@@ -409,9 +417,22 @@ impl DataPlane {
 
     /// New guest memory map.
     pub fn set_memory(&mut self, mem: GuestMemoryAtomic<Mem>) {
+        if self.ended {
+            return;
+        }
         self.mem = Some(mem);
-        // Re-register with the router under the new map at the next pump.
+        // Re-register with the router under the new map at the next pump; until then
+        // siblings' packets wait for us instead of being refused.
         self.attached = false;
+        self.router.prepare(self.shared.cid);
+    }
+
+    /// The frontend session is over for good (this device is about to be dropped): stop,
+    /// and never run again, even if an event that was already pending arrives. Without
+    /// this, a late event could register the dead session's queues with the router.
+    pub fn end(&mut self) {
+        self.ended = true;
+        self.stop();
     }
 
     /// The device stopped (guest reset, reboot or QEMU gone): every connection is dead on
@@ -464,6 +485,9 @@ impl DataPlane {
     /// pump, and TX chains stay in their ring until a [`Wake::TxKick`] pump, so skipping
     /// either here loses nothing; it saves a syscall or a ring walk on every wake-up.
     pub fn pump_for(&mut self, vrings: &[VringRwLock<GuestMemoryAtomic<Mem>>], wake: Wake) {
+        if self.ended {
+            return;
+        }
         let now = Instant::now();
         self.guest_running = self.mem.is_some()
             && vrings.get(RX_QUEUE).is_some_and(queue_running)
@@ -963,10 +987,14 @@ impl DataPlane {
     /// A packet for another guest: the router relays it (on this thread) or says why not.
     fn route_to_guest(&mut self, hdr: &Header, raw: &RawHeader, mem: &Mem) {
         let stats = &self.shared.stats;
-        match self
-            .router
-            .route(&self.shared, hdr, raw, &self.regions, mem, &mut self.g2g_signals)
-        {
+        match self.router.route(
+            &self.shared,
+            hdr,
+            raw,
+            &self.regions,
+            mem,
+            &mut self.g2g_signals,
+        ) {
             Routed::Forwarded | Routed::Dropped => {}
             Routed::Unroutable => {
                 VmStats::inc(&stats.unroutable_packets);
@@ -974,8 +1002,13 @@ impl DataPlane {
                 self.endpoint.refuse(hdr);
             }
             Routed::Refused(why) => {
-                if why == domsock_proto::relay::Refusal::UnknownConnection {
-                    VmStats::inc(&stats.unknown_connection_rsts);
+                use domsock_proto::relay::Refusal;
+                match why {
+                    Refusal::UnknownConnection => VmStats::inc(&stats.unknown_connection_rsts),
+                    Refusal::Unavailable | Refusal::TooManyConnections => {
+                        VmStats::inc(&stats.refused_connections)
+                    }
+                    Refusal::Denied => {} // counted by the router, which logs it
                 }
                 debug!(vm = %self.shared.name, dst = %hdr.dst, ?why, "guest-to-guest packet refused");
                 self.endpoint.refuse(hdr);
@@ -1041,9 +1074,9 @@ impl DataPlane {
                 }
             }
         } else {
-            if let Verdict::Deny(why) = self
-                .router
-                .check_host(self.shared.cid, port, req.socket_type)
+            if let Verdict::Deny(why) =
+                self.router
+                    .check_host(self.shared.cid, port, req.socket_type)
             {
                 VmStats::inc(&stats.denied_connections);
                 warn!(from = %self.shared.name, to = "host", port = port.0, socket_type = ?req.socket_type, %why, "connection denied by policy");

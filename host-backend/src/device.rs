@@ -60,9 +60,14 @@ impl VsockDevice {
         self.epoll_fd
     }
 
-    /// Ends every connection (frontend gone).
+    /// Ends every connection (guest reset); the device may run again.
     pub fn stop(&self) {
         self.plane().stop();
+    }
+
+    /// Ends every connection for good (frontend gone, device about to be dropped).
+    pub fn end(&self) {
+        self.plane().end();
     }
 
     /// Closes the exit-event fds the vhost-user library took over and leaks. Call only

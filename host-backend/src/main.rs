@@ -122,7 +122,10 @@ fn reload(router: &Router, args: &Args, running: &Config) {
     let fresh = match Config::try_from(args.clone()) {
         Ok(c) => c,
         Err(e) => {
-            warn!("policy reload failed, keeping the running policy: {}", error_chain(&e));
+            warn!(
+                "policy reload failed, keeping the running policy: {}",
+                error_chain(&e)
+            );
             return;
         }
     };
@@ -141,7 +144,10 @@ fn reload(router: &Router, args: &Args, running: &Config) {
             let reset = router.reload(policy);
             info!(reset, "policy reloaded");
         }
-        Err(e) => warn!("policy reload failed, keeping the running policy: {}", error_chain(&e)),
+        Err(e) => warn!(
+            "policy reload failed, keeping the running policy: {}",
+            error_chain(&e)
+        ),
     }
 }
 

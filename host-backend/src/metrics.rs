@@ -38,7 +38,8 @@ counters! {
     spoofed_packets,
     /// Packets to a CID this VM cannot reach.
     unroutable_packets,
-    /// Guest connection requests refused (no host listener).
+    /// Guest connection requests refused (no host listener, or the peer guest is down or
+    /// has too many connections).
     refused_connections,
     /// Guest connection requests accepted.
     accepted_connections,

@@ -28,7 +28,9 @@ use crate::chain::{Mem, Regions};
 use crate::dataplane::VmShared;
 use crate::metrics::VmStats;
 use crate::policy::{DenyReason, Domain, Policy, To, Verdict};
-use crate::tunables::{G2G_BACKLOG_MAX_BYTES, MAX_RELAY_CONNS_PER_DOMAIN, MAX_RELAY_WINDOW_BYTES, MAX_RX_PAYLOAD_BYTES};
+use crate::tunables::{
+    G2G_BACKLOG_MAX_BYTES, MAX_RELAY_CONNS_PER_DOMAIN, MAX_RELAY_WINDOW_BYTES, MAX_RX_PAYLOAD_BYTES,
+};
 use domsock_proto::control::Identity;
 use domsock_proto::packet::{SEQ_EOM, SEQ_EOR};
 use domsock_proto::relay::{Refusal, RelayConfig, RelayTable, Route, Violation};
@@ -170,6 +172,9 @@ struct Slot {
     namespace: String,
     rx: Mutex<RxSide>,
     running: AtomicBool,
+    /// A frontend set up the device's memory: its queues start soon, so packets for it
+    /// wait in the backlog instead of being refused.
+    starting: AtomicBool,
     has_backlog: AtomicBool,
 }
 
@@ -192,7 +197,7 @@ impl Router {
     /// A router for `vms` (each VM's shared state and policy identity) under `policy`.
     pub fn new(vms: Vec<Arc<VmShared>>, policy: Policy, listeners: Vec<ListenerConfig>) -> Self {
         let hash_seed =
-            std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), 0x7265_6c61_79u64);
+            std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), 0x0072_656c_6179_u64);
         let slots = vms
             .into_iter()
             .map(|shared| {
@@ -207,6 +212,7 @@ impl Router {
                         namespace,
                         rx: Mutex::new(RxSide::default()),
                         running: AtomicBool::new(false),
+                        starting: AtomicBool::new(false),
                         has_backlog: AtomicBool::new(false),
                     },
                 )
@@ -239,7 +245,10 @@ impl Router {
 
     /// The policy in force.
     pub fn policy(&self) -> Arc<Policy> {
-        self.policy.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Bumped by every [`Router::reload`]; data planes re-check their host connections
@@ -276,17 +285,35 @@ impl Router {
             .map(|l| l.path.as_path())
     }
 
-    /// The device of `cid` runs: guest-to-guest packets may be put on its RX queue.
-    pub fn attach(&self, cid: Cid, vring: VringRwLock<GuestMemoryAtomic<Mem>>, mem: GuestMemoryAtomic<Mem>) {
+    /// A frontend gave the device of `cid` its memory: the guest driver is starting.
+    /// Until [`Router::attach`], packets for it wait in its backlog (bounded) rather than
+    /// being refused, so a sibling connecting right after the guest came up is not turned
+    /// away by the gap between queue setup and the device's first event.
+    pub fn prepare(&self, cid: Cid) {
+        if let Some(slot) = self.slots.get(&cid) {
+            slot.starting.store(true, Ordering::Release);
+        }
+    }
+
+    /// The device of `cid` runs: guest-to-guest packets may be put on its RX queue. What
+    /// waited for it since [`Router::prepare`] goes first.
+    pub fn attach(
+        &self,
+        cid: Cid,
+        vring: VringRwLock<GuestMemoryAtomic<Mem>>,
+        mem: GuestMemoryAtomic<Mem>,
+    ) {
         let Some(slot) = self.slots.get(&cid) else {
             return;
         };
         let mut rx = lock(&slot.rx);
         rx.port = Some(RxPort { vring, mem });
-        rx.backlog.clear();
-        rx.backlog_bytes = 0;
-        slot.has_backlog.store(false, Ordering::Release);
         slot.running.store(true, Ordering::Release);
+        slot.starting.store(false, Ordering::Release);
+        drain_backlog(&mut rx, &slot.shared.stats);
+        rx.flush_signal();
+        slot.has_backlog
+            .store(!rx.backlog.is_empty(), Ordering::Release);
     }
 
     /// The device of `cid` stopped: its relayed connections end (the other ends get an
@@ -296,6 +323,7 @@ impl Router {
             return;
         };
         slot.running.store(false, Ordering::Release);
+        slot.starting.store(false, Ordering::Release);
         let gone = lock(&self.relay).remove_domain(cid);
         for r in &gone {
             let (this, other) = if r.client.cid == cid {
@@ -325,8 +353,13 @@ impl Router {
         self.generation.fetch_add(1, Ordering::AcqRel);
         let p = self.policy();
         let gone = lock(&self.relay).remove_where(|r| {
-            !p.check(r.client.cid, To::Domain(r.server.cid), r.server.port, r.socket_type)
-                .is_allowed()
+            !p.check(
+                r.client.cid,
+                To::Domain(r.server.cid),
+                r.server.port,
+                r.socket_type,
+            )
+            .is_allowed()
         });
         for r in &gone {
             self.send_rst(r.client, r.server, r.socket_type);
@@ -374,13 +407,17 @@ impl Router {
                     return Err(Refusal::Denied);
                 }
             }
-            if !to.running.load(Ordering::Acquire) {
+            if !to.running.load(Ordering::Acquire) && !to.starting.load(Ordering::Acquire) {
                 return Err(Refusal::Unavailable);
             }
             Ok(())
         });
         match route {
-            Route::Forward { buf_alloc, last: _, admitted } => {
+            Route::Forward {
+                buf_alloc,
+                last: _,
+                admitted,
+            } => {
                 if admitted {
                     VmStats::inc(&from.stats.g2g_connects);
                     debug!(from = %from.name, to = %to.shared.name, src = %hdr.src, dst = %hdr.dst, "relayed connection");
@@ -429,7 +466,8 @@ impl Router {
         let mut rx = lock(&slot.rx);
         drain_backlog(&mut rx, &slot.shared.stats);
         rx.flush_signal();
-        slot.has_backlog.store(!rx.backlog.is_empty(), Ordering::Release);
+        slot.has_backlog
+            .store(!rx.backlog.is_empty(), Ordering::Release);
     }
 
     /// Notifies the receivers a TX batch delivered to (deferred to the batch's end, so a
@@ -469,12 +507,9 @@ impl Router {
     fn deliver(&self, to: &Slot, hdr: RawHeader, src: &Source<'_>) -> bool {
         let mut guard = lock(&to.rx);
         let rx = &mut *guard;
-        let Some(port) = rx.port.as_ref() else {
-            return true; // the device is gone; its connections are being reset
-        };
         let stats = &to.shared.stats;
         let mut delivered = 0usize;
-        if rx.backlog.is_empty() {
+        if let Some(port) = rx.port.as_ref().filter(|_| rx.backlog.is_empty()) {
             let (n, header_sent, used) =
                 write_pieces(port, &mut rx.scratch, &hdr, src, 0, false, stats);
             rx.unsignalled |= used;
@@ -484,6 +519,9 @@ impl Router {
             // The ring ran dry: let the guest see what it got at once, so it refills.
             rx.flush_signal();
             delivered = n;
+        }
+        if rx.port.is_none() && !to.starting.load(Ordering::Acquire) {
+            return true; // the device is gone; its connections are being reset
         }
         let rest = hdr.len as usize - delivered;
         // Control packets may exceed the byte budget a little: an RST must get through.
@@ -510,7 +548,8 @@ impl Router {
         });
         to.has_backlog.store(true, Ordering::Release);
         drain_backlog(rx, stats);
-        to.has_backlog.store(!rx.backlog.is_empty(), Ordering::Release);
+        to.has_backlog
+            .store(!rx.backlog.is_empty(), Ordering::Release);
         true
     }
 }

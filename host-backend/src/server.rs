@@ -119,7 +119,7 @@ impl VmServer {
             .map_err(|e| format!("accepting frontend: {e}"))?;
         info!(vm = %self.shared.name, "frontend connected");
         let result = daemon.wait();
-        device.stop();
+        device.end();
         device.signal_exit();
         // Dropping the daemon joins its worker threads (the library's handler does on drop).
         drop(daemon);
