@@ -3,9 +3,10 @@
 //! table with ratios and writes JSON.
 //!
 //! ```text
-//! domsock-bench [--quick] [--json PATH] [--no-peer]
+//! domsock-bench [--quick] [--json PATH] [--no-peer] [--no-baselines]
 //! ```
 //! `--quick` runs every scenario briefly (smoke test); `--no-peer` skips vhost-device-vsock;
+//! `--no-baselines` skips the Unix-pair and TCP runs (for profiling one backend);
 //! `DOMSOCKD=<path>` picks the domsockd binary (default `target/release/domsockd`);
 //! `DOMSOCK_BENCH_ONLY=<text>` runs only the vsock scenarios whose key contains it
 //! (e.g. `host_to_guest/64`, `round_trip`, `concurrent`);
@@ -27,6 +28,7 @@ struct Args {
     quick: bool,
     json: PathBuf,
     peer: bool,
+    baselines: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -34,12 +36,14 @@ fn parse_args() -> Result<Args, String> {
         quick: false,
         json: artifacts::workspace_root().join("target/bench/bench.json"),
         peer: true,
+        baselines: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => args.quick = true,
             "--no-peer" => args.peer = false,
+            "--no-baselines" => args.baselines = false,
             "--json" => args.json = it.next().ok_or("--json needs a path")?.into(),
             "-h" | "--help" => {
                 return Err("usage: domsock-bench [--quick] [--json PATH] [--no-peer]".into())
@@ -122,8 +126,10 @@ fn main() -> ExitCode {
         std::thread::available_parallelism().map_or("?".into(), |n| n.to_string()),
     ));
 
-    eprintln!("baselines (unix pair, tcp loopback) ...");
-    baselines(&plan, &mut results);
+    if args.baselines {
+        eprintln!("baselines (unix pair, tcp loopback) ...");
+        baselines(&plan, &mut results);
+    }
 
     let domsockd = std::env::var_os("DOMSOCKD").map_or_else(
         || artifacts::workspace_root().join("target/release/domsockd"),
