@@ -26,8 +26,8 @@ use crate::metrics::VmStats;
 use crate::policy::Verdict;
 use crate::router::{Routed, Router};
 use crate::tunables::{
-    BUSY_POLL_MAX_WINDOWS, HANDSHAKE_TIMEOUT_MS, LINGER_TIMEOUT_MS, MAX_PAYLOAD_BYTES,
-    MAX_PENDING_HANDSHAKES, MAX_RX_PAYLOAD_BYTES,
+    BUSY_POLL_MAX_WINDOWS, HANDSHAKE_TIMEOUT_MS, LINGER_TIMEOUT_MS, MAX_GUEST_WARNINGS_PER_SEC,
+    MAX_PAYLOAD_BYTES, MAX_PENDING_HANDSHAKES, MAX_RX_PAYLOAD_BYTES,
 };
 use domsock_proto::control::PeerPreamble;
 use domsock_proto::hash::KeyedState;
@@ -101,6 +101,8 @@ pub struct VmShared {
     pub wake: EventFd,
     /// Open control-service connections.
     pub control_conns: AtomicUsize,
+    /// Rate limit of this VM's warnings (see [`VmShared::may_warn`]).
+    warn_budget: std::sync::Mutex<(Instant, u32)>,
 }
 
 impl VmShared {
@@ -131,7 +133,21 @@ impl VmShared {
             busy_poll,
             wake: EventFd::new(EFD_NONBLOCK)?,
             control_conns: AtomicUsize::new(0),
+            warn_budget: std::sync::Mutex::new((Instant::now(), 0)),
         }))
+    }
+
+    /// Whether a warning a guest can trigger at will (a denied connection, say) may be
+    /// logged now: at most [`MAX_GUEST_WARNINGS_PER_SEC`] per VM, so a guest cannot flood
+    /// the log. The counters still count every event.
+    pub fn may_warn(&self) -> bool {
+        let mut b = self.warn_budget.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if now.duration_since(b.0) >= Duration::from_secs(1) {
+            *b = (now, 0);
+        }
+        b.1 += 1;
+        b.1 <= MAX_GUEST_WARNINGS_PER_SEC
     }
 
     fn port_path(&self, port: Port) -> PathBuf {
@@ -1079,7 +1095,9 @@ impl DataPlane {
                     .check_host(self.shared.cid, port, req.socket_type)
             {
                 VmStats::inc(&stats.denied_connections);
-                warn!(from = %self.shared.name, to = "host", port = port.0, socket_type = ?req.socket_type, %why, "connection denied by policy");
+                if self.shared.may_warn() {
+                    warn!(from = %self.shared.name, to = "host", port = port.0, socket_type = ?req.socket_type, %why, "connection denied by policy");
+                }
                 self.endpoint.refuse(req);
                 return;
             }

@@ -402,7 +402,9 @@ impl Router {
                 Verdict::Deny(reason) => {
                     if reason == DenyReason::NoRule {
                         VmStats::inc(&from.stats.denied_connections);
-                        warn!(from = %from.name, to = %to.shared.name, port = hdr.dst.port.0, socket_type = ?hdr.socket_type, "connection denied by policy");
+                        if from.may_warn() {
+                            warn!(from = %from.name, to = %to.shared.name, port = hdr.dst.port.0, socket_type = ?hdr.socket_type, "connection denied by policy");
+                        }
                     }
                     return Err(Refusal::Denied);
                 }
@@ -434,7 +436,9 @@ impl Router {
                     Routed::Forwarded
                 } else {
                     // The receiver's backlog is full: it does not take its packets.
-                    warn!(from = %from.name, to = %to.shared.name, "receiver backlog full; connection reset");
+                    if to.shared.may_warn() {
+                        warn!(from = %from.name, to = %to.shared.name, "receiver backlog full; connection reset");
+                    }
                     lock(&self.relay).remove_where(|r| {
                         (r.client == hdr.src && r.server == hdr.dst)
                             || (r.client == hdr.dst && r.server == hdr.src)

@@ -29,3 +29,6 @@ pub const MAX_RELAY_CONNS_PER_DOMAIN: usize = 1024;
 pub const MAX_CONTROL_CONNS_PER_VM: usize = 8;
 /// A control-service connection idle this long is closed.
 pub const CONTROL_IDLE_TIMEOUT_MS: u64 = 60_000;
+/// Warnings a guest can trigger at will (denied connections) logged per VM and second;
+/// the rest are only counted.
+pub const MAX_GUEST_WARNINGS_PER_SEC: u32 = 10;
