@@ -9,7 +9,7 @@ use domsock_proto::{RawHeader, HEADER_LEN};
 use std::ops::ControlFlow;
 use thiserror::Error;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 /// Guest memory as used by the data plane.
 pub type Mem = GuestMemoryMmap<()>;
@@ -48,6 +48,37 @@ pub enum ChainError {
     /// Reading guest memory failed.
     #[error("guest memory access failed")]
     Memory,
+}
+
+/// Visits the guest memory of `addr..addr+len` as slices: one slice when the range lies in
+/// one memory region (the common case, and a single lookup), else one per region. The
+/// generic `Bytes` accessors and slice iterators of vm-memory cost several times more per
+/// call, which shows at millions of packets per second.
+pub fn for_each_slice<'m, F, R>(
+    mem: &'m Mem,
+    addr: GuestAddress,
+    len: usize,
+    mut f: F,
+) -> Result<Option<R>, ChainError>
+where
+    F: FnMut(VolatileSlice<'m, ()>) -> ControlFlow<R>,
+{
+    if len == 0 {
+        return Ok(None);
+    }
+    if let Ok(s) = mem.get_slice(addr, len) {
+        return Ok(match f(s) {
+            ControlFlow::Break(r) => Some(r),
+            ControlFlow::Continue(()) => None,
+        });
+    }
+    for slice in mem.get_slices(addr, len) {
+        let slice = slice.map_err(|_| ChainError::Memory)?;
+        if let ControlFlow::Break(r) = f(slice) {
+            return Ok(Some(r));
+        }
+    }
+    Ok(None)
 }
 
 /// The checked regions of one chain.
@@ -110,8 +141,12 @@ impl Regions {
         let mut filled = 0;
         for &(addr, len) in &self.regions {
             let n = len.min(HEADER_LEN - filled);
-            mem.read_slice(&mut buf[filled..filled + n], addr)
-                .map_err(|_| ChainError::Memory)?;
+            let mut at = filled;
+            for_each_slice(mem, addr, n, |s| {
+                s.copy_to(&mut buf[at..at + s.len()]);
+                at += s.len();
+                ControlFlow::<()>::Continue(())
+            })?;
             filled += n;
             if filled == HEADER_LEN {
                 break;
@@ -129,8 +164,12 @@ impl Regions {
         let mut done = 0;
         for &(addr, len) in &self.regions {
             let n = len.min(HEADER_LEN - done);
-            mem.write_slice(&bytes[done..done + n], addr)
-                .map_err(|_| ChainError::Memory)?;
+            let mut at = done;
+            for_each_slice(mem, addr, n, |s| {
+                s.copy_from(&bytes[at..at + s.len()]);
+                at += s.len();
+                ControlFlow::<()>::Continue(())
+            })?;
             done += n;
             if done == HEADER_LEN {
                 break;
@@ -165,11 +204,8 @@ impl Regions {
             let n = (rlen - offset).min(left);
             offset = 0;
             left -= n;
-            for slice in mem.get_slices(start, n) {
-                let slice = slice.map_err(|_| ChainError::Memory)?;
-                if let ControlFlow::Break(r) = f(slice) {
-                    return Ok(Some(r));
-                }
+            if let Some(r) = for_each_slice(mem, start, n, &mut f)? {
+                return Ok(Some(r));
             }
         }
         Ok(None)

@@ -51,7 +51,7 @@ use tracing::{debug, info, warn};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, VolatileSlice,
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, VolatileSlice,
 };
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -855,17 +855,16 @@ impl DataPlane {
         let total = std::mem::take(&mut hc.pending_len);
         let mut slices = Vec::with_capacity(ranges.len());
         for &(addr, len) in &ranges {
-            for slice in mem.get_slices(addr, len) {
-                match slice {
-                    Ok(s) => slices.push(s),
-                    Err(_) => {
-                        // Checked when the chain was loaded; the memory map cannot change
-                        // while the worker holds this lock.
-                        VmStats::inc(&self.shared.stats.malformed_chains);
-                        self.endpoint.reset(key);
-                        return;
-                    }
-                }
+            let r = crate::chain::for_each_slice(mem, addr, len, |s| {
+                slices.push(s);
+                ControlFlow::<()>::Continue(())
+            });
+            if r.is_err() {
+                // Checked when the chain was loaded; the memory map cannot change while
+                // the worker holds this lock.
+                VmStats::inc(&self.shared.stats.malformed_chains);
+                self.endpoint.reset(key);
+                return;
             }
         }
         let mut written = 0usize;
