@@ -180,15 +180,15 @@ impl Regions {
 
     /// Visits the payload as guest memory slices, starting `skip` bytes into the payload and
     /// covering at most `len` bytes. The visitor may stop early with `Break`.
-    pub fn for_each_payload_slice<F, R>(
+    pub fn for_each_payload_slice<'m, F, R>(
         &self,
-        mem: &Mem,
+        mem: &'m Mem,
         skip: usize,
         len: usize,
         mut f: F,
     ) -> Result<Option<R>, ChainError>
     where
-        F: FnMut(VolatileSlice<'_, ()>) -> ControlFlow<R>,
+        F: FnMut(VolatileSlice<'m, ()>) -> ControlFlow<R>,
     {
         let mut offset = HEADER_LEN + skip;
         let mut left = len;

@@ -27,7 +27,7 @@ use crate::policy::Verdict;
 use crate::router::{Routed, Router};
 use crate::tunables::{
     BUSY_POLL_MAX_WINDOWS, HANDSHAKE_TIMEOUT_MS, LINGER_TIMEOUT_MS, MAX_GUEST_WARNINGS_PER_SEC,
-    MAX_PAYLOAD_BYTES, MAX_PENDING_HANDSHAKES, MAX_RX_PAYLOAD_BYTES,
+    MAX_PAYLOAD_BYTES, MAX_PENDING_HANDSHAKES, MAX_RX_PAYLOAD_BYTES, RX_BATCH_MAX_CHAINS,
 };
 use domsock_proto::control::PeerPreamble;
 use domsock_proto::hash::KeyedState;
@@ -50,9 +50,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, VolatileSlice,
-};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, VolatileSlice};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
@@ -207,6 +205,9 @@ struct HostConn {
     reply_ok: Option<Port>,
     /// The guest connected to a host port (checked against the policy on reload).
     guest_initiated: bool,
+    /// The last read from the socket filled all the room it had: more is likely waiting,
+    /// so the next one reads into several RX buffers at once.
+    read_full: bool,
 }
 
 impl HostConn {
@@ -242,6 +243,7 @@ impl HostConn {
             want_out: false,
             reply_ok: None,
             guest_initiated,
+            read_full: false,
         }
     }
 
@@ -360,6 +362,9 @@ pub struct DataPlane {
     timer_armed: Option<Instant>,
     /// Guests the current TX batch put packets on; notified when it ends.
     g2g_signals: Vec<Cid>,
+    /// RX chains of a batched read beyond the first (which is in `regions`), and their heads.
+    rx_extra: Vec<Regions>,
+    rx_extra_heads: Vec<u16>,
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -423,6 +428,8 @@ impl DataPlane {
             tx_heads: Vec::new(),
             timer_armed: None,
             g2g_signals: Vec::new(),
+            rx_extra: Vec::new(),
+            rx_extra_heads: Vec::new(),
         })
     }
 
@@ -1430,6 +1437,10 @@ impl DataPlane {
                     used_any = true;
                     continue;
                 }
+                if self.fill_batch(now, &mem, queue, head) {
+                    used_any = true;
+                    continue;
+                }
                 match self.fill_one(now, &mem) {
                     Some(written) => {
                         if queue.add_used(&*mem, head, written).is_err() {
@@ -1453,6 +1464,164 @@ impl DataPlane {
         if used_any {
             signal_if_needed(vring, atomic);
         }
+    }
+
+    /// Host->guest stream data in bulk: when the next connection to serve is a stream whose
+    /// last read filled its buffer, pops more RX chains (up to [`RX_BATCH_MAX_CHAINS`], as
+    /// far as credit goes) behind the one in `self.regions` (head `head`) and fills them all
+    /// with one `readv`, one packet per chain, in ring order. Chains it did not need go back
+    /// to the ring. Returns `false` (nothing consumed, `self.regions` untouched) when the
+    /// case does not apply or nothing could be read; the caller goes on as usual then.
+    fn fill_batch(
+        &mut self,
+        now: Instant,
+        mem: &Mem,
+        queue: &mut virtio_queue::Queue,
+        head: u16,
+    ) -> bool {
+        let Some(&key) = self.ready.front() else {
+            return false;
+        };
+        if self.endpoint.has_transmit() {
+            return false; // control packets go first, one chain each
+        }
+        let credit = self.endpoint.send_credit(&key) as usize;
+        let first_room = self.regions.payload_capacity().min(MAX_RX_PAYLOAD_BYTES);
+        match self.conns.get(&key) {
+            Some(hc)
+                if hc.socket_type == SocketType::Stream
+                    && hc.read_full
+                    && hc.readable
+                    && !hc.host_eof
+                    && hc.inbox_pending() == 0
+                    && first_room > 0
+                    && credit > first_room => {}
+            _ => return false,
+        }
+        // Speculatively take more chains; a malformed one goes back and ends the batch (the
+        // normal path consumes and counts it next).
+        let mut rooms = vec![first_room];
+        let mut planned = first_room;
+        let mut extra = 0usize;
+        while planned < credit && extra + 1 < RX_BATCH_MAX_CHAINS {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            if self.rx_extra.len() <= extra {
+                self.rx_extra.push(Regions::default());
+                self.rx_extra_heads.push(0);
+            }
+            let h = chain.head_index();
+            let r = &mut self.rx_extra[extra];
+            if r.load(chain, mem, true).is_err()
+                || r.total() < domsock_proto::HEADER_LEN
+                || r.payload_capacity() == 0
+            {
+                queue.go_to_previous_position();
+                break;
+            }
+            let room = r
+                .payload_capacity()
+                .min(MAX_RX_PAYLOAD_BYTES)
+                .min(credit - planned);
+            self.rx_extra_heads[extra] = h;
+            rooms.push(room);
+            planned += room;
+            extra += 1;
+        }
+        if extra == 0 {
+            return false;
+        }
+        let mut slices = Vec::with_capacity(rooms.len() * 2);
+        let mut ok = self
+            .regions
+            .for_each_payload_slice(mem, 0, rooms[0], |s| {
+                slices.push(s);
+                ControlFlow::<()>::Continue(())
+            })
+            .is_ok();
+        for (r, &room) in self.rx_extra[..extra].iter().zip(&rooms[1..]) {
+            ok &= r
+                .for_each_payload_slice(mem, 0, room, |s| {
+                    slices.push(s);
+                    ControlFlow::<()>::Continue(())
+                })
+                .is_ok();
+        }
+        let hc = self.conns.get_mut(&key).expect("checked above");
+        let result = if ok {
+            iov::readv_slices(hc.sock.as_fd(), &slices)
+        } else {
+            Err(io::Error::from(ErrorKind::InvalidData))
+        };
+        drop(slices);
+        let n = match result {
+            Ok(n) if n > 0 => n,
+            other => {
+                for _ in 0..extra {
+                    queue.go_to_previous_position();
+                }
+                match other {
+                    Ok(_) => {} // EOF: the normal path reads it again and ends the stream
+                    Err(e) if would_block(&e) => {
+                        hc.readable = false;
+                        hc.read_full = false;
+                    }
+                    Err(_) => hc.read_full = false, // the normal path reports the error
+                }
+                return false;
+            }
+        };
+        hc.read_full = n == planned;
+        if n < planned && !hc.peer_closed_write {
+            hc.readable = false; // a short read drained the socket (see `fill_from_conn`)
+        }
+        self.ready.pop_front();
+        hc.in_ready = false;
+        let mut left = n;
+        let mut used = 0usize;
+        for (i, &room) in rooms.iter().enumerate() {
+            let take = left.min(room);
+            if take == 0 {
+                break;
+            }
+            left -= take;
+            used = i + 1;
+            let hdr = match self.endpoint.send_rw(&key, take as u32, false, false) {
+                Ok(h) => h.to_raw(),
+                Err(e) => {
+                    // Unreachable by construction (take <= credit); see `emit_rw`.
+                    warn!(vm = %self.shared.name, error = %e, "send_rw refused");
+                    self.endpoint.reset(key);
+                    break;
+                }
+            };
+            let (regions, head) = if i == 0 {
+                (&self.regions, head)
+            } else {
+                (&self.rx_extra[i - 1], self.rx_extra_heads[i - 1])
+            };
+            if regions.write_header(mem, &hdr).is_err() {
+                VmStats::inc(&self.shared.stats.malformed_chains);
+            }
+            if queue
+                .add_used(mem, head, (domsock_proto::HEADER_LEN + take) as u32)
+                .is_err()
+            {
+                warn!(vm = %self.shared.name, "add_used failed on RX");
+            }
+            VmStats::inc(&self.shared.stats.rx_packets);
+            VmStats::add(&self.shared.stats.rx_bytes, take as u64);
+        }
+        for _ in used.max(1)..rooms.len() {
+            queue.go_to_previous_position();
+        }
+        if used == 0 {
+            // send_rw failed on the first chain: hand it back empty rather than lose it.
+            let _ = queue.add_used(mem, head, 0);
+        }
+        self.after_change(now, key);
+        true
     }
 
     /// Fills the RX chain in `self.regions`; returns bytes written or `None` if there was
@@ -1514,6 +1683,7 @@ impl DataPlane {
                     let mut eof = false;
                     let mut err = false;
                     let mut drained = false;
+                    let mut read_full = false;
                     let _ = self.regions.for_each_payload_slice(mem, 0, max, |mut s| {
                         match sock.read_volatile(&mut s) {
                             Ok(0) => {
@@ -1522,6 +1692,7 @@ impl DataPlane {
                             }
                             Ok(k) => {
                                 n += k;
+                                read_full = n == max;
                                 if k < s.len() {
                                     // A short read on a stream socket emptied its receive
                                     // queue; data arriving later raises a new edge. Saves
@@ -1543,6 +1714,7 @@ impl DataPlane {
                             }
                         }
                     });
+                    hc.read_full = read_full;
                     if drained {
                         hc.readable = false;
                     }

@@ -32,3 +32,6 @@ pub const CONTROL_IDLE_TIMEOUT_MS: u64 = 60_000;
 /// Warnings a guest can trigger at will (denied connections) logged per VM and second;
 /// the rest are only counted.
 pub const MAX_GUEST_WARNINGS_PER_SEC: u32 = 10;
+/// RX buffers one `readv` from a host socket may fill (when the last read of that socket
+/// filled its buffer, so more data is likely waiting).
+pub const RX_BATCH_MAX_CHAINS: usize = 16;

@@ -323,6 +323,52 @@ fn host_data_is_cut_to_fit_tiny_rx_buffers() {
 }
 
 #[test]
+fn batched_host_reads_keep_order_around_a_malformed_rx_chain() {
+    // Host data that keeps coming is read into several RX buffers with one readv. A bad
+    // chain in the middle of the ring must end a batch without consuming chains out of
+    // order or losing bytes, and still be returned empty and counted.
+    let mut g = TestGuest::with_rx("rxbatch", 4, &[&[4140]]);
+    let listener = g.listen_stream(1010);
+    let (mut conn, mut host) = established(&mut g, &listener, 50_010, 1010);
+    g.set_rx_refill(0, &[&[4140]]);
+    let down = pattern(11, 40_000);
+    host.write_all(&down).unwrap();
+    let before = g.stats();
+    g.post_rx(&[&[4140], &[44 + 1000], &[4140]]);
+    g.post_rx_chain(&[Seg::Read(200)]); // device-readable: malformed for RX
+    g.post_rx(&[
+        &[4140],
+        &[20, 24 + 3000],
+        &[4140],
+        &[4140],
+        &[4140],
+        &[4140],
+    ]);
+    let mut got = Vec::new();
+    let mut posted_more = false;
+    g.pump_until("40000 bytes around a bad RX chain", |g| {
+        for p in g.take_rx_of(&conn) {
+            assert_eq!(p.hdr.op, OP_RW);
+            assert!(p.payload.len() <= p.room);
+            got.extend_from_slice(&p.payload);
+        }
+        if !posted_more && g.rx_outstanding() == 0 {
+            posted_more = true;
+            g.set_rx_refill(8, &[&[4140], &[44 + 512]]);
+        }
+        got.len() >= down.len()
+    });
+    assert_eq!(got.len(), down.len());
+    assert!(got == down, "bytes reordered or lost");
+    assert_eq!(g.failures_since(&before), [("malformed_chains", 1)]);
+    assert_eq!(g.rx_returned_empty.len(), 1);
+    conn.fwd_cnt = down.len() as u32;
+    g.send_ctl(&conn, OP_CREDIT_UPDATE, 0);
+    g.pump();
+    assert_healthy(&mut g, &mut conn, &mut host, 4000);
+}
+
+#[test]
 fn header_only_rx_buffers_do_not_stall_the_device() {
     // A chain of exactly 44 bytes has room for a control packet but no payload. The device
     // must neither spin on it nor stop serving the queue.
