@@ -1953,3 +1953,112 @@ fn control_service_rejects_an_over_long_line() {
     // A guest's malformed request is no host socket error.
     b.counters(3).assert_zero(FAILURES);
 }
+
+// ---- 19. a member sending garbage ---------------------------------------------------------
+
+/// A small xorshift generator for the random packets (deterministic per seed).
+struct Xorshift(u64);
+
+impl Xorshift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+        from[(self.next() % from.len() as u64) as usize]
+    }
+}
+
+#[test]
+fn random_packets_from_a_member_never_hurt_other_conversations() {
+    let vms = [
+        VmOpts::new(3).name("a").groups(&["g"]),
+        VmOpts::new(4).name("b").groups(&["g"]),
+        VmOpts::new(5).name("c").groups(&["g"]),
+    ];
+    let mut b = Backend::domsockd_with("g2g-garbage", &vms, None);
+    let mut ga = ready(&b, 3, GuestConfig::default());
+    let gb = ready(&b, 4, GuestConfig::default());
+    let gc = ready(&b, 5, GuestConfig::default());
+    // b and c stream 16 MiB both ways on their own threads while a sends 20,000 packets
+    // of every kind: to b and c, to the host and its control service, to itself, to CIDs
+    // nobody has, with forged source CIDs, for connections that exist and that do not,
+    // with random credit fields. (The conversation's port is not among a's targets only
+    // so that b's accept cannot pick up one of a's requests instead of c's.)
+    let conversation = thread::spawn(move || duplex_pair(gc, gb, 7300, 16 * MIB));
+    let mut rng = Xorshift(0x9e37_79b9_7f4a_7c15);
+    let ops = [
+        Op::Request,
+        Op::Response,
+        Op::Rst,
+        Op::Shutdown,
+        Op::Rw,
+        Op::CreditUpdate,
+        Op::CreditRequest,
+    ];
+    let cids = [2u64, 3, 4, 5, 6, 1, 0, u64::from(u32::MAX), 77];
+    let ports = [7000u32, 1023, 1, 5000, 40_000, u32::MAX];
+    let payload = vec![0xa5u8; 4096];
+    let start = Instant::now();
+    for i in 0..20_000u32 {
+        let op = rng.pick(&ops);
+        let len = if op == Op::Rw {
+            (rng.next() % 4097) as u32
+        } else {
+            0
+        };
+        let src_cid = if rng.next() % 10 == 0 {
+            rng.pick(&cids)
+        } else {
+            3
+        };
+        let h = Header {
+            src: addr(src_cid, rng.pick(&ports).wrapping_add(i % 3)),
+            dst: addr(rng.pick(&cids), rng.pick(&ports)),
+            len,
+            socket_type: if rng.next() % 2 == 0 {
+                SocketType::Stream
+            } else {
+                SocketType::SeqPacket
+            },
+            op,
+            flags: (rng.next() % 4) as u32,
+            buf_alloc: rng.next() as u32,
+            fwd_cnt: rng.next() as u32,
+        };
+        ga.send_raw_timeout(&h, &payload[..len as usize], STEP_TIMEOUT)
+            .unwrap_or_else(|e| panic!("packet {i} ({h:?}): {}\n{}", chain(&e), b.log_tail()));
+        if i % 64 == 0 {
+            ga.poll(Some(Duration::ZERO)).unwrap();
+        }
+    }
+    ga.flush_timeout(STEP_TIMEOUT).unwrap();
+    let garbage_time = start.elapsed();
+    let (gc, mut gb, t) = conversation.join().expect("b<->c conversation");
+    eprintln!("20,000 random packets in {garbage_time:?}; b<->c 16 MiB each way in {t:?}");
+    assert!(b.is_running(), "domsockd died\n{}", b.log_tail());
+    let ca = b.counters(3);
+    assert!(ca.get("spoofed_packets") > 0, "{ca:?}");
+    assert!(ca.get("unroutable_packets") > 0, "{ca:?}");
+    // b and c never saw a failure of their own.
+    for (cid, name) in [(4, "b"), (5, "c")] {
+        let cs = b.counters(cid);
+        for f in [
+            "malformed_chains",
+            "bad_headers",
+            "spoofed_packets",
+            "protocol_resets",
+        ] {
+            assert_eq!(cs.get(f), 0, "{name}: {f} moved: {cs:?}");
+        }
+    }
+    drop(gc);
+    // a itself still works once it behaves: a fresh connection to b moves data both ways.
+    settle(&mut ga);
+    gb.listen(Port(7100), SocketType::Stream).unwrap();
+    let (ka, kb) = connect_pair(&mut ga, &mut gb, 7100, SocketType::Stream);
+    exchange(&mut ga, ka, &mut gb, kb, 9);
+}
