@@ -32,6 +32,7 @@ use crate::tunables::{
     G2G_BACKLOG_MAX_BYTES, MAX_RELAY_CONNS_PER_DOMAIN, MAX_RELAY_WINDOW_BYTES, MAX_RX_PAYLOAD_BYTES,
 };
 use domsock_proto::control::Identity;
+use domsock_proto::hash::KeyedState;
 use domsock_proto::packet::{SEQ_EOM, SEQ_EOR};
 use domsock_proto::relay::{Refusal, RelayConfig, RelayTable, Route, Violation};
 use domsock_proto::{Cid, Header, Op, Port, RawHeader, SocketType, VsockAddr, HEADER_LEN};
@@ -181,7 +182,7 @@ struct Slot {
 /// The router shared by every VM of a daemon.
 #[derive(Debug)]
 pub struct Router {
-    slots: HashMap<Cid, Slot>,
+    slots: HashMap<Cid, Slot, KeyedState>,
     policy: RwLock<Arc<Policy>>,
     generation: AtomicU64,
     relay: Mutex<RelayTable>,
@@ -198,26 +199,24 @@ impl Router {
     pub fn new(vms: Vec<Arc<VmShared>>, policy: Policy, listeners: Vec<ListenerConfig>) -> Self {
         let hash_seed =
             std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), 0x0072_656c_6179_u64);
-        let slots = vms
-            .into_iter()
-            .map(|shared| {
-                let namespace = policy
-                    .domain(shared.cid)
-                    .map(|d| d.namespace.clone())
-                    .unwrap_or_default();
-                (
-                    shared.cid,
-                    Slot {
-                        shared,
-                        namespace,
-                        rx: Mutex::new(RxSide::default()),
-                        running: AtomicBool::new(false),
-                        starting: AtomicBool::new(false),
-                        has_backlog: AtomicBool::new(false),
-                    },
-                )
-            })
-            .collect();
+        let mut slots = HashMap::with_hasher(KeyedState::new(hash_seed));
+        slots.extend(vms.into_iter().map(|shared| {
+            let namespace = policy
+                .domain(shared.cid)
+                .map(|d| d.namespace.clone())
+                .unwrap_or_default();
+            (
+                shared.cid,
+                Slot {
+                    shared,
+                    namespace,
+                    rx: Mutex::new(RxSide::default()),
+                    running: AtomicBool::new(false),
+                    starting: AtomicBool::new(false),
+                    has_backlog: AtomicBool::new(false),
+                },
+            )
+        }));
         Self {
             slots,
             policy: RwLock::new(Arc::new(policy)),

@@ -30,6 +30,7 @@ use super::driver::{Driver, GuestStats};
 use super::error::{DeviceError, SetupError, SockError};
 use super::frontend::{self, Negotiated};
 use super::memory::{self, Layout};
+use domsock_proto::hash::KeyedState;
 use domsock_proto::{
     Cid, ConnKey, DropReason, Endpoint, Header, Incoming, Port, RawHeader, Shutdown, SocketType,
     State, Timeout, VsockAddr, HEADER_LEN,
@@ -149,8 +150,8 @@ pub struct UserGuest {
     cid: Cid,
     driver: Driver,
     endpoint: Endpoint,
-    socks: HashMap<ConnKey, Sock>,
-    listeners: HashMap<Port, Listener>,
+    socks: HashMap<ConnKey, Sock, KeyedState>,
+    listeners: HashMap<Port, Listener, KeyedState>,
     listen_backlog: usize,
     broken: Option<Arc<DeviceError>>,
 }
@@ -199,8 +200,10 @@ impl UserGuest {
             cid,
             driver,
             endpoint: Endpoint::new(config.endpoint.clone()),
-            socks: HashMap::new(),
-            listeners: HashMap::new(),
+            // A test instrument, not a target: a fixed seed keeps runs reproducible, and
+            // the keyed fast hasher keeps SipHash out of the per-packet path.
+            socks: HashMap::with_hasher(KeyedState::new(config.endpoint.hash_seed)),
+            listeners: HashMap::with_hasher(KeyedState::new(config.endpoint.hash_seed ^ 1)),
             listen_backlog: config.listen_backlog,
             broken: None,
         })

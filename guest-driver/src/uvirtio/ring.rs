@@ -204,7 +204,19 @@ impl SplitRing {
         let count = segs.len();
         // Indices first, so each descriptor can name its successor.
         let first = self.free.len() - count;
-        let indices: Vec<u16> = self.free.drain(first..).rev().collect();
+        // No allocation per chain for the usual short ones.
+        let mut small = [0u16; 8];
+        let mut large = Vec::new();
+        let indices: &mut [u16] = if count <= small.len() {
+            &mut small[..count]
+        } else {
+            large.resize(count, 0);
+            &mut large
+        };
+        for (slot, idx) in indices.iter_mut().zip(self.free.drain(first..).rev()) {
+            *slot = idx;
+        }
+        let indices: &[u16] = indices;
         let mut writable_bytes = 0u64;
         for (i, seg) in segs.iter().enumerate() {
             let mut flags = if seg.writable { DESC_F_WRITE } else { 0 };

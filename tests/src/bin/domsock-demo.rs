@@ -81,13 +81,10 @@ fn run() -> Result<(), String> {
         spec.socket.display(),
         spec.uds.display()
     );
-    println!("  policy  : web -> db port 7000 (stream) only; everything else between guests denied");
-    let backend = Backend::spawn_config(
-        &config_path,
-        &[],
-        &[spec.clone(), db.clone()],
-        &log_dir,
+    println!(
+        "  policy  : web -> db port 7000 (stream) only; everything else between guests denied"
     );
+    let backend = Backend::spawn_config(&config_path, &[], &[spec.clone(), db.clone()], &log_dir);
     let cfg = VmConfig::new("demo", &kernel, &spec.socket, &log_dir)
         .cmd(&format!(
             "send --cid 2 --port 5000 --bytes {TO_HOST_BYTES} --chunk {CHUNK} --seed 7"
