@@ -29,7 +29,8 @@ use crate::dataplane::VmShared;
 use crate::metrics::VmStats;
 use crate::policy::{DenyReason, Domain, Policy, To, Verdict};
 use crate::tunables::{
-    G2G_BACKLOG_MAX_BYTES, MAX_RELAY_CONNS_PER_DOMAIN, MAX_RELAY_WINDOW_BYTES, MAX_RX_PAYLOAD_BYTES,
+    G2G_BACKLOG_MAX_BYTES, G2G_BACKLOG_TOTAL_MAX_BYTES, MAX_RELAY_CONNS_PER_DOMAIN,
+    MAX_RELAY_WINDOW_BYTES, MAX_RX_PAYLOAD_BYTES,
 };
 use domsock_proto::control::Identity;
 use domsock_proto::hash::KeyedState;
@@ -39,7 +40,7 @@ use domsock_proto::{Cid, Header, Op, Port, RawHeader, SocketType, VsockAddr, HEA
 use std::collections::{HashMap, VecDeque};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use tracing::{debug, info, warn};
 use vhost_user_backend::{VringRwLock, VringT};
@@ -187,6 +188,9 @@ pub struct Router {
     generation: AtomicU64,
     relay: Mutex<RelayTable>,
     listeners: Vec<ListenerConfig>,
+    /// Bytes in every receiver's backlog together (bounded by
+    /// [`G2G_BACKLOG_TOTAL_MAX_BYTES`], so many stuck receivers cannot add up).
+    backlog_total: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -227,6 +231,7 @@ impl Router {
                 hash_seed,
             })),
             listeners,
+            backlog_total: AtomicUsize::new(0),
         }
     }
 
@@ -309,7 +314,7 @@ impl Router {
         rx.port = Some(RxPort { vring, mem });
         slot.running.store(true, Ordering::Release);
         slot.starting.store(false, Ordering::Release);
-        drain_backlog(&mut rx, &slot.shared.stats);
+        drain_backlog(&mut rx, &slot.shared.stats, &self.backlog_total);
         rx.flush_signal();
         slot.has_backlog
             .store(!rx.backlog.is_empty(), Ordering::Release);
@@ -337,7 +342,8 @@ impl Router {
         let mut rx = lock(&slot.rx);
         rx.port = None;
         rx.backlog.clear();
-        rx.backlog_bytes = 0;
+        self.backlog_total
+            .fetch_sub(std::mem::take(&mut rx.backlog_bytes), Ordering::AcqRel);
         slot.has_backlog.store(false, Ordering::Release);
         if !gone.is_empty() {
             debug!(vm = %slot.shared.name, reset = gone.len(), "relayed connections ended with the device");
@@ -467,7 +473,7 @@ impl Router {
             return;
         }
         let mut rx = lock(&slot.rx);
-        drain_backlog(&mut rx, &slot.shared.stats);
+        drain_backlog(&mut rx, &slot.shared.stats, &self.backlog_total);
         rx.flush_signal();
         slot.has_backlog
             .store(!rx.backlog.is_empty(), Ordering::Release);
@@ -533,7 +539,10 @@ impl Router {
         } else {
             G2G_BACKLOG_MAX_BYTES
         };
-        if rx.backlog_bytes + rest + HEADER_LEN > budget {
+        let total = self.backlog_total.load(Ordering::Acquire);
+        if rx.backlog_bytes + rest + HEADER_LEN > budget
+            || (hdr.len > 0 && total + rest + HEADER_LEN > G2G_BACKLOG_TOTAL_MAX_BYTES)
+        {
             return false;
         }
         let Some(payload) = src.to_vec(delivered, rest) else {
@@ -543,6 +552,8 @@ impl Router {
         let mut tail = hdr;
         tail.len = rest as u32;
         rx.backlog_bytes += rest + HEADER_LEN;
+        self.backlog_total
+            .fetch_add(rest + HEADER_LEN, Ordering::AcqRel);
         rx.backlog.push_back(Queued {
             hdr: tail,
             payload,
@@ -550,14 +561,14 @@ impl Router {
             header_sent: false,
         });
         to.has_backlog.store(true, Ordering::Release);
-        drain_backlog(rx, stats);
+        drain_backlog(rx, stats, &self.backlog_total);
         to.has_backlog
             .store(!rx.backlog.is_empty(), Ordering::Release);
         true
     }
 }
 
-fn drain_backlog(rx: &mut RxSide, stats: &VmStats) {
+fn drain_backlog(rx: &mut RxSide, stats: &VmStats, total: &AtomicUsize) {
     let Some(port) = rx.port.as_ref() else {
         return;
     };
@@ -575,7 +586,9 @@ fn drain_backlog(rx: &mut RxSide, stats: &VmStats) {
         q.header_sent |= sent;
         rx.unsignalled |= used;
         if q.header_sent && q.delivered == q.payload.len() {
-            rx.backlog_bytes -= q.payload.len() + HEADER_LEN;
+            let freed = q.payload.len() + HEADER_LEN;
+            rx.backlog_bytes -= freed;
+            total.fetch_sub(freed, Ordering::AcqRel);
             rx.backlog.pop_front();
         } else {
             return;

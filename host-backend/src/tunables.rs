@@ -20,6 +20,8 @@ pub const BUSY_POLL_MAX_WINDOWS: u32 = 20;
 /// Payload (plus headers) a receiving guest's backlog may hold when its RX ring is full;
 /// a connection whose packet would overflow it is reset.
 pub const G2G_BACKLOG_MAX_BYTES: usize = 8 * 1024 * 1024;
+/// Bytes all receivers' backlogs may hold together.
+pub const G2G_BACKLOG_TOTAL_MAX_BYTES: usize = 64 * 1024 * 1024;
 /// Largest receive window forwarded to a guest-to-guest sender (its peer may advertise
 /// more; the sender is told less, which bounds what one connection can have in flight).
 pub const MAX_RELAY_WINDOW_BYTES: u32 = 1024 * 1024;
