@@ -2062,3 +2062,47 @@ fn random_packets_from_a_member_never_hurt_other_conversations() {
     let (ka, kb) = connect_pair(&mut ga, &mut gb, 7100, SocketType::Stream);
     exchange(&mut ga, ka, &mut gb, kb, 9);
 }
+
+// ---- 20. reload and guest-to-host connections ----------------------------------------------
+
+#[test]
+fn sighup_reload_resets_host_connections_no_longer_allowed() {
+    let vms = [VmOpts::new(3).name("web"), VmOpts::new(4).name("db")];
+    let b = Backend::domsockd_with("g2h-reload", &vms, Some(HOST_RULES));
+    let mut web = ready(&b, 3, GuestConfig::default());
+    let listener = listen_stream(&b.vm(0).uds, 5000);
+    let key = web
+        .connect_timeout(host(5000), SocketType::Stream, STEP_TIMEOUT)
+        .unwrap();
+    let mut hs = listener.accept().unwrap().0;
+    web.write_all(key, b"before", STEP_TIMEOUT).unwrap();
+    web.flush_timeout(STEP_TIMEOUT).unwrap();
+    let mut got = [0u8; 6];
+    hs.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+    hs.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"before");
+
+    // A reload that keeps the rule keeps the connection.
+    b.rewrite_config(HOST_RULES);
+    b.reload();
+    thread::sleep(QUIET);
+    web.write_all(key, b"during", STEP_TIMEOUT).unwrap();
+    web.flush_timeout(STEP_TIMEOUT).unwrap();
+    hs.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"during");
+
+    // A reload without it resets the guest's end and closes the host's.
+    b.rewrite_config("[policy]\nguest-to-host = \"rules\"\n");
+    b.reload();
+    let end = wait_connection_end(&mut web, &mut [], key, RELOAD_WITHIN);
+    assert_eq!(end, Ok("reset"), "{}", b.log_tail());
+    let mut rest = Vec::new();
+    assert_eq!(hs.read_to_end(&mut rest).unwrap(), 0, "host end not closed");
+    expect_refused(&mut web, None, host(5000), SocketType::Stream);
+    assert!(
+        b.log_text()
+            .contains("no longer allowed by the reloaded policy"),
+        "{}",
+        b.log_tail()
+    );
+}
