@@ -15,7 +15,7 @@
 //! senders one copy and eventually their connections to it, never their other traffic.
 //!
 //! Locks, always taken in this order: a data plane (its device's mutex), the relay table,
-//! one receiver's [`RxSide`], that receiver's RX vring. Nothing takes an earlier one while
+//! one receiver's `RxSide`, that receiver's RX vring. Nothing takes an earlier one while
 //! holding a later one, so two guests sending to each other cannot deadlock.
 //!
 //! Namespaces: a domain only sees domains of its own namespace. A packet to a CID of
