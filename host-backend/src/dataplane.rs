@@ -1875,7 +1875,11 @@ fn queue_running(vring: &VringRwLock<GuestMemoryAtomic<Mem>>) -> bool {
     state.get_queue().ready() && state.is_enabled()
 }
 
-fn signal_if_needed(vring: &VringRwLock<GuestMemoryAtomic<Mem>>, atomic: &GuestMemoryAtomic<Mem>) {
+/// Notifies the guest of used chains on `vring`, if it asked to be (EVENT_IDX or flags).
+pub(crate) fn signal_if_needed(
+    vring: &VringRwLock<GuestMemoryAtomic<Mem>>,
+    atomic: &GuestMemoryAtomic<Mem>,
+) {
     let mem = atomic.memory();
     let needs = vring
         .get_mut()

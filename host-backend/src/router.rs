@@ -25,7 +25,7 @@
 //! ([`crate::policy`]).
 
 use crate::chain::{Mem, Regions};
-use crate::dataplane::VmShared;
+use crate::dataplane::{signal_if_needed, VmShared};
 use crate::metrics::VmStats;
 use crate::policy::{DenyReason, Domain, Policy, To, Verdict};
 use crate::tunables::{
@@ -161,7 +161,7 @@ impl RxSide {
     fn flush_signal(&mut self) {
         if std::mem::take(&mut self.unsignalled) {
             if let Some(port) = &self.port {
-                signal(port);
+                signal_if_needed(&port.vring, &port.mem);
             }
         }
     }
@@ -444,10 +444,7 @@ impl Router {
                     if to.shared.may_warn() {
                         warn!(from = %from.name, to = %to.shared.name, "receiver backlog full; connection reset");
                     }
-                    lock(&self.relay).remove_where(|r| {
-                        (r.client == hdr.src && r.server == hdr.dst)
-                            || (r.client == hdr.dst && r.server == hdr.src)
-                    });
+                    lock(&self.relay).forget(hdr.src, hdr.dst);
                     self.send_rst(hdr.src, hdr.dst, hdr.socket_type);
                     Routed::Overflow
                 }
@@ -680,21 +677,6 @@ fn write_pieces(
         }
     }
     (off - skip, sent && !header_sent, used_any)
-}
-
-fn signal(port: &RxPort) {
-    let mem = port.mem.memory();
-    let needs = port
-        .vring
-        .get_mut()
-        .get_queue_mut()
-        .needs_notification(&*mem)
-        .unwrap_or(true);
-    if needs {
-        if let Err(e) = port.vring.signal_used_queue() {
-            debug!(error = %e, "signal_used_queue failed");
-        }
-    }
 }
 
 /// Logs a summary line of the routing state (SIGUSR1).

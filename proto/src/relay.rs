@@ -293,6 +293,11 @@ impl RelayTable {
         Some(entry.info)
     }
 
+    /// Forgets the connection between `a` and `b` (either may be the client), if any.
+    pub fn forget(&mut self, a: VsockAddr, b: VsockAddr) -> Option<Relayed> {
+        self.remove(key_of(a, b))
+    }
+
     /// Forgets every connection `cid` takes part in (its device went away) and returns
     /// them, so the caller can reset the other ends.
     pub fn remove_domain(&mut self, cid: Cid) -> Vec<Relayed> {
@@ -451,6 +456,16 @@ mod tests {
             t.handle(&hdr(a(), b(), Op::Response, 0, 100, 0), ok),
             Route::ResetBoth(Violation::Protocol)
         );
+    }
+
+    #[test]
+    fn forget_one_pair_from_either_end() {
+        let mut t = RelayTable::new(RelayConfig::default());
+        established(&mut t, 4096);
+        assert_eq!(t.forget(b(), a()).map(|r| r.client), Some(a()));
+        assert!(t.is_empty());
+        assert_eq!(t.count_for(Cid(4)), 0);
+        assert_eq!(t.forget(a(), b()), None);
     }
 
     #[test]
