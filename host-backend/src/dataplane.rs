@@ -1586,16 +1586,10 @@ impl DataPlane {
                 break;
             }
             left -= take;
-            used = i + 1;
-            let hdr = match self.endpoint.send_rw(&key, take as u32, false, false) {
-                Ok(h) => h.to_raw(),
-                Err(e) => {
-                    // Unreachable by construction (take <= credit); see `emit_rw`.
-                    warn!(vm = %self.shared.name, error = %e, "send_rw refused");
-                    self.endpoint.reset(key);
-                    break;
-                }
+            let Some(hdr) = rw_header(&mut self.endpoint, &self.shared, key, take, false) else {
+                break;
             };
+            used = i + 1;
             let (regions, head) = if i == 0 {
                 (&self.regions, head)
             } else {
@@ -1793,25 +1787,40 @@ impl DataPlane {
     }
 
     fn emit_rw(&mut self, key: ConnKey, n: usize, eom: bool, mem: &Mem) -> Fill {
-        match self.endpoint.send_rw(&key, n as u32, eom, false) {
-            Ok(hdr) => {
-                if tracing::enabled!(tracing::Level::TRACE) {
-                    if let Some(c) = self.endpoint.get(&key) {
-                        tracing::trace!(%key, len = n, credit_after = c.credit().peer_credit(), in_flight = c.credit().in_flight(), "rx data");
-                    }
+        let Some(hdr) = rw_header(&mut self.endpoint, &self.shared, key, n, eom) else {
+            return Fill::Nothing;
+        };
+        if self.regions.write_header(mem, &hdr).is_err() {
+            VmStats::inc(&self.shared.stats.malformed_chains);
+        }
+        Fill::Data(n as u32)
+    }
+}
+
+/// The header of an `RW` packet of `n` bytes on `key`, with the credit accounted for;
+/// `None` (and the connection reset) if the endpoint refuses, which cannot happen when
+/// `n` is within the credit the caller asked for: losing data silently would be worse
+/// than a reset.
+fn rw_header(
+    endpoint: &mut Endpoint,
+    shared: &VmShared,
+    key: ConnKey,
+    n: usize,
+    eom: bool,
+) -> Option<RawHeader> {
+    match endpoint.send_rw(&key, n as u32, eom, false) {
+        Ok(hdr) => {
+            if tracing::enabled!(tracing::Level::TRACE) {
+                if let Some(c) = endpoint.get(&key) {
+                    tracing::trace!(%key, len = n, credit_after = c.credit().peer_credit(), in_flight = c.credit().in_flight(), "rx data");
                 }
-                if self.regions.write_header(mem, &hdr.to_raw()).is_err() {
-                    VmStats::inc(&self.shared.stats.malformed_chains);
-                }
-                Fill::Data(n as u32)
             }
-            Err(e) => {
-                // Unreachable by construction (n <= credit); losing data silently would be
-                // worse than a reset.
-                warn!(vm = %self.shared.name, error = %e, "send_rw refused");
-                self.endpoint.reset(key);
-                Fill::Nothing
-            }
+            Some(hdr.to_raw())
+        }
+        Err(e) => {
+            warn!(vm = %shared.name, error = %e, "send_rw refused");
+            endpoint.reset(key);
+            None
         }
     }
 }
