@@ -23,7 +23,7 @@ use crate::control::CONTROL_PORT;
 use crate::host::HostSocket;
 use crate::iov;
 use crate::metrics::VmStats;
-use crate::policy::Verdict;
+use crate::policy::{DenyReason, Verdict};
 use crate::router::{Routed, Router};
 use crate::tunables::{
     BUSY_POLL_MAX_WINDOWS, HANDSHAKE_TIMEOUT_MS, LINGER_TIMEOUT_MS, MAX_GUEST_WARNINGS_PER_SEC,
@@ -146,6 +146,15 @@ impl VmShared {
         }
         b.1 += 1;
         b.1 <= MAX_GUEST_WARNINGS_PER_SEC
+    }
+
+    /// Counts a connection of this VM's guest that the policy denied and warns about it
+    /// (rate-limited, see [`VmShared::may_warn`]), naming both ends.
+    pub fn note_denied(&self, to: &str, port: Port, ty: SocketType, why: DenyReason) {
+        VmStats::inc(&self.stats.denied_connections);
+        if self.may_warn() {
+            warn!(from = %self.name, to, port = port.0, socket_type = ?ty, %why, "connection denied by policy");
+        }
     }
 
     fn port_path(&self, port: Port) -> PathBuf {
@@ -1100,10 +1109,7 @@ impl DataPlane {
                 self.router
                     .check_host(self.shared.cid, port, req.socket_type)
             {
-                VmStats::inc(&stats.denied_connections);
-                if self.shared.may_warn() {
-                    warn!(from = %self.shared.name, to = "host", port = port.0, socket_type = ?req.socket_type, %why, "connection denied by policy");
-                }
+                self.shared.note_denied("host", port, req.socket_type, why);
                 self.endpoint.refuse(req);
                 return;
             }

@@ -402,14 +402,16 @@ impl Router {
             return Routed::Unroutable;
         }
         let route = lock(&self.relay).handle(hdr, || {
-            match self.policy().check(from.cid, To::Domain(hdr.dst.cid), hdr.dst.port, hdr.socket_type) {
+            match self.policy().check(
+                from.cid,
+                To::Domain(hdr.dst.cid),
+                hdr.dst.port,
+                hdr.socket_type,
+            ) {
                 Verdict::Allow => {}
                 Verdict::Deny(reason) => {
                     if reason == DenyReason::NoRule {
-                        VmStats::inc(&from.stats.denied_connections);
-                        if from.may_warn() {
-                            warn!(from = %from.name, to = %to.shared.name, port = hdr.dst.port.0, socket_type = ?hdr.socket_type, "connection denied by policy");
-                        }
+                        from.note_denied(&to.shared.name, hdr.dst.port, hdr.socket_type, reason);
                     }
                     return Err(Refusal::Denied);
                 }
