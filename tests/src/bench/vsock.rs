@@ -123,12 +123,7 @@ fn guest_write_for(
                     blocked_since = None;
                 }
                 Err(SockError::WouldBlock) => {
-                    let since = *blocked_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > STALL {
-                        return Err(format!("guest send stalled after {total} bytes"));
-                    }
-                    g.poll(Some(Duration::from_millis(50)))
-                        .map_err(|e| e.to_string())?;
+                    wait_unblocked(g, &mut blocked_since, "send", total)?;
                     if Instant::now() >= deadline + STALL {
                         return Err(format!("guest send overran its time after {total} bytes"));
                     }
@@ -144,6 +139,23 @@ fn guest_write_for(
     Ok(total)
 }
 
+/// A guest `what` (send or receive) would block: waits for the guest to make progress,
+/// failing once it has been blocked since `blocked_since` for [`STALL`]. The caller
+/// resets `blocked_since` on progress, so the clock is read only while blocked.
+fn wait_unblocked(
+    g: &mut UserGuest,
+    blocked_since: &mut Option<Instant>,
+    what: &str,
+    total: u64,
+) -> Result<(), String> {
+    let since = *blocked_since.get_or_insert_with(Instant::now);
+    if since.elapsed() > STALL {
+        return Err(format!("guest {what} stalled after {total} bytes"));
+    }
+    g.poll(Some(Duration::from_millis(50)))
+        .map_err(|e| e.to_string())
+}
+
 /// Reads until end of stream; returns bytes and the time from the first byte's arrival
 /// window start (the call) to EOF.
 fn guest_read_to_eof(g: &mut UserGuest, key: ConnKey) -> Result<u64, String> {
@@ -157,14 +169,7 @@ fn guest_read_to_eof(g: &mut UserGuest, key: ConnKey) -> Result<u64, String> {
                 total += n as u64;
                 blocked_since = None;
             }
-            Err(SockError::WouldBlock) => {
-                let since = *blocked_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > STALL {
-                    return Err(format!("guest receive stalled after {total} bytes"));
-                }
-                g.poll(Some(Duration::from_millis(50)))
-                    .map_err(|e| e.to_string())?;
-            }
+            Err(SockError::WouldBlock) => wait_unblocked(g, &mut blocked_since, "receive", total)?,
             Err(e) => return Err(format!("guest receive after {total} bytes: {e}")),
         }
     }
