@@ -153,7 +153,7 @@ impl VmShared {
     pub fn note_denied(&self, to: &str, port: Port, ty: SocketType, why: DenyReason) {
         VmStats::inc(&self.stats.denied_connections);
         if self.may_warn() {
-            warn!(from = %self.name, to, port = port.0, socket_type = ?ty, %why, "connection denied by policy");
+            warn!(from = %self.name, to = %to, port = port.0, socket_type = ?ty, %why, "connection denied by policy");
         }
     }
 
