@@ -1,10 +1,27 @@
 //! domsockd: a vhost-user vsock device backend serving many VMs in one process.
 //!
-//! Each VM gets a thread that accepts its QEMU on a vhost-user socket; the vhost-user
-//! worker thread of that VM runs its [`dataplane::DataPlane`], which connects guest vsock
-//! connections to host Unix sockets using the hybrid convention of Firecracker and
-//! vhost-device-vsock (`<uds>_<port>` for guest-initiated, `CONNECT <port>` on `<uds>` for
-//! host-initiated). Protocol decisions live in `domsock-proto`; this crate does the I/O.
+//! ```text
+//!            server (one thread per VM: accepts its QEMU)
+//!                 |
+//!   virtio::device (vhost-user backend) --events--> engine::DataPlane (one per VM, its worker thread)
+//!                                                     |  driver: clock, epoll, timers, busy-poll
+//!                                                     |  tx / rx / connect / handshake / conn / linger
+//!        host Unix sockets, services <----------------+
+//!                                                     |  route(hdr, payload)
+//!                                                  router (policy, relay table, names)
+//!                                                     |  offer(hdr, payload) / signal
+//!                                           dyn DomainPort: virtio::GuestPort (RX ring owner)
+//!                                           (later: Xen ring, parked session, tunnel peer)
+//! ```
+//!
+//! Module dependencies point one way: [`vm`] (per-VM shared state) and [`router::port`]
+//! (the endpoint trait) are leaves; [`virtio`] implements the port; [`router`] decides;
+//! [`services`] answer in-process; [`engine`] drives one guest and uses all of them. No
+//! module imports one that imports it back (`tests/layering.rs` checks this).
+//!
+//! Hybrid addressing as Firecracker and vhost-device-vsock do it (`<uds>_<port>` for
+//! guest-initiated, `CONNECT <port>` on `<uds>` for host-initiated). Protocol decisions live
+//! in `domsock-proto`; this crate does the I/O.
 //!
 //! `unsafe` is denied everywhere but [`iov`], which builds `iovec`s for `writev` from guest
 //! memory slices vm-memory has bounds-checked; all other guest memory access goes through
@@ -12,15 +29,18 @@
 
 #![deny(unsafe_code)]
 
-pub mod chain;
 pub mod config;
-pub mod control;
-pub mod dataplane;
-pub mod device;
+pub mod engine;
 pub mod host;
 pub mod iov;
 pub mod metrics;
 pub mod policy;
 pub mod router;
 pub mod server;
+pub mod services;
 pub mod tunables;
+pub mod virtio;
+pub mod vm;
+
+/// Descriptor chains (kept at its old path for callers outside the crate).
+pub use virtio::chain;

@@ -73,6 +73,9 @@ counters! {
     listener_connections,
     /// Control-service requests answered.
     control_requests,
+    /// Busy-poll rounds that found work (an event handled without a wake-up; only with
+    /// `--busy-poll-us`).
+    busy_poll_hits,
 }
 
 impl VmStats {

@@ -3,8 +3,8 @@
 //! persist, so a restarted QEMU is served without restarting domsockd.
 
 use crate::config::VmConfig;
-use crate::dataplane::VmShared;
-use crate::device::{VsockDevice, BACKEND_EVENT};
+use crate::vm::VmShared;
+use crate::virtio::device::{VsockDevice, BACKEND_EVENT};
 use crate::router::Router;
 use domsock_proto::Cid;
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! Hermetic tests of [`domsock_host::dataplane::DataPlane`] against a user-space guest
+//! Hermetic tests of [`domsock_host::engine::DataPlane`] against a user-space guest
 //! driver (see `support/mod.rs`): real virtqueues in real (anonymous) guest memory, real Unix
 //! sockets on the host side in a temporary directory, no QEMU and no AF_VSOCK.
 //!

@@ -23,6 +23,7 @@ pub mod hash;
 pub mod hybrid;
 pub mod packet;
 pub mod relay;
+pub mod rules;
 
 pub use addr::{Cid, ConnKey, Port, VsockAddr};
 pub use endpoint::{ConnError, DropReason, Endpoint, EndpointConfig, Incoming, State, Timeout};

@@ -312,6 +312,19 @@ impl Header {
         }
     }
 
+    /// An RST from `src` to `dst`.
+    pub fn rst(src: VsockAddr, dst: VsockAddr, socket_type: SocketType) -> Header {
+        Header::control(
+            ConnKey {
+                local: src,
+                peer: dst,
+            },
+            socket_type,
+            Op::Rst,
+            0,
+        )
+    }
+
     /// An RST answering `self` (addresses swapped), as sent for unknown connections.
     pub fn rst_reply(&self) -> Header {
         Header {

@@ -31,8 +31,9 @@ use super::error::{DeviceError, SetupError, SockError};
 use super::frontend::{self, Negotiated};
 use super::memory::{self, Layout};
 use domsock_proto::hash::KeyedState;
+use domsock_proto::rules::{self, DropClass};
 use domsock_proto::{
-    Cid, ConnKey, DropReason, Endpoint, Header, Incoming, Port, RawHeader, Shutdown, SocketType,
+    Cid, ConnKey, Endpoint, Header, Incoming, Port, RawHeader, Shutdown, SocketType,
     State, Timeout, VsockAddr, HEADER_LEN,
 };
 use std::collections::{HashMap, VecDeque};
@@ -880,16 +881,8 @@ impl UserGuest {
             }
             Incoming::Dropped(reason) => {
                 self.driver.release_rx(buf);
-                let why = match reason {
-                    DropReason::TypeMismatch => Some("socket type mismatch"),
-                    DropReason::CreditViolation(_) => Some("credit overrun"),
-                    DropReason::ProtocolViolation => Some("packet not allowed in this state"),
-                    DropReason::UnknownConnection
-                    | DropReason::ReceiveShut
-                    | DropReason::NoAction => None,
-                };
                 let key = hdr.receiver_key();
-                if let Some(why) = why {
+                if let DropClass::Violation(why) = reason.class(hdr.op) {
                     debug!(%key, why, "connection reset: peer violated the protocol");
                     self.driver.stats.protocol_resets += 1;
                     if let Some(s) = self.socks.get_mut(&key) {
@@ -1008,7 +1001,7 @@ impl UserGuest {
         if conn.peer_shutdown().send {
             sock.peer_send_shut = true;
         }
-        if conn.state() == State::Established && conn.peer_shutdown().is_both() {
+        if rules::closes_with_rst(conn.state(), conn.peer_shutdown(), true) {
             // The peer closed: we are the last to know, so we acknowledge with RST at once
             // (as Linux does); what was received stays readable.
             self.endpoint.reset(key);

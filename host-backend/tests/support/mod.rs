@@ -22,7 +22,8 @@
 
 #![allow(dead_code)] // Each test binary uses a different subset.
 
-use domsock_host::dataplane::{DataPlane, VmShared};
+use domsock_host::engine::DataPlane;
+use domsock_host::vm::VmShared;
 use domsock_proto::Cid;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::Write;

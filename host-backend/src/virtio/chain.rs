@@ -263,3 +263,46 @@ impl Regions {
         Ok(())
     }
 }
+
+/// The payload of a loaded TX chain, as the router hands it to a receiving port: read
+/// straight from the sender's guest memory, so the one copy goes from there to wherever
+/// the receiver reads.
+#[derive(Debug, Clone, Copy)]
+pub struct ChainPayload<'a> {
+    regions: &'a Regions,
+    mem: &'a Mem,
+    len: usize,
+}
+
+impl<'a> ChainPayload<'a> {
+    /// The first `len` payload bytes of `regions` (checked against the chain when the
+    /// header was parsed).
+    pub fn new(regions: &'a Regions, mem: &'a Mem, len: usize) -> Self {
+        Self { regions, mem, len }
+    }
+}
+
+impl crate::router::port::Payload for ChainPayload<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn copy_into(&self, off: usize, dst: &VolatileSlice<'_, ()>) -> bool {
+        let mut pos = 0usize;
+        self.regions
+            .for_each_payload_slice(self.mem, off, dst.len(), |s| {
+                match dst.offset(pos) {
+                    Ok(d) => s.copy_to_volatile_slice(d),
+                    Err(_) => return ControlFlow::Break(()),
+                }
+                pos += s.len();
+                ControlFlow::Continue(())
+            })
+            .is_ok()
+            && pos == dst.len()
+    }
+
+    fn append_to(&self, off: usize, len: usize, out: &mut Vec<u8>) -> bool {
+        self.regions.copy_payload(self.mem, off, len, out).is_ok()
+    }
+}

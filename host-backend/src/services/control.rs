@@ -2,17 +2,19 @@
 //! has this name, which domains share my namespace. Wire format in
 //! [`domsock_proto::control`].
 //!
-//! The data plane connects the guest's connection to one end of a Unix socket pair, like
-//! any host connection, and hands the other end here: a small thread per connection
-//! answers line by line. Connections per VM are bounded
+//! It is one entry of the [service table](super): the engine connects the guest's
+//! connection to one end of a Unix socket pair, like any host connection, and hands the
+//! other end here: a small thread per connection answers line by line. Connections per VM are bounded
 //! ([`MAX_CONTROL_CONNS_PER_VM`]) and idle ones are closed after
 //! [`CONTROL_IDLE_TIMEOUT_MS`]. Answers only ever cover the caller's own namespace.
 //!
 //! What it does not do: change anything. It is read-only by design.
 
-use crate::dataplane::VmShared;
+use super::Service;
+use crate::host::HostSocket;
 use crate::metrics::VmStats;
 use crate::router::Router;
+use crate::vm::VmShared;
 use crate::tunables::{CONTROL_IDLE_TIMEOUT_MS, MAX_CONTROL_CONNS_PER_VM};
 use domsock_proto::control::{split_line, Reply, Request, MAX_LINE_BYTES};
 use domsock_proto::Cid;
@@ -24,6 +26,31 @@ use std::time::Duration;
 use tracing::debug;
 
 pub use domsock_proto::control::CONTROL_PORT;
+
+/// The control service, as an entry of the service table.
+#[derive(Debug)]
+pub struct ControlService {
+    router: Arc<Router>,
+}
+
+impl ControlService {
+    /// The control service answering from `router`'s policy and identities.
+    pub fn new(router: Arc<Router>) -> Self {
+        Self { router }
+    }
+}
+
+impl Service for ControlService {
+    fn name(&self) -> &'static str {
+        "control"
+    }
+
+    fn open(&self, vm: &Arc<VmShared>) -> io::Result<HostSocket> {
+        let (ours, theirs) = UnixStream::pair()?;
+        spawn(self.router.clone(), vm.clone(), theirs)?;
+        HostSocket::from_stream(ours)
+    }
+}
 
 /// Answers one request of the guest `cid`.
 pub fn answer(router: &Router, cid: Cid, req: &Request) -> Reply {

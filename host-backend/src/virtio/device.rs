@@ -4,8 +4,10 @@
 //! A new device is built for every frontend connection (QEMU start or restart); the VM's
 //! [`VmShared`] state (host listener, counters) outlives it.
 
-use crate::chain::Mem;
-use crate::dataplane::{DataPlane, VmShared, Wake, RX_QUEUE, TX_QUEUE};
+use crate::virtio::chain::Mem;
+use super::{RX_QUEUE, TX_QUEUE};
+use crate::engine::{DataPlane, Wake};
+use crate::vm::VmShared;
 use crate::router::Router;
 use domsock_proto::packet::VIRTIO_VSOCK_F_SEQPACKET;
 use std::io;

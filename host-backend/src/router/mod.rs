@@ -1,0 +1,359 @@
+//! The router between domains: guest-to-guest packets, the access policy, names, and the
+//! all-guests host listeners.
+//!
+//! Every domain has a [`DomainPort`] (its receiving end: for a KVM guest the virtio
+//! [`GuestPort`]; later a Xen ring, a parked session, a tunnel peer) and a [`VmShared`]
+//! (identity, counters). A packet a domain sends to another domain is handled on the
+//! *sender's* thread: the relay table ([`domsock_proto::relay`]) decides whether it may
+//! pass, and the receiver's port copies the payload once from wherever the sender's
+//! [`Payload`] is (a virtio guest: its TX descriptors) to wherever the receiver reads.
+//! Headers pass through (with the window capped), so credit is end to end: the receiving
+//! guest's kernel grants it, the sending guest's kernel obeys it.
+//!
+//! A port whose domain does not take its packets answers [`Offer::Full`] once its bounded
+//! queue is full; the router then resets that one connection. A stuck receiver therefore
+//! costs its senders one copy and eventually their connections to it, never their other
+//! traffic.
+//!
+//! Locks: the relay table's mutex is never held while a port is called, and a port never
+//! calls back into the router, so no two locks of different owners nest here.
+//!
+//! Namespaces: a domain only sees domains of its own namespace. A packet to a CID of
+//! another namespace is treated exactly like one to a CID that does not exist.
+//!
+//! What it does not do: host sockets (the engines do that), ring access (the ports) or
+//! policy parsing ([`crate::policy`]).
+
+pub mod port;
+
+use crate::metrics::VmStats;
+use crate::policy::{DenyReason, Domain, Policy, To, Verdict};
+use crate::tunables::{MAX_RELAY_CONNS_PER_DOMAIN, MAX_RELAY_WINDOW_BYTES};
+use crate::virtio::GuestPort;
+use crate::vm::VmShared;
+use domsock_proto::control::Identity;
+use domsock_proto::hash::KeyedState;
+use domsock_proto::relay::{Refusal, RelayConfig, RelayTable, Route, Violation};
+use domsock_proto::{Cid, Header, Port, RawHeader, SocketType, VsockAddr};
+use port::{Availability, DomainPort, HeapPayload, Offer, Payload};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use tracing::{debug, info, warn};
+
+/// An all-guests host listener: guest connections to host port `port` go to `path` (with
+/// the peer preamble) when the guest's VM has no `<uds>_<port>` of its own.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ListenerConfig {
+    /// Host port the guests connect to.
+    pub port: u32,
+    /// Unix socket of the host process.
+    pub path: PathBuf,
+    /// Only guests of this namespace (every namespace if absent).
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+/// What happened to a guest-to-guest packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routed {
+    /// Delivered (or queued for the receiver).
+    Forwarded,
+    /// The sender must get an RST (the caller sends it; never for an RST).
+    Refused(Refusal),
+    /// The destination does not exist for the sender (or is in another namespace): RST
+    /// and count as unroutable.
+    Unroutable,
+    /// Dropped without answer.
+    Dropped,
+    /// The connection broke a rule; the receiver was sent an RST, the sender needs one.
+    Violation(Violation),
+    /// The receiver's queue is full: the connection was reset as for a violation.
+    Overflow,
+}
+
+#[derive(Debug)]
+struct Slot {
+    shared: Arc<VmShared>,
+    /// Fixed for the daemon's lifetime (a reload may change rules and groups only).
+    namespace: String,
+    /// Where packets for this domain go.
+    port: Arc<dyn DomainPort>,
+    /// The same port, typed, for the virtio engine that owns the guest's queues.
+    guest: Arc<GuestPort>,
+}
+
+/// The router shared by every VM of a daemon.
+#[derive(Debug)]
+pub struct Router {
+    slots: HashMap<Cid, Slot, KeyedState>,
+    policy: RwLock<Arc<Policy>>,
+    generation: AtomicU64,
+    relay: Mutex<RelayTable>,
+    listeners: Vec<ListenerConfig>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these would be a bug; keep serving the other guests.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Router {
+    /// A router for `vms` (each VM's shared state and policy identity) under `policy`.
+    pub fn new(vms: Vec<Arc<VmShared>>, policy: Policy, listeners: Vec<ListenerConfig>) -> Self {
+        let hash_seed =
+            std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), 0x0072_656c_6179_u64);
+        let backlog_total = Arc::new(AtomicUsize::new(0));
+        let mut slots = HashMap::with_hasher(KeyedState::new(hash_seed));
+        slots.extend(vms.into_iter().map(|shared| {
+            let namespace = policy
+                .domain(shared.cid)
+                .map(|d| d.namespace.clone())
+                .unwrap_or_default();
+            let guest = Arc::new(GuestPort::new(shared.clone(), backlog_total.clone()));
+            (
+                shared.cid,
+                Slot {
+                    shared,
+                    namespace,
+                    port: guest.clone(),
+                    guest,
+                },
+            )
+        }));
+        Self {
+            slots,
+            policy: RwLock::new(Arc::new(policy)),
+            generation: AtomicU64::new(0),
+            relay: Mutex::new(RelayTable::new(RelayConfig {
+                max_window_bytes: MAX_RELAY_WINDOW_BYTES,
+                max_conns_per_domain: MAX_RELAY_CONNS_PER_DOMAIN,
+                hash_seed,
+            })),
+            listeners,
+        }
+    }
+
+    /// A router for one VM alone, with the default (deny-between-domains) policy.
+    pub fn solo(shared: Arc<VmShared>) -> Self {
+        let domain = Domain {
+            cid: shared.cid,
+            name: shared.name.clone(),
+            namespace: crate::policy::DEFAULT_NAMESPACE.to_string(),
+            groups: Vec::new(),
+        };
+        let policy = Policy::compile(&Default::default(), &[domain]).expect("one domain compiles");
+        Self::new(vec![shared], policy, Vec::new())
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Bumped by every [`Router::reload`]; data planes re-check their host connections
+    /// when it changes.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Every VM's shared state.
+    pub fn vms(&self) -> impl Iterator<Item = &Arc<VmShared>> {
+        self.slots.values().map(|s| &s.shared)
+    }
+
+    /// The RX port of the KVM guest `cid`, for the engine that runs its device.
+    pub fn guest_port(&self, cid: Cid) -> Option<Arc<GuestPort>> {
+        self.slots.get(&cid).map(|s| s.guest.clone())
+    }
+
+    /// The identity `cid` has, if it is ours.
+    pub fn identity(&self, cid: Cid) -> Option<Identity> {
+        let p = self.policy();
+        let d = p.domain(cid)?;
+        Some(Identity {
+            name: d.name.clone(),
+            namespace: d.namespace.clone(),
+            cid,
+        })
+    }
+
+    /// The all-guests listener a guest of `from` reaches at host port `port`: the one of
+    /// its namespace first, then one for every namespace.
+    pub fn listener_for(&self, from: Cid, port: Port) -> Option<&Path> {
+        let p = self.policy();
+        let ns = &p.domain(from)?.namespace;
+        let for_port = || self.listeners.iter().filter(|l| l.port == port.0);
+        for_port()
+            .find(|l| l.namespace.as_deref() == Some(ns.as_str()))
+            .or_else(|| for_port().find(|l| l.namespace.is_none()))
+            .map(|l| l.path.as_path())
+    }
+
+    /// The transport of `cid` went away: its relayed connections end (the other ends get
+    /// an RST). The caller detaches the domain's port first, so nothing more reaches it.
+    pub fn domain_gone(&self, cid: Cid) {
+        let gone = lock(&self.relay).remove_domain(cid);
+        for r in &gone {
+            let (this, other) = if r.client.cid == cid {
+                (r.client, r.server)
+            } else {
+                (r.server, r.client)
+            };
+            if other.cid != cid {
+                self.send_rst(this, other, r.socket_type);
+            }
+        }
+        if !gone.is_empty() {
+            if let Some(slot) = self.slots.get(&cid) {
+                debug!(vm = %slot.shared.name, reset = gone.len(), "relayed connections ended with the device");
+            }
+        }
+    }
+
+    /// Replaces the policy: relayed connections it no longer allows are reset at both
+    /// ends, every data plane is woken to re-check its host connections. Returns how many
+    /// relayed connections were reset.
+    pub fn reload(&self, policy: Policy) -> usize {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let p = self.policy();
+        let gone = lock(&self.relay).remove_where(|r| {
+            !p.check(
+                r.client.cid,
+                To::Domain(r.server.cid),
+                r.server.port,
+                r.socket_type,
+            )
+            .is_allowed()
+        });
+        for r in &gone {
+            self.send_rst(r.client, r.server, r.socket_type);
+            self.send_rst(r.server, r.client, r.socket_type);
+            warn!(client = %r.client, server = %r.server, "relayed connection reset: no longer allowed by the reloaded policy");
+        }
+        for slot in self.slots.values() {
+            let _ = slot.shared.wake.write(1);
+        }
+        gone.len()
+    }
+
+    /// Checks a guest's connection to a host port.
+    pub fn check_host(&self, from: Cid, port: Port, ty: SocketType) -> Verdict {
+        self.policy().check(from, To::Host, port, ty)
+    }
+
+    /// Routes a packet `from`'s guest sent to another guest, with its payload. The
+    /// receiver's CID is added to `signals`; pass them to [`Router::signal`] when the TX
+    /// batch ends.
+    pub fn route(
+        &self,
+        from: &VmShared,
+        hdr: &Header,
+        raw: &RawHeader,
+        payload: &dyn Payload,
+        signals: &mut Vec<Cid>,
+    ) -> Routed {
+        // A guest reaches its own CID through its kernel's loopback, never the device.
+        let (Some(me), Some(to)) = (self.slots.get(&from.cid), self.slots.get(&hdr.dst.cid)) else {
+            return Routed::Unroutable;
+        };
+        if me.namespace != to.namespace || hdr.dst.cid == from.cid {
+            return Routed::Unroutable;
+        }
+        let route = lock(&self.relay).handle(hdr, || {
+            match self.policy().check(
+                from.cid,
+                To::Domain(hdr.dst.cid),
+                hdr.dst.port,
+                hdr.socket_type,
+            ) {
+                Verdict::Allow => {}
+                Verdict::Deny(reason) => {
+                    if reason == DenyReason::NoRule {
+                        from.note_denied(&to.shared.name, hdr.dst.port, hdr.socket_type, reason);
+                    }
+                    return Err(Refusal::Denied);
+                }
+            }
+            if to.port.availability() == Availability::Away {
+                return Err(Refusal::Unavailable);
+            }
+            Ok(())
+        });
+        match route {
+            Route::Forward {
+                buf_alloc,
+                last: _,
+                admitted,
+            } => {
+                if admitted {
+                    VmStats::inc(&from.stats.g2g_connects);
+                    debug!(from = %from.name, to = %to.shared.name, src = %hdr.src, dst = %hdr.dst, "relayed connection");
+                }
+                let mut fwd = *raw;
+                fwd.buf_alloc = buf_alloc;
+                VmStats::inc(&from.stats.g2g_packets);
+                VmStats::add(&from.stats.g2g_bytes, u64::from(hdr.len));
+                let offer = to.port.offer(fwd, payload);
+                if signals.last() != Some(&to.shared.cid) {
+                    signals.push(to.shared.cid);
+                }
+                match offer {
+                    Offer::Accepted | Offer::Gone => Routed::Forwarded,
+                    Offer::Full => {
+                        // The receiver does not take its packets.
+                        if to.shared.may_warn() {
+                            warn!(from = %from.name, to = %to.shared.name, "receiver backlog full; connection reset");
+                        }
+                        lock(&self.relay).forget(hdr.src, hdr.dst);
+                        self.send_rst(hdr.src, hdr.dst, hdr.socket_type);
+                        Routed::Overflow
+                    }
+                }
+            }
+            Route::Refuse(r) => Routed::Refused(r),
+            Route::Drop => Routed::Dropped,
+            Route::ResetBoth(v) => {
+                VmStats::inc(&from.stats.protocol_resets);
+                debug!(from = %from.name, to = %to.shared.name, violation = ?v, "relayed connection reset");
+                self.send_rst(hdr.src, hdr.dst, hdr.socket_type);
+                Routed::Violation(v)
+            }
+        }
+    }
+
+    /// Notifies the receivers a TX batch delivered to (deferred to the batch's end, so a
+    /// receiver wakes once per batch rather than per packet). Empties `cids`.
+    pub fn signal(&self, cids: &mut Vec<Cid>) {
+        cids.sort_unstable();
+        cids.dedup();
+        for cid in cids.drain(..) {
+            if let Some(slot) = self.slots.get(&cid) {
+                slot.port.signal();
+            }
+        }
+    }
+
+    /// An RST from `src` to the domain of `dst`, on behalf of a relayed connection's
+    /// other end (the one way the router speaks to a domain itself).
+    fn send_rst(&self, src: VsockAddr, dst: VsockAddr, ty: SocketType) {
+        let Some(slot) = self.slots.get(&dst.cid) else {
+            return;
+        };
+        let rst = Header::rst(src, dst, ty).to_raw();
+        let _ = slot.port.offer(rst, &HeapPayload(&[]));
+        slot.port.signal();
+    }
+}
+
+/// Logs a summary line of the routing state (SIGUSR1).
+pub fn log_summary(router: &Router) {
+    let relayed = lock(&router.relay).len();
+    info!(relayed, generation = router.generation(), "router");
+}

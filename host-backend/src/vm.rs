@@ -1,0 +1,115 @@
+//! What one VM is for the whole daemon: its identity, its host-side `<uds>` listener, its
+//! counters and the handles other threads use to reach its data plane.
+//!
+//! A [`VmShared`] lives as long as the daemon; every device instance the VM's QEMU
+//! connects (boot, reboot, QEMU restart) and the router see the same one.
+//!
+//! What it does not do: any I/O beyond binding the listener. The data plane
+//! ([`crate::engine`]) serves the listener; the router ([`crate::router`]) reaches the
+//! guest's RX ring through the VM's [`crate::virtio::GuestPort`], never through this.
+
+use crate::metrics::VmStats;
+use crate::policy::DenyReason;
+use crate::tunables::MAX_GUEST_WARNINGS_PER_SEC;
+use domsock_proto::{Cid, Port, SocketType};
+use std::io::{self, ErrorKind};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::warn;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// What a VM is, shared by every device instance the VM's QEMU connects.
+#[derive(Debug)]
+pub struct VmShared {
+    /// The guest's CID.
+    pub cid: Cid,
+    /// Name for logs.
+    pub name: String,
+    /// Host-side Unix socket prefix.
+    pub uds_path: PathBuf,
+    /// The `<uds>` listener for host-initiated connections.
+    pub listener: UnixListener,
+    /// Counters.
+    pub stats: VmStats,
+    /// After handling an event, keep polling the TX ring and host sockets this long
+    /// before sleeping (0: never). Trades CPU for latency: a reply that arrives within
+    /// the window costs no wake-up.
+    pub busy_poll: Duration,
+    /// Wakes the VM's data plane from other threads (policy reload).
+    pub wake: EventFd,
+    /// Open control-service connections.
+    pub control_conns: AtomicUsize,
+    /// Rate limit of this VM's warnings (see [`VmShared::may_warn`]).
+    warn_budget: Mutex<(Instant, u32)>,
+}
+
+impl VmShared {
+    /// Binds `<uds>` (replacing a stale socket file) and builds the shared state.
+    pub fn bind(cid: Cid, name: String, uds_path: PathBuf) -> io::Result<Arc<VmShared>> {
+        Self::bind_with(cid, name, uds_path, Duration::ZERO)
+    }
+
+    /// Like [`VmShared::bind`], with a busy-poll window (see [`VmShared::busy_poll`]).
+    pub fn bind_with(
+        cid: Cid,
+        name: String,
+        uds_path: PathBuf,
+        busy_poll: Duration,
+    ) -> io::Result<Arc<VmShared>> {
+        match std::fs::remove_file(&uds_path) {
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = UnixListener::bind(&uds_path)?;
+        listener.set_nonblocking(true)?;
+        Ok(Arc::new(VmShared {
+            cid,
+            name,
+            uds_path,
+            listener,
+            stats: VmStats::default(),
+            busy_poll,
+            wake: EventFd::new(EFD_NONBLOCK)?,
+            control_conns: AtomicUsize::new(0),
+            warn_budget: Mutex::new((Instant::now(), 0)),
+        }))
+    }
+
+    /// Whether a warning a guest can trigger at will (a denied connection, say) may be
+    /// logged now: at most [`MAX_GUEST_WARNINGS_PER_SEC`] per VM, so a guest cannot flood
+    /// the log. The counters still count every event. Reads the clock: log rate limiting
+    /// is the one place where wall time, not the engine's `now`, is what matters.
+    pub fn may_warn(&self) -> bool {
+        let mut b = self.warn_budget.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if now.duration_since(b.0) >= Duration::from_secs(1) {
+            *b = (now, 0);
+        }
+        b.1 += 1;
+        b.1 <= MAX_GUEST_WARNINGS_PER_SEC
+    }
+
+    /// Counts a connection of this VM's guest that the policy denied and warns about it
+    /// (rate-limited, see [`VmShared::may_warn`]), naming both ends.
+    pub fn note_denied(&self, to: &str, port: Port, ty: SocketType, why: DenyReason) {
+        VmStats::inc(&self.stats.denied_connections);
+        if self.may_warn() {
+            warn!(from = %self.name, to = %to, port = port.0, socket_type = ?ty, %why, "connection denied by policy");
+        }
+    }
+
+    /// The VM's own host socket for guest connections to host port `port`: `<uds>_<port>`.
+    pub fn port_path(&self, port: Port) -> PathBuf {
+        let mut p = self.uds_path.clone().into_os_string();
+        p.push(format!("_{}", port.0));
+        PathBuf::from(p)
+    }
+
+    /// A tracing span for this VM: every event logged inside names it.
+    pub fn span(&self) -> tracing::Span {
+        tracing::info_span!("vm", vm = %self.name, cid = self.cid.0)
+    }
+}
