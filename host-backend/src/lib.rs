@@ -3,7 +3,7 @@
 //! ```text
 //!            server (one thread per VM: accepts its QEMU)
 //!                 |
-//!   virtio::device (vhost-user backend) --events--> engine::DataPlane (one per VM, its worker thread)
+//!   server::device (vhost-user backend) --events--> engine::DataPlane (one per VM, its worker thread)
 //!                                                     |  driver: clock, epoll, timers, busy-poll
 //!                                                     |  tx / rx / connect / handshake / conn / linger
 //!        host Unix sockets, services <----------------+
@@ -14,10 +14,12 @@
 //!                                           (later: Xen ring, parked session, tunnel peer)
 //! ```
 //!
-//! Module dependencies point one way: [`vm`] (per-VM shared state) and [`router::port`]
-//! (the endpoint trait) are leaves; [`virtio`] implements the port; [`router`] decides;
-//! [`services`] answer in-process; [`engine`] drives one guest and uses all of them. No
-//! module imports one that imports it back (`tests/layering.rs` checks this).
+//! Module dependencies point one way: [`vm`] (per-VM shared state) and [`port`] (the
+//! domain endpoint trait) are leaves; [`virtio`] implements the port for KVM guests;
+//! [`router`] decides, knowing ports only by the trait; [`services`] answer in-process;
+//! [`engine`] drives one guest and uses all of them; [`server`] runs the vhost-user side
+//! and the engine. No module imports one that imports it back (`tests/layering.rs` checks
+//! this).
 //!
 //! Hybrid addressing as Firecracker and vhost-device-vsock do it (`<uds>_<port>` for
 //! guest-initiated, `CONNECT <port>` on `<uds>` for host-initiated). Protocol decisions live
@@ -35,6 +37,7 @@ pub mod host;
 pub mod iov;
 pub mod metrics;
 pub mod policy;
+pub mod port;
 pub mod router;
 pub mod server;
 pub mod services;

@@ -2,10 +2,12 @@
 
 use clap::Parser;
 use domsock_host::config::{Args, Config};
+use domsock_host::port::DomainPort;
 use domsock_host::router::{self, Router};
 use domsock_host::server::VmServer;
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use tracing::{error, info, warn};
 
@@ -34,8 +36,9 @@ fn main() -> ExitCode {
         }
     };
     let mut servers = Vec::new();
+    let backlog_total = Arc::new(AtomicUsize::new(0));
     for vm in &config.vms {
-        match VmServer::bind(vm, config.queue_size, config.busy_poll) {
+        match VmServer::bind(vm, config.queue_size, config.busy_poll, &backlog_total) {
             Ok(s) => servers.push((vm.display_name(), s)),
             Err(e) => {
                 error!("{}", error_chain(&e));
@@ -43,8 +46,11 @@ fn main() -> ExitCode {
             }
         }
     }
-    let vms: Vec<_> = servers.iter().map(|(_, s)| s.shared()).collect();
-    let router = Arc::new(Router::new(vms, policy, config.listeners.clone()));
+    let domains: Vec<(_, Arc<dyn DomainPort>)> = servers
+        .iter()
+        .map(|(_, s)| (s.shared(), s.port() as Arc<dyn DomainPort>))
+        .collect();
+    let router = Arc::new(Router::new(domains, policy, config.listeners.clone()));
     let sockets: Vec<_> = config
         .vms
         .iter()

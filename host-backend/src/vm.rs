@@ -4,9 +4,10 @@
 //! A [`VmShared`] lives as long as the daemon; every device instance the VM's QEMU
 //! connects (boot, reboot, QEMU restart) and the router see the same one.
 //!
-//! What it does not do: any I/O beyond binding the listener. The data plane
-//! ([`crate::engine`]) serves the listener; the router ([`crate::router`]) reaches the
-//! guest's RX ring through the VM's [`crate::virtio::GuestPort`], never through this.
+//! What it does not do: any I/O beyond binding the listener. The VM's engine serves the
+//! listener; the router reaches the guest's RX ring through the VM's port, never through
+//! this. (A leaf module: it imports nothing of the daemon but counters, tunables and the
+//! policy's denial reasons.)
 
 use crate::metrics::VmStats;
 use crate::policy::DenyReason;

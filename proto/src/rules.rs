@@ -34,7 +34,9 @@ impl DropReason {
         match self {
             DropReason::TypeMismatch => DropClass::Violation("socket type mismatch"),
             DropReason::CreditViolation(_) => DropClass::Violation("credit overrun"),
-            DropReason::ProtocolViolation => DropClass::Violation("packet not allowed in this state"),
+            DropReason::ProtocolViolation => {
+                DropClass::Violation("packet not allowed in this state")
+            }
             // An RST for an unknown connection is not answered, so not counted.
             DropReason::UnknownConnection if op != Op::Rst => DropClass::AnsweredUnknown,
             DropReason::UnknownConnection | DropReason::ReceiveShut | DropReason::NoAction => {
@@ -61,8 +63,14 @@ mod tests {
         use DropReason::*;
         assert_eq!(UnknownConnection.class(Op::Rw), DropClass::AnsweredUnknown);
         assert_eq!(UnknownConnection.class(Op::Rst), DropClass::Quiet);
-        assert!(matches!(TypeMismatch.class(Op::Rw), DropClass::Violation(_)));
-        assert!(matches!(ProtocolViolation.class(Op::Rw), DropClass::Violation(_)));
+        assert!(matches!(
+            TypeMismatch.class(Op::Rw),
+            DropClass::Violation(_)
+        ));
+        assert!(matches!(
+            ProtocolViolation.class(Op::Rw),
+            DropClass::Violation(_)
+        ));
         assert_eq!(ReceiveShut.class(Op::Rw), DropClass::Quiet);
         assert_eq!(NoAction.class(Op::CreditUpdate), DropClass::Quiet);
     }

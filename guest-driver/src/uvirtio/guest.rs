@@ -33,8 +33,8 @@ use super::memory::{self, Layout};
 use domsock_proto::hash::KeyedState;
 use domsock_proto::rules::{self, DropClass};
 use domsock_proto::{
-    Cid, ConnKey, Endpoint, Header, Incoming, Port, RawHeader, Shutdown, SocketType,
-    State, Timeout, VsockAddr, HEADER_LEN,
+    Cid, ConnKey, Endpoint, Header, Incoming, Port, RawHeader, Shutdown, SocketType, State,
+    Timeout, VsockAddr, HEADER_LEN,
 };
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;

@@ -239,7 +239,12 @@ impl HostConn {
 
     /// Moves up to `max` inbox bytes into the RX payload area; `None` if guest memory
     /// could not be written.
-    pub(super) fn drain_inbox(&mut self, regions: &Regions, mem: &Mem, max: usize) -> Option<usize> {
+    pub(super) fn drain_inbox(
+        &mut self,
+        regions: &Regions,
+        mem: &Mem,
+        max: usize,
+    ) -> Option<usize> {
         let take = self.inbox_pending().min(max);
         let start = self.inbox_off;
         regions

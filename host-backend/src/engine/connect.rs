@@ -98,7 +98,6 @@ impl DataPlane {
         }
     }
 
-
     fn try_target(&self, target: HostTarget, req: &Header) -> Attempt {
         let port = req.dst.port;
         match target {
@@ -229,5 +228,4 @@ impl DataPlane {
         }
         self.after_change(key);
     }
-
 }

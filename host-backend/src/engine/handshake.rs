@@ -92,10 +92,7 @@ impl DataPlane {
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
-            let Ok(token) = self
-                .poller
-                .register(stream.as_raw_fd(), Target::Handshake)
-            else {
+            let Ok(token) = self.poller.register(stream.as_raw_fd(), Target::Handshake) else {
                 continue;
             };
             self.handshakes.map.insert(

@@ -102,19 +102,22 @@ impl DataPlane {
     /// A data plane for a VM alone (no other guests to route to), with its own nested
     /// epoll.
     pub fn new(shared: Arc<VmShared>) -> io::Result<Self> {
-        let router = Arc::new(Router::solo(shared.clone()));
-        Self::with_router(shared, router)
+        let port = Arc::new(GuestPort::new(shared.clone(), Default::default()));
+        let router = Arc::new(Router::solo(shared.clone(), port.clone()));
+        Self::with_router(shared, router, port)
     }
 
-    /// A data plane for `shared` that routes to other guests through `router`.
-    pub fn with_router(shared: Arc<VmShared>, router: Arc<Router>) -> io::Result<Self> {
+    /// A data plane for `shared`, whose RX side is `port` (the port the router delivers
+    /// to for this VM), that routes to other domains through `router`.
+    pub fn with_router(
+        shared: Arc<VmShared>,
+        router: Arc<Router>,
+        port: Arc<GuestPort>,
+    ) -> io::Result<Self> {
         // Guests choose the ports in connection keys: key the tables' hasher with a seed
         // they cannot know. std's RandomState is seeded from OS randomness.
         let hash_seed = std::hash::RandomState::new().hash_one(0x0064_6f6d_736f_636b_u64);
         let poller = Poller::new(&shared, hash_seed)?;
-        let port = router.guest_port(shared.cid).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, "the router does not know this VM")
-        })?;
         let policy_generation = router.generation();
         let services = ServiceTable::standard(router.clone());
         Ok(Self {
@@ -247,7 +250,10 @@ impl DataPlane {
             // Adding OUT to a socket that is writable now reports it at once (edge included),
             // so no flush opportunity is lost between the write that left data behind and
             // this call.
-            match self.poller.set_interest(hc.sock.raw_fd(), hc.token, interest) {
+            match self
+                .poller
+                .set_interest(hc.sock.raw_fd(), hc.token, interest)
+            {
                 Ok(()) => hc.interest = interest,
                 Err(e) => warn!(error = %e, "epoll modify"),
             }

@@ -4,7 +4,7 @@
 //! ([`crate::virtio::chain`]), parses the header at the boundary and then uses only the
 //! parsed copy. Packets for the host go to the endpoint, whose verdict moves payload to
 //! the connection's host socket; packets for other domains go to the router with the
-//! chain as their [`crate::router::port::Payload`]. Stream payload of a batch is written
+//! chain as their [`crate::port::Payload`]. Stream payload of a batch is written
 //! with one `writev` per connection straight from the guest's buffers when the batch ends
 //! (`flush_dirty`); the chains go back to the guest only after that, and only what a host
 //! socket did not take is copied, into the connection's outbox (bounded by the credit we
@@ -27,9 +27,9 @@ use domsock_proto::{Cid, ConnKey, Header, Incoming, Port, RawHeader, SocketType,
 use std::io::ErrorKind;
 use std::ops::ControlFlow;
 use tracing::{debug, warn};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, VolatileSlice};
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, VolatileSlice};
 
 impl DataPlane {
     /// Runs one TX batch: every chain the guest queued, then the batch's writes, then the
@@ -167,11 +167,8 @@ impl DataPlane {
         }
     }
 
-    fn handle_tx_chain<M>(
-        &mut self,
-        chain: virtio_queue::DescriptorChain<M>,
-        mem: &Mem,
-    ) where
+    fn handle_tx_chain<M>(&mut self, chain: virtio_queue::DescriptorChain<M>, mem: &Mem)
+    where
         M: std::ops::Deref<Target = Mem>,
     {
         let stats = &self.shared.stats;
@@ -204,7 +201,11 @@ impl DataPlane {
         }
         if self.regions.payload_capacity() < hdr.len as usize {
             VmStats::inc(&stats.malformed_chains);
-            debug!(claimed = hdr.len, have = self.regions.payload_capacity(), "payload truncated");
+            debug!(
+                claimed = hdr.len,
+                have = self.regions.payload_capacity(),
+                "payload truncated"
+            );
             self.reset_key(hdr.receiver_key());
             return;
         }
@@ -243,7 +244,10 @@ impl DataPlane {
     fn route_to_guest(&mut self, hdr: &Header, raw: &RawHeader, mem: &Mem) {
         let stats = &self.shared.stats;
         let payload = ChainPayload::new(&self.regions, mem, hdr.len as usize);
-        match self.router.route(&self.shared, hdr, raw, &payload, &mut self.g2g_signals) {
+        match self
+            .router
+            .route(&self.shared, hdr, raw, &payload, &mut self.g2g_signals)
+        {
             Routed::Forwarded | Routed::Dropped => {}
             Routed::Unroutable => {
                 VmStats::inc(&stats.unroutable_packets);
@@ -364,5 +368,4 @@ impl DataPlane {
             self.endpoint.reset(key);
         }
     }
-
 }

@@ -2,7 +2,7 @@
 //! all-guests host listeners.
 //!
 //! Every domain has a [`DomainPort`] (its receiving end: for a KVM guest the virtio
-//! [`GuestPort`]; later a Xen ring, a parked session, a tunnel peer) and a [`VmShared`]
+//! `GuestPort`; later a Xen ring, a parked session, a tunnel peer) and a [`VmShared`]
 //! (identity, counters). A packet a domain sends to another domain is handled on the
 //! *sender's* thread: the relay table ([`domsock_proto::relay`]) decides whether it may
 //! pass, and the receiver's port copies the payload once from wherever the sender's
@@ -24,21 +24,18 @@
 //! What it does not do: host sockets (the engines do that), ring access (the ports) or
 //! policy parsing ([`crate::policy`]).
 
-pub mod port;
-
 use crate::metrics::VmStats;
 use crate::policy::{DenyReason, Domain, Policy, To, Verdict};
+use crate::port::{Availability, DomainPort, HeapPayload, Offer, Payload};
 use crate::tunables::{MAX_RELAY_CONNS_PER_DOMAIN, MAX_RELAY_WINDOW_BYTES};
-use crate::virtio::GuestPort;
 use crate::vm::VmShared;
 use domsock_proto::control::Identity;
 use domsock_proto::hash::KeyedState;
 use domsock_proto::relay::{Refusal, RelayConfig, RelayTable, Route, Violation};
 use domsock_proto::{Cid, Header, Port, RawHeader, SocketType, VsockAddr};
-use port::{Availability, DomainPort, HeapPayload, Offer, Payload};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use tracing::{debug, info, warn};
 
@@ -81,8 +78,6 @@ struct Slot {
     namespace: String,
     /// Where packets for this domain go.
     port: Arc<dyn DomainPort>,
-    /// The same port, typed, for the virtio engine that owns the guest's queues.
-    guest: Arc<GuestPort>,
 }
 
 /// The router shared by every VM of a daemon.
@@ -101,25 +96,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Router {
-    /// A router for `vms` (each VM's shared state and policy identity) under `policy`.
-    pub fn new(vms: Vec<Arc<VmShared>>, policy: Policy, listeners: Vec<ListenerConfig>) -> Self {
+    /// A router for `domains` (each one's shared state and receiving port) under `policy`.
+    pub fn new(
+        domains: Vec<(Arc<VmShared>, Arc<dyn DomainPort>)>,
+        policy: Policy,
+        listeners: Vec<ListenerConfig>,
+    ) -> Self {
         let hash_seed =
             std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), 0x0072_656c_6179_u64);
-        let backlog_total = Arc::new(AtomicUsize::new(0));
         let mut slots = HashMap::with_hasher(KeyedState::new(hash_seed));
-        slots.extend(vms.into_iter().map(|shared| {
+        slots.extend(domains.into_iter().map(|(shared, port)| {
             let namespace = policy
                 .domain(shared.cid)
                 .map(|d| d.namespace.clone())
                 .unwrap_or_default();
-            let guest = Arc::new(GuestPort::new(shared.clone(), backlog_total.clone()));
             (
                 shared.cid,
                 Slot {
                     shared,
                     namespace,
-                    port: guest.clone(),
-                    guest,
+                    port,
                 },
             )
         }));
@@ -136,8 +132,8 @@ impl Router {
         }
     }
 
-    /// A router for one VM alone, with the default (deny-between-domains) policy.
-    pub fn solo(shared: Arc<VmShared>) -> Self {
+    /// A router for one domain alone, with the default (deny-between-domains) policy.
+    pub fn solo(shared: Arc<VmShared>, port: Arc<dyn DomainPort>) -> Self {
         let domain = Domain {
             cid: shared.cid,
             name: shared.name.clone(),
@@ -145,7 +141,7 @@ impl Router {
             groups: Vec::new(),
         };
         let policy = Policy::compile(&Default::default(), &[domain]).expect("one domain compiles");
-        Self::new(vec![shared], policy, Vec::new())
+        Self::new(vec![(shared, port)], policy, Vec::new())
     }
 
     /// The policy in force.
@@ -165,11 +161,6 @@ impl Router {
     /// Every VM's shared state.
     pub fn vms(&self) -> impl Iterator<Item = &Arc<VmShared>> {
         self.slots.values().map(|s| &s.shared)
-    }
-
-    /// The RX port of the KVM guest `cid`, for the engine that runs its device.
-    pub fn guest_port(&self, cid: Cid) -> Option<Arc<GuestPort>> {
-        self.slots.get(&cid).map(|s| s.guest.clone())
     }
 
     /// The identity `cid` has, if it is ours.

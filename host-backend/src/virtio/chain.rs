@@ -282,7 +282,7 @@ impl<'a> ChainPayload<'a> {
     }
 }
 
-impl crate::router::port::Payload for ChainPayload<'_> {
+impl crate::port::Payload for ChainPayload<'_> {
     fn len(&self) -> usize {
         self.len
     }

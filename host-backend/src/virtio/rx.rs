@@ -27,7 +27,7 @@
 
 use super::chain::{Mem, Regions};
 use crate::metrics::VmStats;
-use crate::router::port::{Availability, DomainPort, HeapPayload, Offer, Payload};
+use crate::port::{Availability, DomainPort, HeapPayload, Offer, Payload};
 use crate::tunables::{G2G_BACKLOG_MAX_BYTES, G2G_BACKLOG_TOTAL_MAX_BYTES, MAX_RX_PAYLOAD_BYTES};
 use crate::vm::VmShared;
 use domsock_proto::packet::{SEQ_EOM, SEQ_EOR};

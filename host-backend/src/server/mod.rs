@@ -2,11 +2,15 @@
 //! until the frontend goes away, and wait for the next one. The host listener and counters
 //! persist, so a restarted QEMU is served without restarting domsockd.
 
+pub mod device;
+
 use crate::config::VmConfig;
-use crate::vm::VmShared;
-use crate::virtio::device::{VsockDevice, BACKEND_EVENT};
 use crate::router::Router;
+use crate::virtio::GuestPort;
+use crate::vm::VmShared;
+use device::{VsockDevice, BACKEND_EVENT};
 use domsock_proto::Cid;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
@@ -42,6 +46,7 @@ pub enum ServeError {
 /// Prepared VM: bound sockets, ready to serve.
 pub struct VmServer {
     shared: Arc<VmShared>,
+    port: Arc<GuestPort>,
     listener: Listener,
     queue_size: u16,
 }
@@ -55,8 +60,14 @@ impl std::fmt::Debug for VmServer {
 }
 
 impl VmServer {
-    /// Binds the VM's sockets.
-    pub fn bind(cfg: &VmConfig, queue_size: u16, busy_poll: Duration) -> Result<Self, ServeError> {
+    /// Binds the VM's sockets. Its RX port shares `backlog_total` (bytes queued for full
+    /// RX rings) with every other VM's.
+    pub fn bind(
+        cfg: &VmConfig,
+        queue_size: u16,
+        busy_poll: Duration,
+        backlog_total: &Arc<AtomicUsize>,
+    ) -> Result<Self, ServeError> {
         let shared = VmShared::bind_with(
             Cid(cfg.guest_cid),
             cfg.display_name(),
@@ -72,6 +83,7 @@ impl VmServer {
             source,
         })?;
         Ok(Self {
+            port: Arc::new(GuestPort::new(shared.clone(), backlog_total.clone())),
             shared,
             listener,
             queue_size,
@@ -81,6 +93,11 @@ impl VmServer {
     /// The VM's shared state (counters, paths).
     pub fn shared(&self) -> Arc<VmShared> {
         self.shared.clone()
+    }
+
+    /// The VM's RX port, for the router.
+    pub fn port(&self) -> Arc<GuestPort> {
+        self.port.clone()
     }
 
     /// Serves frontends one after another, forever, routing to other guests through
@@ -101,6 +118,7 @@ impl VmServer {
             self.shared.clone(),
             self.queue_size,
             router.clone(),
+            self.port.clone(),
         )?);
         let mut daemon = VhostUserDaemon::new(
             format!("domsock-{}", self.shared.name),

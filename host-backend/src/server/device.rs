@@ -4,11 +4,12 @@
 //! A new device is built for every frontend connection (QEMU start or restart); the VM's
 //! [`VmShared`] state (host listener, counters) outlives it.
 
-use crate::virtio::chain::Mem;
-use super::{RX_QUEUE, TX_QUEUE};
 use crate::engine::{DataPlane, Wake};
-use crate::vm::VmShared;
 use crate::router::Router;
+use crate::virtio::chain::Mem;
+use crate::virtio::GuestPort;
+use crate::virtio::{RX_QUEUE, TX_QUEUE};
+use crate::vm::VmShared;
 use domsock_proto::packet::VIRTIO_VSOCK_F_SEQPACKET;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -42,10 +43,15 @@ pub struct VsockDevice {
 }
 
 impl VsockDevice {
-    /// Builds a device for the VM described by `shared`, routing to other guests through
-    /// `router`.
-    pub fn new(shared: Arc<VmShared>, queue_size: u16, router: Arc<Router>) -> io::Result<Self> {
-        let plane = DataPlane::with_router(shared.clone(), router)?;
+    /// Builds a device for the VM described by `shared`, whose RX side is `port`, routing
+    /// to other domains through `router`.
+    pub fn new(
+        shared: Arc<VmShared>,
+        queue_size: u16,
+        router: Arc<Router>,
+        port: Arc<GuestPort>,
+    ) -> io::Result<Self> {
+        let plane = DataPlane::with_router(shared.clone(), router, port)?;
         let epoll_fd = plane.epoll_fd();
         Ok(Self {
             shared,
