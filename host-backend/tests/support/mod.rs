@@ -705,6 +705,14 @@ impl TestGuest {
         self.harvest();
     }
 
+    /// One pass of the worker thread at the simulated instant `now` (timeouts fire when
+    /// `now` passes them; nothing sleeps), then read both used rings and refill RX.
+    pub fn pump_at(&mut self, now: Instant) {
+        self.plane
+            .pump_at(&self.vrings, domsock_host::engine::Wake::All, now);
+        self.harvest();
+    }
+
     /// Pumps until `done` holds; fails the test after a bounded number of tries.
     pub fn pump_until(&mut self, what: &str, mut done: impl FnMut(&mut Self) -> bool) {
         for i in 0..PUMP_LIMIT {
