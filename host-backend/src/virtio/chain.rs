@@ -190,20 +190,7 @@ impl Regions {
     where
         F: FnMut(VolatileSlice<'m, ()>) -> ControlFlow<R>,
     {
-        let mut offset = HEADER_LEN + skip;
-        let mut left = len;
-        for &(addr, rlen) in &self.regions {
-            if left == 0 {
-                break;
-            }
-            if offset >= rlen {
-                offset -= rlen;
-                continue;
-            }
-            let start = addr.unchecked_add(offset as u64);
-            let n = (rlen - offset).min(left);
-            offset = 0;
-            left -= n;
+        for (start, n) in self.payload_spans(skip, len) {
             if let Some(r) = for_each_slice(mem, start, n, &mut f)? {
                 return Ok(Some(r));
             }
@@ -211,24 +198,35 @@ impl Regions {
         Ok(None)
     }
 
-    /// Appends the guest ranges holding the first `len` payload bytes to `out` (ranges
-    /// checked when the chain was loaded).
-    pub fn payload_ranges(&self, len: usize, out: &mut Vec<(GuestAddress, usize)>) {
-        let mut offset = HEADER_LEN;
+    /// The guest ranges of `len` payload bytes starting `skip` bytes into the payload, in
+    /// order (cut short where the chain ends).
+    fn payload_spans(
+        &self,
+        skip: usize,
+        len: usize,
+    ) -> impl Iterator<Item = (GuestAddress, usize)> + '_ {
+        let mut offset = HEADER_LEN + skip;
         let mut left = len;
-        for &(addr, rlen) in &self.regions {
+        self.regions.iter().filter_map(move |&(addr, rlen)| {
             if left == 0 {
-                break;
+                return None;
             }
             if offset >= rlen {
                 offset -= rlen;
-                continue;
+                return None;
             }
             let n = (rlen - offset).min(left);
-            out.push((addr.unchecked_add(offset as u64), n));
+            let start = addr.unchecked_add(offset as u64);
             offset = 0;
             left -= n;
-        }
+            Some((start, n))
+        })
+    }
+
+    /// Appends the guest ranges holding the first `len` payload bytes to `out` (ranges
+    /// checked when the chain was loaded).
+    pub fn payload_ranges(&self, len: usize, out: &mut Vec<(GuestAddress, usize)>) {
+        out.extend(self.payload_spans(0, len));
     }
 
     /// Copies `len` payload bytes starting `skip` bytes into the payload into `out`.
