@@ -67,7 +67,9 @@ fn setup_hint() -> String {
 /// and under CI when the test would be skipped: a missing setup must not look like a pass.
 pub fn kernel(name: &'static str) -> Option<Kernel> {
     if vm_tests_skipped() {
-        crate::skip::skip(&format!("DOMSOCK_SKIP_VM=1: VM test on kernel {name} not run"));
+        crate::skip::skip(&format!(
+            "DOMSOCK_SKIP_VM=1: VM test on kernel {name} not run"
+        ));
         return None;
     }
     let cache = vm_cache();

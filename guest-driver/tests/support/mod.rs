@@ -110,7 +110,10 @@ pub fn skip(why: &str) {
     let binary = std::env::current_exe()
         .ok()
         .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
-        .map(|s| s.rsplit_once('-').map_or(s.clone(), |(name, _hash)| name.to_string()))
+        .map(|s| {
+            s.rsplit_once('-')
+                .map_or(s.clone(), |(name, _hash)| name.to_string())
+        })
         .unwrap_or_default();
     if under_ci() {
         panic!("{binary}::{test}: missing under CI (CI is set): {why}");
