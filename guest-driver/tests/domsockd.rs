@@ -369,3 +369,320 @@ fn throughput_report_domsockd() {
     let mut g = b.guest(0, GuestConfig::default());
     report_throughput("domsockd", &mut g, &b.vm(0).uds, 5500, true);
 }
+
+// ---- README claims: handshake errors, timers, busy-poll ---------------------------------
+
+/// domsockd's `HANDSHAKE_TIMEOUT_MS` (host-backend `tunables.rs`): how long a host client
+/// may take to send its `CONNECT` line.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Slack on a timer firing: domsockd's worker and this test share 2 cores.
+const TIMER_SLACK: Duration = Duration::from_secs(3);
+
+/// A host client of `<uds>` that sends `bytes` (maybe nothing) and then only listens.
+fn raw_handshake(uds: &std::path::Path, bytes: &[u8]) -> std::os::unix::net::UnixStream {
+    let mut s = std::os::unix::net::UnixStream::connect(uds).unwrap();
+    s.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+    if !bytes.is_empty() {
+        s.write_all(bytes).unwrap();
+    }
+    s
+}
+
+/// Everything `s` receives until EOF, as text.
+fn read_reply(s: &mut std::os::unix::net::UnixStream) -> String {
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .unwrap_or_else(|e| panic!("reading the reply (so far {text:?}): {e}"));
+    text
+}
+
+/// README: "A malformed `CONNECT` line gets `ERROR <reason>`": one line naming what was
+/// wrong, then the connection ends; each one counts as a bad handshake.
+#[test]
+fn malformed_connect_line_gets_error_with_the_reason() {
+    use domsock_proto::hybrid::{ConnectLineError, MAX_CONNECT_LINE_BYTES};
+    let b = Backend::domsockd("bad-connect", &[3]);
+    let _g = b.guest(0, GuestConfig::default());
+    let uds = b.vm(0).uds.clone();
+    let too_long = vec![b'x'; MAX_CONNECT_LINE_BYTES];
+    let cases: [(&[u8], ConnectLineError); 4] = [
+        (
+            b"CONNECT abc\n",
+            ConnectLineError::Malformed("CONNECT abc".into()),
+        ),
+        (b"HELLO 5\n", ConnectLineError::Malformed("HELLO 5".into())),
+        (
+            b"CONNECT 4294967296\n",
+            ConnectLineError::Malformed("CONNECT 4294967296".into()),
+        ),
+        (&too_long, ConnectLineError::TooLong),
+    ];
+    for (line, reason) in &cases {
+        let mut s = raw_handshake(&uds, line);
+        let start = Instant::now();
+        let reply = read_reply(&mut s);
+        assert_eq!(
+            reply,
+            format!("ERROR {reason}\n"),
+            "reply to {:?}",
+            String::from_utf8_lossy(line)
+        );
+        assert!(start.elapsed() < Duration::from_secs(1), "slow ERROR reply");
+    }
+    assert_eq!(b.counters(3).get("bad_handshakes"), cases.len() as u64);
+    assert_eq!(b.counters(3).get("host_connects"), 0);
+}
+
+/// README: "While a guest's vsock driver is not running, a host `CONNECT` gets `ERROR guest
+/// vsock driver not running` at once": before any guest came, and after one went away.
+#[test]
+fn connect_while_the_guest_driver_is_not_running_gets_error() {
+    const NOT_RUNNING: &str = "ERROR guest vsock driver not running\n";
+    let b = Backend::domsockd("not-running", &[3]);
+    let uds = b.vm(0).uds.clone();
+    let start = Instant::now();
+    let reply = read_reply(&mut raw_handshake(&uds, b"CONNECT 6000\n"));
+    assert_eq!(reply, NOT_RUNNING, "before any guest");
+    assert!(start.elapsed() < Duration::from_secs(1), "slow ERROR reply");
+
+    // With a running guest the same CONNECT works.
+    let mut g = b.guest(0, GuestConfig::default());
+    stream_from_host(&mut g, &uds, 6000, 64 * 1024, 4096);
+    drop(g);
+    b.wait_for_log("device stopped", 1);
+
+    let start = Instant::now();
+    let reply = read_reply(&mut raw_handshake(&uds, b"CONNECT 6000\n"));
+    assert_eq!(reply, NOT_RUNNING, "after the guest went away");
+    assert!(start.elapsed() < Duration::from_secs(1), "slow ERROR reply");
+    let c = b.counters(3);
+    assert_eq!(c.get("bad_handshakes"), 2, "{c:?}");
+    assert_eq!(c.get("host_connects"), 1, "{c:?}");
+}
+
+/// A host client that connects to `<uds>` and never finishes its `CONNECT` line is dropped
+/// after `HANDSHAKE_TIMEOUT_MS` (5 s), counted as a bad handshake; a client that sends its
+/// line late but in time still gets through.
+#[test]
+fn host_client_without_a_connect_line_is_dropped_after_the_handshake_timeout() {
+    let b = Backend::domsockd("hs-timeout", &[3]);
+    let mut g = b.guest(0, GuestConfig::default());
+    g.listen(Port(6000), SocketType::Stream).unwrap();
+    let uds = b.vm(0).uds.clone();
+    let start = Instant::now();
+    let silent = raw_handshake(&uds, b"");
+    let partial = raw_handshake(&uds, b"CONNECT 60");
+    let mut late = raw_handshake(&uds, b"CONN");
+    let clients = thread::spawn(move || {
+        let ended: Vec<(String, Duration)> = [silent, partial]
+            .into_iter()
+            .map(|mut s| {
+                let reply = read_reply(&mut s);
+                (reply, start.elapsed())
+            })
+            .collect();
+        ended
+    });
+    thread::sleep(HANDSHAKE_TIMEOUT / 2);
+    late.write_all(b"ECT 6000\n").unwrap();
+    let k = g.accept_timeout(Port(6000), STEP_TIMEOUT).unwrap();
+    let ended = join_polling(&mut g, clients);
+    for (i, (reply, at)) in ended.iter().enumerate() {
+        eprintln!("handshake client {i} dropped after {at:?}");
+        assert_eq!(reply, "", "client {i}: a timed-out handshake gets no reply");
+        assert!(
+            *at >= HANDSHAKE_TIMEOUT - Duration::from_millis(100),
+            "client {i} dropped after {at:?}, before the handshake timeout"
+        );
+        assert!(
+            *at < HANDSHAKE_TIMEOUT + TIMER_SLACK,
+            "client {i} dropped only after {at:?}"
+        );
+    }
+    // The late one was not dropped: it has its connection.
+    let mut line = [0u8; 8];
+    late.read_exact(&mut line).unwrap();
+    assert_eq!(&line, b"OK 6000\n");
+    g.write_all(k, b"hello", STEP_TIMEOUT).unwrap();
+    let mut got = [0u8; 5];
+    late.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello");
+    let c = b.counters(3);
+    assert_eq!(c.get("bad_handshakes"), 2, "{c:?}");
+    assert_eq!(c.get("host_connects"), 1, "{c:?}");
+}
+
+/// Waits until VM 3 was sent exactly `want` packets (RX), at most a second: domsockd
+/// closes a timed-out connection's host socket just before it puts the RST on the ring.
+fn wait_rx_packets(b: &Backend, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let c = b.counters(3);
+        let got = c.get("rx_packets");
+        if got == want || Instant::now() >= deadline {
+            assert_eq!(got, want, "packets sent to the guest: {c:?}");
+            return;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A host `CONNECT` to a guest that never answers the REQUEST (a guest that is not polled:
+/// its kernel would be hung) ends after domsockd's connect timeout: the host gets EOF
+/// without an `OK` line, and domsockd sends the guest an RST for the REQUEST.
+#[test]
+fn host_connect_the_guest_never_answers_ends_at_the_connect_timeout() {
+    let connect_timeout = domsock_proto::EndpointConfig::default().connect_timeout;
+    let b = Backend::domsockd("connect-timeout", &[3]);
+    let mut g = b.guest(0, GuestConfig::default());
+    g.listen(Port(6000), SocketType::Stream).unwrap();
+    let before = b.counters(3);
+    let uds = b.vm(0).uds.clone();
+    let start = Instant::now();
+    // From here on the guest is never polled.
+    let (mut s, line) = host_connect(&uds, 6000);
+    let at = start.elapsed();
+    eprintln!("host CONNECT to a guest that never answers ended after {at:?}");
+    assert_eq!(line, "", "expected EOF without a reply, got {line:?}");
+    assert!(
+        at >= connect_timeout - Duration::from_millis(100),
+        "ended after {at:?}, before the {connect_timeout:?} connect timeout"
+    );
+    assert!(
+        at < connect_timeout + TIMER_SLACK,
+        "ended only after {at:?}"
+    );
+    assert_eq!(read_reply(&mut s), "");
+    let after = b.counters(3);
+    assert_eq!(after.get("host_connects") - before.get("host_connects"), 1);
+    // The REQUEST, then the RST that ends it.
+    wait_rx_packets(&b, before.get("rx_packets") + 2);
+    drop(g);
+}
+
+/// A host-side close that the guest never acknowledges (no RST back: the guest is not
+/// polled) is given up after domsockd's close timeout: the connection and its host socket
+/// are released then, not before.
+#[test]
+fn close_the_guest_never_acknowledges_ends_at_the_close_timeout() {
+    let close_timeout = domsock_proto::EndpointConfig::default().close_timeout;
+    let b = Backend::domsockd("close-timeout", &[3]);
+    let mut g = b.guest(0, GuestConfig::default());
+    let uds = b.vm(0).uds.clone();
+    let listener = listen_stream(&uds, 5000);
+    let idle_fds = b.fd_count();
+    let host_side = thread::spawn(move || accept(&listener));
+    let key = g
+        .connect_timeout(host(5000), SocketType::Stream, STEP_TIMEOUT)
+        .unwrap();
+    let mut s = join_polling(&mut g, host_side);
+    g.write_all(key, b"ping", STEP_TIMEOUT).unwrap();
+    g.flush_timeout(STEP_TIMEOUT).unwrap();
+    // Read before closing: a Unix socket closed with unread data resets its peer, which
+    // domsockd handles at once (no close handshake to time out).
+    let mut ping = [0u8; 4];
+    s.read_exact(&mut ping).unwrap();
+    assert_eq!(&ping, b"ping");
+    assert_eq!(b.fd_count(), idle_fds + 1, "one host socket per connection");
+    let before = b.counters(3);
+    // From here on the guest is never polled: it gets the SHUTDOWN but never answers.
+    drop(s);
+    let start = Instant::now();
+    let deadline = start + close_timeout + TIMER_SLACK;
+    while b.fd_count() > idle_fds {
+        assert!(
+            Instant::now() < deadline,
+            "domsockd still holds the connection {:?} after the host closed",
+            start.elapsed()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let at = start.elapsed();
+    eprintln!("unacknowledged close released after {at:?}");
+    assert!(
+        at >= close_timeout - Duration::from_millis(200),
+        "released after {at:?}, before the {close_timeout:?} close timeout"
+    );
+    // The SHUTDOWN, then the RST that gives up on the guest.
+    wait_rx_packets(&b, before.get("rx_packets") + 2);
+    drop(g);
+}
+
+/// CPU time (on-CPU nanoseconds, `/proc/<pid>/task/*/schedstat`) of all of `pid`'s
+/// threads.
+fn process_cpu(pid: u32) -> Duration {
+    let ns: u64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| t.ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ns)
+}
+
+/// Guest->host: `events` 1-byte writes `gap` apart (the guest sleeps in between), all
+/// checked on the host; returns domsockd's CPU time over them.
+fn cpu_over_spaced_writes(b: &Backend, events: usize, gap: Duration) -> Duration {
+    let mut g = b.guest(0, GuestConfig::default());
+    let listener = listen_stream(&b.vm(0).uds, 5000);
+    let host_side = thread::spawn(move || accept(&listener));
+    let key = g
+        .connect_timeout(host(5000), SocketType::Stream, STEP_TIMEOUT)
+        .unwrap();
+    let mut s = join_polling(&mut g, host_side);
+    thread::sleep(Duration::from_millis(50));
+    let cpu0 = process_cpu(b.pid());
+    for i in 0..events {
+        g.write_all(key, &[i as u8], STEP_TIMEOUT).unwrap();
+        thread::sleep(gap);
+    }
+    let cpu = process_cpu(b.pid()) - cpu0;
+    let mut got = vec![0u8; events];
+    s.read_exact(&mut got).unwrap();
+    assert!(got.iter().enumerate().all(|(i, &v)| v == i as u8));
+    g.close(key).unwrap();
+    cpu
+}
+
+/// `--busy-poll-us N` is in effect: after each event the worker keeps polling (on the CPU)
+/// for N us instead of sleeping. With N = 1000 and 100 events 5 ms apart, domsockd spends at
+/// least about 100 x 1 ms on the CPU (asserted: a third of that), where without the flag
+/// it spends a few ms.
+#[test]
+fn busy_poll_keeps_the_worker_polling_after_each_event() {
+    const EVENTS: usize = 100;
+    const WINDOW_US: u64 = 1000;
+    let gap = Duration::from_millis(5);
+    let spinning = Duration::from_micros(WINDOW_US) * EVENTS as u32;
+    let busy = Backend::spawn_with(
+        &domsockd(),
+        "busy-poll",
+        &[VmOpts::new(3)],
+        &["--busy-poll-us".to_string(), WINDOW_US.to_string()],
+        None,
+    );
+    let with = cpu_over_spaced_writes(&busy, EVENTS, gap);
+    drop(busy);
+    // DOMSOCKD_ARGS may already hold a --busy-poll-us for the whole suite.
+    let baseline = std::env::var("DOMSOCKD_ARGS")
+        .map_or(true, |a| !a.contains("busy-poll"))
+        .then(|| {
+            let plain = Backend::domsockd("no-busy-poll", &[3]);
+            cpu_over_spaced_writes(&plain, EVENTS, gap)
+        });
+    eprintln!(
+        "domsockd CPU over {EVENTS} events {gap:?} apart: {with:?} with --busy-poll-us \
+         {WINDOW_US}, {baseline:?} without"
+    );
+    assert!(
+        with >= spinning / 3,
+        "with --busy-poll-us {WINDOW_US}, domsockd spent only {with:?} on the CPU over \
+         {EVENTS} events: it did not poll after them"
+    );
+    if let Some(plain) = baseline {
+        assert!(
+            plain < spinning / 3,
+            "without busy-poll domsockd spent {plain:?}: the test cannot tell the two apart"
+        );
+    }
+}

@@ -2,7 +2,9 @@
 //! hundreds of concurrent connections both ways, credit stalls with 1 MiB writes, seqpacket
 //! messages as large as the credit allows, RST paths (abrupt closes on either side, host paths
 //! that are not listeners, socket type mismatch, a full host backlog), TX packets spread over
-//! many descriptors, tiny RX buffers, and a guest that dies and comes back five times.
+//! many descriptors, tiny RX buffers, a seqpacket message that outgrows domsockd's buffer,
+//! guest data lingering after its device stopped (delivered within the linger limit, counted
+//! lost after it), and a guest that dies and comes back five times.
 //!
 //! Each case runs its own domsockd in its own temp dir and checks data byte-exact. That the
 //! backend's connection table ends empty is checked through its open file descriptors (every
@@ -15,8 +17,8 @@ mod support;
 
 use domsock_guest::pattern::{Checksum, PatternStream};
 use domsock_guest::uvirtio::{
-    ConnKey, EndpointConfig, GuestConfig, HeaderPlacement, Port, RxLayout, SockError, SocketType,
-    UserGuest,
+    ConnKey, EndpointConfig, GuestConfig, Header, HeaderPlacement, Op, Port, RxLayout, SockError,
+    SocketType, UserGuest,
 };
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -742,6 +744,159 @@ fn seqpacket_message_larger_than_the_guest_buffer_resets() {
     g.close(key).unwrap();
     join_polling(&mut g, host_side);
     assert_eq!(b.counters(3).get("host_errors"), 1);
+}
+
+/// A guest->host seqpacket message that outgrows domsockd's buffer (`buf_alloc`, 256 KiB)
+/// before its end (EOM) can never be written whole: domsockd resets the connection at once
+/// (counted as a protocol reset) instead of waiting forever. One packet less stays up.
+/// The guest plays a sender that spends all its credit on one message: raw packets
+/// without EOM, 64 KiB each.
+#[test]
+fn seqpacket_message_outgrowing_domsockds_buffer_resets() {
+    let b = Backend::domsockd("seq-outgrow", &[3]);
+    let mut g = b.guest(0, GuestConfig::default());
+    let listener = listen_seqpacket(&b.vm(0).uds, 5270);
+    // The host never reads: there is nothing to read before the message's end anyway.
+    let host_side = thread::spawn(move || {
+        let s = accept(&listener);
+        assert!(
+            wait_peer_closed(&s, STEP_TIMEOUT).is_some(),
+            "domsockd never closed the host end"
+        );
+    });
+    let key = g
+        .connect_timeout(host(5270), SocketType::SeqPacket, STEP_TIMEOUT)
+        .unwrap();
+    let packet = 64 * KIB;
+    let part = |g: &mut UserGuest, i: usize| {
+        let hdr = Header {
+            src: key.local,
+            dst: key.peer,
+            len: packet as u32,
+            socket_type: SocketType::SeqPacket,
+            op: Op::Rw,
+            flags: 0, // no EOM: the message goes on
+            buf_alloc: EndpointConfig::default().buf_alloc_bytes,
+            fwd_cnt: 0,
+        };
+        g.send_raw_timeout(&hdr, &pattern(i as u64, packet), STEP_TIMEOUT)
+            .unwrap();
+        g.flush_timeout(STEP_TIMEOUT).unwrap();
+    };
+    let parts = DOMSOCKD_BUF_ALLOC / packet;
+    for i in 0..parts - 1 {
+        part(&mut g, i);
+    }
+    // One packet short of the buffer: still a message in progress.
+    let mut buf = [0u8; 16];
+    g.poll(Some(Duration::from_millis(100))).unwrap();
+    assert!(
+        matches!(g.recv_msg(key, &mut buf), Err(SockError::WouldBlock)),
+        "the connection ended before its message outgrew the buffer"
+    );
+    assert_eq!(b.counters(3).get("protocol_resets"), 0);
+
+    let start = Instant::now();
+    part(&mut g, parts - 1);
+    let e = g.recv_msg_timeout(key, &mut buf, PROMPT).unwrap_err();
+    assert!(
+        matches!(e, SockError::Reset(_)),
+        "a message as large as domsockd's buffer and unfinished was not reset: {}",
+        chain(&e)
+    );
+    eprintln!(
+        "reset {:?} after the packet that filled the buffer",
+        start.elapsed()
+    );
+    join_polling(&mut g, host_side);
+    let c = b.counters(3);
+    assert_eq!(c.get("protocol_resets"), 1, "{c:?}");
+}
+
+/// domsockd's `LINGER_TIMEOUT_MS` (host-backend `tunables.rs`): how long guest data a
+/// stopped device left behind may wait for a host reader.
+const LINGER_LIMIT: Duration = Duration::from_secs(10);
+
+/// Waits without reading until the peer of `s` closed its socket (`POLLHUP`, reported even
+/// with unread data queued), at most `timeout`; returns when.
+fn wait_peer_closed(s: &UnixStream, timeout: Duration) -> Option<Instant> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        let ms = u16::try_from(left.as_millis().min(1000)).unwrap_or(1000);
+        // No events asked for: POLLHUP comes anyway, and nothing else nix cannot name.
+        let mut fds = [PollFd::new(std::os::fd::AsFd::as_fd(s), PollFlags::empty())];
+        poll(&mut fds, PollTimeout::from(ms)).unwrap();
+        let ev = fds[0].revents().expect("poll flags nix knows");
+        if ev.contains(PollFlags::POLLHUP) {
+            return Some(Instant::now());
+        }
+    }
+}
+
+/// The device stops (guest gone) while domsockd holds guest data two paused host readers
+/// have not taken. One reader resumes after a second and gets every byte, then EOF. The
+/// other stays paused: after the linger limit (10 s) domsockd gives up, closes its end and
+/// counts exactly what was not delivered in `lingered_bytes_lost`.
+#[test]
+fn lingering_guest_data_waits_for_the_linger_limit_and_no_longer() {
+    let b = Backend::domsockd("linger", &[3]);
+    let mut g = b.guest(0, GuestConfig::default());
+    let listener = listen_stream(&b.vm(0).uds, 5400);
+    let mut conns = Vec::new();
+    for seed in [41u64, 42] {
+        let key = g
+            .connect_timeout(host(5400), SocketType::Stream, STEP_TIMEOUT)
+            .unwrap();
+        let s = accept(&listener);
+        let data = pattern(seed, 16 * MIB);
+        let sent = send_until_stalled(&mut g, key, &data);
+        let held = sent - peek_queued(&s).len();
+        assert!(held > 0, "domsockd holds nothing for connection {seed}");
+        eprintln!("connection {seed}: guest sent {sent}, domsockd holds {held}");
+        conns.push((s, seed, sent));
+    }
+    drop(g);
+    let stopped = Instant::now();
+    b.wait_for_log("device stopped", 1);
+
+    let (mut timely, seed_t, sent_t) = conns.remove(0);
+    let (mut paused, seed_p, sent_p) = conns.remove(0);
+    let timely_reader = thread::spawn(move || {
+        thread::sleep(Duration::from_secs(1));
+        read_pattern_until_end(&mut timely, seed_t)
+    });
+    let closed =
+        wait_peer_closed(&paused, LINGER_LIMIT + Duration::from_secs(3)).map(|t| t - stopped);
+    let (got_t, _, err_t) = timely_reader.join().unwrap();
+    assert_eq!(
+        (got_t, err_t),
+        (sent_t, None),
+        "the reader that resumed after 1 s got {got_t} of {sent_t} bytes"
+    );
+    let closed = closed.unwrap_or_else(|| {
+        panic!("domsockd still held the paused reader's connection after the linger limit")
+    });
+    eprintln!("paused reader's connection closed {closed:?} after the device stopped");
+    assert!(
+        closed >= LINGER_LIMIT - Duration::from_millis(200),
+        "closed {closed:?} after the stop, before the linger limit"
+    );
+    paused.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+    let (got_p, _, err_p) = read_pattern_until_end(&mut paused, seed_p);
+    assert_eq!(err_p, None);
+    assert!(got_p < sent_p, "the paused reader got all {sent_p} bytes");
+    let c = b.counters(3);
+    assert_eq!(c.get("lingered_connections"), 2, "{c:?}");
+    assert_eq!(
+        c.get("lingered_bytes_lost"),
+        (sent_p - got_p) as u64,
+        "lost bytes miscounted: {c:?}"
+    );
 }
 
 // ---- 3. RST paths -----------------------------------------------------------------------

@@ -1,6 +1,8 @@
 //! The basic stream cases against vhost-device-vsock 0.3.0, the peer backend, when it is
-//! installed (`.cache/peer/bin/vhost-device-vsock` or `$DOMSOCK_PEER_BACKEND`); skipped with
-//! a note otherwise (tests never install it).
+//! installed (`.cache/peer/bin/vhost-device-vsock` or `$DOMSOCK_PEER_BACKEND`; tests never
+//! install it, `scripts/test.sh` does). Without it each case fails under CI (`CI=true`) and
+//! elsewhere prints `SKIPPED: ...` and is listed in `target/test-skips.txt`
+//! (`support::require`).
 //!
 //! Known gaps of 0.3.0, which these tests work around or accept: no seqpacket, a connect to
 //! a port nobody listens on times out instead of being refused, and a host half-close

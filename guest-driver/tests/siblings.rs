@@ -5,7 +5,8 @@
 //! namespaces, SIGHUP reload of rules and groups, a broken file on reload), the control
 //! service at CID 2 port 1023, the all-guests host listener and its preamble, forged source
 //! CIDs and packets outside any handshake, credit overruns, a receiver that stops taking
-//! packets, and a connect to a guest whose device has only just come up.
+//! packets, the backlog bounds for such receivers (8 MiB each, 64 MiB together), and a
+//! connect to a guest whose device has only just come up.
 //!
 //! Every case runs its own domsockd in its own temp dir, configured with `--vm` flags or a
 //! `--config` file there (see `support::Backend::spawn_with`). A guest is single-threaded
@@ -1515,6 +1516,268 @@ fn stuck_receiver_stalls_no_other_conversation() {
     for cid in [3, 4, 5] {
         b.counters(cid).assert_zero(FAILURES);
     }
+}
+
+// ---- 10b. backlog bounds ----------------------------------------------------------------
+
+/// domsockd's `G2G_BACKLOG_MAX_BYTES` and `G2G_BACKLOG_TOTAL_MAX_BYTES` (host-backend
+/// `tunables.rs`): what waits for one receiver whose RX ring is full, and for all of them.
+const BACKLOG_MAX: usize = 8 * MIB;
+const BACKLOG_TOTAL_MAX: usize = 64 * MIB;
+/// The sender's largest TX packet: the backlog may end at most this far from its bound.
+const PACKET: usize = 64 * KIB;
+
+/// A receiver that accepts its connections and is then never polled: its ring holds 16 RX
+/// buffers of 64 bytes (1 KiB, so nearly all that is sent to it waits in domsockd's
+/// backlog), and it advertises 16 MiB per connection (domsockd forwards a window of 1 MiB).
+fn stuck_receiver_config() -> GuestConfig {
+    GuestConfig {
+        queue_size: 16,
+        rx_layout: RxLayout {
+            payload_bytes: 64,
+            header: HeaderPlacement::SameDescriptor,
+        },
+        endpoint: EndpointConfig {
+            buf_alloc_bytes: 16 * MIB as u32,
+            ..EndpointConfig::default()
+        },
+        ..GuestConfig::default()
+    }
+}
+
+/// One connection to a stuck receiver and the bytes pushed on it.
+struct Pushed {
+    sender: ConnKey,
+    receiver: ConnKey,
+    data: Vec<u8>,
+}
+
+/// Sends all of `data` (at most the 1 MiB window) on `key` and waits until domsockd took
+/// it; stops early if the connection is reset.
+fn push(g: &mut UserGuest, key: ConnKey, data: &[u8]) {
+    let mut sent = 0;
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while sent < data.len() {
+        assert!(
+            Instant::now() < deadline,
+            "sent only {sent} of {} bytes",
+            data.len()
+        );
+        match g.send(key, &data[sent..]) {
+            Ok(n) => sent += n,
+            Err(SockError::WouldBlock) => g.poll(Some(Duration::from_millis(1))).unwrap(),
+            Err(SockError::Reset(_)) => return,
+            Err(e) => panic!("send after {sent} bytes: {}", chain(&e)),
+        }
+    }
+    g.flush_timeout(STEP_TIMEOUT).unwrap();
+}
+
+/// Whether the sender's end of `key` was reset (else it is still up, with nothing to read).
+fn was_reset(g: &mut UserGuest, key: ConnKey) -> bool {
+    match g.recv(key, &mut [0u8; 1]) {
+        Err(SockError::WouldBlock) => false,
+        Err(SockError::Reset(_)) => true,
+        other => panic!("connection {key}: {other:?}"),
+    }
+}
+
+/// The receiver wakes up: every connection that was not reset delivers all its bytes,
+/// intact; a reset one delivers a prefix, then the reset.
+fn check_delivered(g: &mut UserGuest, pushed: &[Pushed], reset: &[bool]) {
+    for (i, (p, &r)) in pushed.iter().zip(reset).enumerate() {
+        if !r {
+            let mut got = vec![0u8; p.data.len()];
+            g.read_exact(p.receiver, &mut got, STEP_TIMEOUT)
+                .unwrap_or_else(|e| panic!("receiver, connection {i}: {}", chain(&e)));
+            assert!(got == p.data, "receiver, connection {i}: different bytes");
+            continue;
+        }
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * KIB];
+        let e = loop {
+            match g.recv_timeout(p.receiver, &mut buf, STEP_TIMEOUT) {
+                Ok(0) => panic!("receiver, reset connection {i}: EOF instead of a reset"),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(e, SockError::Reset(_)),
+            "receiver, reset connection {i}: {}",
+            chain(&e)
+        );
+        assert!(
+            got[..] == p.data[..got.len()],
+            "receiver, reset connection {i}: different bytes before the reset"
+        );
+    }
+}
+
+/// Per receiver: a guest that takes no packets has at most 8 MiB waiting for it in
+/// domsockd. Nine connections to it from one sender, each within its 1 MiB window: 7.5 MiB
+/// on the first eight fit; the ninth would overflow the backlog and is reset, while the
+/// backlog (`g2g_fallback_bytes`, nothing drains) stays within one packet of 8 MiB. Once
+/// the receiver reads again, the eight get every byte.
+#[test]
+fn stuck_receivers_backlog_is_bounded_at_8_mib() {
+    let vms = [
+        VmOpts::new(3).name("a").groups(&["g"]),
+        VmOpts::new(4).name("stuck").groups(&["g"]),
+    ];
+    let b = Backend::domsockd_with("g2g-backlog", &vms, None);
+    let mut ga = ready(&b, 3, GuestConfig::default());
+    let mut gs = ready(&b, 4, stuck_receiver_config());
+    gs.listen(Port(7000), SocketType::Stream).unwrap();
+    let sizes = [MIB, MIB, MIB, MIB, MIB, MIB, MIB, MIB / 2, MIB];
+    let pushed: Vec<Pushed> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            let (sender, receiver) = connect_pair(&mut ga, &mut gs, 7000, SocketType::Stream);
+            Pushed {
+                sender,
+                receiver,
+                data: pattern(500 + i as u64, len),
+            }
+        })
+        .collect();
+    let before = b.counters(4).get("g2g_fallback_bytes");
+    // From here on the receiver is not polled.
+    let start = Instant::now();
+    for p in &pushed {
+        push(&mut ga, p.sender, &p.data);
+    }
+    settle(&mut ga);
+    eprintln!(
+        "pushed {} connections in {:?}",
+        pushed.len(),
+        start.elapsed()
+    );
+    let reset: Vec<bool> = pushed
+        .iter()
+        .map(|p| was_reset(&mut ga, p.sender))
+        .collect();
+    let backlog = (b.counters(4).get("g2g_fallback_bytes") - before) as usize;
+    eprintln!("backlog {backlog} bytes; reset: {reset:?}");
+    let last = pushed.len() - 1;
+    assert!(
+        reset[..last].iter().all(|r| !r),
+        "a connection below the 8 MiB backlog was reset: {reset:?}"
+    );
+    assert!(
+        reset[last],
+        "the connection that overflows the 8 MiB backlog was not reset (backlog {backlog})"
+    );
+    assert!(
+        backlog <= BACKLOG_MAX + PACKET,
+        "the backlog grew to {backlog} bytes"
+    );
+    assert!(
+        backlog >= BACKLOG_MAX - 2 * PACKET,
+        "reset with only {backlog} bytes in the backlog"
+    );
+    check_delivered(&mut gs, &pushed, &reset);
+}
+
+/// Across receivers: nine stuck guests, each with less than 8 MiB waiting, may not hold more
+/// than 64 MiB together. Eight take 7.5 MiB each (60 MiB); the ninth 3.5 MiB more fit, the
+/// next connection to it crosses 64 MiB and is reset, though that receiver holds less than
+/// 5 MiB.
+#[test]
+fn stuck_receivers_backlogs_are_bounded_at_64_mib_together() {
+    const RECEIVERS: u64 = 9;
+    let mut vms = vec![VmOpts::new(3).name("a").groups(&["g"])];
+    vms.extend(
+        (0..RECEIVERS).map(|i| VmOpts::new(4 + i).name(&format!("stuck{i}")).groups(&["g"])),
+    );
+    let b = Backend::domsockd_with("g2g-backlog-total", &vms, None);
+    let mut ga = ready(&b, 3, GuestConfig::default());
+    let mut receivers: Vec<UserGuest> = (0..RECEIVERS)
+        .map(|i| ready(&b, 4 + i, stuck_receiver_config()))
+        .collect();
+    let full = [MIB, MIB, MIB, MIB, MIB, MIB, MIB, MIB / 2];
+    let last = [MIB, MIB, MIB, MIB / 2, MIB];
+    let mut plan: Vec<Vec<Pushed>> = Vec::new();
+    for (r, gr) in receivers.iter_mut().enumerate() {
+        gr.listen(Port(7000), SocketType::Stream).unwrap();
+        let sizes: &[usize] = if r as u64 == RECEIVERS - 1 {
+            &last
+        } else {
+            &full
+        };
+        plan.push(
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| {
+                    let (sender, receiver) = connect_pair(&mut ga, gr, 7000, SocketType::Stream);
+                    Pushed {
+                        sender,
+                        receiver,
+                        data: pattern(1000 * r as u64 + i as u64, len),
+                    }
+                })
+                .collect(),
+        );
+    }
+    let fallback = |b: &Backend| -> Vec<usize> {
+        (0..RECEIVERS)
+            .map(|i| b.counters(4 + i).get("g2g_fallback_bytes") as usize)
+            .collect()
+    };
+    let before = fallback(&b);
+    // From here on no receiver is polled.
+    let start = Instant::now();
+    for p in plan.iter().flatten() {
+        push(&mut ga, p.sender, &p.data);
+    }
+    settle(&mut ga);
+    eprintln!(
+        "pushed {} connections in {:?}",
+        plan.iter().map(Vec::len).sum::<usize>(),
+        start.elapsed()
+    );
+    let reset: Vec<Vec<bool>> = plan
+        .iter()
+        .map(|ps| ps.iter().map(|p| was_reset(&mut ga, p.sender)).collect())
+        .collect();
+    let backlogs: Vec<usize> = fallback(&b)
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a - b)
+        .collect();
+    let total: usize = backlogs.iter().sum();
+    eprintln!("backlogs {backlogs:?} (total {total}); reset: {reset:?}");
+    let (last_reset, earlier) = reset.split_last().unwrap();
+    assert!(
+        earlier.iter().flatten().all(|r| !r),
+        "a connection to a receiver before the 64 MiB were reached was reset: {reset:?}"
+    );
+    assert_eq!(
+        last_reset,
+        &[false, false, false, false, true],
+        "only the connection that crosses 64 MiB in all backlogs is reset"
+    );
+    assert!(
+        backlogs.iter().all(|&n| n < BACKLOG_MAX),
+        "a receiver's own backlog reached 8 MiB: {backlogs:?}"
+    );
+    assert!(
+        backlogs[backlogs.len() - 1] < 5 * MIB,
+        "the receiver whose connection was reset held {} bytes: not the total's doing",
+        backlogs[backlogs.len() - 1]
+    );
+    assert!(
+        total <= BACKLOG_TOTAL_MAX + PACKET,
+        "the backlogs grew to {total} bytes together"
+    );
+    assert!(
+        total >= BACKLOG_TOTAL_MAX - 4 * PACKET,
+        "reset with only {total} bytes in all backlogs"
+    );
+    let gr = receivers.last_mut().unwrap();
+    check_delivered(gr, plan.last().unwrap(), last_reset);
 }
 
 // ---- 11. guest-to-host rules ------------------------------------------------------------

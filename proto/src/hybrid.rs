@@ -100,4 +100,45 @@ mod tests {
         );
         assert_eq!(ok_line(Port(9)), "OK 9\n");
     }
+
+    /// `CONNECT 000…05` padded with leading zeros to `len` bytes, newline not included.
+    fn padded_line(len: usize) -> Vec<u8> {
+        let mut line = b"CONNECT ".to_vec();
+        line.resize(len - 1, b'0');
+        line.push(b'5');
+        line
+    }
+
+    /// The newline may sit at index `MAX_CONNECT_LINE_BYTES - 1` and no further, whether the
+    /// bytes so far end there or more follow; without one, `MAX_CONNECT_LINE_BYTES - 1`
+    /// bytes still wait for more and one more byte is too long.
+    #[test]
+    fn newline_bound_is_exact() {
+        let max = MAX_CONNECT_LINE_BYTES;
+        let mut longest = padded_line(max - 1);
+        longest.push(b'\n');
+        assert_eq!(longest.len(), max);
+        assert_eq!(parse_connect_line(&longest), Ok(Some((Port(5), max))));
+        let mut with_stream = longest.clone();
+        with_stream.extend_from_slice(b"stream bytes");
+        assert_eq!(parse_connect_line(&with_stream), Ok(Some((Port(5), max))));
+
+        let mut one_more = padded_line(max);
+        one_more.push(b'\n');
+        assert_eq!(
+            parse_connect_line(&one_more),
+            Err(ConnectLineError::TooLong)
+        );
+        // Newline far beyond the bound, with bytes after it.
+        let mut far = padded_line(max + 20);
+        far.extend_from_slice(b"\nmore");
+        assert_eq!(parse_connect_line(&far), Err(ConnectLineError::TooLong));
+
+        // No newline yet.
+        assert_eq!(parse_connect_line(&padded_line(max - 1)), Ok(None));
+        assert_eq!(
+            parse_connect_line(&padded_line(max)),
+            Err(ConnectLineError::TooLong)
+        );
+    }
 }

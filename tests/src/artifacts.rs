@@ -2,14 +2,16 @@
 //! `tests/vm/setup.sh`), QEMU, and the backend binary; and the policy when they are missing.
 //!
 //! Environment:
-//! - `DOMSOCK_SKIP_VM=1`: skip every VM test (they pass without doing anything).
+//! - `DOMSOCK_SKIP_VM=1`: skip every VM test (each says `SKIPPED` and is listed in
+//!   `target/test-skips.txt`, see [`crate::skip`]; under CI they fail instead).
 //! - `DOMSOCK_BACKEND`: backend binary (default `<workspace>/target/release/domsockd`).
 //! - `DOMSOCK_QEMU`: QEMU binary (default `qemu-system-x86_64` from `PATH`).
 //! - `DOMSOCK_ACCEL`: QEMU accelerator (default `tcg`; KVM does not work on the CI hosts).
 //! - `DOMSOCK_QEMU_CPU`: QEMU CPU model (default `qemu64`, see [`qemu_cpu`]).
 //!
 //! The 6.1 kernel is required: without it the tests fail and say to run the setup script. The
-//! 6.12 kernel is optional: its variants are skipped (with a note) when it is missing.
+//! 6.12 kernel is optional outside CI: its variants are skipped ([`crate::skip`]) when it is
+//! missing; under CI (`CI=true`) they fail.
 
 use std::path::{Path, PathBuf};
 
@@ -57,14 +59,17 @@ fn setup_hint() -> String {
     )
 }
 
-/// The kernel `name` if the tests should run on it; `None` when they should be skipped.
+/// The kernel `name` if the tests should run on it; `None` when they are skipped (recorded
+/// through [`crate::skip::skip`]).
 ///
 /// # Panics
-/// When the required kernel's artifacts or QEMU are missing and `DOMSOCK_SKIP_VM` is not set:
-/// a missing setup must not look like a pass.
+/// When the required kernel's artifacts or QEMU are missing and `DOMSOCK_SKIP_VM` is not set,
+/// and under CI when the test would be skipped: a missing setup must not look like a pass.
 pub fn kernel(name: &'static str) -> Option<Kernel> {
     if vm_tests_skipped() {
-        eprintln!("DOMSOCK_SKIP_VM=1: skipping VM test on kernel {name}");
+        crate::skip::skip(&format!(
+            "DOMSOCK_SKIP_VM=1: VM test on kernel {name} not run"
+        ));
         return None;
     }
     let cache = vm_cache();
@@ -86,13 +91,10 @@ pub fn kernel(name: &'static str) -> Option<Kernel> {
                 setup_hint()
             );
         }
-        crate::report::line(
-            &format!("kernel {name}"),
-            &format!(
-                "skipped: optional kernel not set up ({} missing)",
-                missing.join(", ")
-            ),
-        );
+        crate::skip::skip(&format!(
+            "kernel {name} not set up ({} missing; tests/vm/setup.sh fetches it)",
+            missing.join(", ")
+        ));
         return None;
     }
     let qemu = qemu_binary();

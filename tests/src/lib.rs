@@ -9,6 +9,8 @@
 //! - [`host`]: the host ends of hybrid vsock: listeners at `<uds-path>_<port>` and the
 //!   `CONNECT <port>` handshake on `<uds-path>`;
 //! - [`report`]: timing lines that bypass libtest's output capture;
+//! - [`skip`]: what a test does when a part it needs is missing (fails under CI, else says
+//!   "skipped" and is listed in `target/test-skips.txt`);
 //! - [`bench`]: the side-by-side benchmark (`domsock-bench`).
 //!
 //! The byte streams and checksums are those of [`domsock_guest::pattern`], so host and guest
@@ -21,5 +23,6 @@ pub mod bench;
 pub mod host;
 pub mod report;
 pub mod serial;
+pub mod skip;
 pub mod tmp;
 pub mod vm;

@@ -2,7 +2,9 @@
 //!
 //! Prepare once with `tests/vm/setup.sh`, build the backend (`cargo build --release -p
 //! domsock-host`), then `cargo test --release -p domsock-tests --test vm`. Every case runs on
-//! kernel 6.1 (`k6_1::*`) and, when set up, 6.12 (`k6_12::*`). Each case starts its own
+//! kernel 6.1 (`k6_1::*`) and 6.12 (`k6_12::*`); a case whose kernel is not set up, or every
+//! case with `DOMSOCK_SKIP_VM=1`, fails under CI and elsewhere says `SKIPPED`
+//! (`domsock_tests::skip`). Each case starts its own
 //! backend process and guest(s); the VM tests run one at a time (see [`vm::exclusive`]).
 //! Per-case timings are printed to stderr and appended to `target/vm-tests/report.log`; logs
 //! of each case (console, QEMU, backend) are in `target/vm-tests/<kernel>/<case>/`.
