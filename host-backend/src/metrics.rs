@@ -73,6 +73,12 @@ counters! {
     listener_connections,
     /// Control-service requests answered.
     control_requests,
+    /// Host-initiated connections the guest never answered (connect timeout).
+    connect_timeouts,
+    /// Full closes the guest never acknowledged with RST (close timeout; RST sent).
+    close_timeouts,
+    /// Host connections that sent no `CONNECT` line in time.
+    handshake_timeouts,
     /// Busy-poll rounds that found work (an event handled without a wake-up; only with
     /// `--busy-poll-us`).
     busy_poll_hits,

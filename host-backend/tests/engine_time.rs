@@ -55,6 +55,7 @@ fn handshake_timeout_fires_at_five_seconds_not_before() {
     );
     assert!(closed_now(&mut host), "host end not closed");
     assert_eq!(g.stat("bad_handshakes"), 1);
+    assert_eq!(g.stat("handshake_timeouts"), 1);
 }
 
 #[test]
@@ -75,6 +76,7 @@ fn connect_timeout_closes_the_host_end_when_the_guest_never_answers() {
     assert!(!closed_now(&mut host));
     g.pump_at(t0 + CONNECT_TIMEOUT + MS);
     assert_eq!(g.plane.connections(), 0, "connect never timed out");
+    assert_eq!(g.stat("connect_timeouts"), 1);
     assert!(closed_now(&mut host), "host end not closed");
     // A late RESPONSE is for a connection that is gone: answered with RST.
     let conn = GuestConn::stream(7000, reqs[0].hdr.src_port);
@@ -125,6 +127,7 @@ fn close_timeout_sends_rst_when_the_guest_never_acknowledges() {
         "no RST after the close timeout"
     );
     assert_eq!(g.plane.connections(), 0);
+    assert_eq!(g.stat("close_timeouts"), 1);
 }
 
 #[test]

@@ -287,11 +287,15 @@ impl DataPlane {
 
     fn handle_timers(&mut self, now: Instant) {
         for t in self.endpoint.handle_timeout(now) {
-            match t {
-                Timeout::Connect(key) | Timeout::Close(key) => self.close_host(key),
-            }
+            let (key, counter) = match t {
+                Timeout::Connect(key) => (key, &self.shared.stats.connect_timeouts),
+                Timeout::Close(key) => (key, &self.shared.stats.close_timeouts),
+            };
+            VmStats::inc(counter);
+            self.close_host(key);
         }
         for token in self.handshakes.expired(now) {
+            VmStats::inc(&self.shared.stats.handshake_timeouts);
             self.drop_handshake(token, "timed out");
         }
     }
