@@ -41,6 +41,8 @@ pub mod port;
 pub mod router;
 pub mod server;
 pub mod services;
+#[cfg(feature = "test-utils")]
+pub mod test_utils;
 pub mod tunables;
 pub mod virtio;
 pub mod vm;

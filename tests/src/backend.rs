@@ -4,20 +4,17 @@
 //! `<backend> --vm guest-cid=N,socket=PATH,uds-path=PATH [--vm ...]`; domsockd also takes
 //! `--config FILE` ([`Backend::spawn_config`]). The backend listens on
 //! each `socket` for QEMU; the spawn returns once every socket exists. Its output goes to a
-//! log file. It is stopped by PID (SIGTERM, then SIGKILL) when the [`Backend`] is dropped.
+//! log file. It is stopped by PID (SIGTERM, then SIGKILL) when the [`Backend`] is dropped
+//! (the shared runner `domsock_host::test_utils::Process` does the process handling).
 
-use std::fs::File;
+use domsock_host::test_utils::Process;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::artifacts;
 
 /// How long a backend may take to create its sockets.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a backend may take to exit after SIGTERM before it is killed.
-const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// One `--vm` of the backend.
 #[derive(Debug, Clone)]
@@ -54,9 +51,7 @@ impl VmSpec {
 /// A running backend process.
 #[derive(Debug)]
 pub struct Backend {
-    child: Child,
-    log: PathBuf,
-    binary: PathBuf,
+    process: Process,
 }
 
 impl Backend {
@@ -128,108 +123,46 @@ impl Backend {
     /// Runs `binary args` with its output in `<log_dir>/backend.log` and waits until every
     /// socket of `specs` exists.
     fn spawn_waiting(binary: &Path, args: &[String], specs: &[VmSpec], log_dir: &Path) -> Backend {
-        let binary = binary.to_path_buf();
         std::fs::create_dir_all(log_dir).expect("create log dir");
-        let log = log_dir.join("backend.log");
-        let out = File::create(&log).expect("create backend log");
-        let err = out.try_clone().expect("clone log fd");
-        let mut cmd = Command::new(&binary);
-        cmd.args(args);
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info");
-        }
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start backend {}: {e}", binary.display()));
-        let mut backend = Backend { child, log, binary };
-
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        while !specs.iter().all(|s| s.socket.exists()) {
-            if let Ok(Some(status)) = backend.child.try_wait() {
-                panic!(
-                    "backend exited at startup with {status}:\n{}",
-                    backend.log_tail()
-                );
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "backend did not create its sockets within {STARTUP_TIMEOUT:?}:\n{}",
-                    backend.log_tail()
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        backend
+        let sockets: Vec<PathBuf> = specs.iter().map(|s| s.socket.clone()).collect();
+        let process = Process::start(
+            binary,
+            args,
+            log_dir.join("backend.log"),
+            STARTUP_TIMEOUT,
+            || sockets.iter().all(|s| s.exists()),
+        );
+        Backend { process }
     }
 
     /// The backend's process id (for signals such as SIGUSR1, which makes domsockd log its
     /// counters).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// Everything the backend logged so far.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log_text()
     }
 
     /// Backend binary in use.
     pub fn binary(&self) -> &Path {
-        &self.binary
+        self.process.binary()
     }
 
     /// True while the process is alive.
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.process.is_running()
     }
 
     /// User + system CPU time the backend used so far (from `/proc/<pid>/stat`).
     pub fn cpu_time(&self) -> Duration {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-        let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<&str> = after_comm.split_whitespace().collect();
-        let ticks: u64 = [11, 12]
-            .iter()
-            .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
-            .sum();
-        // /proc reports clock ticks of USER_HZ, which is 100 on x86_64 whatever the kernel's HZ.
-        const USER_HZ: u64 = 100;
-        Duration::from_nanos(ticks * 1_000_000_000 / USER_HZ)
+        self.process.cpu_time()
     }
 
     /// The end of the backend's log.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        format!(
-            "--- {} ---\n{}",
-            self.log.display(),
-            lines[lines.len().saturating_sub(30)..].join("\n")
-        )
-    }
-}
-
-impl Drop for Backend {
-    /// SIGTERM first (domsockd then logs its counters and removes its sockets), SIGKILL if it
-    /// is still there after [`STOP_TIMEOUT`].
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + STOP_TIMEOUT;
-            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(10));
-            }
-            if let Ok(None) = self.child.try_wait() {
-                let _ = self.child.kill();
-            }
-        }
-        let _ = self.child.wait();
-        if thread::panicking() {
-            eprintln!("{}", self.log_tail());
-        }
+        self.process.log_tail()
     }
 }

@@ -70,7 +70,7 @@ impl Case {
         let c = Case {
             name: format!("{}/{case}", kernel.name),
             kernel,
-            tmp: TempDir::new().expect("temp dir"),
+            tmp: TempDir::new("vm").expect("temp dir"),
             log_dir,
             started: Instant::now(),
             _exclusive: exclusive,

@@ -9,13 +9,11 @@
 
 use domsock_guest::pattern::{Checksum, PatternStream};
 use domsock_guest::uvirtio::{GuestConfig, UserGuest};
-use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -25,7 +23,6 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 /// A test still running after this long aborts the binary instead of hanging.
 const WATCHDOG: Duration = Duration::from_secs(120);
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
-const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -132,30 +129,7 @@ pub fn skip(why: &str) {
     }
 }
 
-/// A scratch directory with a short path (Unix socket paths are limited to 108 bytes).
-#[derive(Debug)]
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("dsug-{}-{n}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use domsock_host::test_utils::{Process, TempDir};
 
 /// One VM of a backend: its CID and sockets.
 #[derive(Debug, Clone)]
@@ -245,8 +219,7 @@ pub const DIR_PLACEHOLDER: &str = "@DIR@";
 /// A running backend process, stopped (SIGTERM, then SIGKILL) by PID on drop.
 #[derive(Debug)]
 pub struct Backend {
-    child: Child,
-    log: PathBuf,
+    process: Process,
     pub vms: Vec<Vm>,
     /// The identities the VMs were started with (`spawn_with`), else empty.
     opts: Vec<VmOpts>,
@@ -264,7 +237,7 @@ impl Backend {
 
     /// `binary` with `--vm guest-cid=N,socket=...,uds-path=...` per CID.
     pub fn spawn(binary: &Path, tag: &str, cids: &[u64]) -> Self {
-        let dir = TempDir::new(tag);
+        let dir = TempDir::new(tag).unwrap();
         let vms: Vec<Vm> = cids.iter().map(|&cid| Vm::in_dir(&dir, cid)).collect();
         let args: Vec<String> = vms
             .iter()
@@ -290,7 +263,7 @@ impl Backend {
         extra_args: &[String],
         config_toml: Option<&str>,
     ) -> Self {
-        let dir = TempDir::new(tag);
+        let dir = TempDir::new(tag).unwrap();
         let list: Vec<Vm> = vms.iter().map(|o| Vm::in_dir(&dir, o.cid)).collect();
         let mut args = extra_args.to_vec();
         let config = match config_toml {
@@ -322,47 +295,28 @@ impl Backend {
         args: &[String],
     ) -> Self {
         let log = dir.path().join("backend.log");
-        let out = File::create(&log).unwrap();
-        let err = out.try_clone().unwrap();
-        let mut cmd = Command::new(binary);
+        let mut all = Vec::new();
         // Extra flags to run the whole suite against another configuration, e.g.
         // DOMSOCKD_ARGS="--busy-poll-us 50".
         match std::env::var("DOMSOCKD_ARGS") {
             Ok(extra) if Path::new(&binary).ends_with("domsockd") => {
-                cmd.args(extra.split_whitespace());
+                all.extend(extra.split_whitespace().map(str::to_string));
             }
             _ => {}
         }
-        cmd.args(args);
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info");
-        }
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-        let mut b = Self {
-            child,
-            log,
+        all.extend_from_slice(args);
+        let sockets: Vec<PathBuf> = vms.iter().map(|vm| vm.socket.clone()).collect();
+        let process = Process::start(binary, &all, log, STARTUP_TIMEOUT, || {
+            sockets.iter().all(|s| s.exists())
+        });
+        Self {
+            process,
             vms,
             opts,
             config,
             _watchdog: Watchdog::start(tag.to_string()),
             dir,
-        };
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        while !b.vms.iter().all(|vm| vm.socket.exists()) {
-            if let Ok(Some(status)) = b.child.try_wait() {
-                panic!("backend exited at startup with {status}\n{}", b.log_tail());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "backend did not create its sockets\n{}",
-                b.log_tail()
-            );
-            thread::sleep(Duration::from_millis(5));
         }
-        b
     }
 
     pub fn vm(&self, i: usize) -> &Vm {
@@ -422,7 +376,7 @@ impl Backend {
 
     /// The whole backend log so far.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log_text()
     }
 
     /// A guest on VM `i` with `cfg`.
@@ -432,17 +386,11 @@ impl Backend {
     }
 
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.process.is_running()
     }
 
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        format!(
-            "--- {} ---\n{}",
-            self.log.display(),
-            lines[lines.len().saturating_sub(30)..].join("\n")
-        )
+        self.process.log_tail()
     }
 
     pub fn dir(&self) -> &Path {
@@ -451,7 +399,7 @@ impl Backend {
 
     /// The backend's process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// File descriptors the backend process holds open now: every guest connection holds a
@@ -466,7 +414,7 @@ impl Backend {
     pub fn wait_for_log(&self, needle: &str, count: usize) {
         let deadline = Instant::now() + STEP_TIMEOUT;
         loop {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let text = self.process.log_text();
             if text.lines().filter(|l| l.contains(needle)).count() >= count {
                 return;
             }
@@ -492,12 +440,12 @@ impl Backend {
                 .map(str::to_string)
                 .collect()
         };
-        let before = lines(&std::fs::read_to_string(&self.log).unwrap_or_default()).len();
+        let before = lines(&self.process.log_text()).len();
         let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).unwrap();
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
-            let found = lines(&std::fs::read_to_string(&self.log).unwrap_or_default());
+            let found = lines(&self.process.log_text());
             if found.len() > before {
                 let line = found.last().expect("non-empty");
                 let (_, stats) = line
@@ -569,26 +517,6 @@ impl Counters {
     pub fn assert_zero(&self, names: &[&str]) {
         for n in names {
             assert_eq!(self.get(n), 0, "counter {n}: {self:?}");
-        }
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + STOP_TIMEOUT;
-            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(5));
-            }
-            if let Ok(None) = self.child.try_wait() {
-                let _ = self.child.kill();
-            }
-        }
-        let _ = self.child.wait();
-        if thread::panicking() {
-            eprintln!("{}", self.log_tail());
         }
     }
 }

@@ -30,7 +30,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vhost_user_backend::{VringRwLock, VringT};
@@ -394,30 +394,7 @@ impl Drop for Watchdog {
     }
 }
 
-/// A temporary directory for this test's Unix sockets, removed on drop.
-#[derive(Debug)]
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("dsdp-{}-{n}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use domsock_host::test_utils::TempDir;
 
 /// Counters that say something went wrong; a hostile-input test checks that exactly the
 /// expected ones moved.
@@ -472,7 +449,7 @@ impl TestGuest {
 
     /// Like [`TestGuest::new`], keeping `count` RX chains of the given layouts posted.
     pub fn with_rx(tag: &str, count: usize, layouts: &[&[u32]]) -> Self {
-        let dir = TempDir::new(tag);
+        let dir = TempDir::new(tag).unwrap();
         let shared = VmShared::bind(Cid(GUEST_CID), tag.into(), dir.path().join("vs")).unwrap();
         let mmap = Mem::from_ranges(&[(GuestAddress(0), MEM_BYTES)]).unwrap();
         let mem = GuestMemoryAtomic::new(mmap);

@@ -56,7 +56,7 @@ impl Rig {
         more: &[String],
         vm_fields: &str,
     ) -> Result<Rig, String> {
-        let tmp = TempDir::new().map_err(|e| format!("temp dir: {e}"))?;
+        let tmp = TempDir::new("bench").map_err(|e| format!("temp dir: {e}"))?;
         let specs: Vec<VmSpec> = (0..n as u32)
             .map(|i| VmSpec::in_dir(tmp.path(), FIRST_CID + i))
             .collect();

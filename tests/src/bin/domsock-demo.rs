@@ -54,7 +54,7 @@ fn check(ok: bool, what: &str) -> Result<&'static str, String> {
 fn run() -> Result<(), String> {
     let kernel = artifacts::kernel(REQUIRED_KERNEL)
         .ok_or("guest kernel missing: run tests/vm/setup.sh first")?;
-    let tmp = TempDir::new().map_err(|e| e.to_string())?;
+    let tmp = TempDir::new("demo").map_err(|e| e.to_string())?;
     let log_dir = artifacts::log_root().join("demo");
     std::fs::create_dir_all(&log_dir).map_err(|e| e.to_string())?;
     let spec = VmSpec::in_dir(tmp.path(), 3);
