@@ -17,7 +17,7 @@ mod support;
 
 use domsock_guest::pattern::{Checksum, PatternStream};
 use domsock_guest::uvirtio::{
-    ConnKey, EndpointConfig, GuestConfig, Header, HeaderPlacement, Op, Port, RxLayout, SockError,
+    ConnKey, EndpointConfig, GuestConfig, Header, HeaderPlacement, Port, RxLayout, SockError,
     SocketType, UserGuest,
 };
 use std::io::{self, Read, Write};
@@ -769,16 +769,14 @@ fn seqpacket_message_outgrowing_domsockds_buffer_resets() {
         .unwrap();
     let packet = 64 * KIB;
     let part = |g: &mut UserGuest, i: usize| {
-        let hdr = Header {
-            src: key.local,
-            dst: key.peer,
-            len: packet as u32,
-            socket_type: SocketType::SeqPacket,
-            op: Op::Rw,
-            flags: 0, // no EOM: the message goes on
-            buf_alloc: EndpointConfig::default().buf_alloc_bytes,
-            fwd_cnt: 0,
-        };
+        let hdr = Header::rw(
+            key,
+            SocketType::SeqPacket,
+            packet as u32,
+            0, // no EOM: the message goes on
+            EndpointConfig::default().buf_alloc_bytes,
+            0,
+        );
         g.send_raw_timeout(&hdr, &pattern(i as u64, packet), STEP_TIMEOUT)
             .unwrap();
         g.flush_timeout(STEP_TIMEOUT).unwrap();

@@ -313,7 +313,7 @@ impl Endpoint {
     pub fn handle(&mut self, hdr: &Header) -> Incoming {
         let key = hdr.receiver_key();
         let Some(conn) = self.conns.get_mut(&key) else {
-            return match hdr.op {
+            return match hdr.op() {
                 Op::Request => {
                     if self.conns.len() >= self.config.max_connections {
                         self.queue_rst_reply(hdr);
@@ -330,13 +330,13 @@ impl Endpoint {
                 }
             };
         };
-        if hdr.socket_type != conn.socket_type {
+        if hdr.socket_type() != conn.socket_type {
             self.stats.protocol_violations += 1;
             self.reset(key);
             return Incoming::Dropped(DropReason::TypeMismatch);
         }
-        conn.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt);
-        match (conn.state, hdr.op) {
+        conn.credit.update_peer(hdr.buf_alloc(), hdr.fwd_cnt());
+        match (conn.state, hdr.op()) {
             (_, Op::Rst) => {
                 let closing = conn.state == State::Closing;
                 self.remove(&key);
@@ -357,13 +357,13 @@ impl Endpoint {
                     self.reset(key);
                     return Incoming::Dropped(DropReason::ProtocolViolation);
                 }
-                if let Err(v) = conn.credit.on_receive(hdr.len) {
+                if let Err(v) = conn.credit.on_receive(hdr.len()) {
                     self.stats.credit_violations += 1;
                     self.reset(key);
                     return Incoming::Dropped(DropReason::CreditViolation(v));
                 }
                 if conn.local_shutdown.rcv {
-                    conn.credit.consume(hdr.len);
+                    conn.credit.consume(hdr.len());
                     return Incoming::Dropped(DropReason::ReceiveShut);
                 }
                 let seq = conn.socket_type == SocketType::SeqPacket;
@@ -376,14 +376,14 @@ impl Endpoint {
                 }
                 Incoming::Data {
                     key,
-                    len: hdr.len,
-                    eom: seq && hdr.flags & SEQ_EOM != 0,
-                    eor: seq && hdr.flags & SEQ_EOR != 0,
+                    len: hdr.len(),
+                    eom: seq && hdr.flags() & SEQ_EOM != 0,
+                    eor: seq && hdr.flags() & SEQ_EOR != 0,
                 }
             }
             (State::Established | State::Closing, Op::Shutdown) => {
                 let before = conn.peer_shutdown;
-                conn.peer_shutdown = before.union(Shutdown::from_flags(hdr.flags));
+                conn.peer_shutdown = before.union(Shutdown::from_flags(hdr.flags()));
                 let after = conn.peer_shutdown;
                 if conn.state == State::Closing && after.is_both() {
                     // Both sides have shut everything: we are the last to know, so we
@@ -405,8 +405,8 @@ impl Endpoint {
             }
             (State::Closing, Op::Rw) => {
                 // We no longer read; account and drop so the peer is not stuck on credit.
-                if conn.credit.on_receive(hdr.len).is_ok() {
-                    conn.credit.consume(hdr.len);
+                if conn.credit.on_receive(hdr.len()).is_ok() {
+                    conn.credit.consume(hdr.len());
                 }
                 Incoming::Dropped(DropReason::ReceiveShut)
             }
@@ -424,10 +424,10 @@ impl Endpoint {
         let key = req.receiver_key();
         self.insert(
             key,
-            req.socket_type,
+            req.socket_type(),
             State::Established,
-            req.buf_alloc,
-            req.fwd_cnt,
+            req.buf_alloc(),
+            req.fwd_cnt(),
         )?;
         let conn = self.conns.get_mut(&key).expect("just inserted");
         conn.pending.response = true;
@@ -502,9 +502,8 @@ impl Endpoint {
                 flags |= SEQ_EOR;
             }
         }
-        let mut hdr = Header::control(*key, conn.socket_type, Op::Rw, flags);
-        hdr.len = len;
-        (hdr.buf_alloc, hdr.fwd_cnt) = conn.credit.stamp();
+        let (buf_alloc, fwd_cnt) = conn.credit.stamp();
+        let hdr = Header::rw(*key, conn.socket_type, len, flags, buf_alloc, fwd_cnt);
         conn.pending.credit_update = false;
         Ok(hdr)
     }
@@ -606,8 +605,9 @@ impl Endpoint {
             } else {
                 0
             };
-            let mut hdr = Header::control(key, conn.socket_type, op, flags);
-            (hdr.buf_alloc, hdr.fwd_cnt) = conn.credit.stamp();
+            let (buf_alloc, fwd_cnt) = conn.credit.stamp();
+            let hdr =
+                Header::control(key, conn.socket_type, op, flags).with_credit(buf_alloc, fwd_cnt);
             if op != Op::CreditUpdate {
                 // Any packet carries fwd_cnt, so a pending update is now redundant unless
                 // the peer asked for one explicitly.
@@ -726,7 +726,7 @@ impl Endpoint {
     }
 
     fn queue_rst_reply(&mut self, hdr: &Header) {
-        if hdr.op != Op::Rst {
+        if hdr.op() != Op::Rst {
             self.push_rst(hdr.rst_reply());
         }
     }

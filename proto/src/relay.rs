@@ -176,13 +176,13 @@ impl RelayTable {
         buf_alloc.min(self.config.max_window_bytes)
     }
 
-    /// Decides what happens to `hdr`, sent by `hdr.src` (whose CID the caller verified) to
+    /// Decides what happens to `hdr`, sent by `hdr.src()` (whose CID the caller verified) to
     /// another guest. For a `REQUEST` of a new connection `admit` is asked first.
     pub fn handle(&mut self, hdr: &Header, admit: impl FnOnce() -> Result<(), Refusal>) -> Route {
-        let key = key_of(hdr.src, hdr.dst);
-        if hdr.op == Op::Request {
+        let key = key_of(hdr.src(), hdr.dst());
+        if hdr.op() == Op::Request {
             if let Some(old) = self.conns.get(&key) {
-                if old.established || old.info.client != hdr.src {
+                if old.established || old.info.client != hdr.src() {
                     self.remove(key);
                     return Route::ResetBoth(Violation::Protocol);
                 }
@@ -193,45 +193,45 @@ impl RelayTable {
                 return Route::Refuse(r);
             }
             let limit = self.config.max_conns_per_domain;
-            if self.count_for(hdr.src.cid) >= limit || self.count_for(hdr.dst.cid) >= limit {
+            if self.count_for(hdr.src().cid) >= limit || self.count_for(hdr.dst().cid) >= limit {
                 return Route::Refuse(Refusal::TooManyConnections);
             }
             let mut flows = [Flow::default(); 2];
             flows[0] = Flow {
                 sent: 0,
-                window: self.cap(hdr.buf_alloc),
-                fwd_cnt: hdr.fwd_cnt,
+                window: self.cap(hdr.buf_alloc()),
+                fwd_cnt: hdr.fwd_cnt(),
             };
             self.conns.insert(
                 key,
                 Entry {
                     info: Relayed {
-                        client: hdr.src,
-                        server: hdr.dst,
-                        socket_type: hdr.socket_type,
+                        client: hdr.src(),
+                        server: hdr.dst(),
+                        socket_type: hdr.socket_type(),
                     },
                     established: false,
                     flows,
                 },
             );
-            for cid in [hdr.src.cid, hdr.dst.cid] {
+            for cid in [hdr.src().cid, hdr.dst().cid] {
                 *self.per_domain.entry(cid).or_insert(0) += 1;
             }
             return Route::Forward {
-                buf_alloc: self.cap(hdr.buf_alloc),
+                buf_alloc: self.cap(hdr.buf_alloc()),
                 last: false,
                 admitted: true,
             };
         }
-        let window = self.cap(hdr.buf_alloc);
+        let window = self.cap(hdr.buf_alloc());
         let Some(entry) = self.conns.get_mut(&key) else {
-            return if hdr.op == Op::Rst {
+            return if hdr.op() == Op::Rst {
                 Route::Drop
             } else {
                 Route::Refuse(Refusal::UnknownConnection)
             };
         };
-        if hdr.op == Op::Rst {
+        if hdr.op() == Op::Rst {
             self.remove(key);
             return Route::Forward {
                 buf_alloc: window,
@@ -239,16 +239,16 @@ impl RelayTable {
                 admitted: false,
             };
         }
-        let from_client = hdr.src == entry.info.client;
-        if hdr.socket_type != entry.info.socket_type {
+        let from_client = hdr.src() == entry.info.client;
+        if hdr.socket_type() != entry.info.socket_type {
             self.remove(key);
             return Route::ResetBoth(Violation::Protocol);
         }
         // The sender is also a receiver: note the window it advertises.
         let (inbound, outbound) = if from_client { (0, 1) } else { (1, 0) };
         entry.flows[inbound].window = window;
-        entry.flows[inbound].fwd_cnt = hdr.fwd_cnt;
-        match hdr.op {
+        entry.flows[inbound].fwd_cnt = hdr.fwd_cnt();
+        match hdr.op() {
             Op::Response => {
                 if from_client || entry.established {
                     self.remove(key);
@@ -262,7 +262,7 @@ impl RelayTable {
                     return Route::ResetBoth(Violation::Protocol);
                 }
                 let flow = &mut entry.flows[outbound];
-                flow.sent = flow.sent.wrapping_add(hdr.len);
+                flow.sent = flow.sent.wrapping_add(hdr.len());
                 let in_flight = flow.sent.wrapping_sub(flow.fwd_cnt);
                 if in_flight > flow.window {
                     let window = flow.window;
@@ -323,6 +323,7 @@ impl RelayTable {
 mod tests {
     use super::*;
     use crate::addr::Port;
+    use crate::packet::HeaderBuilder;
 
     fn a() -> VsockAddr {
         VsockAddr::new(Cid(3), Port(1000))
@@ -339,16 +340,10 @@ mod tests {
         buf_alloc: u32,
         fwd_cnt: u32,
     ) -> Header {
-        Header {
-            src,
-            dst,
-            len,
-            socket_type: SocketType::Stream,
-            op,
-            flags: 0,
-            buf_alloc,
-            fwd_cnt,
-        }
+        HeaderBuilder::new(src, dst, op)
+            .len(len)
+            .credit(buf_alloc, fwd_cnt)
+            .build()
     }
 
     fn ok() -> Result<(), Refusal> {

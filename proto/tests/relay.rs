@@ -4,22 +4,28 @@
 
 mod harness;
 
+use domsock_proto::packet::HeaderBuilder;
 use domsock_proto::relay::{Refusal, RelayConfig, RelayTable, Route};
 use domsock_proto::{Cid, Header, Op, Port, SocketType, VsockAddr};
 use harness::Rng;
 use std::collections::HashSet;
 
+/// A stream packet, to be finished with [`HeaderBuilder::build`].
+fn builder(
+    src: VsockAddr,
+    dst: VsockAddr,
+    op: Op,
+    len: u32,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+) -> HeaderBuilder {
+    HeaderBuilder::new(src, dst, op)
+        .len(len)
+        .credit(buf_alloc, fwd_cnt)
+}
+
 fn hdr(src: VsockAddr, dst: VsockAddr, op: Op, len: u32, buf_alloc: u32, fwd_cnt: u32) -> Header {
-    Header {
-        src,
-        dst,
-        len,
-        socket_type: SocketType::Stream,
-        op,
-        flags: 0,
-        buf_alloc,
-        fwd_cnt,
-    }
+    builder(src, dst, op, len, buf_alloc, fwd_cnt).build()
 }
 
 /// One direction of an honest connection: what the sender last heard and what the receiver
@@ -146,7 +152,7 @@ fn arbitrary_packets_never_pass_unadmitted_and_counts_stay_exact() {
             } else {
                 0
             };
-            let mut h = hdr(
+            let mut b = builder(
                 src,
                 dst,
                 op,
@@ -155,8 +161,9 @@ fn arbitrary_packets_never_pass_unadmitted_and_counts_stay_exact() {
                 rng.next_u64() as u32,
             );
             if rng.chance(10) {
-                h.socket_type = SocketType::SeqPacket;
+                b = b.socket_type(SocketType::SeqPacket);
             }
+            let h = b.build();
             let deny = rng.chance(20);
             let route = t.handle(&h, || if deny { Err(Refusal::Denied) } else { Ok(()) });
             let key = norm(src, dst);

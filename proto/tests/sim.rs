@@ -4,7 +4,7 @@
 mod harness;
 
 use domsock_proto::credit::CreditViolation;
-use domsock_proto::packet::{SEQ_EOM, SHUTDOWN_F_SEND};
+use domsock_proto::packet::{HeaderBuilder, SEQ_EOM, SHUTDOWN_F_SEND};
 use domsock_proto::{
     Cid, ConnError, ConnKey, DropReason, Endpoint, EndpointConfig, Header, Incoming, Op, Port,
     Shutdown, SocketType, State, Timeout, VsockAddr,
@@ -44,10 +44,12 @@ fn has_event(sim: &Sim, id: SideId, event: Event) -> bool {
 
 /// A hand-made packet from the host on `host_key` (as a misbehaving peer would send it).
 fn forged(host_key: ConnKey, socket_type: SocketType, op: Op, len: u32, flags: u32) -> Header {
-    let mut hdr = Header::control(host_key, socket_type, op, flags);
-    hdr.len = len;
-    hdr.buf_alloc = EndpointConfig::default().buf_alloc_bytes;
-    hdr
+    HeaderBuilder::new(host_key.local, host_key.peer, op)
+        .socket_type(socket_type)
+        .len(len)
+        .flags(flags)
+        .credit(EndpointConfig::default().buf_alloc_bytes, 0)
+        .build()
 }
 
 // 1. Credit exhaustion and recovery.
@@ -350,10 +352,14 @@ fn unknown_connection_is_answered_with_rst() {
             Incoming::Dropped(DropReason::UnknownConnection)
         );
         let rst = ep.poll_transmit().expect("an RST reply");
-        assert_eq!(rst.op, Op::Rst);
-        assert_eq!((rst.src, rst.dst), (hdr.dst, hdr.src), "addresses swapped");
-        assert_eq!(rst.socket_type, socket_type);
-        assert_eq!((rst.len, rst.flags), (0, 0));
+        assert_eq!(rst.op(), Op::Rst);
+        assert_eq!(
+            (rst.src(), rst.dst()),
+            (hdr.dst(), hdr.src()),
+            "addresses swapped"
+        );
+        assert_eq!(rst.socket_type(), socket_type);
+        assert_eq!((rst.len(), rst.flags()), (0, 0));
         assert_eq!(ep.poll_transmit(), None);
         assert!(ep.is_empty());
         assert_eq!(ep.stats().unknown_connection, n as u64 + 1);
@@ -494,9 +500,7 @@ fn port_reuse_after_rst() {
 
 /// The REQUEST a fresh `connect` on `key` sends.
 fn forged_request(key: ConnKey, buf_alloc: u32) -> Header {
-    let mut hdr = Header::control(key, SocketType::Stream, Op::Request, 0);
-    hdr.buf_alloc = buf_alloc;
-    hdr
+    Header::control(key, SocketType::Stream, Op::Request, 0).with_credit(buf_alloc, 0)
 }
 
 // 5. Seqpacket boundaries.
@@ -682,8 +686,7 @@ fn connect_timeout() {
     assert_eq!(sim.side(Guest).sent_ops.values().sum::<u64>(), 0);
 
     // A RESPONSE arriving after the timeout meets an unknown key and is answered with RST.
-    let mut late = Header::control(flip(key), SocketType::Stream, Op::Response, 0);
-    late.buf_alloc = 4096;
+    let late = Header::control(flip(key), SocketType::Stream, Op::Response, 0).with_credit(4096, 0);
     sim.inject(Guest, late, vec![]);
     sim.run();
     assert_eq!(sim.side(Host).sent(Op::Rst), 2);

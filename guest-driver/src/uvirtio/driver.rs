@@ -205,9 +205,9 @@ impl Driver {
     }
 
     /// Publishes one packet. The caller checked [`Driver::tx_room`] and that `payload` fits
-    /// [`Driver::max_tx_payload`]; `hdr.len` must equal `payload.len()`.
+    /// [`Driver::max_tx_payload`]; `hdr.len()` must equal `payload.len()`.
     pub fn send(&mut self, hdr: &Header, payload: &[u8]) -> Result<(), DeviceError> {
-        debug_assert_eq!(hdr.len as usize, payload.len());
+        debug_assert_eq!(hdr.len() as usize, payload.len());
         let slot = self.tx_free.pop().expect("tx_room checked by the caller");
         let h = self.layout.tx.header(slot);
         let p = self.layout.tx.payload(slot);

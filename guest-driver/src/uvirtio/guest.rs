@@ -502,14 +502,18 @@ impl UserGuest {
     /// is recorded about it; what comes back is handled like any other packet.
     ///
     /// # Panics
-    /// If `hdr.len` is not `payload.len()`, or `payload` does not fit one TX packet.
+    /// If `hdr.len()` is not `payload.len()`, or `payload` does not fit one TX packet.
     pub fn send_raw_timeout(
         &mut self,
         hdr: &Header,
         payload: &[u8],
         timeout: Duration,
     ) -> Result<(), SockError> {
-        assert_eq!(hdr.len as usize, payload.len(), "header length vs payload");
+        assert_eq!(
+            hdr.len() as usize,
+            payload.len(),
+            "header length vs payload"
+        );
         assert!(
             payload.len() <= self.driver.max_tx_payload(),
             "payload of {} bytes exceeds one TX packet",
@@ -839,18 +843,18 @@ impl UserGuest {
             }
         };
         let stats = &mut self.driver.stats;
-        if hdr.len as usize > used_len as usize - HEADER_LEN {
+        if hdr.len() as usize > used_len as usize - HEADER_LEN {
             stats.rx_truncated += 1;
             self.driver.release_rx(buf);
             return Ok(());
         }
-        if hdr.dst.cid != self.cid {
+        if hdr.dst().cid != self.cid {
             stats.rx_misaddressed += 1;
             self.driver.release_rx(buf);
             return Ok(());
         }
         stats.rx_packets += 1;
-        stats.rx_bytes += u64::from(hdr.len);
+        stats.rx_bytes += u64::from(hdr.len());
         match self.endpoint.handle(&hdr) {
             Incoming::Data { key, len, eom, .. } => self.enqueue(key, buf, len, eom)?,
             Incoming::Request(req) => {
@@ -882,7 +886,7 @@ impl UserGuest {
             Incoming::Dropped(reason) => {
                 self.driver.release_rx(buf);
                 let key = hdr.receiver_key();
-                if let DropClass::Violation(why) = reason.class(hdr.op) {
+                if let DropClass::Violation(why) = reason.class(hdr.op()) {
                     debug!(%key, why, "connection reset: peer violated the protocol");
                     self.driver.stats.protocol_resets += 1;
                     if let Some(s) = self.socks.get_mut(&key) {
@@ -944,11 +948,11 @@ impl UserGuest {
 
     fn on_request(&mut self, req: &Header) {
         let key = req.receiver_key();
-        let port = req.dst.port;
+        let port = req.dst().port;
         let acceptable = !self.socks.contains_key(&key)
-            && (req.socket_type == SocketType::Stream || self.negotiated.seqpacket)
+            && (req.socket_type() == SocketType::Stream || self.negotiated.seqpacket)
             && self.listeners.get(&port).is_some_and(|l| {
-                l.socket_type == req.socket_type && l.backlog.len() < self.listen_backlog
+                l.socket_type == req.socket_type() && l.backlog.len() < self.listen_backlog
             });
         if !acceptable {
             self.driver.stats.refused_requests += 1;
@@ -957,7 +961,7 @@ impl UserGuest {
         }
         match self.endpoint.accept(req) {
             Ok(key) => {
-                self.socks.insert(key, Sock::new(req.socket_type, true));
+                self.socks.insert(key, Sock::new(req.socket_type(), true));
                 if let Some(l) = self.listeners.get_mut(&port) {
                     l.backlog.push_back(key);
                 }

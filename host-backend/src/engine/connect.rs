@@ -99,9 +99,9 @@ impl DataPlane {
     }
 
     fn try_target(&self, target: HostTarget, req: &Header) -> Attempt {
-        let port = req.dst.port;
+        let port = req.dst().port;
         match target {
-            HostTarget::Service => match self.services.lookup(port, req.socket_type) {
+            HostTarget::Service => match self.services.lookup(port, req.socket_type()) {
                 None => Attempt::Absent(None),
                 Some(service) => match service.open(&self.shared) {
                     Ok(sock) => Attempt::Answered(sock, None),
@@ -112,7 +112,7 @@ impl DataPlane {
                 },
             },
             HostTarget::OwnSocket => {
-                match HostSocket::connect(&self.shared.port_path(port), req.socket_type) {
+                match HostSocket::connect(&self.shared.port_path(port), req.socket_type()) {
                     Ok(sock) => Attempt::Answered(sock, None),
                     Err(e) => Attempt::Absent(Some(e)),
                 }
@@ -121,7 +121,7 @@ impl DataPlane {
                 let Some(path) = self.router.listener_for(self.shared.cid, port) else {
                     return Attempt::Absent(None);
                 };
-                let sock = match HostSocket::connect(path, req.socket_type) {
+                let sock = match HostSocket::connect(path, req.socket_type()) {
                     Ok(s) => s,
                     Err(e) => return Attempt::Failed(e),
                 };
@@ -131,7 +131,7 @@ impl DataPlane {
                 VmStats::inc(&self.shared.stats.listener_connections);
                 let line = PeerPreamble {
                     identity,
-                    port: req.src.port,
+                    port: req.src().port,
                 }
                 .encode();
                 Attempt::Answered(sock, Some(line))
@@ -148,7 +148,7 @@ impl DataPlane {
                 policy_checked = true;
                 if let Verdict::Deny(why) =
                     self.router
-                        .check_host(self.shared.cid, req.dst.port, req.socket_type)
+                        .check_host(self.shared.cid, req.dst().port, req.socket_type())
                 {
                     return Err(Refusal::Denied(why));
                 }
@@ -165,11 +165,12 @@ impl DataPlane {
     }
 
     pub(super) fn guest_connect(&mut self, req: &Header) {
-        let port = req.dst.port;
+        let port = req.dst().port;
         let (mut sock, preamble) = match self.open_host_target(req) {
             Ok(found) => found,
             Err(Refusal::Denied(why)) => {
-                self.shared.note_denied("host", port, req.socket_type, why);
+                self.shared
+                    .note_denied("host", port, req.socket_type(), why);
                 self.endpoint.refuse(req);
                 return;
             }
@@ -206,7 +207,7 @@ impl DataPlane {
             }
         };
         VmStats::inc(&self.shared.stats.accepted_connections);
-        let hc = HostConn::new(sock, token, key, req.socket_type, Origin::Guest);
+        let hc = HostConn::new(sock, token, key, req.socket_type(), Origin::Guest);
         hc.span.in_scope(|| debug!("guest connect accepted"));
         self.conns.insert(key, hc);
         self.after_change(key);

@@ -23,7 +23,7 @@ use crate::virtio::chain::{ChainPayload, Mem};
 use crate::virtio::rx::signal_if_needed;
 use crate::virtio::Vring;
 use domsock_proto::rules::DropClass;
-use domsock_proto::{Cid, ConnKey, Header, Incoming, Port, RawHeader, SocketType, VsockAddr};
+use domsock_proto::{Cid, ConnKey, Header, Incoming, RawHeader, SocketType};
 use std::io::ErrorKind;
 use std::ops::ControlFlow;
 use tracing::{debug, warn};
@@ -194,15 +194,15 @@ impl DataPlane {
                 return;
             }
         };
-        if hdr.src.cid != self.shared.cid {
+        if hdr.src().cid != self.shared.cid {
             VmStats::inc(&stats.spoofed_packets);
-            debug!(src = %hdr.src, "spoofed source CID");
+            debug!(src = %hdr.src(), "spoofed source CID");
             return;
         }
-        if self.regions.payload_capacity() < hdr.len as usize {
+        if self.regions.payload_capacity() < hdr.len() as usize {
             VmStats::inc(&stats.malformed_chains);
             debug!(
-                claimed = hdr.len,
+                claimed = hdr.len(),
                 have = self.regions.payload_capacity(),
                 "payload truncated"
             );
@@ -210,12 +210,12 @@ impl DataPlane {
             return;
         }
         VmStats::inc(&stats.tx_packets);
-        VmStats::add(&stats.tx_bytes, u64::from(hdr.len));
-        if hdr.dst.cid != Cid::HOST {
+        VmStats::add(&stats.tx_bytes, u64::from(hdr.len()));
+        if hdr.dst().cid != Cid::HOST {
             self.route_to_guest(&hdr, &raw, mem);
             return;
         }
-        tracing::trace!(op = ?hdr.op, len = hdr.len, buf_alloc = hdr.buf_alloc, fwd_cnt = hdr.fwd_cnt, key = %hdr.receiver_key(), "tx packet");
+        tracing::trace!(op = ?hdr.op(), len = hdr.len(), buf_alloc = hdr.buf_alloc(), fwd_cnt = hdr.fwd_cnt(), key = %hdr.receiver_key(), "tx packet");
         let incoming = self.endpoint.handle(&hdr);
         match incoming {
             Incoming::Request(req) => self.guest_connect(&req),
@@ -227,7 +227,7 @@ impl DataPlane {
             Incoming::PeerShutdown(key, _) | Incoming::Credit(key) => self.after_change(key),
             Incoming::Reset(key) | Incoming::Closed(key) => self.close_host(key),
             Incoming::Dropped(reason) => {
-                match reason.class(hdr.op) {
+                match reason.class(hdr.op()) {
                     DropClass::AnsweredUnknown => VmStats::inc(&stats.unknown_connection_rsts),
                     DropClass::Violation(why) => {
                         VmStats::inc(&stats.protocol_resets);
@@ -243,7 +243,7 @@ impl DataPlane {
     /// A packet for another guest: the router relays it (on this thread) or says why not.
     fn route_to_guest(&mut self, hdr: &Header, raw: &RawHeader, mem: &Mem) {
         let stats = &self.shared.stats;
-        let payload = ChainPayload::new(&self.regions, mem, hdr.len as usize);
+        let payload = ChainPayload::new(&self.regions, mem, hdr.len() as usize);
         match self
             .router
             .route(&self.shared, hdr, raw, &payload, &mut self.g2g_signals)
@@ -251,7 +251,7 @@ impl DataPlane {
             Routed::Forwarded | Routed::Dropped => {}
             Routed::Unroutable => {
                 VmStats::inc(&stats.unroutable_packets);
-                debug!(dst = %hdr.dst, "unroutable destination");
+                debug!(dst = %hdr.dst(), "unroutable destination");
                 self.endpoint.refuse(hdr);
             }
             Routed::Refused(why) => {
@@ -263,7 +263,7 @@ impl DataPlane {
                     }
                     Refusal::Denied => {} // counted by the router, which logs it
                 }
-                debug!(dst = %hdr.dst, ?why, "guest-to-guest packet refused");
+                debug!(dst = %hdr.dst(), ?why, "guest-to-guest packet refused");
                 self.endpoint.refuse(hdr);
             }
             Routed::Violation(_) | Routed::Overflow => self.endpoint.refuse(hdr),
@@ -271,10 +271,7 @@ impl DataPlane {
     }
 
     fn reset_raw(&mut self, raw: &RawHeader) {
-        let key = ConnKey {
-            local: VsockAddr::new(Cid(raw.dst_cid), Port(raw.dst_port)),
-            peer: VsockAddr::new(Cid(raw.src_cid), Port(raw.src_port)),
-        };
+        let key = raw.receiver_key();
         if key.peer.cid == self.shared.cid {
             self.reset_key(key);
         }

@@ -250,24 +250,23 @@ impl Router {
         payload: &dyn Payload,
         signals: &mut Vec<Cid>,
     ) -> Routed {
+        let (src, dst, socket_type) = (hdr.src(), hdr.dst(), hdr.socket_type());
         // A guest reaches its own CID through its kernel's loopback, never the device.
-        let (Some(me), Some(to)) = (self.slots.get(&from.cid), self.slots.get(&hdr.dst.cid)) else {
+        let (Some(me), Some(to)) = (self.slots.get(&from.cid), self.slots.get(&dst.cid)) else {
             return Routed::Unroutable;
         };
-        if me.namespace != to.namespace || hdr.dst.cid == from.cid {
+        if me.namespace != to.namespace || dst.cid == from.cid {
             return Routed::Unroutable;
         }
         let route = lock(&self.relay).handle(hdr, || {
-            match self.policy().check(
-                from.cid,
-                To::Domain(hdr.dst.cid),
-                hdr.dst.port,
-                hdr.socket_type,
-            ) {
+            match self
+                .policy()
+                .check(from.cid, To::Domain(dst.cid), dst.port, socket_type)
+            {
                 Verdict::Allow => {}
                 Verdict::Deny(reason) => {
                     if reason == DenyReason::NoRule {
-                        from.note_denied(&to.shared.name, hdr.dst.port, hdr.socket_type, reason);
+                        from.note_denied(&to.shared.name, dst.port, socket_type, reason);
                     }
                     return Err(Refusal::Denied);
                 }
@@ -285,12 +284,12 @@ impl Router {
             } => {
                 if admitted {
                     VmStats::inc(&from.stats.g2g_connects);
-                    debug!(from = %from.name, to = %to.shared.name, src = %hdr.src, dst = %hdr.dst, "relayed connection");
+                    debug!(from = %from.name, to = %to.shared.name, src = %src, dst = %dst, "relayed connection");
                 }
                 let mut fwd = *raw;
-                fwd.buf_alloc = buf_alloc;
+                fwd.set_buf_alloc(buf_alloc);
                 VmStats::inc(&from.stats.g2g_packets);
-                VmStats::add(&from.stats.g2g_bytes, u64::from(hdr.len));
+                VmStats::add(&from.stats.g2g_bytes, u64::from(hdr.len()));
                 let offer = to.port.offer(fwd, payload);
                 if signals.last() != Some(&to.shared.cid) {
                     signals.push(to.shared.cid);
@@ -302,8 +301,8 @@ impl Router {
                         if to.shared.may_warn() {
                             warn!(from = %from.name, to = %to.shared.name, "receiver backlog full; connection reset");
                         }
-                        lock(&self.relay).forget(hdr.src, hdr.dst);
-                        self.send_rst(hdr.src, hdr.dst, hdr.socket_type);
+                        lock(&self.relay).forget(src, dst);
+                        self.send_rst(src, dst, socket_type);
                         Routed::Overflow
                     }
                 }
@@ -313,7 +312,7 @@ impl Router {
             Route::ResetBoth(v) => {
                 VmStats::inc(&from.stats.protocol_resets);
                 debug!(from = %from.name, to = %to.shared.name, violation = ?v, "relayed connection reset");
-                self.send_rst(hdr.src, hdr.dst, hdr.socket_type);
+                self.send_rst(src, dst, socket_type);
                 Routed::Violation(v)
             }
         }

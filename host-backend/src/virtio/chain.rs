@@ -137,7 +137,9 @@ impl Regions {
         if self.total < HEADER_LEN {
             return Err(ChainError::TooShort { total: self.total });
         }
-        let mut buf = [0u8; HEADER_LEN];
+        // Straight into the wire struct: no intermediate buffer, no conversion.
+        let mut raw = RawHeader::default();
+        let buf = raw.bytes_mut();
         let mut filled = 0;
         for &(addr, len) in &self.regions {
             let n = len.min(HEADER_LEN - filled);
@@ -152,7 +154,7 @@ impl Regions {
                 break;
             }
         }
-        Ok(RawHeader::decode(&buf))
+        Ok(raw)
     }
 
     /// Writes a header at the start of the chain.
@@ -160,7 +162,7 @@ impl Regions {
         if self.total < HEADER_LEN {
             return Err(ChainError::TooShort { total: self.total });
         }
-        let bytes = hdr.encode();
+        let bytes = hdr.bytes();
         let mut done = 0;
         for &(addr, len) in &self.regions {
             let n = len.min(HEADER_LEN - done);

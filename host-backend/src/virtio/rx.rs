@@ -267,7 +267,7 @@ impl DomainPort for GuestPort {
                     header_sent: false,
                 },
             );
-            if header_sent && n == hdr.len as usize {
+            if header_sent && n == hdr.len() as usize {
                 return Offer::Accepted;
             }
             // The ring ran dry: let the guest see what it got at once, so it refills.
@@ -277,16 +277,16 @@ impl DomainPort for GuestPort {
         if st.ring.is_none() && !self.starting.load(Ordering::Acquire) {
             return Offer::Gone;
         }
-        let rest = hdr.len as usize - delivered;
+        let rest = hdr.len() as usize - delivered;
         // Control packets may exceed the byte budget a little: an RST must get through.
-        let budget = if hdr.len == 0 {
+        let budget = if hdr.len() == 0 {
             G2G_BACKLOG_MAX_BYTES + (G2G_BACKLOG_MAX_BYTES >> 4)
         } else {
             G2G_BACKLOG_MAX_BYTES
         };
         let total = self.backlog_total.load(Ordering::Acquire);
         if st.backlog_bytes + rest + HEADER_LEN > budget
-            || (hdr.len > 0 && total + rest + HEADER_LEN > G2G_BACKLOG_TOTAL_MAX_BYTES)
+            || (hdr.len() > 0 && total + rest + HEADER_LEN > G2G_BACKLOG_TOTAL_MAX_BYTES)
         {
             return Offer::Full;
         }
@@ -299,7 +299,7 @@ impl DomainPort for GuestPort {
         }
         VmStats::add(&stats.g2g_fallback_bytes, rest as u64);
         let mut tail = hdr;
-        tail.len = rest as u32;
+        tail.set_len(rest as u32);
         st.backlog_bytes += rest + HEADER_LEN;
         self.backlog_total
             .fetch_add(rest + HEADER_LEN, Ordering::AcqRel);
@@ -399,21 +399,21 @@ impl<'a> RxWriter<'a> {
     }
 
     /// Completes a packet: writes `hdr` at the start of `regions` (whose first
-    /// `hdr.len` payload bytes the caller filled) and gives the chain to the guest.
+    /// `hdr.len()` payload bytes the caller filled) and gives the chain to the guest.
     pub fn complete(&mut self, head: u16, regions: &Regions, hdr: &RawHeader) {
         if regions.write_header(self.mem, hdr).is_err() {
             VmStats::inc(&self.stats.malformed_chains);
         }
         if self
             .queue
-            .add_used(self.mem, head, (HEADER_LEN + hdr.len as usize) as u32)
+            .add_used(self.mem, head, (HEADER_LEN + hdr.len() as usize) as u32)
             .is_err()
         {
             debug!("add_used failed on RX");
         }
         self.used = true;
         VmStats::inc(&self.stats.rx_packets);
-        VmStats::add(&self.stats.rx_bytes, u64::from(hdr.len));
+        VmStats::add(&self.stats.rx_bytes, u64::from(hdr.len()));
     }
 
     /// The ring ran dry: asks the guest for a kick when it adds buffers. `true` if
@@ -427,7 +427,7 @@ impl<'a> RxWriter<'a> {
     /// seqpacket, EOM/EOR go only on the last piece. Returns payload bytes written and
     /// whether a header went out (a payload-less packet needs one chain).
     fn put(&mut self, scratch: &mut Regions, q: &PacketOut<'_>) -> (usize, bool) {
-        let total = q.hdr.len as usize;
+        let total = q.hdr.len() as usize;
         let mut off = q.skip;
         let mut sent = q.header_sent;
         loop {
@@ -448,9 +448,9 @@ impl<'a> RxWriter<'a> {
             }
             let n = (total - off).min(room);
             let mut piece = *q.hdr;
-            piece.len = n as u32;
+            piece.set_len(n as u32);
             if off + n < total {
-                piece.flags &= !(SEQ_EOM | SEQ_EOR);
+                piece.set_flags(piece.flags() & !(SEQ_EOM | SEQ_EOR));
             }
             if n > 0 {
                 let mut pos = off;

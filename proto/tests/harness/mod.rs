@@ -567,14 +567,14 @@ impl Side {
 
     fn drain(&mut self, out: &mut Vec<Packet>) {
         while let Some(hdr) = self.ep.poll_transmit() {
-            self.count_sent(hdr.op);
+            self.count_sent(hdr.op());
             out.push(Packet::new(hdr, Vec::new()));
         }
     }
 
     fn receive(&mut self, now: Instant, pkt: Packet) {
         let hdr = pkt.hdr;
-        assert_eq!(hdr.dst.cid, self.id.cid(), "misrouted packet {hdr:?}");
+        assert_eq!(hdr.dst().cid, self.id.cid(), "misrouted packet {hdr:?}");
         let key = hdr.receiver_key();
         let incoming = self.ep.handle(&hdr);
         match incoming {
@@ -582,13 +582,13 @@ impl Side {
                 self.events.push(Event::Incoming(incoming));
                 let policy = self
                     .listeners
-                    .get(&req.dst.port)
+                    .get(&req.dst().port)
                     .copied()
                     .unwrap_or(AcceptPolicy::Refuse);
                 match policy {
                     AcceptPolicy::Accept => match self.ep.accept(&req) {
                         Ok(k) => {
-                            self.add_flow(k, req.socket_type).established = true;
+                            self.add_flow(k, req.socket_type()).established = true;
                             self.events.push(Event::Accepted(k));
                         }
                         Err(e) => {
@@ -924,7 +924,7 @@ impl Sim {
         let mut picked: Vec<VecDeque<Packet>> = Vec::new();
         let mut picked_idx: HashMap<(VsockAddr, VsockAddr), usize> = HashMap::new();
         for pkt in wire.drain(..) {
-            let flow = (pkt.hdr.src, pkt.hdr.dst);
+            let flow = (pkt.hdr.src(), pkt.hdr.dst());
             if held_flows.contains(&flow) || !chaos.rng.chance(chaos.deliver_percent) {
                 held_flows.insert(flow);
                 kept.push_back(pkt);
