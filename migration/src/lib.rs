@@ -18,20 +18,66 @@
 //!     36    4 buf_alloc      40  4 fwd_cnt      44  4 rx_cnt
 //!     48    4 peer_buf_alloc 52  4 peer_fwd_cnt 56  4 tx_cnt
 //! ```
-//! All integers are little-endian. What this crate does not do yet: carry buffered payload
+//! All integers are little-endian. The layout is the `#[repr(C)]` structs `Preamble` and
+//! `BodyV1` of `zerocopy` little-endian fields (alignment 1, so offsets are exactly the
+//! diagram's; the derives check there is no padding): encoding builds the struct and copies
+//! it out, decoding views the bytes as it, and no offset is written by hand.
+//! What this crate does not do yet: carry buffered payload
 //! bytes, the resume handshake, or any transport.
 
 #![forbid(unsafe_code)]
 
 use domsock_proto::{Cid, ConnKey, Port, Shutdown, SocketType, VsockAddr};
 use thiserror::Error;
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 const MAGIC: &[u8; 4] = b"DSCS";
 /// Current format version.
 pub const VERSION: u16 = 1;
-const BODY_LEN_V1: usize = 52;
+const BODY_LEN_V1: usize = size_of::<BodyV1>();
 /// Encoded size of a version-1 snapshot.
-pub const ENCODED_LEN: usize = 8 + BODY_LEN_V1;
+pub const ENCODED_LEN: usize = size_of::<SnapshotV1>();
+
+/// Bytes 0..8 of every version: enough to tell which layout follows.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct Preamble {
+    magic: [u8; 4],
+    version: U16,
+    body_len: U16,
+}
+
+/// The version-1 body (bytes 8..60 of the diagram). Alignment 1: the cids at offsets 8 and
+/// 20 are unaligned on the wire.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct BodyV1 {
+    local_cid: U64,
+    local_port: U32,
+    peer_cid: U64,
+    peer_port: U32,
+    socket_type: u8,
+    local_shutdown: u8,
+    peer_shutdown: u8,
+    reserved: u8,
+    buf_alloc: U32,
+    fwd_cnt: U32,
+    rx_cnt: U32,
+    peer_buf_alloc: U32,
+    peer_fwd_cnt: U32,
+    tx_cnt: U32,
+}
+
+/// A whole version-1 snapshot.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct SnapshotV1 {
+    preamble: Preamble,
+    body: BodyV1,
+}
+
+const _: () = assert!(size_of::<Preamble>() == 8 && BODY_LEN_V1 == 52 && ENCODED_LEN == 60);
 
 /// The state of one connection at a quiescent point (no packet in flight).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,84 +144,85 @@ pub enum SnapshotError {
 impl ConnSnapshot {
     /// Encodes to the version-1 wire format.
     pub fn encode(&self) -> [u8; ENCODED_LEN] {
-        let mut b = [0u8; ENCODED_LEN];
-        b[0..4].copy_from_slice(MAGIC);
-        b[4..6].copy_from_slice(&VERSION.to_le_bytes());
-        b[6..8].copy_from_slice(&(BODY_LEN_V1 as u16).to_le_bytes());
-        b[8..16].copy_from_slice(&self.key.local.cid.0.to_le_bytes());
-        b[16..20].copy_from_slice(&self.key.local.port.0.to_le_bytes());
-        b[20..28].copy_from_slice(&self.key.peer.cid.0.to_le_bytes());
-        b[28..32].copy_from_slice(&self.key.peer.port.0.to_le_bytes());
-        b[32] = self.socket_type.to_wire() as u8;
-        b[33] = self.local_shutdown.to_flags() as u8;
-        b[34] = self.peer_shutdown.to_flags() as u8;
-        let words = [
-            self.buf_alloc,
-            self.fwd_cnt,
-            self.rx_cnt,
-            self.peer_buf_alloc,
-            self.peer_fwd_cnt,
-            self.tx_cnt,
-        ];
-        for (i, w) in words.iter().enumerate() {
-            b[36 + 4 * i..40 + 4 * i].copy_from_slice(&w.to_le_bytes());
-        }
-        b
+        let wire = SnapshotV1 {
+            preamble: Preamble {
+                magic: *MAGIC,
+                version: VERSION.into(),
+                body_len: (BODY_LEN_V1 as u16).into(),
+            },
+            body: BodyV1 {
+                local_cid: self.key.local.cid.0.into(),
+                local_port: self.key.local.port.0.into(),
+                peer_cid: self.key.peer.cid.0.into(),
+                peer_port: self.key.peer.port.0.into(),
+                socket_type: self.socket_type.to_wire() as u8,
+                local_shutdown: self.local_shutdown.to_flags() as u8,
+                peer_shutdown: self.peer_shutdown.to_flags() as u8,
+                reserved: 0,
+                buf_alloc: self.buf_alloc.into(),
+                fwd_cnt: self.fwd_cnt.into(),
+                rx_cnt: self.rx_cnt.into(),
+                peer_buf_alloc: self.peer_buf_alloc.into(),
+                peer_fwd_cnt: self.peer_fwd_cnt.into(),
+                tx_cnt: self.tx_cnt.into(),
+            },
+        };
+        zerocopy::transmute!(wire)
     }
 
     /// Decodes and validates untrusted bytes.
     pub fn decode(b: &[u8]) -> Result<ConnSnapshot, SnapshotError> {
-        if b.len() < 8 {
+        let Ok((pre, _)) = Preamble::ref_from_prefix(b) else {
             return Err(SnapshotError::Truncated {
                 have: b.len(),
-                need: 8,
+                need: size_of::<Preamble>(),
             });
+        };
+        if &pre.magic != MAGIC {
+            return Err(SnapshotError::BadMagic(pre.magic));
         }
-        let magic: [u8; 4] = b[0..4].try_into().expect("4 bytes");
-        if &magic != MAGIC {
-            return Err(SnapshotError::BadMagic(magic));
+        if pre.version.get() != VERSION {
+            return Err(SnapshotError::UnsupportedVersion(pre.version.get()));
         }
-        let version = u16::from_le_bytes([b[4], b[5]]);
-        if version != VERSION {
-            return Err(SnapshotError::UnsupportedVersion(version));
-        }
-        let body = u16::from_le_bytes([b[6], b[7]]);
+        let body = pre.body_len.get();
         if usize::from(body) != BODY_LEN_V1 {
             return Err(SnapshotError::BadLength { got: body });
         }
-        if b.len() < ENCODED_LEN {
-            return Err(SnapshotError::Truncated {
-                have: b.len(),
-                need: ENCODED_LEN,
-            });
-        }
-        if b.len() > ENCODED_LEN {
-            return Err(SnapshotError::Trailing(b.len() - ENCODED_LEN));
-        }
-        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
-        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
-        let socket_type = match b[32] {
+        let wire = match SnapshotV1::ref_from_prefix(b) {
+            Ok((_, rest)) if !rest.is_empty() => {
+                return Err(SnapshotError::Trailing(rest.len()));
+            }
+            Ok((wire, _)) => wire,
+            Err(_) => {
+                return Err(SnapshotError::Truncated {
+                    have: b.len(),
+                    need: ENCODED_LEN,
+                })
+            }
+        };
+        let w = &wire.body;
+        let socket_type = match w.socket_type {
             1 => SocketType::Stream,
             2 => SocketType::SeqPacket,
             t => return Err(SnapshotError::BadSocketType(t)),
         };
-        if b[33] & !3 != 0 || b[34] & !3 != 0 || b[35] != 0 {
+        if w.local_shutdown & !3 != 0 || w.peer_shutdown & !3 != 0 || w.reserved != 0 {
             return Err(SnapshotError::ReservedBits);
         }
         let snap = ConnSnapshot {
             key: ConnKey {
-                local: VsockAddr::new(Cid(u64_at(8)), Port(u32_at(16))),
-                peer: VsockAddr::new(Cid(u64_at(20)), Port(u32_at(28))),
+                local: VsockAddr::new(Cid(w.local_cid.get()), Port(w.local_port.get())),
+                peer: VsockAddr::new(Cid(w.peer_cid.get()), Port(w.peer_port.get())),
             },
             socket_type,
-            local_shutdown: Shutdown::from_flags(u32::from(b[33])),
-            peer_shutdown: Shutdown::from_flags(u32::from(b[34])),
-            buf_alloc: u32_at(36),
-            fwd_cnt: u32_at(40),
-            rx_cnt: u32_at(44),
-            peer_buf_alloc: u32_at(48),
-            peer_fwd_cnt: u32_at(52),
-            tx_cnt: u32_at(56),
+            local_shutdown: Shutdown::from_flags(u32::from(w.local_shutdown)),
+            peer_shutdown: Shutdown::from_flags(u32::from(w.peer_shutdown)),
+            buf_alloc: w.buf_alloc.get(),
+            fwd_cnt: w.fwd_cnt.get(),
+            rx_cnt: w.rx_cnt.get(),
+            peer_buf_alloc: w.peer_buf_alloc.get(),
+            peer_fwd_cnt: w.peer_fwd_cnt.get(),
+            tx_cnt: w.tx_cnt.get(),
         };
         snap.validate()?;
         Ok(snap)
