@@ -5,6 +5,7 @@
 //! and which control packets must be sent.
 //!
 //! - [`packet`]: the virtio-vsock header codec and its validation.
+//! - [`config_space`]: the device configuration space (the guest CID).
 //! - [`credit`]: credit-based flow control arithmetic.
 //! - [`endpoint`]: the connection table and per-connection state machine.
 //! - [`hybrid`]: the host-side `CONNECT <port>` handshake parser.
@@ -16,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod config_space;
 pub mod control;
 pub mod credit;
 pub mod endpoint;

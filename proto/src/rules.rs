@@ -4,6 +4,7 @@
 //! What it does not do: I/O, or keep state; the endpoint's state machine holds the state
 //! these rules read.
 
+use crate::credit::Credit;
 use crate::endpoint::{DropReason, State};
 use crate::packet::{Op, Shutdown};
 
@@ -13,6 +14,16 @@ use crate::packet::{Op, Shutdown};
 /// answers with RST at once, as Linux does; until the peer's data is delivered, it waits.
 pub fn closes_with_rst(state: State, peer: Shutdown, delivered: bool) -> bool {
     state == State::Established && peer.is_both() && delivered
+}
+
+/// The largest seqpacket message that can ever reach the peer of a connection with `credit`
+/// whole: the receive buffer it last advertised (or what is already in flight, if it shrank
+/// the buffer below that). A message leaves and arrives in one piece, so a larger one can
+/// never be delivered: the guest driver refuses to send it, domsockd resets the connection
+/// rather than hold it for ever.
+pub fn largest_message(credit: &Credit) -> u32 {
+    // Cannot overflow: `peer_credit` is what is left of the buffer after `in_flight`.
+    credit.peer_credit() + credit.in_flight()
 }
 
 /// What a dropped packet means for the counters and the log.
@@ -56,6 +67,23 @@ mod tests {
         assert!(!closes_with_rst(State::Established, Shutdown::BOTH, false));
         assert!(!closes_with_rst(State::Established, Shutdown::SEND, true));
         assert!(!closes_with_rst(State::Closing, Shutdown::BOTH, true));
+    }
+
+    #[test]
+    fn largest_message_is_the_peer_buffer() {
+        let mut c = Credit::new(1000, 4096, 0);
+        assert_eq!(largest_message(&c), 4096);
+        c.on_send(1000);
+        assert_eq!(
+            largest_message(&c),
+            4096,
+            "in flight or not, the buffer holds it"
+        );
+        // The peer shrank its buffer below what is in flight.
+        c.update_peer(512, 0);
+        assert_eq!(largest_message(&c), 1000);
+        c.update_peer(u32::MAX, 0);
+        assert_eq!(largest_message(&c), u32::MAX);
     }
 
     #[test]

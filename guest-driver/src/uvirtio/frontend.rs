@@ -40,6 +40,7 @@ use super::config::GuestConfig;
 use super::error::SetupError;
 use super::memory::Mem;
 use super::ring::RingAddrs;
+use domsock_proto::config_space::VsockConfig;
 use domsock_proto::packet::VIRTIO_VSOCK_F_SEQPACKET;
 use domsock_proto::Cid;
 use std::io::ErrorKind;
@@ -58,8 +59,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Virtqueues of a vsock device.
 pub(crate) const VSOCK_QUEUES: u64 = 3;
-/// Bytes of the vsock config space we read: `le64 guest_cid`.
-const CONFIG_CID_BYTES: u32 = 8;
+/// Bytes of the vsock config space we read: all of it (`le64 guest_cid`).
+const CONFIG_CID_BYTES: u32 = VsockConfig::LEN as u32;
 
 /// What the frontend and the device agreed on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,17 +175,11 @@ pub(crate) fn negotiate(
                 &[0u8; CONFIG_CID_BYTES as usize],
             )
             .map_err(SetupError::vhost("GET_CONFIG"))?;
-        let bytes: [u8; 8] =
-            payload
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .ok_or(SetupError::Vhost {
-                    step: "GET_CONFIG",
-                    source: vhost::Error::VhostUserProtocol(
-                        vhost::vhost_user::Error::InvalidMessage,
-                    ),
-                })?;
-        let device = u64::from_le_bytes(bytes);
+        let config = VsockConfig::from_prefix(&payload).ok_or(SetupError::Vhost {
+            step: "GET_CONFIG",
+            source: vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::InvalidMessage),
+        })?;
+        let device = config.guest_cid().0;
         if !Cid(device).is_guest() {
             return Err(SetupError::BadCid(device));
         }

@@ -456,7 +456,7 @@ impl UserGuest {
         for attempt in 0..2 {
             self.check_sendable(key)?;
             let conn = self.endpoint.get(&key).expect("sendable");
-            let peer_buf = conn.credit().peer_credit() + conn.credit().in_flight();
+            let peer_buf = rules::largest_message(conn.credit());
             if msg.len() > peer_buf as usize {
                 return Err(SockError::MessageTooLong {
                     len: msg.len(),

@@ -20,6 +20,7 @@ use crate::metrics::VmStats;
 use crate::tunables::{MAX_RX_PAYLOAD_BYTES, RX_BATCH_MAX_CHAINS};
 use crate::virtio::chain::{Mem, Regions};
 use crate::virtio::rx::RxWriter;
+use domsock_proto::rules;
 use domsock_proto::{ConnKey, Endpoint, RawHeader, SocketType};
 use std::io::{self, ErrorKind};
 use std::ops::ControlFlow;
@@ -279,7 +280,7 @@ impl DataPlane {
                             let peer_buf = self
                                 .endpoint
                                 .get(&key)
-                                .map_or(0, |c| c.credit().peer_credit() + c.credit().in_flight());
+                                .map_or(0, |c| rules::largest_message(c.credit()));
                             hc.inbox.resize(len, 0);
                             hc.inbox_off = 0;
                             if !matches!(hc.sock.read(&mut hc.inbox), Ok(n) if n == len) {

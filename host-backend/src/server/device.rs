@@ -10,6 +10,7 @@ use crate::virtio::chain::Mem;
 use crate::virtio::GuestPort;
 use crate::virtio::{RX_QUEUE, TX_QUEUE};
 use crate::vm::VmShared;
+use domsock_proto::config_space::VsockConfig;
 use domsock_proto::packet::VIRTIO_VSOCK_F_SEQPACKET;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -143,8 +144,8 @@ impl VhostUserBackend for VsockDevice {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        // struct virtio_vsock_config { le64 guest_cid; }
-        let cfg = self.shared.cid.0.to_le_bytes();
+        let cfg = VsockConfig::new(self.shared.cid);
+        let cfg = cfg.bytes();
         let (offset, size) = (offset as usize, size as usize);
         match offset.checked_add(size) {
             Some(end) if end <= cfg.len() => cfg[offset..end].to_vec(),
