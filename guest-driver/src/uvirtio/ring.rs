@@ -22,11 +22,21 @@
 //!   for one (`used_event`, or clearing `VRING_AVAIL_F_NO_INTERRUPT`) just before the driver
 //!   blocks, and [`SplitRing::disarm`] suppresses them again once it runs.
 //!
+//! The fixed layouts ([`Desc`], [`UsedElem`], the `flags`/`idx` [`RingHeader`] both rings
+//! start with) are `#[repr(C)]` structs of `zerocopy` little-endian fields; every offset
+//! below derives from them. The two indices and the event words are read and written as
+//! single atomic `u16`s (converted with `to_le`/`from_le`), as the ordering rules need.
+//! The tests' fake device reads the rings with offsets of its own, so a layout mistake here
+//! cannot hide behind the same mistake there.
+//!
 //! What it does not do: indirect descriptors, packed rings, or anything vsock-specific.
 
 use super::error::DeviceError;
+use std::mem::{offset_of, size_of};
 use std::sync::atomic::{fence, Ordering};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 type Mem = GuestMemoryMmap<()>;
 
@@ -38,8 +48,44 @@ const DESC_F_WRITE: u16 = 2;
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// `VRING_USED_F_NO_NOTIFY`.
 const USED_F_NO_NOTIFY: u16 = 1;
-const DESC_BYTES: u64 = 16;
-const USED_ELEM_BYTES: u64 = 8;
+
+/// One entry of the descriptor table (`struct virtq_desc`).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct Desc {
+    addr: U64,
+    len: U32,
+    flags: U16,
+    next: U16,
+}
+
+/// One entry of the used ring (`struct virtq_used_elem`).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct UsedElem {
+    id: U32,
+    len: U32,
+}
+
+/// What the avail and used rings start with; their entries follow, then one `le16` event
+/// word (`used_event` after avail entries, `avail_event` after used ones).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RingHeader {
+    flags: U16,
+    idx: U16,
+}
+
+const DESC_BYTES: u64 = size_of::<Desc>() as u64;
+const USED_ELEM_BYTES: u64 = size_of::<UsedElem>() as u64;
+/// An avail ring entry: a `le16` head index.
+const AVAIL_ELEM_BYTES: u64 = size_of::<U16>() as u64;
+const RING_HEADER_BYTES: u64 = size_of::<RingHeader>() as u64;
+const RING_IDX_OFFSET: u64 = offset_of!(RingHeader, idx) as u64;
+/// The `le16` event word after a ring's entries.
+const EVENT_BYTES: u64 = size_of::<U16>() as u64;
+
+const _: () = assert!(DESC_BYTES == 16 && USED_ELEM_BYTES == 8 && RING_HEADER_BYTES == 4);
 
 /// Where one split ring lives in guest memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,8 +104,8 @@ impl RingAddrs {
     /// Bytes the three parts take, laid out from `base` as [`RingAddrs::at`] does.
     pub fn footprint(size: u16) -> u64 {
         let n = u64::from(size);
-        let avail_end = DESC_BYTES * n + 6 + 2 * n;
-        avail_end.next_multiple_of(4) + 6 + USED_ELEM_BYTES * n
+        let avail_end = DESC_BYTES * n + RING_HEADER_BYTES + AVAIL_ELEM_BYTES * n + EVENT_BYTES;
+        avail_end.next_multiple_of(4) + RING_HEADER_BYTES + USED_ELEM_BYTES * n + EVENT_BYTES
     }
 
     /// The parts packed from `base`, which must be 16-byte aligned.
@@ -67,7 +113,8 @@ impl RingAddrs {
         let n = u64::from(size);
         let desc = base;
         let avail = desc + DESC_BYTES * n;
-        let used = (avail + 6 + 2 * n).next_multiple_of(4);
+        let used =
+            (avail + RING_HEADER_BYTES + AVAIL_ELEM_BYTES * n + EVENT_BYTES).next_multiple_of(4);
         Self {
             desc: GuestAddress(desc),
             avail: GuestAddress(avail),
@@ -231,13 +278,14 @@ impl SplitRing {
                 writable_bytes += u64::from(seg.len);
             }
             self.next[usize::from(indices[i])] = next;
-            let mut d = [0u8; DESC_BYTES as usize];
-            d[0..8].copy_from_slice(&seg.addr.0.to_le_bytes());
-            d[8..12].copy_from_slice(&seg.len.to_le_bytes());
-            d[12..14].copy_from_slice(&flags.to_le_bytes());
-            d[14..16].copy_from_slice(&next.to_le_bytes());
+            let d = Desc {
+                addr: seg.addr.0.into(),
+                len: seg.len.into(),
+                flags: flags.into(),
+                next: next.into(),
+            };
             let at = self.desc_addr(indices[i]);
-            mem.write_slice(&d, at)
+            mem.write_slice(d.as_bytes(), at)
                 .map_err(|e| DeviceError::memory(at, e))?;
         }
         let head = indices[0];
@@ -248,12 +296,12 @@ impl SplitRing {
         });
         self.outstanding += 1;
         let slot = u64::from(self.next_avail % self.addrs.size);
-        let entry = GuestAddress(self.addrs.avail.0 + 4 + 2 * slot);
+        let entry = GuestAddress(self.addrs.avail.0 + RING_HEADER_BYTES + AVAIL_ELEM_BYTES * slot);
         mem.write_obj(head.to_le(), entry)
             .map_err(|e| DeviceError::memory(entry, e))?;
         self.next_avail = self.next_avail.wrapping_add(1);
         // Release: the descriptors and the ring entry are visible before the new index.
-        let idx = GuestAddress(self.addrs.avail.0 + 2);
+        let idx = GuestAddress(self.addrs.avail.0 + RING_IDX_OFFSET);
         mem.store(self.next_avail.to_le(), idx, Ordering::Release)
             .map_err(|e| DeviceError::memory(idx, e))?;
         self.stats.chains += 1;
@@ -313,12 +361,11 @@ impl SplitRing {
             });
         }
         let slot = u64::from(self.last_used % self.addrs.size);
-        let at = GuestAddress(self.addrs.used.0 + 4 + USED_ELEM_BYTES * slot);
-        let mut elem = [0u8; USED_ELEM_BYTES as usize];
-        mem.read_slice(&mut elem, at)
+        let at = GuestAddress(self.addrs.used.0 + RING_HEADER_BYTES + USED_ELEM_BYTES * slot);
+        let mut elem = UsedElem::new_zeroed();
+        mem.read_slice(elem.as_mut_bytes(), at)
             .map_err(|e| DeviceError::memory(at, e))?;
-        let id = u32::from_le_bytes(elem[0..4].try_into().expect("4 bytes"));
-        let len = u32::from_le_bytes(elem[4..8].try_into().expect("4 bytes"));
+        let (id, len) = (elem.id.get(), elem.len.get());
         let chain = usize::try_from(id)
             .ok()
             .and_then(|i| self.chains.get(i).copied().flatten())
@@ -382,7 +429,7 @@ impl SplitRing {
     }
 
     fn used_idx(&self, mem: &Mem) -> Result<u16, DeviceError> {
-        let at = GuestAddress(self.addrs.used.0 + 2);
+        let at = GuestAddress(self.addrs.used.0 + RING_IDX_OFFSET);
         // Acquire: the used elements are read after the index that published them.
         Ok(u16::from_le(
             mem.load::<u16>(at, Ordering::Acquire)
@@ -395,11 +442,15 @@ impl SplitRing {
     }
 
     fn used_event_addr(&self) -> GuestAddress {
-        GuestAddress(self.addrs.avail.0 + 4 + 2 * u64::from(self.addrs.size))
+        GuestAddress(
+            self.addrs.avail.0 + RING_HEADER_BYTES + AVAIL_ELEM_BYTES * u64::from(self.addrs.size),
+        )
     }
 
     fn avail_event_addr(&self) -> GuestAddress {
-        GuestAddress(self.addrs.used.0 + 4 + USED_ELEM_BYTES * u64::from(self.addrs.size))
+        GuestAddress(
+            self.addrs.used.0 + RING_HEADER_BYTES + USED_ELEM_BYTES * u64::from(self.addrs.size),
+        )
     }
 }
 
