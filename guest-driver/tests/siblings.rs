@@ -26,6 +26,7 @@ use domsock_proto::control::{
     split_line, PeerPreamble, Reply, Request, CONTROL_PORT, MAX_LIST_LINE_BYTES,
 };
 use domsock_proto::packet::HeaderBuilder;
+use domsock_proto::test_utils::Rng;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -2213,22 +2214,6 @@ fn control_service_rejects_an_over_long_line() {
 
 // ---- 19. a member sending garbage ---------------------------------------------------------
 
-/// A small xorshift generator for the random packets (deterministic per seed).
-struct Xorshift(u64);
-
-impl Xorshift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
-        from[(self.next() % from.len() as u64) as usize]
-    }
-}
-
 #[test]
 fn random_packets_from_a_member_never_hurt_other_conversations() {
     let vms = [
@@ -2246,7 +2231,7 @@ fn random_packets_from_a_member_never_hurt_other_conversations() {
     // with random credit fields. (The conversation's port is not among a's targets only
     // so that b's accept cannot pick up one of a's requests instead of c's.)
     let conversation = thread::spawn(move || duplex_pair(gc, gb, 7300, 16 * MIB));
-    let mut rng = Xorshift(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     let ops = [
         Op::Request,
         Op::Response,
@@ -2263,11 +2248,11 @@ fn random_packets_from_a_member_never_hurt_other_conversations() {
     for i in 0..20_000u32 {
         let op = rng.pick(&ops);
         let len = if op == Op::Rw {
-            (rng.next() % 4097) as u32
+            (rng.next_u64() % 4097) as u32
         } else {
             0
         };
-        let src_cid = if rng.next() % 10 == 0 {
+        let src_cid = if rng.next_u64() % 10 == 0 {
             rng.pick(&cids)
         } else {
             3
@@ -2275,13 +2260,13 @@ fn random_packets_from_a_member_never_hurt_other_conversations() {
         // Drawn in this order, so a seed gives the same packets as before.
         let src = addr(src_cid, rng.pick(&ports).wrapping_add(i % 3));
         let dst = addr(rng.pick(&cids), rng.pick(&ports));
-        let socket_type = if rng.next() % 2 == 0 {
+        let socket_type = if rng.next_u64() % 2 == 0 {
             SocketType::Stream
         } else {
             SocketType::SeqPacket
         };
-        let flags = (rng.next() % 4) as u32;
-        let (buf_alloc, fwd_cnt) = (rng.next() as u32, rng.next() as u32);
+        let flags = (rng.next_u64() % 4) as u32;
+        let (buf_alloc, fwd_cnt) = (rng.next_u64() as u32, rng.next_u64() as u32);
         let h = HeaderBuilder::new(src, dst, op)
             .socket_type(socket_type)
             .len(len)

@@ -26,6 +26,8 @@ pub mod hybrid;
 pub mod packet;
 pub mod relay;
 pub mod rules;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 
 pub use addr::{Cid, ConnKey, Port, VsockAddr};
 pub use endpoint::{ConnError, DropReason, Endpoint, EndpointConfig, Incoming, State, Timeout};
