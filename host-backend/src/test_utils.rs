@@ -7,6 +7,9 @@
 //!   its output in a log file, waited for until it is ready, and stopped by PID on drop
 //!   (SIGTERM, then SIGKILL), so a failing test never leaves one behind.
 //!
+//! - [`skip`] / [`under_ci`]: a test whose part is missing (a peer binary, a guest kernel)
+//!   fails under CI and says `SKIPPED` elsewhere, never a silent `ok`.
+//!
 //! What it does not do: drive a guest (the user-space driver in `domsock-guest` and the
 //! ring driver in this crate's tests do), or know domsockd's command line (callers build
 //! their arguments).
@@ -216,5 +219,52 @@ impl Drop for Process {
         if thread::panicking() {
             eprintln!("{}", self.log_tail());
         }
+    }
+}
+
+/// True when running under CI (`CI` set to anything but empty, `0` or `false`, as CI sets
+/// `CI=true`): there a test whose part is missing fails instead of skipping.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"))
+}
+
+/// Records that the current test (its thread name, as libtest sets it) is skipped because
+/// of `why`; the caller then returns without doing the test's work. Stable Rust's harness
+/// has no run-time skip (a test that returns early reports `ok`), so this writes
+/// `SKIPPED: <binary>::<test>: <why>` to stderr (past libtest's capture) and appends the
+/// same line to `summary` (the workspace's `target/test-skips.txt`, which
+/// `scripts/test.sh` prints at the end).
+///
+/// # Panics
+/// Under CI ([`under_ci`]): a missing part must fail the run there.
+pub fn skip(why: &str, summary: &Path) {
+    use std::io::Write;
+    let test = thread::current()
+        .name()
+        .unwrap_or("<unnamed test>")
+        .to_string();
+    let binary = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .map(|s| {
+            s.rsplit_once('-')
+                .map_or(s.clone(), |(name, _hash)| name.to_string())
+        })
+        .unwrap_or_default();
+    if under_ci() {
+        panic!("{binary}::{test}: missing under CI (CI is set): {why}");
+    }
+    let line = format!("SKIPPED: {binary}::{test}: {why}\n");
+    let _ = io::stderr().write_all(line.as_bytes());
+    if let Some(dir) = summary.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(summary)
+    {
+        // One write of one short line: O_APPEND keeps concurrent tests' lines whole.
+        let _ = f.write_all(line.as_bytes());
     }
 }

@@ -78,12 +78,6 @@ pub fn peer_backend() -> Option<PathBuf> {
 // Same format and file as `domsock_tests::skip` (the VM tests); kept apart because the
 // test-support modules are consolidated separately.
 
-/// True when running under CI (`CI` set to anything but empty, `0` or `false`): there, a
-/// test whose part is missing fails instead of skipping.
-pub fn under_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"))
-}
-
 /// `part` if present. If it is missing, the calling test must return without doing its
 /// work: under CI this panics (a missing part fails the run); elsewhere it writes
 /// `SKIPPED: <test>: <why>` to stderr (past libtest's capture) and appends that line to
@@ -100,33 +94,7 @@ pub fn require<T>(part: Option<T>, why: impl FnOnce() -> String) -> Option<T> {
 /// # Panics
 /// Under CI.
 pub fn skip(why: &str) {
-    let test = thread::current()
-        .name()
-        .unwrap_or("<unnamed test>")
-        .to_string();
-    let binary = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
-        .map(|s| {
-            s.rsplit_once('-')
-                .map_or(s.clone(), |(name, _hash)| name.to_string())
-        })
-        .unwrap_or_default();
-    if under_ci() {
-        panic!("{binary}::{test}: missing under CI (CI is set): {why}");
-    }
-    let line = format!("SKIPPED: {binary}::{test}: {why}\n");
-    let _ = std::io::stderr().write_all(line.as_bytes());
-    let target = workspace_root().join("target");
-    let _ = std::fs::create_dir_all(&target);
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(target.join("test-skips.txt"))
-    {
-        // One write of one short line: O_APPEND keeps concurrent tests' lines whole.
-        let _ = f.write_all(line.as_bytes());
-    }
+    domsock_host::test_utils::skip(why, &workspace_root().join("target").join("test-skips.txt"));
 }
 
 pub use domsock_host::test_utils::{Process, TempDir};
