@@ -69,6 +69,9 @@ counters! {
     g2g_bytes,
     /// Guest-to-guest payload copied to the backlog because this VM's RX ring was full.
     g2g_fallback_bytes,
+    /// Guest-to-guest credit updates not forwarded because a later packet of the same TX
+    /// batch, connection and direction superseded them (counted on the sender).
+    g2g_credit_updates_merged,
     /// Guest connections handed to an all-guests host listener.
     listener_connections,
     /// Control-service requests answered.

@@ -534,6 +534,47 @@ impl UserGuest {
         })
     }
 
+    /// Like [`UserGuest::send_raw_timeout`] for several packets, published together and
+    /// announced with one kick, so the device takes them as one TX batch (as a kernel
+    /// does with what it queued while the device was busy).
+    ///
+    /// # Panics
+    /// As [`UserGuest::send_raw_timeout`], for any of the packets.
+    pub fn send_raw_batch_timeout(
+        &mut self,
+        packets: &[(Header, &[u8])],
+        timeout: Duration,
+    ) -> Result<(), SockError> {
+        for (hdr, payload) in packets {
+            assert_eq!(
+                hdr.len() as usize,
+                payload.len(),
+                "header length vs payload"
+            );
+            assert!(
+                payload.len() <= self.driver.max_tx_payload(),
+                "payload of {} bytes exceeds one TX packet",
+                payload.len()
+            );
+        }
+        let sizes = || packets.iter().map(|(_, p)| p.len());
+        self.wait_until("send_raw_batch", timeout, |g| {
+            g.check_broken()?;
+            g.flush_control()?;
+            if !g.driver.tx_room(sizes()) {
+                g.driver.reclaim_tx().map_err(|e| g.fail(e))?;
+                if !g.driver.tx_room(sizes()) {
+                    return Ok(None);
+                }
+            }
+            for (hdr, payload) in packets {
+                g.driver.send(hdr, payload).map_err(|e| g.fail(e))?;
+            }
+            g.driver.kick().map_err(|e| g.fail(e))?;
+            Ok(Some(()))
+        })
+    }
+
     /// Reads up to `buf.len()` bytes; `Ok(0)` is end of stream. On a seqpacket socket, reads
     /// one message (see [`UserGuest::recv_msg`]) and returns the bytes copied.
     pub fn recv(&mut self, key: ConnKey, buf: &mut [u8]) -> Result<usize, SockError> {

@@ -40,14 +40,14 @@ mod tx;
 pub use driver::Wake;
 
 use crate::metrics::VmStats;
-use crate::router::Router;
+use crate::router::{RelayBatch, Router};
 use crate::services::ServiceTable;
 use crate::virtio::chain::{Mem, Regions};
 use crate::virtio::GuestPort;
 use crate::vm::VmShared;
 use conn::{HostConn, Interest};
 use domsock_proto::hash::KeyedState;
-use domsock_proto::{Cid, ConnKey, Endpoint, EndpointConfig, State, Timeout};
+use domsock_proto::{ConnKey, Endpoint, EndpointConfig, State, Timeout};
 use handshake::Handshakes;
 use poller::Poller;
 use std::collections::{HashMap, VecDeque};
@@ -89,8 +89,9 @@ pub struct DataPlane {
     dirty: Vec<ConnKey>,
     /// Heads of the current TX batch's chains, returned once its payload is written.
     tx_heads: Vec<u16>,
-    /// Guests the current TX batch put packets on; notified when it ends.
-    g2g_signals: Vec<Cid>,
+    /// What the current TX batch left for other guests (receivers to notify, credit
+    /// updates held back); handed to the router when the batch ends.
+    g2g: RelayBatch,
     /// RX chains of a batched read beyond the first (which is in `regions`), and their heads.
     rx_extra: Vec<Regions>,
     rx_extra_heads: Vec<u16>,
@@ -120,6 +121,7 @@ impl DataPlane {
         let poller = Poller::new(&shared, hash_seed)?;
         let policy_generation = router.generation();
         let services = ServiceTable::standard(router.clone());
+        let g2g = router.batch();
         Ok(Self {
             span: shared.span(),
             shared,
@@ -143,7 +145,7 @@ impl DataPlane {
             guest_running: false,
             dirty: Vec::new(),
             tx_heads: Vec::new(),
-            g2g_signals: Vec::new(),
+            g2g,
             rx_extra: Vec::new(),
             rx_extra_heads: Vec::new(),
         })

@@ -57,9 +57,7 @@ impl DataPlane {
         }
         let mem = atomic.memory();
         self.flush_dirty(&mem);
-        if !self.g2g_signals.is_empty() {
-            self.router.signal(&mut self.g2g_signals);
-        }
+        self.router.end_batch(&self.shared, &mut self.g2g);
         if !heads.is_empty() {
             {
                 let mut guard = vring.get_mut();
@@ -246,7 +244,7 @@ impl DataPlane {
         let payload = ChainPayload::new(&self.regions, mem, hdr.len() as usize);
         match self
             .router
-            .route(&self.shared, hdr, raw, &payload, &mut self.g2g_signals)
+            .route(&self.shared, hdr, raw, &payload, &mut self.g2g)
         {
             Routed::Forwarded | Routed::Dropped => {}
             Routed::Unroutable => {
