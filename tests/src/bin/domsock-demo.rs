@@ -7,8 +7,9 @@
 //! to a host listener on `<uds>_5000`; a host process connects to guest port 6000 with
 //! `CONNECT 6000` and streams 16 MiB back; it exchanges seqpacket messages of 1 B to 64 KiB
 //! with a host seqpacket socket and checks every boundary; it connects to a port nobody
-//! listens on and must fail at once; 1000 round trips of 64 bytes measure latency. Then
-//! `web` finds `db` by name and the two stream 64 MiB to each other at once (checksums
+//! listens on and must fail at once; 1000 round trips of 64 bytes measure latency. Then,
+//! once `db` listens (a host gate holds `web` until then), `web` finds `db` by name and the
+//! two stream 64 MiB to each other at once (checksums
 //! cross-checked), and `web`'s connection to `db` port 7001, which the policy denies,
 //! must fail at once.
 #![forbid(unsafe_code)]
@@ -32,6 +33,9 @@ const TO_GUEST_BYTES: u64 = 16 << 20;
 const CHUNK: usize = 64 << 10;
 const G2G_BYTES: u64 = 64 << 20;
 const G2G_CHUNK: usize = 1 << 20;
+/// db's duplex listener, and the port web waits on until db listens there.
+const G2G_PORT: u32 = 7000;
+const GATE_PORT: u32 = 6990;
 
 fn main() -> ExitCode {
     match run() {
@@ -93,12 +97,13 @@ fn run() -> Result<(), String> {
         .cmd("seq-echo-client --cid 2 --port 5002 --sizes 1,2,7,4095,4096,4097,32768,65535,65536")
         .cmd("connect-expect-fail --cid 2 --port 5999")
         .cmd("rr --cid 2 --port 5001 --count 1000 --size 64")
+        .cmd(&format!("recv --port {GATE_PORT}"))
         .cmd(&format!(
-            "duplex-client --peer db --port 7000 --bytes {G2G_BYTES} --chunk {G2G_CHUNK} --timeout-ms 120000"
+            "duplex-client --peer db --port {G2G_PORT} --bytes {G2G_BYTES} --chunk {G2G_CHUNK} --timeout-ms 120000"
         ))
         .cmd("connect-expect-fail --peer db --port 7001");
     let cfg_db = VmConfig::new("demo-db", &kernel, &db.socket, &log_dir).cmd(&format!(
-        "duplex-server --port 7000 --bytes {G2G_BYTES} --chunk {G2G_CHUNK} --timeout-ms 120000"
+        "duplex-server --port {G2G_PORT} --bytes {G2G_BYTES} --chunk {G2G_CHUNK} --timeout-ms 120000"
     ));
     let vm_db = Vm::boot(&cfg_db);
     let vm = Vm::boot(&cfg);
@@ -181,8 +186,16 @@ fn run() -> Result<(), String> {
         res.raw.trim_start_matches("DS-RESULT cmd=rr ")
     );
 
-    // 6. guest to guest, by name, both ways at once.
+    // 6. guest to guest, by name, both ways at once. db boots alongside web and may still
+    //    be booting on a busy machine: web waits at a gate until db listens.
     let db_cid = vm_db.expect_cid(TIMEOUT);
+    vm_db.expect_ready(G2G_PORT, TIMEOUT);
+    vm.expect_ready(GATE_PORT, TIMEOUT);
+    let mut gate =
+        host::connect_guest_ok(&spec.uds, GATE_PORT, TIMEOUT).map_err(|e| e.to_string())?;
+    gate.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+    host::read_to_eof(&mut gate).map_err(|e| e.to_string())?;
+    drop(gate);
     let web_side = vm.expect_result("duplex-client", TIMEOUT);
     let db_side = vm_db.expect_result("duplex-server", TIMEOUT);
     let web_sent = pattern_checksum(u64::from(cid), G2G_BYTES);
