@@ -17,6 +17,9 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod device;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 pub mod iov;
 pub mod metrics;

@@ -26,6 +26,10 @@
 use domsock_proto::{Cid, ConnKey, Port, Shutdown, SocketType, VsockAddr};
 use thiserror::Error;
 
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
+
 const MAGIC: &[u8; 4] = b"DSCS";
 /// Current format version.
 pub const VERSION: u16 = 1;

@@ -19,6 +19,9 @@ pub mod addr;
 pub mod control;
 pub mod credit;
 pub mod endpoint;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hash;
 pub mod hybrid;
 pub mod packet;
