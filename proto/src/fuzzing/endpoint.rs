@@ -157,6 +157,8 @@ struct Model {
     local_shutdown: Shutdown,
     peer_shutdown: Shutdown,
     deadline: Option<Instant>,
+    /// Our REQUEST went out (only a RESPONSE after that answers it).
+    request_sent: bool,
 }
 
 impl Model {
@@ -171,6 +173,7 @@ impl Model {
             local_shutdown: Shutdown::default(),
             peer_shutdown: Shutdown::default(),
             deadline: None,
+            request_sent: false,
         }
     }
 
@@ -386,6 +389,9 @@ impl Harness {
         let result = match (m.state, hdr.op) {
             (State::Closing, Op::Rst) => Incoming::Closed(key),
             (_, Op::Rst) => Incoming::Reset(key),
+            (State::Connecting, Op::Response) if !m.request_sent => {
+                return Incoming::Dropped(DropReason::NoAction);
+            }
             (State::Connecting, Op::Response) => {
                 m.state = State::Established;
                 m.deadline = None;
@@ -604,7 +610,7 @@ impl Harness {
     }
 
     /// A header from `poll_transmit`.
-    fn check_emitted(&self, hdr: &Header) {
+    fn check_emitted(&mut self, hdr: &Header) {
         assert_eq!(Header::parse(&hdr.to_raw(), 0), Ok(*hdr), "emitted header");
         assert_ne!(hdr.op, Op::Rw, "poll_transmit emitted data");
         let key = ConnKey {
@@ -617,11 +623,14 @@ impl Harness {
         }
         let m = self
             .live
-            .get(&key)
+            .get_mut(&key)
             .unwrap_or_else(|| panic!("{:?} emitted for {key}, which is gone", hdr.op));
         assert_eq!(hdr.socket_type, m.socket_type);
         match hdr.op {
-            Op::Request => assert_eq!(m.state, State::Connecting),
+            Op::Request => {
+                assert_eq!(m.state, State::Connecting);
+                m.request_sent = true;
+            }
             Op::Shutdown => assert_eq!(hdr.flags, m.local_shutdown.to_flags()),
             _ => assert_ne!(m.state, State::Connecting, "{:?} while connecting", hdr.op),
         }
