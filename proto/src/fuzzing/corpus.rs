@@ -2,9 +2,8 @@
 //! fuzz targets, used by each crate's `tests/fuzz_corpus.rs`.
 //!
 //! Inputs live in the repository: `fuzz/corpus/<target>/` (the minimized corpus the fuzzer
-//! grew) and `fuzz/regressions/<target>/` (one file per finding, named after it). Inputs of
-//! findings not fixed yet sit in `fuzz/regressions/<target>/open/`; [`run`] leaves them
-//! out and [`run_open`] runs only them.
+//! grew) and `fuzz/regressions/<target>/` (one file per finding, named after it). Only the
+//! files directly in those directories are run.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -56,20 +55,4 @@ pub fn run(fuzz_dir: &Path, target: &str, body: fn(&[u8])) -> usize {
         failed.join("\n")
     );
     all.len()
-}
-
-/// Runs the inputs of `target`'s findings that are not fixed yet
-/// (`fuzz/regressions/<target>/open/`) and panics naming each one that still fails. The
-/// test calling it stays `#[ignore]`d, with the finding in its reason, until the fix lands
-/// and the inputs move up to `fuzz/regressions/<target>/`. Returns how many inputs ran.
-pub fn run_open(fuzz_dir: &Path, target: &str, body: fn(&[u8])) -> usize {
-    let open = files(&fuzz_dir.join("regressions").join(target).join("open"));
-    assert!(!open.is_empty(), "no open findings for {target}");
-    let failed = run_files(&open, body);
-    assert!(
-        failed.is_empty(),
-        "{target}: open findings still fail:\n{}",
-        failed.join("\n")
-    );
-    open.len()
 }
