@@ -33,6 +33,9 @@
 
 pub mod config;
 pub mod engine;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 pub mod iov;
 pub mod metrics;

@@ -32,6 +32,10 @@ use thiserror::Error;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
+
 const MAGIC: &[u8; 4] = b"DSCS";
 /// Current format version.
 pub const VERSION: u16 = 1;

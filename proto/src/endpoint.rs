@@ -346,6 +346,12 @@ impl Endpoint {
                     Incoming::Reset(key)
                 }
             }
+            (State::Connecting, Op::Response) if conn.pending.request => {
+                // Our REQUEST has not gone out yet, so this cannot answer it (a stale
+                // RESPONSE for an earlier connection with this key, or a forged one).
+                // Keep waiting for the real one.
+                Incoming::Dropped(DropReason::NoAction)
+            }
             (State::Connecting, Op::Response) => {
                 conn.state = State::Established;
                 self.set_deadline(key, None);
@@ -508,9 +514,14 @@ impl Endpoint {
         Ok(hdr)
     }
 
-    /// Asks the peer for a credit update (e.g. after finding the credit exhausted).
+    /// Asks the peer for a credit update (e.g. after finding the credit exhausted). Does
+    /// nothing while the connection is still connecting: the peer has no connection to
+    /// answer for yet, and its `RESPONSE` brings the credit.
     pub fn request_credit(&mut self, key: &ConnKey) {
         if let Some(conn) = self.conns.get_mut(key) {
+            if conn.state == State::Connecting {
+                return;
+            }
             conn.pending.credit_request = true;
             self.enqueue_ctl(*key);
         }
@@ -756,5 +767,72 @@ impl Endpoint {
             }
         }
         Err(ConnError::NoPort)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(cid: u64, port: u32) -> VsockAddr {
+        VsockAddr::new(Cid(cid), Port(port))
+    }
+
+    /// Fuzz finding `fuzz/regressions/endpoint/credit-request-while-connecting`: a credit
+    /// request on a connection still waiting for its RESPONSE went out before the
+    /// handshake finished.
+    #[test]
+    fn no_credit_request_while_connecting() {
+        let mut ep = Endpoint::new(EndpointConfig::default());
+        let now = Instant::now();
+        let key = ep
+            .connect(now, Cid::HOST, None, addr(3, 5000), SocketType::Stream)
+            .unwrap();
+        ep.request_credit(&key);
+        assert_eq!(ep.poll_transmit().map(|h| h.op()), Some(Op::Request));
+        assert_eq!(ep.poll_transmit(), None);
+
+        let response = Header::control(
+            ConnKey {
+                local: key.peer,
+                peer: key.local,
+            },
+            SocketType::Stream,
+            Op::Response,
+            0,
+        )
+        .with_credit(4096, 0);
+        assert_eq!(ep.handle(&response), Incoming::Connected(key));
+        ep.request_credit(&key);
+        assert_eq!(ep.poll_transmit().map(|h| h.op()), Some(Op::CreditRequest));
+    }
+
+    /// Fuzz finding `fuzz/regressions/endpoint/response-before-request-sent`: a RESPONSE
+    /// that arrived before our REQUEST was sent established the connection, and the REQUEST
+    /// then went out on an established connection.
+    #[test]
+    fn response_before_our_request_is_not_an_answer() {
+        let mut ep = Endpoint::new(EndpointConfig::default());
+        let now = Instant::now();
+        let key = ep
+            .connect(now, Cid::HOST, None, addr(3, 5000), SocketType::Stream)
+            .unwrap();
+        let response = Header::control(
+            ConnKey {
+                local: key.peer,
+                peer: key.local,
+            },
+            SocketType::Stream,
+            Op::Response,
+            0,
+        )
+        .with_credit(4096, 0);
+        assert_eq!(
+            ep.handle(&response),
+            Incoming::Dropped(DropReason::NoAction)
+        );
+        assert_eq!(ep.get(&key).unwrap().state(), State::Connecting);
+        assert_eq!(ep.poll_transmit().map(|h| h.op()), Some(Op::Request));
+        assert_eq!(ep.handle(&response), Incoming::Connected(key));
     }
 }

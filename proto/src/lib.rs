@@ -21,6 +21,9 @@ pub mod config_space;
 pub mod control;
 pub mod credit;
 pub mod endpoint;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hash;
 pub mod hybrid;
 pub mod packet;

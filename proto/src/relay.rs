@@ -231,6 +231,12 @@ impl RelayTable {
                 Route::Refuse(Refusal::UnknownConnection)
             };
         };
+        // Before the RST check: a receiver ignores an RST of the wrong type (as Linux
+        // does), so forwarding one would forget a connection its receiver still holds.
+        if hdr.socket_type() != entry.info.socket_type {
+            self.remove(key);
+            return Route::ResetBoth(Violation::Protocol);
+        }
         if hdr.op() == Op::Rst {
             self.remove(key);
             return Route::Forward {
@@ -240,10 +246,6 @@ impl RelayTable {
             };
         }
         let from_client = hdr.src() == entry.info.client;
-        if hdr.socket_type() != entry.info.socket_type {
-            self.remove(key);
-            return Route::ResetBoth(Violation::Protocol);
-        }
         // The sender is also a receiver: note the window it advertises.
         let (inbound, outbound) = if from_client { (0, 1) } else { (1, 0) };
         entry.flows[inbound].window = window;
@@ -451,6 +453,19 @@ mod tests {
             t.handle(&hdr(a(), b(), Op::Response, 0, 100, 0), ok),
             Route::ResetBoth(Violation::Protocol)
         );
+    }
+
+    /// Fuzz finding `fuzz/regressions/relay/rst-of-the-wrong-type`: an RST whose socket
+    /// type differs from the connection's was forwarded and the connection forgotten, but
+    /// the receiver ignores such an RST and kept its end open with no relay entry.
+    #[test]
+    fn rst_of_the_wrong_type_resets_both_ends() {
+        let mut t = RelayTable::new(RelayConfig::default());
+        established(&mut t, 4096);
+        let rst = Header::rst(a(), b(), SocketType::SeqPacket);
+        assert_eq!(t.handle(&rst, ok), Route::ResetBoth(Violation::Protocol));
+        assert!(t.is_empty());
+        assert_eq!(t.count_for(Cid(3)), 0);
     }
 
     #[test]

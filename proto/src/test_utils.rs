@@ -57,3 +57,39 @@ mod tests {
         assert!((400..600).contains(&hits), "{hits}");
     }
 }
+
+/// Every field of a wire header, native-endian and public, for tests and fuzzers that must
+/// build headers a validated [`crate::Header`] cannot be (unknown ops and types,
+/// inconsistent lengths). [`RawFields::to_raw`] lays them out as on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct RawFields {
+    pub src_cid: u64,
+    pub dst_cid: u64,
+    pub src_port: u32,
+    pub dst_port: u32,
+    pub len: u32,
+    pub type_: u16,
+    pub op: u16,
+    pub flags: u32,
+    pub buf_alloc: u32,
+    pub fwd_cnt: u32,
+}
+
+impl RawFields {
+    /// The wire header with these fields (little-endian, 44 bytes).
+    pub fn to_raw(&self) -> crate::RawHeader {
+        let mut b = [0u8; crate::HEADER_LEN];
+        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
+        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
+        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
+        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
+        b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
+        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+        crate::RawHeader::decode(&b)
+    }
+}
