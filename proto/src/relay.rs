@@ -93,7 +93,8 @@ pub enum Route {
     },
     /// Answer the sender with an RST; forward nothing.
     Refuse(Refusal),
-    /// Drop silently (an RST for a connection nobody knows).
+    /// Drop silently: an RST for a connection nobody knows, or of another socket type
+    /// than its connection's (which its receiver would ignore).
     Drop,
     /// Send an RST to both ends and forget the connection.
     ResetBoth(Violation),
@@ -231,11 +232,12 @@ impl RelayTable {
                 Route::Refuse(Refusal::UnknownConnection)
             };
         };
-        // Before the RST check: a receiver ignores an RST of the wrong type (as Linux
-        // does), so forwarding one would forget a connection its receiver still holds.
-        if hdr.socket_type() != entry.info.socket_type {
-            self.remove(key);
-            return Route::ResetBoth(Violation::Protocol);
+        if hdr.op() == Op::Rst && hdr.socket_type() != entry.info.socket_type {
+            // Its receiver would ignore it (as Linux does), so forwarding it and forgetting
+            // the connection would leave that end open with no entry here. It need not be
+            // a violation either: it may answer an earlier REQUEST of the other type on the
+            // same addresses, before a retried connect restarted the entry.
+            return Route::Drop;
         }
         if hdr.op() == Op::Rst {
             self.remove(key);
@@ -246,6 +248,10 @@ impl RelayTable {
             };
         }
         let from_client = hdr.src() == entry.info.client;
+        if hdr.socket_type() != entry.info.socket_type {
+            self.remove(key);
+            return Route::ResetBoth(Violation::Protocol);
+        }
         // The sender is also a receiver: note the window it advertises.
         let (inbound, outbound) = if from_client { (0, 1) } else { (1, 0) };
         entry.flows[inbound].window = window;
@@ -459,13 +465,20 @@ mod tests {
     /// type differs from the connection's was forwarded and the connection forgotten, but
     /// the receiver ignores such an RST and kept its end open with no relay entry.
     #[test]
-    fn rst_of_the_wrong_type_resets_both_ends() {
+    fn rst_of_the_wrong_type_is_dropped_and_the_connection_kept() {
         let mut t = RelayTable::new(RelayConfig::default());
         established(&mut t, 4096);
         let rst = Header::rst(a(), b(), SocketType::SeqPacket);
-        assert_eq!(t.handle(&rst, ok), Route::ResetBoth(Violation::Protocol));
-        assert!(t.is_empty());
-        assert_eq!(t.count_for(Cid(3)), 0);
+        assert_eq!(t.handle(&rst, ok), Route::Drop);
+        assert_eq!(t.len(), 1);
+        assert!(matches!(
+            t.handle(&hdr(a(), b(), Op::Rw, 100, 1 << 18, 0), ok),
+            Route::Forward { last: false, .. }
+        ));
+        assert!(matches!(
+            t.handle(&hdr(b(), a(), Op::Rst, 0, 0, 0), ok),
+            Route::Forward { last: true, .. }
+        ));
     }
 
     #[test]

@@ -133,7 +133,8 @@ struct Model {
 ///   window the sender was last told; an overrun is a `ResetBoth(CreditOverrun)` with
 ///   exactly the model's numbers, and the connection is gone afterwards;
 /// - refusals and drops happen only where the rules say (unknown connection, domain limit,
-///   the caller's refusal), and the per-domain counts, `len`, `forget` and `remove_domain`
+///   the caller's refusal; an RST of another type than its connection's is dropped and the
+///   connection kept), and the per-domain counts, `len`, `forget` and `remove_domain`
 ///   agree with the model.
 pub fn relay(data: &[u8]) {
     let Ok(input) = Input::arbitrary_take_rest(Unstructured::new(data)) else {
@@ -412,6 +413,10 @@ fn packet(
             model.remove(&key);
         }
         Route::Refuse(r) => panic!("{:?} of an admitted connection refused: {r:?}", hdr.op()),
-        Route::Drop => panic!("{:?} of an admitted connection dropped", hdr.op()),
+        Route::Drop => assert!(
+            hdr.op() == Op::Rst && hdr.socket_type() != m.info.socket_type,
+            "{:?} of an admitted connection dropped",
+            hdr.op()
+        ),
     }
 }
