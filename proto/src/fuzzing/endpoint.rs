@@ -2,6 +2,7 @@
 //! calls and time steps against one [`Endpoint`], checked against a small model after
 //! every step.
 
+use super::input::{FwdCnt, Window};
 use crate::addr::{Cid, ConnKey, Port, VsockAddr};
 use crate::endpoint::{ConnError, DropReason, Endpoint, EndpointConfig, Incoming, State, Timeout};
 use crate::packet::{Header, Op, Shutdown, SocketType, SEQ_EOM, SEQ_EOR};
@@ -45,51 +46,6 @@ impl Amount {
             Amount::Over(n) => allowed.saturating_add(1 + u32::from(n)),
             Amount::Fraction(n) => (u64::from(allowed) * u64::from(n) / 256) as u32,
             Amount::Raw(n) => n,
-        }
-    }
-}
-
-/// The receive window a peer packet advertises.
-#[derive(Debug, Clone, Copy, Arbitrary)]
-enum Window {
-    Zero,
-    Small(u16),
-    Typical,
-    Max,
-    Raw(u32),
-}
-
-impl Window {
-    fn resolve(self) -> u32 {
-        match self {
-            Window::Zero => 0,
-            Window::Small(n) => u32::from(n),
-            Window::Typical => 256 * 1024,
-            Window::Max => u32::MAX,
-            Window::Raw(n) => n,
-        }
-    }
-}
-
-/// The `fwd_cnt` a peer packet carries, relative to what we sent it.
-#[derive(Debug, Clone, Copy, Arbitrary)]
-enum FwdCnt {
-    /// Everything we sent was consumed.
-    Acked,
-    /// `n` bytes are still in the peer's buffer.
-    Behind(u16),
-    /// A lying peer: more consumed than we ever sent.
-    Ahead(u16),
-    Raw(u32),
-}
-
-impl FwdCnt {
-    fn resolve(self, tx: u32) -> u32 {
-        match self {
-            FwdCnt::Acked => tx,
-            FwdCnt::Behind(n) => tx.wrapping_sub(u32::from(n)),
-            FwdCnt::Ahead(n) => tx.wrapping_add(u32::from(n)),
-            FwdCnt::Raw(n) => n,
         }
     }
 }

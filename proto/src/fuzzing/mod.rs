@@ -9,6 +9,7 @@
 mod codecs;
 pub mod corpus;
 mod endpoint;
+mod input;
 mod relay;
 
 pub use codecs::{control, header, hybrid};

@@ -2,6 +2,7 @@
 //! addresses, admission answers, and removals, checked against a model of what was
 //! admitted and of each direction's credit.
 
+use super::input::{FwdCnt, Window};
 use crate::addr::{Cid, Port, VsockAddr};
 use crate::packet::{Header, Op};
 use crate::relay::{Refusal, RelayConfig, RelayTable, Relayed, Route, Violation};
@@ -19,35 +20,6 @@ enum Amount {
     /// Exactly the credit the receiver's window leaves.
     Allowed,
     Over(u8),
-    Raw(u32),
-}
-
-#[derive(Debug, Clone, Copy, Arbitrary)]
-enum Window {
-    Zero,
-    Small(u16),
-    Typical,
-    Max,
-    Raw(u32),
-}
-
-impl Window {
-    fn resolve(self) -> u32 {
-        match self {
-            Window::Zero => 0,
-            Window::Small(n) => u32::from(n),
-            Window::Typical => 256 * 1024,
-            Window::Max => u32::MAX,
-            Window::Raw(n) => n,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Arbitrary)]
-enum FwdCnt {
-    Acked,
-    Behind(u16),
-    Ahead(u16),
     Raw(u32),
 }
 
@@ -255,12 +227,7 @@ fn packet(
         buf_alloc: buf_alloc.resolve(),
         fwd_cnt: {
             let sent = entry.as_ref().map_or(0, |m| m.flows[inbound].sent);
-            match fwd_cnt {
-                FwdCnt::Acked => sent,
-                FwdCnt::Behind(n) => sent.wrapping_sub(u32::from(n)),
-                FwdCnt::Ahead(n) => sent.wrapping_add(u32::from(n)),
-                FwdCnt::Raw(n) => n,
-            }
+            fwd_cnt.resolve(sent)
         },
     }
     .to_raw();
