@@ -509,29 +509,7 @@ impl UserGuest {
         payload: &[u8],
         timeout: Duration,
     ) -> Result<(), SockError> {
-        assert_eq!(
-            hdr.len() as usize,
-            payload.len(),
-            "header length vs payload"
-        );
-        assert!(
-            payload.len() <= self.driver.max_tx_payload(),
-            "payload of {} bytes exceeds one TX packet",
-            payload.len()
-        );
-        self.wait_until("send_raw", timeout, |g| {
-            g.check_broken()?;
-            g.flush_control()?;
-            if !g.driver.tx_room([payload.len()]) {
-                g.driver.reclaim_tx().map_err(|e| g.fail(e))?;
-                if !g.driver.tx_room([payload.len()]) {
-                    return Ok(None);
-                }
-            }
-            g.driver.send(hdr, payload).map_err(|e| g.fail(e))?;
-            g.driver.kick().map_err(|e| g.fail(e))?;
-            Ok(Some(()))
-        })
+        self.send_raw_batch_timeout(&[(*hdr, payload)], timeout)
     }
 
     /// Like [`UserGuest::send_raw_timeout`] for several packets, published together and
