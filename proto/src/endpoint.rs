@@ -778,6 +778,20 @@ mod tests {
         VsockAddr::new(Cid(cid), Port(port))
     }
 
+    /// The peer's RESPONSE (window 4096) to our REQUEST on `key`.
+    fn response_to(key: ConnKey) -> Header {
+        Header::control(
+            ConnKey {
+                local: key.peer,
+                peer: key.local,
+            },
+            SocketType::Stream,
+            Op::Response,
+            0,
+        )
+        .with_credit(4096, 0)
+    }
+
     /// Fuzz finding `fuzz/regressions/endpoint/credit-request-while-connecting`: a credit
     /// request on a connection still waiting for its RESPONSE went out before the
     /// handshake finished.
@@ -792,16 +806,7 @@ mod tests {
         assert_eq!(ep.poll_transmit().map(|h| h.op()), Some(Op::Request));
         assert_eq!(ep.poll_transmit(), None);
 
-        let response = Header::control(
-            ConnKey {
-                local: key.peer,
-                peer: key.local,
-            },
-            SocketType::Stream,
-            Op::Response,
-            0,
-        )
-        .with_credit(4096, 0);
+        let response = response_to(key);
         assert_eq!(ep.handle(&response), Incoming::Connected(key));
         ep.request_credit(&key);
         assert_eq!(ep.poll_transmit().map(|h| h.op()), Some(Op::CreditRequest));
@@ -817,16 +822,7 @@ mod tests {
         let key = ep
             .connect(now, Cid::HOST, None, addr(3, 5000), SocketType::Stream)
             .unwrap();
-        let response = Header::control(
-            ConnKey {
-                local: key.peer,
-                peer: key.local,
-            },
-            SocketType::Stream,
-            Op::Response,
-            0,
-        )
-        .with_credit(4096, 0);
+        let response = response_to(key);
         assert_eq!(
             ep.handle(&response),
             Incoming::Dropped(DropReason::NoAction)

@@ -130,9 +130,9 @@ struct Entry {
 }
 
 /// Normalized key: the smaller address first, so both directions find the entry.
-type Key = (VsockAddr, VsockAddr);
+pub(crate) type Key = (VsockAddr, VsockAddr);
 
-fn key_of(a: VsockAddr, b: VsockAddr) -> Key {
+pub(crate) fn key_of(a: VsockAddr, b: VsockAddr) -> Key {
     if a <= b {
         (a, b)
     } else {

@@ -58,15 +58,7 @@ fn addr(i: u8) -> VsockAddr {
     VsockAddr::new(CIDS[i / PORTS.len()], PORTS[i % PORTS.len()])
 }
 
-type Key = (VsockAddr, VsockAddr);
-
-fn key_of(a: VsockAddr, b: VsockAddr) -> Key {
-    if a <= b {
-        (a, b)
-    } else {
-        (b, a)
-    }
-}
+use crate::relay::{key_of, Key};
 
 /// One direction of a relayed connection, named by its receiver.
 #[derive(Debug, Clone, Copy, Default)]
