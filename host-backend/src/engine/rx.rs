@@ -56,7 +56,7 @@ impl DataPlane {
                 let Some(head) = w.pop(&mut self.regions) else {
                     break;
                 };
-                if self.fill_batch(now, w, head) {
+                if self.fill_batch(w, head) {
                     continue;
                 }
                 if !self.fill_one(now, w, head) {
@@ -78,7 +78,7 @@ impl DataPlane {
     /// with one `readv`, one packet per chain, in ring order. Chains it did not need go back
     /// to the ring. Returns `false` (nothing consumed, `self.regions` untouched) when the
     /// case does not apply or nothing could be read; the caller goes on as usual then.
-    fn fill_batch(&mut self, _now: Instant, w: &mut RxWriter<'_>, head: u16) -> bool {
+    fn fill_batch(&mut self, w: &mut RxWriter<'_>, head: u16) -> bool {
         let Some(&key) = self.ready.front() else {
             return false;
         };

@@ -50,6 +50,30 @@ struct RxQueue {
     mem: GuestMemoryAtomic<Mem>,
 }
 
+impl RxQueue {
+    /// Runs `f` with a writer on the ring (holding the vring's lock); its result and
+    /// whether chains were used. `None` if the queue is not ready.
+    fn write_with<R>(
+        &self,
+        stats: &VmStats,
+        f: impl FnOnce(&mut RxWriter<'_>) -> R,
+    ) -> Option<(R, bool)> {
+        let mem = self.mem.memory();
+        let mut guard = self.vring.get_mut();
+        if !guard.get_queue().ready() {
+            return None;
+        }
+        let mut w = RxWriter {
+            queue: guard.get_queue_mut(),
+            mem: &mem,
+            stats,
+            used: false,
+        };
+        let r = f(&mut w);
+        Some((r, w.used))
+    }
+}
+
 /// A packet (or the tail of one) waiting for RX buffers.
 #[derive(Debug)]
 struct Queued {
@@ -160,21 +184,7 @@ impl GuestPort {
         }
         let st = &mut *st;
         let ring = st.ring.as_ref()?;
-        let (result, used) = {
-            let mem = ring.mem.memory();
-            let mut guard = ring.vring.get_mut();
-            if !guard.get_queue().ready() {
-                return None;
-            }
-            let mut w = RxWriter {
-                queue: guard.get_queue_mut(),
-                mem: &mem,
-                stats: &self.shared.stats,
-                used: false,
-            };
-            let r = f(&mut w);
-            (r, w.used)
-        };
+        let (result, used) = ring.write_with(&self.shared.stats, f)?;
         if used || std::mem::take(&mut st.unsignalled) {
             signal_if_needed(&ring.vring, &ring.mem);
         }
@@ -195,19 +205,11 @@ impl GuestPort {
         let Some(ring) = st.ring.as_ref() else {
             return (0, false);
         };
-        let mem = ring.mem.memory();
-        let mut guard = ring.vring.get_mut();
-        if !guard.get_queue().ready() {
+        let scratch = &mut st.scratch;
+        let Some((r, used)) = ring.write_with(stats, |w| w.put(scratch, q)) else {
             return (0, false);
-        }
-        let mut w = RxWriter {
-            queue: guard.get_queue_mut(),
-            mem: &mem,
-            stats,
-            used: false,
         };
-        let r = w.put(&mut st.scratch, q);
-        st.unsignalled |= w.used;
+        st.unsignalled |= used;
         r
     }
 
