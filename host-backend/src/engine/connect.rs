@@ -90,7 +90,7 @@ impl DataPlane {
         for key in denied {
             if let Some(hc) = self.conns.get(&key) {
                 hc.span.in_scope(|| {
-                    warn!(%key, "host connection reset: no longer allowed by the reloaded policy")
+                    warn!(vm = %self.shared.name, %key, "host connection reset: no longer allowed by the reloaded policy")
                 });
             }
             self.endpoint.reset(key);
@@ -201,7 +201,7 @@ impl DataPlane {
         let token = match self.poller.register(sock.raw_fd(), Target::Conn(key)) {
             Ok(t) => t,
             Err(e) => {
-                warn!(error = %e, "epoll registration failed");
+                warn!(vm = %self.shared.name, error = %e, "epoll registration failed");
                 self.endpoint.reset(key);
                 return;
             }

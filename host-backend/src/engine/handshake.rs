@@ -80,13 +80,13 @@ impl DataPlane {
                 Err(e) if would_block(&e) => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    warn!(error = %e, "accept on host listener failed");
+                    warn!(vm = %self.shared.name, error = %e, "accept on host listener failed");
                     return;
                 }
             };
             if self.handshakes.len() >= MAX_PENDING_HANDSHAKES {
                 VmStats::inc(&self.shared.stats.bad_handshakes);
-                warn!("too many pending host handshakes; closing one");
+                warn!(vm = %self.shared.name, "too many pending host handshakes; closing one");
                 continue;
             }
             if stream.set_nonblocking(true).is_err() {

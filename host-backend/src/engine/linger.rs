@@ -23,6 +23,7 @@ use tracing::warn;
 
 /// Starts the linger thread for `conns` (all with unflushed guest data).
 pub(super) fn spawn(shared: Arc<VmShared>, mut conns: Vec<HostConn>) {
+    let name = shared.name.clone();
     VmStats::add(&shared.stats.lingered_connections, conns.len() as u64);
     let spawned = std::thread::Builder::new()
         .name(format!("linger-{}", shared.name))
@@ -57,6 +58,6 @@ pub(super) fn spawn(shared: Arc<VmShared>, mut conns: Vec<HostConn>) {
             }
         });
     if spawned.is_err() {
-        warn!("cannot start a linger thread; host sockets with unsent guest data are closed");
+        warn!(vm = %name, "cannot start a linger thread; host sockets with unsent guest data are closed");
     }
 }

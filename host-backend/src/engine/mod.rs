@@ -205,7 +205,7 @@ impl DataPlane {
         }
         self.endpoint.clear();
         self.ready.clear();
-        info!(closed = n, stats = %self.shared.stats, "device stopped");
+        info!(vm = %self.shared.name, closed = n, stats = %self.shared.stats, "device stopped");
     }
 
     /// Connections with host state (for tests and status).
@@ -257,7 +257,7 @@ impl DataPlane {
                 .set_interest(hc.sock.raw_fd(), hc.token, interest)
             {
                 Ok(()) => hc.interest = interest,
-                Err(e) => warn!(error = %e, "epoll modify"),
+                Err(e) => warn!(vm = %self.shared.name, error = %e, "epoll modify"),
             }
         }
         if domsock_proto::rules::closes_with_rst(state, peer, hc.outbox_empty()) {

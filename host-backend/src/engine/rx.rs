@@ -171,7 +171,8 @@ impl DataPlane {
                 break;
             }
             left -= take;
-            let Some(hdr) = rw_header(&mut self.endpoint, key, take, false) else {
+            let Some(hdr) = rw_header(&mut self.endpoint, &self.shared.name, key, take, false)
+            else {
                 break;
             };
             used = i + 1;
@@ -290,7 +291,7 @@ impl DataPlane {
                             }
                             if len as u64 > u64::from(peer_buf) {
                                 // The guest could never take this message whole.
-                                warn!(%key, len, peer_buf, "seqpacket message larger than the guest's buffer");
+                                warn!(vm = %self.shared.name, %key, len, peer_buf, "seqpacket message larger than the guest's buffer");
                                 VmStats::inc(&self.shared.stats.host_errors);
                                 self.endpoint.reset(key);
                                 return Fill::Nothing;
@@ -318,7 +319,7 @@ impl DataPlane {
     }
 
     fn emit_rw(&mut self, key: ConnKey, n: usize, eom: bool) -> Fill {
-        match rw_header(&mut self.endpoint, key, n, eom) {
+        match rw_header(&mut self.endpoint, &self.shared.name, key, n, eom) {
             Some(hdr) => Fill::Data(hdr),
             None => Fill::Nothing,
         }
@@ -374,7 +375,13 @@ fn read_stream(hc: &mut HostConn, regions: &Regions, mem: &Mem, max: usize) -> R
 /// `None` (and the connection reset) if the endpoint refuses, which cannot happen when
 /// `n` is within the credit the caller asked for: losing data silently would be worse
 /// than a reset.
-fn rw_header(endpoint: &mut Endpoint, key: ConnKey, n: usize, eom: bool) -> Option<RawHeader> {
+fn rw_header(
+    endpoint: &mut Endpoint,
+    vm: &str,
+    key: ConnKey,
+    n: usize,
+    eom: bool,
+) -> Option<RawHeader> {
     match endpoint.send_rw(&key, n as u32, eom, false) {
         Ok(hdr) => {
             if tracing::enabled!(tracing::Level::TRACE) {
@@ -385,7 +392,7 @@ fn rw_header(endpoint: &mut Endpoint, key: ConnKey, n: usize, eom: bool) -> Opti
             Some(hdr.to_raw())
         }
         Err(e) => {
-            warn!(error = %e, "send_rw refused");
+            warn!(vm, error = %e, "send_rw refused");
             endpoint.reset(key);
             None
         }

@@ -64,7 +64,7 @@ impl DataPlane {
                 let queue = guard.get_queue_mut();
                 for head in heads.drain(..) {
                     if queue.add_used(&*mem, head, 0).is_err() {
-                        warn!("add_used failed on TX");
+                        warn!(vm = %self.shared.name, "add_used failed on TX");
                     }
                 }
             }
