@@ -35,6 +35,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod session;
 
 const MAGIC: &[u8; 4] = b"DSCS";
 /// Current format version.
