@@ -55,6 +55,20 @@ counters! {
     unknown_connection_rsts,
     /// Device stops (guest reset, reboot, QEMU disconnect).
     device_stops,
+    /// Sessions opened through the session port.
+    sessions_opened,
+    /// Sessions whose guest transport broke and whose host end was parked.
+    sessions_parked,
+    /// Parked sessions resumed by their guest.
+    sessions_resumed,
+    /// Parked sessions closed because their guest did not come back in time.
+    sessions_expired,
+    /// OPENs and RESUMEs refused (any reason; a bad proof is also counted below).
+    session_refusals,
+    /// RESUMEs whose proof did not verify (wrong secret, replayed handshake).
+    session_bad_proofs,
+    /// Bytes sent to a guest again after a resume (from the replay buffer).
+    session_replayed_bytes,
     /// Connections whose unsent guest data was flushed after their device stopped.
     lingered_connections,
     /// Guest data lost because a lingering connection's host end did not take it in time.

@@ -37,3 +37,12 @@ pub const MAX_GUEST_WARNINGS_PER_SEC: u32 = 10;
 /// RX buffers one `readv` from a host socket may fill (when the last read of that socket
 /// filled its buffer, so more data is likely waiting).
 pub const RX_BATCH_MAX_CHAINS: usize = 16;
+
+/// Sessions (live and parked) one VM may hold.
+pub const MAX_SESSIONS_PER_VM: usize = 256;
+/// Replay buffer of one session's host->guest direction: what was sent to the guest and
+/// not yet consumed by it, plus what a parked session read from its host socket. Equal to
+/// the guest kernel's default receive buffer, so it limits nothing in the default setup.
+pub const SESSION_REPLAY_BYTES: usize = 256 * 1024;
+/// Expired session ids remembered per VM, so a late RESUME learns why it failed.
+pub const SESSION_TOMBSTONES: usize = 256;

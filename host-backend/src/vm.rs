@@ -43,6 +43,8 @@ pub struct VmShared {
     pub wake: EventFd,
     /// Open control-service connections.
     pub control_conns: AtomicUsize,
+    /// How long a parked session waits for its guest, in ms (set from the config).
+    pub park_timeout_ms: std::sync::atomic::AtomicU64,
     /// Rate limit of this VM's warnings (see [`VmShared::may_warn`]).
     warn_budget: Mutex<(Instant, u32)>,
 }
@@ -75,6 +77,9 @@ impl VmShared {
             busy_poll,
             wake: EventFd::new(EFD_NONBLOCK)?,
             control_conns: AtomicUsize::new(0),
+            park_timeout_ms: std::sync::atomic::AtomicU64::new(u64::from(
+                domsock_migration::session::DEFAULT_PARK_TIMEOUT_MS,
+            )),
             warn_budget: Mutex::new((Instant::now(), 0)),
         }))
     }

@@ -70,6 +70,16 @@ impl Credit {
         self.fwd_cnt.0
     }
 
+    /// What the peer said it has consumed of our bytes (wrapping).
+    pub fn peer_fwd_cnt(&self) -> u32 {
+        self.peer_fwd_cnt.0
+    }
+
+    /// Changes the receive buffer we advertise (from the next header on).
+    pub fn set_buf_alloc(&mut self, bytes: u32) {
+        self.buf_alloc = bytes;
+    }
+
     /// Bytes received but not yet consumed by our side.
     pub fn unconsumed(&self) -> u32 {
         (self.rx_cnt - self.fwd_cnt).0

@@ -547,6 +547,21 @@ impl Endpoint {
         }
     }
 
+    /// Changes the receive buffer advertised on `key` and tells the peer at once. The
+    /// session service shrinks it while bytes of an earlier connection still wait for the
+    /// host, so that what it holds never exceeds the window it promised.
+    pub fn set_buf_alloc(&mut self, key: &ConnKey, bytes: u32) {
+        if let Some(conn) = self.conns.get_mut(key) {
+            if conn.credit.buf_alloc() != bytes {
+                conn.credit.set_buf_alloc(bytes);
+                if conn.state != State::Connecting {
+                    conn.pending.credit_update = true;
+                    self.enqueue_ctl(*key);
+                }
+            }
+        }
+    }
+
     /// Our side shut `how`. Shutting both directions starts the close handshake, unless the
     /// peer already shut both, in which case the connection ends with an RST at once.
     pub fn shutdown(&mut self, now: Instant, key: &ConnKey, how: Shutdown) {

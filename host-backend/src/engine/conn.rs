@@ -97,6 +97,8 @@ pub struct HostConn {
     /// seqpacket message being cut into packets).
     pub(super) inbox: Vec<u8>,
     pub(super) inbox_off: usize,
+    /// Set on connections of the session port: their greeting, then their session.
+    pub(super) session: Option<Box<super::session::SessionState>>,
     /// Every event logged about this connection names it (VM, ports).
     pub(super) span: tracing::Span,
 }
@@ -133,6 +135,7 @@ impl HostConn {
             partial_msg: Vec::new(),
             inbox: Vec::new(),
             inbox_off: 0,
+            session: None,
         }
     }
 

@@ -20,9 +20,10 @@ use super::DataPlane;
 use crate::host::HostSocket;
 use crate::metrics::VmStats;
 use crate::policy::Verdict;
+use domsock_migration::session::SESSION_PORT;
 use domsock_proto::control::PeerPreamble;
 use domsock_proto::hybrid::ok_line;
-use domsock_proto::{ConnKey, Header};
+use domsock_proto::{ConnKey, Header, Port, SocketType};
 use std::io::{self, ErrorKind};
 use tracing::{debug, warn};
 
@@ -62,7 +63,26 @@ enum Attempt {
 }
 
 /// Why a guest's connection to a host port is refused.
-enum Refusal {
+/// What a host target is asked for: a guest's REQUEST, or a session's OPEN.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TargetRequest {
+    pub(super) port: Port,
+    pub(super) socket_type: SocketType,
+    /// The guest's port, named in a shared listener's preamble.
+    pub(super) src_port: Port,
+}
+
+impl TargetRequest {
+    fn of(req: &Header) -> Self {
+        Self {
+            port: req.dst().port,
+            socket_type: req.socket_type(),
+            src_port: req.src().port,
+        }
+    }
+}
+
+pub(super) enum Refusal {
     Denied(crate::policy::DenyReason),
     Failed(io::Error),
 }
@@ -79,10 +99,12 @@ impl DataPlane {
             .conns
             .iter()
             .filter(|(key, hc)| {
+                let port = hc.session_target().unwrap_or(key.local.port);
                 hc.origin == Origin::Guest
+                    && !hc.in_greeting()
                     && !self
                         .router
-                        .check_host(key.peer.cid, key.local.port, hc.socket_type)
+                        .check_host(key.peer.cid, port, hc.socket_type)
                         .is_allowed()
             })
             .map(|(k, _)| *k)
@@ -98,10 +120,10 @@ impl DataPlane {
         }
     }
 
-    fn try_target(&self, target: HostTarget, req: &Header) -> Attempt {
-        let port = req.dst().port;
+    fn try_target(&self, target: HostTarget, req: &TargetRequest) -> Attempt {
+        let port = req.port;
         match target {
-            HostTarget::Service => match self.services.lookup(port, req.socket_type()) {
+            HostTarget::Service => match self.services.lookup(port, req.socket_type) {
                 None => Attempt::Absent(None),
                 Some(service) => match service.open(&self.shared) {
                     Ok(sock) => Attempt::Answered(sock, None),
@@ -112,7 +134,7 @@ impl DataPlane {
                 },
             },
             HostTarget::OwnSocket => {
-                match HostSocket::connect(&self.shared.port_path(port), req.socket_type()) {
+                match HostSocket::connect(&self.shared.port_path(port), req.socket_type) {
                     Ok(sock) => Attempt::Answered(sock, None),
                     Err(e) => Attempt::Absent(Some(e)),
                 }
@@ -121,7 +143,7 @@ impl DataPlane {
                 let Some(path) = self.router.listener_for(self.shared.cid, port) else {
                     return Attempt::Absent(None);
                 };
-                let sock = match HostSocket::connect(path, req.socket_type()) {
+                let sock = match HostSocket::connect(path, req.socket_type) {
                     Ok(s) => s,
                     Err(e) => return Attempt::Failed(e),
                 };
@@ -131,7 +153,7 @@ impl DataPlane {
                 VmStats::inc(&self.shared.stats.listener_connections);
                 let line = PeerPreamble {
                     identity,
-                    port: req.src().port,
+                    port: req.src_port,
                 }
                 .encode();
                 Attempt::Answered(sock, Some(line))
@@ -140,7 +162,10 @@ impl DataPlane {
     }
 
     /// The host socket answering `req` (and a preamble to send first), by [`HOST_TARGETS`].
-    fn open_host_target(&self, req: &Header) -> Result<(HostSocket, Option<String>), Refusal> {
+    pub(super) fn open_host_target(
+        &self,
+        req: &TargetRequest,
+    ) -> Result<(HostSocket, Option<String>), Refusal> {
         let mut policy_checked = false;
         let mut absent = None;
         for target in HOST_TARGETS {
@@ -148,7 +173,7 @@ impl DataPlane {
                 policy_checked = true;
                 if let Verdict::Deny(why) =
                     self.router
-                        .check_host(self.shared.cid, req.dst().port, req.socket_type())
+                        .check_host(self.shared.cid, req.port, req.socket_type)
                 {
                     return Err(Refusal::Denied(why));
                 }
@@ -166,7 +191,11 @@ impl DataPlane {
 
     pub(super) fn guest_connect(&mut self, req: &Header) {
         let port = req.dst().port;
-        let (mut sock, preamble) = match self.open_host_target(req) {
+        if port == SESSION_PORT && req.socket_type() == SocketType::Stream {
+            self.session_connect(req);
+            return;
+        }
+        let (mut sock, preamble) = match self.open_host_target(&TargetRequest::of(req)) {
             Ok(found) => found,
             Err(Refusal::Denied(why)) => {
                 self.shared

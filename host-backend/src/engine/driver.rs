@@ -172,6 +172,7 @@ impl DataPlane {
             }
             _ => match self.poller.target(token) {
                 Some(Target::Handshake) => self.read_handshake(now, token),
+                Some(Target::Parked(id)) => self.parked_event(id, set),
                 Some(Target::Conn(key)) => {
                     let Some(hc) = self.conns.get_mut(&key) else {
                         return;

@@ -14,6 +14,7 @@
 //! | `rx.rs` | host->guest data and control packets into RX buffers, through the guest's [`GuestPort`] |
 //! | `conn.rs` | one host connection's socket state (enums) and its bounded outbox |
 //! | `linger.rs` | flushing accepted guest data after the device is gone |
+//! | `session.rs` | the session port: greetings, live sessions' replay, parked sessions |
 //!
 //! Everything below the driver takes `now` as an argument and never reads the clock, so
 //! tests drive the engine with simulated time through [`DataPlane::pump_at`] (timeouts
@@ -35,6 +36,7 @@ mod handshake;
 mod linger;
 mod poller;
 mod rx;
+mod session;
 mod tx;
 
 pub use driver::Wake;
@@ -95,6 +97,11 @@ pub struct DataPlane {
     /// RX chains of a batched read beyond the first (which is in `regions`), and their heads.
     rx_extra: Vec<Regions>,
     rx_extra_heads: Vec<u16>,
+    /// Copy of host bytes just sent to a session's guest, on their way to its replay
+    /// buffer (reused).
+    rx_record: Vec<u8>,
+    /// Sessions not on a live connection (parked) and the bounds of all.
+    sessions: session::Sessions,
     /// Every event logged while this engine runs names the VM.
     span: tracing::Span,
 }
@@ -148,6 +155,8 @@ impl DataPlane {
             g2g,
             rx_extra: Vec::new(),
             rx_extra_heads: Vec::new(),
+            rx_record: Vec::new(),
+            sessions: session::Sessions::default(),
         })
     }
 
@@ -174,6 +183,7 @@ impl DataPlane {
     pub fn end(&mut self) {
         self.ended = true;
         self.stop();
+        self.drop_all_parked();
     }
 
     /// The device stopped (guest reset, reboot or QEMU gone): every connection is dead on
@@ -188,6 +198,8 @@ impl DataPlane {
         self.router.domain_gone(self.shared.cid);
         self.attached = false;
         VmStats::inc(&self.shared.stats.device_stops);
+        // Sessions keep their host ends; everything else ends below.
+        self.park_sessions();
         let n = self.conns.len();
         let mut lingering = Vec::new();
         for (_, hc) in self.conns.drain() {
@@ -205,12 +217,17 @@ impl DataPlane {
         }
         self.endpoint.clear();
         self.ready.clear();
-        info!(vm = %self.shared.name, closed = n, stats = %self.shared.stats, "device stopped");
+        info!(vm = %self.shared.name, closed = n, parked = self.sessions.parked(), stats = %self.shared.stats, "device stopped");
     }
 
     /// Connections with host state (for tests and status).
     pub fn connections(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Sessions parked, waiting for their guest.
+    pub fn parked_sessions(&self) -> usize {
+        self.sessions.parked()
     }
 
     /// Host connections waiting for their `CONNECT` line.
@@ -227,10 +244,15 @@ impl DataPlane {
             self.close_host(key);
             return;
         };
+        let guest_fwd_cnt = conn.credit().peer_fwd_cnt();
         let Some(hc) = self.conns.get_mut(&key) else {
             self.endpoint.reset(key);
             return;
         };
+        if hc.session.is_some() {
+            hc.session_ack(guest_fwd_cnt);
+        }
+        let conn = self.endpoint.get(&key).expect("looked up above");
         let peer = conn.peer_shutdown();
         let state = conn.state();
         let can_send = conn.can_send();
@@ -280,6 +302,7 @@ impl DataPlane {
 
     fn close_host(&mut self, key: ConnKey) {
         if let Some(hc) = self.conns.remove(&key) {
+            self.session_closed(&hc);
             hc.span.in_scope(|| {
                 tracing::debug!(outbox = hc.outbox_len(), "host connection closed");
             });
@@ -296,6 +319,7 @@ impl DataPlane {
             VmStats::inc(counter);
             self.close_host(key);
         }
+        self.session_timers(now);
         for token in self.handshakes.expired(now) {
             VmStats::inc(&self.shared.stats.handshake_timeouts);
             self.drop_handshake(token, "timed out");
@@ -308,6 +332,7 @@ impl DataPlane {
             .next_deadline()
             .into_iter()
             .chain(self.endpoint.poll_timeout())
+            .chain(self.sessions.next_deadline())
             .min()
     }
 }

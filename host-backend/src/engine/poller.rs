@@ -34,6 +34,8 @@ pub(super) enum Target {
     Conn(ConnKey),
     /// A host connection still in its `CONNECT` handshake.
     Handshake,
+    /// The host socket of a parked session.
+    Parked(domsock_migration::session::SessionId),
 }
 
 /// The nested epoll, its tokens, and the timerfd.

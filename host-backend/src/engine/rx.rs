@@ -90,6 +90,7 @@ impl DataPlane {
         match self.conns.get(&key) {
             Some(hc)
                 if hc.socket_type == SocketType::Stream
+                    && hc.session.is_none()
                     && hc.readiness == super::conn::Readiness::Full
                     && !hc.host_eof()
                     && hc.inbox_pending() == 0
@@ -239,14 +240,31 @@ impl DataPlane {
         match hc.socket_type {
             SocketType::Stream => {
                 let mut n = 0usize;
-                // Handshake leftovers go first.
+                // Handshake leftovers (and a resumed session's greeting and replay) go
+                // first.
                 if hc.inbox_pending() > 0 {
                     let Some(take) = hc.drain_inbox(&self.regions, mem, max) else {
                         return Fill::Nothing;
                     };
                     n = take;
                 } else if hc.readable() && !hc.host_eof() {
+                    // A session may not send more than its replay buffer can keep.
+                    let max = max.min(hc.session_room());
+                    if max == 0 {
+                        return Fill::Nothing;
+                    }
                     match read_stream(hc, &self.regions, mem, max) {
+                        Ok(k) if k > 0 && hc.session.is_some() => {
+                            n = k;
+                            let scratch = &mut self.rx_record;
+                            scratch.clear();
+                            if self.regions.copy_payload(mem, 0, k, scratch).is_err() {
+                                VmStats::inc(&self.shared.stats.malformed_chains);
+                                self.endpoint.reset(key);
+                                return Fill::Nothing;
+                            }
+                            hc.record_sent(scratch);
+                        }
                         Ok(k) => n = k,
                         Err(()) => {
                             VmStats::inc(&self.shared.stats.host_errors);

@@ -289,6 +289,18 @@ impl DataPlane {
             return;
         };
         let len = len as usize;
+        if hc.in_greeting() {
+            let mut bytes = Vec::new();
+            if self.regions.copy_payload(mem, 0, len, &mut bytes).is_err() {
+                VmStats::inc(&self.shared.stats.malformed_chains);
+                self.endpoint.reset(key);
+                return;
+            }
+            self.endpoint.consumed(&key, len as u32);
+            self.session_greeting(key, &bytes);
+            return;
+        }
+        hc.note_received(len);
         if hc.socket_type == SocketType::Stream {
             // Written at the end of the TX batch, with one writev per connection straight
             // from the guest's buffers (see `flush_dirty`), whose chains wait until then.
@@ -354,9 +366,15 @@ impl DataPlane {
         };
         let before = hc.outbox_len();
         let result = hc.write_outbox();
-        let consumed = before - hc.outbox_len();
+        let (consumed, still_carried) = hc.split_flushed(before - hc.outbox_len());
         if consumed > 0 {
             self.endpoint.consumed(&key, consumed as u32);
+        }
+        if let Some(carried) = still_carried {
+            // Bytes of an earlier connection reached the host: the window opens again.
+            let window = self.endpoint.config().buf_alloc_bytes;
+            self.endpoint
+                .set_buf_alloc(&key, window.saturating_sub(carried as u32));
         }
         if result.is_err() {
             VmStats::inc(&self.shared.stats.host_errors);

@@ -1,0 +1,691 @@
+//! The session service: guest connections to the session port
+//! ([`SESSION_PORT`]) that outlive their vsock transport. Protocol and wire format in
+//! [`domsock_migration::session`].
+//!
+//! A connection to the session port starts in its **greeting**: its host end is a
+//! placeholder (one end of a Unix socket pair that never has data) until the guest's
+//! first frame arrives.
+//! - `OPEN` connects the named host target (the same table and policy as a direct
+//!   connection to that port), swaps the real socket in, and answers `OPENED` through
+//!   the connection's inbox (the bytes the guest gets before any host data).
+//! - `RESUME` checks the proof against the session of *this* VM's data plane (another
+//!   domain's sessions are not even visible here), moves the parked host end onto the new
+//!   connection and answers `RESUMED` followed by the replay tail.
+//! - Anything else is answered `REFUSED` and the connection ends.
+//!
+//! A **live** session differs from a raw connection in three places only: bytes read from
+//! the host socket are also recorded in its bounded replay buffer (acknowledged by the
+//! guest's `fwd_cnt`, which every guest packet carries); guest bytes accepted are
+//! counted; and bytes of an earlier connection still in the outbox shrink the advertised
+//! buffer until they reach the host, so the guest's replay window always covers what is
+//! missing.
+//!
+//! When the device stops, live sessions are **parked** instead of closed: the host socket
+//! stays open and registered, the outbox keeps flushing to it, and host data is read into
+//! the replay buffer until it is full (then the host writer blocks: nothing is dropped).
+//! A parked session waits for its guest for the VM's park timeout; then its host end is
+//! closed (the host process reads EOF), it is counted as expired, and its id is
+//! remembered so that a late RESUME is told why.
+//!
+//! What it does not do: sessions to sibling guests or host-initiated sessions, seqpacket
+//! sessions, or keeping parked sessions when the frontend itself disconnects (the engine
+//! ends for good then).
+
+use super::conn::{HostConn, Interest, Readiness};
+use super::connect::{Refusal as TargetRefusal, TargetRequest};
+use super::poller::Target;
+use super::DataPlane;
+use crate::host::HostSocket;
+use crate::metrics::VmStats;
+use crate::tunables::{MAX_SESSIONS_PER_VM, SESSION_REPLAY_BYTES, SESSION_TOMBSTONES};
+use domsock_migration::session::proof::ResumeClaim;
+use domsock_migration::session::replay::ReplayBuffer;
+use domsock_migration::session::wire::{Closed, Frame, Refusal, MAX_FRAME_LEN};
+use domsock_migration::session::{CounterExtender, Nonce, Secret, SessionId, Tag};
+use domsock_proto::{Cid, ConnKey, Header, Port, SocketType};
+use std::collections::{HashMap, VecDeque};
+use std::io::ErrorKind;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+use vmm_sys_util::epoll::EventSet;
+
+/// A session-port connection's session side.
+#[derive(Debug)]
+pub(crate) enum SessionState {
+    /// Waiting for the guest's first frame; `peer` keeps the placeholder socket from
+    /// reading EOF (dropped once the connection is refused, so it ends after the answer).
+    Greeting {
+        buf: Vec<u8>,
+        peer: Option<UnixStream>,
+    },
+    /// Carrying a session.
+    Live(SessionLink),
+}
+
+/// What a session keeps across its connections.
+#[derive(Debug)]
+pub(crate) struct SessionLink {
+    id: SessionId,
+    secret: Secret,
+    /// The nonce the next RESUME must prove.
+    nonce: Nonce,
+    /// The nonce before the last resume, accepted until the guest has read the RESUMED
+    /// that replaced it (it may never have arrived).
+    prev_nonce: Option<Nonce>,
+    /// The host port the session reaches (for policy rechecks).
+    target: Port,
+    /// Host->guest bytes not yet acknowledged by the guest (and, while parked, read but
+    /// not yet sent).
+    to_guest: ReplayBuffer,
+    /// The guest's `fwd_cnt` on the current connection, as a session offset.
+    acked: CounterExtender,
+    /// Handshake bytes sent on the current connection, before any data.
+    greeting_len: u32,
+    /// Guest bytes accepted over the session's life.
+    received: u64,
+    /// Outbox bytes accepted on an earlier connection, still waiting for the host.
+    carried: usize,
+}
+
+/// A session whose guest transport is gone.
+#[derive(Debug)]
+pub(super) struct Parked {
+    hc: HostConn,
+    /// Set by the first timer pass after parking (the engine never reads the clock).
+    deadline: Option<Instant>,
+}
+
+/// Every session of one VM that is not on a live connection, and the counts that bound
+/// them.
+#[derive(Debug, Default)]
+pub(super) struct Sessions {
+    parked: HashMap<SessionId, Parked>,
+    expired: VecDeque<SessionId>,
+    live: usize,
+    scratch: Vec<u8>,
+}
+
+impl Sessions {
+    /// Parked sessions.
+    pub(super) fn parked(&self) -> usize {
+        self.parked.len()
+    }
+
+    /// The earliest parked deadline.
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        self.parked.values().filter_map(|p| p.deadline).min()
+    }
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    // The OS random source failing is not something a daemon can carry on from safely.
+    getrandom::fill(&mut b).expect("OS randomness");
+    b
+}
+
+fn link_of(hc: &mut HostConn) -> Option<&mut SessionLink> {
+    match hc.session.as_deref_mut() {
+        Some(SessionState::Live(link)) => Some(link),
+        _ => None,
+    }
+}
+
+impl SessionLink {
+    /// Brings the replay buffer up to what the guest's `fwd_cnt` says it consumed.
+    fn ack(&mut self, guest_fwd_cnt: u32) {
+        let before = self.acked.offset();
+        let now = self.acked.advance(guest_fwd_cnt);
+        if now != before || guest_fwd_cnt >= self.greeting_len {
+            // The guest has read our greeting (OPENED/RESUMED): the old nonce is void.
+            self.prev_nonce = None;
+        }
+        self.to_guest.ack(now);
+    }
+}
+
+impl HostConn {
+    /// For a live session: bytes that may be read from the host now (the replay buffer's
+    /// room); `usize::MAX` for any other connection.
+    pub(super) fn session_room(&self) -> usize {
+        match self.session.as_deref() {
+            Some(SessionState::Live(link)) => link.to_guest.room(),
+            _ => usize::MAX,
+        }
+    }
+
+    /// Whether this connection carries a live session.
+    pub(super) fn is_session(&self) -> bool {
+        matches!(self.session.as_deref(), Some(SessionState::Live(_)))
+    }
+
+    /// Whether this connection is a session-port connection still in its greeting.
+    pub(super) fn in_greeting(&self) -> bool {
+        matches!(self.session.as_deref(), Some(SessionState::Greeting { .. }))
+    }
+
+    /// The host port a live session reaches.
+    pub(super) fn session_target(&self) -> Option<Port> {
+        match self.session.as_deref() {
+            Some(SessionState::Live(link)) => Some(link.target),
+            _ => None,
+        }
+    }
+
+    /// Records host bytes just sent to the guest (the first `n` of `sent`).
+    pub(super) fn record_sent(&mut self, sent: &[u8]) {
+        if let Some(link) = link_of(self) {
+            let n = link.to_guest.record(sent);
+            debug_assert_eq!(n, sent.len(), "reads are bounded by session_room");
+        }
+    }
+
+    /// Counts `n` guest bytes accepted.
+    pub(super) fn note_received(&mut self, n: usize) {
+        if let Some(link) = link_of(self) {
+            link.received += n as u64;
+        }
+    }
+
+    /// Of `n` outbox bytes just written to the host, how many belonged to the current
+    /// connection (the rest were carried over from an earlier one); `None` unless some
+    /// carried bytes went, in which case the second value is what is still carried.
+    pub(super) fn split_flushed(&mut self, n: usize) -> (usize, Option<usize>) {
+        match link_of(self) {
+            Some(link) if link.carried > 0 => {
+                let old = n.min(link.carried);
+                link.carried -= old;
+                (n - old, Some(link.carried))
+            }
+            _ => (n, None),
+        }
+    }
+
+    /// Acknowledges the replay buffer from the guest's latest `fwd_cnt`.
+    pub(super) fn session_ack(&mut self, guest_fwd_cnt: u32) {
+        if let Some(link) = link_of(self) {
+            link.ack(guest_fwd_cnt);
+        }
+    }
+}
+
+impl DataPlane {
+    /// A guest connects to the session port: accept it with a placeholder host end and
+    /// wait for its first frame.
+    pub(super) fn session_connect(&mut self, req: &Header) {
+        let (placeholder, peer) = match UnixStream::pair().and_then(|(a, b)| {
+            a.set_nonblocking(true)?;
+            Ok((HostSocket::from_stream(a)?, b))
+        }) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(vm = %self.shared.name, error = %e, "session placeholder");
+                self.endpoint.refuse(req);
+                return;
+            }
+        };
+        let key = match self.endpoint.accept(req) {
+            Ok(k) => k,
+            Err(e) => {
+                debug!(error = %e, "cannot accept");
+                self.endpoint.refuse(req);
+                return;
+            }
+        };
+        let token = match self
+            .poller
+            .register(placeholder.raw_fd(), Target::Conn(key))
+        {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(vm = %self.shared.name, error = %e, "epoll registration failed");
+                self.endpoint.reset(key);
+                return;
+            }
+        };
+        let mut hc = HostConn::new(
+            placeholder,
+            token,
+            key,
+            SocketType::Stream,
+            super::conn::Origin::Guest,
+        );
+        hc.readiness = Readiness::Drained;
+        hc.session = Some(Box::new(SessionState::Greeting {
+            buf: Vec::new(),
+            peer: Some(peer),
+        }));
+        self.conns.insert(key, hc);
+        self.after_change(key);
+    }
+
+    /// Greeting bytes from the guest (already accepted and consumed by the caller).
+    pub(super) fn session_greeting(&mut self, key: ConnKey, bytes: &[u8]) {
+        let Some(hc) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let Some(SessionState::Greeting { buf, peer: Some(_) }) = hc.session.as_deref_mut() else {
+            // Already refused: the guest keeps talking; its bytes go nowhere.
+            return;
+        };
+        buf.extend_from_slice(bytes);
+        match Frame::decode(buf) {
+            Ok(None) if buf.len() < MAX_FRAME_LEN => {}
+            Ok(Some((frame, used))) if used == buf.len() => self.session_frame(key, frame),
+            Ok(_) => {
+                debug!(%key, "session greeting followed by data before the answer");
+                self.refuse_session(key, Refusal::Malformed, 0);
+            }
+            Err(e) => {
+                debug!(%key, error = %e, "malformed session greeting");
+                self.refuse_session(key, Refusal::Malformed, 0);
+            }
+        }
+    }
+
+    fn session_frame(&mut self, key: ConnKey, frame: Frame) {
+        match frame {
+            Frame::Open {
+                cid,
+                port,
+                socket_type,
+            } => self.open_session(key, cid, port, socket_type),
+            Frame::Resume {
+                id,
+                client_nonce,
+                received,
+                closed,
+                proof,
+            } => self.resume_session(
+                key,
+                ResumeClaim {
+                    id,
+                    server_nonce: Nonce([0; 16]), // filled in from the session
+                    client_nonce,
+                    received,
+                    closed,
+                },
+                proof,
+            ),
+            _ => self.refuse_session(key, Refusal::Malformed, 0),
+        }
+    }
+
+    fn open_session(&mut self, key: ConnKey, cid: Cid, port: Port, socket_type: SocketType) {
+        if cid != Cid::HOST || socket_type != SocketType::Stream {
+            self.refuse_session(key, Refusal::Unsupported, 0);
+            return;
+        }
+        if self.sessions.live + self.sessions.parked.len() >= MAX_SESSIONS_PER_VM {
+            self.refuse_session(key, Refusal::TooMany, 0);
+            return;
+        }
+        let req = TargetRequest {
+            port,
+            socket_type,
+            src_port: key.peer.port,
+        };
+        let (mut sock, preamble) = match self.open_host_target(&req) {
+            Ok(found) => found,
+            Err(TargetRefusal::Denied(why)) => {
+                self.shared.note_denied("host", port, socket_type, why);
+                self.refuse_session(key, Refusal::TargetRefused, libc::EACCES as u32);
+                return;
+            }
+            Err(TargetRefusal::Failed(e)) => {
+                VmStats::inc(&self.shared.stats.refused_connections);
+                let errno = e.raw_os_error().unwrap_or(libc::ECONNREFUSED) as u32;
+                self.refuse_session(key, Refusal::TargetRefused, errno);
+                return;
+            }
+        };
+        if let Some(line) = preamble {
+            if !matches!(sock.write(line.as_bytes()), Ok(n) if n == line.len()) {
+                VmStats::inc(&self.shared.stats.host_errors);
+                self.refuse_session(key, Refusal::TargetRefused, libc::EPIPE as u32);
+                return;
+            }
+        }
+        let hc = self.conns.get_mut(&key).expect("caller checked");
+        let token = match self.poller.register(sock.raw_fd(), Target::Conn(key)) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(vm = %self.shared.name, error = %e, "epoll registration failed");
+                self.endpoint.reset(key);
+                self.after_change(key);
+                return;
+            }
+        };
+        self.poller.unregister(hc.sock.raw_fd(), hc.token);
+        hc.sock = sock;
+        hc.token = token;
+        hc.interest = Interest::Read;
+        hc.readiness = Readiness::Ready;
+        let id = SessionId(random());
+        let secret = Secret(random());
+        let nonce = Nonce(random());
+        let park_timeout_ms = self.shared.park_timeout_ms.load(Ordering::Relaxed);
+        let window = self.endpoint.config().buf_alloc_bytes;
+        let opened = Frame::Opened {
+            id,
+            secret: secret.clone(),
+            next_nonce: nonce,
+            window,
+            park_timeout_ms: park_timeout_ms.min(u64::from(u32::MAX)) as u32,
+        }
+        .encode();
+        let greeting_len = opened.len() as u32;
+        hc.inbox = opened;
+        hc.inbox_off = 0;
+        hc.session = Some(Box::new(SessionState::Live(SessionLink {
+            id,
+            secret,
+            nonce,
+            prev_nonce: None,
+            target: port,
+            to_guest: ReplayBuffer::new(SESSION_REPLAY_BYTES),
+            acked: CounterExtender::new(0, greeting_len),
+            greeting_len,
+            received: 0,
+            carried: 0,
+        })));
+        hc.span
+            .in_scope(|| debug!(session = %id, target = port.0, "session opened"));
+        self.sessions.live += 1;
+        VmStats::inc(&self.shared.stats.sessions_opened);
+        VmStats::inc(&self.shared.stats.accepted_connections);
+        self.after_change(key);
+    }
+
+    /// The parked session `id`, if it is this VM's; a session still live on another
+    /// connection (the guest saw its transport break before we did) is parked first.
+    fn find_parked(&mut self, id: SessionId) -> bool {
+        if self.sessions.parked.contains_key(&id) {
+            return true;
+        }
+        let stale = self
+            .conns
+            .iter()
+            .find_map(|(k, hc)| match hc.session.as_deref() {
+                Some(SessionState::Live(link)) if link.id == id => Some(*k),
+                _ => None,
+            });
+        match stale {
+            Some(old) => {
+                self.park_conn(old);
+                self.endpoint.reset(old);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn resume_session(&mut self, key: ConnKey, mut claim: ResumeClaim, proof: Tag) {
+        let id = claim.id;
+        if !self.find_parked(id) {
+            let reason = if self.sessions.expired.contains(&id) {
+                Refusal::Expired
+            } else {
+                Refusal::UnknownSession
+            };
+            self.refuse_session(key, reason, 0);
+            return;
+        }
+        let parked = self.sessions.parked.get_mut(&id).expect("found above");
+        let Some(SessionState::Live(link)) = parked.hc.session.as_deref_mut() else {
+            unreachable!("only live sessions are parked");
+        };
+        let verifies = |nonce: Nonce, claim: &mut ResumeClaim| {
+            claim.server_nonce = nonce;
+            claim.verify(&link.secret, &proof)
+        };
+        let ok = verifies(link.nonce, &mut claim)
+            || link.prev_nonce.is_some_and(|n| verifies(n, &mut claim));
+        if !ok {
+            VmStats::inc(&self.shared.stats.session_bad_proofs);
+            self.refuse_session(key, Refusal::BadProof, 0);
+            return;
+        }
+        if claim.received < link.to_guest.start() || claim.received > link.to_guest.end() {
+            debug!(session = %id, received = claim.received, kept_from = link.to_guest.start(), end = link.to_guest.end(), "resume count out of range");
+            self.refuse_session(key, Refusal::OutOfRange, 0);
+            return;
+        }
+        let parked = self.sessions.parked.remove(&id).expect("found above");
+        let mut hc = parked.hc;
+        let Some(placeholder) = self.conns.remove(&key) else {
+            return;
+        };
+        self.poller
+            .unregister(placeholder.sock.raw_fd(), placeholder.token);
+        drop(placeholder);
+        self.poller.retarget(hc.token, Target::Conn(key));
+        let carried = hc.outbox_len();
+        let host_closed = hc.host_eof() && hc.host_send != super::conn::HostSend::Open;
+        let link = link_of(&mut hc).expect("live");
+        link.prev_nonce = Some(link.nonce);
+        link.nonce = Nonce(random());
+        link.carried = carried;
+        let resumed = Frame::Resumed {
+            received: link.received,
+            closed: Closed {
+                send: host_closed,
+                rcv: false,
+            },
+            next_nonce: link.nonce,
+        }
+        .encode();
+        link.greeting_len = resumed.len() as u32;
+        link.acked = CounterExtender::new(claim.received, link.greeting_len);
+        let (a, b) = link
+            .to_guest
+            .resume_from(claim.received)
+            .expect("range checked above");
+        let replay = a.len() + b.len();
+        let mut inbox = Vec::with_capacity(resumed.len() + replay);
+        inbox.extend_from_slice(&resumed);
+        inbox.extend_from_slice(a);
+        inbox.extend_from_slice(b);
+        hc.inbox = inbox;
+        hc.inbox_off = 0;
+        hc.in_ready = false;
+        hc.span = tracing::debug_span!("conn", local = %key.local, peer = %key.peer, ty = ?hc.socket_type);
+        info!(vm = %self.shared.name, session = %id, replay, carried, guest_received = claim.received, "session resumed");
+        VmStats::inc(&self.shared.stats.sessions_resumed);
+        VmStats::add(&self.shared.stats.session_replayed_bytes, replay as u64);
+        if carried > 0 {
+            let window = self.endpoint.config().buf_alloc_bytes;
+            self.endpoint
+                .set_buf_alloc(&key, window.saturating_sub(carried as u32));
+        }
+        self.conns.insert(key, hc);
+        self.sessions.live += 1;
+        self.after_change(key);
+    }
+
+    /// Answers `reason` and lets the connection end after the answer.
+    fn refuse_session(&mut self, key: ConnKey, reason: Refusal, errno: u32) {
+        let Some(hc) = self.conns.get_mut(&key) else {
+            return;
+        };
+        VmStats::inc(&self.shared.stats.session_refusals);
+        debug!(%key, reason = reason.name(), errno, "session refused");
+        hc.inbox = Frame::Refused { reason, errno }.encode();
+        hc.inbox_off = 0;
+        hc.session = Some(Box::new(SessionState::Greeting {
+            buf: Vec::new(),
+            peer: None,
+        }));
+        // The placeholder's peer is gone: after the answer it reads EOF, and the
+        // connection shuts down like any whose host end closed.
+        hc.readiness = Readiness::Ready;
+        self.after_change(key);
+    }
+
+    /// A live session's connection is gone on the guest side: keep its host end.
+    pub(super) fn park_conn(&mut self, key: ConnKey) {
+        let Some(mut hc) = self.conns.remove(&key) else {
+            return;
+        };
+        if let Some(c) = self.endpoint.get(&key) {
+            hc.session_ack(c.credit().peer_fwd_cnt());
+        }
+        let Some(id) = link_of(&mut hc).map(|l| l.id) else {
+            self.poller.unregister(hc.sock.raw_fd(), hc.token);
+            return;
+        };
+        // The inbox holds the greeting and replay of the last resume, if not yet sent:
+        // both are rebuilt at the next resume (the replay bytes are still in the buffer).
+        hc.inbox.clear();
+        hc.inbox_off = 0;
+        hc.in_ready = false;
+        hc.dirty = false;
+        hc.pending.clear();
+        hc.pending_len = 0;
+        self.poller.retarget(hc.token, Target::Parked(id));
+        let interest = if hc.outbox_holds_data() {
+            Interest::ReadWrite
+        } else {
+            Interest::Read
+        };
+        if self
+            .poller
+            .set_interest(hc.sock.raw_fd(), hc.token, interest)
+            .is_ok()
+        {
+            hc.interest = interest;
+        }
+        self.sessions.live -= 1;
+        VmStats::inc(&self.shared.stats.sessions_parked);
+        hc.span
+            .in_scope(|| debug!(session = %id, outbox = hc.outbox_len(), "session parked"));
+        let mut parked = Parked { hc, deadline: None };
+        self.serve_parked(&mut parked);
+        self.sessions.parked.insert(id, parked);
+    }
+
+    /// Parks every live session (the device stopped). The caller closes the rest.
+    pub(super) fn park_sessions(&mut self) {
+        let live: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, hc)| hc.is_session())
+            .map(|(k, _)| *k)
+            .collect();
+        for key in live {
+            self.park_conn(key);
+        }
+        if !self.sessions.parked.is_empty() {
+            // Deadlines are set by the next timer pass: make sure there is one soon.
+            let _ = self.shared.wake.write(1);
+        }
+    }
+
+    /// A live session's connection closes for good (the guest closed it, or it failed).
+    pub(super) fn session_closed(&mut self, hc: &HostConn) {
+        if hc.is_session() {
+            self.sessions.live -= 1;
+        }
+    }
+
+    /// Flushes a parked session's outbox and reads host data into its replay buffer up to
+    /// the bound. `false` if its host end failed.
+    fn serve_parked(&mut self, parked: &mut Parked) -> bool {
+        let hc = &mut parked.hc;
+        if hc.write_outbox().is_err() {
+            return false;
+        }
+        let interest = if hc.outbox_holds_data() {
+            Interest::ReadWrite
+        } else {
+            Interest::Read
+        };
+        if interest != hc.interest
+            && self
+                .poller
+                .set_interest(hc.sock.raw_fd(), hc.token, interest)
+                .is_ok()
+        {
+            hc.interest = interest;
+        }
+        let scratch = &mut self.sessions.scratch;
+        while hc.readable() && !hc.host_eof() {
+            let room = hc.session_room().min(64 * 1024);
+            if room == 0 {
+                break;
+            }
+            scratch.resize(room, 0);
+            match hc.sock.read(&mut scratch[..room]) {
+                Ok(0) => hc.note_eof(),
+                Ok(n) => {
+                    hc.note_read(n, room, false);
+                    if let Some(link) = link_of(hc) {
+                        link.to_guest.record(&scratch[..n]);
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => hc.note_drained(),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// An event on a parked session's host socket.
+    pub(super) fn parked_event(&mut self, id: SessionId, set: EventSet) {
+        let Some(mut parked) = self.sessions.parked.remove(&id) else {
+            return;
+        };
+        parked.hc.note_event(
+            set.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP),
+            set.intersects(EventSet::READ_HANG_UP | EventSet::HANG_UP),
+            set.contains(EventSet::HANG_UP),
+        );
+        if self.serve_parked(&mut parked) {
+            self.sessions.parked.insert(id, parked);
+        } else {
+            VmStats::inc(&self.shared.stats.host_errors);
+            warn!(vm = %self.shared.name, session = %id, "parked session's host end failed; session closed");
+            self.drop_parked(id, parked);
+        }
+    }
+
+    fn drop_parked(&mut self, id: SessionId, parked: Parked) {
+        self.poller
+            .unregister(parked.hc.sock.raw_fd(), parked.hc.token);
+        if self.sessions.expired.len() >= SESSION_TOMBSTONES {
+            self.sessions.expired.pop_front();
+        }
+        self.sessions.expired.push_back(id);
+    }
+
+    /// Sets the deadlines of newly parked sessions and closes those past theirs.
+    pub(super) fn session_timers(&mut self, now: Instant) {
+        let timeout = Duration::from_millis(self.shared.park_timeout_ms.load(Ordering::Relaxed));
+        let mut expired = Vec::new();
+        for (id, p) in &mut self.sessions.parked {
+            match p.deadline {
+                None => p.deadline = Some(now + timeout),
+                Some(d) if d <= now => expired.push(*id),
+                Some(_) => {}
+            }
+        }
+        for id in expired {
+            let parked = self.sessions.parked.remove(&id).expect("listed above");
+            info!(vm = %self.shared.name, session = %id, timeout_ms = timeout.as_millis() as u64, "parked session expired; host end closed");
+            VmStats::inc(&self.shared.stats.sessions_expired);
+            self.drop_parked(id, parked);
+        }
+    }
+
+    /// Closes every parked session (the frontend is gone for good).
+    pub(super) fn drop_all_parked(&mut self) {
+        let ids: Vec<SessionId> = self.sessions.parked.keys().copied().collect();
+        for id in ids {
+            let parked = self.sessions.parked.remove(&id).expect("listed");
+            self.drop_parked(id, parked);
+        }
+    }
+}

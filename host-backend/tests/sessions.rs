@@ -1,0 +1,396 @@
+//! The session port over the engine: a guest (the user-space driver of `support/mod.rs`,
+//! speaking raw vsock packets) opens a session to a real host Unix socket, loses its
+//! device mid-stream in both directions, comes back and resumes; every byte arrives once,
+//! in order, and the host socket never sees a break. Also: forged and replayed RESUMEs
+//! are refused and counted and leave the session unharmed; a parked session expires at
+//! its timeout (simulated time) with the host end closed.
+
+mod support;
+
+use domsock_migration::session::proof::ResumeClaim;
+use domsock_migration::session::wire::{Closed, Frame, Refusal};
+use domsock_migration::session::{Nonce, Secret, SessionId, DEFAULT_PARK_TIMEOUT_MS};
+use domsock_proto::Cid;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+use support::*;
+
+const SESSION_PORT: u32 = 1022;
+const TARGET: u32 = 5000;
+
+/// What the guest library keeps of a session.
+struct Client {
+    id: SessionId,
+    secret: Secret,
+    nonce: Nonce,
+    window: u32,
+}
+
+/// Reads one whole frame from `conn` (consuming it: `fwd_cnt` moves and is told); bytes
+/// that came after it in the same packets are kept in `conn_extra` for the caller.
+fn read_frame_and(g: &mut TestGuest, conn: &mut GuestConn) -> (Frame, Vec<u8>) {
+    read_frame_ops(g, conn, &mut Vec::new())
+}
+
+/// Like [`read_frame_and`], also collecting the ops of non-data packets that came.
+fn read_frame_ops(g: &mut TestGuest, conn: &mut GuestConn, ops: &mut Vec<u16>) -> (Frame, Vec<u8>) {
+    let mut buf = Vec::new();
+    let c = *conn;
+    let mut result = None;
+    g.pump_until("a session frame", |g| {
+        for p in g.take_rx_of(&c) {
+            if p.hdr.op == OP_RW {
+                buf.extend_from_slice(&p.payload);
+            } else {
+                ops.push(p.hdr.op);
+            }
+        }
+        if let Some((f, used)) = Frame::decode(&buf).expect("a valid frame") {
+            result = Some((f, buf[used..].to_vec()));
+        }
+        result.is_some()
+    });
+    conn.fwd_cnt = conn.fwd_cnt.wrapping_add(buf.len() as u32);
+    g.send_ctl(conn, OP_CREDIT_UPDATE, 0);
+    result.unwrap()
+}
+
+fn read_frame(g: &mut TestGuest, conn: &mut GuestConn) -> Frame {
+    let (f, rest) = read_frame_and(g, conn);
+    assert!(rest.is_empty(), "data after {f:?}");
+    f
+}
+
+fn open(g: &mut TestGuest, guest_port: u32) -> (GuestConn, Client) {
+    let mut conn = GuestConn {
+        buf_alloc: 256 * 1024,
+        ..GuestConn::stream(guest_port, SESSION_PORT)
+    };
+    g.connect(&conn);
+    let open = Frame::Open {
+        cid: Cid::HOST,
+        port: domsock_proto::Port(TARGET),
+        socket_type: domsock_proto::SocketType::Stream,
+    };
+    g.send_rw(&conn, &open.encode());
+    match read_frame(g, &mut conn) {
+        Frame::Opened {
+            id,
+            secret,
+            next_nonce,
+            window,
+            park_timeout_ms,
+        } => {
+            assert_eq!(park_timeout_ms, DEFAULT_PARK_TIMEOUT_MS);
+            (
+                conn,
+                Client {
+                    id,
+                    secret,
+                    nonce: next_nonce,
+                    window,
+                },
+            )
+        }
+        other => panic!("expected OPENED, got {other:?}"),
+    }
+}
+
+fn resume_frame(c: &Client, received: u64, client_nonce: u8) -> Frame {
+    let claim = ResumeClaim {
+        id: c.id,
+        server_nonce: c.nonce,
+        client_nonce: Nonce([client_nonce; 16]),
+        received,
+        closed: Closed::default(),
+    };
+    Frame::Resume {
+        id: c.id,
+        client_nonce: claim.client_nonce,
+        received,
+        closed: claim.closed,
+        proof: claim.prove(&c.secret),
+    }
+}
+
+/// Sends a RESUME on a new connection from `guest_port` and returns its answer.
+fn try_resume(g: &mut TestGuest, guest_port: u32, frame: &Frame) -> (GuestConn, Frame) {
+    let (conn, answer, rest) = resume_with_data(g, guest_port, frame);
+    assert!(rest.is_empty(), "data after {answer:?}");
+    (conn, answer)
+}
+
+/// Like [`try_resume`], also returning replayed bytes that arrived with the answer.
+fn resume_with_data(
+    g: &mut TestGuest,
+    guest_port: u32,
+    frame: &Frame,
+) -> (GuestConn, Frame, Vec<u8>) {
+    let mut conn = GuestConn {
+        buf_alloc: 256 * 1024,
+        ..GuestConn::stream(guest_port, SESSION_PORT)
+    };
+    g.connect(&conn);
+    g.send_rw(&conn, &frame.encode());
+    let (answer, rest) = read_frame_and(g, &mut conn);
+    (conn, answer, rest)
+}
+
+fn send_all(g: &mut TestGuest, conn: &GuestConn, data: &[u8]) {
+    for chunk in data.chunks(4096) {
+        g.send_rw(conn, chunk);
+        g.pump();
+    }
+}
+
+fn host_read_exact(h: &mut UnixStream, n: usize) -> Vec<u8> {
+    read_n(h, n)
+}
+
+fn nothing_to_read(h: &mut UnixStream) -> bool {
+    h.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 1];
+    let r = match h.read(&mut b) {
+        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+        Ok(_) => false,
+    };
+    h.set_nonblocking(false).unwrap();
+    r
+}
+
+#[test]
+fn a_session_survives_device_stops_in_both_directions() {
+    let mut g = TestGuest::new("s-survive");
+    let listener = g.listen_stream(TARGET);
+    let (mut conn, mut client) = open(&mut g, 40_000);
+    let mut host = accept(&listener);
+    assert_eq!(g.stat("sessions_opened"), 1);
+    let to_guest = pattern(1, 300 * 1024);
+    let to_host = pattern(2, 300 * 1024);
+    let mut guest_got = Vec::new();
+    let mut host_got = Vec::new();
+    let mut host_sent = 0usize;
+    let mut guest_sent = 0usize;
+    let mut guest_received = 0u64;
+    for round in 0..3u32 {
+        // The host writes 40 KiB; the guest application reads 24 KiB of it (fwd_cnt
+        // told), and 16 KiB reach its kernel but are lost with the device.
+        host.write_all(&to_guest[host_sent..host_sent + 24 * 1024])
+            .unwrap();
+        let got = g.recv_stream(&mut conn, 24 * 1024, true);
+        guest_got.extend_from_slice(&got);
+        guest_received += got.len() as u64;
+        host.write_all(&to_guest[host_sent + 24 * 1024..host_sent + 40 * 1024])
+            .unwrap();
+        host_sent += 40 * 1024;
+        g.settle();
+        let lost: usize = g.take_rx_of(&conn).iter().map(|p| p.payload.len()).sum();
+        assert_eq!(
+            lost,
+            16 * 1024,
+            "round {round}: bytes that reach the guest kernel only"
+        );
+        // The guest sends 48 KiB the daemon accepts, and 8 KiB more are lost in flight
+        // (written by the app, never on the ring).
+        send_all(&mut g, &conn, &to_host[guest_sent..guest_sent + 48 * 1024]);
+        let guest_wrote = guest_sent + 56 * 1024;
+        host_got.extend(host_read_exact(&mut host, 48 * 1024));
+        // Device gone.
+        g.plane.stop();
+        assert_eq!(g.plane.parked_sessions(), 1, "round {round}");
+        assert_eq!(g.stat("sessions_parked"), u64::from(round) + 1);
+        // The host keeps writing while the guest is away: accepted, not lost.
+        host.write_all(&to_guest[host_sent..host_sent + 8 * 1024])
+            .unwrap();
+        host_sent += 8 * 1024;
+        g.settle();
+        assert!(
+            nothing_to_read(&mut host),
+            "host saw EOF or data while parked"
+        );
+        // Back: resume from a new port with what the application has read.
+        let (mut c2, answer, first) = resume_with_data(
+            &mut g,
+            41_000 + round,
+            &resume_frame(&client, guest_received, 7),
+        );
+        let Frame::Resumed {
+            received,
+            next_nonce,
+            ..
+        } = answer
+        else {
+            panic!("expected RESUMED, got {answer:?}");
+        };
+        assert_eq!(received, (guest_sent + 48 * 1024) as u64, "daemon's count");
+        client.nonce = next_nonce;
+        // The daemon replays from the guest's count: everything the host wrote since.
+        let mut replay = first;
+        let rest = host_sent - guest_received as usize - replay.len();
+        replay.extend(g.recv_stream(&mut c2, rest, true));
+        guest_got.extend_from_slice(&replay);
+        guest_received += replay.len() as u64;
+        // The guest replays from the daemon's count.
+        send_all(&mut g, &c2, &to_host[received as usize..guest_wrote]);
+        host_got.extend(host_read_exact(&mut host, guest_wrote - received as usize));
+        guest_sent = guest_wrote;
+        conn = c2;
+        assert!(client.window >= 56 * 1024);
+    }
+    assert_eq!(guest_got, &to_guest[..host_sent], "guest stream");
+    assert_eq!(host_got, &to_host[..guest_sent], "host stream");
+    assert_eq!(g.stat("sessions_resumed"), 3);
+    assert_eq!(g.stat("session_refusals"), 0);
+    assert!(g.stat("session_replayed_bytes") >= 3 * 24 * 1024);
+    assert_eq!(g.plane.parked_sessions(), 0);
+}
+
+#[test]
+fn forged_resumes_are_refused_and_leave_the_session_unharmed() {
+    let mut g = TestGuest::new("s-forged");
+    let listener = g.listen_stream(TARGET);
+    let (_conn, mut client) = open(&mut g, 40_000);
+    let mut host = accept(&listener);
+    g.plane.stop();
+    let mut port = 42_000;
+    let mut refused = |g: &mut TestGuest, frame: &Frame| -> Refusal {
+        port += 1;
+        match try_resume(g, port, frame).1 {
+            Frame::Refused { reason, .. } => reason,
+            other => panic!("expected REFUSED, got {other:?}"),
+        }
+    };
+    let wrong_secret = Client {
+        secret: Secret([0xaa; 32]),
+        ..Client { ..clone(&client) }
+    };
+    assert_eq!(
+        refused(&mut g, &resume_frame(&wrong_secret, 0, 1)),
+        Refusal::BadProof
+    );
+    let mut other_id = clone(&client);
+    other_id.id.0[0] ^= 1;
+    assert_eq!(
+        refused(&mut g, &resume_frame(&other_id, 0, 1)),
+        Refusal::UnknownSession
+    );
+    let mut stale_nonce = clone(&client);
+    stale_nonce.nonce.0[0] ^= 1;
+    assert_eq!(
+        refused(&mut g, &resume_frame(&stale_nonce, 0, 1)),
+        Refusal::BadProof
+    );
+    assert_eq!(
+        refused(&mut g, &resume_frame(&client, 1, 1)),
+        Refusal::OutOfRange
+    );
+    assert_eq!(g.stat("session_bad_proofs"), 2);
+    assert_eq!(g.stat("session_refusals"), 4);
+    // Garbage instead of a frame.
+    let garbage = GuestConn::stream(43_000, SESSION_PORT);
+    g.connect(&garbage);
+    g.send_rw(&garbage, b"GET / HTTP/1.1\r\n\r\n");
+    g.settle();
+    assert_eq!(g.stat("session_refusals"), 5);
+    // The session is unharmed: the real owner resumes.
+    assert_eq!(g.plane.parked_sessions(), 1);
+    let good = resume_frame(&client, 0, 2);
+    let (c2, answer) = try_resume(&mut g, 44_000, &good);
+    let Frame::Resumed { next_nonce, .. } = answer else {
+        panic!("expected RESUMED, got {answer:?}");
+    };
+    g.send_rw(&c2, b"still here");
+    g.pump();
+    assert_eq!(read_n(&mut host, 10), b"still here");
+    // Replaying the handshake that just worked fails: its nonce is spent once the guest
+    // has read the answer.
+    g.plane.stop();
+    assert_eq!(refused(&mut g, &good), Refusal::BadProof);
+    client.nonce = next_nonce;
+    let (_c3, answer) = try_resume(&mut g, 45_000, &resume_frame(&client, 0, 3));
+    assert!(matches!(answer, Frame::Resumed { .. }), "{answer:?}");
+}
+
+fn clone(c: &Client) -> Client {
+    Client {
+        id: c.id,
+        secret: c.secret.clone(),
+        nonce: c.nonce,
+        window: c.window,
+    }
+}
+
+#[test]
+fn a_parked_session_expires_at_its_timeout_and_says_so() {
+    let mut g = TestGuest::new("s-expire");
+    let listener = g.listen_stream(TARGET);
+    let (_conn, client) = open(&mut g, 40_000);
+    let mut host = accept(&listener);
+    let t0 = Instant::now();
+    g.plane.stop();
+    g.pump_at(t0);
+    let timeout = Duration::from_millis(u64::from(DEFAULT_PARK_TIMEOUT_MS));
+    g.pump_at(t0 + timeout - Duration::from_millis(1));
+    assert_eq!(g.plane.parked_sessions(), 1, "expired early");
+    assert!(nothing_to_read(&mut host));
+    g.pump_at(t0 + timeout + Duration::from_millis(1));
+    assert_eq!(g.plane.parked_sessions(), 0);
+    assert_eq!(g.stat("sessions_expired"), 1);
+    assert!(reads_eof(&mut host), "host end not closed");
+    let (_c, answer) = try_resume(&mut g, 41_000, &resume_frame(&client, 0, 1));
+    assert_eq!(
+        answer,
+        Frame::Refused {
+            reason: Refusal::Expired,
+            errno: 0
+        }
+    );
+}
+
+#[test]
+fn raw_connections_still_end_with_their_device() {
+    let mut g = TestGuest::new("s-raw");
+    let listener = g.listen_stream(TARGET);
+    let conn = GuestConn::stream(40_000, TARGET);
+    g.connect(&conn);
+    let mut host = accept(&listener);
+    g.send_rw(&conn, b"raw");
+    g.pump();
+    assert_eq!(read_n(&mut host, 3), b"raw");
+    g.plane.stop();
+    assert!(reads_eof(&mut host));
+    assert_eq!(g.plane.parked_sessions(), 0);
+}
+
+#[test]
+fn opening_a_session_to_a_closed_port_is_refused_with_its_errno() {
+    let mut g = TestGuest::new("s-closed");
+    let mut conn = GuestConn::stream(40_000, SESSION_PORT);
+    g.connect(&conn);
+    let open = Frame::Open {
+        cid: Cid::HOST,
+        port: domsock_proto::Port(5999),
+        socket_type: domsock_proto::SocketType::Stream,
+    };
+    g.send_rw(&conn, &open.encode());
+    let mut ops = Vec::new();
+    match read_frame_ops(&mut g, &mut conn, &mut ops).0 {
+        Frame::Refused {
+            reason: Refusal::TargetRefused,
+            errno,
+        } => assert!(
+            errno == libc::ENOENT as u32 || errno == libc::ECONNREFUSED as u32,
+            "{errno}"
+        ),
+        other => panic!("expected REFUSED, got {other:?}"),
+    }
+    // And the connection then ends (SHUTDOWN from the device).
+    g.settle();
+    ops.extend(g.take_rx_of(&conn).iter().map(|p| p.hdr.op));
+    assert!(
+        ops.contains(&OP_SHUTDOWN) || ops.contains(&OP_RST),
+        "{ops:?}"
+    );
+    assert_eq!(g.stat("session_refusals"), 1);
+}
