@@ -155,7 +155,11 @@ mod tests {
         let mut c = CounterExtender::new(10, u32::MAX - 5);
         assert_eq!(c.advance(u32::MAX), 15);
         assert_eq!(c.advance(4), 20);
-        assert_eq!(c.advance(3), 20, "a stale (reordered) counter does not move back");
+        assert_eq!(
+            c.advance(3),
+            20,
+            "a stale (reordered) counter does not move back"
+        );
         assert_eq!(c.offset(), 20);
     }
 
@@ -185,9 +189,10 @@ mod tests {
                 match next() % 5 {
                     0 | 1 => {
                         // App writes, within credit: in flight + unconsumed <= WINDOW.
-                        let credit =
-                            WINDOW.saturating_sub(in_flight.len() + receiver_buf.len());
-                        let n = (next() as usize % 17).min(credit).min(input.len() - written);
+                        let credit = WINDOW.saturating_sub(in_flight.len() + receiver_buf.len());
+                        let n = (next() as usize % 17)
+                            .min(credit)
+                            .min(input.len() - written);
                         let chunk = &input[written..written + n];
                         log.record_evicting(chunk);
                         in_flight.extend_from_slice(chunk);
@@ -206,10 +211,7 @@ mod tests {
                         in_flight.clear();
                         let received = (delivered.len() + receiver_buf.len()) as u64;
                         let (a, b) = log.resume_from(received).expect("within the window");
-                        assert!(
-                            a.len() + b.len() <= WINDOW,
-                            "replay never beyond its bound"
-                        );
+                        assert!(a.len() + b.len() <= WINDOW, "replay never beyond its bound");
                         in_flight.extend_from_slice(a);
                         in_flight.extend_from_slice(b);
                     }

@@ -87,7 +87,10 @@ mod tests {
         assert!(!other.verify(&secret, &tag), "received is covered");
         let mut other = claim();
         other.server_nonce = Nonce([0; 16]);
-        assert!(!other.verify(&secret, &tag), "a new server nonce voids old proofs");
+        assert!(
+            !other.verify(&secret, &tag),
+            "a new server nonce voids old proofs"
+        );
         let mut other = claim();
         other.closed.send = true;
         assert!(!other.verify(&secret, &tag), "shutdown bits are covered");

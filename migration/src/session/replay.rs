@@ -176,7 +176,10 @@ mod tests {
         );
         assert_eq!(
             r.resume_from(9),
-            Err(ReplayError::Beyond { claimed: 9, sent: 8 })
+            Err(ReplayError::Beyond {
+                claimed: 9,
+                sent: 8
+            })
         );
         r.ack(100);
         assert_eq!((r.start(), r.len()), (8, 0), "ack clamps to what was sent");

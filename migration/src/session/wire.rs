@@ -13,7 +13,16 @@
 //!                        shutdown u8 | reserved [7] (0) | proof [32]
 //! kind 4 RESUMED  (32)  received le64 | shutdown u8 | reserved [7] (0) | next nonce [16]
 //! kind 5 REFUSED   (8)  reason le16 | reserved le16 (0) | errno le32
+//! kind 6 LISTEN     (8)  port le32 | socket type u8 | reserved [3] (0)
+//! kind 7 LISTENING  (8)  port le32 | reserved le32 (0)
+//! kind 8 OFFERED   (72)  same body as OPENED
 //! ```
+//!
+//! LISTEN registers a guest port whose listener takes sessions: the daemon answers
+//! LISTENING and keeps the registration while that connection stays open (and across a
+//! device blackout, until the guest registers again or the park timeout passes). A
+//! host-initiated connection to a registered port then starts with OFFERED, the accepted
+//! side's OPENED.
 //!
 //! `received` counts what the sender of the frame has received of the other side's data
 //! over the whole session: bytes for stream sessions, messages for seqpacket ones.
@@ -89,6 +98,21 @@ struct ResumedBody {
     shutdown: u8,
     reserved: [u8; 7],
     next_nonce: [u8; 16],
+}
+
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct ListenBody {
+    port: U32,
+    socket_type: u8,
+    reserved: [u8; 3],
+}
+
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct ListeningBody {
+    port: U32,
+    reserved: U32,
 }
 
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -236,6 +260,32 @@ pub enum Frame {
         /// The nonce the next RESUME's proof must cover.
         next_nonce: Nonce,
     },
+    /// Guest -> daemon: connections to this guest port may be sessions.
+    Listen {
+        /// The guest's listening port.
+        port: Port,
+        /// Stream or seqpacket.
+        socket_type: SocketType,
+    },
+    /// Daemon -> guest: registered; keep this connection open to keep the registration.
+    Listening {
+        /// The port registered.
+        port: Port,
+    },
+    /// Daemon -> guest, first on a host-initiated connection to a registered port: this
+    /// connection is a session (fields as in [`Frame::Opened`]).
+    Offered {
+        /// Names the session in a later RESUME.
+        id: SessionId,
+        /// Proves the resumer is the owner.
+        secret: Secret,
+        /// The nonce the next RESUME's proof must cover.
+        next_nonce: Nonce,
+        /// The most guest data the daemon holds unconsumed.
+        window: u32,
+        /// How long the daemon keeps the session parked.
+        park_timeout_ms: u32,
+    },
     /// Daemon -> guest: no; the connection ends after this frame.
     Refused {
         /// Why.
@@ -285,6 +335,9 @@ const KIND_OPENED: u8 = 2;
 const KIND_RESUME: u8 = 3;
 const KIND_RESUMED: u8 = 4;
 const KIND_REFUSED: u8 = 5;
+const KIND_LISTEN: u8 = 6;
+const KIND_LISTENING: u8 = 7;
+const KIND_OFFERED: u8 = 8;
 
 fn body_len(kind: u8) -> Option<usize> {
     Some(match kind {
@@ -293,6 +346,9 @@ fn body_len(kind: u8) -> Option<usize> {
         KIND_RESUME => size_of::<ResumeBody>(),
         KIND_RESUMED => size_of::<ResumedBody>(),
         KIND_REFUSED => size_of::<RefusedBody>(),
+        KIND_LISTEN => size_of::<ListenBody>(),
+        KIND_LISTENING => size_of::<ListeningBody>(),
+        KIND_OFFERED => size_of::<OpenedBody>(),
         _ => return None,
     })
 }
@@ -304,6 +360,17 @@ fn socket_type_code(t: SocketType) -> u8 {
     }
 }
 
+fn socket_type_of(code: u8) -> Result<SocketType, WireError> {
+    match code {
+        1 => Ok(SocketType::Stream),
+        2 => Ok(SocketType::SeqPacket),
+        v => Err(WireError::BadValue {
+            field: "socket type",
+            value: u32::from(v),
+        }),
+    }
+}
+
 impl Frame {
     fn kind(&self) -> u8 {
         match self {
@@ -312,6 +379,9 @@ impl Frame {
             Self::Resume { .. } => KIND_RESUME,
             Self::Resumed { .. } => KIND_RESUMED,
             Self::Refused { .. } => KIND_REFUSED,
+            Self::Listen { .. } => KIND_LISTEN,
+            Self::Listening { .. } => KIND_LISTENING,
+            Self::Offered { .. } => KIND_OFFERED,
         }
     }
 
@@ -343,6 +413,13 @@ impl Frame {
                 .as_bytes(),
             ),
             Self::Opened {
+                id,
+                ref secret,
+                next_nonce,
+                window,
+                park_timeout_ms,
+            }
+            | Self::Offered {
                 id,
                 ref secret,
                 next_nonce,
@@ -385,6 +462,21 @@ impl Frame {
                     shutdown: closed.to_bits(),
                     reserved: [0; 7],
                     next_nonce: next_nonce.0,
+                }
+                .as_bytes(),
+            ),
+            Self::Listen { port, socket_type } => out.extend_from_slice(
+                ListenBody {
+                    port: U32::new(port.0),
+                    socket_type: socket_type_code(socket_type),
+                    reserved: [0; 3],
+                }
+                .as_bytes(),
+            ),
+            Self::Listening { port } => out.extend_from_slice(
+                ListeningBody {
+                    port: U32::new(port.0),
+                    reserved: U32::ZERO,
                 }
                 .as_bytes(),
             ),
@@ -434,16 +526,7 @@ impl Frame {
                 if b.flags != 0 || b.reserved.get() != 0 {
                     return Err(WireError::Reserved);
                 }
-                let socket_type = match b.socket_type {
-                    1 => SocketType::Stream,
-                    2 => SocketType::SeqPacket,
-                    v => {
-                        return Err(WireError::BadValue {
-                            field: "socket type",
-                            value: u32::from(v),
-                        })
-                    }
-                };
+                let socket_type = socket_type_of(b.socket_type)?;
                 Frame::Open {
                     cid: Cid(b.cid.get()),
                     port: Port(b.port.get()),
@@ -458,6 +541,35 @@ impl Frame {
                     next_nonce: Nonce(b.next_nonce),
                     window: b.window.get(),
                     park_timeout_ms: b.park_timeout_ms.get(),
+                }
+            }
+            KIND_OFFERED => {
+                let b = OpenedBody::ref_from_bytes(body).expect("length checked");
+                Frame::Offered {
+                    id: SessionId(b.id),
+                    secret: Secret(b.secret),
+                    next_nonce: Nonce(b.next_nonce),
+                    window: b.window.get(),
+                    park_timeout_ms: b.park_timeout_ms.get(),
+                }
+            }
+            KIND_LISTEN => {
+                let b = ListenBody::ref_from_bytes(body).expect("length checked");
+                if b.reserved != [0; 3] {
+                    return Err(WireError::Reserved);
+                }
+                Frame::Listen {
+                    port: Port(b.port.get()),
+                    socket_type: socket_type_of(b.socket_type)?,
+                }
+            }
+            KIND_LISTENING => {
+                let b = ListeningBody::ref_from_bytes(body).expect("length checked");
+                if b.reserved.get() != 0 {
+                    return Err(WireError::Reserved);
+                }
+                Frame::Listening {
+                    port: Port(b.port.get()),
                 }
             }
             KIND_RESUME => {
@@ -489,11 +601,10 @@ impl Frame {
                 if b.reserved.get() != 0 {
                     return Err(WireError::Reserved);
                 }
-                let reason =
-                    Refusal::from_code(b.reason.get()).ok_or(WireError::BadValue {
-                        field: "refusal reason",
-                        value: u32::from(b.reason.get()),
-                    })?;
+                let reason = Refusal::from_code(b.reason.get()).ok_or(WireError::BadValue {
+                    field: "refusal reason",
+                    value: u32::from(b.reason.get()),
+                })?;
                 Frame::Refused {
                     reason,
                     errno: b.errno.get(),
@@ -549,6 +660,18 @@ mod tests {
             Frame::Refused {
                 reason: Refusal::TargetRefused,
                 errno: 111,
+            },
+            Frame::Listen {
+                port: Port(6000),
+                socket_type: SocketType::SeqPacket,
+            },
+            Frame::Listening { port: Port(6000) },
+            Frame::Offered {
+                id: SessionId([8; 16]),
+                secret: Secret([9; 32]),
+                next_nonce: Nonce([10; 16]),
+                window: 1,
+                park_timeout_ms: 2,
             },
         ]
     }
@@ -613,7 +736,10 @@ mod tests {
         refused[PREAMBLE_LEN] = 99;
         assert!(matches!(
             Frame::decode(&refused),
-            Err(WireError::BadValue { field: "refusal reason", value: 99 })
+            Err(WireError::BadValue {
+                field: "refusal reason",
+                value: 99
+            })
         ));
     }
 }
