@@ -46,3 +46,5 @@ pub const MAX_SESSIONS_PER_VM: usize = 256;
 pub const SESSION_REPLAY_BYTES: usize = 256 * 1024;
 /// Expired session ids remembered per VM, so a late RESUME learns why it failed.
 pub const SESSION_TOMBSTONES: usize = 256;
+/// Guest ports one VM may register as session listeners.
+pub const MAX_SESSION_LISTENERS_PER_VM: usize = 64;

@@ -394,3 +394,126 @@ fn opening_a_session_to_a_closed_port_is_refused_with_its_errno() {
     );
     assert_eq!(g.stat("session_refusals"), 1);
 }
+
+/// Registers guest port `port` as a session listener; returns the keepalive connection.
+fn register(g: &mut TestGuest, guest_port: u32, port: u32) -> GuestConn {
+    let mut conn = GuestConn::stream(guest_port, SESSION_PORT);
+    g.connect(&conn);
+    let listen = Frame::Listen {
+        port: domsock_proto::Port(port),
+        socket_type: domsock_proto::SocketType::Stream,
+    };
+    g.send_rw(&conn, &listen.encode());
+    assert_eq!(
+        read_frame(g, &mut conn),
+        Frame::Listening {
+            port: domsock_proto::Port(port)
+        }
+    );
+    conn
+}
+
+/// The host connects to guest port `port`; the guest accepts. Returns the host stream
+/// (after its `OK` line) and the guest's connection.
+fn host_connects(g: &mut TestGuest, port: u32) -> (UnixStream, GuestConn) {
+    let mut host = g.host_connect(port);
+    let mut req = None;
+    g.pump_until("REQUEST from the host", |g| {
+        req = g
+            .take_rx()
+            .into_iter()
+            .find(|p| p.hdr.op == OP_REQUEST)
+            .map(|p| p.hdr);
+        req.is_some()
+    });
+    let req = req.unwrap();
+    let conn = GuestConn {
+        buf_alloc: 256 * 1024,
+        ..GuestConn::stream(port, req.src_port)
+    };
+    g.send_ctl(&conn, OP_RESPONSE, 0);
+    g.pump();
+    assert_eq!(
+        read_n(&mut host, format!("OK {port}\n").len()),
+        format!("OK {port}\n").as_bytes()
+    );
+    (host, conn)
+}
+
+#[test]
+fn a_session_the_guest_accepted_survives_a_device_stop() {
+    let mut g = TestGuest::new("s-accept");
+    let _keepalive = register(&mut g, 39_000, 6000);
+    assert_eq!(g.plane.session_listeners(), 1);
+    let (mut host, mut conn) = host_connects(&mut g, 6000);
+    host.write_all(b"hello guest").unwrap();
+    let (offered, rest) = read_frame_and(&mut g, &mut conn);
+    let Frame::Offered {
+        id,
+        secret,
+        next_nonce,
+        window,
+        ..
+    } = offered
+    else {
+        panic!("expected OFFERED, got {offered:?}");
+    };
+    let mut first = rest;
+    let more = 11 - first.len();
+    first.extend(g.recv_stream(&mut conn, more, true));
+    assert_eq!(first, b"hello guest");
+    g.send_rw(&conn, b"hello host");
+    g.pump();
+    assert_eq!(read_n(&mut host, 10), b"hello host");
+    g.plane.stop();
+    assert_eq!(g.plane.parked_sessions(), 1);
+    assert_eq!(
+        g.plane.session_listeners(),
+        1,
+        "a registration outlives the device"
+    );
+    host.write_all(b" while away").unwrap();
+    let client = Client {
+        id,
+        secret,
+        nonce: next_nonce,
+        window,
+    };
+    let (mut c2, answer, mut data) =
+        resume_with_data(&mut g, 41_000, &resume_frame(&client, 11, 1));
+    let Frame::Resumed { received, .. } = answer else {
+        panic!("expected RESUMED, got {answer:?}");
+    };
+    assert_eq!(received, 10);
+    let more = 11 - data.len();
+    data.extend(g.recv_stream(&mut c2, more, true));
+    assert_eq!(data, b" while away");
+    g.send_rw(&c2, b" and back");
+    g.pump();
+    assert_eq!(read_n(&mut host, 9), b" and back");
+    // Unregistered ports stay raw: no OFFERED in front of the host's bytes.
+    let (mut raw_host, mut raw) = host_connects(&mut g, 6001);
+    raw_host.write_all(b"raw").unwrap();
+    assert_eq!(g.recv_stream(&mut raw, 3, true), b"raw");
+}
+
+#[test]
+fn an_orphaned_registration_is_forgotten_after_the_park_timeout() {
+    let mut g = TestGuest::new("s-orphan");
+    let keepalive = register(&mut g, 39_000, 6000);
+    let t0 = Instant::now();
+    g.plane.stop();
+    g.pump_at(t0);
+    let timeout = Duration::from_millis(u64::from(DEFAULT_PARK_TIMEOUT_MS));
+    g.pump_at(t0 + timeout - Duration::from_millis(1));
+    assert_eq!(g.plane.session_listeners(), 1);
+    g.pump_at(t0 + timeout + Duration::from_millis(1));
+    assert_eq!(g.plane.session_listeners(), 0);
+    // A registration whose connection the guest closes ends at once.
+    let k2 = register(&mut g, 39_001, 6002);
+    assert_eq!(g.plane.session_listeners(), 1);
+    g.send_ctl(&k2, OP_RST, 0);
+    g.pump();
+    assert_eq!(g.plane.session_listeners(), 0);
+    let _ = keepalive;
+}

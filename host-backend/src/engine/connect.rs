@@ -254,6 +254,8 @@ impl DataPlane {
             if !matches!(hc.sock.write(line.as_bytes()), Ok(n) if n == line.len()) {
                 VmStats::inc(&self.shared.stats.host_errors);
                 self.endpoint.reset(key);
+            } else {
+                self.offer_session(key);
             }
         }
         self.after_change(key);

@@ -200,6 +200,7 @@ impl DataPlane {
         VmStats::inc(&self.shared.stats.device_stops);
         // Sessions keep their host ends; everything else ends below.
         self.park_sessions();
+        self.orphan_listeners();
         let n = self.conns.len();
         let mut lingering = Vec::new();
         for (_, hc) in self.conns.drain() {
@@ -228,6 +229,11 @@ impl DataPlane {
     /// Sessions parked, waiting for their guest.
     pub fn parked_sessions(&self) -> usize {
         self.sessions.parked()
+    }
+
+    /// Guest ports registered as session listeners.
+    pub fn session_listeners(&self) -> usize {
+        self.sessions.listeners()
     }
 
     /// Host connections waiting for their `CONNECT` line.
@@ -302,7 +308,7 @@ impl DataPlane {
 
     fn close_host(&mut self, key: ConnKey) {
         if let Some(hc) = self.conns.remove(&key) {
-            self.session_closed(&hc);
+            self.session_closed(key, &hc);
             hc.span.in_scope(|| {
                 tracing::debug!(outbox = hc.outbox_len(), "host connection closed");
             });

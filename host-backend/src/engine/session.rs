@@ -27,7 +27,12 @@
 //! closed (the host process reads EOF), it is counted as expired, and its id is
 //! remembered so that a late RESUME is told why.
 //!
-//! What it does not do: sessions to sibling guests or host-initiated sessions, seqpacket
+//! A guest listener registered with `LISTEN` makes host-initiated connections to its port
+//! sessions too: once the guest accepts, the daemon sends OFFERED ahead of the host's
+//! bytes. The registration lives while its session-port connection does, and survives a
+//! device stop for the park timeout so the guest can register again.
+//!
+//! What it does not do: sessions to sibling guests, seqpacket
 //! sessions, or keeping parked sessions when the frontend itself disconnects (the engine
 //! ends for good then).
 
@@ -37,7 +42,9 @@ use super::poller::Target;
 use super::DataPlane;
 use crate::host::HostSocket;
 use crate::metrics::VmStats;
-use crate::tunables::{MAX_SESSIONS_PER_VM, SESSION_REPLAY_BYTES, SESSION_TOMBSTONES};
+use crate::tunables::{
+    MAX_SESSIONS_PER_VM, MAX_SESSION_LISTENERS_PER_VM, SESSION_REPLAY_BYTES, SESSION_TOMBSTONES,
+};
 use domsock_migration::session::proof::ResumeClaim;
 use domsock_migration::session::replay::ReplayBuffer;
 use domsock_migration::session::wire::{Closed, Frame, Refusal, MAX_FRAME_LEN};
@@ -60,8 +67,20 @@ pub(crate) enum SessionState {
         buf: Vec<u8>,
         peer: Option<UnixStream>,
     },
+    /// Keeps the registration of a session listener (`LISTEN`) alive; carries no data.
+    Listening { port: Port, _peer: UnixStream },
     /// Carrying a session.
     Live(SessionLink),
+}
+
+/// A guest port whose listener takes sessions.
+#[derive(Debug)]
+struct Registration {
+    /// The session-port connection that keeps it; `None` after a device stop, until the
+    /// guest registers again.
+    keepalive: Option<ConnKey>,
+    /// When an orphaned registration is forgotten (set by the timer pass).
+    deadline: Option<Instant>,
 }
 
 /// What a session keeps across its connections.
@@ -103,6 +122,7 @@ pub(super) struct Parked {
 pub(super) struct Sessions {
     parked: HashMap<SessionId, Parked>,
     expired: VecDeque<SessionId>,
+    listeners: HashMap<Port, Registration>,
     live: usize,
     scratch: Vec<u8>,
 }
@@ -113,9 +133,18 @@ impl Sessions {
         self.parked.len()
     }
 
-    /// The earliest parked deadline.
+    /// The earliest deadline of a parked session or an orphaned registration.
     pub(super) fn next_deadline(&self) -> Option<Instant> {
-        self.parked.values().filter_map(|p| p.deadline).min()
+        self.parked
+            .values()
+            .filter_map(|p| p.deadline)
+            .chain(self.listeners.values().filter_map(|r| r.deadline))
+            .min()
+    }
+
+    /// Guest ports registered as session listeners.
+    pub(super) fn listeners(&self) -> usize {
+        self.listeners.len()
     }
 }
 
@@ -161,9 +190,13 @@ impl HostConn {
         matches!(self.session.as_deref(), Some(SessionState::Live(_)))
     }
 
-    /// Whether this connection is a session-port connection still in its greeting.
+    /// Whether this connection is a session-port connection that carries no data: still
+    /// in its greeting, refused, or keeping a listener registration.
     pub(super) fn in_greeting(&self) -> bool {
-        matches!(self.session.as_deref(), Some(SessionState::Greeting { .. }))
+        matches!(
+            self.session.as_deref(),
+            Some(SessionState::Greeting { .. } | SessionState::Listening { .. })
+        )
     }
 
     /// The host port a live session reaches.
@@ -309,8 +342,124 @@ impl DataPlane {
                 },
                 proof,
             ),
+            Frame::Listen { port, socket_type } => self.register_listener(key, port, socket_type),
             _ => self.refuse_session(key, Refusal::Malformed, 0),
         }
+    }
+
+    fn register_listener(&mut self, key: ConnKey, port: Port, socket_type: SocketType) {
+        if socket_type != SocketType::Stream {
+            self.refuse_session(key, Refusal::Unsupported, 0);
+            return;
+        }
+        if !self.sessions.listeners.contains_key(&port)
+            && self.sessions.listeners.len() >= MAX_SESSION_LISTENERS_PER_VM
+        {
+            self.refuse_session(key, Refusal::TooMany, 0);
+            return;
+        }
+        let Some(hc) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let Some(SessionState::Greeting { peer, .. }) = hc.session.as_deref_mut() else {
+            return;
+        };
+        let Some(peer) = peer.take() else {
+            return;
+        };
+        hc.session = Some(Box::new(SessionState::Listening { port, _peer: peer }));
+        hc.inbox = Frame::Listening { port }.encode();
+        hc.inbox_off = 0;
+        // A newer registration of the same port replaces an older one; the older
+        // connection then keeps nothing.
+        self.sessions.listeners.insert(
+            port,
+            Registration {
+                keepalive: Some(key),
+                deadline: None,
+            },
+        );
+        hc.span
+            .in_scope(|| debug!(port = port.0, "session listener registered"));
+        self.after_change(key);
+    }
+
+    /// A host-initiated connection was accepted by the guest: if its port is a session
+    /// listener, the connection becomes a session, announced by OFFERED ahead of any host
+    /// bytes (which are recorded for replay like all others).
+    pub(super) fn offer_session(&mut self, key: ConnKey) {
+        if !self.sessions.listeners.contains_key(&key.peer.port)
+            || self.sessions.live + self.sessions.parked.len() >= MAX_SESSIONS_PER_VM
+        {
+            return;
+        }
+        let (mut link, greeting) = self.new_link(key.peer.port, true);
+        let Some(hc) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if hc.socket_type != SocketType::Stream || hc.session.is_some() {
+            return;
+        }
+        let early = hc.inbox.split_off(hc.inbox_off);
+        // Handshake leftovers are a few hundred bytes at most: they always fit.
+        let kept = link.to_guest.record(&early);
+        debug_assert_eq!(kept, early.len());
+        let mut inbox = greeting;
+        inbox.extend_from_slice(&early[..kept]);
+        hc.inbox = inbox;
+        hc.inbox_off = 0;
+        let id = link.id;
+        hc.session = Some(Box::new(SessionState::Live(link)));
+        hc.span
+            .in_scope(|| debug!(session = %id, "session offered"));
+        self.sessions.live += 1;
+        VmStats::inc(&self.shared.stats.sessions_opened);
+    }
+
+    /// A fresh session reaching `target`, and its greeting (OPENED, or OFFERED for one the
+    /// guest accepted).
+    fn new_link(&self, target: Port, offered: bool) -> (SessionLink, Vec<u8>) {
+        let id = SessionId(random());
+        let secret = Secret(random());
+        let nonce = Nonce(random());
+        let park_timeout_ms = self
+            .shared
+            .park_timeout_ms
+            .load(Ordering::Relaxed)
+            .min(u64::from(u32::MAX)) as u32;
+        let window = self.endpoint.config().buf_alloc_bytes;
+        let greeting = if offered {
+            Frame::Offered {
+                id,
+                secret: secret.clone(),
+                next_nonce: nonce,
+                window,
+                park_timeout_ms,
+            }
+        } else {
+            Frame::Opened {
+                id,
+                secret: secret.clone(),
+                next_nonce: nonce,
+                window,
+                park_timeout_ms,
+            }
+        }
+        .encode();
+        let greeting_len = greeting.len() as u32;
+        let link = SessionLink {
+            id,
+            secret,
+            nonce,
+            prev_nonce: None,
+            target,
+            to_guest: ReplayBuffer::new(SESSION_REPLAY_BYTES),
+            acked: CounterExtender::new(0, greeting_len),
+            greeting_len,
+            received: 0,
+            carried: 0,
+        };
+        (link, greeting)
     }
 
     fn open_session(&mut self, key: ConnKey, cid: Cid, port: Port, socket_type: SocketType) {
@@ -363,34 +512,12 @@ impl DataPlane {
         hc.token = token;
         hc.interest = Interest::Read;
         hc.readiness = Readiness::Ready;
-        let id = SessionId(random());
-        let secret = Secret(random());
-        let nonce = Nonce(random());
-        let park_timeout_ms = self.shared.park_timeout_ms.load(Ordering::Relaxed);
-        let window = self.endpoint.config().buf_alloc_bytes;
-        let opened = Frame::Opened {
-            id,
-            secret: secret.clone(),
-            next_nonce: nonce,
-            window,
-            park_timeout_ms: park_timeout_ms.min(u64::from(u32::MAX)) as u32,
-        }
-        .encode();
-        let greeting_len = opened.len() as u32;
-        hc.inbox = opened;
+        let (link, greeting) = self.new_link(port, false);
+        let id = link.id;
+        let hc = self.conns.get_mut(&key).expect("caller checked");
+        hc.inbox = greeting;
         hc.inbox_off = 0;
-        hc.session = Some(Box::new(SessionState::Live(SessionLink {
-            id,
-            secret,
-            nonce,
-            prev_nonce: None,
-            target: port,
-            to_guest: ReplayBuffer::new(SESSION_REPLAY_BYTES),
-            acked: CounterExtender::new(0, greeting_len),
-            greeting_len,
-            received: 0,
-            carried: 0,
-        })));
+        hc.session = Some(Box::new(SessionState::Live(link)));
         hc.span
             .in_scope(|| debug!(session = %id, target = port.0, "session opened"));
         self.sessions.live += 1;
@@ -583,10 +710,30 @@ impl DataPlane {
         }
     }
 
-    /// A live session's connection closes for good (the guest closed it, or it failed).
-    pub(super) fn session_closed(&mut self, hc: &HostConn) {
-        if hc.is_session() {
-            self.sessions.live -= 1;
+    /// A session-port connection closes for good (the guest closed it, or it failed):
+    /// a live session ends, a listener registration it kept is forgotten.
+    pub(super) fn session_closed(&mut self, key: ConnKey, hc: &HostConn) {
+        match hc.session.as_deref() {
+            Some(SessionState::Live(_)) => self.sessions.live -= 1,
+            Some(SessionState::Listening { port, .. }) => {
+                if self
+                    .sessions
+                    .listeners
+                    .get(port)
+                    .is_some_and(|r| r.keepalive == Some(key))
+                {
+                    self.sessions.listeners.remove(port);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The device stopped: registrations outlive their connections (the guest's listening
+    /// sockets survive a blackout) until the guest registers again or the park timeout.
+    pub(super) fn orphan_listeners(&mut self) {
+        for r in self.sessions.listeners.values_mut() {
+            r.keepalive = None;
         }
     }
 
@@ -672,6 +819,23 @@ impl DataPlane {
                 Some(_) => {}
             }
         }
+        self.sessions.listeners.retain(|port, r| {
+            if r.keepalive.is_some() {
+                r.deadline = None;
+                return true;
+            }
+            match r.deadline {
+                None => {
+                    r.deadline = Some(now + timeout);
+                    true
+                }
+                Some(d) if d <= now => {
+                    debug!(port = port.0, "orphaned session listener forgotten");
+                    false
+                }
+                Some(_) => true,
+            }
+        });
         for id in expired {
             let parked = self.sessions.parked.remove(&id).expect("listed above");
             info!(vm = %self.shared.name, session = %id, timeout_ms = timeout.as_millis() as u64, "parked session expired; host end closed");
