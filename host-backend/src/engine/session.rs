@@ -715,15 +715,14 @@ impl DataPlane {
     pub(super) fn session_closed(&mut self, key: ConnKey, hc: &HostConn) {
         match hc.session.as_deref() {
             Some(SessionState::Live(_)) => self.sessions.live -= 1,
-            Some(SessionState::Listening { port, .. }) => {
+            Some(SessionState::Listening { port, .. })
                 if self
                     .sessions
                     .listeners
                     .get(port)
-                    .is_some_and(|r| r.keepalive == Some(key))
-                {
-                    self.sessions.listeners.remove(port);
-                }
+                    .is_some_and(|r| r.keepalive == Some(key)) =>
+            {
+                self.sessions.listeners.remove(port);
             }
             _ => {}
         }
