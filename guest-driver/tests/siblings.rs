@@ -2454,3 +2454,92 @@ fn sighup_reload_resets_host_connections_no_longer_allowed() {
         b.log_tail()
     );
 }
+
+// ---- sessions to siblings ------------------------------------------------------------
+
+/// `a` opens a session to `b`'s listener on `port` through the session port; returns
+/// `a`'s key (after OPENED, which is returned too) and `b`'s accepted key.
+fn open_sibling_session(
+    a: &mut UserGuest,
+    b: &mut UserGuest,
+    port: u32,
+) -> (ConnKey, domsock_migration::session::wire::Frame, ConnKey) {
+    use domsock_migration::session::wire::Frame;
+    let ka = a
+        .connect_timeout(host(1022), SocketType::Stream, STEP_TIMEOUT)
+        .unwrap();
+    let open = Frame::Open {
+        cid: b.cid(),
+        port: Port(port),
+        socket_type: SocketType::Stream,
+    };
+    a.write_all(ka, &open.encode(), STEP_TIMEOUT).unwrap();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let mut kb = None;
+    let mut buf = Vec::new();
+    loop {
+        assert!(Instant::now() < deadline, "no OPENED / accept: {buf:?}");
+        if kb.is_none() {
+            kb = b.accept(Port(port)).unwrap();
+        }
+        let mut chunk = [0u8; 128];
+        match a.recv(ka, &mut chunk) {
+            Ok(0) => panic!("EOF before OPENED"),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(SockError::WouldBlock) => {}
+            Err(e) => panic!("recv: {}", chain(&e)),
+        }
+        if let (Some((f, used)), Some(kb)) = (Frame::decode(&buf).unwrap(), kb) {
+            assert_eq!(used, buf.len());
+            return (ka, f, kb);
+        }
+        a.poll(Some(Duration::from_millis(1))).unwrap();
+        b.poll(Some(Duration::from_millis(1))).unwrap();
+    }
+}
+
+#[test]
+fn a_session_to_a_sibling_is_an_ordinary_connection_for_the_sibling() {
+    use domsock_migration::session::wire::{Frame, Refusal};
+    let vms = [
+        VmOpts::new(3).groups(&["pair"]),
+        VmOpts::new(4).groups(&["pair"]),
+        VmOpts::new(5),
+    ];
+    let b = Backend::domsockd_with("g2g-session", &vms, None);
+    let mut ga = ready(&b, 3, GuestConfig::default());
+    let mut gb = ready(&b, 4, GuestConfig::default());
+    gb.listen(Port(5000), SocketType::Stream).unwrap();
+    let (ka, opened, kb) = open_sibling_session(&mut ga, &mut gb, 5000);
+    assert!(matches!(opened, Frame::Opened { .. }), "{opened:?}");
+    assert_eq!(
+        kb.peer.cid,
+        Cid(3),
+        "the sibling sees the session's guest as its peer"
+    );
+    exchange(&mut ga, ka, &mut gb, kb, 77);
+    transfer(&mut ga, ka, &mut gb, kb, 8 * MIB);
+    assert_eq!(b.counters(3).get("sessions_opened"), 1);
+    // A sibling outside the policy: refused with EACCES in the frame, counted as denied.
+    let mut gc = ready(&b, 5, GuestConfig::default());
+    gc.listen(Port(5000), SocketType::Stream).unwrap();
+    let k = ga
+        .connect_timeout(host(1022), SocketType::Stream, STEP_TIMEOUT)
+        .unwrap();
+    let open = Frame::Open {
+        cid: Cid(5),
+        port: Port(5000),
+        socket_type: SocketType::Stream,
+    };
+    ga.write_all(k, &open.encode(), STEP_TIMEOUT).unwrap();
+    let mut answer = vec![0u8; 16];
+    ga.read_exact(k, &mut answer, STEP_TIMEOUT).unwrap();
+    assert_eq!(
+        Frame::decode(&answer).unwrap().map(|f| f.0),
+        Some(Frame::Refused {
+            reason: Refusal::TargetRefused,
+            errno: libc::EACCES as u32
+        })
+    );
+    expect_no_accept(&mut gc, 5000);
+}

@@ -48,3 +48,5 @@ pub const SESSION_REPLAY_BYTES: usize = 256 * 1024;
 pub const SESSION_TOMBSTONES: usize = 256;
 /// Guest ports one VM may register as session listeners.
 pub const MAX_SESSION_LISTENERS_PER_VM: usize = 64;
+/// Sibling sessions waiting for one VM's engine to dial its guest.
+pub const MAX_PENDING_PROXY_DIALS: usize = 64;

@@ -22,6 +22,39 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+/// A sibling's session asks this VM's engine to open a connection to its guest's `port`
+/// that appears to come from `from` (the sibling), carried over `sock`. The engine writes
+/// one status byte (0: connected) on `sock` before any data; an EOF instead means refused.
+#[derive(Debug)]
+pub struct ProxyDial {
+    /// The sibling the connection appears to come from.
+    pub from: Cid,
+    /// The guest port to connect to.
+    pub port: Port,
+    /// The other end belongs to the sibling's session.
+    pub sock: std::os::unix::net::UnixStream,
+}
+
+impl VmShared {
+    /// Queues `dial` for this VM's engine and wakes it; gives it back if the queue is full.
+    pub fn request_dial(&self, dial: ProxyDial) -> Result<(), ProxyDial> {
+        let mut q = self.proxy_dials.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= crate::tunables::MAX_PENDING_PROXY_DIALS {
+            return Err(dial);
+        }
+        q.push_back(dial);
+        drop(q);
+        let _ = self.wake.write(1);
+        Ok(())
+    }
+
+    /// Takes every queued dial.
+    pub fn take_dials(&self) -> Vec<ProxyDial> {
+        let mut q = self.proxy_dials.lock().unwrap_or_else(|p| p.into_inner());
+        q.drain(..).collect()
+    }
+}
+
 /// What a VM is, shared by every device instance the VM's QEMU connects.
 #[derive(Debug)]
 pub struct VmShared {
@@ -43,6 +76,9 @@ pub struct VmShared {
     pub wake: EventFd,
     /// Open control-service connections.
     pub control_conns: AtomicUsize,
+    /// Sessions of other guests asking this VM's engine to dial its guest (see
+    /// [`ProxyDial`]); bounded by [`crate::tunables::MAX_PENDING_PROXY_DIALS`].
+    pub proxy_dials: Mutex<std::collections::VecDeque<ProxyDial>>,
     /// How long a parked session waits for its guest, in ms (set from the config).
     pub park_timeout_ms: std::sync::atomic::AtomicU64,
     /// Rate limit of this VM's warnings (see [`VmShared::may_warn`]).
@@ -77,6 +113,7 @@ impl VmShared {
             busy_poll,
             wake: EventFd::new(EFD_NONBLOCK)?,
             control_conns: AtomicUsize::new(0),
+            proxy_dials: Mutex::new(std::collections::VecDeque::new()),
             park_timeout_ms: std::sync::atomic::AtomicU64::new(u64::from(
                 domsock_migration::session::DEFAULT_PARK_TIMEOUT_MS,
             )),

@@ -52,6 +52,10 @@ pub enum Origin {
         /// Port still to confirm.
         reply: Option<Port>,
     },
+    /// A sibling's session dialed this guest (see [`crate::vm::ProxyDial`]); the host
+    /// end is that session's socket pair, and the connection appears to come from the
+    /// sibling (its key's local CID).
+    Proxy,
 }
 
 /// The socket's epoll interest, as last set.

@@ -23,7 +23,7 @@ use crate::policy::Verdict;
 use domsock_migration::session::SESSION_PORT;
 use domsock_proto::control::PeerPreamble;
 use domsock_proto::hybrid::ok_line;
-use domsock_proto::{ConnKey, Header, Port, SocketType};
+use domsock_proto::{Cid, ConnKey, Header, Port, SocketType};
 use std::io::{self, ErrorKind};
 use tracing::{debug, warn};
 
@@ -99,13 +99,29 @@ impl DataPlane {
             .conns
             .iter()
             .filter(|(key, hc)| {
-                let port = hc.session_target().unwrap_or(key.local.port);
-                hc.origin == Origin::Guest
-                    && !hc.in_greeting()
-                    && !self
+                let allowed = match (hc.origin, hc.session_target()) {
+                    (Origin::Proxy, _) => self
                         .router
-                        .check_host(key.peer.cid, port, hc.socket_type)
-                        .is_allowed()
+                        .check_between(key.local.cid, key.peer.cid, key.peer.port, hc.socket_type)
+                        .is_allowed(),
+                    (Origin::Host { .. }, _) => true,
+                    (Origin::Guest, Some((cid, port))) if cid != Cid::HOST => self
+                        .router
+                        .check_between(key.peer.cid, cid, port, hc.socket_type)
+                        .is_allowed(),
+                    (Origin::Guest, target) => {
+                        hc.in_greeting()
+                            || self
+                                .router
+                                .check_host(
+                                    key.peer.cid,
+                                    target.map_or(key.local.port, |t| t.1),
+                                    hc.socket_type,
+                                )
+                                .is_allowed()
+                    }
+                };
+                !allowed
             })
             .map(|(k, _)| *k)
             .collect();
@@ -247,6 +263,13 @@ impl DataPlane {
             self.endpoint.reset(key);
             return;
         };
+        if hc.origin == Origin::Proxy {
+            // Tell the sibling's session its connection stands (see `ProxyDial`).
+            if !matches!(hc.sock.write(&[0]), Ok(1)) {
+                VmStats::inc(&self.shared.stats.host_errors);
+                self.endpoint.reset(key);
+            }
+        }
         if let Origin::Host { reply: Some(port) } = hc.origin {
             hc.origin = Origin::Host { reply: None };
             // A fresh socket's send buffer is empty, so this short line goes out whole.

@@ -169,6 +169,7 @@ impl DataPlane {
             TOKEN_WAKE => {
                 let _ = self.shared.wake.read();
                 self.recheck_policy();
+                self.start_proxy_dials(now);
             }
             _ => match self.poller.target(token) {
                 Some(Target::Handshake) => self.read_handshake(now, token),
@@ -177,6 +178,10 @@ impl DataPlane {
                     let Some(hc) = self.conns.get_mut(&key) else {
                         return;
                     };
+                    if hc.dialing() {
+                        self.dial_progress(key);
+                        return;
+                    }
                     hc.note_event(
                         set.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP),
                         set.intersects(EventSet::READ_HANG_UP | EventSet::HANG_UP),

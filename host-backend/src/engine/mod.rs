@@ -100,6 +100,9 @@ pub struct DataPlane {
     /// Copy of host bytes just sent to a session's guest, on their way to its replay
     /// buffer (reused).
     rx_record: Vec<u8>,
+    /// Connections dialed for siblings' sessions ([`conn::Origin::Proxy`]): while there
+    /// are any, packets to other CIDs are first looked up in our endpoint.
+    proxied: usize,
     /// Sessions not on a live connection (parked) and the bounds of all.
     sessions: session::Sessions,
     /// Every event logged while this engine runs names the VM.
@@ -156,6 +159,7 @@ impl DataPlane {
             rx_extra: Vec::new(),
             rx_extra_heads: Vec::new(),
             rx_record: Vec::new(),
+            proxied: 0,
             sessions: session::Sessions::default(),
         })
     }
@@ -218,6 +222,8 @@ impl DataPlane {
         }
         self.endpoint.clear();
         self.ready.clear();
+        self.proxied = 0;
+        self.sessions.forget_live();
         info!(vm = %self.shared.name, closed = n, parked = self.sessions.parked(), stats = %self.shared.stats, "device stopped");
     }
 
@@ -309,6 +315,9 @@ impl DataPlane {
     fn close_host(&mut self, key: ConnKey) {
         if let Some(hc) = self.conns.remove(&key) {
             self.session_closed(key, &hc);
+            if hc.origin == conn::Origin::Proxy {
+                self.proxied -= 1;
+            }
             hc.span.in_scope(|| {
                 tracing::debug!(outbox = hc.outbox_len(), "host connection closed");
             });

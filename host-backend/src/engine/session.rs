@@ -32,7 +32,13 @@
 //! bytes. The registration lives while its session-port connection does, and survives a
 //! device stop for the park timeout so the guest can register again.
 //!
-//! What it does not do: sessions to sibling guests, seqpacket
+//! A session to a **sibling guest** (OPEN naming its CID) is carried by a socket pair:
+//! our end is the session's host end, the other is handed to the sibling's engine
+//! ([`ProxyDial`]), which opens an ordinary connection to its guest that appears to come
+//! from us. The sibling's guest sees an ordinary connection, and only a pause (credit
+//! stops) while we are parked.
+//!
+//! What it does not do: seqpacket
 //! sessions, or keeping parked sessions when the frontend itself disconnects (the engine
 //! ends for good then).
 
@@ -42,9 +48,11 @@ use super::poller::Target;
 use super::DataPlane;
 use crate::host::HostSocket;
 use crate::metrics::VmStats;
+use crate::router::SiblingRefusal;
 use crate::tunables::{
     MAX_SESSIONS_PER_VM, MAX_SESSION_LISTENERS_PER_VM, SESSION_REPLAY_BYTES, SESSION_TOMBSTONES,
 };
+use crate::vm::ProxyDial;
 use domsock_migration::session::proof::ResumeClaim;
 use domsock_migration::session::replay::ReplayBuffer;
 use domsock_migration::session::wire::{Closed, Frame, Refusal, MAX_FRAME_LEN};
@@ -69,6 +77,12 @@ pub(crate) enum SessionState {
     },
     /// Keeps the registration of a session listener (`LISTEN`) alive; carries no data.
     Listening { port: Port, _peer: UnixStream },
+    /// A session to a sibling guest whose connection that guest has not accepted yet;
+    /// the greeting (OPENED) goes out once it has.
+    Dialing {
+        link: SessionLink,
+        greeting: Vec<u8>,
+    },
     /// Carrying a session.
     Live(SessionLink),
 }
@@ -93,8 +107,8 @@ pub(crate) struct SessionLink {
     /// The nonce before the last resume, accepted until the guest has read the RESUMED
     /// that replaced it (it may never have arrived).
     prev_nonce: Option<Nonce>,
-    /// The host port the session reaches (for policy rechecks).
-    target: Port,
+    /// The domain and port the session reaches (for policy rechecks).
+    target: (Cid, Port),
     /// Host->guest bytes not yet acknowledged by the guest (and, while parked, read but
     /// not yet sent).
     to_guest: ReplayBuffer,
@@ -140,6 +154,11 @@ impl Sessions {
             .filter_map(|p| p.deadline)
             .chain(self.listeners.values().filter_map(|r| r.deadline))
             .min()
+    }
+
+    /// The device stopped: live sessions were parked, the rest are being closed.
+    pub(super) fn forget_live(&mut self) {
+        self.live = 0;
     }
 
     /// Guest ports registered as session listeners.
@@ -199,12 +218,19 @@ impl HostConn {
         )
     }
 
-    /// The host port a live session reaches.
-    pub(super) fn session_target(&self) -> Option<Port> {
+    /// The domain and port a session reaches.
+    pub(super) fn session_target(&self) -> Option<(Cid, Port)> {
         match self.session.as_deref() {
-            Some(SessionState::Live(link)) => Some(link.target),
+            Some(SessionState::Live(link) | SessionState::Dialing { link, .. }) => {
+                Some(link.target)
+            }
             _ => None,
         }
+    }
+
+    /// Whether this session waits for a sibling to accept its connection.
+    pub(super) fn dialing(&self) -> bool {
+        matches!(self.session.as_deref(), Some(SessionState::Dialing { .. }))
     }
 
     /// Records host bytes just sent to the guest (the first `n` of `sent`).
@@ -393,7 +419,7 @@ impl DataPlane {
         {
             return;
         }
-        let (mut link, greeting) = self.new_link(key.peer.port, true);
+        let (mut link, greeting) = self.new_link((Cid::HOST, key.peer.port), true);
         let Some(hc) = self.conns.get_mut(&key) else {
             return;
         };
@@ -418,7 +444,7 @@ impl DataPlane {
 
     /// A fresh session reaching `target`, and its greeting (OPENED, or OFFERED for one the
     /// guest accepted).
-    fn new_link(&self, target: Port, offered: bool) -> (SessionLink, Vec<u8>) {
+    fn new_link(&self, target: (Cid, Port), offered: bool) -> (SessionLink, Vec<u8>) {
         let id = SessionId(random());
         let secret = Secret(random());
         let nonce = Nonce(random());
@@ -463,12 +489,16 @@ impl DataPlane {
     }
 
     fn open_session(&mut self, key: ConnKey, cid: Cid, port: Port, socket_type: SocketType) {
-        if cid != Cid::HOST || socket_type != SocketType::Stream {
+        if socket_type != SocketType::Stream {
             self.refuse_session(key, Refusal::Unsupported, 0);
             return;
         }
         if self.sessions.live + self.sessions.parked.len() >= MAX_SESSIONS_PER_VM {
             self.refuse_session(key, Refusal::TooMany, 0);
+            return;
+        }
+        if cid != Cid::HOST {
+            self.open_sibling_session(key, cid, port, socket_type);
             return;
         }
         let req = TargetRequest {
@@ -512,7 +542,7 @@ impl DataPlane {
         hc.token = token;
         hc.interest = Interest::Read;
         hc.readiness = Readiness::Ready;
-        let (link, greeting) = self.new_link(port, false);
+        let (link, greeting) = self.new_link((Cid::HOST, port), false);
         let id = link.id;
         let hc = self.conns.get_mut(&key).expect("caller checked");
         hc.inbox = greeting;
@@ -524,6 +554,147 @@ impl DataPlane {
         VmStats::inc(&self.shared.stats.sessions_opened);
         VmStats::inc(&self.shared.stats.accepted_connections);
         self.after_change(key);
+    }
+
+    /// A session to sibling `cid`: ask its engine to dial its guest over a socket pair
+    /// whose other end becomes this session's host end; OPENED follows when the sibling
+    /// accepts ([`DataPlane::dial_progress`]).
+    fn open_sibling_session(&mut self, key: ConnKey, cid: Cid, port: Port, ty: SocketType) {
+        let target = match self.router.check_guest(&self.shared, cid, port, ty) {
+            Ok(t) => t,
+            Err(why) => {
+                let errno = match why {
+                    SiblingRefusal::Denied => libc::EACCES,
+                    SiblingRefusal::Unreachable => libc::EHOSTUNREACH,
+                    SiblingRefusal::Away => libc::ECONNREFUSED,
+                };
+                self.refuse_session(key, Refusal::TargetRefused, errno as u32);
+                return;
+            }
+        };
+        let pair = UnixStream::pair().and_then(|(ours, theirs)| {
+            ours.set_nonblocking(true)?;
+            theirs.set_nonblocking(true)?;
+            Ok((HostSocket::from_stream(ours)?, theirs))
+        });
+        let (ours, theirs) = match pair {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(vm = %self.shared.name, error = %e, "sibling session socket pair");
+                self.refuse_session(key, Refusal::TooMany, 0);
+                return;
+            }
+        };
+        let token = match self.poller.register(ours.raw_fd(), Target::Conn(key)) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(vm = %self.shared.name, error = %e, "epoll registration failed");
+                self.refuse_session(key, Refusal::TooMany, 0);
+                return;
+            }
+        };
+        let dial = ProxyDial {
+            from: self.shared.cid,
+            port,
+            sock: theirs,
+        };
+        if target.request_dial(dial).is_err() {
+            self.poller.unregister(ours.raw_fd(), token);
+            self.refuse_session(key, Refusal::TooMany, 0);
+            return;
+        }
+        let (link, greeting) = self.new_link((cid, port), false);
+        let hc = self.conns.get_mut(&key).expect("caller checked");
+        self.poller.unregister(hc.sock.raw_fd(), hc.token);
+        hc.sock = ours;
+        hc.token = token;
+        hc.interest = Interest::Read;
+        hc.readiness = Readiness::Drained;
+        hc.span.in_scope(
+            || debug!(session = %link.id, to = cid.0, port = port.0, "sibling session dialing"),
+        );
+        hc.session = Some(Box::new(SessionState::Dialing { link, greeting }));
+        self.sessions.live += 1;
+    }
+
+    /// The sibling's engine answered a dial: one status byte (0: the sibling accepted),
+    /// or EOF (refused, timed out, or its device went).
+    pub(super) fn dial_progress(&mut self, key: ConnKey) {
+        let Some(hc) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let mut status = [0u8; 1];
+        let accepted = match hc.sock.read(&mut status) {
+            Ok(1) => status[0] == 0,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+            _ => false,
+        };
+        let Some(SessionState::Dialing { link, greeting }) = hc.session.take().map(|b| *b) else {
+            return;
+        };
+        self.sessions.live -= 1;
+        if !accepted {
+            hc.session = Some(Box::new(SessionState::Greeting {
+                buf: Vec::new(),
+                peer: None,
+            }));
+            self.refuse_session(key, Refusal::TargetRefused, libc::ECONNREFUSED as u32);
+            return;
+        }
+        let id = link.id;
+        hc.inbox = greeting;
+        hc.inbox_off = 0;
+        hc.readiness = Readiness::Ready;
+        hc.session = Some(Box::new(SessionState::Live(link)));
+        hc.span
+            .in_scope(|| debug!(session = %id, "sibling session opened"));
+        self.sessions.live += 1;
+        VmStats::inc(&self.shared.stats.sessions_opened);
+        VmStats::inc(&self.shared.stats.accepted_connections);
+        self.after_change(key);
+    }
+
+    /// Dials this guest for siblings' sessions (queued on our [`VmShared`]).
+    pub(super) fn start_proxy_dials(&mut self, now: Instant) {
+        for dial in self.shared.take_dials() {
+            // Dropping `dial.sock` without a status byte refuses it.
+            if !self.guest_running {
+                continue;
+            }
+            let peer = domsock_proto::VsockAddr::new(self.shared.cid, dial.port);
+            let key = match self
+                .endpoint
+                .connect(now, dial.from, None, peer, SocketType::Stream)
+            {
+                Ok(k) => k,
+                Err(e) => {
+                    debug!(error = %e, "proxy dial refused");
+                    continue;
+                }
+            };
+            let Ok(sock) = HostSocket::from_stream(dial.sock) else {
+                self.endpoint.reset(key);
+                continue;
+            };
+            let token = match self.poller.register(sock.raw_fd(), Target::Conn(key)) {
+                Ok(t) => t,
+                Err(_) => {
+                    self.endpoint.reset(key);
+                    continue;
+                }
+            };
+            let hc = HostConn::new(
+                sock,
+                token,
+                key,
+                SocketType::Stream,
+                super::conn::Origin::Proxy,
+            );
+            hc.span
+                .in_scope(|| debug!(from = dial.from.0, "sibling session dials this guest"));
+            self.conns.insert(key, hc);
+            self.proxied += 1;
+        }
     }
 
     /// The parked session `id`, if it is this VM's; a session still live on another
@@ -714,7 +885,7 @@ impl DataPlane {
     /// a live session ends, a listener registration it kept is forgotten.
     pub(super) fn session_closed(&mut self, key: ConnKey, hc: &HostConn) {
         match hc.session.as_deref() {
-            Some(SessionState::Live(_)) => self.sessions.live -= 1,
+            Some(SessionState::Live(_) | SessionState::Dialing { .. }) => self.sessions.live -= 1,
             Some(SessionState::Listening { port, .. })
                 if self
                     .sessions

@@ -209,7 +209,9 @@ impl DataPlane {
         }
         VmStats::inc(&stats.tx_packets);
         VmStats::add(&stats.tx_bytes, u64::from(hdr.len()));
-        if hdr.dst().cid != Cid::HOST {
+        if hdr.dst().cid != Cid::HOST
+            && (self.proxied == 0 || self.endpoint.get(&hdr.receiver_key()).is_none())
+        {
             self.route_to_guest(&hdr, &raw, mem);
             return;
         }

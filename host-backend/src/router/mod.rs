@@ -146,6 +146,17 @@ struct Slot {
     port: Arc<dyn DomainPort>,
 }
 
+/// Why a session to a sibling guest cannot be dialed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SiblingRefusal {
+    /// No such domain in the caller's namespace.
+    Unreachable,
+    /// The policy does not allow it.
+    Denied,
+    /// The sibling's device is not there.
+    Away,
+}
+
 /// The router shared by every VM of a daemon.
 #[derive(Debug)]
 pub struct Router {
@@ -311,6 +322,39 @@ impl Router {
             let _ = slot.shared.wake.write(1);
         }
         gone.len()
+    }
+
+    /// Checks a guest's session to a sibling `to`, port `port`: the same namespace and
+    /// policy rules as a relayed connection, and the sibling's device must be there.
+    /// Gives the sibling's shared state, through which its engine is asked to dial.
+    pub fn check_guest(
+        &self,
+        from: &VmShared,
+        to: Cid,
+        port: Port,
+        ty: SocketType,
+    ) -> Result<Arc<VmShared>, SiblingRefusal> {
+        let (Some(me), Some(target)) = (self.slots.get(&from.cid), self.slots.get(&to)) else {
+            return Err(SiblingRefusal::Unreachable);
+        };
+        if me.namespace != target.namespace || to == from.cid {
+            return Err(SiblingRefusal::Unreachable);
+        }
+        if let Verdict::Deny(reason) = self.policy().check(from.cid, To::Domain(to), port, ty) {
+            if reason == DenyReason::NoRule {
+                from.note_denied(&target.shared.name, port, ty, reason);
+            }
+            return Err(SiblingRefusal::Denied);
+        }
+        if target.port.availability() == Availability::Away {
+            return Err(SiblingRefusal::Away);
+        }
+        Ok(target.shared.clone())
+    }
+
+    /// Checks a proxied connection's right to exist after a policy reload.
+    pub fn check_between(&self, from: Cid, to: Cid, port: Port, ty: SocketType) -> Verdict {
+        self.policy().check(from, To::Domain(to), port, ty)
     }
 
     /// Checks a guest's connection to a host port.
