@@ -97,9 +97,6 @@ pub struct DataPlane {
     /// RX chains of a batched read beyond the first (which is in `regions`), and their heads.
     rx_extra: Vec<Regions>,
     rx_extra_heads: Vec<u16>,
-    /// Copy of host bytes just sent to a session's guest, on their way to its replay
-    /// buffer (reused).
-    rx_record: Vec<u8>,
     /// Connections dialed for siblings' sessions ([`conn::Origin::Proxy`]): while there
     /// are any, packets to other CIDs are first looked up in our endpoint.
     proxied: usize,
@@ -158,7 +155,6 @@ impl DataPlane {
             g2g,
             rx_extra: Vec::new(),
             rx_extra_heads: Vec::new(),
-            rx_record: Vec::new(),
             proxied: 0,
             sessions: session::Sessions::default(),
         })
@@ -264,7 +260,6 @@ impl DataPlane {
         if hc.session.is_some() {
             hc.session_ack(guest_fwd_cnt);
         }
-        let conn = self.endpoint.get(&key).expect("looked up above");
         let peer = conn.peer_shutdown();
         let state = conn.state();
         let can_send = conn.can_send();

@@ -87,17 +87,21 @@ impl DataPlane {
         }
         let credit = self.endpoint.send_credit(&key) as usize;
         let first_room = self.regions.payload_capacity().min(MAX_RX_PAYLOAD_BYTES);
-        match self.conns.get(&key) {
+        let credit = match self.conns.get(&key) {
             Some(hc)
                 if hc.socket_type == SocketType::Stream
-                    && hc.session.is_none()
+                    && !hc.in_greeting()
                     && hc.readiness == super::conn::Readiness::Full
                     && !hc.host_eof()
                     && hc.inbox_pending() == 0
                     && first_room > 0
-                    && credit > first_room => {}
+                    // A session may not send more than its replay buffer can keep.
+                    && credit.min(hc.session_room()) > first_room =>
+            {
+                credit.min(hc.session_room())
+            }
             _ => return false,
-        }
+        };
         let mem = w.mem();
         // Speculatively take more chains; one that cannot carry payload stays in the ring
         // and ends the batch (the normal path consumes and counts it next).
@@ -146,7 +150,6 @@ impl DataPlane {
         } else {
             Err(io::Error::from(ErrorKind::InvalidData))
         };
-        drop(slices);
         let n = match result {
             Ok(n) if n > 0 => n,
             other => {
@@ -161,6 +164,10 @@ impl DataPlane {
                 return false;
             }
         };
+        if hc.session.is_some() {
+            hc.record_sent(n, |copy| slices.iter().for_each(|s| copy(*s)));
+        }
+        drop(slices);
         hc.note_read(n, planned, false);
         self.ready.pop_front();
         hc.in_ready = false;
@@ -256,14 +263,13 @@ impl DataPlane {
                     match read_stream(hc, &self.regions, mem, max) {
                         Ok(k) if k > 0 && hc.session.is_some() => {
                             n = k;
-                            let scratch = &mut self.rx_record;
-                            scratch.clear();
-                            if self.regions.copy_payload(mem, 0, k, scratch).is_err() {
-                                VmStats::inc(&self.shared.stats.malformed_chains);
-                                self.endpoint.reset(key);
-                                return Fill::Nothing;
-                            }
-                            hc.record_sent(scratch);
+                            let regions = &self.regions;
+                            hc.record_sent(k, |copy| {
+                                let _ = regions.for_each_payload_slice(mem, 0, k, |s| {
+                                    copy(s);
+                                    ControlFlow::<()>::Continue(())
+                                });
+                            });
                         }
                         Ok(k) => n = k,
                         Err(()) => {

@@ -64,6 +64,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
+use vm_memory::VolatileSlice;
 use vmm_sys_util::epoll::EventSet;
 
 /// A session-port connection's session side.
@@ -233,12 +234,43 @@ impl HostConn {
         matches!(self.session.as_deref(), Some(SessionState::Dialing { .. }))
     }
 
-    /// Records host bytes just sent to the guest (the first `n` of `sent`).
-    pub(super) fn record_sent(&mut self, sent: &[u8]) {
-        if let Some(link) = link_of(self) {
-            let n = link.to_guest.record(sent);
-            debug_assert_eq!(n, sent.len(), "reads are bounded by session_room");
-        }
+    /// Records the first `n` host bytes just put in the guest's RX buffers, copied
+    /// straight from guest memory into the replay ring: `visit` hands each buffer slice,
+    /// in order, to the copier it is given. A guest that rewrites its own buffers in
+    /// between only garbles its own replay.
+    pub(super) fn record_sent<'m>(
+        &mut self,
+        n: usize,
+        visit: impl FnOnce(&mut dyn FnMut(VolatileSlice<'m, ()>)),
+    ) {
+        let Some(link) = link_of(self) else {
+            return;
+        };
+        let recorded = link.to_guest.record_with(n, |a, b| {
+            let dst: [&mut [u8]; 2] = [a, b];
+            let (mut d, mut at, mut left) = (0usize, 0usize, n);
+            let mut copy = |s: VolatileSlice<'m, ()>| {
+                let mut off = 0usize;
+                while off < s.len() && left > 0 {
+                    while d < 2 && at == dst[d].len() {
+                        d += 1;
+                        at = 0;
+                    }
+                    if d == 2 {
+                        return;
+                    }
+                    let take = (s.len() - off).min(dst[d].len() - at).min(left);
+                    if let Ok(piece) = s.subslice(off, take) {
+                        piece.copy_to(&mut dst[d][at..at + take]);
+                    }
+                    off += take;
+                    at += take;
+                    left -= take;
+                }
+            };
+            visit(&mut copy);
+        });
+        debug_assert_eq!(recorded, n, "reads are bounded by session_room");
     }
 
     /// Counts `n` guest bytes accepted.
@@ -965,17 +997,22 @@ impl DataPlane {
         } else {
             VmStats::inc(&self.shared.stats.host_errors);
             warn!(vm = %self.shared.name, session = %id, "parked session's host end failed; session closed");
-            self.drop_parked(id, parked);
+            self.drop_parked(id, parked, false);
         }
     }
 
-    fn drop_parked(&mut self, id: SessionId, parked: Parked) {
+    /// Closes a parked session's host end; `expired` remembers its id so that a late
+    /// RESUME is answered [`Refusal::Expired`] (otherwise it is an unknown session, which
+    /// the guest reports like a reset connection).
+    fn drop_parked(&mut self, id: SessionId, parked: Parked, expired: bool) {
         self.poller
             .unregister(parked.hc.sock.raw_fd(), parked.hc.token);
-        if self.sessions.expired.len() >= SESSION_TOMBSTONES {
-            self.sessions.expired.pop_front();
+        if expired {
+            if self.sessions.expired.len() >= SESSION_TOMBSTONES {
+                self.sessions.expired.pop_front();
+            }
+            self.sessions.expired.push_back(id);
         }
-        self.sessions.expired.push_back(id);
     }
 
     /// Sets the deadlines of newly parked sessions and closes those past theirs.
@@ -1010,7 +1047,7 @@ impl DataPlane {
             let parked = self.sessions.parked.remove(&id).expect("listed above");
             info!(vm = %self.shared.name, session = %id, timeout_ms = timeout.as_millis() as u64, "parked session expired; host end closed");
             VmStats::inc(&self.shared.stats.sessions_expired);
-            self.drop_parked(id, parked);
+            self.drop_parked(id, parked, true);
         }
     }
 
@@ -1019,7 +1056,7 @@ impl DataPlane {
         let ids: Vec<SessionId> = self.sessions.parked.keys().copied().collect();
         for id in ids {
             let parked = self.sessions.parked.remove(&id).expect("listed");
-            self.drop_parked(id, parked);
+            self.drop_parked(id, parked, false);
         }
     }
 }

@@ -11,7 +11,6 @@
 //! On resume, [`ReplayBuffer::resume_from`] names exactly the tail to send again, or says
 //! why the peer's count is impossible.
 
-use std::collections::VecDeque;
 use thiserror::Error;
 
 /// A count from the peer that this buffer cannot serve.
@@ -35,11 +34,14 @@ pub enum ReplayError {
     },
 }
 
-/// Sent bytes kept for retransmission.
+/// Sent bytes kept for retransmission: a ring of `capacity` bytes, allocated on first use.
 #[derive(Debug, Clone)]
 pub struct ReplayBuffer {
-    bytes: VecDeque<u8>,
-    /// Absolute offset of `bytes[0]`.
+    ring: Vec<u8>,
+    /// Index in `ring` of the oldest byte kept.
+    head: usize,
+    len: usize,
+    /// Absolute offset of the oldest byte kept.
     start: u64,
     capacity: usize,
 }
@@ -48,7 +50,9 @@ impl ReplayBuffer {
     /// An empty buffer for a stream at offset 0 that holds at most `capacity` bytes.
     pub fn new(capacity: usize) -> Self {
         Self {
-            bytes: VecDeque::new(),
+            ring: Vec::new(),
+            head: 0,
+            len: 0,
             start: 0,
             capacity,
         }
@@ -61,17 +65,17 @@ impl ReplayBuffer {
 
     /// Bytes kept.
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.len
     }
 
     /// Whether nothing is kept.
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.len == 0
     }
 
     /// Bytes that may still be recorded without evicting.
     pub fn room(&self) -> usize {
-        self.capacity - self.bytes.len()
+        self.capacity - self.len
     }
 
     /// Offset of the oldest byte kept.
@@ -81,31 +85,59 @@ impl ReplayBuffer {
 
     /// Offset one past the newest byte recorded (everything ever recorded).
     pub fn end(&self) -> u64 {
-        self.start + self.bytes.len() as u64
+        self.start + self.len as u64
+    }
+
+    /// The free space after the newest byte, as (up to) two slices totalling `n`.
+    fn tail_mut(&mut self, n: usize) -> (&mut [u8], &mut [u8]) {
+        debug_assert!(n <= self.room());
+        if self.ring.len() < self.capacity {
+            // Allocated once, on first use: most sessions never carry a byte.
+            self.ring.resize(self.capacity, 0);
+        }
+        let cap = self.capacity;
+        let at = (self.head + self.len) % cap.max(1);
+        let first = n.min(cap - at);
+        let (before, after) = self.ring.split_at_mut(at);
+        (&mut after[..first], &mut before[..n - first])
+    }
+
+    /// Records `n` bytes (at most [`Self::room`]) that `fill` writes into the two slices
+    /// it is given, in order. For callers whose bytes are not in one slice (guest memory).
+    pub fn record_with(&mut self, n: usize, fill: impl FnOnce(&mut [u8], &mut [u8])) -> usize {
+        let n = n.min(self.room());
+        if n == 0 {
+            return 0;
+        }
+        let (a, b) = self.tail_mut(n);
+        fill(a, b);
+        self.len += n;
+        n
     }
 
     /// Records bytes the caller checked fit ([`Self::room`]); returns how many were
     /// recorded (all of `data` when it fits).
     pub fn record(&mut self, data: &[u8]) -> usize {
         let n = data.len().min(self.room());
-        self.bytes.extend(&data[..n]);
-        n
+        self.record_with(n, |a, b| {
+            a.copy_from_slice(&data[..a.len()]);
+            b.copy_from_slice(&data[a.len()..n]);
+        })
     }
 
     /// Records `data`, evicting the oldest bytes beyond the capacity.
     pub fn record_evicting(&mut self, data: &[u8]) {
         let data = if data.len() > self.capacity {
             let skip = data.len() - self.capacity;
-            self.start += self.bytes.len() as u64 + skip as u64;
-            self.bytes.clear();
+            self.ack(self.end());
+            self.start += skip as u64;
             &data[skip..]
         } else {
             data
         };
-        let overflow = (self.bytes.len() + data.len()).saturating_sub(self.capacity);
-        self.bytes.drain(..overflow);
-        self.start += overflow as u64;
-        self.bytes.extend(data);
+        let overflow = (self.len + data.len()).saturating_sub(self.capacity);
+        self.ack(self.start + overflow as u64);
+        self.record(data);
     }
 
     /// Forgets everything before `upto` (the peer has it). An `upto` outside the kept
@@ -114,8 +146,15 @@ impl ReplayBuffer {
     pub fn ack(&mut self, upto: u64) {
         let upto = upto.clamp(self.start, self.end());
         let n = (upto - self.start) as usize;
-        self.bytes.drain(..n);
+        if n == 0 {
+            return;
+        }
+        self.head = (self.head + n) % self.capacity;
+        self.len -= n;
         self.start = upto;
+        if self.len == 0 {
+            self.head = 0;
+        }
     }
 
     /// The peer has received `claimed` bytes: forgets what it has and returns the tail it
@@ -134,18 +173,20 @@ impl ReplayBuffer {
             });
         }
         self.ack(claimed);
-        Ok(self.bytes.as_slices())
+        Ok(self.slices_from(claimed))
     }
 
-    /// The kept bytes from `from` on (which must be kept), as two slices.
+    /// The kept bytes from `from` on (clamped to what is kept), as two slices.
     pub fn slices_from(&self, from: u64) -> (&[u8], &[u8]) {
         let skip = (from.clamp(self.start, self.end()) - self.start) as usize;
-        let (a, b) = self.bytes.as_slices();
-        if skip <= a.len() {
-            (&a[skip..], b)
-        } else {
-            (&[], &b[skip - a.len()..])
+        let n = self.len - skip;
+        if n == 0 {
+            return (&[], &[]);
         }
+        let cap = self.capacity;
+        let at = (self.head + skip) % cap;
+        let first = n.min(cap - at);
+        (&self.ring[at..at + first], &self.ring[..n - first])
     }
 }
 
@@ -195,5 +236,27 @@ mod tests {
         r.record_evicting(b"0123456789");
         assert_eq!((r.start(), r.end()), (11, 15));
         assert_eq!(joined(r.resume_from(12).unwrap()), b"789");
+    }
+
+    #[test]
+    fn the_ring_wraps_and_records_in_two_pieces() {
+        let mut r = ReplayBuffer::new(5);
+        r.record(b"abc");
+        r.ack(2);
+        assert_eq!(
+            r.record_with(4, |a, b| {
+                assert_eq!((a.len(), b.len()), (2, 2), "split at the ring's end");
+                a.copy_from_slice(b"de");
+                b.copy_from_slice(b"fg");
+            }),
+            4
+        );
+        assert_eq!(joined(r.slices_from(0)), b"cdefg");
+        assert_eq!(joined(r.slices_from(5)), b"fg");
+        assert_eq!(r.room(), 0);
+        r.ack(7);
+        assert!(r.is_empty());
+        assert_eq!(r.record(b"hijkl"), 5);
+        assert_eq!(joined(r.slices_from(7)), b"hijkl");
     }
 }

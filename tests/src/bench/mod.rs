@@ -105,6 +105,18 @@ pub enum Scenario {
         /// Write size.
         size: usize,
     },
+    /// Like [`Scenario::GuestToHost`] over a resumable session the guest opened through
+    /// the session port (domsockd only).
+    SessionGuestToHost {
+        /// Write size.
+        size: usize,
+    },
+    /// Like [`Scenario::HostToGuest`] over a session: the guest registered its listener
+    /// with `LISTEN`, so the host's connection starts with OFFERED (domsockd only).
+    SessionHostToGuest {
+        /// Write size.
+        size: usize,
+    },
     /// `guests` guests each streaming to the host at once, 64 KiB writes.
     Concurrent {
         /// Number of guests.
@@ -132,6 +144,12 @@ impl Scenario {
             Scenario::GuestToHost { size } => format!("guest->host {}", fmt_size(*size)),
             Scenario::HostToGuest { size } => format!("host->guest {}", fmt_size(*size)),
             Scenario::GuestToGuest { size } => format!("guest->guest {}", fmt_size(*size)),
+            Scenario::SessionGuestToHost { size } => {
+                format!("session g->h {}", fmt_size(*size))
+            }
+            Scenario::SessionHostToGuest { size } => {
+                format!("session h->g {}", fmt_size(*size))
+            }
             Scenario::Concurrent { guests } => format!("{guests} guests->host 64K"),
             Scenario::RoundTrip { size } => format!("round trip {}", fmt_size(*size)),
             Scenario::RoundTripBusyPoll { size, us } => {
@@ -146,6 +164,8 @@ impl Scenario {
             Scenario::GuestToHost { size } => format!("guest_to_host/{size}"),
             Scenario::HostToGuest { size } => format!("host_to_guest/{size}"),
             Scenario::GuestToGuest { size } => format!("guest_to_guest/{size}"),
+            Scenario::SessionGuestToHost { size } => format!("session_guest_to_host/{size}"),
+            Scenario::SessionHostToGuest { size } => format!("session_host_to_guest/{size}"),
             Scenario::Concurrent { guests } => format!("concurrent/{guests}"),
             Scenario::RoundTrip { size } => format!("round_trip/{size}"),
             Scenario::RoundTripBusyPoll { size, us } => {

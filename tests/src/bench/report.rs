@@ -183,6 +183,7 @@ impl Results {
                 cpu(latency(plain, vdv)),
             );
         }
+        self.session_table(&mut out);
         for (s, t, why) in self.cells.iter().filter_map(|((s, t), o)| match o {
             Outcome::Skipped(why) => Some((s, t, why)),
             _ => None,
@@ -196,6 +197,53 @@ impl Results {
             }
         }
         out
+    }
+
+    /// Sessions against raw connections, domsockd only: throughput and backend CPU per GiB
+    /// of each session row over its raw twin from the same run.
+    fn session_table(&self, out: &mut String) {
+        let ds = Transport::Domsockd;
+        let pairs: Vec<(Scenario, Scenario)> = self
+            .scenarios()
+            .into_iter()
+            .filter_map(|s| match s {
+                Scenario::SessionGuestToHost { size } => Some((s, Scenario::GuestToHost { size })),
+                Scenario::SessionHostToGuest { size } => Some((s, Scenario::HostToGuest { size })),
+                _ => None,
+            })
+            .collect();
+        if pairs.is_empty() {
+            return;
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<22} {:>10} {:>10} {:>8} {:>9} {:>9} {:>8}",
+            "sessions (domsockd)", "raw MB/s", "session", "ses/raw", "raw cpu", "ses cpu", "cpu"
+        );
+        let _ = writeln!(
+            out,
+            "{:<22} {:>10} {:>10} {:>8} {:>9} {:>9} {:>8}",
+            "", "", "MB/s", "", "s/GiB", "s/GiB", "ses/raw"
+        );
+        for (session, raw) in pairs {
+            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+                _ => "-".into(),
+            };
+            let num = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
+            let _ = writeln!(
+                out,
+                "{:<22} {:>10} {:>10} {:>8} {:>9} {:>9} {:>8}",
+                session.label(),
+                num(self.mbps(raw, ds), 1),
+                num(self.mbps(session, ds), 1),
+                ratio(self.mbps(session, ds), self.mbps(raw, ds)),
+                num(self.cpu(raw, ds), 3),
+                num(self.cpu(session, ds), 3),
+                ratio(self.cpu(session, ds), self.cpu(raw, ds)),
+            );
+        }
     }
 
     /// JSON: `{"meta": {...}, "results": [{"scenario", "transport", ...}]}`.

@@ -18,6 +18,8 @@ use crate::tmp::TempDir;
 use domsock_guest::uvirtio::{
     Cid, ConnKey, GuestConfig, Port, Shutdown, SockError, SocketType, UserGuest, VsockAddr,
 };
+use domsock_migration::session::wire::{self as session_wire, Frame};
+use domsock_migration::session::SESSION_PORT;
 use std::io::{ErrorKind, Read};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -297,6 +299,136 @@ fn host_to_guest(
     })
 }
 
+/// Reads one session frame on `key`, exactly (application bytes may follow it).
+fn read_session_frame(g: &mut UserGuest, key: ConnKey) -> Result<Frame, String> {
+    let mut pre = [0u8; session_wire::PREAMBLE_LEN];
+    g.read_exact(key, &mut pre, STALL)
+        .map_err(|e| format!("session preamble: {e}"))?;
+    let body_len = usize::from(u16::from_le_bytes([pre[6], pre[7]]));
+    if body_len > session_wire::MAX_FRAME_LEN {
+        return Err(format!("session frame of {body_len} bytes"));
+    }
+    let mut frame = pre.to_vec();
+    frame.resize(pre.len() + body_len, 0);
+    g.read_exact(key, &mut frame[pre.len()..], STALL)
+        .map_err(|e| format!("session frame: {e}"))?;
+    match Frame::decode(&frame) {
+        Ok(Some((f, _))) => Ok(f),
+        other => Err(format!("bad session frame: {other:?}")),
+    }
+}
+
+/// Opens a session to host port `port` through the session port.
+fn open_session(g: &mut UserGuest, port: u32) -> Result<ConnKey, String> {
+    let key = g
+        .connect_timeout(host_addr(SESSION_PORT.0), SocketType::Stream, STALL)
+        .map_err(|e| format!("guest connect to the session port: {e}"))?;
+    let open = Frame::Open {
+        cid: Cid(HOST_CID),
+        port: Port(port),
+        socket_type: SocketType::Stream,
+    };
+    g.write_all(key, &open.encode(), STALL)
+        .map_err(|e| format!("OPEN: {e}"))?;
+    match read_session_frame(g, key)? {
+        Frame::Opened { .. } => Ok(key),
+        other => Err(format!("expected OPENED, got {other:?}")),
+    }
+}
+
+fn session_guest_to_host(
+    binary: &Path,
+    size: usize,
+    plan: &Plan,
+    log: &Path,
+) -> Result<Throughput, String> {
+    let rig = Rig::start(binary, 1, log)?;
+    let spec = &rig.specs[0];
+    let listener = host::listen_stream(&spec.uds, SINK_PORT).map_err(|e| e.to_string())?;
+    let target = Arc::new(AtomicU64::new(u64::MAX));
+    let t2 = target.clone();
+    let reader = thread::spawn(move || host_sink(listener, t2));
+    let mut g = guest(spec)?;
+    let key = open_session(&mut g, SINK_PORT)?;
+    let cpu0 = rig.backend.cpu_time();
+    let start = Instant::now();
+    let sent = guest_write_for(&mut g, key, size, plan.duration);
+    target.store(*sent.as_ref().unwrap_or(&0), Ordering::Release);
+    let (got, end) = reader.join().map_err(|_| "host reader panicked")??;
+    let sent = sent?;
+    let cpu = rig.backend.cpu_time() - cpu0;
+    if got != sent {
+        return Err(format!("guest sent {sent} bytes, host received {got}"));
+    }
+    Ok(Throughput {
+        bytes: got,
+        elapsed: end - start,
+        backend_cpu: Some(cpu),
+    })
+}
+
+fn session_host_to_guest(
+    binary: &Path,
+    size: usize,
+    plan: &Plan,
+    log: &Path,
+) -> Result<Throughput, String> {
+    let rig = Rig::start(binary, 1, log)?;
+    let spec = &rig.specs[0];
+    let mut g = guest(spec)?;
+    g.listen(Port(GUEST_PORT), SocketType::Stream)
+        .map_err(|e| e.to_string())?;
+    let reg = g
+        .connect_timeout(host_addr(SESSION_PORT.0), SocketType::Stream, STALL)
+        .map_err(|e| format!("guest connect to the session port: {e}"))?;
+    let listen = Frame::Listen {
+        port: Port(GUEST_PORT),
+        socket_type: SocketType::Stream,
+    };
+    g.write_all(reg, &listen.encode(), STALL)
+        .map_err(|e| format!("LISTEN: {e}"))?;
+    match read_session_frame(&mut g, reg)? {
+        Frame::Listening { .. } => {}
+        other => return Err(format!("expected LISTENING, got {other:?}")),
+    }
+    let uds = spec.uds.clone();
+    let duration = plan.duration;
+    let go = Arc::new(Barrier::new(2));
+    let go2 = go.clone();
+    let writer = thread::spawn(move || -> Result<u64, String> {
+        let mut s = host::connect_guest_ok(&uds, GUEST_PORT, STALL)
+            .map_err(|e| format!("host CONNECT: {e}"))?;
+        go2.wait();
+        let n = write_for(&mut s, size, duration).map_err(|e| format!("host write: {e}"))?;
+        s.shutdown(std::net::Shutdown::Write)
+            .map_err(|e| e.to_string())?;
+        Ok(n)
+    });
+    let key = g
+        .accept_timeout(Port(GUEST_PORT), STALL)
+        .map_err(|e| format!("guest accept: {e}"))?;
+    match read_session_frame(&mut g, key)? {
+        Frame::Offered { .. } => {}
+        other => return Err(format!("expected OFFERED, got {other:?}")),
+    }
+    go.wait();
+    let cpu0 = rig.backend.cpu_time();
+    let start = Instant::now();
+    let got = guest_read_to_eof(&mut g, key);
+    let elapsed = start.elapsed();
+    let cpu = rig.backend.cpu_time() - cpu0;
+    let sent = writer.join().map_err(|_| "host writer panicked")??;
+    let got = got?;
+    if got != sent {
+        return Err(format!("host sent {sent} bytes, guest received {got}"));
+    }
+    Ok(Throughput {
+        bytes: got,
+        elapsed,
+        backend_cpu: Some(cpu),
+    })
+}
+
 fn guest_to_guest(
     binary: &Path,
     size: usize,
@@ -511,6 +643,24 @@ pub fn run_all(transport: Transport, binary: &Path, plan: &Plan, results: &mut R
                 Scenario::HostToGuest { size },
                 throughput_runs(plan, || host_to_guest(binary, size, plan, &log)),
             );
+        }
+    }
+    if transport == Transport::Domsockd {
+        for &size in &[4 << 10, 64 << 10] {
+            let log = log_root.join(format!("session-g2h-{size}"));
+            if wanted(Scenario::SessionGuestToHost { size }) {
+                record(
+                    Scenario::SessionGuestToHost { size },
+                    throughput_runs(plan, || session_guest_to_host(binary, size, plan, &log)),
+                );
+            }
+            let log = log_root.join(format!("session-h2g-{size}"));
+            if wanted(Scenario::SessionHostToGuest { size }) {
+                record(
+                    Scenario::SessionHostToGuest { size },
+                    throughput_runs(plan, || session_host_to_guest(binary, size, plan, &log)),
+                );
+            }
         }
     }
     for &size in &[4 << 10, 64 << 10] {
