@@ -62,6 +62,25 @@ impl HostSocket {
     }
 
     /// Wraps an accepted stream.
+    /// A connected pair of `socket_type`: ours (non-blocking) and the other end.
+    pub fn pair(socket_type: SocketType) -> io::Result<(HostSocket, OwnedFd)> {
+        let ty = match socket_type {
+            SocketType::Stream => SockType::Stream,
+            SocketType::SeqPacket => SockType::SeqPacket,
+        };
+        let (ours, theirs) = socket::socketpair(
+            AddressFamily::Unix,
+            ty,
+            None,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        )?;
+        let ours = match socket_type {
+            SocketType::Stream => HostSocket::Stream(UnixStream::from(ours)),
+            SocketType::SeqPacket => HostSocket::SeqPacket(ours),
+        };
+        Ok((ours, theirs))
+    }
+
     pub fn from_stream(s: UnixStream) -> io::Result<HostSocket> {
         s.set_nonblocking(true)?;
         set_send_buffer(&s);

@@ -517,3 +517,146 @@ fn an_orphaned_registration_is_forgotten_after_the_park_timeout() {
     assert_eq!(g.plane.session_listeners(), 0);
     let _ = keepalive;
 }
+
+/// Sends one whole message on a seqpacket `conn` (one packet, EOM).
+fn send_msg(g: &mut TestGuest, conn: &GuestConn, msg: &[u8]) {
+    g.send(conn.hdr(OP_RW, msg.len() as u32, SEQ_EOM), msg);
+}
+
+/// Receives `n` whole messages on a seqpacket `conn` (telling the credit it consumed).
+fn recv_msgs(g: &mut TestGuest, conn: &mut GuestConn, n: usize) -> Vec<Vec<u8>> {
+    let mut msgs = Vec::new();
+    let mut cur = Vec::new();
+    let c = *conn;
+    let mut fwd = conn.fwd_cnt;
+    g.pump_until(&format!("{n} messages"), |g| {
+        for p in g.take_rx_of(&c) {
+            if p.hdr.op == OP_SHUTDOWN {
+                continue; // the end of a refused connection
+            }
+            assert_eq!(p.hdr.op, OP_RW, "unexpected {:?}", p.hdr);
+            fwd = fwd.wrapping_add(p.hdr.len);
+            cur.extend_from_slice(&p.payload);
+            if p.hdr.flags & SEQ_EOM != 0 {
+                msgs.push(std::mem::take(&mut cur));
+            }
+        }
+        msgs.len() >= n
+    });
+    conn.fwd_cnt = fwd;
+    g.send_ctl(conn, OP_CREDIT_UPDATE, 0);
+    assert_eq!(msgs.len(), n, "more messages than expected");
+    msgs
+}
+
+#[test]
+fn a_seqpacket_session_keeps_every_message_whole_and_once() {
+    let mut g = TestGuest::new("s-seq");
+    let listener = g.listen_seqpacket(TARGET);
+    let mut conn = GuestConn {
+        buf_alloc: 256 * 1024,
+        ..GuestConn::seqpacket(40_000, SESSION_PORT)
+    };
+    g.connect(&conn);
+    let open = Frame::Open {
+        cid: Cid::HOST,
+        port: domsock_proto::Port(TARGET),
+        socket_type: domsock_proto::SocketType::SeqPacket,
+    };
+    send_msg(&mut g, &conn, &open.encode());
+    let opened = recv_msgs(&mut g, &mut conn, 1);
+    let Some((
+        Frame::Opened {
+            id,
+            secret,
+            next_nonce,
+            window,
+            ..
+        },
+        _,
+    )) = Frame::decode(&opened[0]).unwrap()
+    else {
+        panic!("expected OPENED");
+    };
+    let host = accept(&listener);
+    let msg = |i: u32| pattern(100 + i, 100 + (i as usize * 37) % 3000);
+    // Host -> guest: 6 messages, the guest consumes 4, 2 reach its kernel and are lost.
+    let host_send = |i: u32| {
+        nix::sys::socket::send(
+            std::os::fd::AsRawFd::as_raw_fd(&host),
+            &msg(i),
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .unwrap();
+    };
+    (0..4).for_each(host_send);
+    let got = recv_msgs(&mut g, &mut conn, 4);
+    (4..6).for_each(host_send);
+    g.settle();
+    let lost = g.take_rx_of(&conn);
+    assert!(lost.iter().filter(|p| p.hdr.flags & SEQ_EOM != 0).count() == 2);
+    // Guest -> host: 3 messages the daemon takes, then half of a fourth.
+    for i in 0..3 {
+        send_msg(&mut g, &conn, &msg(50 + i));
+    }
+    let half = msg(53);
+    g.send(conn.hdr(OP_RW, 10, 0), &half[..10]);
+    g.pump();
+    g.plane.stop();
+    // A message the host sends while the guest is away is kept too.
+    host_send(6);
+    g.settle();
+    let client = Client {
+        id,
+        secret,
+        nonce: next_nonce,
+        window,
+    };
+    let mut c2 = GuestConn {
+        buf_alloc: 256 * 1024,
+        ..GuestConn::seqpacket(41_000, SESSION_PORT)
+    };
+    g.connect(&c2);
+    send_msg(&mut g, &c2, &resume_frame(&client, 4, 1).encode());
+    // RESUMED is a message of its own, then the 3 messages the guest lacks.
+    let mut replay = recv_msgs(&mut g, &mut c2, 4);
+    let answer = replay.remove(0);
+    let Some((Frame::Resumed { received, .. }, _)) = Frame::decode(&answer).unwrap() else {
+        panic!("expected RESUMED, got {answer:?}");
+    };
+    assert_eq!(
+        received, 3,
+        "messages the daemon took, the cut one not counted"
+    );
+    let all: Vec<Vec<u8>> = got.into_iter().chain(replay).collect();
+    assert_eq!(all, (0..7).map(msg).collect::<Vec<_>>(), "guest messages");
+    send_msg(&mut g, &c2, &msg(53));
+    g.pump();
+    for i in 50..54 {
+        let (n, m) = recv_message(&host, 8192);
+        assert_eq!(n, msg(i).len(), "host message {i} whole");
+        assert_eq!(m, msg(i));
+    }
+    // Out of range: more messages than were ever sent.
+    g.plane.stop();
+    let (_c, answer) = {
+        let mut c3 = GuestConn {
+            buf_alloc: 256 * 1024,
+            ..GuestConn::seqpacket(42_000, SESSION_PORT)
+        };
+        g.connect(&c3);
+        send_msg(&mut g, &c3, &resume_frame(&client, 99, 2).encode());
+        let a = recv_msgs(&mut g, &mut c3, 1);
+        (c3, Frame::decode(&a[0]).unwrap().unwrap().0)
+    };
+    assert!(
+        matches!(
+            answer,
+            Frame::Refused {
+                reason: Refusal::BadProof | Refusal::OutOfRange,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+}

@@ -207,7 +207,7 @@ impl DataPlane {
 
     pub(super) fn guest_connect(&mut self, req: &Header) {
         let port = req.dst().port;
-        if port == SESSION_PORT && req.socket_type() == SocketType::Stream {
+        if port == SESSION_PORT {
             self.session_connect(req);
             return;
         }

@@ -299,7 +299,7 @@ impl DataPlane {
         if state == State::Established
             && can_send
             && credit > 0
-            && (hc.readable() || hc.inbox_pending() > 0)
+            && (hc.readable() || hc.inbox_pending() > 0 || hc.has_session_replay())
             && !hc.in_ready
         {
             hc.in_ready = true;

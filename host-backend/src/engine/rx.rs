@@ -291,6 +291,12 @@ impl DataPlane {
             }
             SocketType::SeqPacket => {
                 if hc.inbox_pending() == 0 {
+                    if let Some(msg) = hc.session_replay_message() {
+                        hc.inbox = msg;
+                        hc.inbox_off = 0;
+                    }
+                }
+                if hc.inbox_pending() == 0 {
                     if !hc.readable() || hc.host_eof() {
                         return Fill::Nothing;
                     }
@@ -301,6 +307,14 @@ impl DataPlane {
                             self.endpoint.shutdown(now, &key, how);
                             return Fill::Nothing;
                         }
+                        // A session keeps each message until the guest consumed it.
+                        Ok(len) if len > hc.session_capacity() => {
+                            warn!(vm = %self.shared.name, %key, len, "seqpacket message larger than a session's replay buffer");
+                            VmStats::inc(&self.shared.stats.host_errors);
+                            self.endpoint.reset(key);
+                            return Fill::Nothing;
+                        }
+                        Ok(len) if len > hc.session_room() => return Fill::Nothing,
                         Ok(len) => {
                             let peer_buf = self
                                 .endpoint
@@ -320,6 +334,7 @@ impl DataPlane {
                                 self.endpoint.reset(key);
                                 return Fill::Nothing;
                             }
+                            hc.record_inbox_message();
                         }
                         Err(e) if would_block(&e) => {
                             hc.note_drained();

@@ -60,6 +60,7 @@ use domsock_migration::session::{CounterExtender, Nonce, Secret, SessionId, Tag}
 use domsock_proto::{Cid, ConnKey, Header, Port, SocketType};
 use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -72,12 +73,9 @@ use vmm_sys_util::epoll::EventSet;
 pub(crate) enum SessionState {
     /// Waiting for the guest's first frame; `peer` keeps the placeholder socket from
     /// reading EOF (dropped once the connection is refused, so it ends after the answer).
-    Greeting {
-        buf: Vec<u8>,
-        peer: Option<UnixStream>,
-    },
+    Greeting { buf: Vec<u8>, peer: Option<OwnedFd> },
     /// Keeps the registration of a session listener (`LISTEN`) alive; carries no data.
-    Listening { port: Port, _peer: UnixStream },
+    Listening { port: Port, _peer: OwnedFd },
     /// A session to a sibling guest whose connection that guest has not accepted yet;
     /// the greeting (OPENED) goes out once it has.
     Dialing {
@@ -121,6 +119,18 @@ pub(crate) struct SessionLink {
     received: u64,
     /// Outbox bytes accepted on an earlier connection, still waiting for the host.
     carried: usize,
+    /// Seqpacket sessions count messages: where each message recorded in `to_guest` ends,
+    /// and how many messages before `to_guest.start()` the guest has consumed.
+    messages: Option<MessageLog>,
+}
+
+/// Message boundaries of a seqpacket session's replay buffer, and its replay queue.
+#[derive(Debug, Default)]
+struct MessageLog {
+    ends: VecDeque<u64>,
+    acked: u64,
+    /// Messages to send again (after a resume) before reading the host socket.
+    replay: VecDeque<Vec<u8>>,
 }
 
 /// A session whose guest transport is gone.
@@ -183,7 +193,8 @@ fn link_of(hc: &mut HostConn) -> Option<&mut SessionLink> {
 }
 
 impl SessionLink {
-    /// Brings the replay buffer up to what the guest's `fwd_cnt` says it consumed.
+    /// Brings the replay buffer up to what the guest's `fwd_cnt` says it consumed (whole
+    /// messages only, on a seqpacket session).
     fn ack(&mut self, guest_fwd_cnt: u32) {
         let before = self.acked.offset();
         let now = self.acked.advance(guest_fwd_cnt);
@@ -191,7 +202,32 @@ impl SessionLink {
             // The guest has read our greeting (OPENED/RESUMED): the old nonce is void.
             self.prev_nonce = None;
         }
-        self.to_guest.ack(now);
+        match &mut self.messages {
+            None => self.to_guest.ack(now),
+            Some(log) => {
+                while log.ends.front().is_some_and(|&e| e <= now) {
+                    let end = log.ends.pop_front().expect("checked");
+                    log.acked += 1;
+                    self.to_guest.ack(end);
+                }
+            }
+        }
+    }
+
+    /// The guest has received `claimed` (bytes, or messages on seqpacket): the session
+    /// offset it stands for, if the replay buffer still holds everything after it.
+    fn resume_offset(&self, claimed: u64) -> Option<u64> {
+        match &self.messages {
+            None => (claimed >= self.to_guest.start() && claimed <= self.to_guest.end())
+                .then_some(claimed),
+            Some(log) => {
+                let since = claimed.checked_sub(log.acked)?;
+                match since {
+                    0 => Some(self.to_guest.start()),
+                    n => log.ends.get(n as usize - 1).copied(),
+                }
+            }
+        }
     }
 }
 
@@ -201,6 +237,14 @@ impl HostConn {
     pub(super) fn session_room(&self) -> usize {
         match self.session.as_deref() {
             Some(SessionState::Live(link)) => link.to_guest.room(),
+            _ => usize::MAX,
+        }
+    }
+
+    /// For a live session: its replay buffer's bound; `usize::MAX` otherwise.
+    pub(super) fn session_capacity(&self) -> usize {
+        match self.session.as_deref() {
+            Some(SessionState::Live(link)) => link.to_guest.capacity(),
             _ => usize::MAX,
         }
     }
@@ -273,10 +317,41 @@ impl HostConn {
         debug_assert_eq!(recorded, n, "reads are bounded by session_room");
     }
 
-    /// Counts `n` guest bytes accepted.
-    pub(super) fn note_received(&mut self, n: usize) {
+    /// Counts `n` guest bytes accepted (a message, when `eom` ends one on seqpacket).
+    pub(super) fn note_received(&mut self, n: usize, eom: bool) {
         if let Some(link) = link_of(self) {
-            link.received += n as u64;
+            if link.messages.is_some() {
+                link.received += u64::from(eom);
+            } else {
+                link.received += n as u64;
+            }
+        }
+    }
+
+    /// Whether a seqpacket session still has messages to send again.
+    pub(super) fn has_session_replay(&self) -> bool {
+        match self.session.as_deref() {
+            Some(SessionState::Live(link)) => {
+                link.messages.as_ref().is_some_and(|m| !m.replay.is_empty())
+            }
+            _ => false,
+        }
+    }
+
+    /// A seqpacket session's next message to send again after a resume.
+    pub(super) fn session_replay_message(&mut self) -> Option<Vec<u8>> {
+        link_of(self)?.messages.as_mut()?.replay.pop_front()
+    }
+
+    /// Records the message just read from the host into the inbox (seqpacket sessions).
+    pub(super) fn record_inbox_message(&mut self) {
+        let Some(SessionState::Live(link)) = self.session.as_deref_mut() else {
+            return;
+        };
+        let n = link.to_guest.record(&self.inbox);
+        debug_assert_eq!(n, self.inbox.len(), "reads are bounded by session_room");
+        if let Some(log) = &mut link.messages {
+            log.ends.push_back(link.to_guest.end());
         }
     }
 
@@ -306,10 +381,7 @@ impl DataPlane {
     /// A guest connects to the session port: accept it with a placeholder host end and
     /// wait for its first frame.
     pub(super) fn session_connect(&mut self, req: &Header) {
-        let (placeholder, peer) = match UnixStream::pair().and_then(|(a, b)| {
-            a.set_nonblocking(true)?;
-            Ok((HostSocket::from_stream(a)?, b))
-        }) {
+        let (placeholder, peer) = match HostSocket::pair(req.socket_type()) {
             Ok(p) => p,
             Err(e) => {
                 warn!(vm = %self.shared.name, error = %e, "session placeholder");
@@ -340,7 +412,7 @@ impl DataPlane {
             placeholder,
             token,
             key,
-            SocketType::Stream,
+            req.socket_type(),
             super::conn::Origin::Guest,
         );
         hc.readiness = Readiness::Drained;
@@ -516,12 +588,19 @@ impl DataPlane {
             greeting_len,
             received: 0,
             carried: 0,
+            messages: None,
         };
         (link, greeting)
     }
 
     fn open_session(&mut self, key: ConnKey, cid: Cid, port: Port, socket_type: SocketType) {
-        if socket_type != SocketType::Stream {
+        let conn_type = self.conns.get(&key).map(|hc| hc.socket_type);
+        if conn_type != Some(socket_type) {
+            // A seqpacket session is opened over a seqpacket connection, and so on.
+            self.refuse_session(key, Refusal::Malformed, 0);
+            return;
+        }
+        if cid != Cid::HOST && socket_type != SocketType::Stream {
             self.refuse_session(key, Refusal::Unsupported, 0);
             return;
         }
@@ -574,7 +653,10 @@ impl DataPlane {
         hc.token = token;
         hc.interest = Interest::Read;
         hc.readiness = Readiness::Ready;
-        let (link, greeting) = self.new_link((Cid::HOST, port), false);
+        let (mut link, greeting) = self.new_link((Cid::HOST, port), false);
+        if socket_type == SocketType::SeqPacket {
+            link.messages = Some(MessageLog::default());
+        }
         let id = link.id;
         let hc = self.conns.get_mut(&key).expect("caller checked");
         hc.inbox = greeting;
@@ -778,11 +860,11 @@ impl DataPlane {
             self.refuse_session(key, Refusal::BadProof, 0);
             return;
         }
-        if claim.received < link.to_guest.start() || claim.received > link.to_guest.end() {
+        let Some(from) = link.resume_offset(claim.received) else {
             debug!(session = %id, received = claim.received, kept_from = link.to_guest.start(), end = link.to_guest.end(), "resume count out of range");
             self.refuse_session(key, Refusal::OutOfRange, 0);
             return;
-        }
+        };
         let parked = self.sessions.parked.remove(&id).expect("found above");
         let mut hc = parked.hc;
         let Some(placeholder) = self.conns.remove(&key) else {
@@ -808,16 +890,40 @@ impl DataPlane {
         }
         .encode();
         link.greeting_len = resumed.len() as u32;
-        link.acked = CounterExtender::new(claim.received, link.greeting_len);
-        let (a, b) = link
-            .to_guest
-            .resume_from(claim.received)
-            .expect("range checked above");
-        let replay = a.len() + b.len();
-        let mut inbox = Vec::with_capacity(resumed.len() + replay);
-        inbox.extend_from_slice(&resumed);
-        inbox.extend_from_slice(a);
-        inbox.extend_from_slice(b);
+        link.acked = CounterExtender::new(from, link.greeting_len);
+        let inbox = match &mut link.messages {
+            None => {
+                let (a, b) = link
+                    .to_guest
+                    .resume_from(from)
+                    .expect("range checked above");
+                let mut inbox = Vec::with_capacity(resumed.len() + a.len() + b.len());
+                inbox.extend_from_slice(&resumed);
+                inbox.extend_from_slice(a);
+                inbox.extend_from_slice(b);
+                inbox
+            }
+            Some(log) => {
+                // The guest has the messages before `claim.received`: forget them, and
+                // queue the others, each whole, after RESUMED (a message of its own).
+                let consumed = (claim.received - log.acked) as usize;
+                log.ends.drain(..consumed);
+                log.acked = claim.received;
+                link.to_guest.ack(from);
+                let mut start = from;
+                log.replay = log
+                    .ends
+                    .iter()
+                    .map(|&end| {
+                        let msg = link.to_guest.copy_range(start, end);
+                        start = end;
+                        msg
+                    })
+                    .collect();
+                resumed
+            }
+        };
+        let replay = link.to_guest.len();
         hc.inbox = inbox;
         hc.inbox_off = 0;
         hc.in_ready = false;
@@ -874,6 +980,8 @@ impl DataPlane {
         hc.dirty = false;
         hc.pending.clear();
         hc.pending_len = 0;
+        // A guest message cut by the blackout is sent again whole (it is not counted).
+        hc.partial_msg.clear();
         self.poller.retarget(hc.token, Target::Parked(id));
         let interest = if hc.outbox_holds_data() {
             Interest::ReadWrite
@@ -960,6 +1068,26 @@ impl DataPlane {
             hc.interest = interest;
         }
         let scratch = &mut self.sessions.scratch;
+        if hc.socket_type == SocketType::SeqPacket {
+            while hc.readable() && !hc.host_eof() {
+                match hc.sock.peek_message_len() {
+                    Ok(0) => hc.note_eof(),
+                    Ok(len) if len <= hc.session_room() => {
+                        hc.inbox.resize(len, 0);
+                        if !matches!(hc.sock.read(&mut hc.inbox), Ok(n) if n == len) {
+                            return false;
+                        }
+                        hc.record_inbox_message();
+                        hc.inbox.clear();
+                    }
+                    Ok(_) => break,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => hc.note_drained(),
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => return false,
+                }
+            }
+            return true;
+        }
         while hc.readable() && !hc.host_eof() {
             let room = hc.session_room().min(64 * 1024);
             if room == 0 {

@@ -302,7 +302,7 @@ impl DataPlane {
             self.session_greeting(key, &bytes);
             return;
         }
-        hc.note_received(len);
+        hc.note_received(len, eom);
         if hc.socket_type == SocketType::Stream {
             // Written at the end of the TX batch, with one writev per connection straight
             // from the guest's buffers (see `flush_dirty`), whose chains wait until then.

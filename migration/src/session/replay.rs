@@ -176,6 +176,18 @@ impl ReplayBuffer {
         Ok(self.slices_from(claimed))
     }
 
+    /// A copy of the kept bytes `[from, to)` (clamped to what is kept).
+    pub fn copy_range(&self, from: u64, to: u64) -> Vec<u8> {
+        let (a, b) = self.slices_from(from);
+        let n = (to
+            .clamp(self.start, self.end())
+            .saturating_sub(from.max(self.start))) as usize;
+        let mut out = Vec::with_capacity(n);
+        out.extend_from_slice(&a[..n.min(a.len())]);
+        out.extend_from_slice(&b[..n - n.min(a.len())]);
+        out
+    }
+
     /// The kept bytes from `from` on (clamped to what is kept), as two slices.
     pub fn slices_from(&self, from: u64) -> (&[u8], &[u8]) {
         let skip = (from.clamp(self.start, self.end()) - self.start) as usize;
@@ -253,6 +265,8 @@ mod tests {
         );
         assert_eq!(joined(r.slices_from(0)), b"cdefg");
         assert_eq!(joined(r.slices_from(5)), b"fg");
+        assert_eq!(r.copy_range(3, 6), b"def");
+        assert_eq!(r.copy_range(0, 3), b"c", "clamped to what is kept");
         assert_eq!(r.room(), 0);
         r.ack(7);
         assert!(r.is_empty());
