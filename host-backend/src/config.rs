@@ -7,6 +7,7 @@
 
 use crate::policy::{Domain, PolicyConfig, DEFAULT_NAMESPACE, HOST_KEYWORD};
 use crate::router::ListenerConfig;
+use crate::tunables::MAX_SESSION_PARK_TIMEOUT_MS;
 use clap::Parser;
 use domsock_proto::control::valid_name;
 use domsock_proto::Cid;
@@ -53,6 +54,10 @@ pub struct Args {
     /// microseconds before sleeping: lower latency for more CPU (0: off).
     #[arg(long, value_name = "US", default_value_t = 0)]
     pub busy_poll_us: u64,
+    /// How long a session whose guest lost its vsock device is kept parked (host end
+    /// open, data buffered) before both ends are closed.
+    #[arg(long, value_name = "MS", default_value_t = u64::from(domsock_migration::session::DEFAULT_PARK_TIMEOUT_MS))]
+    pub session_park_timeout_ms: u64,
 }
 
 /// One VM's settings.
@@ -111,6 +116,8 @@ struct FileConfig {
     #[serde(default)]
     busy_poll_us: Option<u64>,
     #[serde(default)]
+    session_park_timeout_ms: Option<u64>,
+    #[serde(default)]
     vm: Vec<VmConfig>,
     #[serde(default)]
     policy: Option<PolicyConfig>,
@@ -127,6 +134,8 @@ pub struct Config {
     pub queue_size: u16,
     /// Busy-poll window after each event (zero: off).
     pub busy_poll: std::time::Duration,
+    /// How long a parked session waits for its guest.
+    pub session_park_timeout: std::time::Duration,
     /// The access policy (`[policy]` of the config file; `groups=` add to it).
     pub policy: PolicyConfig,
     /// All-guests host listeners.
@@ -206,6 +215,9 @@ pub enum ConfigError {
     /// Busy polling longer than a millisecond per event is a misconfiguration.
     #[error("busy-poll-us {0} is above the limit of 1000")]
     BusyPollTooLong(u64),
+    /// The session park timeout is 0 or longer than a day.
+    #[error("session park timeout {0} ms is outside 1..={MAX_SESSION_PARK_TIMEOUT_MS} ms")]
+    BadParkTimeout(u64),
     /// Queue size must be a power of two in 1..=32768.
     #[error("queue size {0} must be a power of two up to 32768")]
     BadQueueSize(u16),
@@ -337,6 +349,7 @@ impl TryFrom<Args> for Config {
         ];
         let mut queue_size = args.queue_size;
         let mut busy_poll_us = args.busy_poll_us;
+        let mut park_ms = args.session_park_timeout_ms;
         let mut vms = Vec::new();
         if single.iter().any(|&b| b) {
             if !single.iter().all(|&b| b) || !args.vm.is_empty() {
@@ -368,6 +381,9 @@ impl TryFrom<Args> for Config {
             if let Some(b) = file.busy_poll_us {
                 busy_poll_us = b;
             }
+            if let Some(p) = file.session_park_timeout_ms {
+                park_ms = p;
+            }
             vms.extend(file.vm);
             listeners.extend(file.listen);
             if let Some(p) = file.policy {
@@ -378,6 +394,7 @@ impl TryFrom<Args> for Config {
             vms,
             queue_size,
             busy_poll: std::time::Duration::from_micros(busy_poll_us),
+            session_park_timeout: std::time::Duration::from_millis(park_ms),
             policy,
             listeners,
         };
@@ -396,6 +413,10 @@ impl Config {
             return Err(ConfigError::BusyPollTooLong(
                 self.busy_poll.as_micros() as u64
             ));
+        }
+        let park_ms = self.session_park_timeout.as_millis();
+        if park_ms == 0 || park_ms > u128::from(MAX_SESSION_PARK_TIMEOUT_MS) {
+            return Err(ConfigError::BadParkTimeout(park_ms as u64));
         }
         if !self.queue_size.is_power_of_two() || self.queue_size > 32768 {
             return Err(ConfigError::BadQueueSize(self.queue_size));

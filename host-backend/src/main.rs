@@ -39,7 +39,13 @@ fn main() -> ExitCode {
     let backlog_total = Arc::new(AtomicUsize::new(0));
     for vm in &config.vms {
         match VmServer::bind(vm, config.queue_size, config.busy_poll, &backlog_total) {
-            Ok(s) => servers.push((vm.display_name(), s)),
+            Ok(s) => {
+                s.shared().park_timeout_ms.store(
+                    config.session_park_timeout.as_millis() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                servers.push((vm.display_name(), s))
+            }
             Err(e) => {
                 error!("{}", error_chain(&e));
                 return ExitCode::from(1);

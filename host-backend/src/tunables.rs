@@ -50,3 +50,5 @@ pub const SESSION_TOMBSTONES: usize = 256;
 pub const MAX_SESSION_LISTENERS_PER_VM: usize = 64;
 /// Sibling sessions waiting for one VM's engine to dial its guest.
 pub const MAX_PENDING_PROXY_DIALS: usize = 64;
+/// Longest configurable session park timeout (a day).
+pub const MAX_SESSION_PARK_TIMEOUT_MS: u64 = 24 * 3600 * 1000;

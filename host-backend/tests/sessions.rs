@@ -660,3 +660,47 @@ fn a_seqpacket_session_keeps_every_message_whole_and_once() {
         "{answer:?}"
     );
 }
+
+#[test]
+fn a_guest_that_abandons_its_connection_parks_the_session_a_finished_one_ends() {
+    let mut g = TestGuest::new("s-abandon");
+    let listener = g.listen_stream(TARGET);
+    let (conn, client) = open(&mut g, 40_000);
+    let mut host = accept(&listener);
+    // The client gives up on a live connection (SHUT_RDWR): parked, not closed.
+    g.send_ctl(&conn, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND);
+    g.settle();
+    assert_eq!(g.plane.parked_sessions(), 1);
+    assert!(
+        nothing_to_read(&mut host),
+        "the host end must not see the abandonment"
+    );
+    let (mut c2, answer) = try_resume(&mut g, 41_000, &resume_frame(&client, 0, 1));
+    assert!(matches!(answer, Frame::Resumed { .. }), "{answer:?}");
+    // A graceful end: the guest shuts its write side (the host reads EOF), the host
+    // answers and closes, the guest reads it all and closes: the session is over.
+    g.send_ctl(&c2, OP_SHUTDOWN, SHUTDOWN_SEND);
+    g.pump();
+    assert!(reads_eof(&mut host));
+    host.write_all(b"bye").unwrap();
+    drop(host);
+    let mut got = Vec::new();
+    let mut saw_shutdown = false;
+    let c = c2;
+    g.pump_until("bye and the host's EOF", |g| {
+        for p in g.take_rx_of(&c) {
+            match p.hdr.op {
+                OP_RW => got.extend_from_slice(&p.payload),
+                OP_SHUTDOWN => saw_shutdown = true,
+                op => panic!("unexpected op {op}"),
+            }
+        }
+        saw_shutdown
+    });
+    assert_eq!(got, b"bye");
+    c2.fwd_cnt = c2.fwd_cnt.wrapping_add(3);
+    g.send_ctl(&c2, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND);
+    g.settle();
+    assert_eq!(g.plane.parked_sessions(), 0);
+    assert_eq!(g.plane.connections(), 0, "{:?}", g.stats());
+}

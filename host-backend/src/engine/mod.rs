@@ -261,6 +261,14 @@ impl DataPlane {
             hc.session_ack(guest_fwd_cnt);
         }
         let peer = conn.peer_shutdown();
+        if peer.rcv && hc.is_session() && !hc.session_finished() {
+            // The guest gave up on this connection (it shuts its read side or resets only
+            // when it abandons one; it ends a session by shutting its write side): keep
+            // the session for a RESUME.
+            self.park_conn(key);
+            self.endpoint.reset(key);
+            return;
+        }
         let state = conn.state();
         let can_send = conn.can_send();
         let credit = conn.credit().peer_credit();
@@ -305,6 +313,22 @@ impl DataPlane {
             hc.in_ready = true;
             self.ready.push_back(key);
         }
+    }
+
+    /// The guest reset or finished closing `key` (its last packet saying it consumed
+    /// `guest_fwd_cnt`): a session not yet finished is parked
+    /// (see `after_change`), anything else is closed.
+    fn guest_closed(&mut self, key: ConnKey, guest_fwd_cnt: u32) {
+        let unfinished = self.conns.get_mut(&key).is_some_and(|hc| {
+            // The last packet's fwd_cnt says what the guest consumed in the end.
+            hc.session_ack(guest_fwd_cnt);
+            hc.is_session() && !hc.session_finished()
+        });
+        if unfinished {
+            self.park_conn(key);
+            return;
+        }
+        self.close_host(key);
     }
 
     fn close_host(&mut self, key: ConnKey) {

@@ -249,6 +249,21 @@ impl HostConn {
         }
     }
 
+    /// Whether a live session has nothing left to carry either way: the guest shut its
+    /// write side and all it sent reached the host, and the host's EOF and everything
+    /// before it reached the guest. Only then does a guest reset end it.
+    pub(super) fn session_finished(&self) -> bool {
+        let Some(SessionState::Live(link)) = self.session.as_deref() else {
+            return true;
+        };
+        self.applied.send
+            && self.outbox_empty()
+            && self.host_eof()
+            && self.inbox_pending() == 0
+            && link.messages.as_ref().is_none_or(|m| m.replay.is_empty())
+            && link.to_guest.is_empty()
+    }
+
     /// Whether this connection carries a live session.
     pub(super) fn is_session(&self) -> bool {
         matches!(self.session.as_deref(), Some(SessionState::Live(_)))
@@ -875,7 +890,8 @@ impl DataPlane {
         drop(placeholder);
         self.poller.retarget(hc.token, Target::Conn(key));
         let carried = hc.outbox_len();
-        let host_closed = hc.host_eof() && hc.host_send != super::conn::HostSend::Open;
+        let host_closed = hc.host_eof();
+        let host_gone = hc.host_hup;
         let link = link_of(&mut hc).expect("live");
         link.prev_nonce = Some(link.nonce);
         link.nonce = Nonce(random());
@@ -884,7 +900,7 @@ impl DataPlane {
             received: link.received,
             closed: Closed {
                 send: host_closed,
-                rcv: false,
+                rcv: host_gone,
             },
             next_nonce: link.nonce,
         }

@@ -225,7 +225,7 @@ impl DataPlane {
                 self.after_change(key);
             }
             Incoming::PeerShutdown(key, _) | Incoming::Credit(key) => self.after_change(key),
-            Incoming::Reset(key) | Incoming::Closed(key) => self.close_host(key),
+            Incoming::Reset(key) | Incoming::Closed(key) => self.guest_closed(key, hdr.fwd_cnt()),
             Incoming::Dropped(reason) => {
                 match reason.class(hdr.op()) {
                     DropClass::AnsweredUnknown => VmStats::inc(&stats.unknown_connection_rsts),
