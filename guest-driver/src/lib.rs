@@ -12,5 +12,6 @@
 
 pub mod control;
 pub mod pattern;
+pub mod session;
 pub mod uvirtio;
 pub mod vsock;
