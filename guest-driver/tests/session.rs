@@ -119,8 +119,9 @@ impl Rng {
 // ---------------------------------------------------------------------------------------
 // The client's end of one connection.
 
-/// A client-side failure the daemon does not know about (the guest's connection fails
-/// while the daemon's end is still up).
+/// A client-side failure the daemon does not know about: one call fails (a transient
+/// ENOMEM, say) while the connection itself stays up, so the client must abandon it, and
+/// its other side's blocked call then returns 0 from the client's own shutdown.
 #[derive(Debug, Clone, Copy)]
 struct Fault {
     on_write: bool,
@@ -218,7 +219,8 @@ impl Transport for FakeTransport {
             Ok(n) => {
                 if let Some(f) = st.fault.filter(|f| !f.on_write) {
                     if st.client_received + n as u64 >= f.after {
-                        st.broken = Some(f.errno);
+                        // What this call read is lost; the socket itself stays up.
+                        st.fault = None;
                         return Err(os(f.errno));
                     }
                 }
@@ -241,7 +243,7 @@ impl Transport for FakeTransport {
             }
             if let Some(f) = st.fault.filter(|f| f.on_write) {
                 if st.client_sent >= f.after {
-                    st.broken = Some(f.errno);
+                    st.fault = None;
                     return Err(os(f.errno));
                 }
             }
