@@ -203,7 +203,7 @@ impl Transport for FakeTransport {
         if let Some(e) = lock(&self.link.st).broken {
             return Err(os(e));
         }
-        let r = (&self.sock).read(buf);
+        let r = Transport::read(&self.sock, buf);
         let mut st = lock(&self.link.st);
         if let Some(e) = st.broken {
             // Whatever the read got is lost with the connection.
@@ -263,7 +263,7 @@ impl Transport for FakeTransport {
         // Reserved before the write: the daemon may read the bytes before we relock.
         st.client_sent += n as u64;
         drop(st);
-        let r = (&self.sock).write(&buf[..n]);
+        let r = Transport::write(&self.sock, &buf[..n]);
         let mut st = lock(&self.link.st);
         match r {
             Ok(k) => {
@@ -531,7 +531,7 @@ fn reader(ctl: Arc<ConnCtl>, shared: Arc<Shared>) {
     }
     loop {
         let want = 1 + rng.below(buf.len() as u64) as usize;
-        let r = (&ctl.sock).read(&mut buf[..want]);
+        let r = Transport::read(&ctl.sock, &mut buf[..want]);
         let mut sess = lock(&shared.sess);
         if ctl.is_detached() {
             return;
@@ -591,7 +591,7 @@ fn writer(ctl: Arc<ConnCtl>, shared: Arc<Shared>, mut pos: usize) {
             return;
         }
         let end = (pos + 1 + rng.below(16384) as usize).min(out.len());
-        let r = (&ctl.sock).write(&out[pos..end]);
+        let r = Transport::write(&ctl.sock, &out[pos..end]);
         let mut sess = lock(&shared.sess);
         let Ok(n) = r else { return };
         pos += n;
@@ -628,7 +628,7 @@ fn read_frame(sock: &UnixStream) -> io::Result<Frame> {
         } else {
             have + 1
         };
-        let n = (&*sock).read(&mut buf[have..want])?;
+        let n = Transport::read(sock, &mut buf[have..want])?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
