@@ -74,6 +74,17 @@
 //! abandoned, park the session", which is also what aborting a dead connection sends).
 //! Dropping the stream half-closes it first, so the host reads EOF at once.
 //!
+//! **Limits of the protocol** (v1), which callers and the daemon should know:
+//! - A blackout after the caller's last call (it read EOF and shut its write side, or
+//!   dropped the stream) loses what the daemon had not received yet, at most one window:
+//!   nobody is left to resume, and a guest cannot see the daemon's acknowledgements from
+//!   user space. A caller that must be sure waits for an answer from its peer (as `send`
+//!   does by reading the reply to EOF).
+//! - A RESUMED lost with its connection leaves us with a nonce the daemon has already
+//!   replaced; the next attempt is refused as `BadProof` (`ECONNRESET`).
+//! - While resuming, a call blocks up to the park timeout whatever its read or write
+//!   timeout; `shutdown(Read)` does not wake a read blocked at that moment.
+//!
 //! What this module does not do: seqpacket sessions, non-blocking I/O, or reading a single
 //! byte more than the handshake frames (the daemon's data follows them at once). The OS part
 //! (vsock connect) sits behind [`Dialer`] and [`Transport`] so tests can run it over Unix
