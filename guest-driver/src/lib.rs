@@ -3,7 +3,9 @@
 //! What the end-to-end tests need inside a QEMU guest: blocking AF_VSOCK socket wrappers
 //! ([`vsock`], the only module with `unsafe`) and the deterministic test byte stream with its
 //! checksum ([`pattern`]), which host-side tests use too so both ends agree on every byte.
-//! [`control`] is the client of domsockd's control service (name resolution over AF_VSOCK).
+//! [`control`] is the client of domsockd's control service (name resolution over AF_VSOCK);
+//! [`session`] opens resumable sessions through its session port, byte streams that survive
+//! the vsock device being unplugged and plugged back.
 //! The `domsock` binary (src/main.rs) is the guest test program built on them.
 //!
 //! And a guest without a VM: [`uvirtio`] is a user-space virtio-vsock driver that speaks
@@ -12,5 +14,6 @@
 
 pub mod control;
 pub mod pattern;
+pub mod session;
 pub mod uvirtio;
 pub mod vsock;

@@ -10,6 +10,14 @@
 //! through domsockd's control service ([`domsock_guest::control`]) in the guest's namespace,
 //! and the result line then carries `peer_name=` and `resolve_ms=` too.
 //!
+//! `--session` (on `send`, `halfclose-client`, `recv`, `duplex-client` and `rr`) opens the
+//! connection as a resumable session through domsockd's session port
+//! ([`domsock_guest::session`]) instead of a raw vsock connection, so it survives the device
+//! being unplugged and plugged back; the result line then also carries `session=1
+//! resumes=<n> blackout_ms=<total> retransmitted_bytes=<n>`. `recv --session` connects out
+//! (sessions are opened by the guest): to PEER, the host by default, and reads to EOF
+//! before replying.
+//!
 //! Never run the vsock subcommands on a host: they open AF_VSOCK sockets.
 #![forbid(unsafe_code)]
 
@@ -22,29 +30,36 @@ use std::time::{Duration, Instant};
 
 use domsock_guest::control::{self, ControlClient, ControlError};
 use domsock_guest::pattern::{Checksum, PatternStream};
-use domsock_guest::vsock::{self, SockType, VsockAddr, VsockSocket};
+use domsock_guest::session::{SessionOptions, SessionStream};
+use domsock_guest::vsock::{self, SockType, VsockAddr, VsockSocket, VMADDR_CID_HOST};
 use domsock_proto::control::valid_name;
 
 const USAGE: &str = "\
 usage: domsock <command> [--option value]...
   cid                  [--wait-ms 0]
   send                 PEER --port P --bytes N [--chunk 64K] [--seed 1] [--expect-reply-bytes M]
-  halfclose-client     PEER --port P [--bytes 1M] [--chunk 64K] [--seed 1]
+                       [--session]
+  halfclose-client     PEER --port P [--bytes 1M] [--chunk 64K] [--seed 1] [--session]
   recv                 --port P [--reply-bytes 0] [--reply-seed 2] [--conns 1] [--chunk 64K]
+  recv --session       [PEER] --port P [...as recv]  (connects to PEER, the host by default)
   seq-echo-client      PEER --port P --sizes 1,2,4K,64K [--seed 1] [--rounds 1]
   seq-echo-server      --port P [--conns 1]
   echo-server          --port P [--conns 1]
-  duplex-client        PEER --port P --bytes N [--chunk 1M] [--seed <own CID>]
+  duplex-client        PEER --port P --bytes N [--chunk 1M] [--seed <own CID>] [--session]
   duplex-server        --port P --bytes N [--chunk 1M] [--seed <own CID>] [--conns 1]
   connect-expect-fail  PEER --port P [--max-ms 1000] [--type stream|seqpacket]
                        [--errno ECONNRESET,ECONNREFUSED]
-  rr                   PEER --port P [--count 1000] [--size 64]
+  rr                   PEER --port P [--count 1000] [--size 64] [--session]
   hold-echo            PEER --ports P1,P2 --gate G [--size 64]
   resolve              --name NAME
   whoami
   list
 PEER: --cid C, or --peer CID|NAME (a name is resolved through the control service)
+--session: a resumable session through domsockd's session port instead of a raw connection
 common: --timeout-ms 30000 (connect and idle timeout of every blocking call)";
+
+/// Options that take no value.
+const FLAGS: &[&str] = &["session"];
 
 /// Receive buffer for seqpacket messages: larger than any message we send, so a message that
 /// arrives bigger than sent shows up as a length mismatch rather than a silent truncation.
@@ -150,10 +165,14 @@ impl Opts {
             let name = key
                 .strip_prefix("--")
                 .ok_or_else(|| Failure(format!("expected --option, got {key:?}")))?;
-            let value = it
-                .next()
-                .ok_or_else(|| Failure(format!("--{name} needs a value")))?;
-            if map.insert(name.to_owned(), value.clone()).is_some() {
+            let value = if FLAGS.contains(&name) {
+                "1".to_owned()
+            } else {
+                it.next()
+                    .ok_or_else(|| Failure(format!("--{name} needs a value")))?
+                    .clone()
+            };
+            if map.insert(name.to_owned(), value).is_some() {
                 return Err(Failure(format!("--{name} given twice")));
             }
         }
@@ -162,6 +181,20 @@ impl Opts {
 
     fn take_str(&mut self, name: &str) -> Option<String> {
         self.map.remove(name)
+    }
+
+    /// A value-less option ([`FLAGS`]).
+    fn flag(&mut self, name: &str) -> bool {
+        self.map.remove(name).is_some()
+    }
+
+    /// The peer, or the host when neither `--cid` nor `--peer` is given.
+    fn peer_or_host(&mut self) -> Result<PeerArg, Failure> {
+        if self.map.contains_key("cid") || self.map.contains_key("peer") {
+            self.peer()
+        } else {
+            Ok(PeerArg::Cid(VMADDR_CID_HOST))
+        }
     }
 
     /// The peer: `--cid N` or `--peer CID|NAME`.
@@ -275,6 +308,119 @@ fn connect(ty: SockType, addr: VsockAddr, timeout: Duration) -> Result<VsockSock
     Ok(sock)
 }
 
+/// What the stream commands need of a connection, raw or a session.
+trait ByteStream: Sync {
+    fn send_all(&self, buf: &[u8]) -> io::Result<()>;
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize>;
+    fn shutdown_write(&self) -> io::Result<()>;
+    /// Why the connection failed, beyond its errno (` (session: ...)`), or nothing.
+    fn explain(&self) -> String {
+        String::new()
+    }
+}
+
+impl ByteStream for VsockSocket {
+    fn send_all(&self, buf: &[u8]) -> io::Result<()> {
+        VsockSocket::send_all(self, buf)
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        VsockSocket::recv(self, buf)
+    }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+impl ByteStream for SessionStream {
+    fn send_all(&self, buf: &[u8]) -> io::Result<()> {
+        SessionStream::send_all(self, buf)
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        SessionStream::recv(self, buf)
+    }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+
+    fn explain(&self) -> String {
+        self.failure()
+            .map_or_else(String::new, |e| format!(" (session: {e})"))
+    }
+}
+
+/// A client command's connection: raw, or a session with `--session`.
+#[derive(Debug)]
+enum Stream {
+    Raw(VsockSocket),
+    // Boxed: a session is ~500 bytes of state next to a raw socket's fd.
+    Session(Box<SessionStream>),
+}
+
+impl Stream {
+    /// Connects to `addr`, as a session if `session`.
+    fn connect(session: bool, addr: VsockAddr, timeout: Duration) -> Result<Stream, Failure> {
+        if !session {
+            return connect(SockType::Stream, addr, timeout).map(Stream::Raw);
+        }
+        let opts = SessionOptions {
+            connect_timeout: timeout,
+            handshake_timeout: timeout,
+            read_timeout: Some(timeout),
+            write_timeout: Some(timeout),
+            ..SessionOptions::default()
+        };
+        SessionStream::connect(addr.cid, addr.port, opts)
+            .map(|s| Stream::Session(Box::new(s)))
+            .map_err(|e| Failure::io(&format!("session connect {addr}"), &e))
+    }
+
+    fn inner(&self) -> &dyn ByteStream {
+        match self {
+            Stream::Raw(s) => s,
+            Stream::Session(s) => &**s,
+        }
+    }
+
+    /// ` session=1 resumes=.. blackout_ms=.. retransmitted_bytes=..` for a session, else
+    /// nothing: raw result lines stay as they were.
+    fn fields(&self) -> String {
+        match self {
+            Stream::Raw(_) => String::new(),
+            Stream::Session(s) => {
+                let st = s.stats();
+                format!(
+                    " session=1 resumes={} blackout_ms={:.1} retransmitted_bytes={}",
+                    st.resumes,
+                    millis(st.blackout),
+                    st.retransmitted_bytes
+                )
+            }
+        }
+    }
+}
+
+impl ByteStream for Stream {
+    fn send_all(&self, buf: &[u8]) -> io::Result<()> {
+        self.inner().send_all(buf)
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner().recv(buf)
+    }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.inner().shutdown_write()
+    }
+
+    fn explain(&self) -> String {
+        self.inner().explain()
+    }
+}
+
 fn listen(ty: SockType, port: u32, timeout: Duration) -> Result<VsockSocket, Failure> {
     let sock = VsockSocket::listen(ty, port, 16)
         .map_err(|e| Failure::io(&format!("listen on port {port}"), &e))?;
@@ -296,8 +442,8 @@ fn accept(listener: &VsockSocket, timeout: Duration) -> Result<(VsockSocket, Vso
 }
 
 /// Writes `len` bytes of the stream for `seed` in `chunk`-byte sends.
-fn send_pattern(
-    sock: &VsockSocket,
+fn send_pattern<S: ByteStream + ?Sized>(
+    sock: &S,
     seed: u64,
     len: u64,
     chunk: usize,
@@ -309,8 +455,12 @@ fn send_pattern(
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
         gen.fill(&mut buf[..n]);
-        sock.send_all(&buf[..n])
-            .map_err(|e| Failure::io(&format!("send after {} bytes", sum.bytes()), &e))?;
+        sock.send_all(&buf[..n]).map_err(|e| {
+            Failure::io(
+                &format!("send after {} bytes{}", sum.bytes(), sock.explain()),
+                &e,
+            )
+        })?;
         sum.update(&buf[..n]);
         left -= n as u64;
     }
@@ -339,7 +489,10 @@ impl StreamEnd {
 
 /// Reads until EOF. `after_shutdown`: we already shut down our sending side (see
 /// [`StreamEnd::ClosedBeforeShutdown`]).
-fn recv_to_eof(sock: &VsockSocket, after_shutdown: bool) -> Result<(Checksum, StreamEnd), Failure> {
+fn recv_to_eof<S: ByteStream + ?Sized>(
+    sock: &S,
+    after_shutdown: bool,
+) -> Result<(Checksum, StreamEnd), Failure> {
     let mut sum = Checksum::new();
     let mut buf = vec![0u8; STREAM_RECV_BUF_BYTES];
     loop {
@@ -351,7 +504,7 @@ fn recv_to_eof(sock: &VsockSocket, after_shutdown: bool) -> Result<(Checksum, St
             }
             Err(e) => {
                 return Err(Failure::io(
-                    &format!("recv after {} bytes", sum.bytes()),
+                    &format!("recv after {} bytes{}", sum.bytes(), sock.explain()),
                     &e,
                 ))
             }
@@ -398,21 +551,22 @@ fn cmd_send(mut o: Opts, name: &str, timeout: Duration) -> CmdResult {
     let chunk = o.usize_or("chunk", 64 << 10)?;
     let seed = o.size_or("seed", 1)?;
     let expect_reply = o.size("expect-reply-bytes")?;
+    let session = o.flag("session");
     o.finish()?;
     let peer = peer.resolve(port, timeout)?;
 
     let start = Instant::now();
-    let sock = connect(SockType::Stream, peer.addr, timeout)?;
+    let sock = Stream::connect(session, peer.addr, timeout)?;
     let connected = Instant::now();
     let sent = send_pattern(&sock, seed, bytes, chunk)?;
-    sock.shutdown(Shutdown::Write)
-        .map_err(|e| Failure::io("shutdown(SHUT_WR)", &e))?;
+    sock.shutdown_write()
+        .map_err(|e| Failure::io(&format!("shutdown(SHUT_WR){}", sock.explain()), &e))?;
     let send_time = connected.elapsed();
     let (reply, end) = recv_to_eof(&sock, true)?;
     let total = start.elapsed();
     println!(
         "DS-RESULT cmd={name} {} bytes={} xxh3={} seed={seed} chunk={chunk} connect_ms={:.1} ms={:.1} \
-         mbps={:.1} reply_bytes={} reply_xxh3={} end={} total_ms={:.1}",
+         mbps={:.1} reply_bytes={} reply_xxh3={} end={} total_ms={:.1}{}",
         peer.fields(),
         sent.bytes(),
         sent.hex(),
@@ -423,6 +577,7 @@ fn cmd_send(mut o: Opts, name: &str, timeout: Duration) -> CmdResult {
         reply.hex(),
         end.name(),
         millis(total),
+        sock.fields(),
     );
     if halfclose && reply.bytes() == 0 {
         return Err(Failure("no reply after our shutdown(SHUT_WR)".into()));
@@ -444,6 +599,12 @@ fn cmd_recv(mut o: Opts, timeout: Duration) -> CmdResult {
     let reply_seed = o.size_or("reply-seed", 2)?;
     let conns = o.size_or("conns", 1)?;
     let chunk = o.usize_or("chunk", 64 << 10)?;
+    if o.flag("session") {
+        let peer = o.peer_or_host()?;
+        o.finish()?;
+        let peer = peer.resolve(port, timeout)?;
+        return recv_sessions(&peer, conns, reply_seed, reply_bytes, chunk, timeout);
+    }
     o.finish()?;
 
     let listener = listen(SockType::Stream, port, timeout)?;
@@ -462,6 +623,43 @@ fn cmd_recv(mut o: Opts, timeout: Duration) -> CmdResult {
             mbps(got.bytes(), recv_time),
             reply.bytes(),
             reply.hex(),
+        );
+    }
+    Ok(())
+}
+
+/// `recv --session`: the guest opens the sessions (one after the other), reads each to
+/// EOF, then replies and half-closes.
+fn recv_sessions(
+    peer: &Peer,
+    conns: u64,
+    reply_seed: u64,
+    reply_bytes: u64,
+    chunk: usize,
+    timeout: Duration,
+) -> CmdResult {
+    let port = peer.addr.port;
+    for conn in 0..conns {
+        let start = Instant::now();
+        let sock = Stream::connect(true, peer.addr, timeout)?;
+        let connect_time = start.elapsed();
+        let started = Instant::now();
+        let (got, _) = recv_to_eof(&sock, false)?;
+        let recv_time = started.elapsed();
+        let reply = send_pattern(&sock, reply_seed, reply_bytes, chunk)?;
+        sock.shutdown_write()
+            .map_err(|e| Failure::io(&format!("shutdown(SHUT_WR){}", sock.explain()), &e))?;
+        println!(
+            "DS-RESULT cmd=recv port={port} conn={conn} {} connect_ms={:.1} bytes={} xxh3={} ms={:.1} mbps={:.1} reply_bytes={} reply_xxh3={}{}",
+            peer.fields(),
+            millis(connect_time),
+            got.bytes(),
+            got.hex(),
+            millis(recv_time),
+            mbps(got.bytes(), recv_time),
+            reply.bytes(),
+            reply.hex(),
+            sock.fields(),
         );
     }
     Ok(())
@@ -674,13 +872,18 @@ struct Duplex {
 
 /// Sends `bytes` of the stream for `seed` in `chunk`-byte writes (then `SHUT_WR`) while
 /// receiving to EOF on another thread; only counts and checksums what arrives.
-fn duplex(sock: &VsockSocket, seed: u64, bytes: u64, chunk: usize) -> Result<Duplex, Failure> {
+fn duplex<S: ByteStream + ?Sized>(
+    sock: &S,
+    seed: u64,
+    bytes: u64,
+    chunk: usize,
+) -> Result<Duplex, Failure> {
     let start = Instant::now();
     let (sent, received) = thread::scope(|scope| {
         let sender = scope.spawn(|| {
             let sum = send_pattern(sock, seed, bytes, chunk)?;
-            sock.shutdown(Shutdown::Write)
-                .map_err(|e| Failure::io("shutdown(SHUT_WR)", &e))?;
+            sock.shutdown_write()
+                .map_err(|e| Failure::io(&format!("shutdown(SHUT_WR){}", sock.explain()), &e))?;
             Ok::<_, Failure>((sum, start.elapsed()))
         });
         // Our own SHUT_WR may come first (see StreamEnd::ClosedBeforeShutdown); the byte
@@ -741,15 +944,17 @@ fn cmd_duplex_client(mut o: Opts, timeout: Duration) -> CmdResult {
     let bytes = o.required("bytes")?;
     let chunk = o.usize_or("chunk", DUPLEX_CHUNK_BYTES as usize)?;
     let seed = seed_or_own_cid(&mut o)?;
+    let session = o.flag("session");
     o.finish()?;
     let peer = peer.resolve(port, timeout)?;
     let start = Instant::now();
-    let sock = connect(SockType::Stream, peer.addr, timeout)?;
+    let sock = Stream::connect(session, peer.addr, timeout)?;
     let connect_time = start.elapsed();
     let d = duplex(&sock, seed, bytes, chunk)?;
+    let session_fields = sock.fields();
     drop(sock);
     println!(
-        "DS-RESULT cmd=duplex-client {} seed={seed} chunk={chunk} connect_ms={:.1} {}",
+        "DS-RESULT cmd=duplex-client {} seed={seed} chunk={chunk} connect_ms={:.1} {}{session_fields}",
         peer.fields(),
         millis(connect_time),
         d.fields()
@@ -914,12 +1119,13 @@ fn cmd_rr(mut o: Opts, timeout: Duration) -> CmdResult {
     let port = o.u32_required("port")?;
     let count = o.size_or("count", 1000)?;
     let size = o.usize_or("size", 64)?;
+    let session = o.flag("session");
     o.finish()?;
     if count == 0 || size == 0 {
         return Err(Failure("--count and --size must be positive".into()));
     }
     let peer = peer.resolve(port, timeout)?;
-    let sock = connect(SockType::Stream, peer.addr, timeout)?;
+    let sock = Stream::connect(session, peer.addr, timeout)?;
     let msg = PatternStream::new(1).take(size);
     let mut back = vec![0u8; size];
     let mut rtts = Vec::with_capacity(count as usize);
@@ -927,13 +1133,13 @@ fn cmd_rr(mut o: Opts, timeout: Duration) -> CmdResult {
     for i in 0..count {
         let t = Instant::now();
         sock.send_all(&msg)
-            .map_err(|e| Failure::io(&format!("send {i}"), &e))?;
+            .map_err(|e| Failure::io(&format!("send {i}{}", sock.explain()), &e))?;
         let mut got = 0;
         while got < size {
             match sock.recv(&mut back[got..]) {
                 Ok(0) => return Err(Failure(format!("EOF during round trip {i}"))),
                 Ok(n) => got += n,
-                Err(e) => return Err(Failure::io(&format!("recv {i}"), &e)),
+                Err(e) => return Err(Failure::io(&format!("recv {i}{}", sock.explain()), &e)),
             }
         }
         rtts.push(t.elapsed());
@@ -942,19 +1148,20 @@ fn cmd_rr(mut o: Opts, timeout: Duration) -> CmdResult {
         }
     }
     let total = start.elapsed();
-    sock.shutdown(Shutdown::Write)
-        .map_err(|e| Failure::io("shutdown(SHUT_WR)", &e))?;
+    sock.shutdown_write()
+        .map_err(|e| Failure::io(&format!("shutdown(SHUT_WR){}", sock.explain()), &e))?;
     rtts.sort();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let pct = |p: usize| rtts[(rtts.len() - 1) * p / 100];
     println!(
-        "DS-RESULT cmd=rr {} count={count} size={size} ms={:.1} avg_us={:.1} p50_us={:.1} p99_us={:.1} max_us={:.1}",
+        "DS-RESULT cmd=rr {} count={count} size={size} ms={:.1} avg_us={:.1} p50_us={:.1} p99_us={:.1} max_us={:.1}{}",
         peer.fields(),
         millis(total),
         us(total) / count as f64,
         us(pct(50)),
         us(pct(99)),
         us(pct(100)),
+        sock.fields(),
     );
     Ok(())
 }
@@ -1050,5 +1257,13 @@ mod tests {
         assert!(Opts::parse(&args(&["--port"])).is_err());
         let o = Opts::parse(&args(&["--bogus", "1"])).unwrap();
         assert!(o.finish().is_err());
+        // `--session` takes no value; the next word is the next option.
+        let mut o = Opts::parse(&args(&["--session", "--port", "7"])).unwrap();
+        assert!(o.flag("session"));
+        assert_eq!(o.u32_required("port").unwrap(), 7);
+        o.finish().unwrap();
+        let mut o = Opts::parse(&args(&["--port", "7"])).unwrap();
+        assert!(!o.flag("session"));
+        assert_eq!(o.peer_or_host().unwrap(), PeerArg::Cid(VMADDR_CID_HOST));
     }
 }

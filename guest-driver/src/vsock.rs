@@ -355,6 +355,8 @@ pub fn errno_name(errno: i32) -> String {
         libc::ESOCKTNOSUPPORT => "ESOCKTNOSUPPORT",
         libc::EPROTONOSUPPORT => "EPROTONOSUPPORT",
         libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::EPROTO => "EPROTO",
+        libc::ENXIO => "ENXIO",
         libc::ENOENT => "ENOENT",
         libc::EACCES => "EACCES",
         libc::EPERM => "EPERM",
