@@ -618,7 +618,7 @@ impl SessionStream {
             other => {
                 return Err(SessionError::Protocol(format!(
                     "answer to OPEN is {}",
-                    frame_name(&other)
+                    Frame::name(&other)
                 ))
                 .to_io())
             }
@@ -998,7 +998,7 @@ impl SessionStream {
             }),
             Ok(other) => Attempt::Fatal(SessionError::Protocol(format!(
                 "answer to RESUME is {}",
-                frame_name(&other)
+                Frame::name(&other)
             ))),
             // The answer may have been lost with the connection; the daemon then has a new
             // nonce we never saw, and the next attempt is refused as a bad proof.
@@ -1012,16 +1012,6 @@ impl SessionStream {
 
 fn replay_violation(e: &ReplayError) -> SessionError {
     SessionError::Protocol(format!("RESUMED count: {e}"))
-}
-
-fn frame_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Open { .. } => "OPEN",
-        Frame::Opened { .. } => "OPENED",
-        Frame::Resume { .. } => "RESUME",
-        Frame::Resumed { .. } => "RESUMED",
-        Frame::Refused { .. } => "REFUSED",
-    }
 }
 
 impl Drop for SessionStream {

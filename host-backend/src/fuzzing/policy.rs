@@ -151,9 +151,7 @@ impl PolicyFile {
         Config::try_from(Args {
             config: Some(self.0.clone()),
             queue_size: 1024,
-            session_park_timeout_ms: u64::from(
-                domsock_migration::session::DEFAULT_PARK_TIMEOUT_MS,
-            ),
+            session_park_timeout_ms: u64::from(domsock_migration::session::DEFAULT_PARK_TIMEOUT_MS),
             ..Args::default()
         })
     }

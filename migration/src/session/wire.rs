@@ -372,6 +372,20 @@ fn socket_type_of(code: u8) -> Result<SocketType, WireError> {
 }
 
 impl Frame {
+    /// The frame kind's name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Open { .. } => "OPEN",
+            Self::Opened { .. } => "OPENED",
+            Self::Resume { .. } => "RESUME",
+            Self::Resumed { .. } => "RESUMED",
+            Self::Refused { .. } => "REFUSED",
+            Self::Listen { .. } => "LISTEN",
+            Self::Listening { .. } => "LISTENING",
+            Self::Offered { .. } => "OFFERED",
+        }
+    }
+
     fn kind(&self) -> u8 {
         match self {
             Self::Open { .. } => KIND_OPEN,
