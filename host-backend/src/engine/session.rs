@@ -893,7 +893,9 @@ impl DataPlane {
         let host_closed = hc.host_eof();
         let host_gone = hc.host_hup;
         let link = link_of(&mut hc).expect("live");
-        link.prev_nonce = Some(link.nonce);
+        // The nonce the guest proved stays valid until it has read this RESUMED (which may
+        // be lost with its connection, even several times in a row).
+        link.prev_nonce = Some(claim.server_nonce);
         link.nonce = Nonce(random());
         link.carried = carried;
         let resumed = Frame::Resumed {
