@@ -704,3 +704,29 @@ fn a_guest_that_abandons_its_connection_parks_the_session_a_finished_one_ends() 
     assert_eq!(g.plane.parked_sessions(), 0);
     assert_eq!(g.plane.connections(), 0, "{:?}", g.stats());
 }
+
+#[test]
+fn resumeds_lost_with_their_connections_do_not_lock_the_owner_out() {
+    let mut g = TestGuest::new("s-lost-resumed");
+    let listener = g.listen_stream(TARGET);
+    let (_conn, client) = open(&mut g, 40_000);
+    let _host = accept(&listener);
+    g.plane.stop();
+    for round in 0..3u32 {
+        // RESUME accepted, but its answer never reaches the library (the device goes
+        // before it is read: the guest never acknowledges it).
+        let c = GuestConn {
+            buf_alloc: 256 * 1024,
+            ..GuestConn::stream(41_000 + round, SESSION_PORT)
+        };
+        g.connect(&c);
+        g.send_rw(&c, &resume_frame(&client, 0, round as u8).encode());
+        g.settle();
+        let _unread = g.take_rx_of(&c);
+        g.plane.stop();
+    }
+    assert_eq!(g.stat("sessions_resumed"), 3);
+    // The library still holds the nonce of OPENED: it must still work.
+    let (_c, answer) = try_resume(&mut g, 42_000, &resume_frame(&client, 0, 9));
+    assert!(matches!(answer, Frame::Resumed { .. }), "{answer:?}");
+}
