@@ -95,6 +95,38 @@ enum Read {
     Eof,
 }
 
+/// One `recvmsg` into `buf`, adding the fds that come along to `fds`; 0 is the end of the
+/// stream.
+fn recv_some(
+    sock: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut ReceivedFds,
+) -> Result<usize, RelayError> {
+    loop {
+        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+        let mut iov = [IoSliceMut::new(buf)];
+        let msg = match recvmsg::<UnixAddr>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(m) => m,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        for c in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(received) = c {
+                fds.0.extend(received);
+            }
+        }
+        if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+            return Err(RelayError::TooManyFds);
+        }
+        return Ok(msg.bytes);
+    }
+}
+
 /// Fills `buf` from `sock`, adding the fds that come along to `fds`.
 fn recv_exact(
     sock: &UnixStream,
@@ -103,37 +135,11 @@ fn recv_exact(
 ) -> Result<Read, RelayError> {
     let mut off = 0;
     while off < buf.len() {
-        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
-        let (n, truncated) = {
-            let mut iov = [IoSliceMut::new(&mut buf[off..])];
-            let msg = match recvmsg::<UnixAddr>(
-                sock.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Ok(m) => m,
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            for c in msg.cmsgs()? {
-                if let ControlMessageOwned::ScmRights(received) = c {
-                    fds.0.extend(received);
-                }
-            }
-            (msg.bytes, msg.flags.contains(MsgFlags::MSG_CTRUNC))
-        };
-        if truncated {
-            return Err(RelayError::TooManyFds);
+        match recv_some(sock, &mut buf[off..], fds)? {
+            0 if off == 0 => return Ok(Read::Eof),
+            0 => return Err(RelayError::PartialMessage),
+            n => off += n,
         }
-        if n == 0 {
-            return if off == 0 {
-                Ok(Read::Eof)
-            } else {
-                Err(RelayError::PartialMessage)
-            };
-        }
-        off += n;
     }
     Ok(Read::Full)
 }
@@ -236,40 +242,17 @@ fn forward_requests(
     }
 }
 
-/// Forwards the handler's replies until it closes its end.
+/// Forwards the handler's replies until it closes its end. Replies are forwarded as they
+/// arrive, not parsed: a chunk and its fds stay together, which is all the frontend's
+/// reader needs.
 fn forward_replies(handler: &UnixStream, frontend: &UnixStream) -> Result<(), RelayError> {
     let mut buf = vec![0u8; REPLY_CHUNK_BYTES];
     loop {
         let mut fds = ReceivedFds::default();
-        // Replies are forwarded as they arrive, not parsed: a chunk and its fds stay
-        // together, which is all the frontend's reader needs.
-        let n = {
-            let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            let msg = match recvmsg::<UnixAddr>(
-                handler.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Ok(m) => m,
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            for c in msg.cmsgs()? {
-                if let ControlMessageOwned::ScmRights(received) = c {
-                    fds.0.extend(received);
-                }
-            }
-            if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-                return Err(RelayError::TooManyFds);
-            }
-            msg.bytes
-        };
-        if n == 0 {
-            return Ok(());
+        match recv_some(handler, &mut buf, &mut fds)? {
+            0 => return Ok(()),
+            n => send_all(frontend, &[&buf[..n]], &fds.0)?,
         }
-        send_all(frontend, &[&buf[..n]], &fds.0)?;
     }
 }
 
