@@ -38,7 +38,7 @@ const USAGE: &str = "\
 usage: domsock <command> [--option value]...
   cid                  [--wait-ms 0]
   send                 PEER --port P --bytes N [--chunk 64K] [--seed 1] [--expect-reply-bytes M]
-                       [--session]
+                       [--session | --connect-retry-ms 0]
   halfclose-client     PEER --port P [--bytes 1M] [--chunk 64K] [--seed 1] [--session]
   recv                 --port P [--reply-bytes 0] [--reply-seed 2] [--conns 1] [--chunk 64K]
   recv --session       [PEER] --port P [...as recv]  (connects to PEER, the host by default)
@@ -56,6 +56,8 @@ usage: domsock <command> [--option value]...
   list
 PEER: --cid C, or --peer CID|NAME (a name is resolved through the control service)
 --session: a resumable session through domsockd's session port instead of a raw connection
+--connect-retry-ms T: retry a raw connect that fails with ENODEV (no vsock device, e.g. while
+  it is unplugged) for up to T ms
 common: --timeout-ms 30000 (connect and idle timeout of every blocking call)";
 
 /// Options that take no value.
@@ -68,6 +70,8 @@ const DEFAULT_TIMEOUT_MS: u64 = 30_000;
 const STREAM_RECV_BUF_BYTES: usize = 256 * 1024;
 /// Default write size of the duplex commands.
 const DUPLEX_CHUNK_BYTES: u64 = 1 << 20;
+/// Pause between connect attempts with `--connect-retry-ms`.
+const CONNECT_RETRY_PAUSE_MS: u64 = 5;
 
 /// A failed subcommand; printed as a `DS-ERROR` line.
 #[derive(Debug)]
@@ -306,6 +310,36 @@ fn connect(ty: SockType, addr: VsockAddr, timeout: Duration) -> Result<VsockSock
         .map_err(|e| Failure::io(&format!("connect {addr}"), &e))?;
     set_timeouts(&sock, timeout)?;
     Ok(sock)
+}
+
+/// [`connect`], retried for up to `retry` while it fails with ENODEV: the guest has no vsock
+/// device (it was unplugged and is not back yet). Returns the socket and the attempts made.
+fn connect_retrying(
+    ty: SockType,
+    addr: VsockAddr,
+    timeout: Duration,
+    retry: Duration,
+) -> Result<(VsockSocket, u32), Failure> {
+    let start = Instant::now();
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        match VsockSocket::connect(ty, addr, timeout) {
+            Ok(sock) => {
+                set_timeouts(&sock, timeout)?;
+                return Ok((sock, attempts));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) && start.elapsed() < retry => {
+                thread::sleep(Duration::from_millis(CONNECT_RETRY_PAUSE_MS));
+            }
+            Err(e) => {
+                return Err(Failure::io(
+                    &format!("connect {addr} (attempt {attempts})"),
+                    &e,
+                ))
+            }
+        }
+    }
 }
 
 /// What the stream commands need of a connection, raw or a session.
@@ -552,11 +586,22 @@ fn cmd_send(mut o: Opts, name: &str, timeout: Duration) -> CmdResult {
     let seed = o.size_or("seed", 1)?;
     let expect_reply = o.size("expect-reply-bytes")?;
     let session = o.flag("session");
+    let retry = Duration::from_millis(o.size_or("connect-retry-ms", 0)?);
     o.finish()?;
+    if session && !retry.is_zero() {
+        return Err(Failure(
+            "--connect-retry-ms is for raw connections (a session resumes by itself)".into(),
+        ));
+    }
     let peer = peer.resolve(port, timeout)?;
 
     let start = Instant::now();
-    let sock = Stream::connect(session, peer.addr, timeout)?;
+    let (sock, attempts) = if session {
+        (Stream::connect(true, peer.addr, timeout)?, 1)
+    } else {
+        let (s, attempts) = connect_retrying(SockType::Stream, peer.addr, timeout, retry)?;
+        (Stream::Raw(s), attempts)
+    };
     let connected = Instant::now();
     let sent = send_pattern(&sock, seed, bytes, chunk)?;
     sock.shutdown_write()
@@ -565,8 +610,9 @@ fn cmd_send(mut o: Opts, name: &str, timeout: Duration) -> CmdResult {
     let (reply, end) = recv_to_eof(&sock, true)?;
     let total = start.elapsed();
     println!(
-        "DS-RESULT cmd={name} {} bytes={} xxh3={} seed={seed} chunk={chunk} connect_ms={:.1} ms={:.1} \
-         mbps={:.1} reply_bytes={} reply_xxh3={} end={} total_ms={:.1}{}",
+        "DS-RESULT cmd={name} {} bytes={} xxh3={} seed={seed} chunk={chunk} connect_ms={:.1} \
+         connect_attempts={attempts} ms={:.1} mbps={:.1} reply_bytes={} reply_xxh3={} end={} \
+         total_ms={:.1}{}",
         peer.fields(),
         sent.bytes(),
         sent.hex(),

@@ -332,6 +332,103 @@ fn reconnect_after_drop() {
     }
 }
 
+/// QMP `device_del` then `device_add` on the same chardev, replayed on one vhost-user
+/// connection (`UserGuest::replug`: the rings stop, then a new device from the feature probe
+/// on, `SET_OWNER` after it, new memory and rings), three times. Each time a connection that
+/// was open fails on both ends, a listener survives, and new connections move checksummed
+/// streams both ways. domsockd's descriptors stay where they were.
+#[test]
+fn device_unplugged_and_plugged_again_on_the_same_connection() {
+    const ROUNDS: u32 = 3;
+    let b = Backend::domsockd("replug", &[3]);
+    let uds = b.vm(0).uds.clone();
+    let mut g = b.guest(0, GuestConfig::default());
+    stream_to_host(&mut g, &uds, 5500, 1 << 20, 64 * 1024);
+    let mut idle_fds = None;
+    let listen_port = Port(6500);
+    g.listen(listen_port, SocketType::Stream).unwrap();
+    for round in 0..ROUNDS {
+        // A connection open across the unplug.
+        let listener = listen_stream(&uds, 5510 + round);
+        let key = g
+            .connect_timeout(host(5510 + round), SocketType::Stream, STEP_TIMEOUT)
+            .unwrap();
+        let mut held = accept(&listener);
+        g.write_all(key, b"before", STEP_TIMEOUT).unwrap();
+        let mut got = [0u8; 6];
+        held.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"before");
+
+        let t = Instant::now();
+        g.replug()
+            .unwrap_or_else(|e| panic!("round {round}: replug: {}", chain(&e)));
+        let replugged = t.elapsed();
+
+        assert!(
+            matches!(g.send(key, b"after"), Err(SockError::DeviceGone(_))),
+            "round {round}: the guest end of a connection outlived its device"
+        );
+        held.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+        let mut b1 = [0u8; 1];
+        match held.read(&mut b1) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("round {round}: host end of the unplugged connection: {other:?}"),
+        }
+        g.close(key).unwrap();
+
+        // The listener bound before the unplug takes a new connection.
+        let uds2 = uds.clone();
+        let h = thread::spawn(move || {
+            let (mut s, line) = host_connect(&uds2, listen_port.0);
+            assert_eq!(line, format!("OK {}", listen_port.0));
+            s.write_all(b"listener survived").unwrap();
+        });
+        let k = g.accept_timeout(listen_port, STEP_TIMEOUT).unwrap();
+        let mut got = [0u8; 17];
+        g.read_exact(k, &mut got, STEP_TIMEOUT).unwrap();
+        assert_eq!(&got, b"listener survived");
+        join_polling(&mut g, h);
+        g.close(k).unwrap();
+
+        let t_g2h = stream_to_host(&mut g, &uds, 5600 + round, 4 << 20, 64 * 1024);
+        let t_h2g = stream_from_host(&mut g, &uds, 6600 + round, 4 << 20, 64 * 1024);
+        eprintln!(
+            "replug round {round}: device back in {replugged:?}; 4 MiB guest->host {:.1} MB/s, \
+             host->guest {:.1} MB/s",
+            mbps(4 << 20, t_g2h),
+            mbps(4 << 20, t_h2g)
+        );
+        // The round's connections close in the background: poll the guest a while, then
+        // wait for the count to fall back to what it was after the first round.
+        let settle = Instant::now() + Duration::from_millis(300);
+        poll_until(&mut g, "settling", STEP_TIMEOUT, |_| {
+            Instant::now() >= settle
+        });
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let fds = loop {
+            let n = b.fd_count();
+            if idle_fds.is_none_or(|i| n <= i) || Instant::now() > deadline {
+                break n;
+            }
+            g.poll(Some(Duration::from_millis(5))).unwrap();
+        };
+        match idle_fds {
+            None => idle_fds = Some(fds),
+            Some(i) => assert!(fds <= i, "round {round}: {fds} fds, {i} after round 0"),
+        }
+    }
+    let c = b.counters(3);
+    assert_eq!(c.get("device_replugs"), u64::from(ROUNDS), "{c:?}");
+    assert_eq!(c.get("device_stops"), u64::from(ROUNDS), "{c:?}");
+    c.assert_zero(&["malformed_chains", "bad_headers", "protocol_resets"]);
+    assert!(
+        !b.log_text().contains("frontend session"),
+        "the frontend session must not end:\n{}",
+        b.log_tail()
+    );
+}
+
 #[test]
 fn rx_buffer_pressure_copies_instead_of_stalling() {
     let b = Backend::domsockd("pressure", &[3]);

@@ -53,8 +53,11 @@ counters! {
     host_errors,
     /// RSTs sent for unknown connections.
     unknown_connection_rsts,
-    /// Device stops (guest reset, reboot, QEMU disconnect).
+    /// Device stops (guest reset, reboot, unplug, QEMU disconnect).
     device_stops,
+    /// Fresh devices initialised on a frontend connection that had one before (QEMU
+    /// `device_del`, then `device_add` on the same chardev).
+    device_replugs,
     /// Sessions opened through the session port.
     sessions_opened,
     /// Sessions whose guest transport broke and whose host end was parked.

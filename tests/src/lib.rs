@@ -6,6 +6,7 @@
 //! - [`backend`]: runs the backend process (`domsockd`, or a peer backend) with `--vm` specs;
 //! - [`vm`]: boots a QEMU guest whose `/init` runs `domsock` guest program commands and follows
 //!   its serial console ([`serial`] parses the `DS-*` lines);
+//! - [`qmp`]: QEMU's control socket (hot-unplug and hot-plug of the vsock device);
 //! - [`host`]: the host ends of hybrid vsock: listeners at `<uds-path>_<port>` and the
 //!   `CONNECT <port>` handshake on `<uds-path>`;
 //! - [`report`]: timing lines that bypass libtest's output capture;
@@ -21,6 +22,7 @@ pub mod artifacts;
 pub mod backend;
 pub mod bench;
 pub mod host;
+pub mod qmp;
 pub mod report;
 pub mod serial;
 pub mod skip;

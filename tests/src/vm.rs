@@ -3,8 +3,9 @@
 //! The guest's `/init` (tests/vm/init.sh) runs the `domsock` commands given here as kernel
 //! parameters `ds_cmd<N>` (words joined by `~`) and then powers off, reboots or holds. The
 //! QEMU flags are those measured in VM-RECIPE.md: TCG, memfd-backed shared memory (vhost-user
-//! needs it), serial console on stdout. A [`Vm`] kills its QEMU process (by PID) when
-//! dropped and, if the test is failing, prints the end of the console.
+//! needs it), serial console on stdout. The vsock device has the id [`VSOCK_DEVICE_ID`] and
+//! every VM a QMP socket ([`Vm::qmp`]) for hot-unplug and hot-plug. A [`Vm`] kills its QEMU
+//! process (by PID) when dropped and, if the test is failing, prints the end of the console.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -14,7 +15,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use serde_json::{json, Value};
+
 use crate::artifacts::{self, Kernel};
+use crate::qmp::{Qmp, QmpError};
 use crate::serial::{Console, DsLine, WaitEnd};
 
 /// Guest RAM; also the size of the shared memfd backend.
@@ -24,6 +28,19 @@ const GUEST_MEM_MIB: u32 = 512;
 const MAX_GUEST_CMDS: usize = 20;
 /// Lines of console shown when a test fails.
 const TAIL_LINES: usize = 40;
+/// QEMU id of the vhost-user chardev the vsock device uses.
+pub const VHOST_CHARDEV_ID: &str = "vhu0";
+/// QEMU id of the vsock device (QMP `device_del` names it).
+pub const VSOCK_DEVICE_ID: &str = "vsock0";
+
+/// `device_add` arguments that plug the vsock device back as it was at boot.
+pub fn vsock_device_args() -> Value {
+    json!({
+        "driver": "vhost-user-vsock-pci",
+        "chardev": VHOST_CHARDEV_ID,
+        "id": VSOCK_DEVICE_ID,
+    })
+}
 
 /// Serialises VM tests inside one test binary: every guest wants a whole CPU under TCG, and
 /// parallel guests would distort timings and risk timeouts. Each case holds this for its run.
@@ -125,6 +142,7 @@ pub struct Vm {
     started: Instant,
     reader: Option<JoinHandle<()>>,
     serial_log: PathBuf,
+    qmp_socket: PathBuf,
 }
 
 impl Vm {
@@ -136,6 +154,9 @@ impl Vm {
         std::fs::create_dir_all(&cfg.log_dir).expect("create log dir");
         let serial_log = cfg.log_dir.join(format!("{}.serial.log", cfg.name));
         let qemu_log = cfg.log_dir.join(format!("{}.qemu.log", cfg.name));
+        // Next to the vhost-user socket: a short path (Unix socket paths are limited).
+        let qmp_socket = cfg.vhost_socket.with_file_name(format!("{}.qmp", cfg.name));
+        let _ = std::fs::remove_file(&qmp_socket);
         let mem = format!("{GUEST_MEM_MIB}M");
         let mut cmd = Command::new(artifacts::qemu_binary());
         cmd.args([
@@ -160,9 +181,19 @@ impl Vm {
         .args(["-machine", "pc,memory-backend=mem"])
         .args([
             "-chardev",
-            &format!("socket,id=vhu0,path={}", cfg.vhost_socket.display()),
+            &format!(
+                "socket,id={VHOST_CHARDEV_ID},path={}",
+                cfg.vhost_socket.display()
+            ),
         ])
-        .args(["-device", "vhost-user-vsock-pci,chardev=vhu0"])
+        .args([
+            "-device",
+            &format!("vhost-user-vsock-pci,chardev={VHOST_CHARDEV_ID},id={VSOCK_DEVICE_ID}"),
+        ])
+        .args([
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", qmp_socket.display()),
+        ])
         .arg("-kernel")
         .arg(&cfg.kernel.vmlinuz)
         .arg("-initrd")
@@ -215,7 +246,13 @@ impl Vm {
             started,
             reader: Some(reader),
             serial_log,
+            qmp_socket,
         }
+    }
+
+    /// A new QMP session with this VM's QEMU (capabilities negotiated), within `timeout`.
+    pub fn qmp(&self, timeout: Duration) -> Result<Qmp, QmpError> {
+        Qmp::connect(&self.qmp_socket, timeout)
     }
 
     /// QEMU's process id.

@@ -19,7 +19,7 @@ use std::io::{self, Read};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Barrier, MutexGuard};
+use std::sync::{mpsc, Barrier, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -1575,6 +1575,208 @@ fn g2g_policy_reload(c: Case) {
     finish(&mut vm_b);
 }
 
+// ---------------------------------------------------------------------------------------------
+// k. the vsock device unplugged and plugged back on the same chardev (QMP device_del,
+//    device_add), three times in one boot
+
+const REPLUG_ROUNDS: u32 = 3;
+/// The stream the unplug cuts: far longer than it is allowed to run.
+const REPLUG_CUT_STREAM_BYTES: u64 = 1 << 30;
+/// Bytes of it the host reads before it unplugs the device.
+const REPLUG_CUT_AFTER_BYTES: u64 = 4 << 20;
+/// Each direction of the new connection after the re-plug.
+const REPLUG_BYTES: u64 = 16 << 20;
+/// How long the guest retries its connect while it has no device.
+const REPLUG_CONNECT_RETRY_MS: u64 = 20_000;
+/// One QMP step (device_del to DEVICE_DELETED is 0.1-0.4 s measured).
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// What a guest program's call fails with when its connection's device goes (measured:
+/// ENOMEM on 6.1 and ENODEV on 6.12 for a write, ENOTCONN on the next call after that).
+const UNPLUG_ERRNOS: [&str; 5] = ["ENOMEM", "ENODEV", "ENOTCONN", "ECONNRESET", "EPIPE"];
+
+/// Reads a stream until it ends (EOF or a reset), telling `reached` once `after` bytes
+/// arrived. Returns what arrived and how it ended (`None`: EOF).
+fn read_until_cut(
+    mut s: UnixStream,
+    after: u64,
+    reached: mpsc::Sender<()>,
+) -> (Checksum, Option<io::ErrorKind>) {
+    let mut sum = Checksum::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut told = false;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (sum, None),
+            Ok(n) => sum.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (sum, Some(e.kind())),
+        }
+        if !told && sum.bytes() >= after {
+            told = true;
+            let _ = reached.send(());
+        }
+    }
+}
+
+/// Reads exactly `len` bytes; returns them and when the first byte arrived.
+fn read_len_first_byte(s: &mut UnixStream, len: u64) -> io::Result<(Checksum, Instant)> {
+    let mut sum = Checksum::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut first = None;
+    while sum.bytes() < len {
+        let want = (len - sum.bytes()).min(buf.len() as u64) as usize;
+        match s.read(&mut buf[..want]) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("EOF after {} of {len} bytes", sum.bytes()),
+                ))
+            }
+            Ok(n) => {
+                first.get_or_insert_with(Instant::now);
+                sum.update(&buf[..n]);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((sum, first.unwrap_or_else(Instant::now)))
+}
+
+/// Each round: the guest streams to the host; the host unplugs the device mid-stream (the
+/// guest's connection must fail, and what reached the host must be a prefix of what the
+/// guest sent); the host plugs the device back on the same chardev; the guest's next
+/// program retries its connect until the device is back and then moves a checksummed
+/// stream to the host and one back from it on the new connection. The time from
+/// `device_add` returning to the first bytes of the new connection is reported.
+fn replug_same_chardev(c: Case) {
+    let spec = c.spec(3);
+    let cut_port = |r: u32| 5000 + r;
+    let new_port = |r: u32| 5100 + r;
+    let listen = |port: u32| host::listen_stream(&spec.uds, port).expect("listen");
+    let cut_listeners: Vec<_> = (0..REPLUG_ROUNDS).map(|r| listen(cut_port(r))).collect();
+    let new_listeners: Vec<_> = (0..REPLUG_ROUNDS).map(|r| listen(new_port(r))).collect();
+    let backend = Backend::spawn(std::slice::from_ref(&spec), &c.log_dir);
+    let mut cfg = c.vm("guest", &spec);
+    for r in 0..REPLUG_ROUNDS {
+        cfg = cfg
+            .cmd(&format!(
+                "xfail send --cid {HOST_CID} --port {} --bytes {REPLUG_CUT_STREAM_BYTES} \
+                 --chunk {CHUNK_BYTES} --seed {}",
+                cut_port(r),
+                70 + r
+            ))
+            .cmd(&format!(
+                "send --cid {HOST_CID} --port {} --bytes {REPLUG_BYTES} --chunk {CHUNK_BYTES} \
+                 --seed {} --expect-reply-bytes {REPLUG_BYTES} \
+                 --connect-retry-ms {REPLUG_CONNECT_RETRY_MS}",
+                new_port(r),
+                80 + r
+            ));
+    }
+    let mut vm = c.boot(&cfg, &spec);
+    let mut qmp = vm.qmp(QMP_TIMEOUT).expect("QMP session");
+    let mut to_first_bytes = Vec::new();
+
+    for r in 0..REPLUG_ROUNDS {
+        let what = |s: &str| format!("round {r}: {s}");
+        let cut = host::accept(&cut_listeners[r as usize], STEP_TIMEOUT, IDLE_TIMEOUT)
+            .expect("the guest connects for the stream the unplug cuts");
+        let (reached_tx, reached) = mpsc::channel();
+        let reader = thread::spawn(move || read_until_cut(cut, REPLUG_CUT_AFTER_BYTES, reached_tx));
+        reached
+            .recv_timeout(STEP_TIMEOUT)
+            .unwrap_or_else(|_| panic!("{}", what("the stream before the unplug")));
+        let unplug = qmp
+            .unplug(vm::VSOCK_DEVICE_ID, QMP_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{}: {e}", what("device_del")));
+
+        // The guest's connection failed; the host got a clean prefix of its stream.
+        let err = vm.wait(&what("the cut send's DS-ERROR"), STEP_TIMEOUT, |l| {
+            l.is("DS-ERROR", Some("send"))
+        });
+        let msg = err.str("msg");
+        let errno = UNPLUG_ERRNOS
+            .iter()
+            .find(|e| msg.contains(*e))
+            .unwrap_or_else(|| panic!("{}: unexpected failure {msg:?}", what("cut send")));
+        let (got, end) = reader.join().expect("reader thread");
+        assert!(
+            matches!(end, None | Some(io::ErrorKind::ConnectionReset)),
+            "{}: host end of the cut stream ended with {end:?}",
+            what("cut stream")
+        );
+        assert!(
+            got.bytes() < REPLUG_CUT_STREAM_BYTES,
+            "{}: the whole stream arrived",
+            what("cut stream")
+        );
+        assert_pattern(
+            &what("cut stream prefix"),
+            &got,
+            70 + u64::from(r),
+            got.bytes(),
+        );
+
+        // Back on the same chardev: the next program's connect goes through.
+        qmp.plug(vm::vsock_device_args(), QMP_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{}: {e}", what("device_add")));
+        let plugged = Instant::now();
+        let mut conn = host::accept(&new_listeners[r as usize], STEP_TIMEOUT, IDLE_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{}: {e}", what("connection after the re-plug")));
+        let accepted = plugged.elapsed();
+        let (sum, first) = read_len_first_byte(&mut conn, REPLUG_BYTES)
+            .unwrap_or_else(|e| panic!("{}: {e}", what("stream after the re-plug")));
+        let first_bytes = first - plugged;
+        let reply = host::write_pattern(&mut conn, 90 + u64::from(r), REPLUG_BYTES, CHUNK_BYTES)
+            .unwrap_or_else(|e| panic!("{}: {e}", what("reply after the re-plug")));
+        drop(conn);
+        let res = vm.expect_result("send", STEP_TIMEOUT);
+        assert_pattern(
+            &what("host received"),
+            &sum,
+            80 + u64::from(r),
+            REPLUG_BYTES,
+        );
+        assert_guest_saw(&what("guest sent"), &res, "", &sum);
+        assert_guest_saw(&what("guest got the reply"), &res, "reply_", &reply.sum);
+        c.report(&format!(
+            "replug round {r}: device_del -> DEVICE_DELETED {} (cut after {:.1} MiB, guest saw \
+             {errno}); device_add -> connection {} -> first bytes {} (guest connect {} ms, \
+             {} attempts); 16 MiB each way on the new connection",
+            report::ms(unplug),
+            got.bytes() as f64 / MIB,
+            report::ms(accepted),
+            report::ms(first_bytes),
+            res.str("connect_ms"),
+            res.str("connect_attempts"),
+        ));
+        to_first_bytes.push(first_bytes);
+    }
+    let counters = backend_counters(&backend, &["vm3"]);
+    assert_eq!(
+        counters["vm3"].get("device_replugs"),
+        Some(&u64::from(REPLUG_ROUNDS)),
+        "one fresh device per device_add: {:?}",
+        counters["vm3"]
+    );
+    assert!(
+        !backend.log_text().contains("frontend session"),
+        "the frontend session must survive the re-plugs:\n{}",
+        backend.log_tail()
+    );
+    to_first_bytes.sort();
+    c.report(&format!(
+        "replug: {REPLUG_ROUNDS} unplug/plug rounds in one boot; device_add returned -> first \
+         bytes: min {}, median {}, max {}",
+        report::ms(to_first_bytes[0]),
+        report::ms(to_first_bytes[to_first_bytes.len() / 2]),
+        report::ms(to_first_bytes[to_first_bytes.len() - 1]),
+    ));
+    drop(qmp);
+    finish(&mut vm);
+}
+
 /// Makes the backend log its counters (SIGUSR1) and returns, per VM name, the numbers of the
 /// `counters vm=<name> ... stats=k=v k=v ...` line it logged in response.
 fn backend_counters(backend: &Backend, names: &[&str]) -> BTreeMap<String, BTreeMap<String, u64>> {
@@ -1690,4 +1892,5 @@ per_kernel!(
     round_trip_latency,
     g2g_namespaces_policy_listener,
     g2g_policy_reload,
+    replug_same_chardev,
 );

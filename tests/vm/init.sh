@@ -7,7 +7,10 @@
 #                          parameters cannot contain spaces, so `~` separates the words:
 #                          ds_cmd0=send~--cid~2~--port~5000. A command whose first word is
 #                          `bg` runs in the background (its exit status is collected at the
-#                          end). The first failing foreground command stops the sequence.
+#                          end). A command whose first word is `xfail` must fail: its
+#                          failure is expected and does not stop the sequence, its success
+#                          does (a DS-ERROR line, and the final status is 1). The first
+#                          failing foreground command stops the sequence.
 #   ds_after=poweroff      what to do afterwards: poweroff (default), reboot (`reboot -f`; the
 #                          next boot runs the same commands again), or hold (keep running
 #                          until the host kills QEMU).
@@ -52,6 +55,16 @@ while [ "$rc" -eq 0 ] && [ "$i" -lt 32 ]; do
         echo "DS-BEGIN i=$i bg $*"
         domsock "$@" &
         bg_pids="$bg_pids $!"
+    elif [ "$1" = xfail ]; then
+        shift
+        echo "DS-BEGIN i=$i xfail $*"
+        domsock "$@"
+        r=$?
+        echo "DS-END i=$i rc=$r xfail=1"
+        if [ "$r" -eq 0 ]; then
+            echo "DS-ERROR cmd=init msg=command-$i-should-have-failed"
+            rc=1
+        fi
     else
         echo "DS-BEGIN i=$i $*"
         domsock "$@"

@@ -240,6 +240,10 @@ pub enum SockError {
     /// The device signalled a transport reset; every connection was dropped.
     #[error("connection {0} dropped by a transport reset")]
     TransportReset(ConnKey),
+    /// The device was unplugged ([`UserGuest::replug`](super::UserGuest::replug)); every
+    /// connection was dropped.
+    #[error("connection {0} dropped: the device was unplugged")]
+    DeviceGone(ConnKey),
     /// Sending after our or the peer's shutdown of that direction.
     #[error("connection {0}: sending is shut down")]
     BrokenPipe(ConnKey),

@@ -27,6 +27,11 @@
 //!     G->>B: kick every ring once
 //! ```
 //!
+//! [`unplug`] and [`negotiate_device`] with [`OwnerOrder::AfterProbe`] replay what QEMU
+//! sends when the device is unplugged and a new one is plugged on the same connection
+//! (QMP `device_del`, `device_add`): the rings stop, then the new device is initialised
+//! from `GET_FEATURES` on, with `SET_OWNER` after the feature probe.
+//!
 //! None of these backends offers `REPLY_ACK`, so requests without a reply are not
 //! acknowledged; a backend that rejects one closes the socket, and the next request that
 //! expects a reply fails. The final `GET_FEATURES` makes the setup synchronous: a backend
@@ -112,6 +117,17 @@ fn connect_socket(path: &Path, timeout: Duration) -> Result<UnixStream, SetupErr
     }
 }
 
+/// Where `SET_OWNER` goes in a device's initialisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OwnerOrder {
+    /// First, as the sequence in the module doc has it.
+    First,
+    /// After the feature probe (`GET_FEATURES`, the protocol features, `GET_QUEUE_NUM`),
+    /// then `GET_FEATURES` once more: QEMU's order (`vhost_user_backend_init` probes, then
+    /// `vhost_dev_init` claims the device).
+    AfterProbe,
+}
+
 /// Connects and negotiates features; returns the frontend, the agreement and the CID.
 pub(crate) fn negotiate(
     path: &Path,
@@ -126,10 +142,21 @@ pub(crate) fn negotiate(
         source,
     })?;
     let mut frontend = Frontend::from_stream(stream, VSOCK_QUEUES);
+    let (negotiated, cid) = negotiate_device(&mut frontend, cfg, OwnerOrder::First)?;
+    Ok((frontend, negotiated, cid))
+}
 
-    frontend
-        .set_owner()
-        .map_err(SetupError::vhost("SET_OWNER"))?;
+/// Initialises a device on a connected frontend, up to `SET_FEATURES`.
+pub(crate) fn negotiate_device(
+    frontend: &mut Frontend,
+    cfg: &GuestConfig,
+    order: OwnerOrder,
+) -> Result<(Negotiated, Cid), SetupError> {
+    if order == OwnerOrder::First {
+        frontend
+            .set_owner()
+            .map_err(SetupError::vhost("SET_OWNER"))?;
+    }
     let device_features = frontend
         .get_features()
         .map_err(SetupError::vhost("GET_FEATURES"))?;
@@ -164,6 +191,14 @@ pub(crate) fn negotiate(
         return Err(SetupError::TooFewQueues {
             queues: device_queues,
         });
+    }
+    if order == OwnerOrder::AfterProbe {
+        frontend
+            .set_owner()
+            .map_err(SetupError::vhost("SET_OWNER"))?;
+        frontend
+            .get_features()
+            .map_err(SetupError::vhost("GET_FEATURES (after SET_OWNER)"))?;
     }
 
     let (cid, cid_from_device) = if protocol_features.contains(VhostUserProtocolFeatures::CONFIG) {
@@ -213,7 +248,6 @@ pub(crate) fn negotiate(
         .map_err(SetupError::vhost("SET_FEATURES"))?;
 
     Ok((
-        frontend,
         Negotiated {
             device_features,
             driver_features,
@@ -297,6 +331,34 @@ pub(crate) fn enable_queue(
     frontend
         .set_vring_enable(index, true)
         .map_err(SetupError::vhost("SET_VRING_ENABLE"))
+}
+
+/// What QEMU sends a backend when the device is unplugged (`device_del`; its
+/// `vhost_dev_stop`): `SET_VRING_ENABLE 0` for every ring, `GET_VRING_BASE` for every ring
+/// (the rings stop), then `SET_VRING_CALL` again for every ring. The connection stays open.
+pub(crate) fn unplug(
+    frontend: &mut Frontend,
+    negotiated: &Negotiated,
+    calls: &[&EventFd],
+) -> Result<(), SetupError> {
+    if negotiated.driver_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+        for q in 0..calls.len() {
+            frontend
+                .set_vring_enable(q, false)
+                .map_err(SetupError::vhost("SET_VRING_ENABLE 0"))?;
+        }
+    }
+    for q in 0..calls.len() {
+        frontend
+            .get_vring_base(q)
+            .map_err(SetupError::vhost("GET_VRING_BASE"))?;
+    }
+    for (q, call) in calls.iter().enumerate() {
+        frontend
+            .set_vring_call(q, call)
+            .map_err(SetupError::vhost("SET_VRING_CALL"))?;
+    }
+    Ok(())
 }
 
 /// Waits until the backend has handled every request sent so far (see the module doc).

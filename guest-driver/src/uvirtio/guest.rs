@@ -79,6 +79,8 @@ enum End {
     Violation(&'static str),
     /// The device reset the transport.
     TransportReset,
+    /// The device was unplugged.
+    DeviceGone,
 }
 
 /// Where received payload lives until the application reads it.
@@ -145,8 +147,10 @@ struct Listener {
 /// One simulated guest: a vhost-user frontend, a virtio-vsock driver and vsock sockets, in
 /// one single-threaded object (see the module doc).
 pub struct UserGuest {
-    /// Keeps the vhost-user session (and with it the device) alive.
-    _frontend: Frontend,
+    /// The vhost-user session; the device lives as long as it does (or until
+    /// [`UserGuest::replug`] replaces it on the same session).
+    frontend: Frontend,
+    config: GuestConfig,
     negotiated: Negotiated,
     cid: Cid,
     driver: Driver,
@@ -155,6 +159,33 @@ pub struct UserGuest {
     listeners: HashMap<Port, Listener, KeyedState>,
     listen_backlog: usize,
     broken: Option<Arc<DeviceError>>,
+}
+
+/// Builds the guest side of a negotiated device (memory, rings, buffers) and hands it to
+/// the backend: memory table, rings, enable, then a sync and a kick of every ring.
+fn start_device(
+    fe: &mut Frontend,
+    config: &GuestConfig,
+    negotiated: &Negotiated,
+) -> Result<Driver, SetupError> {
+    let layout = Layout::new(config);
+    let mem = memory::create(layout.bytes)?;
+    let queues = if negotiated.has_event_queue() { 3 } else { 2 };
+    let mut driver = Driver::new(config, layout, mem, negotiated.event_idx, queues)?;
+    frontend::share_memory(fe, driver.mem())?;
+    // Buffers go in before the rings start, as a guest driver does at probe time.
+    driver.refill_rx().map_err(SetupError::Device)?;
+    driver.post_events().map_err(SetupError::Device)?;
+    for q in 0..driver.queues() {
+        let (addrs, kick, call) = driver.queue(q);
+        frontend::start_queue(fe, q, addrs, driver.mem(), kick, call)?;
+    }
+    for q in 0..driver.queues() {
+        frontend::enable_queue(fe, negotiated, q)?;
+    }
+    frontend::sync(fe)?;
+    driver.kick_all().map_err(SetupError::Device)?;
+    Ok(driver)
 }
 
 impl std::fmt::Debug for UserGuest {
@@ -177,26 +208,10 @@ impl UserGuest {
     ) -> Result<Self, SetupError> {
         config.validate()?;
         let (mut fe, negotiated, cid) = frontend::negotiate(vhost_socket.as_ref(), &config)?;
-        let layout = Layout::new(&config);
-        let mem = memory::create(layout.bytes)?;
-        let queues = if negotiated.has_event_queue() { 3 } else { 2 };
-        let mut driver = Driver::new(&config, layout, mem, negotiated.event_idx, queues)?;
-        frontend::share_memory(&fe, driver.mem())?;
-        // Buffers go in before the rings start, as a guest driver does at probe time.
-        driver.refill_rx().map_err(SetupError::Device)?;
-        driver.post_events().map_err(SetupError::Device)?;
-        for q in 0..driver.queues() {
-            let (addrs, kick, call) = driver.queue(q);
-            frontend::start_queue(&fe, q, addrs, driver.mem(), kick, call)?;
-        }
-        for q in 0..driver.queues() {
-            frontend::enable_queue(&mut fe, &negotiated, q)?;
-        }
-        frontend::sync(&fe)?;
-        driver.kick_all().map_err(SetupError::Device)?;
+        let driver = start_device(&mut fe, &config, &negotiated)?;
         debug!(%cid, ?negotiated, "user-space guest up");
         Ok(Self {
-            _frontend: fe,
+            frontend: fe,
             negotiated,
             cid,
             driver,
@@ -207,7 +222,45 @@ impl UserGuest {
             listeners: HashMap::with_hasher(KeyedState::new(config.endpoint.hash_seed ^ 1)),
             listen_backlog: config.listen_backlog,
             broken: None,
+            config,
         })
+    }
+
+    /// Unplugs the device and plugs a new one on the same vhost-user session, sending what
+    /// QEMU sends for QMP `device_del` then `device_add` on the same chardev: the rings stop
+    /// (`GET_VRING_BASE`), then the new device is initialised from the feature probe on,
+    /// `SET_OWNER` included, with new guest memory and rings ([`frontend`] has the order).
+    ///
+    /// As in a Linux guest, every connection is gone (its calls fail with
+    /// [`SockError::DeviceGone`]) and listeners stay. Device statistics start again from
+    /// zero; a device error ([`DeviceError`]) of the old device is forgotten.
+    pub fn replug(&mut self) -> Result<(), SetupError> {
+        let calls: Vec<&vmm_sys_util::eventfd::EventFd> = (0..self.driver.queues())
+            .map(|q| self.driver.queue(q).2)
+            .collect();
+        frontend::unplug(&mut self.frontend, &self.negotiated, &calls)?;
+        // The old device's buffers are gone with it: nothing received stays readable.
+        self.endpoint.clear();
+        for s in self.socks.values_mut() {
+            s.rx.clear();
+            s.rx_bytes = 0;
+            s.rx_messages = 0;
+            s.end.get_or_insert(End::DeviceGone);
+        }
+        for l in self.listeners.values_mut() {
+            l.backlog.clear();
+        }
+        let (negotiated, cid) = frontend::negotiate_device(
+            &mut self.frontend,
+            &self.config,
+            frontend::OwnerOrder::AfterProbe,
+        )?;
+        self.driver = start_device(&mut self.frontend, &self.config, &negotiated)?;
+        self.negotiated = negotiated;
+        self.cid = cid;
+        self.broken = None;
+        debug!(%cid, "user-space guest: device plugged again");
+        Ok(())
     }
 
     /// The guest's CID.
@@ -1180,6 +1233,7 @@ fn end_error(key: ConnKey, end: End) -> SockError {
         End::ConnectTimeout => SockError::ConnectTimedOut(key),
         End::Violation(why) => SockError::ProtocolViolation { key, why },
         End::TransportReset => SockError::TransportReset(key),
+        End::DeviceGone => SockError::DeviceGone(key),
     }
 }
 

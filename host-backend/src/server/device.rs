@@ -2,9 +2,15 @@
 //! (the guest CID), and event dispatch into the [`DataPlane`].
 //!
 //! A new device is built for every frontend connection (QEMU start or restart); the VM's
-//! [`VmShared`] state (host listener, counters) outlives it.
+//! [`VmShared`] state (host listener, counters) outlives it. A device unplugged and plugged
+//! back on the same connection (QMP `device_del`, `device_add`) stays the same
+//! `VsockDevice`, with the same [`DataPlane`]: the unplug stops its rings, which stops the
+//! data plane as a guest reset does, and the re-plug only resets the vhost-user state
+//! ([`super::replug`]).
 
+use super::relay::ReplugHook;
 use crate::engine::{DataPlane, Wake};
+use crate::metrics::VmStats;
 use crate::router::Router;
 use crate::virtio::chain::Mem;
 use crate::virtio::GuestPort;
@@ -15,7 +21,7 @@ use domsock_proto::packet::VIRTIO_VSOCK_F_SEQPACKET;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
@@ -102,6 +108,15 @@ impl VsockDevice {
     fn plane(&self) -> MutexGuard<'_, DataPlane> {
         // A panic while holding the lock would be a bug; keep serving the VM regardless.
         self.plane.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl ReplugHook for VsockDevice {
+    fn fresh_device(&self, device: u64) {
+        // Nothing to stop: the old device's rings stopped (GET_VRING_BASE) before the
+        // frontend let it go, and with them the data plane.
+        VmStats::inc(&self.shared.stats.device_replugs);
+        info!(vm = %self.shared.name, device, "device plugged again on the same frontend connection");
     }
 }
 

@@ -1,8 +1,14 @@
 //! Serving one VM: accept its frontend (QEMU) on the vhost-user socket, run the device
 //! until the frontend goes away, and wait for the next one. The host listener and counters
 //! persist, so a restarted QEMU is served without restarting domsockd.
+//!
+//! The frontend's connection reaches vhost-user-backend's request handler through a
+//! [`relay`], so that a device unplugged and plugged back on the same connection is served
+//! as a fresh device ([`replug`]).
 
 pub mod device;
+pub mod relay;
+pub mod replug;
 
 use crate::config::VmConfig;
 use crate::router::Router;
@@ -10,6 +16,7 @@ use crate::virtio::GuestPort;
 use crate::vm::VmShared;
 use device::{VsockDevice, BACKEND_EVENT};
 use domsock_proto::Cid;
+use relay::{PrivateListener, Relay};
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
@@ -132,15 +139,41 @@ impl VmServer {
                 .map_err(|e| format!("registering backend fd: {e}"))?;
         }
         info!(vm = %self.shared.name, cid = %self.shared.cid, "waiting for frontend");
-        daemon
-            .start(&mut self.listener)
-            .map_err(|e| format!("accepting frontend: {e}"))?;
+        let frontend = loop {
+            if let Some(s) = self
+                .listener
+                .accept()
+                .map_err(|e| format!("accepting frontend: {e}"))?
+            {
+                break s;
+            }
+        };
         info!(vm = %self.shared.name, "frontend connected");
+        let handler_end = {
+            let private = PrivateListener::bind().map_err(|e| format!("relay socket: {e}"))?;
+            let path = private
+                .path()
+                .to_str()
+                .ok_or("relay socket path is not UTF-8")?;
+            daemon
+                .start_client(path)
+                .map_err(|e| format!("connecting the device handler: {e}"))?;
+            // The only connection: the directory is ours alone (0700). Dropping the
+            // listener removes the socket file and the directory.
+            private
+                .accept()
+                .map_err(|e| format!("accepting the device handler: {e}"))?
+        };
+        let relay = Relay::spawn(&self.shared.name, frontend, handler_end, device.clone())
+            .map_err(|e| format!("starting the relay: {e}"))?;
         let result = daemon.wait();
+        relay.shutdown();
         device.end();
         device.signal_exit();
         // Dropping the daemon joins its worker threads (the library's handler does on drop).
         drop(daemon);
+        // Once per frontend connection, however many devices it had: the library creates
+        // (and leaks) its exit-event fd per daemon, and a re-plug keeps the daemon.
         device.close_leaked_fds();
         match result {
             Ok(()) => info!(vm = %self.shared.name, "frontend disconnected"),
