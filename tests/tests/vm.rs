@@ -1777,6 +1777,186 @@ fn replug_same_chardev(c: Case) {
     finish(&mut vm);
 }
 
+/// Each direction of both session streams of `sessions_survive_replugs`.
+const SESSION_BYTES: u64 = 256 << 20;
+/// The host's session port and the sibling's duplex port in `sessions_survive_replugs`.
+const SESSION_HOST_PORT: u32 = 5400;
+const SESSION_SIBLING_PORT: u32 = 5401;
+/// How long the device stays unplugged in each round.
+const SESSION_AWAY: Duration = Duration::from_millis(300);
+
+/// Reads a stream to EOF, publishing progress; returns what arrived and how it ended.
+fn read_with_progress(
+    mut s: UnixStream,
+    progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> (Checksum, Option<io::ErrorKind>) {
+    let mut sum = Checksum::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (sum, None),
+            Ok(n) => {
+                sum.update(&buf[..n]);
+                progress.store(sum.bytes(), std::sync::atomic::Ordering::Release);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (sum, Some(e.kind())),
+        }
+    }
+}
+
+/// Guest a (library, `domsock --session`) streams 256 MiB to a host process and 256 MiB to
+/// its sibling b (a raw program), and receives 256 MiB from each, all at once, while the
+/// host unplugs and plugs back a's vsock device three times: every byte arrives once and in
+/// order, neither program sees an error, the host process sees no EOF before the end, and
+/// b sees nothing but a pause. Reports the time from `device_add` to bytes flowing again.
+fn sessions_survive_replugs(c: Case) {
+    let domain = |name, cid| Domain {
+        name,
+        namespace: "red",
+        groups: &["pair"][..],
+        spec: c.spec(cid),
+    };
+    let domains = [domain("a", 3), domain("b", 4)];
+    let [a, b] = &domains;
+    let config_path = c.log_dir.join("domsockd.toml");
+    std::fs::write(&config_path, config_toml(&domains, &[])).expect("write config");
+    let listener = host::listen_stream(&a.spec.uds, SESSION_HOST_PORT).expect("listen");
+    let specs: Vec<VmSpec> = domains.iter().map(|d| d.spec.clone()).collect();
+    let backend = Backend::spawn_config(&config_path, &[], &specs, &c.log_dir);
+    let long = format!("--timeout-ms {LONG_GUEST_TIMEOUT_MS}");
+    let cfg_b = c.vm("b", &b.spec).cmd(&format!(
+        "duplex-server --port {SESSION_SIBLING_PORT} --bytes {SESSION_BYTES} --chunk {CHUNK_BYTES} \
+         --seed 44 {long}"
+    ));
+    let cfg_a = c
+        .vm("a", &a.spec)
+        .cmd(&format!("recv --port {GATE_PORT} {long}"))
+        .cmd(&format!(
+            "bg duplex-client --session --cid {HOST_CID} --port {SESSION_HOST_PORT} \
+             --bytes {SESSION_BYTES} --chunk {CHUNK_BYTES} --seed 33 {long}"
+        ))
+        .cmd(&format!(
+            "duplex-client --session --cid {} --port {SESSION_SIBLING_PORT} \
+             --bytes {SESSION_BYTES} --chunk {CHUNK_BYTES} --seed 34 {long}",
+            b.spec.cid
+        ));
+    let mut vm_b = c.boot(&cfg_b, &b.spec);
+    let mut vm_a = c.boot(&cfg_a, &a.spec);
+    vm_b.expect_ready(SESSION_SIBLING_PORT, STEP_TIMEOUT);
+    release_gate_port(&a.spec, GATE_PORT);
+    let mut qmp = vm_a.qmp(QMP_TIMEOUT).expect("QMP session");
+
+    let conn = host::accept(&listener, STEP_TIMEOUT, IDLE_TIMEOUT).expect("a's session");
+    let mut write_end = conn.try_clone().expect("clone");
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let p2 = progress.clone();
+    let reader = thread::spawn(move || read_with_progress(conn, p2));
+    let writer = thread::spawn(move || {
+        let r = host::write_pattern(&mut write_end, 43, SESSION_BYTES, CHUNK_BYTES);
+        let _ = write_end.shutdown(Shutdown::Write);
+        r
+    });
+    let now_at = || progress.load(std::sync::atomic::Ordering::Acquire);
+    let wait_until = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}: host received {}", now_at());
+            thread::sleep(Duration::from_millis(1));
+        }
+    };
+    let mut blackouts = Vec::new();
+    for r in 1..=REPLUG_ROUNDS {
+        let what = |s: &str| format!("round {r}: {s}");
+        let mark = SESSION_BYTES * u64::from(r) / u64::from(REPLUG_ROUNDS + 1);
+        wait_until(&what("stream before the unplug"), &|| now_at() >= mark);
+        let unplug = qmp
+            .unplug(vm::VSOCK_DEVICE_ID, QMP_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{}: {e}", what("device_del")));
+        thread::sleep(SESSION_AWAY);
+        let before = now_at();
+        qmp.plug(vm::vsock_device_args(), QMP_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{}: {e}", what("device_add")));
+        let plugged = Instant::now();
+        wait_until(&what("bytes after the re-plug"), &|| {
+            now_at() > before || now_at() >= SESSION_BYTES
+        });
+        let blackout = plugged.elapsed();
+        c.report(&format!(
+            "sessions round {r}: device_del -> DEVICE_DELETED {}, away {}, device_add -> host \
+             bytes flowing again {}",
+            report::ms(unplug),
+            report::ms(SESSION_AWAY),
+            report::ms(blackout)
+        ));
+        blackouts.push(blackout);
+    }
+    let (got, end) = reader.join().expect("reader");
+    assert_eq!(end, None, "the host end must see EOF only at the end");
+    assert_pattern("host received a's session stream", &got, 33, SESSION_BYTES);
+    let sent = writer
+        .join()
+        .expect("writer")
+        .expect("the host's writes never fail");
+    let lines = expect_all(
+        &vm_a,
+        Duration::from_secs(300),
+        &[
+            want_result_with("duplex-client", "port", &SESSION_HOST_PORT.to_string()),
+            want_result_with("duplex-client", "port", &SESSION_SIBLING_PORT.to_string()),
+        ],
+    );
+    let (to_host, to_sibling) = (&lines[0], &lines[1]);
+    assert_guest_saw("a received the host's stream", to_host, "recv_", &sent.sum);
+    assert_guest_saw(
+        "a sent its host stream",
+        to_host,
+        "sent_",
+        &pattern_checksum(33, SESSION_BYTES),
+    );
+    let b_line = vm_b.expect_result("duplex-server", Duration::from_secs(300));
+    assert_guest_saw(
+        "b received a's session stream",
+        &b_line,
+        "recv_",
+        &pattern_checksum(34, SESSION_BYTES),
+    );
+    assert_guest_saw(
+        "a received b's stream",
+        to_sibling,
+        "recv_",
+        &pattern_checksum(44, SESSION_BYTES),
+    );
+    for line in [to_host, to_sibling] {
+        assert!(
+            line.u64("resumes") >= u64::from(REPLUG_ROUNDS),
+            "every blackout was resumed: {}",
+            line.raw
+        );
+    }
+    let counters = backend_counters(&backend, &["a"]);
+    let a_counters = &counters["a"];
+    assert!(
+        a_counters.get("sessions_resumed").copied().unwrap_or(0) >= 2 * u64::from(REPLUG_ROUNDS),
+        "{a_counters:?}"
+    );
+    assert_eq!(a_counters.get("sessions_expired"), Some(&0), "{a_counters:?}");
+    assert_eq!(a_counters.get("session_bad_proofs"), Some(&0), "{a_counters:?}");
+    blackouts.sort();
+    c.report(&format!(
+        "sessions: {REPLUG_ROUNDS} replugs under two 256 MiB duplex sessions (host, sibling); \
+         device_add -> bytes flowing again: min {}, median {}, max {}; guest: {} / {}",
+        report::ms(blackouts[0]),
+        report::ms(blackouts[blackouts.len() / 2]),
+        report::ms(blackouts[blackouts.len() - 1]),
+        to_host.str("blackout_ms"),
+        to_sibling.str("blackout_ms"),
+    ));
+    drop(qmp);
+    finish(&mut vm_a);
+    finish(&mut vm_b);
+}
+
 /// Makes the backend log its counters (SIGUSR1) and returns, per VM name, the numbers of the
 /// `counters vm=<name> ... stats=k=v k=v ...` line it logged in response.
 fn backend_counters(backend: &Backend, names: &[&str]) -> BTreeMap<String, BTreeMap<String, u64>> {
@@ -1893,4 +2073,5 @@ per_kernel!(
     g2g_namespaces_policy_listener,
     g2g_policy_reload,
     replug_same_chardev,
+    sessions_survive_replugs,
 );
