@@ -1820,7 +1820,20 @@ fn sessions_survive_replugs(c: Case) {
     let domains = [domain("a", 3), domain("b", 4)];
     let [a, b] = &domains;
     let config_path = c.log_dir.join("domsockd.toml");
-    std::fs::write(&config_path, config_toml(&domains, &[])).expect("write config");
+    let mut config = String::new();
+    for d in &domains {
+        config.push_str(&format!(
+            "[[vm]]\nguest-cid = {}\nsocket = {:?}\nuds-path = {:?}\nname = {:?}\n\
+             namespace = {:?}\ngroups = [\"pair\"]\n\n",
+            d.spec.cid,
+            d.spec.socket.display().to_string(),
+            d.spec.uds.display().to_string(),
+            d.name,
+            d.namespace,
+        ));
+    }
+    config.push_str("[policy]\nguest-to-host = \"allow\"\n");
+    std::fs::write(&config_path, config).expect("write config");
     let listener = host::listen_stream(&a.spec.uds, SESSION_HOST_PORT).expect("listen");
     let specs: Vec<VmSpec> = domains.iter().map(|d| d.spec.clone()).collect();
     let backend = Backend::spawn_config(&config_path, &[], &specs, &c.log_dir);
@@ -1844,6 +1857,7 @@ fn sessions_survive_replugs(c: Case) {
     let mut vm_b = c.boot(&cfg_b, &b.spec);
     let mut vm_a = c.boot(&cfg_a, &a.spec);
     vm_b.expect_ready(SESSION_SIBLING_PORT, STEP_TIMEOUT);
+    vm_a.expect_ready(GATE_PORT, STEP_TIMEOUT);
     release_gate_port(&a.spec, GATE_PORT);
     let mut qmp = vm_a.qmp(QMP_TIMEOUT).expect("QMP session");
 
@@ -1861,7 +1875,11 @@ fn sessions_survive_replugs(c: Case) {
     let wait_until = |what: &str, done: &dyn Fn() -> bool| {
         let deadline = Instant::now() + STEP_TIMEOUT;
         while !done() {
-            assert!(Instant::now() < deadline, "{what}: host received {}", now_at());
+            assert!(
+                Instant::now() < deadline,
+                "{what}: host received {}",
+                now_at()
+            );
             thread::sleep(Duration::from_millis(1));
         }
     };
@@ -1902,8 +1920,12 @@ fn sessions_survive_replugs(c: Case) {
         &vm_a,
         Duration::from_secs(300),
         &[
-            want_result_with("duplex-client", "port", &SESSION_HOST_PORT.to_string()),
-            want_result_with("duplex-client", "port", &SESSION_SIBLING_PORT.to_string()),
+            want_result_with("duplex-client", "peer", &format!("2:{SESSION_HOST_PORT}")),
+            want_result_with(
+                "duplex-client",
+                "peer",
+                &format!("{}:{SESSION_SIBLING_PORT}", b.spec.cid),
+            ),
         ],
     );
     let (to_host, to_sibling) = (&lines[0], &lines[1]);
@@ -1940,8 +1962,16 @@ fn sessions_survive_replugs(c: Case) {
         a_counters.get("sessions_resumed").copied().unwrap_or(0) >= 2 * u64::from(REPLUG_ROUNDS),
         "{a_counters:?}"
     );
-    assert_eq!(a_counters.get("sessions_expired"), Some(&0), "{a_counters:?}");
-    assert_eq!(a_counters.get("session_bad_proofs"), Some(&0), "{a_counters:?}");
+    assert_eq!(
+        a_counters.get("sessions_expired"),
+        Some(&0),
+        "{a_counters:?}"
+    );
+    assert_eq!(
+        a_counters.get("session_bad_proofs"),
+        Some(&0),
+        "{a_counters:?}"
+    );
     blackouts.sort();
     c.report(&format!(
         "sessions: {REPLUG_ROUNDS} replugs under two 256 MiB duplex sessions (host, sibling); \
