@@ -1,5 +1,5 @@
 //! The fuzz targets' corpus and regression inputs of this crate (`snapshot`,
-//! `session_wire`), run on stable Rust through the bodies the cargo-fuzz
+//! `session_wire`, `session_machine`), run on stable Rust through the bodies the cargo-fuzz
 //! targets call (see the README's "Fuzzing" section).
 
 use domsock_proto::fuzzing::corpus;
@@ -18,4 +18,12 @@ fn snapshot_corpus() {
 #[test]
 fn session_wire_corpus() {
     run("session_wire", domsock_migration::fuzzing::session_wire);
+}
+
+#[test]
+fn session_machine_corpus() {
+    run(
+        "session_machine",
+        domsock_migration::fuzzing::session_machine,
+    );
 }

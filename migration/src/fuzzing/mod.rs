@@ -5,8 +5,10 @@
 //! are one-line calls of these functions, and `tests/fuzz_corpus.rs` runs every stored
 //! corpus and regression input through the same functions on stable Rust.
 
+mod session_machine;
 mod session_wire;
 mod snapshot;
 
+pub use session_machine::session_machine;
 pub use session_wire::session_wire;
 pub use snapshot::snapshot;
