@@ -71,6 +71,28 @@ fn size(b: u8) -> u32 {
     }
 }
 
+/// The events, by op code: the app writes up to `arg + 1` bytes; the host process writes
+/// `arg + 1` bytes; the daemon sends (or, parked, reads) up to `arg + 1` bytes; the
+/// transport delivers `arg % 4 + 1` packets toward the daemon or the guest; the host or the
+/// library reads up to `arg + 1` bytes; a credit update from the guest or the daemon; a
+/// stale header again at the daemon or the guest; the device goes; the library resumes;
+/// a forged RESUME of kind `arg % 8`.
+const APP_WRITE: u8 = 0;
+const HOST_WRITE: u8 = 1;
+const DAEMON_SEND: u8 = 2;
+const TO_DAEMON: u8 = 3;
+const TO_GUEST: u8 = 4;
+const HOST_READ: u8 = 5;
+const GUEST_READ: u8 = 6;
+const GUEST_CREDIT: u8 = 7;
+const DAEMON_CREDIT: u8 = 8;
+const STALE_AT_DAEMON: u8 = 9;
+const STALE_AT_GUEST: u8 = 10;
+const DEVICE_LOSS: u8 = 11;
+const RESUME: u8 = 12;
+const FORGE: u8 = 13;
+const OPS: u8 = 14;
+
 #[derive(Debug, Clone, Copy)]
 struct Config {
     /// The daemon's `buf_alloc` (the window OPENED announces).
@@ -975,26 +997,27 @@ impl Model {
         );
     }
 
-    /// One event: two bytes of the input.
+    /// One event: two bytes of the input, the op (its value modulo [`OPS`]) and its
+    /// argument.
     fn step(&mut self, op: u8, arg: u8) -> ControlFlow<()> {
         let n = 1 + usize::from(arg);
-        match op % 14 {
-            0 => self.guest_write(n, true),
-            1 => {
+        match op % OPS {
+            APP_WRITE => self.guest_write(n, true),
+            HOST_WRITE => {
                 self.daemon.host_written = (self.daemon.host_written + n as u64).min(MAX_APP_BYTES)
             }
-            2 => self.daemon_send(n),
-            3 => self.deliver_to_daemon(1 + usize::from(arg % 4)),
-            4 => self.deliver_to_guest(1 + usize::from(arg % 4)),
-            5 => self.daemon_flush(n),
-            6 => self.guest_read(n),
-            7 => self.guest_credit(),
-            8 => self.daemon_credit(),
-            9 => self.stale_to_daemon(arg),
-            10 => self.stale_to_guest(arg),
-            11 => return self.device_loss(),
-            12 => self.resume(arg),
-            _ => self.forge(arg),
+            DAEMON_SEND => self.daemon_send(n),
+            TO_DAEMON => self.deliver_to_daemon(1 + usize::from(arg % 4)),
+            TO_GUEST => self.deliver_to_guest(1 + usize::from(arg % 4)),
+            HOST_READ => self.daemon_flush(n),
+            GUEST_READ => self.guest_read(n),
+            GUEST_CREDIT => self.guest_credit(),
+            DAEMON_CREDIT => self.daemon_credit(),
+            STALE_AT_DAEMON => self.stale_to_daemon(arg),
+            STALE_AT_GUEST => self.stale_to_guest(arg),
+            DEVICE_LOSS => return self.device_loss(),
+            RESUME => self.resume(arg),
+            FORGE..=u8::MAX => self.forge(arg),
         }
         ControlFlow::Continue(())
     }
@@ -1214,4 +1237,105 @@ pub fn session_machine(data: &[u8]) {
         }
     }
     m.drain();
+}
+
+#[cfg(test)]
+mod tests {
+    //! Scenarios the fuzzer reaches but does not keep (they add no coverage), each guarding
+    //! one protocol rule: break the rule in the model and its test fails.
+    use super::*;
+
+    /// The OPEN handshake, all the way to the library reading OPENED.
+    const OPENED: [(u8, u8); 5] = [
+        (APP_WRITE, 255),
+        (TO_DAEMON, 3),
+        (DAEMON_SEND, 255),
+        (TO_GUEST, 3),
+        (GUEST_READ, 255),
+    ];
+    /// A resume whose RESUME the daemon processes, RESUMED not sent.
+    const RESUME_PROCESSED: [(u8, u8); 4] = [
+        (DEVICE_LOSS, 0),
+        (RESUME, 0),
+        (APP_WRITE, 255),
+        (TO_DAEMON, 3),
+    ];
+    /// Windows, replay bound and guest buffer of 256 bytes; counters from 0.
+    const CONFIG: [u8; 4] = [7, 7, 7, 0];
+
+    fn run(config: [u8; 4], events: &[&[(u8, u8)]]) {
+        let mut input = config.to_vec();
+        for &(op, arg) in events.iter().copied().flatten() {
+            input.extend([op, arg]);
+        }
+        session_machine(&input);
+    }
+
+    #[test]
+    fn an_outbox_carried_into_a_resume_shrinks_the_window() {
+        // 256 bytes wait in the outbox across the loss; the guest may send only what is
+        // left of the window until they reach the host.
+        run(
+            CONFIG,
+            &[
+                &OPENED,
+                &[(APP_WRITE, 255), (TO_DAEMON, 3)],
+                &RESUME_PROCESSED,
+                &[(DAEMON_SEND, 255), (TO_GUEST, 3), (GUEST_READ, 255)],
+                &[(APP_WRITE, 255), (TO_DAEMON, 3)],
+            ],
+        );
+    }
+
+    #[test]
+    fn a_partly_read_resumed_keeps_the_previous_nonce() {
+        // The library read 20 of RESUMED's 40 bytes and said so; it still holds the old
+        // nonce, and the next resume must be accepted with it.
+        run(
+            CONFIG,
+            &[
+                &OPENED,
+                &RESUME_PROCESSED,
+                &[(DAEMON_SEND, 255), (TO_GUEST, 3), (GUEST_READ, 19)],
+                &[(GUEST_CREDIT, 0), (TO_DAEMON, 3), (DEVICE_LOSS, 0)],
+            ],
+        );
+    }
+
+    #[test]
+    fn the_owner_resumes_after_missing_two_resumed_frames() {
+        // The fuzzer's finding against domsockd's nonce rotation (the same input is in
+        // fuzz/regressions/session_machine/).
+        run(
+            CONFIG,
+            &[
+                &OPENED,
+                &RESUME_PROCESSED,
+                &RESUME_PROCESSED,
+                &[(DEVICE_LOSS, 0)],
+            ],
+        );
+    }
+
+    #[test]
+    fn forgeries_of_every_kind_are_refused_parked_and_live() {
+        let forged: Vec<(u8, u8)> = (0..=255).map(|a| (FORGE, a)).collect();
+        run(
+            [7, 7, 7, 1],
+            &[
+                &forged,
+                &OPENED,
+                &[(HOST_WRITE, 99), (DAEMON_SEND, 50)],
+                &forged,
+                &[(DEVICE_LOSS, 0)],
+                &forged,
+                &RESUME_PROCESSED,
+                &RESUME_PROCESSED,
+                &forged,
+                &[(DAEMON_SEND, 255), (TO_GUEST, 3), (GUEST_READ, 255)],
+                &[(GUEST_CREDIT, 0), (TO_DAEMON, 3)],
+                &forged,
+            ],
+        );
+    }
 }
