@@ -1,11 +1,29 @@
-//! The snapshot fuzz target's corpus and regression inputs, run on stable Rust through the
-//! body the cargo-fuzz target calls (see the README's "Fuzzing" section).
+//! The fuzz targets' corpus and regression inputs of this crate (`snapshot`,
+//! `session_wire`, `session_machine`), run on stable Rust through the bodies the cargo-fuzz
+//! targets call (see the README's "Fuzzing" section).
 
 use domsock_proto::fuzzing::corpus;
 
+fn run(target: &str, body: fn(&[u8])) {
+    let dir = corpus::fuzz_dir(env!("CARGO_MANIFEST_DIR"));
+    let n = corpus::run(&dir, target, body);
+    eprintln!("{target}: {n} inputs");
+}
+
 #[test]
 fn snapshot_corpus() {
-    let dir = corpus::fuzz_dir(env!("CARGO_MANIFEST_DIR"));
-    let n = corpus::run(&dir, "snapshot", domsock_migration::fuzzing::snapshot);
-    eprintln!("snapshot: {n} inputs");
+    run("snapshot", domsock_migration::fuzzing::snapshot);
+}
+
+#[test]
+fn session_wire_corpus() {
+    run("session_wire", domsock_migration::fuzzing::session_wire);
+}
+
+#[test]
+fn session_machine_corpus() {
+    run(
+        "session_machine",
+        domsock_migration::fuzzing::session_machine,
+    );
 }

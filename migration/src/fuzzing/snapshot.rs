@@ -1,5 +1,4 @@
-//! Body of the snapshot codec fuzz target (feature `fuzzing`; not part of the API). The
-//! cargo-fuzz target in `fuzz/` and `tests/fuzz_corpus.rs` both call [`snapshot`].
+//! Body of the snapshot codec fuzz target.
 
 use crate::{ConnSnapshot, SnapshotError, ENCODED_LEN, VERSION};
 use arbitrary::{Arbitrary, Unstructured};
