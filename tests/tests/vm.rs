@@ -1987,6 +1987,68 @@ fn sessions_survive_replugs(c: Case) {
     finish(&mut vm_b);
 }
 
+/// The park timeout `session_park_timeout_expires` gives domsockd.
+const SHORT_PARK_MS: u64 = 3_000;
+
+/// A session whose device stays away longer than the park timeout: the host end is closed
+/// (the host process reads EOF, nothing after what it had), the guest program fails with
+/// ETIMEDOUT, and domsockd counts it in `sessions_expired`.
+fn session_park_timeout_expires(c: Case) {
+    let spec = c.spec(3);
+    let listener = host::listen_stream(&spec.uds, 5500).expect("listen");
+    let backend = Backend::spawn_binary_args(
+        &artifacts::backend_binary(),
+        &[
+            "--session-park-timeout-ms".to_owned(),
+            SHORT_PARK_MS.to_string(),
+        ],
+        std::slice::from_ref(&spec),
+        &c.log_dir,
+    );
+    let cfg = c.vm("guest", &spec).cmd(&format!(
+        "xfail send --session --cid {HOST_CID} --port 5500 --bytes {} --chunk {CHUNK_BYTES} \
+         --seed 51 --timeout-ms {LONG_GUEST_TIMEOUT_MS}",
+        1u64 << 40
+    ));
+    let mut vm = c.boot(&cfg, &spec);
+    let mut qmp = vm.qmp(QMP_TIMEOUT).expect("QMP session");
+    let conn = host::accept(&listener, STEP_TIMEOUT, IDLE_TIMEOUT).expect("the session");
+    let (reached_tx, reached) = mpsc::channel();
+    let reader = thread::spawn(move || read_until_cut(conn, 8 << 20, reached_tx));
+    reached
+        .recv_timeout(STEP_TIMEOUT)
+        .expect("8 MiB before the unplug");
+    // domsockd parks the session when it sees the rings stop, after device_del was sent.
+    let unplugged = Instant::now();
+    qmp.unplug(vm::VSOCK_DEVICE_ID, QMP_TIMEOUT)
+        .expect("device_del");
+    let (got, end) = reader.join().expect("reader");
+    let closed_after = unplugged.elapsed();
+    assert_eq!(end, None, "the host end of an expired session reads EOF");
+    assert!(
+        closed_after >= Duration::from_millis(SHORT_PARK_MS),
+        "closed after {closed_after:?}, before the park timeout"
+    );
+    assert_pattern("host received before the expiry", &got, 51, got.bytes());
+    qmp.plug(vm::vsock_device_args(), QMP_TIMEOUT)
+        .expect("device_add");
+    let err = vm.wait("the guest's ETIMEDOUT", STEP_TIMEOUT, |l| {
+        l.is("DS-ERROR", Some("send"))
+    });
+    assert!(err.str("msg").contains("ETIMEDOUT"), "{}", err.raw);
+    let counters = backend_counters(&backend, &["vm3"]);
+    assert_eq!(counters["vm3"].get("sessions_expired"), Some(&1), "{:?}", counters["vm3"]);
+    c.report(&format!(
+        "session park timeout {SHORT_PARK_MS} ms: host end closed {} after device_del \
+         ({:.1} MiB arrived); guest: {}",
+        report::ms(closed_after),
+        got.bytes() as f64 / MIB,
+        err.str("msg")
+    ));
+    drop(qmp);
+    finish(&mut vm);
+}
+
 /// Makes the backend log its counters (SIGUSR1) and returns, per VM name, the numbers of the
 /// `counters vm=<name> ... stats=k=v k=v ...` line it logged in response.
 fn backend_counters(backend: &Backend, names: &[&str]) -> BTreeMap<String, BTreeMap<String, u64>> {
@@ -2104,4 +2166,5 @@ per_kernel!(
     g2g_policy_reload,
     replug_same_chardev,
     sessions_survive_replugs,
+    session_park_timeout_expires,
 );

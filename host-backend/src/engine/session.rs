@@ -949,7 +949,12 @@ impl DataPlane {
         info!(vm = %self.shared.name, session = %id, replay, carried, guest_received = claim.received, "session resumed");
         VmStats::inc(&self.shared.stats.sessions_resumed);
         VmStats::add(&self.shared.stats.session_replayed_bytes, replay as u64);
-        if carried > 0 {
+        // While bytes of the old connection still wait for the host, a stream session
+        // advertises less, so what domsockd holds stays within the window. A seqpacket
+        // session cannot: a guest refuses to send a message larger than the advertised
+        // buffer (EMSGSIZE), so there the carried messages are held on top of the window
+        // (one window more per blackout in which the host reads nothing).
+        if carried > 0 && hc.socket_type == SocketType::Stream {
             let window = self.endpoint.config().buf_alloc_bytes;
             self.endpoint
                 .set_buf_alloc(&key, window.saturating_sub(carried as u32));

@@ -366,13 +366,14 @@ impl DataPlane {
         let Some(hc) = self.conns.get_mut(&key) else {
             return;
         };
+        let hc_type = hc.socket_type;
         let before = hc.outbox_len();
         let result = hc.write_outbox();
         let (consumed, still_carried) = hc.split_flushed(before - hc.outbox_len());
         if consumed > 0 {
             self.endpoint.consumed(&key, consumed as u32);
         }
-        if let Some(carried) = still_carried {
+        if let (Some(carried), SocketType::Stream) = (still_carried, hc_type) {
             // Bytes of an earlier connection reached the host: the window opens again.
             let window = self.endpoint.config().buf_alloc_bytes;
             self.endpoint
