@@ -418,6 +418,9 @@ fn register_again(
     let started = Instant::now();
     let mut backoff = Backoff::new(&opts.session);
     loop {
+        if lock(&keeper.state).stopping {
+            return false;
+        }
         let stash = |t: &Arc<dyn Transport>| lock(&keeper.state).pending = Some(Arc::clone(t));
         let outcome = register(dialer, port, &opts.session, opts.keepalive_check, &stash);
         let mut st = lock(&keeper.state);
