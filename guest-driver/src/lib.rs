@@ -4,8 +4,9 @@
 //! ([`vsock`], the only module with `unsafe`) and the deterministic test byte stream with its
 //! checksum ([`pattern`]), which host-side tests use too so both ends agree on every byte.
 //! [`control`] is the client of domsockd's control service (name resolution over AF_VSOCK);
-//! [`session`] opens resumable sessions through its session port, byte streams that survive
-//! the vsock device being unplugged and plugged back.
+//! [`session`] opens resumable sessions through its session port, connections that survive
+//! the vsock device being unplugged and plugged back: byte streams the guest opens or
+//! accepts (a registered listener), and seqpacket sessions.
 //! The `domsock` binary (src/main.rs) is the guest test program built on them.
 //!
 //! And a guest without a VM: [`uvirtio`] is a user-space virtio-vsock driver that speaks

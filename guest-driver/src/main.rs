@@ -10,13 +10,17 @@
 //! through domsockd's control service ([`domsock_guest::control`]) in the guest's namespace,
 //! and the result line then carries `peer_name=` and `resolve_ms=` too.
 //!
-//! `--session` (on `send`, `halfclose-client`, `recv`, `duplex-client` and `rr`) opens the
-//! connection as a resumable session through domsockd's session port
+//! `--session` makes the connection a resumable session through domsockd's session port
 //! ([`domsock_guest::session`]) instead of a raw vsock connection, so it survives the device
 //! being unplugged and plugged back; the result line then also carries `session=1
-//! resumes=<n> blackout_ms=<total> retransmitted_bytes=<n>`. `recv --session` connects out
-//! (sessions are opened by the guest): to PEER, the host by default, and reads to EOF
-//! before replying.
+//! resumes=<n> blackout_ms=<total> retransmitted_bytes=<n>` (and `retransmitted_msgs=<n>`
+//! on seqpacket). On the client commands (`send`, `halfclose-client`, `duplex-client`, `rr`,
+//! `seq-echo-client`, and `recv` given a PEER) the guest opens the session. On the server
+//! commands (`recv`, `echo-server`, `duplex-server`) the listener registers its port with
+//! the daemon, so host connections arrive as sessions; one that arrives without the
+//! daemon's OFFERED (the registration was lost) is served raw and its result line says
+//! `session=0`. `DS-READY` then carries `session=1`. Seqpacket servers take no
+//! `--session`: domsockd offers sessions on stream ports only.
 //!
 //! Never run the vsock subcommands on a host: they open AF_VSOCK sockets.
 #![forbid(unsafe_code)]
@@ -30,8 +34,11 @@ use std::time::{Duration, Instant};
 
 use domsock_guest::control::{self, ControlClient, ControlError};
 use domsock_guest::pattern::{Checksum, PatternStream};
-use domsock_guest::session::{SessionOptions, SessionStream};
-use domsock_guest::vsock::{self, SockType, VsockAddr, VsockSocket, VMADDR_CID_HOST};
+use domsock_guest::session::{
+    Accepted, ListenerOptions, RawStream, SessionListener, SessionOptions, SessionSeqPacket,
+    SessionStats, SessionStream,
+};
+use domsock_guest::vsock::{self, SockType, VsockAddr, VsockSocket};
 use domsock_proto::control::valid_name;
 
 const USAGE: &str = "\
@@ -41,12 +48,14 @@ usage: domsock <command> [--option value]...
                        [--session | --connect-retry-ms 0]
   halfclose-client     PEER --port P [--bytes 1M] [--chunk 64K] [--seed 1] [--session]
   recv                 --port P [--reply-bytes 0] [--reply-seed 2] [--conns 1] [--chunk 64K]
-  recv --session       [PEER] --port P [...as recv]  (connects to PEER, the host by default)
-  seq-echo-client      PEER --port P --sizes 1,2,4K,64K [--seed 1] [--rounds 1]
+                       [--session]  (host connections arrive as sessions)
+  recv --session       PEER --port P [...as recv]  (the guest opens the sessions, to PEER)
+  seq-echo-client      PEER --port P --sizes 1,2,4K,64K [--seed 1] [--rounds 1] [--session]
   seq-echo-server      --port P [--conns 1]
-  echo-server          --port P [--conns 1]
+  echo-server          --port P [--conns 1] [--session]
   duplex-client        PEER --port P --bytes N [--chunk 1M] [--seed <own CID>] [--session]
   duplex-server        --port P --bytes N [--chunk 1M] [--seed <own CID>] [--conns 1]
+                       [--session]
   connect-expect-fail  PEER --port P [--max-ms 1000] [--type stream|seqpacket]
                        [--errno ECONNRESET,ECONNREFUSED]
   rr                   PEER --port P [--count 1000] [--size 64] [--session]
@@ -56,6 +65,7 @@ usage: domsock <command> [--option value]...
   list
 PEER: --cid C, or --peer CID|NAME (a name is resolved through the control service)
 --session: a resumable session through domsockd's session port instead of a raw connection
+           (servers: the port is registered, host connections are offered as sessions)
 --connect-retry-ms T: retry a raw connect that fails with ENODEV (no vsock device, e.g. while
   it is unplugged) for up to T ms
 common: --timeout-ms 30000 (connect and idle timeout of every blocking call)";
@@ -192,13 +202,9 @@ impl Opts {
         self.map.remove(name).is_some()
     }
 
-    /// The peer, or the host when neither `--cid` nor `--peer` is given.
-    fn peer_or_host(&mut self) -> Result<PeerArg, Failure> {
-        if self.map.contains_key("cid") || self.map.contains_key("peer") {
-            self.peer()
-        } else {
-            Ok(PeerArg::Cid(VMADDR_CID_HOST))
-        }
+    /// Whether `--cid` or `--peer` was given.
+    fn has_peer(&self) -> bool {
+        self.map.contains_key("cid") || self.map.contains_key("peer")
     }
 
     /// The peer: `--cid N` or `--peer CID|NAME`.
@@ -386,12 +392,49 @@ impl ByteStream for SessionStream {
     }
 }
 
-/// A client command's connection: raw, or a session with `--session`.
+impl ByteStream for RawStream {
+    fn send_all(&self, buf: &[u8]) -> io::Result<()> {
+        RawStream::send_all(self, buf)
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        RawStream::recv(self, buf)
+    }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+/// A stream command's connection: raw, or a session with `--session`.
 #[derive(Debug)]
 enum Stream {
     Raw(VsockSocket),
     // Boxed: a session is ~500 bytes of state next to a raw socket's fd.
     Session(Box<SessionStream>),
+    /// A session listener's connection that came without OFFERED.
+    Unoffered(RawStream),
+}
+
+/// The options of a command's sessions: every blocking step bounded by `timeout`.
+fn session_options(timeout: Duration) -> SessionOptions {
+    SessionOptions {
+        connect_timeout: timeout,
+        handshake_timeout: timeout,
+        read_timeout: Some(timeout),
+        write_timeout: Some(timeout),
+        ..SessionOptions::default()
+    }
+}
+
+/// ` session=1 resumes=.. blackout_ms=.. retransmitted_bytes=..`.
+fn session_fields(st: &SessionStats) -> String {
+    format!(
+        " session=1 resumes={} blackout_ms={:.1} retransmitted_bytes={}",
+        st.resumes,
+        millis(st.blackout),
+        st.retransmitted_bytes
+    )
 }
 
 impl Stream {
@@ -400,14 +443,7 @@ impl Stream {
         if !session {
             return connect(SockType::Stream, addr, timeout).map(Stream::Raw);
         }
-        let opts = SessionOptions {
-            connect_timeout: timeout,
-            handshake_timeout: timeout,
-            read_timeout: Some(timeout),
-            write_timeout: Some(timeout),
-            ..SessionOptions::default()
-        };
-        SessionStream::connect(addr.cid, addr.port, opts)
+        SessionStream::connect(addr.cid, addr.port, session_options(timeout))
             .map(|s| Stream::Session(Box::new(s)))
             .map_err(|e| Failure::io(&format!("session connect {addr}"), &e))
     }
@@ -416,23 +452,18 @@ impl Stream {
         match self {
             Stream::Raw(s) => s,
             Stream::Session(s) => &**s,
+            Stream::Unoffered(s) => s,
         }
     }
 
-    /// ` session=1 resumes=.. blackout_ms=.. retransmitted_bytes=..` for a session, else
-    /// nothing: raw result lines stay as they were.
+    /// ` session=1 resumes=.. blackout_ms=.. retransmitted_bytes=..` for a session,
+    /// ` session=0` for a session listener's raw connection, else nothing: raw result lines
+    /// stay as they were.
     fn fields(&self) -> String {
         match self {
             Stream::Raw(_) => String::new(),
-            Stream::Session(s) => {
-                let st = s.stats();
-                format!(
-                    " session=1 resumes={} blackout_ms={:.1} retransmitted_bytes={}",
-                    st.resumes,
-                    millis(st.blackout),
-                    st.retransmitted_bytes
-                )
-            }
+            Stream::Session(s) => session_fields(&s.stats()),
+            Stream::Unoffered(_) => " session=0".to_owned(),
         }
     }
 }
@@ -473,6 +504,54 @@ fn accept(listener: &VsockSocket, timeout: Duration) -> Result<(VsockSocket, Vso
     let (sock, peer) = listener.accept().map_err(|e| Failure::io("accept", &e))?;
     set_timeouts(&sock, timeout)?;
     Ok((sock, peer))
+}
+
+/// A server command's listening socket: raw, or registered with the daemon so that host
+/// connections arrive as sessions (`--session`).
+#[derive(Debug)]
+enum Listener {
+    Raw(VsockSocket),
+    Session(Box<SessionListener>),
+}
+
+impl Listener {
+    /// Listens on `port`, registered for sessions if `session` (stream ports only).
+    fn bind(session: bool, ty: SockType, port: u32, timeout: Duration) -> Result<Self, Failure> {
+        if !session {
+            return listen(ty, port, timeout).map(Listener::Raw);
+        }
+        if ty != SockType::Stream {
+            return Err(Failure(
+                "--session: domsockd offers sessions on stream ports only (it refuses a \
+                 seqpacket LISTEN)"
+                    .into(),
+            ));
+        }
+        let opts = ListenerOptions {
+            session: session_options(timeout),
+            accept_timeout: Some(timeout),
+            ..ListenerOptions::default()
+        };
+        let listener = SessionListener::bind(port, opts)
+            .map_err(|e| Failure::io(&format!("session listener on port {port}"), &e))?;
+        println!("DS-READY port={port} type=stream session=1");
+        Ok(Listener::Session(Box::new(listener)))
+    }
+
+    /// The next connection: raw, a session, or a session listener's unoffered one.
+    fn accept(&self, timeout: Duration) -> Result<(Stream, VsockAddr), Failure> {
+        match self {
+            Listener::Raw(l) => accept(l, timeout).map(|(s, peer)| (Stream::Raw(s), peer)),
+            Listener::Session(l) => {
+                let (accepted, peer) = l.accept().map_err(|e| Failure::io("accept", &e))?;
+                let stream = match accepted {
+                    Accepted::Session(s) => Stream::Session(s),
+                    Accepted::Raw(r) => Stream::Unoffered(r),
+                };
+                Ok((stream, peer))
+            }
+        }
+    }
 }
 
 /// Writes `len` bytes of the stream for `seed` in `chunk`-byte sends.
@@ -645,24 +724,31 @@ fn cmd_recv(mut o: Opts, timeout: Duration) -> CmdResult {
     let reply_seed = o.size_or("reply-seed", 2)?;
     let conns = o.size_or("conns", 1)?;
     let chunk = o.usize_or("chunk", 64 << 10)?;
-    if o.flag("session") {
-        let peer = o.peer_or_host()?;
+    let session = o.flag("session");
+    if session && o.has_peer() {
+        let peer = o.peer()?;
         o.finish()?;
         let peer = peer.resolve(port, timeout)?;
         return recv_sessions(&peer, conns, reply_seed, reply_bytes, chunk, timeout);
     }
     o.finish()?;
 
-    let listener = listen(SockType::Stream, port, timeout)?;
+    let listener = Listener::bind(session, SockType::Stream, port, timeout)?;
     for conn in 0..conns {
-        let (sock, peer) = accept(&listener, timeout)?;
+        let (sock, peer) = listener.accept(timeout)?;
         let start = Instant::now();
         let (got, _) = recv_to_eof(&sock, false)?;
         let recv_time = start.elapsed();
         let reply = send_pattern(&sock, reply_seed, reply_bytes, chunk)?;
+        if session {
+            // Half-closed, so the host reads EOF now; counted before the fields are read.
+            sock.shutdown_write()
+                .map_err(|e| Failure::io(&format!("shutdown(SHUT_WR){}", sock.explain()), &e))?;
+        }
+        let session_fields = sock.fields();
         drop(sock);
         println!(
-            "DS-RESULT cmd=recv port={port} conn={conn} peer={peer} bytes={} xxh3={} ms={:.1} mbps={:.1} reply_bytes={} reply_xxh3={}",
+            "DS-RESULT cmd=recv port={port} conn={conn} peer={peer} bytes={} xxh3={} ms={:.1} mbps={:.1} reply_bytes={} reply_xxh3={}{session_fields}",
             got.bytes(),
             got.hex(),
             millis(recv_time),
@@ -733,11 +819,12 @@ fn cmd_seq_echo_client(mut o: Opts, timeout: Duration) -> CmdResult {
     )?;
     let seed = o.size_or("seed", 1)?;
     let rounds = o.size_or("rounds", 1)?;
+    let session = o.flag("session");
     o.finish()?;
     let peer = peer.resolve(port, timeout)?;
 
     let start = Instant::now();
-    let sock = connect(SockType::SeqPacket, peer.addr, timeout)?;
+    let sock = SeqConn::connect(session, peer.addr, timeout)?;
     let mut gen = PatternStream::new(seed);
     let mut buf = vec![0u8; SEQ_RECV_BUF_BYTES];
     let mut sent = Checksum::new();
@@ -745,9 +832,12 @@ fn cmd_seq_echo_client(mut o: Opts, timeout: Duration) -> CmdResult {
     for round in 0..rounds {
         for (i, &size) in sizes.iter().enumerate() {
             let msg = gen.take(size);
-            let n = sock.send(&msg).map_err(|e| {
+            let n = sock.send_msg(&msg).map_err(|e| {
                 Failure::io(
-                    &format!("send message {i} ({size} bytes) round {round}"),
+                    &format!(
+                        "send message {i} ({size} bytes) round {round}{}",
+                        sock.explain()
+                    ),
                     &e,
                 )
             })?;
@@ -756,7 +846,10 @@ fn cmd_seq_echo_client(mut o: Opts, timeout: Duration) -> CmdResult {
             }
             sent.update(&msg);
             let (got, truncated) = sock.recv_msg(&mut buf).map_err(|e| {
-                Failure::io(&format!("recv echo of message {i} ({size} bytes)"), &e)
+                Failure::io(
+                    &format!("recv echo of message {i} ({size} bytes){}", sock.explain()),
+                    &e,
+                )
             })?;
             if truncated || got != size {
                 return Err(Failure(format!(
@@ -772,41 +865,106 @@ fn cmd_seq_echo_client(mut o: Opts, timeout: Duration) -> CmdResult {
             count += 1;
         }
     }
-    sock.shutdown(Shutdown::Write)
-        .map_err(|e| Failure::io("shutdown(SHUT_WR)", &e))?;
+    sock.shutdown_write()
+        .map_err(|e| Failure::io(&format!("shutdown(SHUT_WR){}", sock.explain()), &e))?;
     let (tail, _) = sock
         .recv_msg(&mut buf)
-        .map_err(|e| Failure::io("recv EOF", &e))?;
+        .map_err(|e| Failure::io(&format!("recv EOF{}", sock.explain()), &e))?;
     if tail != 0 {
         return Err(Failure(format!(
             "unexpected {tail}-byte message after the last echo"
         )));
     }
     println!(
-        "DS-RESULT cmd=seq-echo-client {} count={count} ok={count} bytes={} xxh3={} ms={:.1}",
+        "DS-RESULT cmd=seq-echo-client {} count={count} ok={count} bytes={} xxh3={} ms={:.1}{}",
         peer.fields(),
         sent.bytes(),
         sent.hex(),
-        millis(start.elapsed())
+        millis(start.elapsed()),
+        sock.fields(),
     );
     Ok(())
+}
+
+/// A seqpacket client's connection: raw, or a seqpacket session with `--session`.
+#[derive(Debug)]
+enum SeqConn {
+    Raw(VsockSocket),
+    Session(Box<SessionSeqPacket>),
+}
+
+impl SeqConn {
+    fn connect(session: bool, addr: VsockAddr, timeout: Duration) -> Result<Self, Failure> {
+        if !session {
+            return connect(SockType::SeqPacket, addr, timeout).map(SeqConn::Raw);
+        }
+        SessionSeqPacket::connect(addr.cid, addr.port, session_options(timeout))
+            .map(|s| SeqConn::Session(Box::new(s)))
+            .map_err(|e| Failure::io(&format!("seqpacket session connect {addr}"), &e))
+    }
+
+    fn send_msg(&self, msg: &[u8]) -> io::Result<usize> {
+        match self {
+            SeqConn::Raw(s) => s.send(msg),
+            SeqConn::Session(s) => s.send_msg(msg),
+        }
+    }
+
+    fn recv_msg(&self, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+        match self {
+            SeqConn::Raw(s) => s.recv_msg(buf),
+            SeqConn::Session(s) => s.recv_msg(buf),
+        }
+    }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            SeqConn::Raw(s) => s.shutdown(Shutdown::Write),
+            SeqConn::Session(s) => s.shutdown(Shutdown::Write),
+        }
+    }
+
+    fn explain(&self) -> String {
+        match self {
+            SeqConn::Raw(_) => String::new(),
+            SeqConn::Session(s) => s
+                .failure()
+                .map_or_else(String::new, |e| format!(" (session: {e})")),
+        }
+    }
+
+    /// The session fields of the result line (messages retransmitted too), or nothing.
+    fn fields(&self) -> String {
+        match self {
+            SeqConn::Raw(_) => String::new(),
+            SeqConn::Session(s) => {
+                let st = s.stats();
+                format!(
+                    "{} retransmitted_msgs={}",
+                    session_fields(&st),
+                    st.retransmitted_messages
+                )
+            }
+        }
+    }
 }
 
 /// Echo server for `seq-echo-server` (messages) and `echo-server` (byte stream).
 fn cmd_echo_server(mut o: Opts, ty: SockType, name: &str, timeout: Duration) -> CmdResult {
     let port = o.u32_required("port")?;
     let conns = o.size_or("conns", 1)?;
+    let session = o.flag("session");
     o.finish()?;
-    let listener = listen(ty, port, timeout)?;
+    let listener = Listener::bind(session, ty, port, timeout)?;
     let mut buf = vec![0u8; SEQ_RECV_BUF_BYTES];
     for conn in 0..conns {
-        let (sock, peer) = accept(&listener, timeout)?;
+        let (sock, peer) = listener.accept(timeout)?;
         let mut sum = Checksum::new();
         let mut sizes = Vec::new();
         loop {
-            let n = match ty {
-                SockType::SeqPacket => {
-                    let (n, truncated) = sock
+            let n = match (ty, &sock) {
+                (SockType::SeqPacket, Stream::Raw(raw)) => {
+                    let (n, truncated) = raw
                         .recv_msg(&mut buf)
                         .map_err(|e| Failure::io("recv", &e))?;
                     if truncated {
@@ -816,18 +974,22 @@ fn cmd_echo_server(mut o: Opts, ty: SockType, name: &str, timeout: Duration) -> 
                     }
                     n
                 }
-                SockType::Stream => sock.recv(&mut buf).map_err(|e| Failure::io("recv", &e))?,
+                (SockType::SeqPacket, _) => unreachable!("seqpacket listeners are raw"),
+                (SockType::Stream, _) => sock
+                    .recv(&mut buf)
+                    .map_err(|e| Failure::io(&format!("recv{}", sock.explain()), &e))?,
             };
             if n == 0 {
                 break;
             }
             sock.send_all(&buf[..n])
-                .map_err(|e| Failure::io("send echo", &e))?;
+                .map_err(|e| Failure::io(&format!("send echo{}", sock.explain()), &e))?;
             sum.update(&buf[..n]);
             if sizes.len() < 64 {
                 sizes.push(n.to_string());
             }
         }
+        let session_fields = sock.fields();
         drop(sock);
         let sizes = if ty == SockType::SeqPacket {
             format!(" sizes={}", sizes.join(","))
@@ -835,7 +997,7 @@ fn cmd_echo_server(mut o: Opts, ty: SockType, name: &str, timeout: Duration) -> 
             String::new()
         };
         println!(
-            "DS-RESULT cmd={name} port={port} conn={conn} peer={peer} bytes={} xxh3={}{sizes}",
+            "DS-RESULT cmd={name} port={port} conn={conn} peer={peer} bytes={} xxh3={}{sizes}{session_fields}",
             sum.bytes(),
             sum.hex()
         );
@@ -1014,14 +1176,16 @@ fn cmd_duplex_server(mut o: Opts, timeout: Duration) -> CmdResult {
     let chunk = o.usize_or("chunk", DUPLEX_CHUNK_BYTES as usize)?;
     let seed = seed_or_own_cid(&mut o)?;
     let conns = o.size_or("conns", 1)?;
+    let session = o.flag("session");
     o.finish()?;
-    let listener = listen(SockType::Stream, port, timeout)?;
+    let listener = Listener::bind(session, SockType::Stream, port, timeout)?;
     for conn in 0..conns {
-        let (sock, peer) = accept(&listener, timeout)?;
+        let (sock, peer) = listener.accept(timeout)?;
         let d = duplex(&sock, seed, bytes, chunk)?;
+        let session_fields = sock.fields();
         drop(sock);
         println!(
-            "DS-RESULT cmd=duplex-server port={port} conn={conn} peer={peer} seed={seed} chunk={chunk} {}",
+            "DS-RESULT cmd=duplex-server port={port} conn={conn} peer={peer} seed={seed} chunk={chunk} {}{session_fields}",
             d.fields()
         );
     }
@@ -1310,6 +1474,7 @@ mod tests {
         o.finish().unwrap();
         let mut o = Opts::parse(&args(&["--port", "7"])).unwrap();
         assert!(!o.flag("session"));
-        assert_eq!(o.peer_or_host().unwrap(), PeerArg::Cid(VMADDR_CID_HOST));
+        assert!(!o.has_peer(), "recv --session without PEER listens");
+        assert!(Opts::parse(&args(&["--cid", "2"])).unwrap().has_peer());
     }
 }

@@ -1,10 +1,17 @@
-//! The guest end of a resumable session ([`domsock_migration::session`]): a blocking byte
-//! stream to a target that survives losing the vsock device.
+//! The guest end of resumable sessions ([`domsock_migration::session`]): blocking
+//! connections to a target that survive losing the vsock device.
 //!
-//! [`SessionStream::connect`] opens the session through domsockd's session port on the host
-//! CID; from then on the stream reads and writes like a socket. When the connection under
-//! it breaks (the device is unplugged for a migration, a driver reset), the read or write
-//! that notices reconnects, resumes the session and carries on, so the caller sees no error
+//! Three ways to get one, one resume machinery under all of them:
+//! - [`SessionStream::connect`] opens a byte-stream session through domsockd's session port
+//!   on the host CID;
+//! - [`SessionListener`] ([`listener`]) listens on a guest port and registers it with the
+//!   daemon, so that host connections to it arrive as sessions ([`SessionStream`]s too);
+//! - [`SessionSeqPacket`] ([`seqpacket`]) opens a seqpacket session, whose counts are
+//!   messages and whose messages keep their boundaries across a resume.
+//!
+//! From then on a session reads and writes like a socket. When the connection under it
+//! breaks (the device is unplugged for a migration, a driver reset), the read or write that
+//! notices reconnects, resumes the session and carries on, so the caller sees no error
 //! across the blackout, only a slower call.
 //!
 //! ```mermaid
@@ -39,7 +46,8 @@
 //! again. Pauses double from [`SessionOptions::backoff_min`] to
 //! [`SessionOptions::backoff_max`]; the whole resume, retransmission included, must finish
 //! within the park timeout the daemon gave in OPENED, else the session fails with
-//! `ETIMEDOUT`. Any other connect error ends the session with that errno.
+//! `ETIMEDOUT`. Any other connect error ends the session with that errno. A listener's
+//! registration is renewed by the same rules ([`listener`]).
 //!
 //! **Errors.** A failed session stays failed: every later read and write returns the same
 //! errno, and [`SessionStream::failure`] says why. Refusals map to errnos like this:
@@ -85,11 +93,18 @@
 //! - While resuming, a call blocks up to the park timeout whatever its read or write
 //!   timeout; `shutdown(Read)` does not wake a read blocked at that moment.
 //!
-//! What this module does not do: seqpacket sessions, non-blocking I/O, or reading a single
-//! byte more than the handshake frames (the daemon's data follows them at once). The OS part
-//! (vsock connect) sits behind [`Dialer`] and [`Transport`] so tests can run it over Unix
-//! sockets; [`VsockDialer`] must only run inside a guest.
+//! What this module does not do: non-blocking I/O, or reading a single byte more than the
+//! handshake frames (the daemon's data follows them at once). The OS part (vsock connect,
+//! listen, accept) sits behind [`Dialer`], [`Transport`] and [`listener::Acceptor`] so
+//! tests can run it over Unix sockets; [`VsockDialer`] and [`listener::VsockAcceptor`] must
+//! only run inside a guest.
 #![forbid(unsafe_code)]
+
+pub mod listener;
+pub mod seqpacket;
+
+pub use listener::{Accepted, ListenerOptions, RawStream, SessionListener};
+pub use seqpacket::SessionSeqPacket;
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -101,8 +116,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use domsock_migration::session::proof::ResumeClaim;
-use domsock_migration::session::replay::{ReplayBuffer, ReplayError};
-use domsock_migration::session::wire::{Closed, Frame, Refusal, WireError, PREAMBLE_LEN};
+use domsock_migration::session::replay::{MessageReplay, ReplayBuffer, ReplayError};
+use domsock_migration::session::wire::{
+    Closed, Frame, Refusal, WireError, MAX_FRAME_LEN, PREAMBLE_LEN,
+};
 use domsock_migration::session::{Nonce, Secret, SessionId, SESSION_PORT};
 use domsock_proto::{Cid, Port, SocketType};
 use thiserror::Error;
@@ -128,6 +145,9 @@ const MIN_SOCKET_TIMEOUT: Duration = Duration::from_millis(1);
 
 /// One connection to the session service, as a session needs it. `&self` methods: one
 /// thread reads while another writes, as on a socket.
+///
+/// On a message transport (seqpacket) `write` sends one message whole and
+/// [`Transport::recv_msg`] receives one.
 pub trait Transport: Send + Sync + fmt::Debug {
     /// Reads what is there (0 = the peer shut its write side).
     fn read(&self, buf: &mut [u8]) -> io::Result<usize>;
@@ -139,9 +159,17 @@ pub trait Transport: Send + Sync + fmt::Debug {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
     /// Bounds every blocking write (`None`: no bound); then `EAGAIN`.
     fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Receives one message: its length and whether it was longer than `buf` (the rest is
+    /// gone, as with `MSG_TRUNC`). `(0, false)` is the end of the stream. Byte streams do
+    /// not have messages: `EOPNOTSUPP`.
+    fn recv_msg(&self, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+        let _ = buf;
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
 }
 
-/// Opens connections to the session service: once for OPEN, again for every resume.
+/// Opens connections to the session service: once for OPEN (or LISTEN), again for every
+/// resume. A dialer knows the socket type it dials.
 pub trait Dialer: Send + fmt::Debug {
     /// One attempt, bounded by `timeout`.
     fn dial(&mut self, timeout: Duration) -> io::Result<Box<dyn Transport>>;
@@ -168,6 +196,13 @@ impl Transport for VsockSocket {
     fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         VsockSocket::set_write_timeout(self, timeout.unwrap_or(Duration::ZERO))
     }
+
+    fn recv_msg(&self, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+        match self.sock_type() {
+            SockType::SeqPacket => VsockSocket::recv_msg(self, buf),
+            SockType::Stream => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+        }
+    }
 }
 
 /// For tests and for daemons' own test clients: a session over a Unix socket.
@@ -193,24 +228,36 @@ impl Transport for UnixStream {
     }
 }
 
-/// The real dialer: an AF_VSOCK stream to the daemon's session port. Guests only.
+/// The real dialer: an AF_VSOCK connection to the daemon's session port. Guests only.
 #[derive(Debug, Clone, Copy)]
 pub struct VsockDialer {
     addr: VsockAddr,
+    ty: SockType,
 }
 
 impl VsockDialer {
-    /// The session service on the host CID.
+    /// The session service on the host CID, over a stream (stream sessions, listener
+    /// registrations).
     pub fn host() -> Self {
         Self {
             addr: VsockAddr::new(VMADDR_CID_HOST, SESSION_PORT.0),
+            ty: SockType::Stream,
+        }
+    }
+
+    /// The session service on the host CID, over a seqpacket connection (seqpacket
+    /// sessions).
+    pub fn host_seqpacket() -> Self {
+        Self {
+            ty: SockType::SeqPacket,
+            ..Self::host()
         }
     }
 }
 
 impl Dialer for VsockDialer {
     fn dial(&mut self, timeout: Duration) -> io::Result<Box<dyn Transport>> {
-        let sock = VsockSocket::connect(SockType::Stream, self.addr, timeout)?;
+        let sock = VsockSocket::connect(self.ty, self.addr, timeout)?;
         Ok(Box::new(sock))
     }
 }
@@ -249,7 +296,7 @@ impl Default for SessionOptions {
     }
 }
 
-/// What the stream went through, for result lines and logs.
+/// What the session went through, for result lines and logs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SessionStats {
     /// Successful resumes (RESUMED frames).
@@ -258,6 +305,8 @@ pub struct SessionStats {
     pub dials: u64,
     /// Bytes of ours sent a second time after resumes.
     pub retransmitted_bytes: u64,
+    /// Messages of ours sent a second time after resumes (seqpacket sessions).
+    pub retransmitted_messages: u64,
     /// From noticing each break until the retransmission after it was written, summed.
     pub blackout: Duration,
 }
@@ -268,7 +317,7 @@ pub enum SessionError {
     /// The daemon answered REFUSED.
     #[error("the daemon refused the {during}: {}{}", reason.name(), errno_suffix(*errno))]
     Refused {
-        /// `"open"` or `"resume"`.
+        /// `"open"`, `"accept"`, `"resume"` or `"listen"`.
         during: &'static str,
         /// Its reason.
         reason: Refusal,
@@ -380,6 +429,30 @@ fn is_retryable_dial(e: &io::Error) -> bool {
     )
 }
 
+/// The pauses between reconnect attempts: doubling from `backoff_min` to `backoff_max`.
+/// Shared by resumes and listener registrations, so both follow the same rules.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(opts: &SessionOptions) -> Self {
+        Self {
+            next: opts.backoff_min,
+            max: opts.backoff_max.max(opts.backoff_min),
+        }
+    }
+
+    /// The pause before the next attempt.
+    fn pause(&mut self) -> Duration {
+        let p = self.next;
+        self.next = (self.next * 2).min(self.max);
+        p
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing a panicking holder leaves half-done makes these states unsafe to read; the
     // panic itself reaches the caller through its own thread.
@@ -397,6 +470,24 @@ enum FrameError {
     Io(io::Error),
     /// The bytes are not a frame.
     Bad(String),
+}
+
+impl FrameError {
+    /// The errno for a caller of a first handshake (open, accept, listen): a timeout is
+    /// `ETIMEDOUT`, a connection that ends inside its answer `ECONNRESET`, bad bytes
+    /// `EPROTO`.
+    fn into_io(self, what: &str) -> io::Error {
+        match self {
+            FrameError::Io(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                io::Error::from_raw_os_error(libc::ETIMEDOUT)
+            }
+            FrameError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                io::Error::from_raw_os_error(libc::ECONNRESET)
+            }
+            FrameError::Io(e) => e,
+            FrameError::Bad(e) => SessionError::Protocol(format!("{what}: {e}")).to_io(),
+        }
+    }
 }
 
 fn read_exact(t: &dyn Transport, mut buf: &mut [u8]) -> io::Result<()> {
@@ -423,11 +514,27 @@ fn write_all(t: &dyn Transport, mut buf: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Sends one message whole (seqpacket): a send that takes less is not a message.
+fn write_message(t: &dyn Transport, msg: &[u8]) -> io::Result<()> {
+    match t.write(msg)? {
+        n if n == msg.len() => Ok(()),
+        n => Err(io::Error::other(format!(
+            "a seqpacket send took {n} of {} bytes",
+            msg.len()
+        ))),
+    }
+}
+
 /// Reads exactly one frame: the preamble, then the body length it names (checked against
 /// the kind by [`Frame::decode`] first), and not a byte more: the daemon's data follows.
 fn read_frame(t: &dyn Transport) -> Result<Frame, FrameError> {
-    let mut buf = [0u8; domsock_migration::session::wire::MAX_FRAME_LEN];
+    let mut buf = [0u8; MAX_FRAME_LEN];
     read_exact(t, &mut buf[..PREAMBLE_LEN]).map_err(FrameError::Io)?;
+    finish_frame(t, &mut buf)
+}
+
+/// [`read_frame`] once `buf` holds the preamble.
+fn finish_frame(t: &dyn Transport, buf: &mut [u8; MAX_FRAME_LEN]) -> Result<Frame, FrameError> {
     let bad = |e: WireError| FrameError::Bad(e.to_string());
     let body_len = match Frame::decode(&buf[..PREAMBLE_LEN]).map_err(bad)? {
         Some((frame, _)) => return Ok(frame),
@@ -444,6 +551,37 @@ fn read_frame(t: &dyn Transport) -> Result<Frame, FrameError> {
         _ => Err(FrameError::Bad(format!(
             "a frame of {total} bytes does not decode as one"
         ))),
+    }
+}
+
+/// Reads one frame that is one message (seqpacket): the message must be the frame, whole
+/// and nothing else.
+fn read_frame_message(t: &dyn Transport) -> Result<Frame, FrameError> {
+    let mut buf = [0u8; MAX_FRAME_LEN + 1];
+    let (n, truncated) = loop {
+        match t.recv_msg(&mut buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => break other.map_err(FrameError::Io)?,
+        }
+    };
+    if n == 0 && !truncated {
+        return Err(FrameError::Io(io::ErrorKind::UnexpectedEof.into()));
+    }
+    if truncated || n > MAX_FRAME_LEN {
+        return Err(FrameError::Bad(
+            "a handshake message longer than any frame".into(),
+        ));
+    }
+    match Frame::decode(&buf[..n]) {
+        Ok(Some((frame, used))) if used == n => Ok(frame),
+        Ok(Some((frame, used))) => Err(FrameError::Bad(format!(
+            "a {n}-byte message holds a {used}-byte {} and more",
+            frame.name()
+        ))),
+        Ok(None) => Err(FrameError::Bad(format!(
+            "a {n}-byte message holds part of a frame (a frame is one message)"
+        ))),
+        Err(e) => Err(FrameError::Bad(e.to_string())),
     }
 }
 
@@ -495,7 +633,8 @@ impl Conn {
 #[derive(Debug)]
 struct ReadSide {
     conn: Arc<Conn>,
-    /// The daemon's bytes handed to the caller, over the whole session.
+    /// The daemon's data handed to the caller over the whole session: bytes, or messages
+    /// on a seqpacket session.
     received: u64,
     /// The daemon shut its write side and we read up to it.
     eof: bool,
@@ -504,12 +643,30 @@ struct ReadSide {
     failed: Option<SessionError>,
 }
 
+/// What we sent and the daemon may lack.
+#[derive(Debug)]
+enum Replay {
+    /// The last `window` bytes (stream sessions).
+    Bytes(ReplayBuffer),
+    /// The last messages whose bytes fit `window` (seqpacket sessions).
+    Messages(MessageReplay),
+}
+
+impl Replay {
+    /// Everything ever sent, in the session's unit.
+    fn end(&self) -> u64 {
+        match self {
+            Replay::Bytes(r) => r.end(),
+            Replay::Messages(r) => r.end(),
+        }
+    }
+}
+
 /// The writing half; its lock is held across each `send`.
 #[derive(Debug)]
 struct WriteSide {
     conn: Arc<Conn>,
-    /// The last `window` bytes the kernel accepted; its end is everything we ever sent.
-    replay: ReplayBuffer,
+    replay: Replay,
     /// The caller shut our write side.
     shut: bool,
     /// The daemon's RESUMED said it reads no more: writes fail with `EPIPE`.
@@ -548,9 +705,84 @@ enum Attempt {
     Fatal(SessionError),
 }
 
-/// A continuous, resumable byte stream to a target (see the module doc).
+/// The handshake that starts a session, and so the frame that answers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// We sent OPEN; OPENED answers.
+    Open,
+    /// We accepted a host connection; OFFERED comes first.
+    Accept,
+}
+
+impl Start {
+    fn name(self) -> &'static str {
+        match self {
+            Start::Open => "open",
+            Start::Accept => "accept",
+        }
+    }
+}
+
+/// What OPENED (or OFFERED) gives a new session.
 #[derive(Debug)]
-pub struct SessionStream {
+struct Greeting {
+    id: SessionId,
+    secret: Secret,
+    next_nonce: Nonce,
+    window: u32,
+    park_timeout_ms: u32,
+}
+
+impl Greeting {
+    /// The greeting in `frame` if it is the one `start` expects; REFUSED and anything else
+    /// as the caller's error.
+    fn from_frame(frame: Frame, start: Start) -> Result<Self, SessionError> {
+        match (frame, start) {
+            (
+                Frame::Opened {
+                    id,
+                    secret,
+                    next_nonce,
+                    window,
+                    park_timeout_ms,
+                },
+                Start::Open,
+            )
+            | (
+                Frame::Offered {
+                    id,
+                    secret,
+                    next_nonce,
+                    window,
+                    park_timeout_ms,
+                },
+                Start::Accept,
+            ) => Ok(Self {
+                id,
+                secret,
+                next_nonce,
+                window,
+                park_timeout_ms,
+            }),
+            (Frame::Refused { reason, errno }, _) => Err(SessionError::Refused {
+                during: start.name(),
+                reason,
+                errno,
+            }),
+            (other, _) => Err(SessionError::Protocol(format!(
+                "the first frame of an {} is {}",
+                start.name(),
+                Frame::name(&other)
+            ))),
+        }
+    }
+}
+
+/// Everything a session is, whatever it carries; [`SessionStream`] and
+/// [`SessionSeqPacket`] are its two faces.
+#[derive(Debug)]
+struct Core {
+    kind: SocketType,
     id: SessionId,
     secret: Secret,
     window: u32,
@@ -564,89 +796,78 @@ pub struct SessionStream {
     resumer: Mutex<Resumer>,
 }
 
-impl SessionStream {
-    /// Opens a session to `(target_cid, target_port)` through the daemon's session port on
-    /// the host CID. Guests only. Fails with the errno of the connect, or of the refusal
-    /// (module doc).
-    pub fn connect(
-        target_cid: u32,
-        target_port: u32,
-        opts: SessionOptions,
-    ) -> io::Result<SessionStream> {
-        Self::connect_with(Box::new(VsockDialer::host()), target_cid, target_port, opts)
+/// Sends one handshake frame: its bytes on a stream, one message on seqpacket.
+fn send_frame(kind: SocketType, t: &dyn Transport, frame: &Frame) -> io::Result<()> {
+    match kind {
+        SocketType::Stream => write_all(t, &frame.encode()),
+        SocketType::SeqPacket => write_message(t, &frame.encode()),
     }
+}
 
-    /// Like [`Self::connect`], reaching the session service through `dialer`.
-    pub fn connect_with(
+/// Reads one handshake frame: exactly its bytes on a stream, one message on seqpacket.
+fn read_answer(kind: SocketType, t: &dyn Transport) -> Result<Frame, FrameError> {
+    match kind {
+        SocketType::Stream => read_frame(t),
+        SocketType::SeqPacket => read_frame_message(t),
+    }
+}
+
+impl Core {
+    /// Opens a session of `kind` to `(target_cid, target_port)`: OPEN, then OPENED.
+    fn open(
+        kind: SocketType,
         mut dialer: Box<dyn Dialer>,
         target_cid: u32,
         target_port: u32,
         opts: SessionOptions,
-    ) -> io::Result<SessionStream> {
+    ) -> io::Result<Core> {
         let transport = dialer.dial(opts.connect_timeout)?;
         transport.set_read_timeout(Some(at_least_1ms(opts.handshake_timeout)))?;
         transport.set_write_timeout(Some(at_least_1ms(opts.handshake_timeout)))?;
         let open = Frame::Open {
             cid: Cid(u64::from(target_cid)),
             port: Port(target_port),
-            socket_type: SocketType::Stream,
+            socket_type: kind,
         };
-        write_all(&*transport, &open.encode())?;
-        let frame = match read_frame(&*transport) {
-            Ok(frame) => frame,
-            Err(FrameError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT))
-            }
-            Err(FrameError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                return Err(io::Error::from_raw_os_error(libc::ECONNRESET))
-            }
-            Err(FrameError::Io(e)) => return Err(e),
-            Err(FrameError::Bad(e)) => {
-                return Err(SessionError::Protocol(format!("answer to OPEN: {e}")).to_io())
-            }
-        };
-        let (id, secret, next_nonce, window, park_timeout_ms) = match frame {
-            Frame::Opened {
-                id,
-                secret,
-                next_nonce,
-                window,
-                park_timeout_ms,
-            } => (id, secret, next_nonce, window, park_timeout_ms),
-            Frame::Refused { reason, errno } => {
-                let e = SessionError::Refused {
-                    during: "open",
-                    reason,
-                    errno,
-                };
-                tracing::debug!(target_cid, target_port, "session open refused: {e}");
-                return Err(e.to_io());
-            }
-            other => {
-                return Err(SessionError::Protocol(format!(
-                    "answer to OPEN is {}",
-                    Frame::name(&other)
-                ))
-                .to_io())
-            }
-        };
-        if window == 0 || window > opts.max_window_bytes {
+        send_frame(kind, &*transport, &open)?;
+        let frame = read_answer(kind, &*transport).map_err(|e| e.into_io("answer to OPEN"))?;
+        let greeting = Greeting::from_frame(frame, Start::Open).map_err(|e| {
+            tracing::debug!(target_cid, target_port, "session open failed: {e}");
+            e.to_io()
+        })?;
+        Core::establish(kind, transport, dialer, greeting, opts)
+    }
+
+    /// A session on `transport`, whose greeting was just read.
+    fn establish(
+        kind: SocketType,
+        transport: Box<dyn Transport>,
+        dialer: Box<dyn Dialer>,
+        g: Greeting,
+        opts: SessionOptions,
+    ) -> io::Result<Core> {
+        if g.window == 0 || g.window > opts.max_window_bytes {
             return Err(SessionError::Protocol(format!(
-                "window of {window} bytes (this client takes 1..={})",
-                opts.max_window_bytes
+                "window of {} bytes (this client takes 1..={})",
+                g.window, opts.max_window_bytes
             ))
             .to_io());
         }
         transport.set_read_timeout(opts.read_timeout.map(at_least_1ms))?;
         transport.set_write_timeout(opts.write_timeout.map(at_least_1ms))?;
-        tracing::debug!(session = %id, target_cid, target_port, window, park_timeout_ms,
-            "session opened");
+        tracing::debug!(session = %g.id, ?kind, window = g.window,
+            park_timeout_ms = g.park_timeout_ms, "session established");
         let conn = Conn::new(transport, 0);
-        Ok(SessionStream {
-            id,
-            secret,
-            window,
-            park_timeout: Duration::from_millis(u64::from(park_timeout_ms)),
+        let replay = match kind {
+            SocketType::Stream => Replay::Bytes(ReplayBuffer::new(g.window as usize)),
+            SocketType::SeqPacket => Replay::Messages(MessageReplay::new(g.window as usize)),
+        };
+        Ok(Core {
+            kind,
+            id: g.id,
+            secret: g.secret,
+            window: g.window,
+            park_timeout: Duration::from_millis(u64::from(g.park_timeout_ms)),
             opts,
             read: Mutex::new(ReadSide {
                 conn: Arc::clone(&conn),
@@ -657,7 +878,7 @@ impl SessionStream {
             }),
             write: Mutex::new(WriteSide {
                 conn,
-                replay: ReplayBuffer::new(window as usize),
+                replay,
                 shut: false,
                 peer_reads_no_more: false,
                 failed: None,
@@ -671,60 +892,50 @@ impl SessionStream {
                 fruitless: 0,
             }),
             recovered: Condvar::new(),
-            resumer: Mutex::new(Resumer { dialer, next_nonce }),
+            resumer: Mutex::new(Resumer {
+                dialer,
+                next_nonce: g.next_nonce,
+            }),
         })
     }
 
-    /// The session's id (as the daemon logs it).
-    pub fn session_id(&self) -> SessionId {
-        self.id
-    }
-
-    /// The daemon's window: the most of our data it holds unconsumed, our replay size.
-    pub fn window(&self) -> u32 {
-        self.window
-    }
-
-    /// How long the daemon keeps the session while we are away.
-    pub fn park_timeout(&self) -> Duration {
-        self.park_timeout
-    }
-
-    /// Resumes and blackouts so far.
-    pub fn stats(&self) -> SessionStats {
+    fn stats(&self) -> SessionStats {
         lock(&self.recovery).stats
     }
 
-    /// Why the session failed, once it has.
-    pub fn failure(&self) -> Option<SessionError> {
+    fn failure(&self) -> Option<SessionError> {
         lock(&self.recovery).failed.clone()
     }
 
-    /// Reads like `recv(2)`: 0 once the daemon shut its side and everything before was read.
-    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
+    /// Reads with `op` (a `recv` or a `recv_msg`): `(n, truncated)`, `(0, false)` at the end.
+    fn read_with(
+        &self,
+        buf: &mut [u8],
+        op: impl Fn(&dyn Transport, &mut [u8]) -> io::Result<(usize, bool)>,
+    ) -> io::Result<(usize, bool)> {
         loop {
             let mut rs = lock(&self.read);
             if let Some(e) = &rs.failed {
                 return Err(e.to_io());
             }
             if rs.eof || rs.shut {
-                return Ok(0);
+                return Ok((0, false));
             }
-            match rs.conn.transport.read(buf) {
-                Ok(0) if !rs.conn.is_aborted() => {
+            match op(&*rs.conn.transport, buf) {
+                Ok((0, false)) if !rs.conn.is_aborted() => {
                     rs.eof = true;
-                    return Ok(0);
+                    return Ok((0, false));
                 }
-                Ok(0) => {}
-                Ok(n) => {
-                    rs.received += n as u64;
-                    return Ok(n);
+                Ok((0, false)) => {}
+                Ok((n, truncated)) => {
+                    rs.received += match self.kind {
+                        SocketType::Stream => n as u64,
+                        SocketType::SeqPacket => 1,
+                    };
+                    return Ok((n, truncated));
                 }
                 Err(e) if !is_break(&e) => return Err(e),
-                Err(e) => tracing::debug!(session = %self.id, "recv broke: {e}"),
+                Err(e) => tracing::debug!(session = %self.id, "read broke: {e}"),
             }
             let failed = Arc::clone(&rs.conn);
             drop(rs);
@@ -732,11 +943,9 @@ impl SessionStream {
         }
     }
 
-    /// Writes like `send(2)`: returns how much was taken, after recording it for replay.
-    pub fn send(&self, buf: &[u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
+    /// Writes `buf` (some of it on a stream, one whole message on seqpacket), recording
+    /// what the kernel took for replay; returns how much that was.
+    fn write(&self, buf: &[u8]) -> io::Result<usize> {
         loop {
             let mut ws = lock(&self.write);
             if let Some(e) = &ws.failed {
@@ -745,13 +954,32 @@ impl SessionStream {
             if ws.shut || ws.peer_reads_no_more {
                 return Err(io::Error::from_raw_os_error(libc::EPIPE));
             }
-            match ws.conn.transport.write(buf) {
-                Ok(n) => {
-                    ws.replay.record_evicting(&buf[..n]);
+            let r = ws.conn.transport.write(buf);
+            match (r, &mut ws.replay) {
+                (Ok(n), Replay::Bytes(replay)) => {
+                    replay.record_evicting(&buf[..n]);
                     return Ok(n);
                 }
-                Err(e) if !is_break(&e) => return Err(e),
-                Err(e) => tracing::debug!(session = %self.id, "send broke: {e}"),
+                (Ok(n), Replay::Messages(replay)) if n == buf.len() => {
+                    replay
+                        .record_evicting(buf)
+                        .expect("the caller checked the message fits the window");
+                    return Ok(n);
+                }
+                (Ok(n), Replay::Messages(_)) => {
+                    // Not something a seqpacket socket does; whatever part went, the daemon
+                    // drops it with the connection, and the message goes again whole.
+                    tracing::debug!(session = %self.id, "a send took {n} of {} bytes", buf.len());
+                }
+                (Err(e), Replay::Messages(_)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The write timeout may have struck after part of the message went: the
+                    // daemon would glue the next message to that part. Give the connection
+                    // up, so the daemon drops the part; the next call resumes.
+                    ws.conn.abort();
+                    return Err(e);
+                }
+                (Err(e), _) if !is_break(&e) => return Err(e),
+                (Err(e), _) => tracing::debug!(session = %self.id, "write broke: {e}"),
             }
             let failed = Arc::clone(&ws.conn);
             drop(ws);
@@ -759,19 +987,8 @@ impl SessionStream {
         }
     }
 
-    /// Sends all of `buf`.
-    pub fn send_all(&self, mut buf: &[u8]) -> io::Result<()> {
-        while !buf.is_empty() {
-            match self.send(buf)? {
-                0 => return Err(io::ErrorKind::WriteZero.into()),
-                n => buf = &buf[n..],
-            }
-        }
-        Ok(())
-    }
-
     /// Shuts our write side (repeated after every resume), our read side (locally), or both.
-    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         if matches!(how, Shutdown::Read | Shutdown::Both) {
             let mut rs = lock(&self.read);
             if let Some(e) = &rs.failed {
@@ -831,6 +1048,7 @@ impl SessionStream {
         rec.stats.resumes += stats.resumes;
         rec.stats.dials += stats.dials;
         rec.stats.retransmitted_bytes += stats.retransmitted_bytes;
+        rec.stats.retransmitted_messages += stats.retransmitted_messages;
         rec.stats.blackout += noticed.elapsed();
         let outcome = outcome.and_then(|conn| {
             if progress == rec.progress_mark {
@@ -883,7 +1101,7 @@ impl SessionStream {
             send: ws.shut,
             rcv: rs.shut,
         };
-        let mut backoff = self.opts.backoff_min;
+        let mut backoff = Backoff::new(&self.opts);
         let mut why = String::from("no attempt");
         loop {
             let now = Instant::now();
@@ -899,34 +1117,38 @@ impl SessionStream {
             match self.try_resume(&mut resumer, rs.received, closed, left) {
                 Attempt::Resumed(transport, daemon_received, daemon_closed) => {
                     stats.resumes += 1;
-                    let (a, b) = ws
-                        .replay
-                        .resume_from(daemon_received)
-                        .map_err(|e| replay_violation(&e))?;
-                    let tail = (a.len() + b.len()) as u64;
                     let left = deadline.saturating_duration_since(Instant::now());
                     let sent = transport
                         .set_write_timeout(Some(at_least_1ms(left)))
-                        .and_then(|()| write_all(&*transport, a))
-                        .and_then(|()| write_all(&*transport, b))
-                        .and_then(|()| match closed.send {
-                            true => transport.shutdown(Shutdown::Write),
-                            false => Ok(()),
+                        .map_err(RetransmitError::Io)
+                        .and_then(|()| {
+                            retransmit(&*transport, &mut ws.replay, daemon_received, stats)
                         })
-                        .and_then(|()| transport.set_read_timeout(self.opts.read_timeout))
-                        .and_then(|()| transport.set_write_timeout(self.opts.write_timeout));
+                        .and_then(|()| {
+                            match closed.send {
+                                true => transport.shutdown(Shutdown::Write),
+                                false => Ok(()),
+                            }
+                            .and_then(|()| transport.set_read_timeout(self.opts.read_timeout))
+                            .and_then(|()| transport.set_write_timeout(self.opts.write_timeout))
+                            .map_err(RetransmitError::Io)
+                        });
                     match sent {
                         Ok(()) => {
-                            stats.retransmitted_bytes += tail;
                             if daemon_closed.rcv {
                                 ws.peer_reads_no_more = true;
                             }
                             return Ok(Conn::new(transport, generation));
                         }
-                        Err(e) if is_break(&e) || e.kind() == io::ErrorKind::WouldBlock => {
+                        Err(RetransmitError::Count(e)) => return Err(replay_violation(&e)),
+                        Err(RetransmitError::Io(e))
+                            if is_break(&e)
+                                || e.kind() == io::ErrorKind::WouldBlock
+                                || e.raw_os_error().is_none() =>
+                        {
                             why = format!("retransmission failed: {e}");
                         }
-                        Err(e) => {
+                        Err(RetransmitError::Io(e)) => {
                             return Err(SessionError::Protocol(format!(
                                 "retransmission failed: {e}"
                             )))
@@ -936,9 +1158,10 @@ impl SessionStream {
                 Attempt::Retry(reason) => why = reason,
                 Attempt::Fatal(e) => return Err(e),
             }
-            let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
+            let pause = backoff
+                .pause()
+                .min(deadline.saturating_duration_since(Instant::now()));
             thread::sleep(pause);
-            backoff = (backoff * 2).min(self.opts.backoff_max);
         }
     }
 
@@ -985,11 +1208,11 @@ impl SessionStream {
         let asked = transport
             .set_read_timeout(bound)
             .and_then(|()| transport.set_write_timeout(bound))
-            .and_then(|()| write_all(&*transport, &resume.encode()));
+            .and_then(|()| send_frame(self.kind, &*transport, &resume));
         if let Err(e) = asked {
             return Attempt::Retry(format!("sending RESUME: {e}"));
         }
-        match read_frame(&*transport) {
+        match read_answer(self.kind, &*transport) {
             Ok(Frame::Resumed {
                 received: daemon_received,
                 closed: daemon_closed,
@@ -1017,11 +1240,62 @@ impl SessionStream {
     }
 }
 
+/// How a retransmission failed.
+#[derive(Debug)]
+enum RetransmitError {
+    /// The daemon's count is outside what we kept.
+    Count(ReplayError),
+    /// The new connection failed.
+    Io(io::Error),
+}
+
+/// Sends what the daemon lacks from its count `daemon_received` on: the byte tail, or each
+/// message whole.
+fn retransmit(
+    t: &dyn Transport,
+    replay: &mut Replay,
+    daemon_received: u64,
+    stats: &mut SessionStats,
+) -> Result<(), RetransmitError> {
+    match replay {
+        Replay::Bytes(r) => {
+            let (a, b) = r
+                .resume_from(daemon_received)
+                .map_err(RetransmitError::Count)?;
+            write_all(t, a)
+                .and_then(|()| write_all(t, b))
+                .map_err(RetransmitError::Io)?;
+            stats.retransmitted_bytes += (a.len() + b.len()) as u64;
+        }
+        Replay::Messages(r) => {
+            let mut joined = Vec::new();
+            for (a, b) in r
+                .resume_from(daemon_received)
+                .map_err(RetransmitError::Count)?
+            {
+                let msg = if b.is_empty() {
+                    a
+                } else {
+                    // A message the ring wrapped: one send needs it in one piece.
+                    joined.clear();
+                    joined.extend_from_slice(a);
+                    joined.extend_from_slice(b);
+                    &joined[..]
+                };
+                write_message(t, msg).map_err(RetransmitError::Io)?;
+                stats.retransmitted_bytes += msg.len() as u64;
+                stats.retransmitted_messages += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn replay_violation(e: &ReplayError) -> SessionError {
     SessionError::Protocol(format!("RESUMED count: {e}"))
 }
 
-impl Drop for SessionStream {
+impl Drop for Core {
     /// Half-closes first, so the host reads EOF now rather than when the parked session
     /// expires.
     fn drop(&mut self) {
@@ -1029,6 +1303,95 @@ impl Drop for SessionStream {
         if !ws.shut && ws.failed.is_none() {
             let _ = ws.conn.transport.shutdown(Shutdown::Write);
         }
+    }
+}
+
+/// A continuous, resumable byte stream to a target (see the module doc).
+#[derive(Debug)]
+pub struct SessionStream {
+    core: Core,
+}
+
+impl SessionStream {
+    /// Opens a session to `(target_cid, target_port)` through the daemon's session port on
+    /// the host CID. Guests only. Fails with the errno of the connect, or of the refusal
+    /// (module doc).
+    pub fn connect(
+        target_cid: u32,
+        target_port: u32,
+        opts: SessionOptions,
+    ) -> io::Result<SessionStream> {
+        Self::connect_with(Box::new(VsockDialer::host()), target_cid, target_port, opts)
+    }
+
+    /// Like [`Self::connect`], reaching the session service through `dialer`.
+    pub fn connect_with(
+        dialer: Box<dyn Dialer>,
+        target_cid: u32,
+        target_port: u32,
+        opts: SessionOptions,
+    ) -> io::Result<SessionStream> {
+        Core::open(SocketType::Stream, dialer, target_cid, target_port, opts)
+            .map(|core| SessionStream { core })
+    }
+
+    /// The session's id (as the daemon logs it).
+    pub fn session_id(&self) -> SessionId {
+        self.core.id
+    }
+
+    /// The daemon's window: the most of our data it holds unconsumed, our replay size.
+    pub fn window(&self) -> u32 {
+        self.core.window
+    }
+
+    /// How long the daemon keeps the session while we are away.
+    pub fn park_timeout(&self) -> Duration {
+        self.core.park_timeout
+    }
+
+    /// Resumes and blackouts so far.
+    pub fn stats(&self) -> SessionStats {
+        self.core.stats()
+    }
+
+    /// Why the session failed, once it has.
+    pub fn failure(&self) -> Option<SessionError> {
+        self.core.failure()
+    }
+
+    /// Reads like `recv(2)`: 0 once the daemon shut its side and everything before was read.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        self.core
+            .read_with(buf, |t, b| t.read(b).map(|n| (n, false)))
+            .map(|(n, _)| n)
+    }
+
+    /// Writes like `send(2)`: returns how much was taken, after recording it for replay.
+    pub fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        self.core.write(buf)
+    }
+
+    /// Sends all of `buf`.
+    pub fn send_all(&self, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.send(buf)? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => buf = &buf[n..],
+            }
+        }
+        Ok(())
+    }
+
+    /// Shuts our write side (repeated after every resume), our read side (locally), or both.
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        self.core.shutdown(how)
     }
 }
 
@@ -1113,5 +1476,56 @@ mod tests {
         assert!(!is_retryable_dial(&io::Error::from_raw_os_error(
             libc::EACCES
         )));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_bound() {
+        let opts = SessionOptions {
+            backoff_min: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(35),
+            ..SessionOptions::default()
+        };
+        let mut b = Backoff::new(&opts);
+        let pauses: Vec<u128> = (0..5).map(|_| b.pause().as_millis()).collect();
+        assert_eq!(pauses, [10, 20, 35, 35, 35]);
+    }
+
+    /// A frame is one message: a message holding less, or more, is the daemon's mistake.
+    #[test]
+    fn a_handshake_message_must_be_exactly_one_frame() {
+        #[derive(Debug)]
+        struct OneMessage(Mutex<Option<Vec<u8>>>);
+        impl Transport for OneMessage {
+            fn read(&self, _: &mut [u8]) -> io::Result<usize> {
+                unreachable!("messages only")
+            }
+            fn write(&self, buf: &[u8]) -> io::Result<usize> {
+                Ok(buf.len())
+            }
+            fn shutdown(&self, _: Shutdown) -> io::Result<()> {
+                Ok(())
+            }
+            fn set_read_timeout(&self, _: Option<Duration>) -> io::Result<()> {
+                Ok(())
+            }
+            fn set_write_timeout(&self, _: Option<Duration>) -> io::Result<()> {
+                Ok(())
+            }
+            fn recv_msg(&self, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+                let msg = lock(&self.0).take().unwrap_or_default();
+                let n = msg.len().min(buf.len());
+                buf[..n].copy_from_slice(&msg[..n]);
+                Ok((n, msg.len() > buf.len()))
+            }
+        }
+        let frame = Frame::Listening { port: Port(7) }.encode();
+        let read = |bytes: Vec<u8>| read_frame_message(&OneMessage(Mutex::new(Some(bytes))));
+        assert!(matches!(read(frame.clone()), Ok(Frame::Listening { .. })));
+        assert!(matches!(read(frame[..5].to_vec()), Err(FrameError::Bad(_))));
+        let mut more = frame.clone();
+        more.push(0);
+        assert!(matches!(read(more), Err(FrameError::Bad(_))));
+        assert!(matches!(read(vec![0; 200]), Err(FrameError::Bad(_))));
+        assert!(matches!(read(Vec::new()), Err(FrameError::Io(_))), "EOF");
     }
 }

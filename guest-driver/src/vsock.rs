@@ -145,6 +145,14 @@ impl VsockSocket {
 
     /// Creates a socket listening on `port` of any local CID.
     pub fn listen(ty: SockType, port: u32, backlog: i32) -> io::Result<Self> {
+        let sock = Self::bind(ty, port)?;
+        sock.start_listening(backlog)?;
+        Ok(sock)
+    }
+
+    /// Creates a socket bound to `port` of any local CID, not listening yet: the port is
+    /// claimed, and connections to it are refused until [`Self::start_listening`].
+    pub fn bind(ty: SockType, port: u32) -> io::Result<Self> {
         let sock = Self::new(ty)?;
         let raw = VsockAddr::new(VMADDR_CID_ANY, port).to_raw();
         // SAFETY: `raw` is a valid, initialised sockaddr_vm that outlives the call and the
@@ -156,9 +164,14 @@ impl VsockSocket {
                 size_of::<libc::sockaddr_vm>() as libc::socklen_t,
             )
         })?;
-        // SAFETY: listen(2) takes no pointers; the fd is owned by `sock`.
-        cvt(unsafe { libc::listen(sock.fd.as_raw_fd(), backlog) })?;
         Ok(sock)
+    }
+
+    /// Starts listening on a bound socket, queueing up to `backlog` connections.
+    pub fn start_listening(&self, backlog: i32) -> io::Result<()> {
+        // SAFETY: listen(2) takes no pointers; the fd is owned by `self`.
+        cvt(unsafe { libc::listen(self.fd.as_raw_fd(), backlog) })?;
+        Ok(())
     }
 
     /// Accepts one connection. Honours the receive timeout ([`Self::set_read_timeout`]).

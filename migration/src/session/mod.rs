@@ -30,7 +30,8 @@
 //! only that in its replay buffer:
 //! - guest -> daemon: the guest kernel sends only within the credit the daemon advertises,
 //!   so at any moment the daemon lacks at most its window `W` of what the guest wrote; the
-//!   guest keeps the last `W` bytes it wrote ([`replay::ReplayBuffer::record_evicting`]).
+//!   guest keeps the last `W` bytes it wrote ([`replay::ReplayBuffer::record_evicting`];
+//!   on seqpacket the last messages whose bytes fit `W`, [`replay::MessageReplay`]).
 //!   The daemon holds its window to `W` for the session's whole life, including bytes of
 //!   an earlier connection still waiting for the host process.
 //! - daemon -> guest: every guest packet carries the guest's `fwd_cnt`, the bytes the
