@@ -41,8 +41,8 @@
 //!
 //! **Reconnecting.** Connects to the session port are retried while they fail with
 //! `ENODEV`, `ENXIO`, `ECONNRESET`, `ECONNREFUSED`, `ECONNABORTED`, `ETIMEDOUT`,
-//! `ENOTCONN`, `ENETUNREACH`, `EHOSTUNREACH`, `EAGAIN` or `EINTR` (a device on its way back
-//! shows several of them), and a handshake whose connection breaks or times out is tried
+//! `ENOTCONN`, `ENETUNREACH`, `EHOSTUNREACH`, `EAGAIN`, `EINTR` or (seqpacket, no device)
+//! `ESOCKTNOSUPPORT` (a device on its way back shows several of them), and a handshake whose connection breaks or times out is tried
 //! again. Pauses double from [`SessionOptions::backoff_min`] to
 //! [`SessionOptions::backoff_max`]; the whole resume, retransmission included, must finish
 //! within the park timeout the daemon gave in OPENED, else the session fails with
@@ -175,9 +175,22 @@ pub trait Dialer: Send + fmt::Debug {
     fn dial(&mut self, timeout: Duration) -> io::Result<Box<dyn Transport>>;
 }
 
+/// A read of 0 on a vsock socket is the peer's EOF, or a connection the device's removal
+/// reset: Linux resets such sockets without an error on the read itself (seen on seqpacket
+/// sockets of 6.1 guests), but leaves it pending in `SO_ERROR`.
+fn eof_or_reset(s: &VsockSocket) -> io::Result<usize> {
+    match nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::SocketError) {
+        Ok(0) | Err(_) => Ok(0),
+        Ok(errno) => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
 impl Transport for VsockSocket {
     fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.recv(buf)
+        match self.recv(buf) {
+            Ok(0) if !buf.is_empty() => eof_or_reset(self),
+            other => other,
+        }
     }
 
     fn write(&self, buf: &[u8]) -> io::Result<usize> {
@@ -199,7 +212,10 @@ impl Transport for VsockSocket {
 
     fn recv_msg(&self, buf: &mut [u8]) -> io::Result<(usize, bool)> {
         match self.sock_type() {
-            SockType::SeqPacket => VsockSocket::recv_msg(self, buf),
+            SockType::SeqPacket => match VsockSocket::recv_msg(self, buf) {
+                Ok((0, false)) => eof_or_reset(self).map(|n| (n, false)),
+                other => other,
+            },
             SockType::Stream => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
         }
     }
@@ -425,6 +441,9 @@ fn is_retryable_dial(e: &io::Error) -> bool {
                 | libc::EHOSTUNREACH
                 | libc::EAGAIN
                 | libc::EINTR
+                // A seqpacket socket's connect while no device is there: no transport
+                // offers seqpacket.
+                | libc::ESOCKTNOSUPPORT
         )
     )
 }

@@ -1987,6 +1987,205 @@ fn sessions_survive_replugs(c: Case) {
     finish(&mut vm_b);
 }
 
+/// Unplugs and plugs back `vm`'s device `REPLUG_ROUNDS` times, each time once `progress`
+/// passed the next of `marks`; returns how long after each `device_add` `progress` moved
+/// again (or reached `done_at`), reporting each round as `label`.
+fn replug_under_load(
+    c: &Case,
+    qmp: &mut domsock_tests::qmp::Qmp,
+    progress: &std::sync::atomic::AtomicU64,
+    marks: &[u64],
+    done_at: u64,
+    label: &str,
+) -> Vec<Duration> {
+    let now_at = || progress.load(std::sync::atomic::Ordering::Acquire);
+    let wait_until = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}: progress {}", now_at());
+            thread::sleep(Duration::from_millis(1));
+        }
+    };
+    let mut blackouts = Vec::new();
+    for (r, &mark) in marks.iter().enumerate() {
+        let what = |s: &str| format!("{label} round {r}: {s}");
+        wait_until(&what("before the unplug"), &|| now_at() >= mark);
+        let unplug = qmp
+            .unplug(vm::VSOCK_DEVICE_ID, QMP_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{}: {e}", what("device_del")));
+        thread::sleep(SESSION_AWAY);
+        let before = now_at();
+        qmp.plug(vm::vsock_device_args(), QMP_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{}: {e}", what("device_add")));
+        let plugged = Instant::now();
+        wait_until(&what("after the re-plug"), &|| {
+            now_at() > before || now_at() >= done_at
+        });
+        let blackout = plugged.elapsed();
+        c.report(&format!(
+            "{label} round {r}: device_del -> DEVICE_DELETED {}, away {}, device_add -> \
+             flowing again {}",
+            report::ms(unplug),
+            report::ms(SESSION_AWAY),
+            report::ms(blackout)
+        ));
+        blackouts.push(blackout);
+    }
+    blackouts
+}
+
+/// A connection the host opened (`CONNECT`) to a guest listener registered for sessions
+/// (`duplex-server --session`) survives three replugs: 256 MiB each way, once and in order,
+/// no error on either side, no EOF before the end on the host.
+fn host_initiated_session_survives_replugs(c: Case) {
+    let spec = c.spec(3);
+    let backend = Backend::spawn(std::slice::from_ref(&spec), &c.log_dir);
+    let port = 5600;
+    let cfg = c.vm("guest", &spec).cmd(&format!(
+        "duplex-server --session --port {port} --bytes {SESSION_BYTES} --chunk {CHUNK_BYTES} \
+         --seed 61 --timeout-ms {LONG_GUEST_TIMEOUT_MS}"
+    ));
+    let mut vm = c.boot(&cfg, &spec);
+    vm.expect_ready(port, STEP_TIMEOUT);
+    let mut qmp = vm.qmp(QMP_TIMEOUT).expect("QMP session");
+    let conn = host::connect_guest_ok(&spec.uds, port, STEP_TIMEOUT).expect("CONNECT");
+    let mut write_end = conn.try_clone().expect("clone");
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let p2 = progress.clone();
+    let reader = thread::spawn(move || read_with_progress(conn, p2));
+    let writer = thread::spawn(move || {
+        let r = host::write_pattern(&mut write_end, 62, SESSION_BYTES, CHUNK_BYTES);
+        let _ = write_end.shutdown(Shutdown::Write);
+        r
+    });
+    let marks: Vec<u64> = (1..=u64::from(REPLUG_ROUNDS))
+        .map(|r| SESSION_BYTES * r / u64::from(REPLUG_ROUNDS + 1))
+        .collect();
+    let mut blackouts = replug_under_load(
+        &c,
+        &mut qmp,
+        &progress,
+        &marks,
+        SESSION_BYTES,
+        "accepted session",
+    );
+    let (got, end) = reader.join().expect("reader");
+    assert_eq!(end, None, "the host end must see EOF only at the end");
+    assert_pattern("host received the guest's stream", &got, 61, SESSION_BYTES);
+    let sent = writer
+        .join()
+        .expect("writer")
+        .expect("the host's writes never fail");
+    let res = vm.expect_result("duplex-server", Duration::from_secs(300));
+    assert_guest_saw("guest received the host's stream", &res, "recv_", &sent.sum);
+    assert_eq!(res.str("session"), "1", "offered as a session: {}", res.raw);
+    assert!(
+        res.u64("resumes") >= u64::from(REPLUG_ROUNDS),
+        "{}",
+        res.raw
+    );
+    let counters = backend_counters(&backend, &["vm3"]);
+    assert!(
+        counters["vm3"]
+            .get("sessions_resumed")
+            .copied()
+            .unwrap_or(0)
+            >= u64::from(REPLUG_ROUNDS),
+        "{:?}",
+        counters["vm3"]
+    );
+    blackouts.sort();
+    c.report(&format!(
+        "accepted session: {REPLUG_ROUNDS} replugs under a 256 MiB duplex; device_add -> \
+         flowing again: min {}, median {}, max {}",
+        report::ms(blackouts[0]),
+        report::ms(blackouts[blackouts.len() / 2]),
+        report::ms(blackouts[blackouts.len() - 1]),
+    ));
+    drop(qmp);
+    finish(&mut vm);
+}
+
+/// Rounds of `SEQ_SIZES` messages the seqpacket session echoes across three replugs.
+const SESSION_SEQ_ROUNDS: usize = 400;
+
+/// A seqpacket session (`seq-echo-client --session`) echoing messages of 1 B..64 KiB with a
+/// host process survives three replugs: the host sees every message once, whole and in
+/// order, and the guest verifies every echo.
+fn seqpacket_session_survives_replugs(c: Case) {
+    let spec = c.spec(3);
+    let port = 5700;
+    let listener = host::listen_seqpacket(&spec.uds, port).expect("seqpacket listen");
+    let _backend = Backend::spawn(std::slice::from_ref(&spec), &c.log_dir);
+    let sizes: Vec<String> = SEQ_SIZES.iter().map(usize::to_string).collect();
+    let cfg = c.vm("guest", &spec).cmd(&format!(
+        "seq-echo-client --session --cid {HOST_CID} --port {port} --sizes {} --rounds \
+         {SESSION_SEQ_ROUNDS} --seed 71 --timeout-ms {LONG_GUEST_TIMEOUT_MS}",
+        sizes.join(",")
+    ));
+    let mut vm = c.boot(&cfg, &spec);
+    let mut qmp = vm.qmp(QMP_TIMEOUT).expect("QMP session");
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let p2 = progress.clone();
+    let echo = thread::spawn(move || -> io::Result<Vec<usize>> {
+        let mut conn = host::accept(&listener, STEP_TIMEOUT, IDLE_TIMEOUT)?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut sizes = Vec::new();
+        loop {
+            let n = conn.read(&mut buf)?;
+            if n == 0 {
+                return Ok(sizes);
+            }
+            io::Write::write_all(&mut conn, &buf[..n])?;
+            sizes.push(n);
+            p2.store(sizes.len() as u64, std::sync::atomic::Ordering::Release);
+        }
+    });
+    let total = (SEQ_SIZES.len() * SESSION_SEQ_ROUNDS) as u64;
+    let marks: Vec<u64> = (1..=u64::from(REPLUG_ROUNDS))
+        .map(|r| total * r / u64::from(REPLUG_ROUNDS + 1))
+        .collect();
+    let mut blackouts =
+        replug_under_load(&c, &mut qmp, &progress, &marks, total, "seqpacket session");
+    let res = vm.expect_result("seq-echo-client", Duration::from_secs(300));
+    let seen = echo
+        .join()
+        .expect("echo thread")
+        .expect("host seqpacket echo");
+    let want: Vec<usize> = SEQ_SIZES
+        .iter()
+        .copied()
+        .cycle()
+        .take(SEQ_SIZES.len() * SESSION_SEQ_ROUNDS)
+        .collect();
+    assert_eq!(
+        seen, want,
+        "message sizes the host received: once, whole, in order"
+    );
+    assert_eq!(
+        res.u64("ok"),
+        want.len() as u64,
+        "echoes the guest verified: {}",
+        res.raw
+    );
+    assert!(
+        res.u64("resumes") >= u64::from(REPLUG_ROUNDS),
+        "{}",
+        res.raw
+    );
+    blackouts.sort();
+    c.report(&format!(
+        "seqpacket session: {} messages echoed across {REPLUG_ROUNDS} replugs; device_add -> \
+         flowing again: min {}, median {}, max {}",
+        want.len(),
+        report::ms(blackouts[0]),
+        report::ms(blackouts[blackouts.len() / 2]),
+        report::ms(blackouts[blackouts.len() - 1]),
+    ));
+    drop(qmp);
+    finish(&mut vm);
+}
+
 /// The park timeout `session_park_timeout_expires` gives domsockd.
 const SHORT_PARK_MS: u64 = 3_000;
 
@@ -2037,7 +2236,12 @@ fn session_park_timeout_expires(c: Case) {
     });
     assert!(err.str("msg").contains("ETIMEDOUT"), "{}", err.raw);
     let counters = backend_counters(&backend, &["vm3"]);
-    assert_eq!(counters["vm3"].get("sessions_expired"), Some(&1), "{:?}", counters["vm3"]);
+    assert_eq!(
+        counters["vm3"].get("sessions_expired"),
+        Some(&1),
+        "{:?}",
+        counters["vm3"]
+    );
     c.report(&format!(
         "session park timeout {SHORT_PARK_MS} ms: host end closed {} after device_del \
          ({:.1} MiB arrived); guest: {}",
@@ -2167,4 +2371,6 @@ per_kernel!(
     replug_same_chardev,
     sessions_survive_replugs,
     session_park_timeout_expires,
+    host_initiated_session_survives_replugs,
+    seqpacket_session_survives_replugs,
 );
