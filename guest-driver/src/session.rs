@@ -604,16 +604,11 @@ fn read_frame_message(t: &dyn Transport) -> Result<Frame, FrameError> {
     }
 }
 
-/// A client nonce. It must be fresh, not secret (the proof's strength is the secret and
-/// the daemon's nonce), so it comes from `/dev/urandom`, which never blocks: `getrandom(2)`
-/// blocks until the kernel's pool is initialised, which in a small VM without an entropy
-/// device may be never (measured: TCG guests of 6.1 and 6.12 hung there for good).
+/// A client nonce: fresh, not secret (the proof's strength is the secret and the daemon's
+/// nonce), so it comes from a source that never blocks ([`crate::vsock::nonce_bytes`]).
 fn fresh_nonce() -> Result<Nonce, SessionError> {
-    use std::io::Read as _;
     let mut n = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut n))
-        .map_err(|e| SessionError::Random(format!("/dev/urandom: {e}")))?;
+    crate::vsock::nonce_bytes(&mut n).map_err(|e| SessionError::Random(e.to_string()))?;
     Ok(Nonce(n))
 }
 

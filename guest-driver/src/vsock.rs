@@ -380,3 +380,49 @@ pub fn errno_name(errno: i32) -> String {
     };
     name.to_owned()
 }
+
+/// `getrandom(2)` flag: never block, even before the kernel's pool is initialised (5.6+).
+const GRND_INSECURE: libc::c_uint = 0x0004;
+
+/// Fills `buf` with bytes fit for nonces (fresh, not secret), never blocking: a small VM
+/// without an entropy source may never initialise its pool, so `getrandom(2)` would block
+/// for good, and a read of `/dev/urandom` before that spends up to a second gathering
+/// jitter entropy (measured: the first session resume in a TCG guest took 1 s longer).
+/// Kernels before 5.6 do not know `GRND_INSECURE`; they get `/dev/urandom`.
+pub fn nonce_bytes(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: the kernel writes at most `rest.len()` bytes into `rest`, which is valid
+        // for writes of that length for the whole call.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), GRND_INSECURE) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EINVAL) => {
+                    use std::io::Read as _;
+                    return File::open("/dev/urandom")?.read_exact(rest);
+                }
+                _ => return Err(e),
+            }
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonce_bytes_are_filled_and_fresh() {
+        // getrandom(2) only: no socket is opened.
+        let (mut a, mut b) = ([0u8; 64], [0u8; 64]);
+        nonce_bytes(&mut a).unwrap();
+        nonce_bytes(&mut b).unwrap();
+        assert_ne!(a, b);
+        assert_ne!(a, [0u8; 64]);
+    }
+}
