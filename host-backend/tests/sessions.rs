@@ -730,3 +730,57 @@ fn resumeds_lost_with_their_connections_do_not_lock_the_owner_out() {
     let (_c, answer) = try_resume(&mut g, 42_000, &resume_frame(&client, 0, 9));
     assert!(matches!(answer, Frame::Resumed { .. }), "{answer:?}");
 }
+
+#[test]
+fn a_refused_resume_leaves_a_live_connection_alone() {
+    let mut g = TestGuest::new("s-live-forged");
+    let listener = g.listen_stream(TARGET);
+    let (conn, client) = open(&mut g, 40_000);
+    let mut host = accept(&listener);
+    let forged = Client {
+        secret: Secret([7; 32]),
+        ..clone(&client)
+    };
+    let (_c, answer) = try_resume(&mut g, 41_000, &resume_frame(&forged, 0, 1));
+    assert!(
+        matches!(
+            answer,
+            Frame::Refused {
+                reason: Refusal::BadProof,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+    assert_eq!(
+        g.stat("sessions_parked"),
+        0,
+        "the live connection was not touched"
+    );
+    g.send_rw(&conn, b"still live");
+    g.pump();
+    assert_eq!(read_n(&mut host, 10), b"still live");
+}
+
+#[test]
+fn payload_in_the_batch_that_abandons_the_connection_is_kept() {
+    let mut g = TestGuest::new("s-abandon-batch");
+    let listener = g.listen_stream(TARGET);
+    let (conn, client) = open(&mut g, 40_000);
+    let mut host = accept(&listener);
+    // One TX batch: data, then the guest gives up on the connection.
+    g.send_rw(&conn, b"last words");
+    g.send_ctl(&conn, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND);
+    g.pump();
+    assert_eq!(g.plane.parked_sessions(), 1);
+    assert_eq!(
+        read_n(&mut host, 10),
+        b"last words",
+        "accepted bytes reach the host"
+    );
+    let (_c, answer) = try_resume(&mut g, 41_000, &resume_frame(&client, 0, 1));
+    let Frame::Resumed { received, .. } = answer else {
+        panic!("expected RESUMED, got {answer:?}");
+    };
+    assert_eq!(received, 10, "the daemon counts what it accepted");
+}

@@ -65,7 +65,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
-use vm_memory::VolatileSlice;
+use vm_memory::{GuestAddressSpace, VolatileSlice};
 use vmm_sys_util::epoll::EventSet;
 
 /// A session-port connection's session side.
@@ -826,32 +826,24 @@ impl DataPlane {
         }
     }
 
-    /// The parked session `id`, if it is this VM's; a session still live on another
-    /// connection (the guest saw its transport break before we did) is parked first.
-    fn find_parked(&mut self, id: SessionId) -> bool {
+    /// Where this VM's session `id` is: parked (`Some(None)`), or still live on another
+    /// connection (`Some(Some(key))`: the guest saw its transport break before we did).
+    /// Another domain's sessions are not in this data plane at all.
+    fn locate_session(&self, id: SessionId) -> Option<Option<ConnKey>> {
         if self.sessions.parked.contains_key(&id) {
-            return true;
+            return Some(None);
         }
-        let stale = self
-            .conns
+        self.conns
             .iter()
             .find_map(|(k, hc)| match hc.session.as_deref() {
-                Some(SessionState::Live(link)) if link.id == id => Some(*k),
+                Some(SessionState::Live(link)) if link.id == id => Some(Some(*k)),
                 _ => None,
-            });
-        match stale {
-            Some(old) => {
-                self.park_conn(old);
-                self.endpoint.reset(old);
-                true
-            }
-            None => false,
-        }
+            })
     }
 
     fn resume_session(&mut self, key: ConnKey, mut claim: ResumeClaim, proof: Tag) {
         let id = claim.id;
-        if !self.find_parked(id) {
+        let Some(live) = self.locate_session(id) else {
             let reason = if self.sessions.expired.contains(&id) {
                 Refusal::Expired
             } else {
@@ -859,10 +851,15 @@ impl DataPlane {
             };
             self.refuse_session(key, reason, 0);
             return;
-        }
-        let parked = self.sessions.parked.get_mut(&id).expect("found above");
-        let Some(SessionState::Live(link)) = parked.hc.session.as_deref_mut() else {
-            unreachable!("only live sessions are parked");
+        };
+        // Everything is checked before the session is touched: a refused RESUME leaves a
+        // live session's connection alone.
+        let hc = match live {
+            Some(old) => self.conns.get_mut(&old).expect("located"),
+            None => &mut self.sessions.parked.get_mut(&id).expect("located").hc,
+        };
+        let Some(SessionState::Live(link)) = hc.session.as_deref_mut() else {
+            unreachable!("located sessions are live");
         };
         let verifies = |nonce: Nonce, claim: &mut ResumeClaim| {
             claim.server_nonce = nonce;
@@ -875,8 +872,22 @@ impl DataPlane {
             self.refuse_session(key, Refusal::BadProof, 0);
             return;
         }
-        let Some(from) = link.resume_offset(claim.received) else {
+        if link.resume_offset(claim.received).is_none() {
             debug!(session = %id, received = claim.received, kept_from = link.to_guest.start(), end = link.to_guest.end(), "resume count out of range");
+            self.refuse_session(key, Refusal::OutOfRange, 0);
+            return;
+        }
+        if let Some(old) = live {
+            self.park_conn(old);
+            self.endpoint.reset(old);
+        }
+        let parked = self.sessions.parked.get(&id).expect("parked above");
+        let Some(SessionState::Live(link)) = parked.hc.session.as_deref() else {
+            unreachable!("parked sessions are live");
+        };
+        // Parking acknowledged what the old connection's guest consumed, never more than
+        // the guest says it received: the offset still exists.
+        let Some(from) = link.resume_offset(claim.received) else {
             self.refuse_session(key, Refusal::OutOfRange, 0);
             return;
         };
@@ -1001,6 +1012,20 @@ impl DataPlane {
         hc.inbox_off = 0;
         hc.in_ready = false;
         hc.dirty = false;
+        if !hc.pending.is_empty() {
+            // Payload of the current TX batch, still in the guest's buffers: it was
+            // accepted (and counted), so it joins the outbox instead of being dropped.
+            if let Some(mem) = self.mem.as_ref().map(|m| m.memory()) {
+                for &(addr, len) in &hc.pending {
+                    let _ = crate::virtio::chain::for_each_slice(&mem, addr, len, |s| {
+                        let mut bytes = vec![0u8; s.len()];
+                        s.copy_to(&mut bytes[..]);
+                        hc.out_stream.extend(bytes);
+                        std::ops::ControlFlow::<()>::Continue(())
+                    });
+                }
+            }
+        }
         hc.pending.clear();
         hc.pending_len = 0;
         // A guest message cut by the blackout is sent again whole (it is not counted).
