@@ -405,9 +405,8 @@ impl Daemon {
         let window = self.window;
         let link = self.link.as_mut().expect("checked");
         // The nonce the guest holds if it never reads this RESUMED is the one it proved.
-        // domsockd keeps the one that was current instead (`prev_nonce = Some(link.nonce)`),
-        // which refuses the owner after two resumes whose RESUMED it did not read: input
-        // `fuzz/regressions/session_machine/second-unread-resumed-voids-the-nonce`.
+        // (Keeping the one that was current refused the owner after two resumes whose
+        // RESUMED it did not read: `fuzz/regressions/session_machine/`.)
         link.prev_nonce = Some(verified);
         link.nonce = next;
         link.carried = carried;

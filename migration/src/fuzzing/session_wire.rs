@@ -18,6 +18,9 @@ fn body_len(kind: u8) -> Option<usize> {
         3 => 80,
         4 => 32,
         5 => 8,
+        6 => 8,
+        7 => 8,
+        8 => 72,
         _ => return None,
     })
 }
@@ -30,6 +33,8 @@ fn reserved_set(kind: u8, body: &[u8]) -> bool {
         3 => body[40] & !0b11 != 0 || nonzero(41..48),
         4 => body[8] & !0b11 != 0 || nonzero(9..16),
         5 => nonzero(2..4),
+        6 => nonzero(5..8),
+        7 => nonzero(4..8),
         _ => false,
     }
 }
@@ -74,6 +79,20 @@ enum FrameFields {
     Refused {
         reason: u8,
         errno: u32,
+    },
+    Listen {
+        port: u32,
+        seqpacket: bool,
+    },
+    Listening {
+        port: u32,
+    },
+    Offered {
+        id: [u8; 16],
+        secret: [u8; 32],
+        next_nonce: [u8; 16],
+        window: u32,
+        park_timeout_ms: u32,
     },
 }
 
@@ -184,8 +203,9 @@ fn raw(data: &[u8]) {
                         "reserved bits are checked first"
                     );
                     match (data[5], field) {
-                        (1, "socket type") => {
-                            assert_eq!(value, u32::from(body[12]));
+                        (kind @ (1 | 6), "socket type") => {
+                            let at = if kind == 1 { 12 } else { 4 };
+                            assert_eq!(value, u32::from(body[at]));
                             assert!(!(1..=2).contains(&value));
                         }
                         (5, "refusal reason") => {
@@ -197,6 +217,14 @@ fn raw(data: &[u8]) {
                 }
             }
         }
+    }
+}
+
+fn socket_type(seqpacket: bool) -> SocketType {
+    if seqpacket {
+        SocketType::SeqPacket
+    } else {
+        SocketType::Stream
     }
 }
 
@@ -213,11 +241,7 @@ fn frame_of(f: &FrameFields) -> Frame {
         } => Frame::Open {
             cid: Cid(cid),
             port: Port(port),
-            socket_type: if seqpacket {
-                SocketType::SeqPacket
-            } else {
-                SocketType::Stream
-            },
+            socket_type: socket_type(seqpacket),
         },
         FrameFields::Opened {
             id,
@@ -257,6 +281,24 @@ fn frame_of(f: &FrameFields) -> Frame {
         FrameFields::Refused { reason, errno } => Frame::Refused {
             reason: REFUSALS[usize::from(reason) % REFUSALS.len()],
             errno,
+        },
+        FrameFields::Listen { port, seqpacket } => Frame::Listen {
+            port: Port(port),
+            socket_type: socket_type(seqpacket),
+        },
+        FrameFields::Listening { port } => Frame::Listening { port: Port(port) },
+        FrameFields::Offered {
+            id,
+            secret,
+            next_nonce,
+            window,
+            park_timeout_ms,
+        } => Frame::Offered {
+            id: SessionId(id),
+            secret: Secret(secret),
+            next_nonce: Nonce(next_nonce),
+            window,
+            park_timeout_ms,
         },
     }
 }
