@@ -32,8 +32,8 @@
 //!   delivers in order, so the guest never sees the window from before a resume shrank it
 //!   once it has the answer).
 //!
-//! Not modelled: shutdown and close, the park timeout, seqpacket sessions, and the
-//! daemon's TX batching (see the note at `Daemon::resume`).
+//! Not modelled: shutdown and close, the park timeout, seqpacket sessions, listeners, the
+//! daemon's TX batching, and breaks only the guest sees (see `Daemon::resume`).
 
 use crate::session::proof::ResumeClaim;
 use crate::session::replay::ReplayBuffer;
@@ -375,12 +375,11 @@ impl Daemon {
 
     /// A RESUME frame on connection `conn`: resumes the session there or says why not.
     ///
-    /// domsockd differs here in one way the model does not copy: it looks the session up
-    /// with `find_parked`, which parks a session still live on another connection (and
-    /// resets that connection) *before* the proof is checked, so a RESUME with a bad
-    /// proof for a live session is refused but has cut the session's connection, and
-    /// payload of that connection accepted earlier in the same TX batch (counted in
-    /// `received`, not yet written) is dropped by `park_conn` (`hc.pending.clear()`).
+    /// A valid RESUME for a session still live on another connection (the guest saw its
+    /// transport break first) makes domsockd park that connection's session and resume it
+    /// here; in the model a genuine RESUME only follows a device loss, so the session is
+    /// always parked by then, and forged ones are checked like domsockd's, before anything
+    /// is touched.
     fn resume(&mut self, frame: Frame, conn: &mut DaemonConn) -> Result<(), Refusal> {
         let Frame::Resume {
             id,
