@@ -2329,6 +2329,230 @@ fn assert_pattern_line(what: &str, line: &DsLine, seed: u64, len: u64) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// j. the AF_VSOCK shim: a plain C program (tests/vm/c/vsock-pattern.c) under LD_PRELOAD
+
+/// Where setup.sh puts the shim in the guest.
+const SHIM_LIB: &str = "/lib/libdomsock_shim.so";
+/// The host port the C program talks to.
+const SHIM_PORT: u32 = 5100;
+/// Each way, per run of the C program in the mode tests.
+const SHIM_BYTES: u64 = 16 << 20;
+/// One way, for the throughput comparison with and without the shim.
+const SHIM_BENCH_BYTES: u64 = 128 << 20;
+
+/// How one run of the C program is started.
+#[derive(Debug, Clone, Copy)]
+enum ShimEnv {
+    /// Preloaded, sessions on.
+    On,
+    /// Preloaded with `DOMSOCK_SHIM=off`.
+    Off,
+    /// Preloaded with a port list that does not cover the port.
+    OtherPorts,
+    /// Not preloaded at all.
+    Without,
+}
+
+/// One run: mode, bytes out (guest->host) and in, and how it is started.
+#[derive(Debug, Clone, Copy)]
+struct ShimRun {
+    mode: &'static str,
+    env: ShimEnv,
+    out_bytes: u64,
+    in_bytes: u64,
+    out_seed: u64,
+    in_seed: u64,
+}
+
+impl ShimRun {
+    fn guest_cmd(&self) -> String {
+        let env = match self.env {
+            ShimEnv::On => format!("run env LD_PRELOAD={SHIM_LIB}"),
+            ShimEnv::Off => format!("run env DOMSOCK_SHIM=off LD_PRELOAD={SHIM_LIB}"),
+            ShimEnv::OtherPorts => {
+                format!("run env DOMSOCK_SHIM=1-{} LD_PRELOAD={SHIM_LIB}", SHIM_PORT - 1)
+            }
+            ShimEnv::Without => "run".to_owned(),
+        };
+        format!(
+            "{env} vsock-pattern {} {SHIM_PORT} {} {} {} {} {CHUNK_BYTES}",
+            self.mode, self.out_bytes, self.out_seed, self.in_bytes, self.in_seed
+        )
+    }
+
+    fn session(&self) -> bool {
+        matches!(self.env, ShimEnv::On)
+    }
+}
+
+/// What the host saw of one run.
+struct ShimServed {
+    got: host::Transfer,
+    sent: host::Transfer,
+}
+
+/// Serves one connection of the C program: reads `out_bytes` (and then EOF) while writing
+/// `in_bytes` of the pattern and shutting the write side. `first_bytes` runs once the first
+/// bytes from the guest have arrived (the daemon has then handled the connection's OPEN).
+fn serve_shim_run(conn: UnixStream, run: &ShimRun, first_bytes: impl FnOnce()) -> ShimServed {
+    let mut reader = conn.try_clone().expect("clone the host socket");
+    let (out_bytes, in_bytes, in_seed) = (run.out_bytes, run.in_bytes, run.in_seed);
+    let (arrived_tx, arrived) = mpsc::channel();
+    let read = thread::spawn(move || -> io::Result<host::Transfer> {
+        let mut sum = Checksum::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let start = Instant::now();
+        while sum.bytes() < out_bytes {
+            let want = (out_bytes - sum.bytes()).min(buf.len() as u64) as usize;
+            match reader.read(&mut buf[..want]) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("EOF after {} of {out_bytes} bytes", sum.bytes()),
+                    ))
+                }
+                Ok(n) => sum.update(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            let _ = arrived_tx.send(());
+        }
+        let elapsed = start.elapsed();
+        let rest = host::read_to_eof(&mut reader)?;
+        assert_eq!(rest.sum.bytes(), 0, "nothing after the announced length");
+        Ok(host::Transfer { sum, elapsed })
+    });
+    let mut writer = conn;
+    let write = thread::spawn(move || -> io::Result<host::Transfer> {
+        let sent = host::write_pattern(&mut writer, in_seed, in_bytes, CHUNK_BYTES)?;
+        writer.shutdown(Shutdown::Write)?;
+        Ok(sent)
+    });
+    if arrived.recv_timeout(STEP_TIMEOUT).is_ok() {
+        first_bytes();
+    }
+    let got = read
+        .join()
+        .expect("reader thread")
+        .expect("read the C program's stream");
+    let sent = write
+        .join()
+        .expect("writer thread")
+        .expect("write the pattern to the C program");
+    ShimServed { got, sent }
+}
+
+/// Checks the C program's result line and the host's view of one run.
+fn check_shim_run(what: &str, run: &ShimRun, res: &DsLine, served: &ShimServed) {
+    assert_pattern(&format!("{what}: host received"), &served.got.sum, run.out_seed, run.out_bytes);
+    assert_eq!(served.sent.sum.bytes(), run.in_bytes);
+    assert_eq!(res.u64("sent"), run.out_bytes, "{what}: {}", res.raw);
+    assert_eq!(res.u64("received"), run.in_bytes, "{what}: {}", res.raw);
+    assert_eq!(res.u64("bad"), 0, "{what}: bytes differing from the pattern: {}", res.raw);
+}
+
+fn sessions_opened(backend: &Backend) -> u64 {
+    backend_counters(backend, &["vm3"])["vm3"]
+        .get("sessions_opened")
+        .copied()
+        .expect("domsockd counts sessions_opened")
+}
+
+/// The C program, unmodified, under the shim in every I/O style (blocking with two
+/// threads, non-blocking with poll, select and edge-triggered epoll): each run opens a
+/// session (the daemon's `sessions_opened` moves by one) and both directions arrive
+/// intact. With `DOMSOCK_SHIM=off`, or a port list without the port, the same program makes
+/// a plain connection (the counter does not move). Then the same boot measures one-way
+/// throughput with and without the shim.
+fn shim_c_program_sessions(c: Case) {
+    let spec = c.spec(3);
+    let listener = host::listen_stream(&spec.uds, SHIM_PORT).expect("listen on <uds>_5100");
+    let backend = Backend::spawn(std::slice::from_ref(&spec), &c.log_dir);
+    let run = |mode, env, seed| ShimRun {
+        mode,
+        env,
+        out_bytes: SHIM_BYTES,
+        in_bytes: SHIM_BYTES,
+        out_seed: seed,
+        in_seed: seed + 100,
+    };
+    let bench = |env, seed| ShimRun {
+        mode: "blocking",
+        env,
+        out_bytes: SHIM_BENCH_BYTES,
+        in_bytes: 0,
+        out_seed: seed,
+        in_seed: 0,
+    };
+    let runs = [
+        run("blocking", ShimEnv::On, 1),
+        run("poll", ShimEnv::On, 2),
+        run("select", ShimEnv::On, 3),
+        run("epoll", ShimEnv::On, 4),
+        run("poll", ShimEnv::Off, 5),
+        run("epoll", ShimEnv::OtherPorts, 6),
+        bench(ShimEnv::Without, 7),
+        bench(ShimEnv::On, 8),
+        bench(ShimEnv::Without, 9),
+        bench(ShimEnv::On, 10),
+    ];
+    let mut cfg = c.vm("guest", &spec);
+    for r in &runs {
+        cfg = cfg.cmd(&r.guest_cmd());
+    }
+    let mut vm = c.boot(&cfg, &spec);
+
+    let mut opened = sessions_opened(&backend);
+    let mut rates: BTreeMap<bool, Vec<f64>> = BTreeMap::new();
+    for (i, r) in runs.iter().enumerate() {
+        let what = format!("run {i} ({} {:?})", r.mode, r.env);
+        let conn =
+            host::accept(&listener, STEP_TIMEOUT, IDLE_TIMEOUT).expect("the C program connects");
+        let cpu0 = backend.cpu_time();
+        // Counted once data flows: this run's OPEN (if any) is handled by then, and the next
+        // run cannot start before this one has all its bytes.
+        let mut now = None;
+        let served = serve_shim_run(conn, r, || now = Some(sessions_opened(&backend)));
+        let cpu = backend.cpu_time() - cpu0;
+        let now = now.expect("the C program sent data");
+        let res = vm.expect_result("vsock-pattern", STEP_TIMEOUT * 4);
+        check_shim_run(&what, r, &res, &served);
+        assert_eq!(
+            now - opened,
+            u64::from(r.session()),
+            "{what}: sessions_opened moved by {}",
+            now - opened
+        );
+        opened = now;
+        if r.in_bytes == 0 {
+            let mbps = report::mbps(r.out_bytes, served.got.elapsed);
+            rates.entry(r.session()).or_default().push(mbps);
+            c.report(&format!(
+                "{what}: guest->host {} MiB in {} KiB writes: host {mbps:.1} MB/s, guest {:.0} ms, backend CPU {}",
+                r.out_bytes >> 20,
+                CHUNK_BYTES >> 10,
+                res.f64("ms"),
+                cpu_per_gib(cpu, r.out_bytes)
+            ));
+        } else {
+            c.report(&format!(
+                "{what}: {} MiB each way intact in {:.0} ms{}",
+                r.out_bytes >> 20,
+                res.f64("ms"),
+                if r.session() { " (session)" } else { " (plain connection)" }
+            ));
+        }
+    }
+    let fmt = |v: &[f64]| v.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(", ");
+    c.report(&format!(
+        "throughput guest->host, same boot: without shim [{}] MB/s, with shim [{}] MB/s",
+        fmt(&rates[&false]),
+        fmt(&rates[&true])
+    ));
+    finish(&mut vm);
+}
+
+// ---------------------------------------------------------------------------------------------
 
 macro_rules! per_kernel {
     ($($case:ident),* $(,)?) => {
@@ -2373,4 +2597,5 @@ per_kernel!(
     session_park_timeout_expires,
     host_initiated_session_survives_replugs,
     seqpacket_session_survives_replugs,
+    shim_c_program_sessions,
 );
