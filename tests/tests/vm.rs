@@ -2370,7 +2370,10 @@ impl ShimRun {
             ShimEnv::On => format!("run env LD_PRELOAD={SHIM_LIB}"),
             ShimEnv::Off => format!("run env DOMSOCK_SHIM=off LD_PRELOAD={SHIM_LIB}"),
             ShimEnv::OtherPorts => {
-                format!("run env DOMSOCK_SHIM=1-{} LD_PRELOAD={SHIM_LIB}", SHIM_PORT - 1)
+                format!(
+                    "run env DOMSOCK_SHIM=1-{} LD_PRELOAD={SHIM_LIB}",
+                    SHIM_PORT - 1
+                )
             }
             ShimEnv::Without => "run".to_owned(),
         };
@@ -2444,11 +2447,21 @@ fn serve_shim_run(conn: UnixStream, run: &ShimRun, first_bytes: impl FnOnce()) -
 
 /// Checks the C program's result line and the host's view of one run.
 fn check_shim_run(what: &str, run: &ShimRun, res: &DsLine, served: &ShimServed) {
-    assert_pattern(&format!("{what}: host received"), &served.got.sum, run.out_seed, run.out_bytes);
+    assert_pattern(
+        &format!("{what}: host received"),
+        &served.got.sum,
+        run.out_seed,
+        run.out_bytes,
+    );
     assert_eq!(served.sent.sum.bytes(), run.in_bytes);
     assert_eq!(res.u64("sent"), run.out_bytes, "{what}: {}", res.raw);
     assert_eq!(res.u64("received"), run.in_bytes, "{what}: {}", res.raw);
-    assert_eq!(res.u64("bad"), 0, "{what}: bytes differing from the pattern: {}", res.raw);
+    assert_eq!(
+        res.u64("bad"),
+        0,
+        "{what}: bytes differing from the pattern: {}",
+        res.raw
+    );
 }
 
 fn sessions_opened(backend: &Backend) -> u64 {
@@ -2539,11 +2552,20 @@ fn shim_c_program_sessions(c: Case) {
                 "{what}: {} MiB each way intact in {:.0} ms{}",
                 r.out_bytes >> 20,
                 res.f64("ms"),
-                if r.session() { " (session)" } else { " (plain connection)" }
+                if r.session() {
+                    " (session)"
+                } else {
+                    " (plain connection)"
+                }
             ));
         }
     }
-    let fmt = |v: &[f64]| v.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(", ");
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     c.report(&format!(
         "throughput guest->host, same boot: without shim [{}] MB/s, with shim [{}] MB/s",
         fmt(&rates[&false]),

@@ -494,9 +494,10 @@ fn fcntl_ours(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
         return unsafe { next::fcntl(fd, cmd, arg) };
     };
     match cmd {
-        // SAFETY: the program's call.
         libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => {
-            match s.dup_with(|| unsafe { next::fcntl(fd, cmd, arg) }) {
+            // SAFETY: the program's call.
+            let dup = || unsafe { next::fcntl(fd, cmd, arg) };
+            match s.dup_with(dup) {
                 Ok(n) => n,
                 Err(e) => {
                     set_errno(e);

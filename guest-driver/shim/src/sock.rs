@@ -95,6 +95,9 @@ struct Creds {
 struct Tx {
     replay: ReplayBuffer,
     shut: bool,
+    /// RESUMED said the host end reads no more: later sends fail with EPIPE, as they
+    /// would on a connection whose peer closed.
+    peer_gone: bool,
 }
 
 #[derive(Debug)]
@@ -207,6 +210,7 @@ impl Sock {
             tx: Mutex::new(Tx {
                 replay: ReplayBuffer::new(0),
                 shut: false,
+                peer_gone: false,
             }),
             rx: Mutex::new(Rx {
                 received: 0,
@@ -380,6 +384,9 @@ impl Sock {
             }
             let mut tx = self.lock_io(&self.tx, nonblocking)?;
             let Some(gen) = self.live_gen() else { continue };
+            if tx.peer_gone {
+                return Err(libc::EPIPE);
+            }
             match call() {
                 Ok(n) => {
                     record(&mut tx.replay, n);
@@ -727,14 +734,15 @@ impl Sock {
         match read_frame(fd.as_raw_fd(), hs_deadline)? {
             Frame::Resumed {
                 received: theirs,
+                closed: theirs_closed,
                 next_nonce,
-                ..
             } => {
                 if let Some(c) = lock(&self.st).creds.as_mut() {
                     c.nonce = next_nonce;
                 }
                 let mut tx = lock(&self.tx);
                 let shut = tx.shut;
+                tx.peer_gone |= theirs_closed.rcv;
                 let (a, b) = tx
                     .replay
                     .resume_from(theirs)
@@ -1026,4 +1034,67 @@ pub(crate) fn wants_session(sock: &Sock, cid: u32, port: u32) -> bool {
         && cid == HOST_CID
         && port != handshake::session_port()
         && config::get().policy.covers(port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_map_to_the_librarys_errnos() {
+        // The README's table (shared with domsock_guest::session).
+        let cases = [
+            (Refusal::UnknownSession, 0, libc::ECONNRESET),
+            (Refusal::BadProof, 0, libc::ECONNRESET),
+            (Refusal::Expired, 0, libc::ETIMEDOUT),
+            (Refusal::TargetRefused, 0, libc::ECONNREFUSED),
+            (Refusal::TargetRefused, libc::EACCES as u32, libc::EACCES),
+            (Refusal::TargetRefused, u32::MAX, libc::ECONNREFUSED),
+            (Refusal::Unsupported, 0, libc::EOPNOTSUPP),
+            (Refusal::TooMany, 0, libc::EAGAIN),
+            (Refusal::OutOfRange, 0, libc::EPROTO),
+            (Refusal::Malformed, 0, libc::EPROTO),
+        ];
+        for (reason, errno, want) in cases {
+            assert_eq!(refusal_errno(reason, errno), want, "{reason:?} {errno}");
+        }
+    }
+
+    #[test]
+    fn only_transport_errors_start_a_resume() {
+        for e in [
+            libc::ENOMEM,
+            libc::ENODEV,
+            libc::ECONNRESET,
+            libc::ENOTCONN,
+            libc::EPIPE,
+        ] {
+            assert!(is_break(e), "{e}");
+        }
+        for e in [
+            libc::EAGAIN,
+            libc::EINTR,
+            libc::EFAULT,
+            libc::EINVAL,
+            libc::EBADF,
+        ] {
+            assert!(!is_break(e), "{e}");
+        }
+    }
+
+    #[test]
+    fn socket_timeouts_are_read_from_a_timeval() {
+        let tv = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 500_000,
+        };
+        // SAFETY: a timeval's bytes, for the parser that reads them back.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&raw const tv).cast::<u8>(), size_of::<libc::timeval>())
+        };
+        assert_eq!(timeval_of(bytes), Some(Duration::from_millis(2500)));
+        assert_eq!(timeval_of(&bytes[..4]), None);
+        let zero = [0u8; size_of::<libc::timeval>()];
+        assert_eq!(timeval_of(&zero), None, "0 means no timeout");
+    }
 }

@@ -105,10 +105,8 @@ pub(crate) fn is_epoll(fd: c_int) -> bool {
     }
     LOCK.with(|_| {
         // SAFETY: as in `sock`.
-        matches!(
-            unsafe { s.load(Ordering::Acquire).as_ref() },
-            Some(Entry::Epoll)
-        )
+        let entry = unsafe { s.load(Ordering::Acquire).as_ref() };
+        matches!(entry, Some(Entry::Epoll))
     })
 }
 
