@@ -2362,6 +2362,9 @@ struct ShimRun {
     in_bytes: u64,
     out_seed: u64,
     in_seed: u64,
+    /// The host answers only after the guest's EOF (request/response): the guest shuts its
+    /// write side while its reader is blocked.
+    reply_after_eof: bool,
 }
 
 impl ShimRun {
@@ -2401,6 +2404,7 @@ fn serve_shim_run(conn: UnixStream, run: &ShimRun, first_bytes: impl FnOnce()) -
     let mut reader = conn.try_clone().expect("clone the host socket");
     let (out_bytes, in_bytes, in_seed) = (run.out_bytes, run.in_bytes, run.in_seed);
     let (arrived_tx, arrived) = mpsc::channel();
+    let (eof_tx, eof) = mpsc::channel();
     let read = thread::spawn(move || -> io::Result<host::Transfer> {
         let mut sum = Checksum::new();
         let mut buf = vec![0u8; 256 * 1024];
@@ -2423,10 +2427,18 @@ fn serve_shim_run(conn: UnixStream, run: &ShimRun, first_bytes: impl FnOnce()) -
         let elapsed = start.elapsed();
         let rest = host::read_to_eof(&mut reader)?;
         assert_eq!(rest.sum.bytes(), 0, "nothing after the announced length");
+        let _ = eof_tx.send(());
         Ok(host::Transfer { sum, elapsed })
     });
     let mut writer = conn;
+    let reply_after_eof = run.reply_after_eof;
     let write = thread::spawn(move || -> io::Result<host::Transfer> {
+        if reply_after_eof && eof.recv_timeout(IDLE_TIMEOUT).is_err() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no EOF from the guest before the reply",
+            ));
+        }
         let sent = host::write_pattern(&mut writer, in_seed, in_bytes, CHUNK_BYTES)?;
         writer.shutdown(Shutdown::Write)?;
         Ok(sent)
@@ -2472,7 +2484,8 @@ fn sessions_opened(backend: &Backend) -> u64 {
 }
 
 /// The C program, unmodified, under the shim in every I/O style (blocking with two
-/// threads, non-blocking with poll, select and edge-triggered epoll): each run opens a
+/// threads, also as request/response where the write side is shut while the reader
+/// blocks; non-blocking with poll, select and edge-triggered epoll): each run opens a
 /// session (the daemon's `sessions_opened` moves by one) and both directions arrive
 /// intact. With `DOMSOCK_SHIM=off`, or a port list without the port, the same program makes
 /// a plain connection (the counter does not move). Then the same boot measures one-way
@@ -2488,6 +2501,7 @@ fn shim_c_program_sessions(c: Case) {
         in_bytes: SHIM_BYTES,
         out_seed: seed,
         in_seed: seed + 100,
+        reply_after_eof: false,
     };
     let bench = |env, seed| ShimRun {
         mode: "blocking",
@@ -2496,9 +2510,14 @@ fn shim_c_program_sessions(c: Case) {
         in_bytes: 0,
         out_seed: seed,
         in_seed: 0,
+        reply_after_eof: false,
     };
     let runs = [
         run("blocking", ShimEnv::On, 1),
+        ShimRun {
+            reply_after_eof: true,
+            ..run("blocking", ShimEnv::On, 11)
+        },
         run("poll", ShimEnv::On, 2),
         run("select", ShimEnv::On, 3),
         run("epoll", ShimEnv::On, 4),
@@ -2549,13 +2568,18 @@ fn shim_c_program_sessions(c: Case) {
             ));
         } else {
             c.report(&format!(
-                "{what}: {} MiB each way intact in {:.0} ms{}",
+                "{what}: {} MiB each way intact in {:.0} ms{}{}",
                 r.out_bytes >> 20,
                 res.f64("ms"),
                 if r.session() {
                     " (session)"
                 } else {
                     " (plain connection)"
+                },
+                if r.reply_after_eof {
+                    ", reply after the guest's EOF"
+                } else {
+                    ""
                 }
             ));
         }
@@ -2600,6 +2624,7 @@ fn shim_survives_replug(c: Case) {
             in_bytes: SHIM_REPLUG_BYTES,
             out_seed: seed,
             in_seed: seed + 100,
+            reply_after_eof: false,
         })
         .collect();
     let mut cfg = c.vm("guest", &spec);

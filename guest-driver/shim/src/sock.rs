@@ -94,7 +94,6 @@ struct Creds {
 #[derive(Debug)]
 struct Tx {
     replay: ReplayBuffer,
-    shut: bool,
     /// RESUMED said the host end reads no more: later sends fail with EPIPE, as they
     /// would on a connection whose peer closed.
     peer_gone: bool,
@@ -103,7 +102,6 @@ struct Tx {
 #[derive(Debug)]
 struct Rx {
     received: u64,
-    shut: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -132,6 +130,11 @@ struct St {
     creds: Option<Creds>,
     rcv_timeout: Option<Duration>,
     snd_timeout: Option<Duration>,
+    /// The program shut its write / read side. Kept here, not under `tx`/`rx`, so that a
+    /// shutdown never waits for a send or receive blocked in the kernel (a writer thread
+    /// shutting while the reader thread waits for the answer must not deadlock).
+    shut_wr: bool,
+    shut_rd: bool,
 }
 
 /// A socket the shim follows.
@@ -209,13 +212,9 @@ impl Sock {
             nonblocking: AtomicBool::new(nonblocking),
             tx: Mutex::new(Tx {
                 replay: ReplayBuffer::new(0),
-                shut: false,
                 peer_gone: false,
             }),
-            rx: Mutex::new(Rx {
-                received: 0,
-                shut: false,
-            }),
+            rx: Mutex::new(Rx { received: 0 }),
             st: Mutex::new(St {
                 phase: Phase::Fresh,
                 gen: 0,
@@ -229,6 +228,8 @@ impl Sock {
                 creds: None,
                 rcv_timeout: None,
                 snd_timeout: None,
+                shut_wr: false,
+                shut_rd: false,
             }),
             changed: Condvar::new(),
         })
@@ -393,11 +394,11 @@ impl Sock {
                     return Ok(n);
                 }
                 Err(e) => {
-                    let shut = tx.shut;
                     drop(tx);
                     if self.live_gen() != Some(gen) {
                         continue;
                     }
+                    let shut = lock(&self.st).shut_wr;
                     if is_break(e) && !(e == libc::EPIPE && shut) {
                         self.begin_outage(gen, e);
                         continue;
@@ -426,7 +427,7 @@ impl Sock {
             let mut rx = self.lock_io(&self.rx, nonblocking)?;
             let Some(gen) = self.live_gen() else { continue };
             match call() {
-                Ok(0) if want > 0 && !rx.shut => {
+                Ok(0) if want > 0 && !lock(&self.st).shut_rd => {
                     drop(rx);
                     if self.live_gen() != Some(gen) {
                         continue;
@@ -632,6 +633,7 @@ impl Sock {
             }
         };
         set_fd_nonblocking(fd.as_raw_fd(), self.nonblocking.load(Ordering::Relaxed));
+        apply_shutdowns(&st, fd.as_raw_fd());
         self.swap_in(&mut st, fd.as_raw_fd());
         drop(fd);
         // Closing the placeholder's write end wakes pollers sleeping on it.
@@ -684,6 +686,8 @@ impl Sock {
                     return;
                 }
                 set_fd_nonblocking(fd.as_raw_fd(), self.nonblocking.load(Ordering::Relaxed));
+                // A shutdown the program made after the RESUME went out.
+                apply_shutdowns(&st, fd.as_raw_fd());
                 self.swap_in(&mut st, fd.as_raw_fd());
                 drop(fd);
                 st.placeholder = None;
@@ -701,14 +705,13 @@ impl Sock {
         let fd = connect_private(handshake::session_port(), &opts)?;
         let hs_deadline =
             deadline.min(Instant::now() + Duration::from_millis(HANDSHAKE_TIMEOUT_MS));
-        let (received, rcv_shut) = {
-            let rx = lock(&self.rx);
-            (rx.received, rx.shut)
-        };
-        let send_shut = lock(&self.tx).shut;
-        let closed = Closed {
-            send: send_shut,
-            rcv: rcv_shut,
+        let received = lock(&self.rx).received;
+        let closed = {
+            let st = lock(&self.st);
+            Closed {
+                send: st.shut_wr,
+                rcv: st.shut_rd,
+            }
         };
         let client_nonce = Nonce(handshake::random());
         let frame = {
@@ -740,8 +743,8 @@ impl Sock {
                 if let Some(c) = lock(&self.st).creds.as_mut() {
                     c.nonce = next_nonce;
                 }
+                let shut = closed.send;
                 let mut tx = lock(&self.tx);
-                let shut = tx.shut;
                 tx.peer_gone |= theirs_closed.rcv;
                 let (a, b) = tx
                     .replay
@@ -768,33 +771,31 @@ impl Sock {
     }
 
     /// The program shuts down a direction. During an outage it is remembered and applied
-    /// after the retransmission (the daemon is told in RESUME).
+    /// after the retransmission (the daemon is told in RESUME). Takes only `st`: see
+    /// `St::shut_wr`.
     pub(crate) fn shutdown(&self, fd: RawFd, how: c_int) -> Result<(), c_int> {
-        let mut tx = lock(&self.tx);
-        let mut rx = lock(&self.rx);
-        let st = lock(&self.st);
+        let mut st = lock(&self.st);
+        let record = |st: &mut St| {
+            if how == libc::SHUT_WR || how == libc::SHUT_RDWR {
+                st.shut_wr = true;
+            }
+            if how == libc::SHUT_RD || how == libc::SHUT_RDWR {
+                st.shut_rd = true;
+            }
+        };
         match st.phase {
             Phase::Fresh | Phase::Raw | Phase::Live => {}
             Phase::Failed(_) => return Err(libc::ENOTCONN),
             Phase::Opening | Phase::Breaking | Phase::Outage => {
-                if how == libc::SHUT_WR || how == libc::SHUT_RDWR {
-                    tx.shut = true;
-                }
-                if how == libc::SHUT_RD || how == libc::SHUT_RDWR {
-                    rx.shut = true;
-                }
+                record(&mut st);
                 return Ok(());
             }
         }
-        // SAFETY: shutdown(2) on the program's fd.
+        // SAFETY: shutdown(2) on the program's fd, which is the connection (st held, so no
+        // swap can happen meanwhile).
         cvt(unsafe { next::shutdown(fd, how) } as isize)?;
         if st.phase == Phase::Live {
-            if how == libc::SHUT_WR || how == libc::SHUT_RDWR {
-                tx.shut = true;
-            }
-            if how == libc::SHUT_RD || how == libc::SHUT_RDWR {
-                rx.shut = true;
-            }
+            record(&mut st);
         }
         Ok(())
     }
@@ -982,6 +983,18 @@ fn establish(port: u32, opts: &[SockOpt]) -> Result<Established, c_int> {
         Ok(_) => Err(libc::EPROTO),
         Err(Failure::Transport(e) | Failure::Final(e)) => Err(e),
     }
+}
+
+/// Applies the program's shutdowns to a new connection (again, if it was already told).
+fn apply_shutdowns(st: &St, fd: RawFd) {
+    let how = match (st.shut_wr, st.shut_rd) {
+        (true, true) => libc::SHUT_RDWR,
+        (true, false) => libc::SHUT_WR,
+        (false, true) => libc::SHUT_RD,
+        (false, false) => return,
+    };
+    // SAFETY: shutdown(2) on the shim's own new connection.
+    unsafe { next::shutdown(fd, how) };
 }
 
 fn set_fd_nonblocking(fd: RawFd, on: bool) {
