@@ -195,20 +195,59 @@ pub(crate) fn session_port() -> u32 {
     SESSION_PORT.0
 }
 
-/// Fresh random bytes.
+/// Fresh random bytes for a client nonce.
+///
+/// `getrandom(2)` without flags blocks until the kernel's pool is initialised, which in a
+/// small TCG guest without an entropy source can be never (the session library found that
+/// in the replug VM test). So: the initialised pool if it is ready, else the same
+/// unblocking source `/dev/urandom` reads (`GRND_INSECURE`, Linux 5.6+), without opening a
+/// file in the program's process. The nonce only has to be one the program never used
+/// before and an observer did not choose; the proof's secret comes from the daemon.
 pub(crate) fn random<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     let mut got = 0;
+    let mut flags = libc::GRND_NONBLOCK;
     while got < N {
         // SAFETY: writes at most `N - got` bytes into `b[got..]`.
-        let r = unsafe { libc::getrandom(b[got..].as_mut_ptr().cast(), N - got, 0) };
+        let r = unsafe { libc::getrandom(b[got..].as_mut_ptr().cast(), N - got, flags) };
         if r > 0 {
             got += r as usize;
-        } else if next::errno() != libc::EINTR {
+            continue;
+        }
+        match next::errno() {
+            libc::EINTR => {}
+            libc::EAGAIN if flags == libc::GRND_NONBLOCK => flags = libc::GRND_INSECURE,
+            // A kernel before 5.6: no GRND_INSECURE; wait for the pool after all.
+            libc::EINVAL if flags == libc::GRND_INSECURE => flags = 0,
             // No randomness, no unguessable nonce: never send a predictable one.
             // SAFETY: ends the process.
-            unsafe { libc::abort() };
+            _ => unsafe { libc::abort() },
         }
     }
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonces_are_fresh() {
+        let a: [u8; 16] = random();
+        let b: [u8; 16] = random();
+        assert_ne!(a, b);
+        assert_ne!(a, [0; 16]);
+    }
+
+    #[test]
+    fn transport_errors_are_retried_others_are_final() {
+        assert_eq!(classify(libc::ENODEV), Failure::Transport(libc::ENODEV));
+        assert_eq!(
+            classify(libc::ECONNREFUSED),
+            Failure::Transport(libc::ECONNREFUSED)
+        );
+        assert_eq!(classify(libc::EAGAIN), Failure::Transport(libc::EAGAIN));
+        assert_eq!(classify(libc::EACCES), Failure::Final(libc::EACCES));
+        assert_eq!(classify(libc::EPROTO), Failure::Final(libc::EPROTO));
+    }
 }
