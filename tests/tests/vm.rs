@@ -2433,13 +2433,21 @@ fn serve_shim_run(conn: UnixStream, run: &ShimRun, first_bytes: impl FnOnce()) -
     let mut writer = conn;
     let reply_after_eof = run.reply_after_eof;
     let write = thread::spawn(move || -> io::Result<host::Transfer> {
-        if reply_after_eof && eof.recv_timeout(IDLE_TIMEOUT).is_err() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "no EOF from the guest before the reply",
-            ));
+        let guest_eof = || {
+            eof.recv_timeout(IDLE_TIMEOUT)
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no EOF from the guest"))
+        };
+        if reply_after_eof {
+            guest_eof()?;
         }
         let sent = host::write_pattern(&mut writer, in_seed, in_bytes, CHUNK_BYTES)?;
+        if !reply_after_eof {
+            // The guest closes once it reads our EOF. domsockd cannot tell a close from a
+            // crash, so a close while it still holds guest bytes for us parks the session
+            // (the EOF would reach us only at the park timeout): shut only once we have
+            // everything.
+            guest_eof()?;
+        }
         writer.shutdown(Shutdown::Write)?;
         Ok(sent)
     });
@@ -2652,6 +2660,7 @@ fn shim_survives_replug(c: Case) {
             host::accept(&listener, STEP_TIMEOUT, IDLE_TIMEOUT).expect("the C program connects");
         let mut reader = conn.try_clone().expect("clone the host socket");
         let (at_tx, at) = mpsc::channel();
+        let (eof_tx, eof) = mpsc::channel();
         let out_bytes = r.out_bytes;
         let read = thread::spawn(move || -> io::Result<host::Transfer> {
             let mut sum = Checksum::new();
@@ -2669,7 +2678,12 @@ fn shim_survives_replug(c: Case) {
                     }
                     Ok(n) => sum.update(&buf[..n]),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        return Err(io::Error::new(
+                            e.kind(),
+                            format!("read after {} of {out_bytes} bytes: {e}", sum.bytes()),
+                        ))
+                    }
                 }
                 if next_cut <= SHIM_REPLUGS
                     && sum.bytes() >= out_bytes * next_cut / (SHIM_REPLUGS + 1)
@@ -2679,14 +2693,24 @@ fn shim_survives_replug(c: Case) {
                 }
             }
             let elapsed = start.elapsed();
-            let rest = host::read_to_eof(&mut reader)?;
+            let rest = host::read_to_eof(&mut reader).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("waiting for EOF after all {out_bytes} bytes: {e}"),
+                )
+            })?;
             assert_eq!(rest.sum.bytes(), 0, "nothing after the announced length");
+            let _ = eof_tx.send(());
             Ok(host::Transfer { sum, elapsed })
         });
         let mut writer = conn;
         let (in_bytes, in_seed) = (r.in_bytes, r.in_seed);
         let write = thread::spawn(move || -> io::Result<host::Transfer> {
             let sent = host::write_pattern(&mut writer, in_seed, in_bytes, CHUNK_BYTES)?;
+            // As in `serve_shim_run`: the guest's close must not find domsockd still
+            // holding guest bytes for us.
+            eof.recv_timeout(IDLE_TIMEOUT * 2)
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no EOF from the guest"))?;
             writer.shutdown(Shutdown::Write)?;
             Ok(sent)
         });
