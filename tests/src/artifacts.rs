@@ -161,10 +161,16 @@ fn which(bin: &Path) -> Option<PathBuf> {
 fn warn_if_stale(k: &Kernel) {
     let guest_bin = workspace_root().join("target/guest/x86_64-unknown-linux-gnu/release/domsock");
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let src = workspace_root().join("guest-driver").join("src");
-    let newest_src = std::fs::read_dir(&src)
-        .into_iter()
-        .flatten()
+    // The guest program's, the shim's and the C test program's sources all end up in it.
+    let root = workspace_root();
+    let dirs = [
+        root.join("guest-driver").join("src"),
+        root.join("guest-driver").join("shim").join("src"),
+        root.join("tests").join("vm").join("c"),
+    ];
+    let newest_src = dirs
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten())
         .filter_map(|e| e.ok())
         .filter_map(|e| modified(&e.path()))
         .chain(modified(&guest_bin))
@@ -173,7 +179,7 @@ fn warn_if_stale(k: &Kernel) {
         if src_time > initrd_time {
             crate::report::line(
                 &format!("kernel {}", k.name),
-                "WARNING: guest-driver sources are newer than the initramfs; re-run tests/vm/setup.sh",
+                "WARNING: guest program, shim or C test sources are newer than the initramfs; re-run tests/vm/setup.sh",
             );
         }
     }

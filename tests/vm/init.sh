@@ -11,6 +11,9 @@
 #                          failure is expected and does not stop the sequence, its success
 #                          does (a DS-ERROR line, and the final status is 1). The first
 #                          failing foreground command stops the sequence.
+#                          A command whose first (or, after `bg`/`xfail`, second) word is
+#                          `run` runs the rest as any program instead of `domsock`:
+#                          ds_cmd1=run~env~LD_PRELOAD=/lib/libdomsock_shim.so~vsock-pattern~..
 #   ds_after=poweroff      what to do afterwards: poweroff (default), reboot (`reboot -f`; the
 #                          next boot runs the same commands again), or hold (keep running
 #                          until the host kills QEMU).
@@ -43,6 +46,16 @@ if [ "$rc" -eq 0 ]; then
     domsock cid --wait-ms 5000 || rc=$?
 fi
 
+# `domsock ARGS`, or with a first word `run`, the program the other words name.
+runcmd() {
+    if [ "$1" = run ]; then
+        shift
+        "$@"
+    else
+        domsock "$@"
+    fi
+}
+
 bg_pids=""
 i=0
 while [ "$rc" -eq 0 ] && [ "$i" -lt 32 ]; do
@@ -53,12 +66,12 @@ while [ "$rc" -eq 0 ] && [ "$i" -lt 32 ]; do
     if [ "$1" = bg ]; then
         shift
         echo "DS-BEGIN i=$i bg $*"
-        domsock "$@" &
+        runcmd "$@" &
         bg_pids="$bg_pids $!"
     elif [ "$1" = xfail ]; then
         shift
         echo "DS-BEGIN i=$i xfail $*"
-        domsock "$@"
+        runcmd "$@"
         r=$?
         echo "DS-END i=$i rc=$r xfail=1"
         if [ "$r" -eq 0 ]; then
@@ -67,7 +80,7 @@ while [ "$rc" -eq 0 ] && [ "$i" -lt 32 ]; do
         fi
     else
         echo "DS-BEGIN i=$i $*"
-        domsock "$@"
+        runcmd "$@"
         r=$?
         echo "DS-END i=$i rc=$r"
         [ "$r" -eq 0 ] || rc=$r

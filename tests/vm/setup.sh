@@ -4,6 +4,9 @@
 #   - Debian cloud kernel 6.1 (required) and 6.12 from bookworm-backports (optional),
 #     downloaded and unpacked into .cache/vm/kernel-<kver>/ (never installed);
 #   - the static guest program `domsock` (crate domsock-guest), built into target/guest;
+#   - the AF_VSOCK shim (target/release/libdomsock_shim.so, crate domsock-shim) and the plain
+#     C test program tests/vm/c/vsock-pattern.c (gcc from apt when missing), packed with the
+#     dynamic loader and the libraries `ldd` names (LD_PRELOAD needs them in the guest);
 #   - one initramfs per kernel: .cache/vm/initramfs-<kver>.cpio.gz.
 #
 # Idempotent: a kernel is only downloaded again when the archive offers a newer one; the guest
@@ -21,6 +24,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 CACHE="$ROOT/.cache/vm"
 GUEST_TARGET_DIR="$ROOT/target/guest"
 GUEST_BIN="$GUEST_TARGET_DIR/x86_64-unknown-linux-gnu/release/domsock"
+SHIM_SO="$ROOT/target/release/libdomsock_shim.so"
+C_PATTERN_BIN="$GUEST_TARGET_DIR/vsock-pattern"
 BACKPORTS_LIST=/etc/apt/sources.list.d/domsock-bookworm-backports.sources
 
 # Load order that works with busybox insmod (see /work/shared/VM-RECIPE.md). Modules that a
@@ -69,6 +74,8 @@ install_packages() {
     fi
     dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install ok installed' ||
         missing+=(busybox-static)
+    # The C test program of the shim tests (and `strip`, from binutils, which gcc brings).
+    command -v gcc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
     if [ "${#missing[@]}" -gt 0 ]; then
         need_root "installing ${missing[*]}"
         apt_update_once
@@ -196,6 +203,28 @@ build_guest() {
     file_is_static "$GUEST_BIN" || die "$GUEST_BIN is not statically linked"
 }
 
+# The shim (a cdylib, built like any release artifact of the workspace) and the C program
+# that runs under it in the guest.
+build_shim_and_c_program() {
+    log "building the AF_VSOCK shim (target/release/libdomsock_shim.so)"
+    (cd "$ROOT" && cargo build --quiet --release -p domsock-shim)
+    log "building tests/vm/c/vsock-pattern.c"
+    mkdir -p "$GUEST_TARGET_DIR"
+    gcc -O2 -Wall -Wextra -Werror -o "$C_PATTERN_BIN" "$ROOT/tests/vm/c/vsock-pattern.c" -lpthread
+}
+
+# $1: stage dir, $2...: dynamic ELF files. Copies the loader and every library `ldd` names
+# into the stage at their host paths (symlinks resolved).
+copy_shared_libs() {
+    local stage="$1" lib
+    shift
+    for lib in $(ldd "$@" | grep -o '/[^ ]*' | sort -u); do
+        [ -e "$lib" ] || continue
+        mkdir -p "$stage$(dirname "$lib")"
+        cp -L "$lib" "$stage$lib"
+    done
+}
+
 # --- 4. initramfs -------------------------------------------------------------------------
 # $1: series. Builds $CACHE/initramfs-<series>.cpio.gz.
 build_initramfs() {
@@ -214,6 +243,15 @@ build_initramfs() {
     cp "$GUEST_BIN" "$stage/bin/domsock"
     cp "$ROOT/tests/vm/init.sh" "$stage/init"
     chmod 0755 "$stage/init" "$stage/bin/domsock"
+    # The shim and its C test program, with what the dynamic loader needs for them.
+    mkdir -p "$stage/lib"
+    if command -v strip >/dev/null 2>&1; then
+        strip --strip-debug -o "$stage/lib/libdomsock_shim.so" "$SHIM_SO"
+    else
+        cp "$SHIM_SO" "$stage/lib/libdomsock_shim.so"
+    fi
+    cp "$C_PATTERN_BIN" "$stage/bin/vsock-pattern"
+    copy_shared_libs "$stage" "$SHIM_SO" "$C_PATTERN_BIN"
 
     local m path order=()
     for m in "${MODULES[@]}"; do
@@ -258,6 +296,7 @@ main() {
     install_packages
     fetch_kernel 6.1
     build_guest
+    build_shim_and_c_program
     build_initramfs 6.1
 
     if [ "${DOMSOCK_VM_SKIP_6_12:-0}" = 1 ]; then

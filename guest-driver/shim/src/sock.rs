@@ -1,0 +1,1113 @@
+//! One vsock socket the program created, and the session it may carry.
+//!
+//! The program's fd number(s) always name whatever this socket currently is:
+//!
+//! | phase      | the program's fd is                    | its calls                         |
+//! |------------|----------------------------------------|-----------------------------------|
+//! | `Fresh`    | the socket it created (not connected)  | pass through                      |
+//! | `Raw`      | a plain connection (no session)        | pass through                      |
+//! | `Opening`  | its socket, or a placeholder (below)   | wait / `EAGAIN`                   |
+//! | `Live`     | the session's vsock connection         | pass through, bytes counted       |
+//! | `Breaking` | the dead connection, for an instant    | wait / `EAGAIN`                   |
+//! | `Outage`   | the outage placeholder                 | wait / `EAGAIN`                   |
+//! | `Failed`   | the failed placeholder                 | the session's errno               |
+//!
+//! The **outage placeholder** is the read end of a pipe whose write end the shim holds: it
+//! is never readable, never writable and never hangs up, so `poll`/`epoll` report the fd
+//! not ready for as long as the device is away. Closing the write end when the session is
+//! back makes pollers that were sleeping on it wake (POLLHUP), and the shim's `poll`
+//! wrappers, seeing the generation moved, poll again on the new connection. The **failed
+//! placeholder** is the write end of a pipe whose read end is closed: always
+//! `POLLOUT|POLLERR`, like a socket whose connect failed.
+//!
+//! Every change of what the fd is ([`Sock::swap_in`]) `dup3`s the new file onto each of
+//! the program's fd numbers, after removing and before re-adding the program's epoll
+//! registrations of them (they die with the old file otherwise), and bumps `gen`. A call
+//! that fails after the generation moved is retried instead of reported.
+//!
+//! Locks, always in this order: `tx` (held across a send and its recording in the replay
+//! buffer), `rx` (across a receive and its counting), `st`. The resume and the swaps take
+//! all three; program calls never hold `tx` or `rx` while waiting for a resume.
+
+use crate::config;
+use crate::handshake::{
+    self, connect_private, read_frame, vsock_addr, write_all, Failure, HOST_CID,
+};
+use crate::log::debug;
+use crate::next::{self, cvt};
+use crate::table::{self, Entry};
+use domsock_migration::session::proof::ResumeClaim;
+use domsock_migration::session::replay::ReplayBuffer;
+use domsock_migration::session::wire::{Closed, Frame, Refusal};
+use domsock_migration::session::{Nonce, Secret, SessionId};
+use domsock_proto::{Cid, Port, SocketType};
+use libc::{c_int, epoll_event, sockaddr_vm};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
+
+/// How long an OPEN or RESUME may wait for the daemon's answer on one connection.
+const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// First and largest pause between two resume attempts.
+const RETRY_FIRST_MS: u64 = 10;
+const RETRY_MAX_MS: u64 = 200;
+
+/// A socket option the program set, applied again to every new connection.
+#[derive(Debug, Clone)]
+pub(crate) struct SockOpt {
+    pub(crate) level: c_int,
+    pub(crate) name: c_int,
+    pub(crate) value: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Fresh,
+    Raw,
+    Opening,
+    Live,
+    Breaking,
+    Outage,
+    Failed(c_int),
+}
+
+/// What the `poll` wrappers need to know about a socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PollView {
+    /// A session connection: its POLLERR means the transport broke.
+    Live,
+    /// Waiting for a session (open or resume): whatever the fd reports is not the program's.
+    Transient,
+    /// Anything else: report what the kernel says.
+    Plain,
+}
+
+#[derive(Debug)]
+struct Creds {
+    id: SessionId,
+    secret: Secret,
+    nonce: Nonce,
+    park_timeout_ms: u32,
+}
+
+#[derive(Debug)]
+struct Tx {
+    replay: ReplayBuffer,
+    /// RESUMED said the host end reads no more: later sends fail with EPIPE, as they
+    /// would on a connection whose peer closed.
+    peer_gone: bool,
+}
+
+#[derive(Debug)]
+struct Rx {
+    received: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct EpollReg {
+    epfd: c_int,
+    fd: c_int,
+    ev: epoll_event,
+}
+
+#[derive(Debug)]
+struct St {
+    phase: Phase,
+    gen: u64,
+    /// The program's fd numbers for this socket.
+    fds: Vec<c_int>,
+    epoll: Vec<EpollReg>,
+    opts: Vec<SockOpt>,
+    /// Reported once by `getsockopt(SO_ERROR)` (a failed non-blocking connect).
+    so_error: c_int,
+    /// The session's target, as the program connected it.
+    peer: Option<sockaddr_vm>,
+    /// The session connection's local address, for `getsockname` during an outage.
+    local: Option<sockaddr_vm>,
+    /// The outage placeholder's write end.
+    placeholder: Option<OwnedFd>,
+    creds: Option<Creds>,
+    rcv_timeout: Option<Duration>,
+    snd_timeout: Option<Duration>,
+    /// The program shut its write / read side. Kept here, not under `tx`/`rx`, so that a
+    /// shutdown never waits for a send or receive blocked in the kernel (a writer thread
+    /// shutting while the reader thread waits for the answer must not deadlock).
+    shut_wr: bool,
+    shut_rd: bool,
+}
+
+/// A socket the shim follows.
+#[derive(Debug)]
+pub(crate) struct Sock {
+    stream: bool,
+    nonblocking: AtomicBool,
+    tx: Mutex<Tx>,
+    rx: Mutex<Rx>,
+    st: Mutex<St>,
+    changed: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A program thread that panicked inside the shim aborts (extern "C"), so poisoning only
+    // says a guard was dropped during an abort: the data is still consistent enough.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+enum Usable {
+    Pass,
+    Live,
+}
+
+/// Errors of a send or receive on a session connection that mean the transport broke.
+fn is_break(e: c_int) -> bool {
+    matches!(
+        e,
+        libc::ENODEV
+            | libc::ENOMEM
+            | libc::ECONNRESET
+            | libc::ENOTCONN
+            | libc::EPIPE
+            | libc::ESHUTDOWN
+            | libc::ECONNABORTED
+            | libc::ETIMEDOUT
+    )
+}
+
+/// The errno a refusal means to the program (the same mapping as `domsock_guest::session`).
+fn refusal_errno(reason: Refusal, errno: u32) -> c_int {
+    match reason {
+        Refusal::UnknownSession | Refusal::BadProof => libc::ECONNRESET,
+        Refusal::Expired => libc::ETIMEDOUT,
+        Refusal::TargetRefused => match c_int::try_from(errno) {
+            Ok(e) if e > 0 => e,
+            _ => libc::ECONNREFUSED,
+        },
+        Refusal::Unsupported => libc::EOPNOTSUPP,
+        Refusal::TooMany => libc::EAGAIN,
+        Refusal::OutOfRange | Refusal::Malformed => libc::EPROTO,
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), c_int> {
+    let mut p = [0 as c_int; 2];
+    // SAFETY: `p` has room for the two fds pipe2 returns.
+    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(next::errno());
+    }
+    // SAFETY: both fds were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) })
+}
+
+enum Established {
+    Session(OwnedFd, Creds, u32),
+    Raw(OwnedFd),
+}
+
+impl Sock {
+    /// A socket just created by the program (`ty` without the flag bits).
+    pub(crate) fn new(ty: c_int, nonblocking: bool) -> Arc<Sock> {
+        Arc::new(Sock {
+            stream: ty == libc::SOCK_STREAM,
+            nonblocking: AtomicBool::new(nonblocking),
+            tx: Mutex::new(Tx {
+                replay: ReplayBuffer::new(0),
+                peer_gone: false,
+            }),
+            rx: Mutex::new(Rx { received: 0 }),
+            st: Mutex::new(St {
+                phase: Phase::Fresh,
+                gen: 0,
+                fds: Vec::new(),
+                epoll: Vec::new(),
+                opts: Vec::new(),
+                so_error: 0,
+                peer: None,
+                local: None,
+                placeholder: None,
+                creds: None,
+                rcv_timeout: None,
+                snd_timeout: None,
+                shut_wr: false,
+                shut_rd: false,
+            }),
+            changed: Condvar::new(),
+        })
+    }
+
+    /// Whether it is a stream socket.
+    pub(crate) fn is_stream(&self) -> bool {
+        self.stream
+    }
+
+    /// Whether a connect may still decide what this socket becomes.
+    pub(crate) fn is_fresh(&self) -> bool {
+        lock(&self.st).phase == Phase::Fresh
+    }
+
+    /// Whether calls on it pass straight through.
+    pub(crate) fn is_raw(&self) -> bool {
+        matches!(lock(&self.st).phase, Phase::Fresh | Phase::Raw)
+    }
+
+    /// The program changed `O_NONBLOCK` (fcntl, ioctl).
+    pub(crate) fn set_nonblocking(&self, on: bool) {
+        self.nonblocking.store(on, Ordering::Relaxed);
+    }
+
+    fn live_gen(&self) -> Option<u64> {
+        let st = lock(&self.st);
+        (st.phase == Phase::Live).then_some(st.gen)
+    }
+
+    /// The generation and what the poll wrappers should make of this socket's events.
+    pub(crate) fn poll_view(&self) -> (u64, PollView) {
+        let st = lock(&self.st);
+        let view = match st.phase {
+            Phase::Live => PollView::Live,
+            Phase::Opening | Phase::Breaking | Phase::Outage => PollView::Transient,
+            Phase::Fresh | Phase::Raw | Phase::Failed(_) => PollView::Plain,
+        };
+        (st.gen, view)
+    }
+
+    /// Records that `fd` names this socket (after socket/dup); the table entry is the
+    /// caller's.
+    pub(crate) fn add_fd(&self, fd: c_int) {
+        lock(&self.st).fds.push(fd);
+    }
+
+    /// `fd` is being closed or replaced. Returns whether it was the last one.
+    pub(crate) fn drop_fd(&self, fd: c_int) -> bool {
+        let mut st = lock(&self.st);
+        st.fds.retain(|&f| f != fd);
+        st.epoll.retain(|r| r.fd != fd);
+        if st.fds.is_empty() && matches!(st.phase, Phase::Breaking | Phase::Outage) {
+            debug!("last fd closed during an outage: the resume goes on to deliver the tail");
+        }
+        st.fds.is_empty()
+    }
+
+    /// Stops following this socket (it became an ordinary one): unlinks all its fds.
+    pub(crate) fn forget(&self) {
+        let fds = std::mem::take(&mut lock(&self.st).fds);
+        for fd in fds {
+            drop(table::remove(fd));
+        }
+    }
+
+    /// Duplicates `old` with `dup_call` and tracks the new fd.
+    pub(crate) fn dup_with(
+        self: &Arc<Self>,
+        dup_call: impl FnOnce() -> c_int,
+    ) -> Result<c_int, c_int> {
+        let mut st = lock(&self.st);
+        let new = dup_call();
+        if new < 0 {
+            return Err(next::errno());
+        }
+        st.fds.push(new);
+        drop(st);
+        match table::insert(new, Entry::Sock(Arc::clone(self))) {
+            Ok(old) => drop(old),
+            // Beyond the table: that copy is not followed (documented).
+            Err(_) => self.drop_fd_quiet(new),
+        }
+        Ok(new)
+    }
+
+    fn drop_fd_quiet(&self, fd: c_int) {
+        lock(&self.st).fds.retain(|&f| f != fd);
+    }
+
+    fn wait_usable(&self, nonblocking: bool, timeout: Option<Duration>) -> Result<Usable, c_int> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut st = lock(&self.st);
+        loop {
+            match st.phase {
+                Phase::Fresh | Phase::Raw => return Ok(Usable::Pass),
+                Phase::Live => return Ok(Usable::Live),
+                Phase::Failed(e) => return Err(e),
+                Phase::Opening | Phase::Breaking | Phase::Outage => {}
+            }
+            if nonblocking {
+                return Err(libc::EAGAIN);
+            }
+            st = match deadline {
+                None => self.changed.wait(st).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(libc::EAGAIN);
+                    }
+                    self.changed
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    fn lock_io<'a, T>(
+        &self,
+        m: &'a Mutex<T>,
+        nonblocking: bool,
+    ) -> Result<MutexGuard<'a, T>, c_int> {
+        match m.try_lock() {
+            Ok(g) => Ok(g),
+            Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+            // Held: by another program thread (wait for it, as the kernel's socket lock
+            // would) or by a resume (then a non-blocking call must not wait).
+            Err(TryLockError::WouldBlock) => {
+                if nonblocking && self.live_gen().is_none() {
+                    Err(libc::EAGAIN)
+                } else {
+                    Ok(lock(m))
+                }
+            }
+        }
+    }
+
+    /// A send of the program's: `call` does the real send on the program's fd and `record`
+    /// copies the first `n` bytes it accepted into the replay buffer.
+    pub(crate) fn send(
+        self: &Arc<Self>,
+        dontwait: bool,
+        call: &mut dyn FnMut() -> Result<usize, c_int>,
+        record: &mut dyn FnMut(&mut ReplayBuffer, usize),
+    ) -> Result<usize, c_int> {
+        loop {
+            let nonblocking = dontwait || self.nonblocking.load(Ordering::Relaxed);
+            let timeout = lock(&self.st).snd_timeout;
+            if let Usable::Pass = self.wait_usable(nonblocking, timeout)? {
+                return call();
+            }
+            let mut tx = self.lock_io(&self.tx, nonblocking)?;
+            let Some(gen) = self.live_gen() else { continue };
+            if tx.peer_gone {
+                return Err(libc::EPIPE);
+            }
+            match call() {
+                Ok(n) => {
+                    record(&mut tx.replay, n);
+                    return Ok(n);
+                }
+                Err(e) => {
+                    drop(tx);
+                    if self.live_gen() != Some(gen) {
+                        continue;
+                    }
+                    let shut = lock(&self.st).shut_wr;
+                    if is_break(e) && !(e == libc::EPIPE && shut) {
+                        self.begin_outage(gen, e);
+                        continue;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// A receive of the program's into `want` bytes of buffer (`peek`: not consumed).
+    pub(crate) fn recv(
+        self: &Arc<Self>,
+        fd: RawFd,
+        dontwait: bool,
+        peek: bool,
+        want: usize,
+        call: &mut dyn FnMut() -> Result<usize, c_int>,
+    ) -> Result<usize, c_int> {
+        loop {
+            let nonblocking = dontwait || self.nonblocking.load(Ordering::Relaxed);
+            let timeout = lock(&self.st).rcv_timeout;
+            if let Usable::Pass = self.wait_usable(nonblocking, timeout)? {
+                return call();
+            }
+            let mut rx = self.lock_io(&self.rx, nonblocking)?;
+            let Some(gen) = self.live_gen() else { continue };
+            match call() {
+                Ok(0) if want > 0 && !lock(&self.st).shut_rd => {
+                    drop(rx);
+                    if self.live_gen() != Some(gen) {
+                        continue;
+                    }
+                    // A reset connection may read as EOF; a genuine EOF has no error.
+                    if let Some(e) = pending_error(fd) {
+                        self.begin_outage(gen, e);
+                        continue;
+                    }
+                    return Ok(0);
+                }
+                Ok(n) => {
+                    if !peek {
+                        rx.received += n as u64;
+                    }
+                    return Ok(n);
+                }
+                Err(e) => {
+                    drop(rx);
+                    if self.live_gen() != Some(gen) {
+                        continue;
+                    }
+                    if is_break(e) {
+                        self.begin_outage(gen, e);
+                        continue;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// The transport under generation `gen` broke (`why`): put the outage placeholder in
+    /// and start resuming. Idempotent: only the first caller for a generation acts.
+    pub(crate) fn begin_outage(self: &Arc<Self>, gen: u64, why: c_int) {
+        {
+            let mut st = lock(&self.st);
+            if st.phase != Phase::Live || st.gen != gen {
+                return;
+            }
+            st.phase = Phase::Breaking;
+            // Wake any thread still blocked in the kernel on the dead connection, so that
+            // the locks below are released.
+            if let Some(&fd) = st.fds.first() {
+                // SAFETY: shutdown(2) on the program's fd, which is the dead connection.
+                unsafe { next::shutdown(fd, libc::SHUT_RDWR) };
+            }
+        }
+        debug!("transport broke ({}): resuming", errno_name(why));
+        let tx = lock(&self.tx);
+        let rx = lock(&self.rx);
+        let mut st = lock(&self.st);
+        match pipe() {
+            Ok((r, w)) => {
+                set_fd_nonblocking(r.as_raw_fd(), self.nonblocking.load(Ordering::Relaxed));
+                self.swap_in(&mut st, r.as_raw_fd());
+                st.placeholder = Some(w);
+                st.phase = Phase::Outage;
+            }
+            Err(e) => {
+                drop((st, rx, tx));
+                self.fail(e);
+                return;
+            }
+        }
+        drop((st, rx, tx));
+        self.changed.notify_all();
+        let me = Arc::clone(self);
+        if let Err(e) = std::thread::Builder::new()
+            .name("domsock-resume".into())
+            .spawn(move || me.resume())
+        {
+            self.fail(e.raw_os_error().unwrap_or(libc::EAGAIN));
+        }
+    }
+
+    /// Makes `newfd`'s file what every program fd of this socket names (see the module
+    /// doc), re-adding the program's epoll registrations. `newfd` stays the caller's.
+    fn swap_in(&self, st: &mut St, newfd: RawFd) {
+        for r in &st.epoll {
+            // SAFETY: epoll_ctl(2) DEL with the program's epfd and fd; errors are harmless.
+            unsafe { next::epoll_ctl(r.epfd, libc::EPOLL_CTL_DEL, r.fd, std::ptr::null_mut()) };
+        }
+        for &fd in &st.fds {
+            // SAFETY: F_GETFD and dup3(2) on fds the program owns and the shim tracks;
+            // replacing their file is the point.
+            unsafe {
+                let fdflags = next::fcntl(fd, libc::F_GETFD, 0);
+                let flags = if fdflags >= 0 && fdflags & libc::FD_CLOEXEC != 0 {
+                    libc::O_CLOEXEC
+                } else {
+                    0
+                };
+                for _ in 0..100 {
+                    if next::dup3(newfd, fd, flags) >= 0 || next::errno() != libc::EBUSY {
+                        break;
+                    }
+                }
+            }
+        }
+        for r in &st.epoll {
+            let mut ev = r.ev;
+            // SAFETY: epoll_ctl(2) ADD with a valid event.
+            unsafe { next::epoll_ctl(r.epfd, libc::EPOLL_CTL_ADD, r.fd, &mut ev) };
+        }
+        st.gen += 1;
+    }
+
+    /// Ends the session with `e`: the program's fds become the failed placeholder.
+    fn fail(&self, e: c_int) {
+        debug!("session failed: {}", errno_name(e));
+        let _tx = lock(&self.tx);
+        let _rx = lock(&self.rx);
+        let mut st = lock(&self.st);
+        if !st.fds.is_empty() {
+            if let Ok((r, w)) = pipe() {
+                drop(r);
+                self.swap_in(&mut st, w.as_raw_fd());
+            }
+        }
+        st.placeholder = None;
+        st.phase = Phase::Failed(e);
+        st.so_error = e;
+        drop(st);
+        self.changed.notify_all();
+    }
+
+    /// The program connects this stream socket to host port `port` (policy checked by
+    /// the caller): opens a session, or a plain connection if the daemon has none.
+    pub(crate) fn open(self: &Arc<Self>, addr: sockaddr_vm) -> Result<(), c_int> {
+        let nonblocking = self.nonblocking.load(Ordering::Relaxed);
+        let opts;
+        {
+            let mut st = lock(&self.st);
+            match st.phase {
+                Phase::Fresh => {}
+                Phase::Opening => return Err(libc::EALREADY),
+                Phase::Failed(e) => return Err(e),
+                _ => return Err(libc::EISCONN),
+            }
+            st.phase = Phase::Opening;
+            st.peer = Some(addr);
+            opts = st.opts.clone();
+            if nonblocking {
+                let (r, w) = pipe()?;
+                set_fd_nonblocking(r.as_raw_fd(), true);
+                self.swap_in(&mut st, r.as_raw_fd());
+                st.placeholder = Some(w);
+            }
+        }
+        let port = addr.svm_port;
+        if nonblocking {
+            let me = Arc::clone(self);
+            let spawned = std::thread::Builder::new()
+                .name("domsock-open".into())
+                .spawn(move || match establish(port, &opts) {
+                    Ok(est) => me.install(est),
+                    Err(e) => me.fail(e),
+                });
+            match spawned {
+                Ok(_) => Err(libc::EINPROGRESS),
+                Err(e) => {
+                    let e = e.raw_os_error().unwrap_or(libc::EAGAIN);
+                    self.fail(e);
+                    Err(e)
+                }
+            }
+        } else {
+            match establish(port, &opts) {
+                Ok(est) => {
+                    self.install(est);
+                    Ok(())
+                }
+                Err(e) => {
+                    lock(&self.st).phase = Phase::Fresh;
+                    self.changed.notify_all();
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// A connection is ready: make it the program's.
+    fn install(&self, est: Established) {
+        let mut tx = lock(&self.tx);
+        let _rx = lock(&self.rx);
+        let mut st = lock(&self.st);
+        let (fd, phase) = match est {
+            Established::Session(fd, creds, window) => {
+                debug!(
+                    "session {} opened to port {} (window {window})",
+                    creds.id,
+                    st.peer.map_or(0, |p| p.svm_port)
+                );
+                tx.replay = ReplayBuffer::new(window as usize);
+                st.creds = Some(creds);
+                st.local = local_addr(fd.as_raw_fd());
+                (fd, Phase::Live)
+            }
+            Established::Raw(fd) => {
+                debug!("no session service: plain connection");
+                (fd, Phase::Raw)
+            }
+        };
+        set_fd_nonblocking(fd.as_raw_fd(), self.nonblocking.load(Ordering::Relaxed));
+        apply_shutdowns(&st, fd.as_raw_fd());
+        self.swap_in(&mut st, fd.as_raw_fd());
+        drop(fd);
+        // Closing the placeholder's write end wakes pollers sleeping on it.
+        st.placeholder = None;
+        st.phase = phase;
+        drop(st);
+        self.changed.notify_all();
+    }
+
+    /// The resume worker: reconnects with bounded backoff until resumed, refused, or the
+    /// park timeout has passed.
+    fn resume(self: Arc<Self>) {
+        let started = Instant::now();
+        let park_ms = lock(&self.st)
+            .creds
+            .as_ref()
+            .map_or(0, |c| u64::from(c.park_timeout_ms));
+        let deadline = started + Duration::from_millis(park_ms);
+        let mut pause = Duration::from_millis(RETRY_FIRST_MS);
+        let mut attempts = 0u32;
+        let outcome = loop {
+            attempts += 1;
+            match self.try_resume(deadline) {
+                Ok(fd) => break Ok(fd),
+                Err(Failure::Final(e)) => break Err(e),
+                Err(Failure::Transport(_)) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break Err(libc::ETIMEDOUT);
+                    }
+                    std::thread::sleep(pause.min(left));
+                    pause = (pause * 2).min(Duration::from_millis(RETRY_MAX_MS));
+                }
+            }
+        };
+        match outcome {
+            Ok(fd) => {
+                debug!(
+                    "resumed after {} ms, {attempts} attempt(s)",
+                    started.elapsed().as_millis()
+                );
+                let _tx = lock(&self.tx);
+                let _rx = lock(&self.rx);
+                let mut st = lock(&self.st);
+                if st.fds.is_empty() {
+                    // Closed by the program meanwhile: the tail is delivered, now close.
+                    drop(fd);
+                    st.placeholder = None;
+                    st.phase = Phase::Failed(libc::EBADF);
+                    return;
+                }
+                set_fd_nonblocking(fd.as_raw_fd(), self.nonblocking.load(Ordering::Relaxed));
+                // A shutdown the program made after the RESUME went out.
+                apply_shutdowns(&st, fd.as_raw_fd());
+                self.swap_in(&mut st, fd.as_raw_fd());
+                drop(fd);
+                st.placeholder = None;
+                st.phase = Phase::Live;
+                drop(st);
+                self.changed.notify_all();
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// One RESUME on a new connection; on success the daemon has our missing tail.
+    fn try_resume(&self, deadline: Instant) -> Result<OwnedFd, Failure> {
+        let opts = lock(&self.st).opts.clone();
+        let fd = connect_private(handshake::session_port(), &opts)?;
+        let hs_deadline =
+            deadline.min(Instant::now() + Duration::from_millis(HANDSHAKE_TIMEOUT_MS));
+        let received = lock(&self.rx).received;
+        let closed = {
+            let st = lock(&self.st);
+            Closed {
+                send: st.shut_wr,
+                rcv: st.shut_rd,
+            }
+        };
+        let client_nonce = Nonce(handshake::random());
+        let frame = {
+            let st = lock(&self.st);
+            let c = st.creds.as_ref().ok_or(Failure::Final(libc::EPROTO))?;
+            let proof = ResumeClaim {
+                id: c.id,
+                server_nonce: c.nonce,
+                client_nonce,
+                received,
+                closed,
+            }
+            .prove(&c.secret);
+            Frame::Resume {
+                id: c.id,
+                client_nonce,
+                received,
+                closed,
+                proof,
+            }
+        };
+        write_all(fd.as_raw_fd(), &frame.encode(), hs_deadline)?;
+        match read_frame(fd.as_raw_fd(), hs_deadline)? {
+            Frame::Resumed {
+                received: theirs,
+                closed: theirs_closed,
+                next_nonce,
+            } => {
+                if let Some(c) = lock(&self.st).creds.as_mut() {
+                    c.nonce = next_nonce;
+                }
+                let shut = closed.send;
+                let mut tx = lock(&self.tx);
+                tx.peer_gone |= theirs_closed.rcv;
+                let (a, b) = tx
+                    .replay
+                    .resume_from(theirs)
+                    .map_err(|_| Failure::Final(libc::EPROTO))?;
+                debug!(
+                    "RESUMED: daemon has {theirs} bytes, resending {}",
+                    a.len() + b.len()
+                );
+                write_all(fd.as_raw_fd(), a, hs_deadline)?;
+                write_all(fd.as_raw_fd(), b, hs_deadline)?;
+                if shut {
+                    // SAFETY: shutdown(2) on our private connection.
+                    unsafe { next::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
+                }
+                Ok(fd)
+            }
+            Frame::Refused { reason, errno } => {
+                debug!("RESUME refused: {reason:?}");
+                Err(Failure::Final(refusal_errno(reason, errno)))
+            }
+            _ => Err(Failure::Final(libc::EPROTO)),
+        }
+    }
+
+    /// The program shuts down a direction. During an outage it is remembered and applied
+    /// after the retransmission (the daemon is told in RESUME). Takes only `st`: see
+    /// `St::shut_wr`.
+    pub(crate) fn shutdown(&self, fd: RawFd, how: c_int) -> Result<(), c_int> {
+        let mut st = lock(&self.st);
+        let record = |st: &mut St| {
+            if how == libc::SHUT_WR || how == libc::SHUT_RDWR {
+                st.shut_wr = true;
+            }
+            if how == libc::SHUT_RD || how == libc::SHUT_RDWR {
+                st.shut_rd = true;
+            }
+        };
+        match st.phase {
+            Phase::Fresh | Phase::Raw | Phase::Live => {}
+            Phase::Failed(_) => return Err(libc::ENOTCONN),
+            Phase::Opening | Phase::Breaking | Phase::Outage => {
+                record(&mut st);
+                return Ok(());
+            }
+        }
+        // SAFETY: shutdown(2) on the program's fd, which is the connection (st held, so no
+        // swap can happen meanwhile).
+        cvt(unsafe { next::shutdown(fd, how) } as isize)?;
+        if st.phase == Phase::Live {
+            record(&mut st);
+        }
+        Ok(())
+    }
+
+    /// The program's `epoll_ctl` on one of this socket's fds: done, and remembered.
+    pub(crate) fn epoll_ctl(
+        &self,
+        epfd: c_int,
+        op: c_int,
+        fd: c_int,
+        ev: *mut epoll_event,
+    ) -> c_int {
+        let mut st = lock(&self.st);
+        // SAFETY: the program's own arguments, passed on unchanged.
+        let r = unsafe { next::epoll_ctl(epfd, op, fd, ev) };
+        if r < 0 {
+            return r;
+        }
+        st.epoll.retain(|x| !(x.epfd == epfd && x.fd == fd));
+        if op != libc::EPOLL_CTL_DEL && !ev.is_null() {
+            // SAFETY: the kernel accepted `ev`, so it points to a readable epoll_event.
+            let ev = unsafe { *ev };
+            st.epoll.push(EpollReg { epfd, fd, ev });
+        }
+        r
+    }
+
+    /// The epoll instance `epfd` was closed: forget its registrations.
+    pub(crate) fn forget_epoll(&self, epfd: c_int) {
+        lock(&self.st).epoll.retain(|r| r.epfd != epfd);
+    }
+
+    /// This socket's fds registered in `epfd` with user data `data`.
+    pub(crate) fn registered(&self, epfd: c_int, data: u64) -> Vec<c_int> {
+        lock(&self.st)
+            .epoll
+            .iter()
+            .filter(|r| r.epfd == epfd && { r.ev.u64 } == data)
+            .map(|r| r.fd)
+            .collect()
+    }
+
+    /// `getsockopt` answered by the shim, when it must be: `SO_ERROR` of a failed
+    /// non-blocking connect, and anything asked while the fd is a placeholder.
+    pub(crate) fn getsockopt(&self, level: c_int, name: c_int) -> Option<Result<Vec<u8>, c_int>> {
+        let mut st = lock(&self.st);
+        let placeholder = matches!(
+            st.phase,
+            Phase::Opening | Phase::Breaking | Phase::Outage | Phase::Failed(_)
+        );
+        if level == libc::SOL_SOCKET && name == libc::SO_ERROR && (st.so_error != 0 || placeholder)
+        {
+            let e = std::mem::take(&mut st.so_error);
+            return Some(Ok(e.to_ne_bytes().to_vec()));
+        }
+        if !placeholder {
+            return None;
+        }
+        let int = |v: c_int| Some(Ok(v.to_ne_bytes().to_vec()));
+        match (level, name) {
+            (libc::SOL_SOCKET, libc::SO_TYPE) => int(if self.stream {
+                libc::SOCK_STREAM
+            } else {
+                libc::SOCK_SEQPACKET
+            }),
+            (libc::SOL_SOCKET, libc::SO_DOMAIN) => int(libc::AF_VSOCK),
+            (libc::SOL_SOCKET, libc::SO_ACCEPTCONN) => int(0),
+            _ => Some(
+                st.opts
+                    .iter()
+                    .find(|o| o.level == level && o.name == name)
+                    .map(|o| o.value.clone())
+                    .ok_or(libc::ENOPROTOOPT),
+            ),
+        }
+    }
+
+    /// Remembers an option the program set; returns whether the call should also go to
+    /// the fd (false while it is a placeholder).
+    pub(crate) fn setsockopt(&self, level: c_int, name: c_int, value: &[u8]) -> bool {
+        let mut st = lock(&self.st);
+        st.opts.retain(|o| !(o.level == level && o.name == name));
+        st.opts.push(SockOpt {
+            level,
+            name,
+            value: value.to_vec(),
+        });
+        if level == libc::SOL_SOCKET && (name == libc::SO_RCVTIMEO || name == libc::SO_SNDTIMEO) {
+            let t = timeval_of(value);
+            if name == libc::SO_RCVTIMEO {
+                st.rcv_timeout = t;
+            } else {
+                st.snd_timeout = t;
+            }
+        }
+        matches!(st.phase, Phase::Fresh | Phase::Raw | Phase::Live)
+    }
+
+    /// The address `getpeername` reports for a session (its target, not the session port).
+    pub(crate) fn peer(&self) -> Option<Result<sockaddr_vm, c_int>> {
+        let st = lock(&self.st);
+        match st.phase {
+            Phase::Opening | Phase::Live | Phase::Breaking | Phase::Outage => {
+                Some(st.peer.ok_or(libc::ENOTCONN))
+            }
+            Phase::Failed(_) => Some(Err(libc::ENOTCONN)),
+            Phase::Fresh | Phase::Raw => None,
+        }
+    }
+
+    /// The address `getsockname` reports while the fd is a placeholder.
+    pub(crate) fn local(&self) -> Option<Result<sockaddr_vm, c_int>> {
+        let st = lock(&self.st);
+        match st.phase {
+            Phase::Opening | Phase::Breaking | Phase::Outage | Phase::Failed(_) => {
+                Some(st.local.ok_or(libc::ENOTCONN))
+            }
+            _ => None,
+        }
+    }
+
+    /// `F_GETFL` while the fd is a placeholder (the pipe's own flags would show).
+    pub(crate) fn status_flags(&self) -> Option<c_int> {
+        let st = lock(&self.st);
+        match st.phase {
+            Phase::Opening | Phase::Breaking | Phase::Outage | Phase::Failed(_) => Some(
+                libc::O_RDWR
+                    | if self.nonblocking.load(Ordering::Relaxed) {
+                        libc::O_NONBLOCK
+                    } else {
+                        0
+                    },
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// Connects to the session port and opens a session to host `port`; a daemon without the
+/// session service (the port refuses, or the OPEN is `Unsupported`) gets a plain
+/// connection to the target instead.
+fn establish(port: u32, opts: &[SockOpt]) -> Result<Established, c_int> {
+    let raw = || match connect_private(port, opts) {
+        Ok(fd) => Ok(Established::Raw(fd)),
+        Err(Failure::Transport(e) | Failure::Final(e)) => Err(e),
+    };
+    let fd = match connect_private(handshake::session_port(), opts) {
+        Ok(fd) => fd,
+        Err(Failure::Transport(libc::ECONNRESET | libc::ECONNREFUSED)) => return raw(),
+        Err(Failure::Transport(e) | Failure::Final(e)) => return Err(e),
+    };
+    let deadline = Instant::now() + Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
+    let open = Frame::Open {
+        cid: Cid::HOST,
+        port: Port(port),
+        socket_type: SocketType::Stream,
+    };
+    let answer = write_all(fd.as_raw_fd(), &open.encode(), deadline)
+        .and_then(|()| read_frame(fd.as_raw_fd(), deadline));
+    match answer {
+        Ok(Frame::Opened {
+            id,
+            secret,
+            next_nonce,
+            window,
+            park_timeout_ms,
+        }) => Ok(Established::Session(
+            fd,
+            Creds {
+                id,
+                secret,
+                nonce: next_nonce,
+                park_timeout_ms,
+            },
+            window,
+        )),
+        Ok(Frame::Refused {
+            reason: Refusal::Unsupported,
+            ..
+        }) => {
+            drop(fd);
+            raw()
+        }
+        Ok(Frame::Refused { reason, errno }) => Err(refusal_errno(reason, errno)),
+        Ok(_) => Err(libc::EPROTO),
+        Err(Failure::Transport(e) | Failure::Final(e)) => Err(e),
+    }
+}
+
+/// Applies the program's shutdowns to a new connection (again, if it was already told).
+fn apply_shutdowns(st: &St, fd: RawFd) {
+    let how = match (st.shut_wr, st.shut_rd) {
+        (true, true) => libc::SHUT_RDWR,
+        (true, false) => libc::SHUT_WR,
+        (false, true) => libc::SHUT_RD,
+        (false, false) => return,
+    };
+    // SAFETY: shutdown(2) on the shim's own new connection.
+    unsafe { next::shutdown(fd, how) };
+}
+
+fn set_fd_nonblocking(fd: RawFd, on: bool) {
+    handshake::set_nonblocking(fd, on);
+}
+
+fn pending_error(fd: RawFd) -> Option<c_int> {
+    let mut e: c_int = 0;
+    let mut len = size_of::<c_int>() as libc::socklen_t;
+    // SAFETY: SO_ERROR into a c_int of the length given.
+    let r = unsafe {
+        next::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&raw mut e).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && e != 0).then_some(e)
+}
+
+fn local_addr(fd: RawFd) -> Option<sockaddr_vm> {
+    let mut a = vsock_addr(0, 0);
+    let mut len = size_of::<sockaddr_vm>() as libc::socklen_t;
+    // SAFETY: getsockname(2) into a sockaddr_vm of the length given.
+    let r = unsafe { next::getsockname(fd, (&raw mut a).cast(), &mut len) };
+    (r == 0).then_some(a)
+}
+
+fn timeval_of(value: &[u8]) -> Option<Duration> {
+    if value.len() < size_of::<libc::timeval>() {
+        return None;
+    }
+    // SAFETY: `value` holds at least one timeval's bytes; read unaligned.
+    let tv: libc::timeval = unsafe { std::ptr::read_unaligned(value.as_ptr().cast()) };
+    let d = Duration::from_secs(tv.tv_sec.max(0) as u64)
+        + Duration::from_micros(tv.tv_usec.max(0) as u64);
+    (!d.is_zero()).then_some(d)
+}
+
+/// The symbolic name of an errno, for the log.
+pub(crate) fn errno_name(e: c_int) -> String {
+    std::io::Error::from_raw_os_error(e).to_string()
+}
+
+/// Whether the program connecting a socket of this kind to `(cid, port)` gets a session.
+pub(crate) fn wants_session(sock: &Sock, cid: u32, port: u32) -> bool {
+    sock.is_stream()
+        && cid == HOST_CID
+        && port != handshake::session_port()
+        && config::get().policy.covers(port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_map_to_the_librarys_errnos() {
+        // The README's table (shared with domsock_guest::session).
+        let cases = [
+            (Refusal::UnknownSession, 0, libc::ECONNRESET),
+            (Refusal::BadProof, 0, libc::ECONNRESET),
+            (Refusal::Expired, 0, libc::ETIMEDOUT),
+            (Refusal::TargetRefused, 0, libc::ECONNREFUSED),
+            (Refusal::TargetRefused, libc::EACCES as u32, libc::EACCES),
+            (Refusal::TargetRefused, u32::MAX, libc::ECONNREFUSED),
+            (Refusal::Unsupported, 0, libc::EOPNOTSUPP),
+            (Refusal::TooMany, 0, libc::EAGAIN),
+            (Refusal::OutOfRange, 0, libc::EPROTO),
+            (Refusal::Malformed, 0, libc::EPROTO),
+        ];
+        for (reason, errno, want) in cases {
+            assert_eq!(refusal_errno(reason, errno), want, "{reason:?} {errno}");
+        }
+    }
+
+    #[test]
+    fn only_transport_errors_start_a_resume() {
+        for e in [
+            libc::ENOMEM,
+            libc::ENODEV,
+            libc::ECONNRESET,
+            libc::ENOTCONN,
+            libc::EPIPE,
+        ] {
+            assert!(is_break(e), "{e}");
+        }
+        for e in [
+            libc::EAGAIN,
+            libc::EINTR,
+            libc::EFAULT,
+            libc::EINVAL,
+            libc::EBADF,
+        ] {
+            assert!(!is_break(e), "{e}");
+        }
+    }
+
+    #[test]
+    fn socket_timeouts_are_read_from_a_timeval() {
+        let tv = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 500_000,
+        };
+        // SAFETY: a timeval's bytes, for the parser that reads them back.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&raw const tv).cast::<u8>(), size_of::<libc::timeval>())
+        };
+        assert_eq!(timeval_of(bytes), Some(Duration::from_millis(2500)));
+        assert_eq!(timeval_of(&bytes[..4]), None);
+        let zero = [0u8; size_of::<libc::timeval>()];
+        assert_eq!(timeval_of(&zero), None, "0 means no timeout");
+    }
+}
