@@ -784,3 +784,22 @@ fn payload_in_the_batch_that_abandons_the_connection_is_kept() {
     };
     assert_eq!(received, 10, "the daemon counts what it accepted");
 }
+
+#[test]
+fn a_guest_that_half_closed_and_went_needs_no_resume() {
+    let mut g = TestGuest::new("s-done");
+    let listener = g.listen_stream(TARGET);
+    let (conn, _client) = open(&mut g, 40_000);
+    let mut host = accept(&listener);
+    // More than the host socket takes at once: the rest waits in the outbox.
+    let data = pattern(9, 200 * 1024);
+    send_all(&mut g, &conn, &data);
+    g.send_ctl(&conn, OP_SHUTDOWN, SHUTDOWN_SEND);
+    g.pump();
+    g.send_ctl(&conn, OP_RST, 0);
+    g.pump();
+    assert_eq!(g.plane.parked_sessions(), 0, "nothing to resume");
+    let mut got = Vec::new();
+    host.read_to_end(&mut got).unwrap();
+    assert_eq!(got, data, "everything the guest sent, then EOF");
+}

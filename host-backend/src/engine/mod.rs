@@ -261,7 +261,11 @@ impl DataPlane {
             hc.session_ack(guest_fwd_cnt);
         }
         let peer = conn.peer_shutdown();
-        if peer.rcv && hc.is_session() && !hc.session_finished() {
+        if peer.send && !peer.rcv {
+            // A graceful half-close: the guest has sent everything it will send.
+            hc.mark_guest_done();
+        }
+        if peer.rcv && hc.is_session() && !hc.session_finished() && !hc.guest_done() {
             // The guest gave up on this connection (it shuts its read side or resets only
             // when it abandons one; it ends a session by shutting its write side): keep
             // the session for a RESUME.
@@ -319,13 +323,22 @@ impl DataPlane {
     /// `guest_fwd_cnt`): a session not yet finished is parked
     /// (see `after_change`), anything else is closed.
     fn guest_closed(&mut self, key: ConnKey, guest_fwd_cnt: u32) {
-        let unfinished = self.conns.get_mut(&key).is_some_and(|hc| {
-            // The last packet's fwd_cnt says what the guest consumed in the end.
-            hc.session_ack(guest_fwd_cnt);
-            hc.is_session() && !hc.session_finished()
-        });
-        if unfinished {
+        let Some(hc) = self.conns.get_mut(&key) else {
+            return;
+        };
+        // The last packet's fwd_cnt says what the guest consumed in the end.
+        hc.session_ack(guest_fwd_cnt);
+        if hc.is_session() && !hc.session_finished() && !hc.guest_done() {
             self.park_conn(key);
+            return;
+        }
+        if hc.is_session() && hc.outbox_holds_data() {
+            // A session whose guest half-closed and then went: it needs no resume, but what
+            // it sent still goes to the host (as after a device stop).
+            let hc = self.conns.remove(&key).expect("looked up above");
+            self.session_closed(key, &hc);
+            self.poller.unregister(hc.sock.raw_fd(), hc.token);
+            linger::spawn(self.shared.clone(), vec![hc]);
             return;
         }
         self.close_host(key);

@@ -119,6 +119,9 @@ pub(crate) struct SessionLink {
     received: u64,
     /// Outbox bytes accepted on an earlier connection, still waiting for the host.
     carried: usize,
+    /// The guest half-closed (a SHUTDOWN with only the send bit): a later reset or close
+    /// of its connection ends the session instead of parking it.
+    guest_done: bool,
     /// Seqpacket sessions count messages: where each message recorded in `to_guest` ends,
     /// and how many messages before `to_guest.start()` the guest has consumed.
     messages: Option<MessageLog>,
@@ -262,6 +265,18 @@ impl HostConn {
             && self.inbox_pending() == 0
             && link.messages.as_ref().is_none_or(|m| m.replay.is_empty())
             && link.to_guest.is_empty()
+    }
+
+    /// Records that the guest half-closed its session gracefully.
+    pub(super) fn mark_guest_done(&mut self) {
+        if let Some(link) = link_of(self) {
+            link.guest_done = true;
+        }
+    }
+
+    /// Whether the guest half-closed its session before (see [`SessionLink::guest_done`]).
+    pub(super) fn guest_done(&self) -> bool {
+        matches!(self.session.as_deref(), Some(SessionState::Live(l)) if l.guest_done)
     }
 
     /// Whether this connection carries a live session.
@@ -603,6 +618,7 @@ impl DataPlane {
             greeting_len,
             received: 0,
             carried: 0,
+            guest_done: false,
             messages: None,
         };
         (link, greeting)
