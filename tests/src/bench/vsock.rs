@@ -221,11 +221,14 @@ fn accept_one(listener: &std::os::unix::net::UnixListener) -> Result<UnixStream,
     Ok(s)
 }
 
+/// One guest->host stream; over a session the guest opened (`session`) or a raw
+/// connection.
 fn guest_to_host(
     binary: &Path,
     size: usize,
     plan: &Plan,
     log: &Path,
+    session: bool,
 ) -> Result<Throughput, String> {
     let rig = Rig::start(binary, 1, log)?;
     let spec = &rig.specs[0];
@@ -234,9 +237,12 @@ fn guest_to_host(
     let t2 = target.clone();
     let reader = thread::spawn(move || host_sink(listener, t2));
     let mut g = guest(spec)?;
-    let key = g
-        .connect_timeout(host_addr(SINK_PORT), SocketType::Stream, STALL)
-        .map_err(|e| format!("guest connect: {e}"))?;
+    let key = if session {
+        open_session(&mut g, SINK_PORT)?
+    } else {
+        g.connect_timeout(host_addr(SINK_PORT), SocketType::Stream, STALL)
+            .map_err(|e| format!("guest connect: {e}"))?
+    };
     let cpu0 = rig.backend.cpu_time();
     let start = Instant::now();
     let sent = guest_write_for(&mut g, key, size, plan.duration);
@@ -254,17 +260,24 @@ fn guest_to_host(
     })
 }
 
+/// One host->guest stream the host opened (`CONNECT`); over a session (`session`: the
+/// guest registered its listener with `LISTEN`, so the connection starts with OFFERED) or a
+/// raw connection.
 fn host_to_guest(
     binary: &Path,
     size: usize,
     plan: &Plan,
     log: &Path,
+    session: bool,
 ) -> Result<Throughput, String> {
     let rig = Rig::start(binary, 1, log)?;
     let spec = &rig.specs[0];
     let mut g = guest(spec)?;
     g.listen(Port(GUEST_PORT), SocketType::Stream)
         .map_err(|e| e.to_string())?;
+    if session {
+        register_listener(&mut g, GUEST_PORT)?;
+    }
     let uds = spec.uds.clone();
     let duration = plan.duration;
     let go = Arc::new(Barrier::new(2));
@@ -281,6 +294,12 @@ fn host_to_guest(
     let key = g
         .accept_timeout(Port(GUEST_PORT), STALL)
         .map_err(|e| format!("guest accept: {e}"))?;
+    if session {
+        match read_session_frame(&mut g, key)? {
+            Frame::Offered { .. } => {}
+            other => return Err(format!("expected OFFERED, got {other:?}")),
+        }
+    }
     go.wait();
     let cpu0 = rig.backend.cpu_time();
     let start = Instant::now();
@@ -336,97 +355,21 @@ fn open_session(g: &mut UserGuest, port: u32) -> Result<ConnKey, String> {
     }
 }
 
-fn session_guest_to_host(
-    binary: &Path,
-    size: usize,
-    plan: &Plan,
-    log: &Path,
-) -> Result<Throughput, String> {
-    let rig = Rig::start(binary, 1, log)?;
-    let spec = &rig.specs[0];
-    let listener = host::listen_stream(&spec.uds, SINK_PORT).map_err(|e| e.to_string())?;
-    let target = Arc::new(AtomicU64::new(u64::MAX));
-    let t2 = target.clone();
-    let reader = thread::spawn(move || host_sink(listener, t2));
-    let mut g = guest(spec)?;
-    let key = open_session(&mut g, SINK_PORT)?;
-    let cpu0 = rig.backend.cpu_time();
-    let start = Instant::now();
-    let sent = guest_write_for(&mut g, key, size, plan.duration);
-    target.store(*sent.as_ref().unwrap_or(&0), Ordering::Release);
-    let (got, end) = reader.join().map_err(|_| "host reader panicked")??;
-    let sent = sent?;
-    let cpu = rig.backend.cpu_time() - cpu0;
-    if got != sent {
-        return Err(format!("guest sent {sent} bytes, host received {got}"));
-    }
-    Ok(Throughput {
-        bytes: got,
-        elapsed: end - start,
-        backend_cpu: Some(cpu),
-    })
-}
-
-fn session_host_to_guest(
-    binary: &Path,
-    size: usize,
-    plan: &Plan,
-    log: &Path,
-) -> Result<Throughput, String> {
-    let rig = Rig::start(binary, 1, log)?;
-    let spec = &rig.specs[0];
-    let mut g = guest(spec)?;
-    g.listen(Port(GUEST_PORT), SocketType::Stream)
-        .map_err(|e| e.to_string())?;
+/// Registers guest port `port` as a session listener (the connection stays open).
+fn register_listener(g: &mut UserGuest, port: u32) -> Result<(), String> {
     let reg = g
         .connect_timeout(host_addr(SESSION_PORT.0), SocketType::Stream, STALL)
         .map_err(|e| format!("guest connect to the session port: {e}"))?;
     let listen = Frame::Listen {
-        port: Port(GUEST_PORT),
+        port: Port(port),
         socket_type: SocketType::Stream,
     };
     g.write_all(reg, &listen.encode(), STALL)
         .map_err(|e| format!("LISTEN: {e}"))?;
-    match read_session_frame(&mut g, reg)? {
-        Frame::Listening { .. } => {}
-        other => return Err(format!("expected LISTENING, got {other:?}")),
+    match read_session_frame(g, reg)? {
+        Frame::Listening { .. } => Ok(()),
+        other => Err(format!("expected LISTENING, got {other:?}")),
     }
-    let uds = spec.uds.clone();
-    let duration = plan.duration;
-    let go = Arc::new(Barrier::new(2));
-    let go2 = go.clone();
-    let writer = thread::spawn(move || -> Result<u64, String> {
-        let mut s = host::connect_guest_ok(&uds, GUEST_PORT, STALL)
-            .map_err(|e| format!("host CONNECT: {e}"))?;
-        go2.wait();
-        let n = write_for(&mut s, size, duration).map_err(|e| format!("host write: {e}"))?;
-        s.shutdown(std::net::Shutdown::Write)
-            .map_err(|e| e.to_string())?;
-        Ok(n)
-    });
-    let key = g
-        .accept_timeout(Port(GUEST_PORT), STALL)
-        .map_err(|e| format!("guest accept: {e}"))?;
-    match read_session_frame(&mut g, key)? {
-        Frame::Offered { .. } => {}
-        other => return Err(format!("expected OFFERED, got {other:?}")),
-    }
-    go.wait();
-    let cpu0 = rig.backend.cpu_time();
-    let start = Instant::now();
-    let got = guest_read_to_eof(&mut g, key);
-    let elapsed = start.elapsed();
-    let cpu = rig.backend.cpu_time() - cpu0;
-    let sent = writer.join().map_err(|_| "host writer panicked")??;
-    let got = got?;
-    if got != sent {
-        return Err(format!("host sent {sent} bytes, guest received {got}"));
-    }
-    Ok(Throughput {
-        bytes: got,
-        elapsed,
-        backend_cpu: Some(cpu),
-    })
 }
 
 fn guest_to_guest(
@@ -634,14 +577,14 @@ pub fn run_all(transport: Transport, binary: &Path, plan: &Plan, results: &mut R
         if wanted(Scenario::GuestToHost { size }) {
             record(
                 Scenario::GuestToHost { size },
-                throughput_runs(plan, || guest_to_host(binary, size, plan, &log)),
+                throughput_runs(plan, || guest_to_host(binary, size, plan, &log, false)),
             );
         }
         let log = log_root.join(format!("h2g-{size}"));
         if wanted(Scenario::HostToGuest { size }) {
             record(
                 Scenario::HostToGuest { size },
-                throughput_runs(plan, || host_to_guest(binary, size, plan, &log)),
+                throughput_runs(plan, || host_to_guest(binary, size, plan, &log, false)),
             );
         }
     }
@@ -651,14 +594,14 @@ pub fn run_all(transport: Transport, binary: &Path, plan: &Plan, results: &mut R
             if wanted(Scenario::SessionGuestToHost { size }) {
                 record(
                     Scenario::SessionGuestToHost { size },
-                    throughput_runs(plan, || session_guest_to_host(binary, size, plan, &log)),
+                    throughput_runs(plan, || guest_to_host(binary, size, plan, &log, true)),
                 );
             }
             let log = log_root.join(format!("session-h2g-{size}"));
             if wanted(Scenario::SessionHostToGuest { size }) {
                 record(
                     Scenario::SessionHostToGuest { size },
-                    throughput_runs(plan, || session_host_to_guest(binary, size, plan, &log)),
+                    throughput_runs(plan, || host_to_guest(binary, size, plan, &log, true)),
                 );
             }
         }
