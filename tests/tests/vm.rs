@@ -2440,14 +2440,10 @@ fn serve_shim_run(conn: UnixStream, run: &ShimRun, first_bytes: impl FnOnce()) -
         if reply_after_eof {
             guest_eof()?;
         }
+        // Otherwise our EOF goes as soon as we have written everything, so the guest may
+        // close while domsockd still holds some of its bytes for us: it half-closed first,
+        // so domsockd ends the session and lets the rest linger to us (no parking).
         let sent = host::write_pattern(&mut writer, in_seed, in_bytes, CHUNK_BYTES)?;
-        if !reply_after_eof {
-            // The guest closes once it reads our EOF. domsockd cannot tell a close from a
-            // crash, so a close while it still holds guest bytes for us parks the session
-            // (the EOF would reach us only at the park timeout): shut only once we have
-            // everything.
-            guest_eof()?;
-        }
         writer.shutdown(Shutdown::Write)?;
         Ok(sent)
     });
@@ -2707,8 +2703,8 @@ fn shim_survives_replug(c: Case) {
         let (in_bytes, in_seed) = (r.in_bytes, r.in_seed);
         let write = thread::spawn(move || -> io::Result<host::Transfer> {
             let sent = host::write_pattern(&mut writer, in_seed, in_bytes, CHUNK_BYTES)?;
-            // As in `serve_shim_run`: the guest's close must not find domsockd still
-            // holding guest bytes for us.
+            // Shut only after the guest's EOF: this case is about blackouts, and a guest
+            // close that finds domsockd still holding bytes for us is `serve_shim_run`'s.
             eof.recv_timeout(IDLE_TIMEOUT * 2)
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no EOF from the guest"))?;
             writer.shutdown(Shutdown::Write)?;
