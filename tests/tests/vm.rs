@@ -2976,14 +2976,21 @@ fn vsock_test_g2g(c: Case) {
         c.report(&format!("vsock_test {side}: {}", list.join("; ")));
         summary.push((side, tests, lines.iter().any(|l| l.contains(VT_COMPLETED))));
     }
-    for (h, (side, _)) in outcome.iter().zip(&per_side) {
+    for (h, (side, tests, _)) in outcome.iter().zip(&summary) {
+        let failed = tests
+            .iter()
+            .find(|t| t.outcome != "ok" && t.outcome != "skipped")
+            .map_or_else(
+                || "no test failed".to_owned(),
+                |t| format!("test {} ({}): {:?}", t.id, t.name, t.outcome),
+            );
         match h {
             Ok((done, _)) => assert!(
                 done.contains("DS-DONE rc=0"),
-                "vsock_test {side} failed: {done} (console in {})",
+                "vsock_test {side} failed: {done}, {failed} (console in {})",
                 c.log_dir.display()
             ),
-            Err(_) => panic!("vsock_test {side}: no result (console above)"),
+            Err(_) => panic!("vsock_test {side}: no result, {failed} (console above)"),
         }
     }
     let elapsed = outcome
@@ -3012,14 +3019,28 @@ fn vsock_test_g2g(c: Case) {
         ids(client_tests),
         "both sides ran the same tests"
     );
+    // Every data connection went through the backend's guest-to-guest relay: the client
+    // alone opens 100 at once in "multiple connections"; nothing was denied.
+    let counters = backend_counters(&backend, &["vm3", "vm4"]);
+    let (srv, cli) = (&counters["vm3"], &counters["vm4"]);
+    assert!(
+        cli["g2g_connects"] >= 100,
+        "the client's connections should be relayed guest to guest: {cli:?}"
+    );
+    assert!(srv["g2g_packets"] > 0, "the server should send through the relay: {srv:?}");
+    for (name, st) in [("server", srv), ("client", cli)] {
+        assert_eq!(st["denied_connections"], 0, "{name}: denied connections");
+    }
     let passed = server_tests.iter().filter(|t| t.outcome == "ok").count();
     c.report(&format!(
         "vsock_test ({}) guest to guest: {passed} of {} passed, {} skipped, in {} after the gate; \
-         backend CPU {}",
+         {} relayed connections, {} relayed bytes; backend CPU {}",
         vsock_test_version(&c.kernel),
         server_tests.len(),
         server_tests.len() - passed,
         report::ms(elapsed),
+        cli["g2g_connects"] + srv["g2g_connects"],
+        cli["g2g_bytes"] + srv["g2g_bytes"],
         report::ms(backend.cpu_time())
     ));
     for vm in [&mut server_vm, &mut client_vm] {
