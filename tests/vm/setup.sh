@@ -395,7 +395,7 @@ build_initramfs() {
     (cd "$stage" && find . | /bin/busybox cpio -o -H newc 2>/dev/null | gzip -1 >"$out.new")
     mv "$out.new" "$out"
     rm -rf "$stage"
-    log "initramfs $series: ${out#"$ROOT"/} ($(du -h "$out" | cut -f1), modules: ${order[*]})"
+    log "initramfs $series: ${out#"$ROOT"/} ($(du -h "$out" | cut -f1), modules: ${order[*]}; net: ${net_order[*]}; vsock_test: $(cat "$(vsock_test_dir "$series")/VERSION"))"
 }
 
 main() {
