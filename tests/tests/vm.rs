@@ -3004,14 +3004,21 @@ fn vsock_test_g2g(c: Case) {
     assert!(!server_tests.is_empty(), "vsock_test server ran no test");
     for (side, tests, completed) in &summary {
         for t in tests {
-            let want = if VT_SKIP.contains(&t.id) { "skipped" } else { "ok" };
+            let want = if VT_SKIP.contains(&t.id) {
+                "skipped"
+            } else {
+                "ok"
+            };
             assert_eq!(
                 t.outcome, want,
                 "vsock_test {side}: test {} ({}) should be {want}",
                 t.id, t.name
             );
         }
-        assert!(*completed, "vsock_test {side} did not complete ({VT_COMPLETED:?} missing)");
+        assert!(
+            *completed,
+            "vsock_test {side} did not complete ({VT_COMPLETED:?} missing)"
+        );
     }
     let ids = |ts: &[VtTest]| ts.iter().map(|t| t.id).collect::<Vec<_>>();
     assert_eq!(
@@ -3027,7 +3034,10 @@ fn vsock_test_g2g(c: Case) {
         cli["g2g_connects"] >= 100,
         "the client's connections should be relayed guest to guest: {cli:?}"
     );
-    assert!(srv["g2g_packets"] > 0, "the server should send through the relay: {srv:?}");
+    assert!(
+        srv["g2g_packets"] > 0,
+        "the server should send through the relay: {srv:?}"
+    );
     for (name, st) in [("server", srv), ("client", cli)] {
         assert_eq!(st["denied_connections"], 0, "{name}: denied connections");
     }
