@@ -169,6 +169,15 @@ impl Console {
         l.lines[start..].join("\n")
     }
 
+    /// A copy of every line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .lines
+            .clone()
+    }
+
     /// Number of lines so far.
     pub fn len(&self) -> usize {
         self.lines

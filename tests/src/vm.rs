@@ -76,6 +76,10 @@ pub struct VmConfig {
     pub after: After,
     /// Directory for the console and QEMU logs.
     pub log_dir: PathBuf,
+    /// More QEMU arguments (e.g. a network device), after the standard ones.
+    pub qemu_args: Vec<String>,
+    /// More kernel parameters (`name=value`, handed to /init as environment variables).
+    pub kernel_params: Vec<String>,
 }
 
 impl VmConfig {
@@ -88,7 +92,22 @@ impl VmConfig {
             cmds: Vec::new(),
             after: After::PowerOff,
             log_dir: log_dir.to_path_buf(),
+            qemu_args: Vec::new(),
+            kernel_params: Vec::new(),
         }
+    }
+
+    /// Adds QEMU arguments.
+    pub fn qemu_args<S: AsRef<str>>(mut self, args: &[S]) -> Self {
+        self.qemu_args
+            .extend(args.iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    /// Adds a kernel parameter `name=value` (/init sees it as an environment variable).
+    pub fn kernel_param(mut self, name: &str, value: &str) -> Self {
+        self.kernel_params.push(format!("{name}={value}"));
+        self
     }
 
     /// Adds a guest program invocation, words separated by spaces
@@ -116,6 +135,14 @@ impl VmConfig {
             After::Reboot => " ds_after=reboot",
             After::Hold => " ds_after=hold",
         });
+        for p in &self.kernel_params {
+            assert!(
+                !p.contains(['"', '\'']) && !p.contains(char::is_whitespace),
+                "kernel parameter {p:?} cannot be passed on the kernel command line"
+            );
+            line.push(' ');
+            line.push_str(p);
+        }
         for (i, words) in self.cmds.iter().enumerate() {
             for w in words {
                 assert!(
@@ -198,7 +225,8 @@ impl Vm {
         .arg(&cfg.kernel.vmlinuz)
         .arg("-initrd")
         .arg(&cfg.kernel.initramfs)
-        .args(["-append", &cfg.kernel_cmdline()]);
+        .args(["-append", &cfg.kernel_cmdline()])
+        .args(&cfg.qemu_args);
         if cfg.after != After::Reboot {
             cmd.arg("-no-reboot");
         }
@@ -315,6 +343,49 @@ impl Vm {
                 ))
             }
         }
+    }
+
+    /// Waits (from the cursor on) for any console line accepted by `matches`, marker or not,
+    /// and moves the cursor past it. A failure marker that comes first fails the test.
+    ///
+    /// # Panics
+    /// On timeout, console end, or a failure marker.
+    pub fn wait_text(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut matches: impl FnMut(&str) -> bool,
+    ) -> String {
+        let mut cursor = self.cursor.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = Instant::now() + timeout;
+        let res = self.console.wait_match(*cursor, deadline, |line| {
+            matches(line) || DsLine::parse(line).is_some_and(|l| is_failure(&l))
+        });
+        match res {
+            Ok((idx, line)) => {
+                *cursor = idx + 1;
+                drop(cursor);
+                if !matches(&line) {
+                    self.fail(&format!("guest failed while waiting for {what}: {line}"));
+                }
+                line
+            }
+            Err(WaitEnd::Timeout) => {
+                drop(cursor);
+                self.fail(&format!("timed out after {timeout:?} waiting for {what}"))
+            }
+            Err(WaitEnd::Closed) => {
+                drop(cursor);
+                self.fail(&format!(
+                    "console closed (QEMU exited) while waiting for {what}"
+                ))
+            }
+        }
+    }
+
+    /// Every console line so far (marker or not), from the first.
+    pub fn console_lines(&self) -> Vec<String> {
+        self.console.lines()
     }
 
     /// Waits for `DS-BOOT`.

@@ -2811,6 +2811,251 @@ fn shim_survives_replug(c: Case) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// the kernel's own AF_VSOCK test suite, guest to guest
+
+// vsock_test (Linux tools/testing/vsock of the guest's kernel series, built by
+// tests/vm/setup.sh from Debian's linux-source-<series>, unmodified) runs as a server in one guest and a client in another, both on
+// one domsockd in one group: every data connection it makes is guest-to-guest vsock through
+// the backend. It coordinates the two sides over a TCP control connection, and the guests have
+// no network: they get a private Ethernet link just for that, QEMU `-netdev stream` over a Unix
+// socket between the two QEMU processes (no host network stack, no route anywhere else). The
+// host side of the suite would need an AF_VSOCK socket on the host: not run here.
+
+const VT_SERVER_CID: u32 = 3;
+const VT_CLIENT_CID: u32 = 4;
+const VT_SERVER_IP: &str = "10.0.0.1";
+const VT_CLIENT_IP: &str = "10.0.0.2";
+/// TCP port of the control connection (on the private link; a different space from vsock's).
+const VT_CONTROL_PORT: u32 = 1234;
+/// Test ids passed to both sides as `--skip` (none: the backend supports everything the suite
+/// tests; a test vsock_test skips by itself shows as `skipped` and fails the case).
+const VT_SKIP: &[u32] = &[];
+/// The whole suite (a few tens of seconds under TCG; each step of it times out after 10 s).
+const VT_TIMEOUT: Duration = Duration::from_secs(300);
+/// vsock_test's last line when both sides passed every test.
+const VT_COMPLETED: &str = "All tests have been executed. Waiting other peer...ok";
+
+/// One `<id> - <name>...<outcome>` line of vsock_test.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct VtTest {
+    id: u32,
+    name: String,
+    /// `ok`, `skipped`, or what followed the `...` when the test failed (its error message,
+    /// or nothing if the program died).
+    outcome: String,
+}
+
+/// The test lines of one side's console.
+fn parse_vsock_test(lines: &[String]) -> Vec<VtTest> {
+    lines
+        .iter()
+        .filter_map(|line| {
+            let (id, rest) = line.split_once(" - ")?;
+            let id: u32 = id.trim().parse().ok()?;
+            let (name, outcome) = rest.split_once("...").unwrap_or((rest, ""));
+            Some(VtTest {
+                id,
+                name: name.to_owned(),
+                outcome: outcome.trim().to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// The version of the vsock_test built for `kernel` (tests/vm/setup.sh records it).
+fn vsock_test_version(kernel: &Kernel) -> String {
+    let dir = artifacts::vm_cache().join(format!("vsock-test-{}", kernel.name));
+    std::fs::read_to_string(dir.join("VERSION"))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_else(|_| "unknown version".to_owned())
+}
+
+/// QEMU arguments for the private control link: a virtio-net NIC on `-netdev stream` over the
+/// Unix socket `path`, listening in the server's QEMU, connecting from the client's.
+fn vt_link_args(path: &Path, server: bool, cid: u32) -> Vec<String> {
+    let role = if server {
+        "server=on".to_owned()
+    } else {
+        "server=off,reconnect-ms=200".to_owned()
+    };
+    vec![
+        "-netdev".to_owned(),
+        format!(
+            "stream,id=ctl0,{role},addr.type=unix,addr.path={}",
+            path.display()
+        ),
+        "-device".to_owned(),
+        // romfile= : no PXE option ROM (the NIC only carries the control connection).
+        format!("virtio-net-pci,netdev=ctl0,mac=52:54:00:00:00:{cid:02x},romfile="),
+    ]
+}
+
+fn vsock_test_g2g(c: Case) {
+    let server = c.spec(VT_SERVER_CID);
+    let client = c.spec(VT_CLIENT_CID);
+    let specs = [server.clone(), client.clone()];
+    let backend = Backend::spawn_binary_vm_fields(
+        &artifacts::backend_binary(),
+        &[],
+        &specs,
+        ",groups=vsocktest",
+        &c.log_dir,
+    );
+    let link = c.tmp.path().join("ctl-link.sock");
+    let skips: String = VT_SKIP.iter().map(|id| format!(" --skip={id}")).collect();
+
+    let server_cfg = c
+        .vm("server", &server)
+        .kernel_param("ds_net", VT_SERVER_IP)
+        .qemu_args(&vt_link_args(&link, true, VT_SERVER_CID))
+        .cmd(&format!(
+            "run vsock_test --mode=server --control-port={VT_CONTROL_PORT} --peer-cid={VT_CLIENT_CID}{skips}"
+        ));
+    // The client waits at a gate until the server listens on its control port: vsock_test's
+    // client gives up at once if nothing listens yet.
+    let client_cfg = c
+        .vm("client", &client)
+        .kernel_param("ds_net", VT_CLIENT_IP)
+        .qemu_args(&vt_link_args(&link, false, VT_CLIENT_CID))
+        .cmd(&format!("recv --port {GATE_PORT}"))
+        .cmd(&format!(
+            "run vsock_test --mode=client --control-host={VT_SERVER_IP} \
+             --control-port={VT_CONTROL_PORT} --peer-cid={VT_SERVER_CID}{skips}"
+        ));
+
+    let mut server_vm = Vm::boot(&server_cfg);
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while !link.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the server's QEMU did not create {}",
+            link.display()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let mut client_vm = Vm::boot(&client_cfg);
+    for (vm, spec) in [(&server_vm, &server), (&client_vm, &client)] {
+        assert_eq!(vm.expect_cid(BOOT_TIMEOUT), spec.cid, "guest CID");
+        vm.wait("DS-NET", STEP_TIMEOUT, |l| l.is("DS-NET", None));
+    }
+    server_vm.wait_text("vsock_test's control listener", STEP_TIMEOUT, |l| {
+        l.contains("Control socket listening on")
+    });
+    client_vm.expect_ready(GATE_PORT, STEP_TIMEOUT);
+    let t0 = Instant::now();
+    release_gate(&client);
+
+    // Either side may fail first; a failure marker on one console ends the wait there.
+    let outcome = thread::scope(|scope| {
+        let waits: Vec<_> = [&server_vm, &client_vm]
+            .into_iter()
+            .map(|vm| {
+                scope.spawn(move || {
+                    let done = vm.wait_text("DS-DONE", VT_TIMEOUT, |l| l.contains("DS-DONE "));
+                    (done, t0.elapsed())
+                })
+            })
+            .collect();
+        waits.into_iter().map(|h| h.join()).collect::<Vec<_>>()
+    });
+    let per_side: Vec<(&str, Vec<String>)> = vec![
+        ("server", server_vm.console_lines()),
+        ("client", client_vm.console_lines()),
+    ];
+    let mut summary = Vec::new();
+    for (side, lines) in &per_side {
+        let tests = parse_vsock_test(lines);
+        let list: Vec<String> = tests
+            .iter()
+            .map(|t| format!("{} {} {}", t.id, t.name, t.outcome))
+            .collect();
+        c.report(&format!("vsock_test {side}: {}", list.join("; ")));
+        summary.push((side, tests, lines.iter().any(|l| l.contains(VT_COMPLETED))));
+    }
+    for (h, (side, tests, _)) in outcome.iter().zip(&summary) {
+        let failed = tests
+            .iter()
+            .find(|t| t.outcome != "ok" && t.outcome != "skipped")
+            .map_or_else(
+                || "no test failed".to_owned(),
+                |t| format!("test {} ({}): {:?}", t.id, t.name, t.outcome),
+            );
+        match h {
+            Ok((done, _)) => assert!(
+                done.contains("DS-DONE rc=0"),
+                "vsock_test {side} failed: {done}, {failed} (console in {})",
+                c.log_dir.display()
+            ),
+            Err(_) => panic!("vsock_test {side}: no result, {failed} (console above)"),
+        }
+    }
+    let elapsed = outcome
+        .iter()
+        .filter_map(|r| r.as_ref().ok().map(|(_, t)| *t))
+        .max()
+        .unwrap_or_default();
+
+    let (_, server_tests, _) = &summary[0];
+    let (_, client_tests, _) = &summary[1];
+    assert!(!server_tests.is_empty(), "vsock_test server ran no test");
+    for (side, tests, completed) in &summary {
+        for t in tests {
+            let want = if VT_SKIP.contains(&t.id) {
+                "skipped"
+            } else {
+                "ok"
+            };
+            assert_eq!(
+                t.outcome, want,
+                "vsock_test {side}: test {} ({}) should be {want}",
+                t.id, t.name
+            );
+        }
+        assert!(
+            *completed,
+            "vsock_test {side} did not complete ({VT_COMPLETED:?} missing)"
+        );
+    }
+    let ids = |ts: &[VtTest]| ts.iter().map(|t| t.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(server_tests),
+        ids(client_tests),
+        "both sides ran the same tests"
+    );
+    // Every data connection went through the backend's guest-to-guest relay: the client
+    // alone opens 100 at once in "multiple connections"; nothing was denied.
+    let counters = backend_counters(&backend, &["vm3", "vm4"]);
+    let (srv, cli) = (&counters["vm3"], &counters["vm4"]);
+    assert!(
+        cli["g2g_connects"] >= 100,
+        "the client's connections should be relayed guest to guest: {cli:?}"
+    );
+    assert!(
+        srv["g2g_packets"] > 0,
+        "the server should send through the relay: {srv:?}"
+    );
+    for (name, st) in [("server", srv), ("client", cli)] {
+        assert_eq!(st["denied_connections"], 0, "{name}: denied connections");
+    }
+    let passed = server_tests.iter().filter(|t| t.outcome == "ok").count();
+    c.report(&format!(
+        "vsock_test ({}) guest to guest: {passed} of {} passed, {} skipped, in {} after the gate; \
+         {} relayed connections, {} relayed bytes; backend CPU {}",
+        vsock_test_version(&c.kernel),
+        server_tests.len(),
+        server_tests.len() - passed,
+        report::ms(elapsed),
+        cli["g2g_connects"] + srv["g2g_connects"],
+        cli["g2g_bytes"] + srv["g2g_bytes"],
+        report::ms(backend.cpu_time())
+    ));
+    for vm in [&mut server_vm, &mut client_vm] {
+        let status = vm.wait_exit(STEP_TIMEOUT);
+        assert!(status.success(), "QEMU exit status {status}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 
 macro_rules! per_kernel {
     ($($case:ident),* $(,)?) => {
@@ -2857,4 +3102,5 @@ per_kernel!(
     seqpacket_session_survives_replugs,
     shim_c_program_sessions,
     shim_survives_replug,
+    vsock_test_g2g,
 );

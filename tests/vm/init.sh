@@ -14,6 +14,9 @@
 #                          A command whose first (or, after `bg`/`xfail`, second) word is
 #                          `run` runs the rest as any program instead of `domsock`:
 #                          ds_cmd1=run~env~LD_PRELOAD=/lib/libdomsock_shim.so~vsock-pattern~..
+#   ds_net=<ipv4>          load the virtio-net modules and bring up lo and eth0 with
+#                          <ipv4>/24 (the vsock_test case: its control channel is TCP, over
+#                          a private guest-to-guest Ethernet link; see tests/tests/vm.rs).
 #   ds_after=poweroff      what to do afterwards: poweroff (default), reboot (`reboot -f`; the
 #                          next boot runs the same commands again), or hold (keep running
 #                          until the host kills QEMU).
@@ -44,6 +47,21 @@ done
 # The virtio transport binds to the device a few ms after insmod; wait for the guest CID.
 if [ "$rc" -eq 0 ]; then
     domsock cid --wait-ms 5000 || rc=$?
+fi
+
+if [ "$rc" -eq 0 ] && [ -n "${ds_net:-}" ]; then
+    for m in $(cat /modules/net/order); do
+        if ! insmod "/modules/net/$m.ko"; then
+            echo "DS-ERROR cmd=init msg=insmod-$m-failed"
+            rc=1
+        fi
+    done
+    if [ "$rc" -eq 0 ] && ifconfig lo 127.0.0.1 up && ifconfig eth0 "$ds_net" netmask 255.255.255.0 up; then
+        echo "DS-NET ip=$ds_net"
+    else
+        echo "DS-ERROR cmd=init msg=net-setup-failed"
+        rc=1
+    fi
 fi
 
 # `domsock ARGS`, or with a first word `run`, the program the other words name.

@@ -7,6 +7,11 @@
 #   - the AF_VSOCK shim (target/release/libdomsock_shim.so, crate domsock-shim) and the plain
 #     C test program tests/vm/c/vsock-pattern.c (gcc from apt when missing), packed with the
 #     dynamic loader and the libraries `ldd` names (LD_PRELOAD needs them in the guest);
+#   - the kernel's own AF_VSOCK test suite, tools/testing/vsock/vsock_test, of each kernel
+#     series, from the Debian package linux-source-<kver> (the newest the apt archive offers;
+#     only tools/testing/vsock/ is unpacked, into .cache/vm/vsock-test-<kver>/), built static
+#     with the machine's gcc;
+#   - the virtio-net modules, which the vsock_test case loads for its private control link;
 #   - one initramfs per kernel: .cache/vm/initramfs-<kver>.cpio.gz.
 #
 # Idempotent: a kernel is only downloaded again when the archive offers a newer one; the guest
@@ -34,6 +39,10 @@ MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_p
     vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport)
 # Without these the guest has no vsock at all.
 REQUIRED_MODULES=(vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport)
+# virtio-net, for the vsock_test case only: vsock_test coordinates its client and server over
+# TCP, which runs on a private guest-to-guest Ethernet link (QEMU `-netdev stream` over a Unix
+# socket). /init loads these only when asked to (`ds_net=`); 6.12 has dimlib built in.
+NET_MODULES=(failover net_failover virtio_net)
 
 log() { echo "setup.sh: $*" >&2; }
 warn() { echo "setup.sh: WARNING: $*" >&2; }
@@ -213,6 +222,102 @@ build_shim_and_c_program() {
     gcc -O2 -Wall -Wextra -Werror -o "$C_PATTERN_BIN" "$ROOT/tests/vm/c/vsock-pattern.c" -lpthread
 }
 
+# --- 3b. the kernel's vsock test suite ----------------------------------------------------
+# Each initramfs gets the vsock_test of its own kernel series: the newest linux-source-<series>
+# the apt archive offers (6.1 from bookworm, 6.12 from bookworm-security or -backports).
+vsock_test_dir() { echo "$CACHE/vsock-test-$1"; }
+
+# $1: series. Prints the newest version of linux-source-<series> the apt lists know.
+vsock_test_source_version() {
+    apt-cache madison "linux-source-$1" 2>/dev/null |
+        awk -F'|' '{gsub(/ /, "", $2); print $2}' | highest_version
+}
+
+xz_cat() {
+    if command -v xz >/dev/null 2>&1; then xz -dc; else /bin/busybox xzcat; fi
+}
+
+# $1: series. Unpacks tools/testing/vsock/ of the newest linux-source-<series> into
+# $CACHE/vsock-test-<series>/src, unless that version is there already. The package is
+# ~140 MB (the whole kernel tarball); only the test directory and the top Makefile (for the
+# version) are unpacked. VERSION records the package version and the kernel version.
+fetch_vsock_test_source() {
+    local series="$1" pkg="linux-source-$1" dir ver
+    dir="$(vsock_test_dir "$series")"
+    ver="$(vsock_test_source_version "$series")"
+    if [ -z "$ver" ]; then
+        apt_update_once
+        ver="$(vsock_test_source_version "$series")"
+    fi
+    [ -n "$ver" ] || { warn "no $pkg in the apt archive"; return 1; }
+    if [ -f "$dir/PACKAGE" ] && [ "$(cat "$dir/PACKAGE")" = "$pkg=$ver" ] && [ -f "$dir/src/vsock_test.c" ]; then
+        log "vsock_test $series: source $pkg $ver already unpacked"
+        return 0
+    fi
+    log "vsock_test $series: downloading $pkg $ver"
+    local dl="$CACHE/download-vsock-test-$series"
+    rm -rf "$dl" && mkdir -p "$dl"
+    chmod 0777 "$dl"
+    if ! (cd "$dl" && apt-get download -qq "$pkg=$ver"); then
+        apt_update_once
+        ver="$(vsock_test_source_version "$series")"
+        (cd "$dl" && apt-get download -qq "$pkg=$ver") || { warn "apt-get download $pkg=$ver failed"; return 1; }
+    fi
+    local deb tarball top
+    deb="$(ls "$dl"/*.deb | head -n1)"
+    tarball="$(dpkg-deb -c "$deb" | grep -o '\./usr/src/linux-source-[^ ]*\.tar\.xz$' | head -n1)"
+    [ -n "$tarball" ] || { warn "$deb holds no /usr/src/linux-source-*.tar.xz"; return 1; }
+    top="$(basename "$tarball" .tar.xz)"
+    rm -rf "$dl/x" && mkdir -p "$dl/x"
+    dpkg-deb --fsys-tarfile "$deb" | tar -xO "$tarball" | xz_cat |
+        tar -x -C "$dl/x" --wildcards "$top/tools/testing/vsock/*" "$top/Makefile"
+    [ -f "$dl/x/$top/tools/testing/vsock/vsock_test.c" ] || { warn "$tarball has no tools/testing/vsock/vsock_test.c"; return 1; }
+    local kver
+    kver="$(awk -F' = ' '/^VERSION =/{v=$2} /^PATCHLEVEL =/{p=$2} /^SUBLEVEL =/{s=$2} END{print v"."p"."s}' "$dl/x/$top/Makefile")"
+    rm -rf "$dir.new" && mkdir -p "$dir.new"
+    mv "$dl/x/$top/tools/testing/vsock" "$dir.new/src"
+    echo "$pkg=$ver" >"$dir.new/PACKAGE"
+    echo "$pkg $ver (Linux $kver tools/testing/vsock)" >"$dir.new/VERSION"
+    rm -rf "$dir" && mv "$dir.new" "$dir"
+    rm -rf "$dl"
+    log "vsock_test $series: unpacked $(cat "$dir/VERSION") into ${dir#"$ROOT"/}/src"
+}
+
+# $1: series. Builds $CACHE/vsock-test-<series>/vsock_test from the unpacked source, static,
+# from the objects its Makefile lists and with its CFLAGS. The source is not modified; two
+# flags stand in for the kernel tree's tools/include/linux/kernel.h (not unpacked: it pulls
+# in much of tools/include), which the sources include for ARRAY_SIZE (and, in 6.12, get
+# `bool` through): the system's <linux/kernel.h> has neither. Everything else comes from the
+# system headers (linux-libc-dev has <linux/vm_sockets.h>).
+build_vsock_test() {
+    local dir src objs bin
+    dir="$(vsock_test_dir "$1")"
+    src="$dir/src"
+    bin="$dir/vsock_test"
+    objs="$(sed -n 's/^vsock_test: *//p' "$src/Makefile")"
+    [ -n "$objs" ] || die "no vsock_test rule in $src/Makefile"
+    log "vsock_test $1: building $(cat "$dir/VERSION") from ${objs//.o/.c}"
+    rm -f "$bin.new"
+    local o files=()
+    for o in $objs; do files+=("$src/${o%.o}.c"); done
+    # getaddrinfo in a static glibc program warns at link time; the test only ever resolves
+    # numeric addresses and ports, which need no NSS module at run time.
+    gcc -O2 -Werror -Wall -I"$src" -Wno-pointer-sign -fno-strict-overflow -fno-strict-aliasing \
+        -fno-common -U_FORTIFY_SOURCE -D_GNU_SOURCE \
+        -include stdbool.h '-DARRAY_SIZE(a)=(sizeof(a) / sizeof((a)[0]))' \
+        -static -o "$bin.new" "${files[@]}" 2>&1 |
+        grep -v -e "getaddrinfo' in statically linked" -e 'in function .control_init' >&2 || true
+    [ -x "$bin.new" ] || die "building vsock_test $1 failed"
+    file_is_static "$bin.new" || die "$bin.new is not statically linked"
+    mv "$bin.new" "$bin"
+}
+
+# $1: series. Fetches and builds the vsock_test of that series.
+prepare_vsock_test() {
+    fetch_vsock_test_source "$1" || die "could not fetch the vsock_test source of $1"
+    build_vsock_test "$1"
+}
+
 # $1: stage dir, $2...: dynamic ELF files. Copies the loader and every library `ldd` names
 # into the stage at their host paths (symlinks resolved).
 copy_shared_libs() {
@@ -251,6 +356,9 @@ build_initramfs() {
         cp "$SHIM_SO" "$stage/lib/libdomsock_shim.so"
     fi
     cp "$C_PATTERN_BIN" "$stage/bin/vsock-pattern"
+    [ -x "$(vsock_test_dir "$series")/vsock_test" ] || prepare_vsock_test "$series"
+    cp "$(vsock_test_dir "$series")/vsock_test" "$stage/bin/vsock_test"
+    cp "$(vsock_test_dir "$series")/VERSION" "$stage/vsock_test.version"
     copy_shared_libs "$stage" "$SHIM_SO" "$C_PATTERN_BIN"
 
     local m path order=()
@@ -268,13 +376,26 @@ build_initramfs() {
         fi
     done
     printf '%s\n' "${order[@]}" >"$stage/modules/order"
+    # The virtio-net modules, in their own directory (loaded only for `ds_net=`).
+    local net_order=()
+    mkdir -p "$stage/modules/net"
+    for m in "${NET_MODULES[@]}"; do
+        path="$(find "$moddir/kernel" -name "$m.ko" | head -n1)"
+        if [ -n "$path" ]; then
+            cp "$path" "$stage/modules/net/$m.ko"
+            net_order+=("$m")
+        elif ! grep -qs "/$m.ko" "$moddir/modules.builtin"; then
+            die "kernel $series: module $m not found under $moddir"
+        fi
+    done
+    printf '%s\n' "${net_order[@]}" >"$stage/modules/net/order"
     basename "$moddir" >"$stage/modules/kernel-release"
 
     local out="$CACHE/initramfs-$series.cpio.gz"
     (cd "$stage" && find . | /bin/busybox cpio -o -H newc 2>/dev/null | gzip -1 >"$out.new")
     mv "$out.new" "$out"
     rm -rf "$stage"
-    log "initramfs $series: ${out#"$ROOT"/} ($(du -h "$out" | cut -f1), modules: ${order[*]})"
+    log "initramfs $series: ${out#"$ROOT"/} ($(du -h "$out" | cut -f1), modules: ${order[*]}; net: ${net_order[*]}; vsock_test: $(cat "$(vsock_test_dir "$series")/VERSION"))"
 }
 
 main() {
@@ -284,6 +405,7 @@ main() {
         grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/ ||
             die "no bookworm-backports apt source"
         fetch_kernel "$2"
+        prepare_vsock_test "$2"
         build_initramfs "$2"
         return 0
     fi
@@ -297,6 +419,7 @@ main() {
     fetch_kernel 6.1
     build_guest
     build_shim_and_c_program
+    prepare_vsock_test 6.1
     build_initramfs 6.1
 
     if [ "${DOMSOCK_VM_SKIP_6_12:-0}" = 1 ]; then
