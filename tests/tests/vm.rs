@@ -1765,13 +1765,10 @@ fn replug_same_chardev(c: Case) {
         "the frontend session must survive the re-plugs:\n{}",
         backend.log_tail()
     );
-    to_first_bytes.sort();
     c.report(&format!(
         "replug: {REPLUG_ROUNDS} unplug/plug rounds in one boot; device_add returned -> first \
-         bytes: min {}, median {}, max {}",
-        report::ms(to_first_bytes[0]),
-        report::ms(to_first_bytes[to_first_bytes.len() / 2]),
-        report::ms(to_first_bytes[to_first_bytes.len() - 1]),
+         bytes: {}",
+        spread(&mut to_first_bytes),
     ));
     drop(qmp);
     finish(&mut vm);
@@ -1871,44 +1868,11 @@ fn sessions_survive_replugs(c: Case) {
         let _ = write_end.shutdown(Shutdown::Write);
         r
     });
-    let now_at = || progress.load(std::sync::atomic::Ordering::Acquire);
-    let wait_until = |what: &str, done: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        while !done() {
-            assert!(
-                Instant::now() < deadline,
-                "{what}: host received {}",
-                now_at()
-            );
-            thread::sleep(Duration::from_millis(1));
-        }
-    };
-    let mut blackouts = Vec::new();
-    for r in 1..=REPLUG_ROUNDS {
-        let what = |s: &str| format!("round {r}: {s}");
-        let mark = SESSION_BYTES * u64::from(r) / u64::from(REPLUG_ROUNDS + 1);
-        wait_until(&what("stream before the unplug"), &|| now_at() >= mark);
-        let unplug = qmp
-            .unplug(vm::VSOCK_DEVICE_ID, QMP_TIMEOUT)
-            .unwrap_or_else(|e| panic!("{}: {e}", what("device_del")));
-        thread::sleep(SESSION_AWAY);
-        let before = now_at();
-        qmp.plug(vm::vsock_device_args(), QMP_TIMEOUT)
-            .unwrap_or_else(|e| panic!("{}: {e}", what("device_add")));
-        let plugged = Instant::now();
-        wait_until(&what("bytes after the re-plug"), &|| {
-            now_at() > before || now_at() >= SESSION_BYTES
-        });
-        let blackout = plugged.elapsed();
-        c.report(&format!(
-            "sessions round {r}: device_del -> DEVICE_DELETED {}, away {}, device_add -> host \
-             bytes flowing again {}",
-            report::ms(unplug),
-            report::ms(SESSION_AWAY),
-            report::ms(blackout)
-        ));
-        blackouts.push(blackout);
-    }
+    let marks: Vec<u64> = (1..=u64::from(REPLUG_ROUNDS))
+        .map(|r| SESSION_BYTES * r / u64::from(REPLUG_ROUNDS + 1))
+        .collect();
+    let mut blackouts =
+        replug_under_load(&c, &mut qmp, &progress, &marks, SESSION_BYTES, "sessions");
     let (got, end) = reader.join().expect("reader");
     assert_eq!(end, None, "the host end must see EOF only at the end");
     assert_pattern("host received a's session stream", &got, 33, SESSION_BYTES);
@@ -1972,19 +1936,27 @@ fn sessions_survive_replugs(c: Case) {
         Some(&0),
         "{a_counters:?}"
     );
-    blackouts.sort();
     c.report(&format!(
         "sessions: {REPLUG_ROUNDS} replugs under two 256 MiB duplex sessions (host, sibling); \
-         device_add -> bytes flowing again: min {}, median {}, max {}; guest: {} / {}",
-        report::ms(blackouts[0]),
-        report::ms(blackouts[blackouts.len() / 2]),
-        report::ms(blackouts[blackouts.len() - 1]),
+         device_add -> bytes flowing again: {}; guest: {} / {}",
+        spread(&mut blackouts),
         to_host.str("blackout_ms"),
         to_sibling.str("blackout_ms"),
     ));
     drop(qmp);
     finish(&mut vm_a);
     finish(&mut vm_b);
+}
+
+/// `min m, median m, max m` of `times` (sorted in place).
+fn spread(times: &mut [Duration]) -> String {
+    times.sort();
+    format!(
+        "min {}, median {}, max {}",
+        report::ms(times[0]),
+        report::ms(times[times.len() / 2]),
+        report::ms(times[times.len() - 1]),
+    )
 }
 
 /// Unplugs and plugs back `vm`'s device `REPLUG_ROUNDS` times, each time once `progress`
@@ -2094,13 +2066,10 @@ fn host_initiated_session_survives_replugs(c: Case) {
         "{:?}",
         counters["vm3"]
     );
-    blackouts.sort();
     c.report(&format!(
         "accepted session: {REPLUG_ROUNDS} replugs under a 256 MiB duplex; device_add -> \
-         flowing again: min {}, median {}, max {}",
-        report::ms(blackouts[0]),
-        report::ms(blackouts[blackouts.len() / 2]),
-        report::ms(blackouts[blackouts.len() - 1]),
+         flowing again: {}",
+        spread(&mut blackouts),
     ));
     drop(qmp);
     finish(&mut vm);
@@ -2173,14 +2142,11 @@ fn seqpacket_session_survives_replugs(c: Case) {
         "{}",
         res.raw
     );
-    blackouts.sort();
     c.report(&format!(
         "seqpacket session: {} messages echoed across {REPLUG_ROUNDS} replugs; device_add -> \
-         flowing again: min {}, median {}, max {}",
+         flowing again: {}",
         want.len(),
-        report::ms(blackouts[0]),
-        report::ms(blackouts[blackouts.len() / 2]),
-        report::ms(blackouts[blackouts.len() - 1]),
+        spread(&mut blackouts),
     ));
     drop(qmp);
     finish(&mut vm);
