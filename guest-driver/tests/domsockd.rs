@@ -9,6 +9,9 @@ mod support;
 use domsock_guest::uvirtio::{
     Cid, GuestConfig, HeaderPlacement, Port, RxLayout, Shutdown, SockError, SocketType, UserGuest,
 };
+use domsock_migration::session::proof::ResumeClaim;
+use domsock_migration::session::wire::{self as session_wire, Closed, Frame};
+use domsock_migration::session::{Nonce, SESSION_PORT};
 use std::io::{Read, Write};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -782,4 +785,188 @@ fn busy_poll_keeps_the_worker_polling_after_each_event() {
             "without busy-poll domsockd spent {plain:?}: the test cannot tell the two apart"
         );
     }
+}
+
+/// Reads one session frame on `key`, exactly (application bytes may follow it).
+fn read_session_frame(g: &mut UserGuest, key: domsock_guest::uvirtio::ConnKey) -> Frame {
+    let mut pre = [0u8; session_wire::PREAMBLE_LEN];
+    g.read_exact(key, &mut pre, STEP_TIMEOUT).unwrap();
+    let body_len = usize::from(u16::from_le_bytes([pre[6], pre[7]]));
+    assert!(
+        body_len <= session_wire::MAX_FRAME_LEN,
+        "frame of {body_len} bytes"
+    );
+    let mut frame = pre.to_vec();
+    frame.resize(pre.len() + body_len, 0);
+    g.read_exact(key, &mut frame[pre.len()..], STEP_TIMEOUT)
+        .unwrap();
+    match Frame::decode(&frame) {
+        Ok(Some((f, used))) if used == frame.len() => f,
+        other => panic!("bad session frame: {other:?}"),
+    }
+}
+
+fn pattern_bytes(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
+        .collect()
+}
+
+/// The source QEMU of a migrated guest quits: domsockd's frontend connection closes for
+/// good. A session's host end must not notice: it stays parked in the VM's engine (which
+/// outlives the frontend), keeps taking the host's data into its replay buffer, and
+/// resumes with the guest on the next frontend, with nothing lost or repeated.
+#[test]
+fn a_session_outlives_its_frontend_and_resumes_on_the_next() {
+    const TARGET: u32 = 5700;
+    let b = Backend::domsockd("frontend-gone", &[3]);
+    let uds = b.vm(0).uds.clone();
+    let listener = listen_stream(&uds, TARGET);
+    let mut g = b.guest(0, GuestConfig::default());
+    let key = g
+        .connect_timeout(host(SESSION_PORT.0), SocketType::Stream, STEP_TIMEOUT)
+        .unwrap();
+    let open = Frame::Open {
+        cid: Cid(2),
+        port: Port(TARGET),
+        socket_type: SocketType::Stream,
+    };
+    g.write_all(key, &open.encode(), STEP_TIMEOUT).unwrap();
+    let Frame::Opened {
+        id,
+        secret,
+        next_nonce,
+        ..
+    } = read_session_frame(&mut g, key)
+    else {
+        panic!("expected OPENED");
+    };
+    let mut held = accept(&listener);
+    held.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+
+    // Both ways before the frontend goes.
+    let up = pattern_bytes(0x5a, 300 * 1024);
+    let down = pattern_bytes(0xa5, 200 * 1024);
+    g.write_all(key, &up[..100 * 1024], STEP_TIMEOUT).unwrap();
+    let mut got = vec![0u8; 100 * 1024];
+    held.read_exact(&mut got).unwrap();
+    assert!(got == up[..100 * 1024], "guest->host before the break");
+    held.write_all(&down[..50 * 1024]).unwrap();
+    let mut got_down = vec![0u8; 50 * 1024];
+    g.read_exact(key, &mut got_down, STEP_TIMEOUT).unwrap();
+    assert!(
+        got_down == down[..50 * 1024],
+        "host->guest before the break"
+    );
+
+    // The frontend goes for good (QEMU quits); the host keeps writing meanwhile.
+    drop(g);
+    b.wait_for_log("frontend disconnected", 1);
+    held.write_all(&down[50 * 1024..]).unwrap();
+    held.set_nonblocking(true).unwrap();
+    let mut probe = [0u8; 1];
+    match held.read(&mut probe) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the host end noticed the frontend going: {other:?}"),
+    }
+    held.set_nonblocking(false).unwrap();
+    thread::sleep(Duration::from_millis(300));
+
+    // The next frontend: the same guest (migrated back, or its QEMU restarted).
+    let mut g = b.guest(0, GuestConfig::default());
+    let key = g
+        .connect_timeout(host(SESSION_PORT.0), SocketType::Stream, STEP_TIMEOUT)
+        .unwrap();
+    let received = got_down.len() as u64;
+    let claim = ResumeClaim {
+        id,
+        server_nonce: next_nonce,
+        client_nonce: Nonce([7; 16]),
+        received,
+        closed: Closed::default(),
+    };
+    let resume = Frame::Resume {
+        id,
+        client_nonce: claim.client_nonce,
+        received,
+        closed: claim.closed,
+        proof: claim.prove(&secret),
+    };
+    g.write_all(key, &resume.encode(), STEP_TIMEOUT).unwrap();
+    let Frame::Resumed {
+        received: daemon_got,
+        ..
+    } = read_session_frame(&mut g, key)
+    else {
+        panic!("expected RESUMED");
+    };
+    assert_eq!(daemon_got, 100 * 1024, "the daemon's count of guest bytes");
+    // What the host wrote while no frontend existed is replayed, once and in order.
+    let mut rest = vec![0u8; down.len() - got_down.len()];
+    g.read_exact(key, &mut rest, STEP_TIMEOUT).unwrap();
+    assert!(
+        rest == down[50 * 1024..],
+        "host->guest across the frontend change"
+    );
+    g.write_all(key, &up[100 * 1024..], STEP_TIMEOUT).unwrap();
+    g.shutdown(key, Shutdown::SEND).unwrap();
+    let mut tail = Vec::new();
+    held.read_to_end(&mut tail).unwrap();
+    assert!(
+        tail == up[100 * 1024..],
+        "guest->host across the frontend change"
+    );
+    let c = b.counters(3);
+    assert_eq!(c.get("sessions_resumed"), 1);
+    assert_eq!(c.get("sessions_expired"), 0);
+}
+
+/// With no frontend at all, a parked session still times out: domsockd drives the VM's
+/// engine between frontends, so the host end is closed at the park timeout and counted.
+#[test]
+fn a_session_parked_without_a_frontend_expires_on_time() {
+    const TARGET: u32 = 5710;
+    const PARK_MS: u64 = 1000;
+    let b = Backend::spawn_with(
+        &domsockd(),
+        "frontend-gone-expiry",
+        &[VmOpts::new(3)],
+        &["--session-park-timeout-ms".to_string(), PARK_MS.to_string()],
+        None,
+    );
+    let listener = listen_stream(&b.vm(0).uds, TARGET);
+    let mut g = b.guest(0, GuestConfig::default());
+    let key = g
+        .connect_timeout(host(SESSION_PORT.0), SocketType::Stream, STEP_TIMEOUT)
+        .unwrap();
+    let open = Frame::Open {
+        cid: Cid(2),
+        port: Port(TARGET),
+        socket_type: SocketType::Stream,
+    };
+    g.write_all(key, &open.encode(), STEP_TIMEOUT).unwrap();
+    assert!(matches!(
+        read_session_frame(&mut g, key),
+        Frame::Opened { .. }
+    ));
+    let mut held = accept(&listener);
+    held.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+
+    drop(g);
+    b.wait_for_log("frontend disconnected", 1);
+    let gone = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = held
+        .read(&mut buf)
+        .expect("the host end is closed, not reset");
+    let after = gone.elapsed();
+    assert_eq!(n, 0, "EOF at the park timeout");
+    assert!(
+        after >= Duration::from_millis(PARK_MS / 2),
+        "closed after {after:?}, before the park timeout"
+    );
+    eprintln!("parked without a frontend: host end closed {after:?} after the frontend went");
+    let c = b.counters(3);
+    assert_eq!(c.get("sessions_parked"), 1);
+    assert_eq!(c.get("sessions_expired"), 1);
 }

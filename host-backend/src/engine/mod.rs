@@ -186,6 +186,25 @@ impl DataPlane {
         self.drop_all_parked();
     }
 
+    /// The frontend (QEMU) is gone: stop as for a guest reset, and let go of its memory.
+    /// Sessions stay parked; the engine waits for the next frontend (driven by
+    /// [`DataPlane::pump_standby`] meanwhile), which may be the same guest migrated back
+    /// or restarted on this host.
+    pub fn frontend_gone(&mut self) {
+        self.stop();
+        self.mem = None;
+        self.regions = Default::default();
+        self.rx_extra.clear();
+        self.rx_extra_heads.clear();
+    }
+
+    /// Runs what can make progress while no frontend is connected: host sockets (parked
+    /// sessions read their host ends, host connects are refused) and timers (parked
+    /// sessions expire).
+    pub fn pump_standby(&mut self, now: Instant) {
+        self.pump_at(&[], Wake::Sockets, now);
+    }
+
     /// The device stopped (guest reset, reboot or QEMU gone): every connection is dead on
     /// the guest side, so close their host ends. Idempotent.
     pub fn stop(&mut self) {

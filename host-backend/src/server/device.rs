@@ -2,7 +2,8 @@
 //! (the guest CID), and event dispatch into the [`DataPlane`].
 //!
 //! A new device is built for every frontend connection (QEMU start or restart); the VM's
-//! [`VmShared`] state (host listener, counters) outlives it. A device unplugged and plugged
+//! [`VmShared`] state (host listener, counters) and its [`DataPlane`] (with the sessions
+//! parked in it) outlive it. A device unplugged and plugged
 //! back on the same connection (QMP `device_del`, `device_add`) stays the same
 //! `VsockDevice`, with the same [`DataPlane`]: the unplug stops its rings, which stops the
 //! data plane as a guest reset does, and the re-plug only resets the vhost-user state
@@ -11,9 +12,7 @@
 use super::relay::ReplugHook;
 use crate::engine::{DataPlane, Wake};
 use crate::metrics::VmStats;
-use crate::router::Router;
 use crate::virtio::chain::Mem;
-use crate::virtio::GuestPort;
 use crate::virtio::{RX_QUEUE, TX_QUEUE};
 use crate::vm::VmShared;
 use domsock_proto::config_space::VsockConfig;
@@ -41,7 +40,8 @@ pub const BACKEND_EVENT: u16 = (NUM_QUEUES + 1) as u16;
 #[derive(Debug)]
 pub struct VsockDevice {
     shared: Arc<VmShared>,
-    plane: Mutex<DataPlane>,
+    /// The VM's engine: it outlives this device (see [`crate::server`]).
+    plane: Arc<Mutex<DataPlane>>,
     queue_size: u16,
     exit: (EventConsumer, EventNotifier),
     epoll_fd: i32,
@@ -50,19 +50,16 @@ pub struct VsockDevice {
 }
 
 impl VsockDevice {
-    /// Builds a device for the VM described by `shared`, whose RX side is `port`, routing
-    /// to other domains through `router`.
+    /// Builds a device for the VM described by `shared`, driving its engine `plane`.
     pub fn new(
         shared: Arc<VmShared>,
         queue_size: u16,
-        router: Arc<Router>,
-        port: Arc<GuestPort>,
+        plane: Arc<Mutex<DataPlane>>,
     ) -> io::Result<Self> {
-        let plane = DataPlane::with_router(shared.clone(), router, port)?;
-        let epoll_fd = plane.epoll_fd();
+        let epoll_fd = lock_plane(&plane).epoll_fd();
         Ok(Self {
             shared,
-            plane: Mutex::new(plane),
+            plane,
             queue_size,
             exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
             epoll_fd,
@@ -80,9 +77,10 @@ impl VsockDevice {
         self.plane().stop();
     }
 
-    /// Ends every connection for good (frontend gone, device about to be dropped).
+    /// The frontend is gone (this device is about to be dropped): raw connections end,
+    /// sessions stay parked in the engine, which outlives the device.
     pub fn end(&self) {
-        self.plane().end();
+        self.plane().frontend_gone();
     }
 
     /// Closes the exit-event fds the vhost-user library took over and leaks. Call only
@@ -106,9 +104,14 @@ impl VsockDevice {
     }
 
     fn plane(&self) -> MutexGuard<'_, DataPlane> {
-        // A panic while holding the lock would be a bug; keep serving the VM regardless.
-        self.plane.lock().unwrap_or_else(|p| p.into_inner())
+        lock_plane(&self.plane)
     }
+}
+
+/// Locks a VM's engine. A panic while holding the lock would be a bug; keep serving the
+/// VM regardless.
+pub fn lock_plane(plane: &Mutex<DataPlane>) -> MutexGuard<'_, DataPlane> {
+    plane.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl ReplugHook for VsockDevice {

@@ -1,6 +1,10 @@
 //! Serving one VM: accept its frontend (QEMU) on the vhost-user socket, run the device
-//! until the frontend goes away, and wait for the next one. The host listener and counters
-//! persist, so a restarted QEMU is served without restarting domsockd.
+//! until the frontend goes away, and wait for the next one. The host listener, counters
+//! and the VM's engine ([`DataPlane`]) persist, so a restarted QEMU is served without
+//! restarting domsockd, and sessions parked when a frontend went (a migrated guest's
+//! source QEMU quits; a QEMU restarts) wait for their guest in the engine. Between
+//! frontends this thread drives the engine itself ([`standby`]): parked sessions keep
+//! reading their host ends into their replay buffers, and time out.
 //!
 //! The frontend's connection reaches vhost-user-backend's request handler through a
 //! [`relay`], so that a device unplugged and plugged back on the same connection is served
@@ -11,21 +15,23 @@ pub mod relay;
 pub mod replug;
 
 use crate::config::VmConfig;
+use crate::engine::DataPlane;
 use crate::router::Router;
 use crate::virtio::GuestPort;
 use crate::vm::VmShared;
-use device::{VsockDevice, BACKEND_EVENT};
+use device::{lock_plane, VsockDevice, BACKEND_EVENT};
 use domsock_proto::Cid;
 use relay::{PrivateListener, Relay};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use thiserror::Error;
 use tracing::{error, info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 /// Why a VM could not be served at all.
 #[derive(Debug, Error)]
@@ -85,10 +91,12 @@ impl VmServer {
             path: cfg.uds_path.display().to_string(),
             source,
         })?;
-        let listener = Listener::new(&cfg.socket, true).map_err(|source| ServeError::Listen {
-            path: cfg.socket.display().to_string(),
-            source,
-        })?;
+        let listener = Listener::new(&cfg.socket, true)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| ServeError::Listen {
+                path: cfg.socket.display().to_string(),
+                source,
+            })?;
         Ok(Self {
             port: Arc::new(GuestPort::new(shared.clone(), backlog_total.clone())),
             shared,
@@ -111,8 +119,17 @@ impl VmServer {
     /// `router`.
     pub fn run(mut self, router: Arc<Router>) {
         let name = self.shared.name.clone();
+        let plane = loop {
+            match DataPlane::with_router(self.shared.clone(), router.clone(), self.port.clone()) {
+                Ok(p) => break Arc::new(Mutex::new(p)),
+                Err(e) => {
+                    error!(vm = %name, error = %e, "cannot create the data plane");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        };
         loop {
-            if let Err(e) = self.serve_one(&router) {
+            if let Err(e) = self.serve_one(&plane) {
                 error!(vm = %name, error = %e, "frontend session failed");
                 // Avoid a hot loop if something is persistently wrong.
                 std::thread::sleep(Duration::from_millis(200));
@@ -120,12 +137,38 @@ impl VmServer {
         }
     }
 
-    fn serve_one(&mut self, router: &Arc<Router>) -> Result<(), Box<dyn std::error::Error>> {
+    /// Waits for the next frontend, driving `plane` meanwhile.
+    fn next_frontend(
+        &self,
+        plane: &Mutex<DataPlane>,
+    ) -> Result<std::os::unix::net::UnixStream, Box<dyn std::error::Error>> {
+        let standby = Standby::new(self.listener.as_raw_fd(), lock_plane(plane).epoll_fd())
+            .map_err(|e| format!("standby epoll: {e}"))?;
+        loop {
+            let (frontend, engine) = standby.wait().map_err(|e| format!("standby wait: {e}"))?;
+            if engine {
+                lock_plane(plane).pump_standby(Instant::now());
+            }
+            if frontend {
+                if let Some(s) = self
+                    .listener
+                    .accept()
+                    .map_err(|e| format!("accepting frontend: {e}"))?
+                {
+                    return Ok(s);
+                }
+            }
+        }
+    }
+
+    fn serve_one(
+        &mut self,
+        plane: &Arc<Mutex<DataPlane>>,
+    ) -> Result<(), Box<dyn std::error::Error>> {
         let device = Arc::new(VsockDevice::new(
             self.shared.clone(),
             self.queue_size,
-            router.clone(),
-            self.port.clone(),
+            plane.clone(),
         )?);
         let mut daemon = VhostUserDaemon::new(
             format!("domsock-{}", self.shared.name),
@@ -133,21 +176,16 @@ impl VmServer {
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .map_err(|e| format!("creating daemon: {e}"))?;
+        info!(vm = %self.shared.name, cid = %self.shared.cid, "waiting for frontend");
+        let frontend = self.next_frontend(plane)?;
+        // From here on the device's worker thread drives the engine (its workers run
+        // from `VhostUserDaemon::new`, so registering earlier would have two threads
+        // wake for every event while no frontend exists).
         for handler in daemon.get_epoll_handlers() {
             handler
                 .register_listener(device.backend_fd(), EventSet::IN, u64::from(BACKEND_EVENT))
                 .map_err(|e| format!("registering backend fd: {e}"))?;
         }
-        info!(vm = %self.shared.name, cid = %self.shared.cid, "waiting for frontend");
-        let frontend = loop {
-            if let Some(s) = self
-                .listener
-                .accept()
-                .map_err(|e| format!("accepting frontend: {e}"))?
-            {
-                break s;
-            }
-        };
         info!(vm = %self.shared.name, "frontend connected");
         let handler_end = {
             let private = PrivateListener::bind().map_err(|e| format!("relay socket: {e}"))?;
@@ -184,5 +222,43 @@ impl VmServer {
             Err(e) => warn!(vm = %self.shared.name, error = %e, "frontend session ended"),
         }
         Ok(())
+    }
+}
+
+/// The wait between frontends: for a frontend to connect, or for the engine's nested
+/// epoll to have events (host sockets, its timer). Level-triggered: the engine's events
+/// stay pending until it is pumped.
+struct Standby {
+    epoll: Epoll,
+}
+
+impl Standby {
+    const FRONTEND: u64 = 0;
+    const ENGINE: u64 = 1;
+
+    fn new(listener: RawFd, engine: RawFd) -> std::io::Result<Self> {
+        let epoll = Epoll::new()?;
+        for (fd, token) in [(listener, Self::FRONTEND), (engine, Self::ENGINE)] {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )?;
+        }
+        Ok(Self { epoll })
+    }
+
+    /// Whether a frontend may be connecting, and whether the engine has events.
+    fn wait(&self) -> std::io::Result<(bool, bool)> {
+        let mut events = [EpollEvent::default(); 2];
+        let n = loop {
+            match self.epoll.wait(-1, &mut events) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        let ready = |token| events[..n].iter().any(|e| e.data() == token);
+        Ok((ready(Self::FRONTEND), ready(Self::ENGINE)))
     }
 }
