@@ -24,6 +24,11 @@
 //! it out, decoding views the bytes as it, and no offset is written by hand.
 //! What this crate does not do yet: carry buffered payload
 //! bytes, the resume handshake, or any transport.
+//!
+//! Besides the wire formats it holds the host-side tooling of a live migration: a QMP client
+//! ([`qmp`]), the domsockd admin protocol ([`admin`]) and the orchestrator behind
+//! `domsock migrate` ([`orchestrate`]). Those do I/O (Unix sockets, sleeps); the formats do
+//! not.
 
 #![forbid(unsafe_code)]
 
@@ -32,10 +37,15 @@ use thiserror::Error;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+pub mod admin;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod orchestrate;
+pub mod qmp;
 pub mod session;
+#[cfg(test)]
+mod test_dir;
 
 const MAGIC: &[u8; 4] = b"DSCS";
 /// Current format version.

@@ -6,7 +6,10 @@
 //! - [`backend`]: runs the backend process (`domsockd`, or a peer backend) with `--vm` specs;
 //! - [`vm`]: boots a QEMU guest whose `/init` runs `domsock` guest program commands and follows
 //!   its serial console ([`serial`] parses the `DS-*` lines);
-//! - [`qmp`]: QEMU's control socket (hot-unplug and hot-plug of the vsock device);
+//! - [`qmp`]: QEMU's control socket (hot-unplug and hot-plug of the vsock device), from
+//!   `domsock-migration`;
+//! - [`hosts`]: several "hosts" as network namespaces, each with its own view of its runtime
+//!   directory, its own domsockd and QEMU (live migration between them);
 //! - [`host`]: the host ends of hybrid vsock: listeners at `<uds-path>_<port>` and the
 //!   `CONNECT <port>` handshake on `<uds-path>`;
 //! - [`report`]: timing lines that bypass libtest's output capture;
@@ -22,7 +25,9 @@ pub mod artifacts;
 pub mod backend;
 pub mod bench;
 pub mod host;
-pub mod qmp;
+pub mod hosts;
+/// QEMU's control socket; the client lives in `domsock-migration` (the orchestrator uses it).
+pub use domsock_migration::qmp;
 pub mod report;
 pub mod serial;
 pub mod skip;

@@ -1,6 +1,7 @@
-//! A small client of QMP, QEMU's JSON control protocol, over the `-qmp unix:<path>` socket
-//! every test VM gets ([`crate::vm`]): capabilities negotiation, commands, and waiting for
-//! events. Every call is bounded by a timeout.
+//! A small client of QMP, QEMU's JSON control protocol, over a `-qmp unix:<path>` socket:
+//! capabilities negotiation, commands, and waiting for events. Every call is bounded by a
+//! timeout. Used by the migration orchestrator ([`crate::orchestrate`]) and the VM tests.
+//! It does not start QEMU or know any device but by the id it is given.
 //!
 //! QMP is line-oriented here: QEMU writes one JSON object per line, a command's reply
 //! (`{"return": ...}` or `{"error": {"class", "desc"}}`) or an event (`{"event": NAME,
@@ -218,6 +219,33 @@ impl Qmp {
         self.execute("device_add", arguments, timeout).map(drop)
     }
 
+    /// QEMU's run state (`query-status`): `running`, `paused`, `inmigrate`, `postmigrate`,
+    /// `finish-migrate`, ...
+    pub fn run_state(&mut self, timeout: Duration) -> Result<String, QmpError> {
+        let r = self.execute("query-status", json!({}), timeout)?;
+        r.get("status")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| QmpError::BadMessage {
+                line: r.to_string(),
+            })
+    }
+
+    /// Whether a device with the id `id` is plugged (`/machine/peripheral/<id>` exists).
+    pub fn has_device(&mut self, id: &str, timeout: Duration) -> Result<bool, QmpError> {
+        let r = self.execute(
+            "qom-list",
+            json!({ "path": "/machine/peripheral" }),
+            timeout,
+        )?;
+        let list = r.as_array().ok_or_else(|| QmpError::BadMessage {
+            line: r.to_string(),
+        })?;
+        Ok(list
+            .iter()
+            .any(|p| p.get("name").and_then(Value::as_str) == Some(id)))
+    }
+
     /// Reads one message, waiting until `deadline`.
     fn read_message(&mut self, what: &str, deadline: Instant) -> Result<Value, QmpError> {
         loop {
@@ -283,8 +311,10 @@ mod tests {
     use std::os::unix::net::UnixListener;
 
     /// A fake QEMU: greets, answers commands from a script, and sends events in between.
-    fn fake_qemu(script: Vec<(&'static str, Vec<&'static str>)>) -> (crate::tmp::TempDir, PathBuf) {
-        let dir = crate::tmp::TempDir::new("qmp").unwrap();
+    pub(crate) fn fake_qemu(
+        script: Vec<(&'static str, Vec<&'static str>)>,
+    ) -> (crate::test_dir::TestDir, PathBuf) {
+        let dir = crate::test_dir::TestDir::new("qmp");
         let path = dir.path().join("qmp.sock");
         let listener = UnixListener::bind(&path).unwrap();
         thread::spawn(move || {
