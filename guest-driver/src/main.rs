@@ -22,7 +22,10 @@
 //! `session=0`. `DS-READY` then carries `session=1`. Seqpacket servers take no
 //! `--session`: domsockd offers sessions on stream ports only.
 //!
-//! Never run the vsock subcommands on a host: they open AF_VSOCK sockets.
+//! Never run the vsock subcommands on a host: they open AF_VSOCK sockets. The one host
+//! command, `migrate`, opens none: it drives two QEMUs over QMP and two domsockd instances
+//! over their admin sockets ([`domsock_migration::orchestrate`]) and prints the timed report
+//! (one JSON object with `--json`).
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -63,6 +66,12 @@ usage: domsock <command> [--option value]...
   resolve              --name NAME
   whoami
   list
+  migrate              --vm NAME --from HOST --to HOST --uri tcp:IP:PORT
+                       --from-qmp PATH --to-qmp PATH --from-admin PATH --to-admin PATH
+                       [--device-id vsock0] [--chardev vhu0] [--unplug-ms 10000]
+                       [--migrate-ms 120000] [--confirm-ms 10000] [--keep-source] [--json]
+                       (on a host: live-migrates a guest between two QEMUs; exit 0 migrated,
+                       2 rolled back, 3 rollback failed, 1 nothing done)
 PEER: --cid C, or --peer CID|NAME (a name is resolved through the control service)
 --session: a resumable session through domsockd's session port instead of a raw connection
            (servers: the port is registered, host connections are offered as sessions)
@@ -71,7 +80,7 @@ PEER: --cid C, or --peer CID|NAME (a name is resolved through the control servic
 common: --timeout-ms 30000 (connect and idle timeout of every blocking call)";
 
 /// Options that take no value.
-const FLAGS: &[&str] = &["session"];
+const FLAGS: &[&str] = &["session", "keep-source", "json"];
 
 /// Receive buffer for seqpacket messages: larger than any message we send, so a message that
 /// arrives bigger than sent shows up as a length mismatch rather than a silent truncation.
@@ -1405,8 +1414,88 @@ fn run(args: &[String]) -> CmdResult {
     }
 }
 
+/// Exit status of `migrate` by outcome.
+const EXIT_ROLLED_BACK: u8 = 2;
+const EXIT_ROLLBACK_FAILED: u8 = 3;
+
+/// `migrate`: the whole live migration of one guest (see the usage text).
+fn cmd_migrate(mut o: Opts) -> Result<ExitCode, Failure> {
+    use domsock_migration::admin::AdminSocket;
+    use domsock_migration::orchestrate::{self, Outcome, Plan, Side};
+    use domsock_migration::qmp::Qmp;
+    use std::path::PathBuf;
+    let mut need = |k: &str| {
+        o.take_str(k)
+            .ok_or_else(|| Failure(format!("--{k} is required")))
+    };
+    let vm = need("vm")?;
+    let (from, to) = (need("from")?, need("to")?);
+    let uri = need("uri")?;
+    let (from_qmp, to_qmp) = (
+        PathBuf::from(need("from-qmp")?),
+        PathBuf::from(need("to-qmp")?),
+    );
+    let (from_admin, to_admin) = (
+        PathBuf::from(need("from-admin")?),
+        PathBuf::from(need("to-admin")?),
+    );
+    let device_id = o.take_str("device-id").unwrap_or_else(|| "vsock0".into());
+    let chardev = o.take_str("chardev").unwrap_or_else(|| "vhu0".into());
+    let mut plan = Plan::vsock(&vm, &uri, &device_id, &chardev);
+    let ms = Duration::from_millis;
+    plan.timeouts.unplug = ms(o.size_or("unplug-ms", 10_000)?);
+    plan.timeouts.migrate = ms(o.size_or("migrate-ms", 120_000)?);
+    plan.timeouts.confirm = ms(o.size_or("confirm-ms", 10_000)?);
+    plan.quit_source = !o.flag("keep-source");
+    let json = o.flag("json");
+    o.finish()?;
+    let t = plan.timeouts.qmp;
+    let connect = |path: &PathBuf| {
+        Qmp::connect(path, t).map_err(|e| Failure(format!("QMP {}: {e}", path.display())))
+    };
+    let sides = connect(&from_qmp).and_then(|a| Ok((a, connect(&to_qmp)?)));
+    let (src_qmp, dst_qmp) = match sides {
+        Ok(s) => s,
+        Err(Failure(msg)) if json => {
+            let v = serde_json::json!({"v": 1, "vm": vm, "from": from, "to": to,
+                "outcome": "not_started", "error": msg, "steps": [], "rollback": []});
+            println!("{v}");
+            return Ok(ExitCode::from(1));
+        }
+        Err(f) => return Err(f),
+    };
+    let mut src = Side {
+        host: from,
+        qmp: src_qmp,
+        agent: AdminSocket::new(&from_admin, t),
+    };
+    let mut dst = Side {
+        host: to,
+        qmp: dst_qmp,
+        agent: AdminSocket::new(&to_admin, t),
+    };
+    let report = orchestrate::migrate(&plan, &mut src, &mut dst);
+    if json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(match report.outcome {
+        Outcome::Migrated => ExitCode::SUCCESS,
+        Outcome::RolledBack => ExitCode::from(EXIT_ROLLED_BACK),
+        Outcome::RollbackFailed => ExitCode::from(EXIT_ROLLBACK_FAILED),
+    })
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("migrate") {
+        let outcome = Opts::parse(&args[1..]).and_then(cmd_migrate);
+        return outcome.unwrap_or_else(|Failure(msg)| {
+            println!("DS-ERROR cmd=migrate msg={msg}");
+            ExitCode::from(1)
+        });
+    }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(msg)) => {

@@ -271,7 +271,7 @@ pub mod fake {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
     use std::thread::{self, JoinHandle};
-    use std::time::Instant;
+    use std::time::SystemTime;
 
     /// How the fake answers `status` for its one VM: called per request, returns
     /// `(device_running, sessions_live)`. Tests probe the guest "by other means" here.
@@ -282,8 +282,9 @@ pub mod fake {
     pub struct Log {
         /// `(op, request)` pairs.
         pub requests: Vec<(String, Value)>,
-        /// When `status` first said `device_running`.
-        pub first_running: Option<Instant>,
+        /// When `status` first said `device_running` (wall clock: to line up with the
+        /// orchestrator's `started_unix_ms`).
+        pub first_running: Option<SystemTime>,
     }
 
     /// Serves protocol v1 for one VM at a socket path: `adopt` and `export` succeed and do
@@ -373,7 +374,7 @@ pub mod fake {
                     let (running, live) = probe();
                     if running {
                         let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
-                        l.first_running.get_or_insert_with(Instant::now);
+                        l.first_running.get_or_insert_with(SystemTime::now);
                     }
                     json!({"v": 1, "ok": true, "vms": [{
                         "name": vm, "namespace": namespace, "cid": cid, "frontend": true,

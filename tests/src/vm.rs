@@ -80,6 +80,17 @@ pub struct VmConfig {
     pub qemu_args: Vec<String>,
     /// More kernel parameters (`name=value`, handed to /init as environment variables).
     pub kernel_params: Vec<String>,
+    /// Program and arguments QEMU runs under (e.g. [`crate::hosts::Host::wrapper`]); empty:
+    /// none.
+    pub wrapper: Vec<String>,
+    /// Boot with the vsock device plugged; without it only the chardev is there (a live
+    /// migration target, which gets the device by `device_add` after the migration).
+    pub vsock_device: bool,
+    /// `-incoming <uri>`: the guest's state arrives by live migration.
+    pub incoming: Option<String>,
+    /// The QMP socket as QEMU sees it and as the test sees it (they differ when QEMU runs
+    /// in another mount view); default: `<name>.qmp` next to the vhost-user socket.
+    pub qmp_paths: Option<(PathBuf, PathBuf)>,
 }
 
 impl VmConfig {
@@ -94,7 +105,35 @@ impl VmConfig {
             log_dir: log_dir.to_path_buf(),
             qemu_args: Vec::new(),
             kernel_params: Vec::new(),
+            wrapper: Vec::new(),
+            vsock_device: true,
+            incoming: None,
+            qmp_paths: None,
         }
+    }
+
+    /// Runs QEMU under `wrapper` (program and arguments before QEMU's own path).
+    pub fn wrapped(mut self, wrapper: &[String]) -> Self {
+        self.wrapper = wrapper.to_vec();
+        self
+    }
+
+    /// Boots without the vsock device (the chardev stays).
+    pub fn without_vsock_device(mut self) -> Self {
+        self.vsock_device = false;
+        self
+    }
+
+    /// Waits for the guest's state on `-incoming <uri>`.
+    pub fn incoming(mut self, uri: &str) -> Self {
+        self.incoming = Some(uri.to_owned());
+        self
+    }
+
+    /// The QMP socket at `qemu_view` for QEMU, reached by the test at `test_view`.
+    pub fn qmp_socket(mut self, qemu_view: &Path, test_view: &Path) -> Self {
+        self.qmp_paths = Some((qemu_view.to_path_buf(), test_view.to_path_buf()));
+        self
     }
 
     /// Adds QEMU arguments.
@@ -182,10 +221,20 @@ impl Vm {
         let serial_log = cfg.log_dir.join(format!("{}.serial.log", cfg.name));
         let qemu_log = cfg.log_dir.join(format!("{}.qemu.log", cfg.name));
         // Next to the vhost-user socket: a short path (Unix socket paths are limited).
-        let qmp_socket = cfg.vhost_socket.with_file_name(format!("{}.qmp", cfg.name));
+        let (qemu_qmp, qmp_socket) = cfg.qmp_paths.clone().unwrap_or_else(|| {
+            let p = cfg.vhost_socket.with_file_name(format!("{}.qmp", cfg.name));
+            (p.clone(), p)
+        });
         let _ = std::fs::remove_file(&qmp_socket);
         let mem = format!("{GUEST_MEM_MIB}M");
-        let mut cmd = Command::new(artifacts::qemu_binary());
+        let mut cmd = match cfg.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(artifacts::qemu_binary());
+                c
+            }
+            None => Command::new(artifacts::qemu_binary()),
+        };
         cmd.args([
             "-accel",
             &artifacts::accel(),
@@ -214,12 +263,8 @@ impl Vm {
             ),
         ])
         .args([
-            "-device",
-            &format!("vhost-user-vsock-pci,chardev={VHOST_CHARDEV_ID},id={VSOCK_DEVICE_ID}"),
-        ])
-        .args([
             "-qmp",
-            &format!("unix:{},server=on,wait=off", qmp_socket.display()),
+            &format!("unix:{},server=on,wait=off", qemu_qmp.display()),
         ])
         .arg("-kernel")
         .arg(&cfg.kernel.vmlinuz)
@@ -227,6 +272,15 @@ impl Vm {
         .arg(&cfg.kernel.initramfs)
         .args(["-append", &cfg.kernel_cmdline()])
         .args(&cfg.qemu_args);
+        if cfg.vsock_device {
+            cmd.args([
+                "-device",
+                &format!("vhost-user-vsock-pci,chardev={VHOST_CHARDEV_ID},id={VSOCK_DEVICE_ID}"),
+            ]);
+        }
+        if let Some(uri) = &cfg.incoming {
+            cmd.args(["-incoming", uri]);
+        }
         if cfg.after != After::Reboot {
             cmd.arg("-no-reboot");
         }
@@ -281,6 +335,11 @@ impl Vm {
     /// A new QMP session with this VM's QEMU (capabilities negotiated), within `timeout`.
     pub fn qmp(&self, timeout: Duration) -> Result<Qmp, QmpError> {
         Qmp::connect(&self.qmp_socket, timeout)
+    }
+
+    /// The QMP socket, as the test process reaches it.
+    pub fn qmp_path(&self) -> &Path {
+        &self.qmp_socket
     }
 
     /// QEMU's process id.

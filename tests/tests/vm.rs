@@ -3022,6 +3022,13 @@ fn vsock_test_g2g(c: Case) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Live migration between network-namespace hosts with `domsock migrate`.
+
+#[path = "vm/migrate.rs"]
+mod migrate;
+use migrate::{migrate_across_hosts, migrate_rollback_on_failed_step};
+
+// ---------------------------------------------------------------------------------------------
 
 macro_rules! per_kernel {
     ($($case:ident),* $(,)?) => {
@@ -3069,4 +3076,6 @@ per_kernel!(
     shim_c_program_sessions,
     shim_survives_replug,
     vsock_test_g2g,
+    migrate_across_hosts,
+    migrate_rollback_on_failed_step,
 );

@@ -1,0 +1,436 @@
+//! Live migration between "hosts" ([`domsock_tests::hosts`]: network namespaces with their
+//! own mount view, domsockd and QEMU each) with `domsock migrate`.
+//!
+//! domsockd does not serve its admin socket yet, so each host's admin socket is a
+//! [`FakeAdmin`] (protocol v1) whose `adopt`/`export` do nothing and whose `status` checks
+//! the guest by other means: a `CONNECT` through that host's domsockd to an echo server the
+//! guest started before the first migration, one round trip of checksummed bytes. The CLI,
+//! its admin client and the orchestrator are the real ones.
+
+use std::io::{Read, Write};
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use domsock_migration::admin::fake::FakeAdmin;
+use domsock_tests::hosts::{Host, Hosts};
+use serde_json::Value;
+
+use super::*;
+
+const MIG_CID: u32 = 3;
+const MIG_VM: &str = "vm3";
+/// The guest's echo server, started before the first migration; every confirm probes it.
+const ECHO_PORT: u32 = 6000;
+/// Bytes of one echo probe.
+const PROBE_BYTES: usize = 64;
+/// How long one probe may wait for domsockd's answer (the orchestrator polls again).
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Each guest -> host stream of the migration cases.
+const MIG_BYTES: u64 = 32 << 20;
+/// Where destination QEMUs listen for the migration stream.
+const INCOMING_PORT: u16 = 4444;
+/// A guest listener the host opens after a hop to let the guest's next command run.
+const GATE_PORTS: [u32; 2] = [7000, 7001];
+/// Bytes the host sends through a gate.
+const GATE_BYTES: u64 = 4096;
+/// Guest-side timeout of the commands that wait across a migration.
+const GUEST_WAIT_MS: u64 = 240_000;
+
+/// `target/release/domsock`, the CLI (the same binary as the guest program, host build).
+fn domsock_cli() -> PathBuf {
+    let p = artifacts::workspace_root().join("target/release/domsock");
+    assert!(
+        p.is_file(),
+        "{} not found: cargo build --release -p domsock-guest",
+        p.display()
+    );
+    p
+}
+
+/// One echo round trip with the guest's echo server through `uds` (a host's domsockd).
+fn probe_echo(uds: &Path, seed: u64) -> bool {
+    let Ok(mut s) = host::connect_guest_ok(uds, ECHO_PORT, PROBE_TIMEOUT) else {
+        return false;
+    };
+    let data = domsock_guest::pattern::PatternStream::new(seed).take(PROBE_BYTES);
+    if s.write_all(&data).is_err() || s.shutdown(Shutdown::Write).is_err() {
+        return false;
+    }
+    let mut back = Vec::new();
+    let _ = s.set_read_timeout(Some(STEP_TIMEOUT));
+    s.read_to_end(&mut back).is_ok() && back == data
+}
+
+/// A fake admin socket `admin.sock` on `host` whose status probes the guest's echo server.
+fn fake_admin(host: &Host, seed: u64) -> FakeAdmin {
+    let uds = host.local_spec(MIG_CID).uds;
+    FakeAdmin::spawn(
+        &host.local("admin.sock"),
+        MIG_VM,
+        "default",
+        u64::from(MIG_CID),
+        Box::new(move || (probe_echo(&uds, seed), 0)),
+    )
+    .expect("fake admin socket")
+}
+
+/// Runs `domsock migrate --json` from `from` to `to`; returns its exit code and report.
+fn run_migrate(from: &Host, to: &Host, from_vm: &Vm, to_vm: &Vm, uri: &str) -> (i32, Value) {
+    let out = Command::new(domsock_cli())
+        .arg("migrate")
+        .args(["--vm", MIG_VM, "--from", &from.name, "--to", &to.name])
+        .args(["--uri", uri])
+        .arg("--from-qmp")
+        .arg(from_vm.qmp_path())
+        .arg("--to-qmp")
+        .arg(to_vm.qmp_path())
+        .arg("--from-admin")
+        .arg(from.local("admin.sock"))
+        .arg("--to-admin")
+        .arg(to.local("admin.sock"))
+        .args(["--confirm-ms", "15000", "--json"])
+        .output()
+        .expect("run domsock migrate");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "domsock migrate printed no JSON object ({e}):\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), report)
+}
+
+fn step<'a>(report: &'a Value, list: &str, name: &str) -> &'a Value {
+    report[list]
+        .as_array()
+        .and_then(|v| v.iter().find(|s| s["step"] == name))
+        .unwrap_or_else(|| panic!("no {list} step {name:?} in {report}"))
+}
+
+fn step_names(report: &Value, list: &str) -> Vec<String> {
+    report[list]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .map(|s| s["step"].as_str().unwrap_or("?").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every step ok and timed.
+fn assert_steps_ok(report: &Value, list: &str) {
+    for s in report[list].as_array().expect("steps array") {
+        assert_eq!(s["ok"], true, "{list} step failed: {s}\n{report}");
+        assert!(
+            s["ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+            "{list} step without a duration: {s}"
+        );
+        assert!(s["started_unix_ms"].as_u64().is_some(), "{s}");
+    }
+}
+
+fn unix_ms(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+/// `device_add` returned -> the first probe that got its bytes back, from the report and
+/// the destination's fake admin.
+fn blackout_ms(report: &Value, admin: &FakeAdmin) -> f64 {
+    let plug = step(report, "steps", "plug");
+    let plugged = plug["started_unix_ms"].as_f64().unwrap() + plug["ms"].as_f64().unwrap();
+    let first = admin.log().first_running.expect("a probe succeeded");
+    unix_ms(first) - plugged
+}
+
+/// On `b`, `a`'s runtime directory does not exist and `b`'s own sockets do.
+fn assert_isolated(a: &Host, b: &Host) {
+    let own = b.spec(MIG_CID).socket;
+    let theirs = a.local_spec(MIG_CID).socket;
+    assert!(theirs.exists(), "the test sees {}", theirs.display());
+    let out = b
+        .sh(&format!(
+            "test -S {own} && test ! -e {theirs} && test -z \"$(ls -A {hidden})\" && \
+             ip -o -4 addr show dev eth0",
+            own = own.display(),
+            theirs = theirs.display(),
+            hidden = theirs.parent().and_then(Path::parent).unwrap().display(),
+        ))
+        .expect("run a command on host b");
+    assert!(
+        out.status.success(),
+        "host {} must see its own socket and not host {}'s: {}",
+        b.name,
+        a.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let addr = String::from_utf8_lossy(&out.stdout);
+    assert!(addr.contains(&b.ip.to_string()), "{addr}");
+}
+
+/// The host opens guest listener `port` through `uds`, sends a pattern and reads to EOF;
+/// the guest's `recv` reports it on `vm`.
+fn open_gate(vm: &Vm, uds: &Path, port: u32, seed: u64) {
+    let mut s = host::connect_guest_ok(uds, port, STEP_TIMEOUT).expect("CONNECT to the gate");
+    let sent = host::write_pattern(&mut s, seed, GATE_BYTES, CHUNK_BYTES).expect("gate bytes");
+    s.shutdown(Shutdown::Write).expect("shutdown");
+    let _ = host::read_to_eof(&mut s);
+    let res = vm.expect_result("recv", STEP_TIMEOUT);
+    assert_guest_saw("gate", &res, "", &sent.sum);
+}
+
+/// Accepts the guest's stream on `listener` and checks the pattern and the guest's report.
+fn take_stream(vm: &Vm, listener: &UnixListener, seed: u64, what: &str) -> Duration {
+    let mut conn = host::accept(listener, STEP_TIMEOUT, IDLE_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    // Exactly the announced length, then close (as `stream_guest_to_host`).
+    let got = host::read_len(&mut conn, MIG_BYTES).unwrap_or_else(|e| panic!("{what}: {e}"));
+    drop(conn);
+    assert_pattern(what, &got.sum, seed, MIG_BYTES);
+    let res = vm.expect_result("send", STEP_TIMEOUT);
+    assert_guest_saw(what, &res, "", &got.sum);
+    got.elapsed
+}
+
+/// The echo server's result for its connection `conn` (one probe), on `vm`'s console.
+fn expect_echo(vm: &Vm, conn: u64) {
+    let l = vm.expect_result("echo-server", STEP_TIMEOUT);
+    assert_eq!(l.u64("conn"), conn, "{}", l.raw);
+    assert_eq!(l.u64("bytes"), PROBE_BYTES as u64, "{}", l.raw);
+}
+
+/// One hop's line for the report.
+fn hop_line(label: &str, report: &Value, blackout: f64) -> String {
+    let s = |n: &str| step(report, "steps", n)["ms"].as_f64().unwrap_or(-1.0);
+    let mig = step(report, "steps", "migrate");
+    format!(
+        "{label}: total {:.0} ms (prepare {:.1}, unplug {:.1}, migrate {:.1} [QEMU total {} ms, \
+         downtime {} ms, {:.1} MB], export {:.1}, plug {:.1}, confirm {:.1}, quit-source {:.1}); \
+         blackout device_add -> first echo byte through the destination's domsockd {blackout:.0} ms",
+        report["total_ms"].as_f64().unwrap_or(-1.0),
+        s("prepare"),
+        s("unplug"),
+        s("migrate"),
+        mig["qemu_total_ms"],
+        mig["downtime_ms"],
+        mig["transferred_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        s("export"),
+        s("plug"),
+        s("confirm"),
+        s("quit-source"),
+    )
+}
+
+/// A -> B -> A with `domsock migrate`: a raw stream to a host process on A before; after the
+/// first hop a new guest connection reaches a host process on B through B's domsockd, and
+/// the echo server the guest started before the migration still answers (through B); back on
+/// A the same again. Every report has every step with its duration.
+pub(super) fn migrate_across_hosts(c: Case) {
+    let hosts = Hosts::new(&["a", "b"]).expect("network namespaces (needs root and ip)");
+    let (a, b) = (hosts.host("a"), hosts.host("b"));
+    let _da = a.spawn_domsockd(MIG_CID, &[], &c.log_dir);
+    let _db = b.spawn_domsockd(MIG_CID, &[], &c.log_dir);
+    assert_isolated(a, b);
+    assert_isolated(b, a);
+    let (ua, ub) = (a.local_spec(MIG_CID).uds, b.local_spec(MIG_CID).uds);
+    let before_on_a = host::listen_stream(&ua, 5000).expect("listen on a");
+    let new_on_b = host::listen_stream(&ub, 5001).expect("listen on b");
+    let back_on_a = host::listen_stream(&ua, 5002).expect("listen on a");
+    let fake_a = fake_admin(a, 51);
+    let fake_b = fake_admin(b, 52);
+
+    let send = |port: u32, seed: u64, retry: bool| {
+        let mut s = format!(
+            "send --cid {HOST_CID} --port {port} --bytes {MIG_BYTES} --chunk {CHUNK_BYTES} \
+             --seed {seed}"
+        );
+        if retry {
+            s.push_str(&format!(
+                " --connect-retry-ms 20000 --timeout-ms {GUEST_WAIT_MS}"
+            ));
+        }
+        s
+    };
+    let gate = |port: u32| format!("recv --port {port} --timeout-ms {GUEST_WAIT_MS}");
+    let cfg = a
+        .vm_config("guest-a0", &c.kernel, MIG_CID, &c.log_dir)
+        .cmd(&format!(
+            "bg echo-server --port {ECHO_PORT} --conns 3 --timeout-ms {GUEST_WAIT_MS}"
+        ))
+        .cmd(&send(5000, 31, false))
+        .cmd(&gate(GATE_PORTS[0]))
+        .cmd(&send(5001, 32, true))
+        .cmd(&gate(GATE_PORTS[1]))
+        .cmd(&send(5002, 33, true));
+    let mut vm_a = Vm::boot(&cfg);
+    assert_eq!(vm_a.expect_cid(BOOT_TIMEOUT), MIG_CID);
+    c.report(&format!(
+        "guest on a: vsock ready in {}",
+        report::ms(vm_a.uptime())
+    ));
+    // The echo server answers on A (its first connection), and the raw stream to A.
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while !probe_echo(&ua, 50) {
+        assert!(Instant::now() < deadline, "echo server on a never answered");
+        thread::sleep(Duration::from_millis(50));
+    }
+    expect_echo(&vm_a, 0);
+    take_stream(
+        &vm_a,
+        &before_on_a,
+        31,
+        "raw stream to a before the migration",
+    );
+
+    // Hop 1: A -> B.
+    let vm_b =
+        Vm::boot(&b.incoming_vm_config("guest-b1", &c.kernel, MIG_CID, INCOMING_PORT, &c.log_dir));
+    let (code, rep1) = run_migrate(a, b, &vm_a, &vm_b, &b.incoming_uri(INCOMING_PORT));
+    assert_eq!(code, 0, "domsock migrate a -> b: {rep1}");
+    assert_eq!(rep1["outcome"], "migrated", "{rep1}");
+    assert_eq!(
+        step_names(&rep1, "steps"),
+        [
+            "prepare",
+            "unplug",
+            "migrate",
+            "export",
+            "plug",
+            "confirm",
+            "quit-source"
+        ]
+    );
+    assert_steps_ok(&rep1, "steps");
+    assert!(step_names(&rep1, "rollback").is_empty());
+    assert_eq!(
+        fake_b.count("adopt"),
+        1,
+        "the destination was told to adopt"
+    );
+    assert_eq!(fake_a.count("export"), 1, "the source was told to export");
+    let blackout1 = blackout_ms(&rep1, &fake_b);
+    let status = vm_a.wait_exit(STEP_TIMEOUT);
+    assert!(status.success(), "the source QEMU quit: {status}");
+    // The process from before the migration answered through B (confirm), and the guest's
+    // next program makes a new connection to a host process on B.
+    expect_echo(&vm_b, 1);
+    open_gate(&vm_b, &ub, GATE_PORTS[0], 41);
+    take_stream(&vm_b, &new_on_b, 32, "new stream to b after the migration");
+    c.report(&hop_line("migrate a -> b", &rep1, blackout1));
+
+    // Hop 2: B -> A, into a new QEMU on A.
+    let mut vm_a2 =
+        Vm::boot(&a.incoming_vm_config("guest-a2", &c.kernel, MIG_CID, INCOMING_PORT, &c.log_dir));
+    let (code, rep2) = run_migrate(b, a, &vm_b, &vm_a2, &a.incoming_uri(INCOMING_PORT));
+    assert_eq!(code, 0, "domsock migrate b -> a: {rep2}");
+    assert_eq!(rep2["outcome"], "migrated", "{rep2}");
+    assert_steps_ok(&rep2, "steps");
+    let blackout2 = blackout_ms(&rep2, &fake_a);
+    let mut vm_b = vm_b;
+    let status = vm_b.wait_exit(STEP_TIMEOUT);
+    assert!(status.success(), "the source QEMU on b quit: {status}");
+    expect_echo(&vm_a2, 2);
+    open_gate(&vm_a2, &ua, GATE_PORTS[1], 42);
+    take_stream(
+        &vm_a2,
+        &back_on_a,
+        33,
+        "new stream to a after migrating back",
+    );
+    c.report(&hop_line("migrate b -> a", &rep2, blackout2));
+    // Every guest program, the echo server started before both migrations included, ended
+    // well.
+    finish(&mut vm_a2);
+}
+
+/// The destination listens on another port than the one given to `domsock migrate`: the
+/// migrate step fails, the rollback plugs the device back on A, the source's domsockd
+/// confirms it, and the guest's vsock works on A again (the echo server from before and a
+/// new guest connection). The destination QEMU is left waiting, untouched.
+pub(super) fn migrate_rollback_on_failed_step(c: Case) {
+    let hosts = Hosts::new(&["a", "b"]).expect("network namespaces (needs root and ip)");
+    let (a, b) = (hosts.host("a"), hosts.host("b"));
+    let _da = a.spawn_domsockd(MIG_CID, &[], &c.log_dir);
+    let _db = b.spawn_domsockd(MIG_CID, &[], &c.log_dir);
+    let ua = a.local_spec(MIG_CID).uds;
+    let after_on_a = host::listen_stream(&ua, 5001).expect("listen on a");
+    let fake_a = fake_admin(a, 61);
+    let fake_b = fake_admin(b, 62);
+    let cfg = a
+        .vm_config("guest-a0", &c.kernel, MIG_CID, &c.log_dir)
+        .cmd(&format!(
+            "bg echo-server --port {ECHO_PORT} --conns 2 --timeout-ms {GUEST_WAIT_MS}"
+        ))
+        .cmd(&format!(
+            "recv --port {} --timeout-ms {GUEST_WAIT_MS}",
+            GATE_PORTS[0]
+        ))
+        .cmd(&format!(
+            "send --cid {HOST_CID} --port 5001 --bytes {MIG_BYTES} --chunk {CHUNK_BYTES} \
+             --seed 34 --connect-retry-ms 20000"
+        ));
+    let mut vm_a = Vm::boot(&cfg);
+    assert_eq!(vm_a.expect_cid(BOOT_TIMEOUT), MIG_CID);
+    let vm_b =
+        Vm::boot(&b.incoming_vm_config("guest-b1", &c.kernel, MIG_CID, INCOMING_PORT, &c.log_dir));
+    let wrong = b.incoming_uri(INCOMING_PORT + 1);
+    let (code, rep) = run_migrate(a, b, &vm_a, &vm_b, &wrong);
+    assert_eq!(code, 2, "exit status of a rolled-back migration: {rep}");
+    assert_eq!(rep["outcome"], "rolled_back", "{rep}");
+    assert_eq!(rep["failed_step"], "migrate", "{rep}");
+    assert_eq!(
+        step_names(&rep, "rollback"),
+        [
+            "cancel-migration",
+            "source-resume",
+            "source-plug",
+            "source-confirm"
+        ]
+    );
+    assert_steps_ok(&rep, "rollback");
+    assert_eq!(step(&rep, "rollback", "source-plug")["was_plugged"], false);
+    assert_eq!(
+        fake_b.count("status"),
+        0,
+        "the destination was never confirmed"
+    );
+    // The destination QEMU still waits for a migration and has no device.
+    let mut qb = vm_b.qmp(QMP_TIMEOUT).expect("QMP on b");
+    assert_eq!(
+        qb.run_state(QMP_TIMEOUT).expect("query-status"),
+        "inmigrate"
+    );
+    assert!(!qb
+        .has_device(vm::VSOCK_DEVICE_ID, QMP_TIMEOUT)
+        .expect("qom-list"));
+    // The source runs with its device: the echo server (source-confirm's probe was its first
+    // connection) answers again, and a new guest connection reaches a host process on A.
+    expect_echo(&vm_a, 0);
+    assert!(probe_echo(&ua, 63), "echo through a after the rollback");
+    expect_echo(&vm_a, 1);
+    open_gate(&vm_a, &ua, GATE_PORTS[0], 43);
+    take_stream(&vm_a, &after_on_a, 34, "new stream to a after the rollback");
+    let back = step(&rep, "rollback", "source-plug");
+    let plugged = back["started_unix_ms"].as_f64().unwrap() + back["ms"].as_f64().unwrap();
+    let first = unix_ms(fake_a.log().first_running.expect("source-confirm probed"));
+    c.report(&format!(
+        "rollback after a failed migrate (wrong port): total {:.0} ms, migrate step {:.1} ms \
+         ({}), rollback {:?}; device_add on a -> first echo byte {:.0} ms",
+        rep["total_ms"].as_f64().unwrap_or(-1.0),
+        step(&rep, "steps", "migrate")["ms"]
+            .as_f64()
+            .unwrap_or(-1.0),
+        rep["error"].as_str().unwrap_or("?"),
+        rep["rollback"]
+            .as_array()
+            .map(|v| v
+                .iter()
+                .map(|s| format!("{} {} ms", s["step"].as_str().unwrap_or("?"), s["ms"]))
+                .collect::<Vec<_>>())
+            .unwrap_or_default(),
+        first - plugged,
+    ));
+    finish(&mut vm_a);
+}
