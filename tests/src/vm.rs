@@ -91,6 +91,9 @@ pub struct VmConfig {
     /// The QMP socket as QEMU sees it and as the test sees it (they differ when QEMU runs
     /// in another mount view); default: `<name>.qmp` next to the vhost-user socket.
     pub qmp_paths: Option<(PathBuf, PathBuf)>,
+    /// The memfd memory backend with `share=on` (vhost-user needs it; `false` gives a guest
+    /// whose vsock device initialises but never moves a packet).
+    pub shared_memory: bool,
 }
 
 impl VmConfig {
@@ -109,7 +112,14 @@ impl VmConfig {
             vsock_device: true,
             incoming: None,
             qmp_paths: None,
+            shared_memory: true,
         }
+    }
+
+    /// Guest memory not shared with the backend (`share=off`): a broken vsock device.
+    pub fn unshared_memory(mut self) -> Self {
+        self.shared_memory = false;
+        self
     }
 
     /// Runs QEMU under `wrapper` (program and arguments before QEMU's own path).
@@ -252,7 +262,10 @@ impl Vm {
         .args(["-m", &mem, "-smp", "1"])
         .args([
             "-object",
-            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            &format!(
+                "memory-backend-memfd,id=mem,size={mem},share={}",
+                if cfg.shared_memory { "on" } else { "off" }
+            ),
         ])
         .args(["-machine", "pc,memory-backend=mem"])
         .args([

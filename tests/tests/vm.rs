@@ -3026,7 +3026,9 @@ fn vsock_test_g2g(c: Case) {
 
 #[path = "vm/migrate.rs"]
 mod migrate;
-use migrate::{migrate_across_hosts, migrate_rollback_on_failed_step};
+use migrate::{
+    migrate_across_hosts, migrate_rollback_after_completion, migrate_rollback_on_failed_step,
+};
 
 // ---------------------------------------------------------------------------------------------
 
@@ -3078,4 +3080,5 @@ per_kernel!(
     vsock_test_g2g,
     migrate_across_hosts,
     migrate_rollback_on_failed_step,
+    migrate_rollback_after_completion,
 );

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use domsock_migration::admin::fake::FakeAdmin;
-use domsock_tests::hosts::{Host, Hosts};
+use domsock_tests::hosts::{Host, Hosts, NETNS_PREFIX};
 use serde_json::Value;
 
 use super::*;
@@ -29,6 +29,10 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
 const MIG_BYTES: u64 = 32 << 20;
 /// Where destination QEMUs listen for the migration stream.
 const INCOMING_PORT: u16 = 4444;
+/// `domsock migrate --confirm-ms` (the device runs 0.2-0.8 s after `device_add`, measured).
+const CONFIRM_MS: u64 = 15_000;
+/// The same when the destination is known to be broken.
+const BROKEN_CONFIRM_MS: u64 = 4_000;
 /// A guest listener the host opens after a hop to let the guest's next command run.
 const GATE_PORTS: [u32; 2] = [7000, 7001];
 /// Bytes the host sends through a gate.
@@ -75,7 +79,15 @@ fn fake_admin(host: &Host, seed: u64) -> FakeAdmin {
 }
 
 /// Runs `domsock migrate --json` from `from` to `to`; returns its exit code and report.
-fn run_migrate(from: &Host, to: &Host, from_vm: &Vm, to_vm: &Vm, uri: &str) -> (i32, Value) {
+fn run_migrate(
+    from: &Host,
+    to: &Host,
+    from_vm: &Vm,
+    to_vm: &Vm,
+    uri: &str,
+    confirm_ms: u64,
+    log_dir: &Path,
+) -> (i32, Value) {
     let out = Command::new(domsock_cli())
         .arg("migrate")
         .args(["--vm", MIG_VM, "--from", &from.name, "--to", &to.name])
@@ -88,10 +100,14 @@ fn run_migrate(from: &Host, to: &Host, from_vm: &Vm, to_vm: &Vm, uri: &str) -> (
         .arg(from.local("admin.sock"))
         .arg("--to-admin")
         .arg(to.local("admin.sock"))
-        .args(["--confirm-ms", "15000", "--json"])
+        .args(["--confirm-ms", &confirm_ms.to_string(), "--json"])
         .output()
         .expect("run domsock migrate");
     let text = String::from_utf8_lossy(&out.stdout);
+    let _ = std::fs::write(
+        log_dir.join(format!("migrate-{}-{}.json", from.name, to.name)),
+        text.as_bytes(),
+    );
     let report: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
         panic!(
             "domsock migrate printed no JSON object ({e}):\n{text}\n{}",
@@ -287,7 +303,15 @@ pub(super) fn migrate_across_hosts(c: Case) {
     // Hop 1: A -> B.
     let vm_b =
         Vm::boot(&b.incoming_vm_config("guest-b1", &c.kernel, MIG_CID, INCOMING_PORT, &c.log_dir));
-    let (code, rep1) = run_migrate(a, b, &vm_a, &vm_b, &b.incoming_uri(INCOMING_PORT));
+    let (code, rep1) = run_migrate(
+        a,
+        b,
+        &vm_a,
+        &vm_b,
+        &b.incoming_uri(INCOMING_PORT),
+        CONFIRM_MS,
+        &c.log_dir,
+    );
     assert_eq!(code, 0, "domsock migrate a -> b: {rep1}");
     assert_eq!(rep1["outcome"], "migrated", "{rep1}");
     assert_eq!(
@@ -323,7 +347,15 @@ pub(super) fn migrate_across_hosts(c: Case) {
     // Hop 2: B -> A, into a new QEMU on A.
     let mut vm_a2 =
         Vm::boot(&a.incoming_vm_config("guest-a2", &c.kernel, MIG_CID, INCOMING_PORT, &c.log_dir));
-    let (code, rep2) = run_migrate(b, a, &vm_b, &vm_a2, &a.incoming_uri(INCOMING_PORT));
+    let (code, rep2) = run_migrate(
+        b,
+        a,
+        &vm_b,
+        &vm_a2,
+        &a.incoming_uri(INCOMING_PORT),
+        CONFIRM_MS,
+        &c.log_dir,
+    );
     assert_eq!(code, 0, "domsock migrate b -> a: {rep2}");
     assert_eq!(rep2["outcome"], "migrated", "{rep2}");
     assert_steps_ok(&rep2, "steps");
@@ -350,8 +382,28 @@ pub(super) fn migrate_across_hosts(c: Case) {
 /// confirms it, and the guest's vsock works on A again (the echo server from before and a
 /// new guest connection). The destination QEMU is left waiting, untouched.
 pub(super) fn migrate_rollback_on_failed_step(c: Case) {
+    // A namespace left behind by a test process that is gone is deleted by the next start.
+    let mut gone = Command::new("true").spawn().expect("spawn true");
+    let dead_pid = gone.id();
+    gone.wait().expect("reap true");
+    let stale = format!("{NETNS_PREFIX}{dead_pid}-zz");
+    let ok = Command::new("ip").args(["netns", "add", &stale]).status();
+    assert!(ok.is_ok_and(|s| s.success()), "ip netns add {stale}");
     let hosts = Hosts::new(&["a", "b"]).expect("network namespaces (needs root and ip)");
+    let listed = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        !listed.contains(&stale),
+        "stale {stale} still there: {listed}"
+    );
     let (a, b) = (hosts.host("a"), hosts.host("b"));
+    assert!(
+        listed.contains(&a.netns) && listed.contains(&b.netns),
+        "{listed}"
+    );
     let _da = a.spawn_domsockd(MIG_CID, &[], &c.log_dir);
     let _db = b.spawn_domsockd(MIG_CID, &[], &c.log_dir);
     let ua = a.local_spec(MIG_CID).uds;
@@ -376,7 +428,7 @@ pub(super) fn migrate_rollback_on_failed_step(c: Case) {
     let vm_b =
         Vm::boot(&b.incoming_vm_config("guest-b1", &c.kernel, MIG_CID, INCOMING_PORT, &c.log_dir));
     let wrong = b.incoming_uri(INCOMING_PORT + 1);
-    let (code, rep) = run_migrate(a, b, &vm_a, &vm_b, &wrong);
+    let (code, rep) = run_migrate(a, b, &vm_a, &vm_b, &wrong, CONFIRM_MS, &c.log_dir);
     assert_eq!(code, 2, "exit status of a rolled-back migration: {rep}");
     assert_eq!(rep["outcome"], "rolled_back", "{rep}");
     assert_eq!(rep["failed_step"], "migrate", "{rep}");
@@ -423,6 +475,111 @@ pub(super) fn migrate_rollback_on_failed_step(c: Case) {
             .as_f64()
             .unwrap_or(-1.0),
         rep["error"].as_str().unwrap_or("?"),
+        rep["rollback"]
+            .as_array()
+            .map(|v| v
+                .iter()
+                .map(|s| format!("{} {} ms", s["step"].as_str().unwrap_or("?"), s["ms"]))
+                .collect::<Vec<_>>())
+            .unwrap_or_default(),
+        first - plugged,
+    ));
+    finish(&mut vm_a);
+}
+
+/// The destination's guest memory is not shared with its domsockd (`share=off`): the
+/// migration completes and `device_add` succeeds, but no packet ever moves (VM-RECIPE). The
+/// confirm step times out; the rollback quits the destination, `cont`s the paused source
+/// (`postmigrate`), plugs the device back, and the guest's vsock works on A again: the echo
+/// server from before and a new guest connection.
+pub(super) fn migrate_rollback_after_completion(c: Case) {
+    let hosts = Hosts::new(&["a", "b"]).expect("network namespaces (needs root and ip)");
+    let (a, b) = (hosts.host("a"), hosts.host("b"));
+    let _da = a.spawn_domsockd(MIG_CID, &[], &c.log_dir);
+    let _db = b.spawn_domsockd(MIG_CID, &[], &c.log_dir);
+    let ua = a.local_spec(MIG_CID).uds;
+    let after_on_a = host::listen_stream(&ua, 5001).expect("listen on a");
+    let fake_a = fake_admin(a, 71);
+    let fake_b = fake_admin(b, 72);
+    let cfg = a
+        .vm_config("guest-a0", &c.kernel, MIG_CID, &c.log_dir)
+        .cmd(&format!(
+            "bg echo-server --port {ECHO_PORT} --conns 2 --timeout-ms {GUEST_WAIT_MS}"
+        ))
+        .cmd(&format!(
+            "recv --port {} --timeout-ms {GUEST_WAIT_MS}",
+            GATE_PORTS[0]
+        ))
+        .cmd(&format!(
+            "send --cid {HOST_CID} --port 5001 --bytes {MIG_BYTES} --chunk {CHUNK_BYTES} \
+             --seed 35 --connect-retry-ms 20000"
+        ));
+    let mut vm_a = Vm::boot(&cfg);
+    assert_eq!(vm_a.expect_cid(BOOT_TIMEOUT), MIG_CID);
+    let broken = b
+        .incoming_vm_config("guest-b1", &c.kernel, MIG_CID, INCOMING_PORT, &c.log_dir)
+        .unshared_memory();
+    let mut vm_b = Vm::boot(&broken);
+    let (code, rep) = run_migrate(
+        a,
+        b,
+        &vm_a,
+        &vm_b,
+        &b.incoming_uri(INCOMING_PORT),
+        BROKEN_CONFIRM_MS,
+        &c.log_dir,
+    );
+    assert_eq!(code, 2, "exit status of a rolled-back migration: {rep}");
+    assert_eq!(rep["outcome"], "rolled_back", "{rep}");
+    assert_eq!(rep["failed_step"], "confirm", "{rep}");
+    assert_eq!(
+        step_names(&rep, "steps"),
+        ["prepare", "unplug", "migrate", "export", "plug", "confirm"]
+    );
+    assert_eq!(
+        step_names(&rep, "rollback"),
+        [
+            "quit-destination",
+            "source-resume",
+            "source-plug",
+            "source-confirm"
+        ]
+    );
+    assert_steps_ok(&rep, "rollback");
+    assert_eq!(
+        step(&rep, "rollback", "source-resume")["source_state"],
+        "postmigrate",
+        "the source was paused after the completed migration"
+    );
+    assert!(fake_b.count("status") >= 2, "the destination was polled");
+    assert!(
+        fake_b.log().first_running.is_none(),
+        "no probe got through b"
+    );
+    let status = vm_b.wait_exit(STEP_TIMEOUT);
+    assert!(status.success(), "the destination QEMU was quit: {status}");
+    // The source runs again with its device: the echo server from before answered
+    // source-confirm's probe (its first connection) and answers another one; the guest's
+    // next program reaches a host process on A.
+    expect_echo(&vm_a, 0);
+    assert!(probe_echo(&ua, 73), "echo through a after the rollback");
+    expect_echo(&vm_a, 1);
+    open_gate(&vm_a, &ua, GATE_PORTS[0], 44);
+    take_stream(&vm_a, &after_on_a, 35, "new stream to a after the rollback");
+    let back = step(&rep, "rollback", "source-plug");
+    let plugged = back["started_unix_ms"].as_f64().unwrap() + back["ms"].as_f64().unwrap();
+    let first = unix_ms(fake_a.log().first_running.expect("source-confirm probed"));
+    c.report(&format!(
+        "rollback after a completed migration (destination memory share=off): total {:.0} ms \
+         (migrate {:.1} ms, confirm gave up after {:.1} ms), rollback {:?}; device_add on a \
+         -> first echo byte {:.0} ms",
+        rep["total_ms"].as_f64().unwrap_or(-1.0),
+        step(&rep, "steps", "migrate")["ms"]
+            .as_f64()
+            .unwrap_or(-1.0),
+        step(&rep, "steps", "confirm")["ms"]
+            .as_f64()
+            .unwrap_or(-1.0),
         rep["rollback"]
             .as_array()
             .map(|v| v
