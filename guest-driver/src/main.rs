@@ -1550,6 +1550,44 @@ mod tests {
     }
 
     #[test]
+    fn migrate_needs_every_endpoint_before_it_touches_anything() {
+        let args = |v: &[&str]| Opts::parse(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let full = [
+            "--vm",
+            "w",
+            "--from",
+            "a",
+            "--to",
+            "b",
+            "--uri",
+            "tcp:1.2.3.4:1",
+            "--from-qmp",
+            "/nonexistent/a",
+            "--to-qmp",
+            "/nonexistent/b",
+            "--from-admin",
+            "x",
+            "--to-admin",
+            "y",
+        ];
+        for drop in (0..full.len()).step_by(2) {
+            let mut v = full.to_vec();
+            let name = v.remove(drop);
+            v.remove(drop);
+            let Err(Failure(msg)) = args(&v).and_then(cmd_migrate) else {
+                panic!("migrate without {name} must fail");
+            };
+            assert!(msg.contains(&format!("{name} is required")), "{msg}");
+        }
+        let mut v = full.to_vec();
+        v.extend(["--bogus", "1"]);
+        let Err(Failure(msg)) = args(&v).and_then(cmd_migrate) else {
+            panic!("an unknown option must fail");
+        };
+        assert!(msg.contains("--bogus"), "{msg}");
+    }
+
+    #[test]
     fn options_reject_unknown_and_duplicates() {
         let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert!(Opts::parse(&args(&["--port", "1", "--port", "2"])).is_err());
