@@ -25,6 +25,8 @@ use thiserror::Error;
 
 /// Pause between attempts while QEMU has not created its QMP socket yet.
 const CONNECT_RETRY_MS: u64 = 10;
+/// Events kept for [`Qmp::wait_event`] while commands run; older ones are dropped first.
+const MAX_KEPT_EVENTS: usize = 1024;
 
 /// What went wrong talking to QEMU.
 #[derive(Debug, Error)]
@@ -153,6 +155,9 @@ impl Qmp {
         loop {
             let mut m = self.read_message(&what, deadline)?;
             if m.get("event").is_some() {
+                if self.events.len() >= MAX_KEPT_EVENTS {
+                    self.events.pop_front();
+                }
                 self.events.push_back(m);
             } else if let Some(r) = m.get_mut("return") {
                 return Ok(r.take());
@@ -370,6 +375,30 @@ mod tests {
             matches!(&e, QmpError::Command { class, desc, .. }
                 if class == "GenericError" && desc == "Duplicate device ID"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn events_kept_during_a_command_are_bounded_oldest_first() {
+        let mut answers: Vec<&'static str> = (0..MAX_KEPT_EVENTS + 5)
+            .map(|i| &*format!(r#"{{"event": "E", "data": {{"i": {i}}}}}"#).leak())
+            .collect();
+        answers.push(r#"{"return": {}}"#);
+        let (_d, path) = fake_qemu(vec![
+            ("qmp_capabilities", vec![r#"{"return": {}}"#]),
+            ("stop", answers),
+        ]);
+        let mut q = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+        q.execute("stop", json!({}), Duration::from_secs(20))
+            .unwrap();
+        assert_eq!(q.events.len(), MAX_KEPT_EVENTS);
+        let first = q
+            .wait_event("any", Duration::from_secs(1), |_| true)
+            .unwrap();
+        assert_eq!(
+            first.pointer("/data/i"),
+            Some(&json!(5)),
+            "the 5 oldest were dropped"
         );
     }
 
