@@ -803,3 +803,110 @@ fn a_guest_that_half_closed_and_went_needs_no_resume() {
     host.read_to_end(&mut got).unwrap();
     assert_eq!(got, data, "everything the guest sent, then EOF");
 }
+
+/// A guest migrated to another host: its parked session is exported from the first
+/// engine (snapshot bytes plus its host end), validated on the way in, and imported into
+/// the second, where the guest resumes it. Nothing is lost or repeated either way, the
+/// host end never notices, and the first engine no longer knows the session.
+#[test]
+fn a_parked_session_moves_to_another_engine_and_resumes_there() {
+    use domsock_host::engine::ExportedSession;
+    use domsock_migration::session::snapshot::SessionSnapshot;
+    let mut a = TestGuest::new("s-move-a");
+    let listener = a.listen_stream(TARGET);
+    let (mut conn, mut client) = open(&mut a, 40_000);
+    let mut host = accept(&listener);
+    let to_guest = pattern(3, 100 * 1024);
+    let to_host = pattern(4, 100 * 1024);
+    // As in the device-stop test: the guest app reads 24 KiB of 40 KiB, and of 56 KiB it
+    // wrote, 48 KiB reached the daemon.
+    host.write_all(&to_guest[..24 * 1024]).unwrap();
+    let mut guest_got = a.recv_stream(&mut conn, 24 * 1024, true);
+    host.write_all(&to_guest[24 * 1024..40 * 1024]).unwrap();
+    a.settle();
+    send_all(&mut a, &conn, &to_host[..48 * 1024]);
+    let mut host_got = host_read_exact(&mut host, 48 * 1024);
+    a.plane.stop();
+    // Written while parked on A.
+    host.write_all(&to_guest[40 * 1024..48 * 1024]).unwrap();
+    a.settle();
+
+    let exported = a.plane.export_parked(client.id).expect("parked on A");
+    assert_eq!(a.plane.parked_sessions(), 0);
+    assert_eq!(a.stat("sessions_exported"), 1);
+    let bytes = exported.snapshot.encode();
+    // The bytes cross hosts: the importer decodes (validates) them itself.
+    let snapshot = SessionSnapshot::decode(&bytes, 256 * 1024).expect("valid snapshot");
+    assert_eq!(snapshot.received, 48 * 1024);
+    assert_eq!(
+        snapshot.tail_start,
+        24 * 1024,
+        "what the guest acknowledged"
+    );
+    assert_eq!(snapshot.tail, &to_guest[24 * 1024..48 * 1024]);
+
+    let mut b = TestGuest::new("s-move-b");
+    let moved = ExportedSession {
+        snapshot,
+        ..exported
+    };
+    b.plane.import_parked(moved).expect("imported on B");
+    assert_eq!(b.plane.parked_sessions(), 1);
+    assert_eq!(b.stat("sessions_imported"), 1);
+    // Written while parked on B: B's engine reads the host end now.
+    host.write_all(&to_guest[48 * 1024..56 * 1024]).unwrap();
+    b.settle();
+    assert!(nothing_to_read(&mut host), "host saw EOF or data");
+
+    // A does not know the session any more; B does.
+    let (_, answer) = try_resume(&mut a, 41_000, &resume_frame(&client, 24 * 1024, 8));
+    assert!(
+        matches!(
+            answer,
+            Frame::Refused {
+                reason: Refusal::UnknownSession,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+    let (mut c2, answer, first) =
+        resume_with_data(&mut b, 41_001, &resume_frame(&client, 24 * 1024, 9));
+    let Frame::Resumed {
+        received,
+        next_nonce,
+        ..
+    } = answer
+    else {
+        panic!("expected RESUMED on B, got {answer:?}");
+    };
+    client.nonce = next_nonce;
+    assert_eq!(received, 48 * 1024);
+    let mut replay = first;
+    let rest = 56 * 1024 - 24 * 1024 - replay.len();
+    replay.extend(b.recv_stream(&mut c2, rest, true));
+    guest_got.extend(replay);
+    // The guest sends what B lacks, then more, and the host writes more.
+    send_all(&mut b, &c2, &to_host[48 * 1024..]);
+    host_got.extend(host_read_exact(&mut host, 52 * 1024));
+    host.write_all(&to_guest[56 * 1024..]).unwrap();
+    guest_got.extend(b.recv_stream(&mut c2, 44 * 1024, true));
+    assert!(guest_got == to_guest, "host->guest across the move");
+    assert!(host_got == to_host, "guest->host across the move");
+    assert_eq!(b.stat("sessions_resumed"), 1);
+
+    // The same session cannot be imported twice.
+    let twin = ExportedSession {
+        snapshot: SessionSnapshot::decode(&bytes, 256 * 1024).unwrap(),
+        target: (Cid::HOST, domsock_proto::Port(TARGET)),
+        host: domsock_host::host::HostSocket::pair(domsock_proto::SocketType::Stream)
+            .unwrap()
+            .0,
+        out_stream: Vec::new(),
+        out_msgs: Vec::new(),
+    };
+    assert_eq!(
+        b.plane.import_parked(twin),
+        Err(domsock_host::engine::ImportError::Exists(client.id))
+    );
+}

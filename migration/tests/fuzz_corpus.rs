@@ -1,5 +1,5 @@
 //! The fuzz targets' corpus and regression inputs of this crate (`snapshot`,
-//! `session_wire`, `session_machine`), run on stable Rust through the bodies the cargo-fuzz
+//! `session_wire`, `session_machine`, `session_snapshot`), run on stable Rust through the bodies the cargo-fuzz
 //! targets call (see the README's "Fuzzing" section).
 
 use domsock_proto::fuzzing::corpus;
@@ -25,5 +25,13 @@ fn session_machine_corpus() {
     run(
         "session_machine",
         domsock_migration::fuzzing::session_machine,
+    );
+}
+
+#[test]
+fn session_snapshot_corpus() {
+    run(
+        "session_snapshot",
+        domsock_migration::fuzzing::session_snapshot,
     );
 }

@@ -40,6 +40,7 @@ mod session;
 mod tx;
 
 pub use driver::Wake;
+pub use session::{ExportedSession, ImportError};
 
 use crate::metrics::VmStats;
 use crate::router::{RelayBatch, Router};

@@ -6,9 +6,11 @@
 //! corpus and regression input through the same functions on stable Rust.
 
 mod session_machine;
+mod session_snapshot;
 mod session_wire;
 mod snapshot;
 
 pub use session_machine::session_machine;
+pub use session_snapshot::session_snapshot;
 pub use session_wire::session_wire;
 pub use snapshot::snapshot;

@@ -61,6 +61,7 @@
 
 pub mod proof;
 pub mod replay;
+pub mod snapshot;
 pub mod wire;
 
 use domsock_proto::Port;
