@@ -31,6 +31,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod engine;
 #[cfg(feature = "fuzzing")]

@@ -248,6 +248,16 @@ impl DataPlane {
         self.conns.len()
     }
 
+    /// Whether the guest's driver runs the device (both data queues).
+    pub fn guest_running(&self) -> bool {
+        self.guest_running
+    }
+
+    /// Sessions on a live connection.
+    pub fn live_sessions(&self) -> usize {
+        self.sessions.live()
+    }
+
     /// Sessions parked, waiting for their guest.
     pub fn parked_sessions(&self) -> usize {
         self.sessions.parked()

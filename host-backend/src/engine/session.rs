@@ -183,6 +183,11 @@ impl Sessions {
         self.live = 0;
     }
 
+    /// Sessions on a live connection.
+    pub(super) fn live(&self) -> usize {
+        self.live
+    }
+
     /// Guest ports registered as session listeners.
     pub(super) fn listeners(&self) -> usize {
         self.listeners.len()
