@@ -5,7 +5,9 @@
 //! Each attempt is one fresh connection to the session port (host CID 2, port 1022) that
 //! sends raw bytes, not the library's handshake, and reads what comes back:
 //! - `wrong-proof`: a well-formed RESUME for the session `--id` names, with a random proof
-//!   (from the session's own domain: `bad-proof`; from any other: `unknown-session`);
+//!   (from the session's own domain: `bad-proof`; from any other: `unknown-session`). It
+//!   claims `--received` bytes (default 0): given what the victim really received, only the
+//!   proof is wrong, so a daemon that skipped the proof check would accept it;
 //! - `random-id`: a RESUME for an id nobody has (`unknown-session`);
 //! - `replay`: opens a session of its own to host port `--port` (an echo service), breaks
 //!   its connection, lets the library resume it once (capturing the exact RESUME bytes it
@@ -108,25 +110,25 @@ fn random<const N: usize>() -> Result<[u8; N], Failure> {
     Ok(b)
 }
 
-/// A RESUME for `id` whose nonce and proof are random.
-fn forged_resume(id: SessionId) -> Result<Vec<u8>, Failure> {
+/// A RESUME for `id` claiming `received`, whose nonce and proof are random.
+fn forged_resume(id: SessionId, received: u64) -> Result<Vec<u8>, Failure> {
     Ok(Frame::Resume {
         id,
         client_nonce: Nonce(random()?),
-        received: 0,
+        received,
         closed: Closed::default(),
         proof: Tag(random()?),
     }
     .encode())
 }
 
-/// The bytes of attempt `name` (any but `replay`) naming session `named`, and whether the
-/// write side is shut after them.
-fn forged_bytes(name: &str, named: SessionId) -> Result<(Vec<u8>, bool), Failure> {
-    let mut resume = forged_resume(named)?;
+/// The bytes of attempt `name` (any but `replay`) naming session `named` (its RESUMEs
+/// claiming `received`), and whether the write side is shut after them.
+fn forged_bytes(name: &str, named: SessionId, received: u64) -> Result<(Vec<u8>, bool), Failure> {
+    let mut resume = forged_resume(named, received)?;
     let bytes = match name {
         "wrong-proof" => resume,
-        "random-id" => forged_resume(SessionId(random()?))?,
+        "random-id" => forged_resume(SessionId(random()?), received)?,
         "bad-magic" => b"not a session frame, just garbage "
             .iter()
             .copied()
@@ -321,14 +323,28 @@ impl Transport for TapTransport {
     }
 }
 
+fn own_failure(s: &SessionStream, round: u64, what: &str, e: &io::Error) -> Failure {
+    let why = s.failure().map_or_else(String::new, |f| format!(" ({f})"));
+    Failure::io(&format!("own session, round {round}: {what}{why}"), e)
+}
+
 /// One echo round trip of `ECHO_BYTES` on the own session.
 fn echo(s: &SessionStream, round: u64) -> CmdResult {
+    let msg = echo_send(s, round)?;
+    echo_recv(s, round, &msg)
+}
+
+/// The sending half of round `round`: returns what was sent.
+fn echo_send(s: &SessionStream, round: u64) -> Result<Vec<u8>, Failure> {
     let msg = PatternStream::new(900 + round).take(ECHO_BYTES);
-    let explain = |what: &str, e: &io::Error| {
-        let why = s.failure().map_or_else(String::new, |f| format!(" ({f})"));
-        Failure::io(&format!("own session, round {round}: {what}{why}"), e)
-    };
-    s.send_all(&msg).map_err(|e| explain("send", &e))?;
+    s.send_all(&msg)
+        .map_err(|e| own_failure(s, round, "send", &e))?;
+    Ok(msg)
+}
+
+/// The receiving half of round `round`, which sent `msg`.
+fn echo_recv(s: &SessionStream, round: u64, msg: &[u8]) -> CmdResult {
+    let explain = |what: &str, e: &io::Error| own_failure(s, round, what, e);
     let mut back = vec![0u8; msg.len()];
     let mut got = 0;
     while got < back.len() {
@@ -361,11 +377,9 @@ fn replay(port: u32, timeout: Duration, quiet: Duration) -> Result<(Outcome, Str
     let id = s.session_id();
     echo(&s, 0)?;
     tap.break_next_write.store(true, Ordering::SeqCst);
-    // The write that breaks resumes the session, through a second connection.
-    echo(&s, 1)?;
-    // After this round trip the daemon has seen us read its RESUMED, so the nonce the
-    // captured proof was made for is void (see `prev_nonce` in domsockd).
-    echo(&s, 2)?;
+    // The write that breaks resumes the session, through a second connection, and then
+    // goes out on it.
+    let sent = echo_send(&s, 1)?;
     let greetings = tap.greetings();
     let captured = match greetings.get(1).map(|g| (Frame::decode(g), g)) {
         Some((Ok(Some((Frame::Resume { id: named, .. }, used))), g))
@@ -380,9 +394,15 @@ fn replay(port: u32, timeout: Duration, quiet: Duration) -> Result<(Outcome, Str
             )))
         }
     };
+    // That write told the daemon we read its RESUMED (its `fwd_cnt`, in the same queue
+    // ahead of the replay), so the nonce the captured proof was made for is void now (see
+    // `prev_nonce` in domsockd). The captured count, though, is still one the daemon can
+    // resume from (we have read nothing since): only the proof stands between the replay
+    // and the session.
     let outcome = attempt("replay", &captured, false, timeout, quiet)?;
     // Unharmed: it still echoes, and it was resumed once, by us.
-    echo(&s, 3)?;
+    echo_recv(&s, 1, &sent)?;
+    echo(&s, 2)?;
     let resumes = s.stats().resumes;
     s.shutdown(Shutdown::Write)
         .map_err(|e| Failure::io("own session: shutdown(SHUT_WR)", &e))?;
@@ -422,6 +442,7 @@ pub(crate) fn cmd_forge_resume(mut o: Opts, timeout: Duration) -> CmdResult {
     let port = o.size("port")?.map(u32::try_from).transpose();
     let port = port.map_err(|_| Failure("--port does not fit in 32 bits".into()))?;
     let quiet = Duration::from_millis(o.size_or("quiet-ms", QUIET_MS)?);
+    let received = o.size_or("received", 0)?;
     let chosen: Vec<String> = match o.take_str("attempts") {
         Some(list) => list.split(',').map(str::to_owned).collect(),
         None => ATTEMPTS
@@ -462,7 +483,7 @@ pub(crate) fn cmd_forge_resume(mut o: Opts, timeout: Duration) -> CmdResult {
                 outcome
             }
             other => {
-                let (bytes, half_close) = forged_bytes(other, named)?;
+                let (bytes, half_close) = forged_bytes(other, named, received)?;
                 attempt(a, &bytes, half_close, timeout, quiet)?
             }
         };
@@ -505,7 +526,7 @@ mod tests {
     fn each_forgery_breaks_the_rule_it_is_named_after() {
         let victim = SessionId([7; 16]);
         let decode = |name: &str| {
-            let (bytes, half_close) = forged_bytes(name, victim).expect("bytes");
+            let (bytes, half_close) = forged_bytes(name, victim, 4096).expect("bytes");
             (Frame::decode(&bytes), bytes, half_close)
         };
         for name in ["wrong-proof", "random-id"] {
@@ -538,6 +559,6 @@ mod tests {
         assert!(ATTEMPTS
             .iter()
             .filter(|a| **a != "replay")
-            .all(|a| forged_bytes(a, victim).is_ok()));
+            .all(|a| forged_bytes(a, victim, 0).is_ok()));
     }
 }

@@ -74,7 +74,8 @@ usage: domsock <command> [--option value]...
   resolve              --name NAME
   whoami
   list
-  forge-resume         [--id HEX | --id-file PATH] [--port P] [--attempts a,b,..] [--quiet-ms 1000]
+  forge-resume         [--id HEX | --id-file PATH] [--received N] [--port P] [--attempts a,b,..]
+                       [--quiet-ms 1000]
                        (hostile RESUMEs to the session port; --port: a host echo for `replay`)
 PEER: --cid C, or --peer CID|NAME (a name is resolved through the control service)
 --session: a resumable session through domsockd's session port instead of a raw connection

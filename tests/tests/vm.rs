@@ -2230,11 +2230,13 @@ const FORGE_STREAM_PORT: u32 = 5800;
 const FORGE_ECHO_PORT: u32 = 5801;
 const FORGE_AFTER_PORT: u32 = 5802;
 const FORGE_AFTER_BYTES: u64 = 1 << 20;
-/// Until the forgeries are over the host moves a's stream slowly (one 64 KiB piece per
-/// `FORGE_PACE` each way, ~3 MB/s) and never beyond `FORGE_HOLD_AT`, so it is certainly
-/// running, live and unfinished, while they land.
-const FORGE_PACE: Duration = Duration::from_millis(20);
+/// Until the forgeries are over the host reads a's stream slowly (one 64 KiB piece per
+/// `FORGE_PACE`, ~1.6 MB/s) and never beyond `FORGE_HOLD_AT`, so it is certainly running,
+/// live and unfinished, while they land; and it writes a exactly `FORGE_TO_A_HELD`, so that
+/// the forged RESUMEs can claim what a really received (then only their proof is wrong).
+const FORGE_PACE: Duration = Duration::from_millis(40);
 const FORGE_HOLD_AT: u64 = FORGE_STREAM_BYTES * 3 / 4;
+const FORGE_TO_A_HELD: u64 = 4 << 20;
 /// Where a's stream writes its session id for the forging program next to it.
 const FORGE_ID_FILE: &str = "/forge-victim.sid";
 
@@ -2260,10 +2262,11 @@ const FORGE_EXPECTED: &[(&str, Option<&str>, Option<&str>)] = &[
 
 /// Moves one direction of a paced stream: `step` moves up to 64 KiB and returns how many
 /// bytes it moved (0: the end). Until `go` is set it moves a piece per [`FORGE_PACE`] and
-/// holds at [`FORGE_HOLD_AT`]; `progress` says how far it got.
+/// holds at `hold_at`; `progress` says how far it got.
 fn paced(
     progress: &std::sync::atomic::AtomicU64,
     go: &std::sync::atomic::AtomicBool,
+    hold_at: u64,
     mut step: impl FnMut() -> io::Result<usize>,
 ) -> io::Result<u64> {
     use std::sync::atomic::Ordering;
@@ -2275,7 +2278,7 @@ fn paced(
                 return Err(io::Error::other("nobody said go"));
             }
             thread::sleep(FORGE_PACE);
-            if moved >= FORGE_HOLD_AT {
+            if moved >= hold_at {
                 continue;
             }
         }
@@ -2343,9 +2346,10 @@ fn check_forgeries(vm: &Vm, who: &str, own: bool) -> (DsLine, u64) {
 
 /// Forged RESUMEs from real guests while the session they name runs. Guest a (namespace
 /// red) streams 64 MiB each way with a host process through a session and announces its id;
-/// while that stream runs, paced by the host:
+/// while that stream runs, paced by the host (a's sending side moves, the host holds its own
+/// at 4 MiB so that the forgeries can claim exactly what a received):
 /// - a second program in a (`forge-resume --id-file`) sends a RESUME with a wrong proof for
-///   it, one for an unknown id, a replay of a RESUME it captured from a real resume of a
+///   it (and the right count), one for an unknown id, a replay of a RESUME it captured from a real resume of a
 ///   session of its own, and six kinds of garbage, each on a fresh connection;
 /// - guest b (namespace blue, booted once the id is known) sends the same with a's id.
 ///
@@ -2393,12 +2397,26 @@ fn forged_resumes_are_refused(c: Case) {
         ))
         .cmd(&format!("recv --port {GATE_PORT} {long}"))
         .cmd(&format!(
-            "forge-resume --id-file {FORGE_ID_FILE} --port {FORGE_ECHO_PORT} --timeout-ms 30000"
+            "forge-resume --id-file {FORGE_ID_FILE} --received {FORGE_TO_A_HELD} \
+             --port {FORGE_ECHO_PORT} --timeout-ms 30000"
         ));
     let mut vm_a = c.boot(&cfg_a, &a.spec);
-    let announced = vm_a.wait("a's DS-SESSION", STEP_TIMEOUT, |l| {
-        l.is("DS-SESSION", None) && l.get("peer") == Some(&format!("2:{FORGE_STREAM_PORT}"))
-    });
+    // The stream (in the background) and the gate print in either order.
+    let session_peer = format!("2:{FORGE_STREAM_PORT}");
+    let announced = expect_all(
+        &vm_a,
+        STEP_TIMEOUT,
+        &[
+            Want {
+                what: format!("DS-SESSION peer={session_peer}"),
+                test: Box::new(move |l| {
+                    l.is("DS-SESSION", None) && l.get("peer") == Some(&session_peer)
+                }),
+            },
+            want_ready(GATE_PORT),
+        ],
+    )
+    .swap_remove(0);
     let victim = announced.str("id").to_owned();
     assert_eq!(victim.len(), 32, "a full session id: {}", announced.raw);
 
@@ -2412,7 +2430,7 @@ fn forged_resumes_are_refused(c: Case) {
             let mut conn = conn;
             let mut sum = Checksum::new();
             let mut buf = vec![0u8; CHUNK_BYTES];
-            paced(&progress, &go, || {
+            paced(&progress, &go, FORGE_HOLD_AT, || {
                 let n = conn.read(&mut buf)?;
                 sum.update(&buf[..n]);
                 Ok(n)
@@ -2426,7 +2444,8 @@ fn forged_resumes_are_refused(c: Case) {
             let mut gen = domsock_guest::pattern::PatternStream::new(82);
             let mut buf = vec![0u8; CHUNK_BYTES];
             let mut left = FORGE_STREAM_BYTES;
-            let moved = paced(&progress, &go, || {
+            let moved = paced(&progress, &go, FORGE_TO_A_HELD, || {
+                // Whole pieces, so that the hold is exact.
                 let n = left.min(CHUNK_BYTES as u64) as usize;
                 gen.fill(&mut buf[..n]);
                 io::Write::write_all(&mut write_end, &buf[..n])?;
@@ -2441,14 +2460,15 @@ fn forged_resumes_are_refused(c: Case) {
         let mut conn = host::accept(&echo_listener, BIG_TRANSFER_TIMEOUT, IDLE_TIMEOUT)?;
         host::stream_echo(&mut conn)
     });
-    let both_moved = |at_least: u64| {
-        got_a.load(Ordering::Acquire) >= at_least && sent_a.load(Ordering::Acquire) >= at_least
-    };
     let deadline = Instant::now() + STEP_TIMEOUT;
-    while !both_moved(1 << 20) {
+    while got_a.load(Ordering::Acquire) < 1 << 20
+        || sent_a.load(Ordering::Acquire) < FORGE_TO_A_HELD
+    {
         assert!(Instant::now() < deadline, "a's stream does not move");
         thread::sleep(Duration::from_millis(5));
     }
+    // What the host wrote reaches a's program within milliseconds (it reads all the time).
+    thread::sleep(Duration::from_millis(200));
     let window_start = (
         got_a.load(Ordering::Acquire),
         sent_a.load(Ordering::Acquire),
@@ -2456,7 +2476,6 @@ fn forged_resumes_are_refused(c: Case) {
     let forging = Instant::now();
 
     // a's own second program: wrong proof, unknown id, replay, garbage.
-    vm_a.expect_ready(GATE_PORT, STEP_TIMEOUT);
     release_gate_port(&a.spec, GATE_PORT);
     let (res_a, refusals_a) = check_forgeries(&vm_a, "a", true);
     assert_eq!(res_a.str("named"), victim, "{}", res_a.raw);
@@ -2467,14 +2486,16 @@ fn forged_resumes_are_refused(c: Case) {
         .expect("the host echo of a's own session");
     assert_eq!(
         echoed,
-        4 * 4096,
-        "the own session's four round trips, once each"
+        3 * 4096,
+        "the own session's three round trips, once each"
     );
 
     // b, another domain in another namespace, names a's session.
     let cfg_b = c
         .vm("b", &b.spec)
-        .cmd(&format!("forge-resume --id {victim} --timeout-ms 30000"))
+        .cmd(&format!(
+            "forge-resume --id {victim} --received {FORGE_TO_A_HELD} --timeout-ms 30000"
+        ))
         .cmd(&format!(
             "send --session --cid {HOST_CID} --port {FORGE_AFTER_PORT} --bytes \
              {FORGE_AFTER_BYTES} --seed 85 {long}"
@@ -2494,8 +2515,9 @@ fn forged_resumes_are_refused(c: Case) {
         sent_a.load(Ordering::Acquire),
     );
     assert!(
-        window_end.0 > window_start.0 && window_end.1 > window_start.1,
-        "a's stream moved while the forgeries landed: {window_start:?} -> {window_end:?}"
+        window_end.0 > window_start.0 && window_end.1 == FORGE_TO_A_HELD,
+        "a's stream moved (to the host) while the forgeries landed: {window_start:?} -> \
+         {window_end:?}"
     );
     assert!(
         window_end.0 < FORGE_STREAM_BYTES && window_end.1 < FORGE_STREAM_BYTES,
