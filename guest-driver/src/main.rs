@@ -26,7 +26,7 @@
 //! `DS-SESSION id=<32 hex digits> peer=<cid:port> side=client|server`; its result line
 //! carries `session_id=` too. `send` and `duplex-client` also take `--session-id-file PATH`,
 //! which writes the id there before the announcement, so that another program in the same
-//! guest can name the running session (`forge-resume --id-file`, see [`forge`]).
+//! guest can name the running session (`forge-resume --id-file`, src/forge.rs).
 //!
 //! Never run the vsock subcommands on a host: they open AF_VSOCK sockets.
 #![forbid(unsafe_code)]
