@@ -2219,6 +2219,400 @@ fn session_park_timeout_expires(c: Case) {
     finish(&mut vm);
 }
 
+// ---------------------------------------------------------------------------------------------
+// l. forged RESUMEs from inside real guests (`domsock forge-resume`)
+
+/// Each direction of a's session stream in `forged_resumes_are_refused`.
+const FORGE_STREAM_BYTES: u64 = 64 << 20;
+/// Host ports: a's session stream, the echo of the forging command's own session, b's
+/// session after the forgeries.
+const FORGE_STREAM_PORT: u32 = 5800;
+const FORGE_ECHO_PORT: u32 = 5801;
+const FORGE_AFTER_PORT: u32 = 5802;
+const FORGE_AFTER_BYTES: u64 = 1 << 20;
+/// Until the forgeries are over the host reads a's stream slowly (one 64 KiB piece per
+/// `FORGE_PACE`, ~1.6 MB/s) and never beyond `FORGE_HOLD_AT`, so it is certainly running,
+/// live and unfinished, while they land; and it writes a exactly `FORGE_TO_A_HELD`, so that
+/// the forged RESUMEs can claim what a really received (then only their proof is wrong).
+const FORGE_PACE: Duration = Duration::from_millis(40);
+const FORGE_HOLD_AT: u64 = FORGE_STREAM_BYTES * 3 / 4;
+const FORGE_TO_A_HELD: u64 = 4 << 20;
+/// Where a's stream writes its session id for the forging program next to it.
+const FORGE_ID_FILE: &str = "/forge-victim.sid";
+
+/// What each attempt of `forge-resume` must get, in the session's own domain (`own`) and in
+/// another (`foreign`); `None`: no answer at all (the daemon waits for the rest of a frame
+/// that never comes). `replay` only runs in the own domain.
+const FORGE_EXPECTED: &[(&str, Option<&str>, Option<&str>)] = &[
+    ("wrong-proof", Some("bad-proof"), Some("unknown-session")),
+    (
+        "random-id",
+        Some("unknown-session"),
+        Some("unknown-session"),
+    ),
+    ("replay", Some("bad-proof"), None),
+    ("bad-magic", Some("malformed"), Some("malformed")),
+    ("bad-version", Some("malformed"), Some("malformed")),
+    ("unknown-kind", Some("malformed"), Some("malformed")),
+    ("reserved-bits", Some("malformed"), Some("malformed")),
+    ("server-frame", Some("malformed"), Some("malformed")),
+    ("oversized", Some("malformed"), Some("malformed")),
+    ("truncated", None, None),
+];
+
+/// Moves one direction of a paced stream: `step` moves up to 64 KiB and returns how many
+/// bytes it moved (0: the end). Until `go` is set it moves a piece per [`FORGE_PACE`] and
+/// holds at `hold_at`; `progress` says how far it got.
+fn paced(
+    progress: &std::sync::atomic::AtomicU64,
+    go: &std::sync::atomic::AtomicBool,
+    hold_at: u64,
+    mut step: impl FnMut() -> io::Result<usize>,
+) -> io::Result<u64> {
+    use std::sync::atomic::Ordering;
+    let deadline = Instant::now() + BIG_TRANSFER_TIMEOUT;
+    let mut moved = 0u64;
+    loop {
+        if !go.load(Ordering::Acquire) {
+            if Instant::now() > deadline {
+                return Err(io::Error::other("nobody said go"));
+            }
+            thread::sleep(FORGE_PACE);
+            if moved >= hold_at {
+                continue;
+            }
+        }
+        match step()? {
+            0 => return Ok(moved),
+            n => {
+                moved += n as u64;
+                progress.store(moved, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// Waits for `forge-resume`'s result on `vm` and checks every attempt's line against
+/// [`FORGE_EXPECTED`] (`own`: the first reason column). Returns the result line and the
+/// number of refusals the daemon must have counted.
+fn check_forgeries(vm: &Vm, who: &str, own: bool) -> (DsLine, u64) {
+    let res = vm.expect_result("forge-resume", Duration::from_secs(120));
+    let lines: Vec<DsLine> = vm
+        .console_lines()
+        .iter()
+        .filter_map(|l| DsLine::parse(l))
+        .filter(|l| l.kind == "DS-FORGE")
+        .collect();
+    let mut refusals = 0;
+    let expected: Vec<_> = FORGE_EXPECTED
+        .iter()
+        .filter(|(name, _, _)| own || *name != "replay")
+        .collect();
+    assert_eq!(
+        lines.len(),
+        expected.len(),
+        "{who}: one DS-FORGE line per attempt: {:?}",
+        lines.iter().map(|l| &l.raw).collect::<Vec<_>>()
+    );
+    for (&&(name, own_reason, foreign_reason), line) in expected.iter().zip(&lines) {
+        assert_eq!(
+            line.str("attempt"),
+            name,
+            "{who}: attempt order: {}",
+            line.raw
+        );
+        let reason = if own { own_reason } else { foreign_reason };
+        match reason {
+            Some(reason) => {
+                assert_eq!(
+                    (line.str("outcome"), line.get("reason")),
+                    ("refused", Some(reason)),
+                    "{who}: {name} must be refused as {reason}: {}",
+                    line.raw
+                );
+                refusals += 1;
+            }
+            None => assert_eq!(
+                line.str("outcome"),
+                "none",
+                "{who}: {name} must get no answer: {}",
+                line.raw
+            ),
+        }
+    }
+    assert_eq!(res.u64("accepted"), 0, "{who}: {}", res.raw);
+    (res, refusals)
+}
+
+/// Forged RESUMEs from real guests while the session they name runs. Guest a (namespace
+/// red) streams 64 MiB each way with a host process through a session and announces its id;
+/// while that stream runs, paced by the host (a's sending side moves, the host holds its own
+/// at 4 MiB so that the forgeries can claim exactly what a received):
+/// - a second program in a (`forge-resume --id-file`) sends a RESUME with a wrong proof for
+///   it (and the right count), one for an unknown id, a replay of a RESUME it captured from a real resume of a
+///   session of its own, and six kinds of garbage, each on a fresh connection;
+/// - guest b (namespace blue, booted once the id is known) sends the same with a's id.
+///
+/// Every forgery is refused with the reason for what it got wrong (a's session is
+/// `unknown-session` to b), the counters moved by exactly that much, a's stream ends with
+/// matching checksums and no resume, and domsockd serves b's own session afterwards.
+fn forged_resumes_are_refused(c: Case) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let domain = |name, namespace, cid| Domain {
+        name,
+        namespace,
+        groups: &[][..],
+        spec: c.spec(cid),
+    };
+    let domains = [domain("a", "red", 3), domain("b", "blue", 4)];
+    let [a, b] = &domains;
+    let config_path = c.log_dir.join("domsockd.toml");
+    let mut config = String::new();
+    for d in &domains {
+        config.push_str(&format!(
+            "[[vm]]\nguest-cid = {}\nsocket = {:?}\nuds-path = {:?}\nname = {:?}\n\
+             namespace = {:?}\n\n",
+            d.spec.cid,
+            d.spec.socket.display().to_string(),
+            d.spec.uds.display().to_string(),
+            d.name,
+            d.namespace,
+        ));
+    }
+    config.push_str("[policy]\nguest-to-host = \"allow\"\n");
+    std::fs::write(&config_path, config).expect("write config");
+    let stream_listener = host::listen_stream(&a.spec.uds, FORGE_STREAM_PORT).expect("listen");
+    let echo_listener = host::listen_stream(&a.spec.uds, FORGE_ECHO_PORT).expect("listen");
+    let after_listener = host::listen_stream(&b.spec.uds, FORGE_AFTER_PORT).expect("listen");
+    let specs: Vec<VmSpec> = domains.iter().map(|d| d.spec.clone()).collect();
+    let backend = Backend::spawn_config(&config_path, &[], &specs, &c.log_dir);
+    let long = format!("--timeout-ms {LONG_GUEST_TIMEOUT_MS}");
+    let cfg_a = c
+        .vm("a", &a.spec)
+        .cmd(&format!(
+            "bg duplex-client --session --cid {HOST_CID} --port {FORGE_STREAM_PORT} \
+             --bytes {FORGE_STREAM_BYTES} --chunk {CHUNK_BYTES} --seed 81 \
+             --session-id-file {FORGE_ID_FILE} {long}"
+        ))
+        .cmd(&format!("recv --port {GATE_PORT} {long}"))
+        .cmd(&format!(
+            "forge-resume --id-file {FORGE_ID_FILE} --received {FORGE_TO_A_HELD} \
+             --port {FORGE_ECHO_PORT} --timeout-ms 30000"
+        ));
+    let mut vm_a = c.boot(&cfg_a, &a.spec);
+    // The stream (in the background) and the gate print in either order.
+    let session_peer = format!("2:{FORGE_STREAM_PORT}");
+    let announced = expect_all(
+        &vm_a,
+        STEP_TIMEOUT,
+        &[
+            Want {
+                what: format!("DS-SESSION peer={session_peer}"),
+                test: Box::new(move |l| {
+                    l.is("DS-SESSION", None) && l.get("peer") == Some(&session_peer)
+                }),
+            },
+            want_ready(GATE_PORT),
+        ],
+    )
+    .swap_remove(0);
+    let victim = announced.str("id").to_owned();
+    assert_eq!(victim.len(), 32, "a full session id: {}", announced.raw);
+
+    let conn = host::accept(&stream_listener, STEP_TIMEOUT, IDLE_TIMEOUT).expect("a's session");
+    let mut write_end = conn.try_clone().expect("clone");
+    let (got_a, sent_a) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let go = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (progress, go) = (got_a.clone(), go.clone());
+        thread::spawn(move || {
+            let mut conn = conn;
+            let mut sum = Checksum::new();
+            let mut buf = vec![0u8; CHUNK_BYTES];
+            paced(&progress, &go, FORGE_HOLD_AT, || {
+                let n = conn.read(&mut buf)?;
+                sum.update(&buf[..n]);
+                Ok(n)
+            })
+            .map(|_| sum)
+        })
+    };
+    let writer = {
+        let (progress, go) = (sent_a.clone(), go.clone());
+        thread::spawn(move || {
+            let mut gen = domsock_guest::pattern::PatternStream::new(82);
+            let mut buf = vec![0u8; CHUNK_BYTES];
+            let mut left = FORGE_STREAM_BYTES;
+            let moved = paced(&progress, &go, FORGE_TO_A_HELD, || {
+                // Whole pieces, so that the hold is exact.
+                let n = left.min(CHUNK_BYTES as u64) as usize;
+                gen.fill(&mut buf[..n]);
+                io::Write::write_all(&mut write_end, &buf[..n])?;
+                left -= n as u64;
+                Ok(n)
+            });
+            let _ = write_end.shutdown(Shutdown::Write);
+            moved
+        })
+    };
+    let echo = thread::spawn(move || {
+        let mut conn = host::accept(&echo_listener, BIG_TRANSFER_TIMEOUT, IDLE_TIMEOUT)?;
+        host::stream_echo(&mut conn)
+    });
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while got_a.load(Ordering::Acquire) < 1 << 20
+        || sent_a.load(Ordering::Acquire) < FORGE_TO_A_HELD
+    {
+        assert!(Instant::now() < deadline, "a's stream does not move");
+        thread::sleep(Duration::from_millis(5));
+    }
+    // What the host wrote reaches a's program within milliseconds (it reads all the time).
+    thread::sleep(Duration::from_millis(200));
+    let window_start = (
+        got_a.load(Ordering::Acquire),
+        sent_a.load(Ordering::Acquire),
+    );
+    let forging = Instant::now();
+
+    // a's own second program: wrong proof, unknown id, replay, garbage.
+    release_gate_port(&a.spec, GATE_PORT);
+    let (res_a, refusals_a) = check_forgeries(&vm_a, "a", true);
+    assert_eq!(res_a.str("named"), victim, "{}", res_a.raw);
+    assert_eq!(res_a.u64("own_resumes"), 1, "{}", res_a.raw);
+    let echoed = echo
+        .join()
+        .expect("echo thread")
+        .expect("the host echo of a's own session");
+    assert_eq!(
+        echoed,
+        3 * 4096,
+        "the own session's three round trips, once each"
+    );
+
+    // b, another domain in another namespace, names a's session.
+    let cfg_b = c
+        .vm("b", &b.spec)
+        .cmd(&format!(
+            "forge-resume --id {victim} --received {FORGE_TO_A_HELD} --timeout-ms 30000"
+        ))
+        .cmd(&format!(
+            "send --session --cid {HOST_CID} --port {FORGE_AFTER_PORT} --bytes \
+             {FORGE_AFTER_BYTES} --seed 85 {long}"
+        ));
+    let after = thread::spawn(move || {
+        let mut conn = host::accept(&after_listener, BIG_TRANSFER_TIMEOUT, IDLE_TIMEOUT)?;
+        let got = host::read_to_eof(&mut conn)?;
+        conn.shutdown(Shutdown::Write)?;
+        Ok::<_, io::Error>(got)
+    });
+    let mut vm_b = c.boot(&cfg_b, &b.spec);
+    let (res_b, refusals_b) = check_forgeries(&vm_b, "b", false);
+    assert_eq!(res_b.str("named"), victim, "{}", res_b.raw);
+    let forged_for = forging.elapsed();
+    let window_end = (
+        got_a.load(Ordering::Acquire),
+        sent_a.load(Ordering::Acquire),
+    );
+    assert!(
+        window_end.0 > window_start.0 && window_end.1 == FORGE_TO_A_HELD,
+        "a's stream moved (to the host) while the forgeries landed: {window_start:?} -> \
+         {window_end:?}"
+    );
+    assert!(
+        window_end.0 < FORGE_STREAM_BYTES && window_end.1 < FORGE_STREAM_BYTES,
+        "a's stream was still running: {window_end:?}"
+    );
+    let b_send = vm_b.expect_result("send", STEP_TIMEOUT);
+    let got_b = after
+        .join()
+        .expect("b's host thread")
+        .expect("b's session after the forgeries");
+    assert_pattern(
+        "host received b's session",
+        &got_b.sum,
+        85,
+        FORGE_AFTER_BYTES,
+    );
+    assert_pattern_line("b sent its session stream", &b_send, 85, FORGE_AFTER_BYTES);
+
+    // Counted: every refusal, bad proofs only where the proof was checked.
+    let counters = backend_counters(&backend, &["a", "b"]);
+    let count = |vm: &str, name: &str| counters[vm].get(name).copied().unwrap_or(0);
+    assert_eq!(
+        count("a", "session_refusals"),
+        refusals_a,
+        "{:?}",
+        counters["a"]
+    );
+    assert_eq!(count("a", "session_bad_proofs"), 2, "{:?}", counters["a"]);
+    assert_eq!(
+        count("b", "session_refusals"),
+        refusals_b,
+        "{:?}",
+        counters["b"]
+    );
+    assert_eq!(count("b", "session_bad_proofs"), 0, "{:?}", counters["b"]);
+    // The only resume is the one forge-resume made of its own session.
+    assert_eq!(count("a", "sessions_parked"), 1, "{:?}", counters["a"]);
+    assert_eq!(count("a", "sessions_resumed"), 1, "{:?}", counters["a"]);
+    assert_eq!(count("b", "sessions_resumed"), 0, "{:?}", counters["b"]);
+    assert_eq!(count("a", "sessions_expired"), 0, "{:?}", counters["a"]);
+
+    // a's stream is unharmed: let it run to its end.
+    go.store(true, Ordering::Release);
+    let received = reader
+        .join()
+        .expect("reader")
+        .expect("the host reads a's stream to EOF");
+    assert_pattern(
+        "host received a's session stream",
+        &received,
+        81,
+        FORGE_STREAM_BYTES,
+    );
+    let sent = writer.join().expect("writer").expect("the host's writes");
+    assert_eq!(sent, FORGE_STREAM_BYTES);
+    let line = vm_a.expect_result("duplex-client", BIG_TRANSFER_TIMEOUT);
+    assert_guest_saw(
+        "a received the host's stream",
+        &line,
+        "recv_",
+        &pattern_checksum(82, FORGE_STREAM_BYTES),
+    );
+    assert_guest_saw(
+        "a sent its stream",
+        &line,
+        "sent_",
+        &pattern_checksum(81, FORGE_STREAM_BYTES),
+    );
+    assert_eq!(line.str("session_id"), victim, "{}", line.raw);
+    assert_eq!(
+        line.u64("resumes"),
+        0,
+        "no forgery made a resume: {}",
+        line.raw
+    );
+    c.report(&format!(
+        "forged RESUMEs: a {} refused ({}), b {} refused ({}), in {} while a's session stream \
+         moved {:.1} -> {:.1} MiB; counters a refusals={} bad_proofs={}, b refusals={} \
+         bad_proofs={}",
+        refusals_a,
+        res_a.str("ms"),
+        refusals_b,
+        res_b.str("ms"),
+        report::ms(forged_for),
+        window_start.0 as f64 / MIB,
+        window_end.0 as f64 / MIB,
+        count("a", "session_refusals"),
+        count("a", "session_bad_proofs"),
+        count("b", "session_refusals"),
+        count("b", "session_bad_proofs"),
+    ));
+    finish(&mut vm_a);
+    finish(&mut vm_b);
+}
+
 /// Makes the backend log its counters (SIGUSR1) and returns, per VM name, the numbers of the
 /// `counters vm=<name> ... stats=k=v k=v ...` line it logged in response.
 fn backend_counters(backend: &Backend, names: &[&str]) -> BTreeMap<String, BTreeMap<String, u64>> {
@@ -3064,6 +3458,7 @@ per_kernel!(
     replug_same_chardev,
     sessions_survive_replugs,
     session_park_timeout_expires,
+    forged_resumes_are_refused,
     host_initiated_session_survives_replugs,
     seqpacket_session_survives_replugs,
     shim_c_program_sessions,
