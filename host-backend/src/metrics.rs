@@ -72,6 +72,8 @@ counters! {
     session_bad_proofs,
     /// Bytes sent to a guest again after a resume (from the replay buffer).
     session_replayed_bytes,
+    /// Session-port connections reset because their first frame did not arrive in time.
+    session_greeting_timeouts,
     /// Parked sessions handed to another engine of this domain (its guest moved).
     sessions_exported,
     /// Parked sessions taken over from another engine of this domain.

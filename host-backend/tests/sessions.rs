@@ -910,3 +910,52 @@ fn a_parked_session_moves_to_another_engine_and_resumes_there() {
         Err(domsock_host::engine::ImportError::Exists(client.id))
     );
 }
+
+/// A guest that sends half a frame to the session port and then says nothing does not
+/// keep the connection: it is reset at the greeting timeout (simulated time) and counted;
+/// a complete greeting in time is answered as usual.
+#[test]
+fn a_greeting_never_completed_is_reset_at_its_timeout() {
+    let mut g = TestGuest::new("s-greeting");
+    let before = Instant::now();
+    let conn = GuestConn {
+        buf_alloc: 256 * 1024,
+        ..GuestConn::stream(40_000, SESSION_PORT)
+    };
+    g.connect(&conn);
+    let client = Client {
+        id: SessionId([9; 16]),
+        secret: Secret([9; 32]),
+        nonce: Nonce([9; 16]),
+        window: 0,
+    };
+    let resume = resume_frame(&client, 0, 1).encode();
+    g.send_rw(&conn, &resume[..40]);
+    g.settle();
+    let after = Instant::now();
+    g.pump_at(before + Duration::from_millis(4_900));
+    assert!(
+        !g.take_rx_of(&conn).iter().any(|p| p.hdr.op == OP_RST),
+        "reset before the timeout"
+    );
+    assert_eq!(g.stat("session_greeting_timeouts"), 0);
+    g.pump_at(after + Duration::from_millis(5_100));
+    assert!(
+        g.take_rx_of(&conn).iter().any(|p| p.hdr.op == OP_RST),
+        "no reset at the timeout"
+    );
+    assert_eq!(g.stat("session_greeting_timeouts"), 1);
+    assert_eq!(g.plane.connections(), 0);
+    // A whole greeting later is answered (here: an unknown session).
+    let (_c, answer) = try_resume(&mut g, 40_001, &resume_frame(&client, 0, 2));
+    assert!(
+        matches!(
+            answer,
+            Frame::Refused {
+                reason: Refusal::UnknownSession,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+}

@@ -57,7 +57,8 @@ use crate::host::HostSocket;
 use crate::metrics::VmStats;
 use crate::router::SiblingRefusal;
 use crate::tunables::{
-    MAX_SESSIONS_PER_VM, MAX_SESSION_LISTENERS_PER_VM, SESSION_REPLAY_BYTES, SESSION_TOMBSTONES,
+    MAX_PENDING_SESSION_GREETINGS, MAX_SESSIONS_PER_VM, MAX_SESSION_LISTENERS_PER_VM,
+    SESSION_GREETING_TIMEOUT_MS, SESSION_REPLAY_BYTES, SESSION_TOMBSTONES,
 };
 use crate::vm::ProxyDial;
 use domsock_migration::session::proof::ResumeClaim;
@@ -161,6 +162,9 @@ pub(super) struct Sessions {
     listeners: HashMap<Port, Registration>,
     live: usize,
     scratch: Vec<u8>,
+    /// Session-port connections in their greeting, oldest first, with their deadlines
+    /// (set by the first timer pass after they connected).
+    greetings: VecDeque<(ConnKey, Option<Instant>)>,
 }
 
 impl Sessions {
@@ -175,12 +179,15 @@ impl Sessions {
             .values()
             .filter_map(|p| p.deadline)
             .chain(self.listeners.values().filter_map(|r| r.deadline))
+            .chain(self.greetings.front().and_then(|g| g.1))
             .min()
     }
 
-    /// The device stopped: live sessions were parked, the rest are being closed.
+    /// The device stopped: live sessions were parked, the rest (greetings too) are being
+    /// closed.
     pub(super) fn forget_live(&mut self) {
         self.live = 0;
+        self.greetings.clear();
     }
 
     /// Sessions on a live connection.
@@ -290,6 +297,15 @@ impl HostConn {
     /// Whether the guest half-closed its session before (see [`SessionLink::guest_done`]).
     pub(super) fn guest_done(&self) -> bool {
         matches!(self.session.as_deref(), Some(SessionState::Live(l)) if l.guest_done)
+    }
+
+    /// Whether this session-port connection still waits for the guest's first frame
+    /// (not yet answered).
+    pub(super) fn awaits_greeting(&self) -> bool {
+        matches!(
+            self.session.as_deref(),
+            Some(SessionState::Greeting { peer: Some(_), .. })
+        )
     }
 
     /// Whether this connection carries a live session.
@@ -424,6 +440,19 @@ impl DataPlane {
     /// A guest connects to the session port: accept it with a placeholder host end and
     /// wait for its first frame.
     pub(super) fn session_connect(&mut self, req: &Header) {
+        // Entries of connections that left their greeting go first; what remains bounds
+        // the connections a guest can hold open without saying anything.
+        while let Some(&(old, _)) = self.sessions.greetings.front() {
+            if self.conns.get(&old).is_some_and(|hc| hc.awaits_greeting()) {
+                break;
+            }
+            self.sessions.greetings.pop_front();
+        }
+        if self.sessions.greetings.len() >= MAX_PENDING_SESSION_GREETINGS {
+            debug!("too many session-port connections in their greeting");
+            self.endpoint.refuse(req);
+            return;
+        }
         let (placeholder, peer) = match HostSocket::pair(req.socket_type()) {
             Ok(p) => p,
             Err(e) => {
@@ -464,7 +493,33 @@ impl DataPlane {
             peer: Some(peer),
         }));
         self.conns.insert(key, hc);
+        self.sessions.greetings.push_back((key, None));
+        // Its deadline is set by the next timer pass.
+        let _ = self.shared.wake.write(1);
         self.after_change(key);
+    }
+
+    /// Resets session-port connections whose first frame is overdue.
+    fn greeting_timers(&mut self, now: Instant) {
+        let timeout = Duration::from_millis(SESSION_GREETING_TIMEOUT_MS);
+        for g in self.sessions.greetings.iter_mut().rev() {
+            if g.1.is_some() {
+                break;
+            }
+            g.1 = Some(now + timeout);
+        }
+        while let Some(&(key, Some(deadline))) = self.sessions.greetings.front() {
+            if deadline > now {
+                break;
+            }
+            self.sessions.greetings.pop_front();
+            if self.conns.get(&key).is_some_and(|hc| hc.awaits_greeting()) {
+                VmStats::inc(&self.shared.stats.session_greeting_timeouts);
+                debug!(%key, "session greeting timed out");
+                self.endpoint.reset(key);
+                self.close_host(key);
+            }
+        }
     }
 
     /// Greeting bytes from the guest (already accepted and consumed by the caller).
@@ -1222,6 +1277,9 @@ impl DataPlane {
 
     /// Sets the deadlines of newly parked sessions and closes those past theirs.
     pub(super) fn session_timers(&mut self, now: Instant) {
+        if !self.sessions.greetings.is_empty() {
+            self.greeting_timers(now);
+        }
         let timeout = Duration::from_millis(self.shared.park_timeout_ms.load(Ordering::Relaxed));
         let mut expired = Vec::new();
         for (id, p) in &mut self.sessions.parked {
