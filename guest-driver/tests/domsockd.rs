@@ -1075,6 +1075,16 @@ fn the_admin_socket_reports_frontends_devices_and_sessions() {
     );
     let r = admin(&sock, &long);
     assert!(r["error"].as_str().unwrap().contains("too long"), "{r}");
+    // The migration steps: adopting is accepted; exporting is refused while sessions
+    // are parked (no tunnel carries them in this build).
+    let r = admin(&sock, r#"{"v":1,"op":"adopt","vm":"alpha","from":"hostA"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    let r = admin(&sock, r#"{"v":1,"op":"export","vm":"alpha","to":"hostB"}"#);
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("1 parked sessions"),
+        "{r}"
+    );
     // Still serving after all that.
     assert_eq!(admin(&sock, r#"{"v":1,"op":"status"}"#)["ok"], true);
     let _ = std::fs::remove_file(&sock);

@@ -10,6 +10,8 @@
 //! |---|---|---|
 //! | `status` | | `vms`: `[{name, namespace, cid, frontend, device_running, sessions_live, sessions_parked, counters}]` |
 //! | `sessions` | `vm` | `parked`: session ids (hex) parked in that VM's engine |
+//! | `adopt` | `vm`, `from` | (destination of a migration: expect the domain from host `from`) |
+//! | `export` | `vm`, `to` | `sessions`: parked sessions handed to host `to` |
 //!
 //! `frontend` says a QEMU is connected; `device_running` that the guest's driver runs the
 //! device (both data queues), so a guest is really reachable only when both hold.
@@ -19,8 +21,9 @@
 //! for [`ADMIN_IDLE`] is closed. The socket is created mode 0600: whoever may use it may
 //! see every domain.
 //!
-//! What it does not do (yet): the migration steps `adopt` and `export` (they need the
-//! tunnel between hosts), which are answered with an error naming them.
+//! What it does not do (yet): carry sessions to another host. `export` of a domain with
+//! parked sessions is refused with the reason (so a migration rolls back rather than
+//! stranding them) until the tunnel between hosts carries them.
 
 use crate::engine::DataPlane;
 use crate::metrics::VmStats;
@@ -163,9 +166,34 @@ pub fn handle(line: &[u8], vms: &[AdminVm]) -> Value {
             }
             Err(e) => e,
         },
-        "adopt" | "export" => error_reply(&format!(
-            "op {op:?} is not available in this build: moving sessions between hosts needs the tunnel"
-        )),
+        // The migration steps of `domsock migrate`. Until the tunnel carries sessions,
+        // a domain moves with its raw connections only (they break, as everywhere):
+        // `adopt` accepts the domain, `export` succeeds when it has nothing parked and
+        // says why not otherwise, so that the orchestrator rolls back instead of
+        // stranding sessions.
+        "adopt" => match (find(&req), req.get("from").and_then(Value::as_str)) {
+            (Ok(vm), Some(from)) => {
+                info!(vm = %vm.shared.name, from, "admin: domain expected from another host");
+                json!({"v": ADMIN_VERSION, "ok": true, "vm": vm.shared.name})
+            }
+            (Err(e), _) => e,
+            (Ok(_), None) => error_reply("missing \"from\""),
+        },
+        "export" => match (find(&req), req.get("to").and_then(Value::as_str)) {
+            (Ok(vm), Some(to)) => {
+                let parked = lock_plane(&vm.plane).parked_sessions();
+                if parked == 0 {
+                    json!({"v": ADMIN_VERSION, "ok": true, "vm": vm.shared.name, "sessions": 0})
+                } else {
+                    error_reply(&format!(
+                        "{parked} parked sessions of {} cannot move to {to}: this build has no tunnel to carry them",
+                        vm.shared.name
+                    ))
+                }
+            }
+            (Err(e), _) => e,
+            (Ok(_), None) => error_reply("missing \"to\""),
+        },
         other => error_reply(&format!("unknown op {other:?}")),
     }
 }
