@@ -25,6 +25,7 @@
 mod config;
 mod exports;
 mod handshake;
+mod listen;
 mod log;
 mod next;
 mod poll;
