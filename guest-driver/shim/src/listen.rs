@@ -46,8 +46,7 @@
 //! bytes (domsockd sends OFFERED with the connection, so in practice it does not).
 
 use crate::handshake::{
-    self, connect_private, read_frame, set_nonblocking, wait_ready, write_all, Failure,
-    HOST_CID,
+    self, connect_private, read_frame, set_nonblocking, wait_ready, write_all, Failure, HOST_CID,
 };
 use crate::log::debug;
 use crate::next::{self, cvt};
