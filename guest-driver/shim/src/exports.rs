@@ -6,7 +6,7 @@
 use crate::config;
 use crate::next::{self, cvt, set_errno};
 use crate::poll::{self, ms_timeout, to_ms, to_timespec};
-use crate::sock::{wants_session, Sock};
+use crate::sock::{wants_session, Record, Sock};
 use crate::table::{self, Entry};
 use libc::{
     c_int, c_void, epoll_event, fd_set, iovec, msghdr, nfds_t, pollfd, sigset_t, size_t, sockaddr,
@@ -117,6 +117,7 @@ pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_
         // A stale entry (the fd was closed behind the shim's back, e.g. by fclose).
         drop(table::remove(fd));
     }
+    crate::listen::mark(fd, false);
     if domain == libc::AF_VSOCK && config::get().policy != config::Policy::Off {
         let base = ty & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC);
         if base == libc::SOCK_STREAM || base == libc::SOCK_SEQPACKET {
@@ -239,6 +240,7 @@ fn accepted(fd: c_int) -> c_int {
     if fd >= 0 && table::is_ours(fd) {
         drop(table::remove(fd));
     }
+    crate::listen::mark(fd, false);
     fd
 }
 
@@ -257,7 +259,12 @@ pub unsafe extern "C" fn accept4(
 ) -> c_int {
     if let Some(reg) = table::sock(fd).and_then(|s| s.registration()) {
         // SAFETY: the program's call.
-        return unsafe { crate::listen::accept(&reg, fd, addr, len, flags) };
+        return unsafe { crate::listen::accept(Some(&reg), fd, addr, len, flags) };
+    }
+    if !table::is_ours(fd) && crate::listen::is_marked(fd) {
+        // A registered listener inherited across `fork` (crate::listen).
+        // SAFETY: the program's call.
+        return unsafe { crate::listen::accept(None, fd, addr, len, flags) };
     }
     // SAFETY: the program's call.
     accepted(unsafe { next::accept4(fd, addr, len, flags) })
@@ -325,9 +332,6 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssi
         )),
     }
 }
-
-/// What a send's `record` is given: how many bytes the kernel took, and where they go.
-type Record<'a> = &'a mut dyn FnMut(usize, &mut dyn FnMut(&[u8]));
 
 fn send_ours(
     s: &Arc<Sock>,
@@ -503,6 +507,9 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     if table::is_ours(fd) {
         unlink(fd);
     }
+    if crate::listen::is_marked(fd) {
+        crate::listen::mark(fd, false);
+    }
     // SAFETY: the program's call.
     unsafe { next::close(fd) }
 }
@@ -511,7 +518,7 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
     match table::sock(fd) {
         // SAFETY: the program's call.
-        None => accepted(unsafe { next::dup(fd) }),
+        None => dup_marked(fd, accepted(unsafe { next::dup(fd) })),
         // SAFETY: the program's call.
         Some(s) => match s.dup_with(|| unsafe { next::dup(fd) }) {
             Ok(n) => n,
@@ -521,6 +528,15 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
             }
         },
     }
+}
+
+/// A copy `new` of the untracked `old` is a registered listener's if `old` is (a `fork`
+/// child's; see `crate::listen`).
+fn dup_marked(old: c_int, new: c_int) -> c_int {
+    if new >= 0 && crate::listen::is_marked(old) {
+        crate::listen::mark(new, true);
+    }
+    new
 }
 
 fn dup_onto(old: c_int, new: c_int, call: &mut dyn FnMut() -> c_int) -> c_int {
@@ -542,8 +558,9 @@ fn dup_onto(old: c_int, new: c_int, call: &mut dyn FnMut() -> c_int) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
     if !table::is_ours(old) && !table::is_ours(new) {
+        crate::listen::mark(new, false);
         // SAFETY: the program's call.
-        return unsafe { next::dup2(old, new) };
+        return dup_marked(old, unsafe { next::dup2(old, new) });
     }
     // SAFETY: the program's call.
     dup_onto(old, new, &mut || unsafe { next::dup2(old, new) })
@@ -552,8 +569,9 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
     if !table::is_ours(old) && !table::is_ours(new) {
+        crate::listen::mark(new, false);
         // SAFETY: the program's call.
-        return unsafe { next::dup3(old, new, flags) };
+        return dup_marked(old, unsafe { next::dup3(old, new, flags) });
     }
     // SAFETY: the program's call.
     dup_onto(old, new, &mut || unsafe { next::dup3(old, new, flags) })

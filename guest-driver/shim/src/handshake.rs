@@ -309,6 +309,59 @@ mod tests {
         assert_ne!(a, [0; 16]);
     }
 
+    fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
+        let mut p = [0 as c_int; 2];
+        // SAFETY: `p` has room for the two fds.
+        let r = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+                p.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0);
+        // SAFETY: both fds were just created and are owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
+    }
+
+    #[test]
+    fn seqpacket_frames_are_one_message_each() {
+        use domsock_migration::session::wire::Frame;
+        use domsock_proto::Port;
+        let soon = || Instant::now() + std::time::Duration::from_millis(100);
+        let (a, b) = seqpacket_pair();
+        let f = Frame::Listening { port: Port(5610) };
+        send_frame(a.as_raw_fd(), libc::SOCK_SEQPACKET, &f, soon()).unwrap();
+        // The next message is the daemon's data, never part of the frame.
+        send_message(a.as_raw_fd(), b"data", soon()).unwrap();
+        assert_eq!(
+            read_answer(b.as_raw_fd(), libc::SOCK_SEQPACKET, soon()),
+            Ok(f.clone())
+        );
+        let mut buf = [0u8; 8];
+        // SAFETY: a valid buffer.
+        let n = unsafe { libc::recv(b.as_raw_fd(), buf.as_mut_ptr().cast(), 8, 0) };
+        assert_eq!(&buf[..n as usize], b"data");
+
+        // A message holding a frame and more, or part of one, is not a frame.
+        let mut long = f.encode();
+        long.push(0);
+        send_message(a.as_raw_fd(), &long, soon()).unwrap();
+        let e = read_answer(b.as_raw_fd(), libc::SOCK_SEQPACKET, soon());
+        assert_eq!(e, Err(Failure::Final(libc::EPROTO)));
+        let short = f.encode();
+        send_message(a.as_raw_fd(), &short[..short.len() - 1], soon()).unwrap();
+        let e = read_answer(b.as_raw_fd(), libc::SOCK_SEQPACKET, soon());
+        assert_eq!(e, Err(Failure::Final(libc::EPROTO)));
+        // No answer in time, then the end of the connection: try again elsewhere.
+        let e = read_answer(b.as_raw_fd(), libc::SOCK_SEQPACKET, soon());
+        assert_eq!(e, Err(Failure::Transport(libc::ETIMEDOUT)));
+        drop(a);
+        let e = read_answer(b.as_raw_fd(), libc::SOCK_SEQPACKET, soon());
+        assert_eq!(e, Err(Failure::Transport(libc::ECONNRESET)));
+    }
+
     #[test]
     fn transport_errors_are_retried_others_are_final() {
         assert_eq!(classify(libc::ENODEV), Failure::Transport(libc::ENODEV));

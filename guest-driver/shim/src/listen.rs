@@ -41,6 +41,12 @@
 //! fd itself is the kernel's (it survives a blackout): `poll`/`epoll` readiness on it is
 //! the kernel's.
 //!
+//! **After `fork`** the child's table is empty (see [`crate::table`]), but a child that
+//! accepts on the listening socket it inherited (a pre-forked server) still gets OFFERED
+//! first from the daemon: so every fd number of a registered listener is also marked in a
+//! lock-free bitmap ([`mark`]) that survives the fork, and an accept on a marked fd reads
+//! OFFERED like the parent would (the keepalive stays the parent's).
+//!
 //! What it does not do: seqpacket listeners (domsockd offers only stream connections), and
 //! a non-blocking `accept` may wait up to the offer timeout for a host connection's first
 //! bytes (domsockd sends OFFERED with the connection, so in practice it does not).
@@ -56,6 +62,7 @@ use domsock_migration::session::wire::{Frame, WireError, PREAMBLE_LEN};
 use domsock_proto::{Port, SocketType};
 use libc::{c_int, sockaddr, sockaddr_vm, socklen_t};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -69,6 +76,27 @@ const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 const RETRY_FIRST_MS: u64 = 10;
 const RETRY_MAX_MS: u64 = 200;
 
+/// Fd numbers of registered listening sockets (module doc), kept across `fork`.
+static REGISTERED_FDS: [AtomicBool; table::MAX_FDS] =
+    [const { AtomicBool::new(false) }; table::MAX_FDS];
+
+fn registered_slot(fd: c_int) -> Option<&'static AtomicBool> {
+    usize::try_from(fd).ok().and_then(|i| REGISTERED_FDS.get(i))
+}
+
+/// Marks (or unmarks) `fd` as a number of a registered listening socket.
+pub(crate) fn mark(fd: c_int, on: bool) {
+    if let Some(b) = registered_slot(fd) {
+        b.store(on, Ordering::Release);
+    }
+}
+
+/// Whether `fd` is marked as a registered listener's (also in a `fork` child).
+#[inline]
+pub(crate) fn is_marked(fd: c_int) -> bool {
+    registered_slot(fd).is_some_and(|b| b.load(Ordering::Acquire))
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -79,6 +107,8 @@ pub(crate) struct Registration {
     port: u32,
     state: Mutex<KeepState>,
     wake: Condvar,
+    /// The daemon refused for good: accepts are plain from then on.
+    failed: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -86,14 +116,13 @@ struct KeepState {
     /// The connection that keeps the registration (none until the first one stands).
     conn: Option<OwnedFd>,
     stopping: bool,
-    /// The daemon refused for good: accepts are plain from then on.
-    failed: bool,
 }
 
 impl Registration {
-    /// Whether accepted connections may carry an OFFERED.
+    /// Whether accepted connections may carry an OFFERED: false once the daemon refused
+    /// for good (an atomic, not under `state`: a `fork` child may ask).
     fn offers(&self) -> bool {
-        !lock(&self.state).failed
+        !self.failed.load(Ordering::Acquire)
     }
 
     /// The listening socket is gone: close the registration (the daemon forgets the port)
@@ -151,6 +180,7 @@ pub(crate) fn start(port: u32) -> Result<Arc<Registration>, c_int> {
             ..KeepState::default()
         }),
         wake: Condvar::new(),
+        failed: AtomicBool::new(false),
     });
     let keeper = Arc::clone(&reg);
     std::thread::Builder::new()
@@ -183,6 +213,7 @@ fn keep(reg: &Registration) {
 }
 
 fn keep_until_stopped(reg: &Registration) {
+    let port = reg.port;
     let mut pause = Duration::from_millis(RETRY_FIRST_MS);
     loop {
         let fd = {
@@ -198,16 +229,16 @@ fn keep_until_stopped(reg: &Registration) {
                 pause = Duration::from_millis(RETRY_FIRST_MS);
                 continue;
             }
-            debug!("listener registration of port {} broke", reg.port);
+            debug!("listener registration of port {} broke", port);
         }
-        let outcome = register(reg.port);
+        let outcome = register(port);
         let mut st = lock(&reg.state);
         if st.stopping {
             return;
         }
         match outcome {
             Ok(conn) => {
-                debug!("port {} registered again", reg.port);
+                debug!("port {} registered again", port);
                 // The old connection closes after the new registration stands.
                 let old = st.conn.replace(conn);
                 drop(st);
@@ -216,10 +247,10 @@ fn keep_until_stopped(reg: &Registration) {
             Err(Failure::Final(e)) => {
                 debug!(
                     "port {} no longer registered: {}; accepts are plain",
-                    reg.port,
+                    port,
                     errno_name(e)
                 );
-                st.failed = true;
+                reg.failed.store(true, Ordering::Release);
                 st.conn = None;
                 return;
             }
@@ -244,9 +275,10 @@ enum First {
     Failed(c_int),
 }
 
-/// Looks at the first bytes of the non-blocking `fd` without consuming them.
-fn first_bytes(fd: RawFd) -> First {
-    let deadline = Instant::now() + Duration::from_millis(OFFER_TIMEOUT_MS);
+/// Looks at the first bytes of the non-blocking `fd` without consuming them, waiting up to
+/// `timeout` for them.
+fn first_bytes(fd: RawFd, timeout: Duration) -> First {
+    let deadline = Instant::now() + timeout;
     let mut buf = [0u8; PREAMBLE_LEN];
     loop {
         // SAFETY: a valid buffer of PREAMBLE_LEN bytes; MSG_PEEK consumes nothing.
@@ -284,6 +316,14 @@ fn first_bytes(fd: RawFd) -> First {
     }
 }
 
+fn local_port(fd: RawFd) -> u32 {
+    let mut a = handshake::vsock_addr(0, 0);
+    let mut len = size_of::<sockaddr_vm>() as socklen_t;
+    // SAFETY: getsockname(2) into a sockaddr_vm of the length given.
+    unsafe { next::getsockname(fd, (&raw mut a).cast(), &mut len) };
+    a.svm_port
+}
+
 fn peer_addr(fd: RawFd) -> Option<sockaddr_vm> {
     let mut a = handshake::vsock_addr(0, 0);
     let mut len = size_of::<sockaddr_vm>() as socklen_t;
@@ -292,13 +332,13 @@ fn peer_addr(fd: RawFd) -> Option<sockaddr_vm> {
     (r == 0).then_some(a)
 }
 
-/// The program's `accept4` on a listening socket registered as `reg` (`flags` as given).
-/// Returns like accept4(2).
+/// The program's `accept4` on a listening socket registered as `reg` (`None`: a marked
+/// fd in a `fork` child) with the program's `flags`. Returns like accept4(2).
 ///
 /// # Safety
 /// `addr`/`len` are as for accept4(2).
 pub(crate) unsafe fn accept(
-    reg: &Registration,
+    reg: Option<&Registration>,
     fd: c_int,
     addr: *mut sockaddr,
     len: *mut socklen_t,
@@ -315,12 +355,13 @@ pub(crate) unsafe fn accept(
     let Some(peer) = peer_addr(nfd) else {
         return nfd;
     };
-    if peer.svm_cid != HOST_CID || !reg.offers() {
+    if peer.svm_cid != HOST_CID || !reg.is_none_or(Registration::offers) {
         return nfd;
     }
+    let port = local_port(fd);
     let nonblocking = flags & libc::SOCK_NONBLOCK != 0;
     set_nonblocking(nfd, true);
-    let outcome = match first_bytes(nfd) {
+    let outcome = match first_bytes(nfd, Duration::from_millis(OFFER_TIMEOUT_MS)) {
         First::Plain => Ok(None),
         First::Failed(e) => Err(e),
         First::Offer => {
@@ -349,13 +390,13 @@ pub(crate) unsafe fn accept(
     set_nonblocking(nfd, nonblocking);
     match outcome {
         Ok(None) => {
-            debug!("accepted on port {} without OFFERED: plain", reg.port);
+            debug!("accepted on port {} without OFFERED: plain", port);
             nfd
         }
         Ok(Some((creds, window))) => {
             debug!(
                 "session {} accepted on port {} (window {window})",
-                creds.id, reg.port
+                creds.id, port
             );
             let s = Sock::accepted(nfd, nonblocking, creds, window, peer);
             match table::insert(nfd, Entry::Sock(s)) {
@@ -376,5 +417,126 @@ pub(crate) unsafe fn accept(
             next::set_errno(libc::ECONNABORTED);
             -1
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use domsock_migration::session::{Nonce, Secret, SessionId};
+
+    /// A connected pair of non-blocking Unix stream sockets (stand-ins for vsock ones:
+    /// the peeking is the same).
+    fn pair() -> (OwnedFd, OwnedFd) {
+        let mut p = [0 as c_int; 2];
+        // SAFETY: `p` has room for the two fds.
+        let r = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+                p.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0);
+        // SAFETY: both fds were just created and are owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
+    }
+
+    fn put(fd: &OwnedFd, bytes: &[u8]) {
+        // SAFETY: a valid buffer.
+        let n = unsafe { libc::send(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
+        assert_eq!(n, bytes.len() as isize);
+    }
+
+    fn offered() -> Frame {
+        Frame::Offered {
+            id: SessionId([7; 16]),
+            secret: Secret([9; 32]),
+            next_nonce: Nonce([3; 16]),
+            window: 65536,
+            park_timeout_ms: 30_000,
+        }
+    }
+
+    const SHORT: Duration = Duration::from_millis(50);
+
+    #[test]
+    fn an_offer_is_told_from_its_preamble_and_left_unread() {
+        let (a, b) = pair();
+        let mut bytes = offered().encode();
+        bytes.extend_from_slice(b"host data");
+        put(&a, &bytes);
+        assert!(matches!(first_bytes(b.as_raw_fd(), SHORT), First::Offer));
+        let frame = read_frame(b.as_raw_fd(), Instant::now() + SHORT).expect("OFFERED");
+        assert_eq!(frame, offered());
+        let mut rest = [0u8; 32];
+        // SAFETY: a valid buffer.
+        let n = unsafe { libc::recv(b.as_raw_fd(), rest.as_mut_ptr().cast(), 32, 0) };
+        assert_eq!(
+            &rest[..n as usize],
+            b"host data",
+            "not a byte more than the frame"
+        );
+    }
+
+    #[test]
+    fn other_bytes_silence_and_eof_stay_plain_with_nothing_consumed() {
+        let (a, b) = pair();
+        put(&a, b"GET / HTTP/1.0");
+        assert!(matches!(first_bytes(b.as_raw_fd(), SHORT), First::Plain));
+        let mut got = [0u8; 14];
+        // SAFETY: a valid buffer.
+        let n = unsafe { libc::recv(b.as_raw_fd(), got.as_mut_ptr().cast(), 14, 0) };
+        assert_eq!(
+            &got[..n as usize],
+            b"GET / HTTP/1.0",
+            "every byte left to the program"
+        );
+
+        let (a, b) = pair();
+        let started = Instant::now();
+        assert!(matches!(first_bytes(b.as_raw_fd(), SHORT), First::Plain));
+        assert!(started.elapsed() >= SHORT, "waited for the offer timeout");
+        drop(a);
+        let (a, b) = pair();
+        drop(a);
+        assert!(
+            matches!(first_bytes(b.as_raw_fd(), SHORT), First::Plain),
+            "EOF"
+        );
+    }
+
+    #[test]
+    fn a_preamble_arriving_in_pieces_is_waited_for() {
+        let (a, b) = pair();
+        let bytes = offered().encode();
+        put(&a, &bytes[..3]);
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            put(&a, &bytes[3..]);
+            a
+        });
+        assert!(matches!(
+            first_bytes(b.as_raw_fd(), Duration::from_secs(2)),
+            First::Offer
+        ));
+        drop(writer.join());
+    }
+
+    #[test]
+    fn marks_follow_fd_numbers() {
+        let fd = 4321;
+        assert!(!is_marked(fd));
+        mark(fd, true);
+        assert!(is_marked(fd));
+        mark(fd, false);
+        assert!(!is_marked(fd));
+        mark(-1, true);
+        mark(c_int::MAX, true);
+        assert!(
+            !is_marked(-1) && !is_marked(c_int::MAX),
+            "out of range: never marked"
+        );
     }
 }

@@ -62,6 +62,10 @@ const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 const RETRY_FIRST_MS: u64 = 10;
 const RETRY_MAX_MS: u64 = 200;
 
+/// What a send's `record` is: given how many bytes the kernel took, it hands them to the
+/// sink, in order, in pieces.
+pub(crate) type Record<'a> = &'a mut dyn FnMut(usize, &mut dyn FnMut(&[u8]));
+
 /// A socket option the program set, applied again to every new connection.
 #[derive(Debug, Clone)]
 pub(crate) struct SockOpt {
@@ -313,6 +317,9 @@ impl Sock {
         let mut st = lock(&self.st);
         st.phase = Phase::Listening;
         st.listener = Some(reg);
+        for &fd in &st.fds {
+            crate::listen::mark(fd, true);
+        }
     }
 
     /// The registration, if this is a listening socket whose accepts may be sessions.
@@ -376,6 +383,7 @@ impl Sock {
         let mut st = lock(&self.st);
         st.fds.retain(|&f| f != fd);
         st.epoll.retain(|r| r.fd != fd);
+        crate::listen::mark(fd, false);
         if st.fds.is_empty() && matches!(st.phase, Phase::Breaking | Phase::Outage) {
             debug!("last fd closed during an outage: the resume goes on to deliver the tail");
         }
@@ -399,6 +407,7 @@ impl Sock {
             reg.stop();
         }
         for fd in fds {
+            crate::listen::mark(fd, false);
             drop(table::remove(fd));
         }
     }
@@ -414,6 +423,7 @@ impl Sock {
             return Err(next::errno());
         }
         st.fds.push(new);
+        crate::listen::mark(new, st.phase == Phase::Listening);
         drop(st);
         match table::insert(new, Entry::Sock(Arc::clone(self))) {
             Ok(old) => drop(old),
@@ -486,7 +496,7 @@ impl Sock {
         dontwait: bool,
         len: usize,
         call: &mut dyn FnMut() -> Result<usize, c_int>,
-        record: &mut dyn FnMut(usize, &mut dyn FnMut(&[u8])),
+        record: Record<'_>,
     ) -> Result<usize, c_int> {
         loop {
             let nonblocking = dontwait || self.nonblocking.load(Ordering::Relaxed);
@@ -1285,6 +1295,93 @@ mod tests {
         assert!(!session_cid(0), "hypervisor");
         assert!(!session_cid(1), "local loopback");
         assert!(!session_cid(libc::VMADDR_CID_ANY));
+    }
+
+    /// A live seqpacket session on one end of a Unix seqpacket pair (no resume is ever
+    /// started: nothing here breaks).
+    fn live_seqpacket(window: usize) -> (Arc<Sock>, OwnedFd, OwnedFd) {
+        let mut p = [0 as c_int; 2];
+        // SAFETY: `p` has room for the two fds.
+        let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, p.as_mut_ptr()) };
+        assert_eq!(r, 0);
+        // SAFETY: both fds were just created and are owned by nobody else.
+        let (ours, peer) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+        let s = Sock::new(libc::SOCK_SEQPACKET, false);
+        {
+            let mut tx = lock(&s.tx);
+            tx.replay = Replay::Messages(MessageReplay::new(window));
+            tx.window = window;
+            let mut st = lock(&s.st);
+            st.phase = Phase::Live;
+            st.fds.push(ours.as_raw_fd());
+        }
+        (s, ours, peer)
+    }
+
+    fn send_parts(s: &Arc<Sock>, fd: RawFd, parts: &[&[u8]]) -> Result<usize, c_int> {
+        let iov: Vec<libc::iovec> = parts
+            .iter()
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr() as *mut _,
+                iov_len: p.len(),
+            })
+            .collect();
+        let len = parts.iter().map(|p| p.len()).sum();
+        s.send(
+            false,
+            len,
+            // SAFETY: writev(2) of valid iovecs.
+            &mut || cvt(unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as c_int) }),
+            &mut |mut n, sink| {
+                for p in parts {
+                    let take = n.min(p.len());
+                    sink(&p[..take]);
+                    n -= take;
+                }
+            },
+        )
+    }
+
+    #[test]
+    fn seqpacket_sends_are_kept_as_whole_messages_and_receives_count_messages() {
+        let (s, ours, peer) = live_seqpacket(16);
+        let fd = ours.as_raw_fd();
+        assert_eq!(send_parts(&s, fd, &[b"ab", b"cde"]), Ok(5));
+        assert_eq!(send_parts(&s, fd, &[b"0123456789"]), Ok(10));
+        assert_eq!(
+            send_parts(&s, fd, &[b"0123456789", b"0123456"]),
+            Err(libc::EMSGSIZE),
+            "larger than the window: refused, nothing sent"
+        );
+        {
+            let tx = lock(&s.tx);
+            let Replay::Messages(mr) = &tx.replay else {
+                panic!("a seqpacket session keeps messages")
+            };
+            let kept: Vec<Vec<u8>> = mr.iter().map(|(a, b)| [a, b].concat()).collect();
+            assert_eq!(kept, vec![b"abcde".to_vec(), b"0123456789".to_vec()]);
+            assert_eq!(mr.end(), 2, "two messages sent");
+        }
+        for m in [&b"xyz"[..], b"0123456789abcdef"] {
+            // SAFETY: a valid buffer.
+            let n = unsafe { libc::send(peer.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) };
+            assert_eq!(n, m.len() as isize);
+        }
+        let mut buf = [0u8; 4];
+        let recv = |buf: &mut [u8]| {
+            let (p, n) = (buf.as_mut_ptr(), buf.len());
+            s.recv(fd, false, false, n, &mut || {
+                // SAFETY: recv(2) into a valid buffer of `n` bytes.
+                cvt(unsafe { libc::recv(fd, p.cast(), n, 0) })
+            })
+        };
+        assert_eq!(recv(&mut buf), Ok(3));
+        assert_eq!(
+            recv(&mut buf),
+            Ok(4),
+            "truncated: the rest of the message is gone"
+        );
+        assert_eq!(lock(&s.rx).received, 2, "messages, not bytes");
     }
 
     #[test]
