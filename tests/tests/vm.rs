@@ -1970,6 +1970,22 @@ fn replug_under_load(
     done_at: u64,
     label: &str,
 ) -> Vec<Duration> {
+    replug_under_load_pausing(c, qmp, progress, marks, done_at, label, None)
+}
+
+/// [`replug_under_load`], and with `pause_daemon` (domsockd's pid) the second and later
+/// unplugs happen while domsockd is stopped (SIGSTOP 50 ms before `device_del`, SIGCONT
+/// 250 ms later), so that the guest kernel may hold data the daemon never took: the
+/// session must resend it from its replay buffer (whether it does is a race).
+fn replug_under_load_pausing(
+    c: &Case,
+    qmp: &mut domsock_tests::qmp::Qmp,
+    progress: &std::sync::atomic::AtomicU64,
+    marks: &[u64],
+    done_at: u64,
+    label: &str,
+    pause_daemon: Option<u32>,
+) -> Vec<Duration> {
     let now_at = || progress.load(std::sync::atomic::Ordering::Acquire);
     let wait_until = |what: &str, done: &dyn Fn() -> bool| {
         let deadline = Instant::now() + STEP_TIMEOUT;
@@ -1982,9 +1998,21 @@ fn replug_under_load(
     for (r, &mark) in marks.iter().enumerate() {
         let what = |s: &str| format!("{label} round {r}: {s}");
         wait_until(&what("before the unplug"), &|| now_at() >= mark);
+        let resume_daemon = pause_daemon.filter(|_| r >= 1).map(|pid| {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+            thread::sleep(Duration::from_millis(50));
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(250));
+                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+            })
+        });
         let unplug = qmp
             .unplug(vm::VSOCK_DEVICE_ID, QMP_TIMEOUT)
             .unwrap_or_else(|e| panic!("{}: {e}", what("device_del")));
+        if let Some(h) = resume_daemon {
+            h.join().expect("SIGCONT thread");
+        }
         thread::sleep(SESSION_AWAY);
         let before = now_at();
         qmp.plug(vm::vsock_device_args(), QMP_TIMEOUT)
@@ -3042,9 +3070,12 @@ fn shim_accepted_session_survives_replugs(c: Case) {
 const SHIM_SEQ_ROUNDS: usize = 300;
 
 /// The C program under the shim opens a SOCK_SEQPACKET connection to a host process and
-/// sends messages of 1 B..64 KiB, each echoed, across three replugs: the host sees every
-/// message once, whole and in order, and the program checks every echo (length, no
-/// MSG_TRUNC, bytes) and sees no error.
+/// sends messages of 1 B..64 KiB, each echoed, across three replugs, the second and third
+/// while domsockd is stopped for a moment (so that the guest kernel may hold a message the
+/// daemon never took, which the shim must resend): the host sees every message once, whole
+/// and in order, and the program checks every echo (length, no MSG_TRUNC, bytes) and sees
+/// no error. (One message in flight at a time: with several, domsockd's seqpacket session
+/// stalls; see the README's shim section.)
 fn shim_seqpacket_session_survives_replugs(c: Case) {
     let spec = c.spec(3);
     let port = 5710;
@@ -3075,13 +3106,14 @@ fn shim_seqpacket_session_survives_replugs(c: Case) {
     let marks: Vec<u64> = (1..=u64::from(REPLUG_ROUNDS))
         .map(|r| total * r / u64::from(REPLUG_ROUNDS + 1))
         .collect();
-    let mut blackouts = replug_under_load(
+    let mut blackouts = replug_under_load_pausing(
         &c,
         &mut qmp,
         &progress,
         &marks,
         total,
         "shim seqpacket session",
+        Some(backend.pid()),
     );
     let res = vm.expect_result("vsock-pattern", Duration::from_secs(300));
     let seen = echo
