@@ -3070,12 +3070,12 @@ fn shim_accepted_session_survives_replugs(c: Case) {
 const SHIM_SEQ_ROUNDS: usize = 300;
 
 /// The C program under the shim opens a SOCK_SEQPACKET connection to a host process and
-/// sends messages of 1 B..64 KiB, each echoed, across three replugs, the second and third
-/// while domsockd is stopped for a moment (so that the guest kernel may hold a message the
-/// daemon never took, which the shim must resend): the host sees every message once, whole
-/// and in order, and the program checks every echo (length, no MSG_TRUNC, bytes) and sees
-/// no error. (One message in flight at a time: with several, domsockd's seqpacket session
-/// stalls; see the README's shim section.)
+/// sends messages of 1 B..64 KiB from one thread while another reads their echoes (up to
+/// three in flight), across three replugs, the second and third while domsockd is stopped
+/// for a moment (so that the guest kernel may hold a message the daemon never took, which
+/// the shim must resend; a race): the host sees every message once, whole and in order,
+/// and the program checks every echo (length, no MSG_TRUNC, bytes) and sees no error.
+/// (Unbounded, domsockd's seqpacket session stalls; README, "Not covered yet".)
 fn shim_seqpacket_session_survives_replugs(c: Case) {
     let spec = c.spec(3);
     let port = 5710;
