@@ -144,6 +144,12 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
         // SAFETY: the program's call.
         unsafe { next::connect(fd, addr, len) }
     };
+    if s.is_bound() {
+        // Bound before connecting (a chosen local port): an ordinary socket from now on.
+        s.forget();
+        // SAFETY: the program's call.
+        return unsafe { next::connect(fd, addr, len) };
+    }
     if s.is_raw() && !s.is_fresh() {
         // SAFETY: the program's call.
         return unsafe { next::connect(fd, addr, len) };
