@@ -959,3 +959,116 @@ fn a_greeting_never_completed_is_reset_at_its_timeout() {
         "{answer:?}"
     );
 }
+
+/// A seqpacket session whose replay buffer is full of messages the guest consumed but did
+/// not acknowledge (its buffer is large, so its kernel sends no credit update of its own)
+/// asks the guest for a credit update instead of waiting forever, and then goes on.
+#[test]
+fn a_full_replay_buffer_asks_the_guest_for_credit() {
+    const OP_CREDIT_REQUEST: u16 = 7;
+    let mut g = TestGuest::new("s-seq-credit");
+    let listener = g.listen_seqpacket(TARGET);
+    let mut conn = GuestConn {
+        buf_alloc: 4 << 20,
+        ..GuestConn::seqpacket(40_000, SESSION_PORT)
+    };
+    g.connect(&conn);
+    let open = Frame::Open {
+        cid: Cid::HOST,
+        port: domsock_proto::Port(TARGET),
+        socket_type: domsock_proto::SocketType::SeqPacket,
+    };
+    send_msg(&mut g, &conn, &open.encode());
+    recv_msgs(&mut g, &mut conn, 1);
+    let host = accept(&listener);
+    let msg = |i: u32| pattern(200 + i, 60 * 1024);
+    // More than the socket buffer holds: a writer thread blocks as a host process would.
+    let writer = std::thread::spawn(move || {
+        for i in 0..6 {
+            nix::sys::socket::send(
+                std::os::fd::AsRawFd::as_raw_fd(&host),
+                &msg(i),
+                nix::sys::socket::MsgFlags::empty(),
+            )
+            .unwrap();
+        }
+        host
+    });
+    // The guest takes what comes and says nothing until asked.
+    let mut got: Vec<Vec<u8>> = Vec::new();
+    let mut cur = Vec::new();
+    let mut asked = 0;
+    let c = conn;
+    let mut fwd = conn.fwd_cnt;
+    g.pump_until("six messages", |g| {
+        for p in g.take_rx_of(&c) {
+            if p.hdr.op == OP_CREDIT_REQUEST {
+                asked += 1;
+                let answer = GuestConn { fwd_cnt: fwd, ..c };
+                g.send_ctl(&answer, OP_CREDIT_UPDATE, 0);
+                continue;
+            }
+            assert_eq!(p.hdr.op, OP_RW, "unexpected {:?}", p.hdr);
+            fwd = fwd.wrapping_add(p.hdr.len);
+            cur.extend_from_slice(&p.payload);
+            if p.hdr.flags & SEQ_EOM != 0 {
+                got.push(std::mem::take(&mut cur));
+            }
+        }
+        got.len() >= 6
+    });
+    for (i, m) in got.iter().enumerate() {
+        assert!(*m == msg(i as u32), "message {i}");
+    }
+    assert!(asked >= 1, "the daemon never asked for credit");
+    drop(writer.join().unwrap());
+}
+
+/// The same for a stream session: a guest with a large buffer that never acknowledges
+/// on its own is asked, and gets everything (without the engine spinning meanwhile).
+#[test]
+fn a_full_stream_replay_buffer_asks_the_guest_for_credit() {
+    const OP_CREDIT_REQUEST: u16 = 7;
+    let mut g = TestGuest::new("s-stream-credit");
+    let listener = g.listen_stream(TARGET);
+    let (conn, _client) = open(&mut g, 40_000);
+    let conn = GuestConn {
+        buf_alloc: 4 << 20,
+        ..conn
+    };
+    g.send_ctl(&conn, OP_CREDIT_UPDATE, 0);
+    let mut host = accept(&listener);
+    let data = pattern(9, 600 * 1024);
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || {
+        host.write_all(&sent).unwrap();
+        host
+    });
+    let (mut got, mut asked, mut fwd) = (Vec::new(), 0, conn.fwd_cnt);
+    g.pump_until("600 KiB", |g| {
+        for p in g.take_rx_of(&conn) {
+            if p.hdr.op == OP_CREDIT_REQUEST {
+                asked += 1;
+                g.send_ctl(
+                    &GuestConn {
+                        fwd_cnt: fwd,
+                        ..conn
+                    },
+                    OP_CREDIT_UPDATE,
+                    0,
+                );
+                continue;
+            }
+            assert_eq!(p.hdr.op, OP_RW, "unexpected {:?}", p.hdr);
+            fwd = fwd.wrapping_add(p.hdr.len);
+            got.extend_from_slice(&p.payload);
+        }
+        got.len() >= data.len()
+    });
+    assert!(got == data, "host->guest bytes");
+    assert!(
+        asked >= 2,
+        "asked {asked} times for 600 KiB through a 256 KiB replay buffer"
+    );
+    drop(writer.join().unwrap());
+}

@@ -342,6 +342,7 @@ impl DataPlane {
             && can_send
             && credit > 0
             && (hc.readable() || hc.inbox_pending() > 0 || hc.has_session_replay())
+            && !hc.session_waits_ack()
             && !hc.in_ready
         {
             hc.in_ready = true;

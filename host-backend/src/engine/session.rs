@@ -134,6 +134,9 @@ pub(crate) struct SessionLink {
     /// Seqpacket sessions count messages: where each message recorded in `to_guest` ends,
     /// and how many messages before `to_guest.start()` the guest has consumed.
     messages: Option<MessageLog>,
+    /// A credit update was asked of the guest because the replay buffer is full; cleared
+    /// when its acknowledgement moves.
+    ack_requested: bool,
 }
 
 /// Message boundaries of a seqpacket session's replay buffer, and its replay queue.
@@ -221,6 +224,9 @@ impl SessionLink {
     fn ack(&mut self, guest_fwd_cnt: u32) {
         let before = self.acked.offset();
         let now = self.acked.advance(guest_fwd_cnt);
+        if now != before {
+            self.ack_requested = false;
+        }
         if now != before || guest_fwd_cnt >= self.greeting_len {
             // The guest has read our greeting (OPENED/RESUMED): the old nonce is void.
             self.prev_nonce = None;
@@ -285,6 +291,33 @@ impl HostConn {
             && self.inbox_pending() == 0
             && link.messages.as_ref().is_none_or(|m| m.replay.is_empty())
             && link.to_guest.is_empty()
+    }
+
+    /// A live session's replay buffer is too full to read the host: the connection
+    /// waits for the guest's acknowledgement (it is not served again until that moves),
+    /// and the result says whether to ask the guest for a credit update now (once per
+    /// acknowledgement; `false` for any other connection).
+    pub(super) fn session_needs_ack(&mut self) -> bool {
+        match link_of(self) {
+            Some(link) if !link.ack_requested && !link.to_guest.is_empty() => {
+                link.ack_requested = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a live session has nothing to send but host data its replay buffer has no
+    /// room for: serving it again before the guest acknowledges more would find the same.
+    pub(super) fn session_waits_ack(&self) -> bool {
+        match self.session.as_deref() {
+            Some(SessionState::Live(link)) => {
+                link.ack_requested
+                    && self.inbox_pending() == 0
+                    && link.messages.as_ref().is_none_or(|m| m.replay.is_empty())
+            }
+            _ => false,
+        }
     }
 
     /// Records that the guest half-closed its session gracefully.
@@ -688,6 +721,7 @@ impl DataPlane {
             carried: 0,
             guest_done: false,
             messages: None,
+            ack_requested: false,
         };
         (link, greeting)
     }
@@ -1459,6 +1493,7 @@ impl DataPlane {
             carried: 0,
             guest_done: snap.guest_done,
             messages,
+            ack_requested: false,
         };
         // The key only names the connection in logs until a RESUME gives it a real one.
         let key = ConnKey {
