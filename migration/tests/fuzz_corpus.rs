@@ -27,3 +27,13 @@ fn session_machine_corpus() {
         domsock_migration::fuzzing::session_machine,
     );
 }
+
+#[test]
+fn tunnel_wire_corpus() {
+    run("tunnel_wire", domsock_migration::fuzzing::tunnel_wire);
+}
+
+#[test]
+fn tunnel_model_corpus() {
+    run("tunnel_model", domsock_migration::fuzzing::tunnel_model);
+}
