@@ -312,11 +312,9 @@ pub(super) fn run(svc: Arc<ServiceShared>, peer: Arc<PeerShared>) {
         }
         let mut backed_up = false;
         if let Some(c) = &mut conn {
-            let r = read_side(c, &peer, &mut buf).and_then(|()| {
-                let now = peer.now();
-                peer.lock().ep.handle_timeout(now);
-                Ok(())
-            });
+            let r = read_side(c, &peer, &mut buf);
+            let now = peer.now();
+            peer.lock().ep.handle_timeout(now);
             let dead = handle_events(&svc, &peer);
             let r = r.and_then(|()| {
                 if dead {
