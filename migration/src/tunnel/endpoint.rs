@@ -52,7 +52,7 @@ pub struct EndpointConfig {
 impl Default for EndpointConfig {
     fn default() -> Self {
         Self {
-            buf_alloc_bytes: 1 << 20,
+            buf_alloc_bytes: 256 << 10,
             keepalive_idle_ms: 1_000,
             keepalive_dead_ms: 5_000,
             resume_timeout_ms: 30_000,

@@ -41,8 +41,6 @@ const ADDR_B: &str = "198.18.0.2";
 const PORT: u16 = 47_000;
 /// Channels of the sharing rows.
 pub const CHANNELS: usize = 64;
-/// Receive window per channel in the bench (the tunnel default).
-const BUF_ALLOC_BYTES: u32 = 1 << 20;
 
 /// One row of the tunnel table.
 #[derive(Debug, Clone)]
@@ -62,6 +60,8 @@ pub struct Report {
     pub link: String,
     /// Rows in order.
     pub rows: Vec<Row>,
+    /// Rounds of all rows (each row's median is reported).
+    pub rounds: usize,
 }
 
 impl Report {
@@ -75,7 +75,11 @@ impl Report {
     /// The table, with the target ratios.
     pub fn table(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "tunnel ({}), 64 KiB writes", self.link);
+        let _ = writeln!(
+            out,
+            "tunnel ({}), 64 KiB writes, median of {} rounds",
+            self.link, self.rounds
+        );
         let _ = writeln!(out, "{:<40} {:>10}", "", "MB/s");
         for r in &self.rows {
             let v = match &r.mbps {
@@ -102,7 +106,10 @@ impl Report {
 
     /// JSON object.
     pub fn json(&self) -> String {
-        let mut out = format!("{{\"link\": {:?}, \"rows\": [", self.link);
+        let mut out = format!(
+            "{{\"link\": {:?}, \"rounds\": {}, \"rows\": [",
+            self.link, self.rounds
+        );
         for (i, r) in self.rows.iter().enumerate() {
             let v = match &r.mbps {
                 Ok(v) => format!("\"mbps\": {v:.3}"),
@@ -128,14 +135,14 @@ pub fn run_all(plan: &Plan) -> Report {
         Err(e) => {
             return Report {
                 link: format!("no scratch dir: {e}"),
-                rows: Vec::new(),
+                ..Report::default()
             }
         }
     };
     if let Err(e) = certs::make_test_pki(dir.path(), ["a", "b"]) {
         return Report {
             link: format!("no certificates: {e}"),
-            rows: Vec::new(),
+            ..Report::default()
         };
     }
     let net = Net::create();
@@ -156,7 +163,13 @@ pub fn run_all(plan: &Plan) -> Report {
         ("raw TCP, 1 stream", "tcp_1", "tcp", 1, false),
         ("rustls TLS 1.3, 1 stream", "tls_1", "tls", 1, false),
         ("tunnel, 1 channel", "tunnel_1", "tunnel", 1, false),
-        ("tunnel, 64 channels (aggregate)", "tunnel_64", "tunnel", CHANNELS, false),
+        (
+            "tunnel, 64 channels (aggregate)",
+            "tunnel_64",
+            "tunnel",
+            CHANNELS,
+            false,
+        ),
         (
             "tunnel, 63 channels + 1 stalled (aggregate)",
             "tunnel_63_stalled",
@@ -165,33 +178,45 @@ pub fn run_all(plan: &Plan) -> Report {
             true,
         ),
     ];
-    for (label, key, mode, channels, stalled) in scenarios {
-        let runs: Result<Vec<f64>, String> = (0..plan.repeats)
-            .map(|_| {
-                measure(
-                    ns,
-                    dir.path(),
-                    server_addr,
-                    mode,
-                    channels,
-                    stalled,
-                    plan.duration,
-                )
-            })
-            .collect();
-        let mbps = runs.map(|mut v| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        });
-        eprintln!("  {label}: {mbps:?}");
+    // Rounds of all rows, so that load from elsewhere on the machine falls on every row
+    // alike; the median round of each row is reported.
+    let repeats = plan.repeats.max(if plan.repeats > 1 { 5 } else { 1 });
+    let mut runs: Vec<Vec<Result<f64, String>>> = vec![Vec::new(); scenarios.len()];
+    for round in 0..repeats {
+        for (i, &(label, _, mode, channels, stalled)) in scenarios.iter().enumerate() {
+            let r = measure(
+                ns,
+                dir.path(),
+                server_addr,
+                mode,
+                channels,
+                stalled,
+                plan.duration,
+            );
+            eprintln!("  round {round} {label}: {r:?}");
+            runs[i].push(r);
+        }
+    }
+    for ((label, key, ..), results) in scenarios.iter().zip(runs) {
+        let mbps = results
+            .into_iter()
+            .collect::<Result<Vec<f64>, String>>()
+            .map(|mut v| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            });
         rows.push(Row {
-            label: label.into(),
-            key: key.into(),
+            label: (*label).into(),
+            key: (*key).into(),
             mbps,
         });
     }
     drop(net);
-    Report { link, rows }
+    Report {
+        link,
+        rows,
+        rounds: repeats,
+    }
 }
 
 /// The two namespaces and their veth pair; deleted on drop.
@@ -226,8 +251,24 @@ impl Net {
             "-n", NS_A, "link", "add", VETH_A, "type", "veth", "peer", "name", VETH_B,
         ])?;
         ip(&["-n", NS_A, "link", "set", VETH_B, "netns", NS_B])?;
-        ip(&["-n", NS_A, "addr", "add", &format!("{ADDR_A}/30"), "dev", VETH_A])?;
-        ip(&["-n", NS_B, "addr", "add", &format!("{ADDR_B}/30"), "dev", VETH_B])?;
+        ip(&[
+            "-n",
+            NS_A,
+            "addr",
+            "add",
+            &format!("{ADDR_A}/30"),
+            "dev",
+            VETH_A,
+        ])?;
+        ip(&[
+            "-n",
+            NS_B,
+            "addr",
+            "add",
+            &format!("{ADDR_B}/30"),
+            "dev",
+            VETH_B,
+        ])?;
         for (ns, dev) in [(NS_A, VETH_A), (NS_B, VETH_B)] {
             ip(&["-n", ns, "link", "set", dev, "up"])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
@@ -394,7 +435,9 @@ fn write_for<W: Write>(w: &mut W, duration: Duration) -> io::Result<u64> {
 fn confirm(total: u64, reply: [u8; 8]) -> io::Result<()> {
     let got = u64::from_le_bytes(reply);
     if got != total {
-        return Err(io::Error::other(format!("sent {total}, receiver counted {got}")));
+        return Err(io::Error::other(format!(
+            "sent {total}, receiver counted {got}"
+        )));
     }
     Ok(())
 }
@@ -437,7 +480,13 @@ fn send_stream(addr: SocketAddr, certs: Option<&Path>, duration: Duration) -> io
     Ok(())
 }
 
-fn tunnel_config(host: &str, peer: &str, certs: &Path, listen: SocketAddr, peer_addr: Option<SocketAddr>) -> TunnelConfig {
+fn tunnel_config(
+    host: &str,
+    peer: &str,
+    certs: &Path,
+    listen: SocketAddr,
+    peer_addr: Option<SocketAddr>,
+) -> TunnelConfig {
     let mut c = TunnelConfig::new(
         host,
         listen,
@@ -446,7 +495,6 @@ fn tunnel_config(host: &str, peer: &str, certs: &Path, listen: SocketAddr, peer_
         certs.join("ca.pem"),
     );
     c.peers = BTreeMap::from([(peer.to_owned(), peer_addr)]);
-    c.buf_alloc_bytes = BUF_ALLOC_BYTES;
     c
 }
 
@@ -560,7 +608,10 @@ fn send_tunnel(
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let open = |meta: &[u8]| svc.open("b", meta, ChannelKind::Stream).map_err(io::Error::other);
+    let open = |meta: &[u8]| {
+        svc.open("b", meta, ChannelKind::Stream)
+            .map_err(io::Error::other)
+    };
     let ends: Vec<ChannelEnd> = (0..channels)
         .map(|i| open(format!("c{i}").as_bytes()))
         .collect::<io::Result<_>>()?;

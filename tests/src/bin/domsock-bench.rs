@@ -21,8 +21,8 @@
 use domsock_tests::artifacts;
 use domsock_tests::bench::report::Results;
 use domsock_tests::bench::{
-    baseline, median_latency, median_throughput, peer, tunnel, vsock, Measurement, Outcome, Plan, Scenario,
-    Transport, RR_SIZE, WRITE_SIZES,
+    baseline, median_latency, median_throughput, peer, tunnel, vsock, Measurement, Outcome, Plan,
+    Scenario, Transport, RR_SIZE, WRITE_SIZES,
 };
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
