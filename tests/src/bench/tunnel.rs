@@ -311,7 +311,7 @@ fn measure(
     stalled: bool,
     duration: Duration,
 ) -> Result<f64, String> {
-    let common = vec![
+    let common = [
         mode.to_owned(),
         server.to_string(),
         certs.display().to_string(),
