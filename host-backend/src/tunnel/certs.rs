@@ -42,6 +42,13 @@ pub fn make_test_pki<'a>(
     out: &Path,
     hosts: impl IntoIterator<Item = &'a str>,
 ) -> Result<(), CertError> {
+    let hosts: Vec<&str> = hosts.into_iter().collect();
+    if let Some(bad) = hosts
+        .iter()
+        .find(|h| !domsock_migration::tunnel::wire::valid_host_name(h))
+    {
+        return Err(CertError::BadHost((*bad).to_owned()));
+    }
     std::fs::create_dir_all(out).map_err(|source| CertError::Write {
         path: out.to_owned(),
         source,
@@ -56,9 +63,6 @@ pub fn make_test_pki<'a>(
     write(out.join("ca.pem"), &ca_cert.pem())?;
     write(out.join("ca.key"), &ca_key.serialize_pem())?;
     for host in hosts {
-        if !domsock_migration::tunnel::wire::valid_host_name(host) {
-            return Err(CertError::BadHost(host.to_owned()));
-        }
         let mut p = CertificateParams::new(vec![host.to_owned()])?;
         p.distinguished_name.push(DnType::CommonName, host);
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
