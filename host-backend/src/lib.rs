@@ -48,6 +48,7 @@ pub mod services;
 #[cfg(feature = "test-utils")]
 pub mod test_utils;
 pub mod tunables;
+pub mod tunnel;
 pub mod virtio;
 pub mod vm;
 

@@ -36,6 +36,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod session;
+pub mod tunnel;
 
 const MAGIC: &[u8; 4] = b"DSCS";
 /// Current format version.

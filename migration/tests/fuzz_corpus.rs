@@ -35,3 +35,13 @@ fn session_snapshot_corpus() {
         domsock_migration::fuzzing::session_snapshot,
     );
 }
+
+#[test]
+fn tunnel_wire_corpus() {
+    run("tunnel_wire", domsock_migration::fuzzing::tunnel_wire);
+}
+
+#[test]
+fn tunnel_model_corpus() {
+    run("tunnel_model", domsock_migration::fuzzing::tunnel_model);
+}
