@@ -22,15 +22,24 @@
 //! `session=0`. `DS-READY` then carries `session=1`. Seqpacket servers take no
 //! `--session`: domsockd offers sessions on stream ports only.
 //!
+//! Every session is announced as soon as it is open, before data moves:
+//! `DS-SESSION id=<32 hex digits> peer=<cid:port> side=client|server`; its result line
+//! carries `session_id=` too. `send` and `duplex-client` also take `--session-id-file PATH`,
+//! which writes the id there before the announcement, so that another program in the same
+//! guest can name the running session (`forge-resume --id-file`, src/forge.rs).
+//!
 //! Never run the vsock subcommands on a host: they open AF_VSOCK sockets. The one host
 //! command, `migrate`, opens none: it drives two QEMUs over QMP and two domsockd instances
 //! over their admin sockets ([`domsock_migration::orchestrate`]) and prints the timed report
 //! (one JSON object with `--json`).
 #![forbid(unsafe_code)]
 
+mod forge;
+
 use std::collections::BTreeMap;
 use std::io;
 use std::net::Shutdown;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -42,13 +51,14 @@ use domsock_guest::session::{
     SessionStats, SessionStream,
 };
 use domsock_guest::vsock::{self, SockType, VsockAddr, VsockSocket};
+use domsock_migration::session::SessionId;
 use domsock_proto::control::valid_name;
 
 const USAGE: &str = "\
 usage: domsock <command> [--option value]...
   cid                  [--wait-ms 0]
   send                 PEER --port P --bytes N [--chunk 64K] [--seed 1] [--expect-reply-bytes M]
-                       [--session | --connect-retry-ms 0]
+                       [--session [--session-id-file PATH] | --connect-retry-ms 0]
   halfclose-client     PEER --port P [--bytes 1M] [--chunk 64K] [--seed 1] [--session]
   recv                 --port P [--reply-bytes 0] [--reply-seed 2] [--conns 1] [--chunk 64K]
                        [--session]  (host connections arrive as sessions)
@@ -56,7 +66,8 @@ usage: domsock <command> [--option value]...
   seq-echo-client      PEER --port P --sizes 1,2,4K,64K [--seed 1] [--rounds 1] [--session]
   seq-echo-server      --port P [--conns 1]
   echo-server          --port P [--conns 1] [--session]
-  duplex-client        PEER --port P --bytes N [--chunk 1M] [--seed <own CID>] [--session]
+  duplex-client        PEER --port P --bytes N [--chunk 1M] [--seed <own CID>]
+                       [--session [--session-id-file PATH]]
   duplex-server        --port P --bytes N [--chunk 1M] [--seed <own CID>] [--conns 1]
                        [--session]
   connect-expect-fail  PEER --port P [--max-ms 1000] [--type stream|seqpacket]
@@ -72,6 +83,9 @@ usage: domsock <command> [--option value]...
                        [--migrate-ms 120000] [--confirm-ms 10000] [--keep-source] [--json]
                        (on a host: live-migrates a guest between two QEMUs; exit 0 migrated,
                        2 rolled back, 3 rollback failed, 1 nothing done)
+  forge-resume         [--id HEX | --id-file PATH] [--received N] [--port P] [--attempts a,b,..]
+                       [--quiet-ms 1000]
+                       (hostile RESUMEs to the session port; --port: a host echo for `replay`)
 PEER: --cid C, or --peer CID|NAME (a name is resolved through the control service)
 --session: a resumable session through domsockd's session port instead of a raw connection
            (servers: the port is registered, host connections are offered as sessions)
@@ -436,25 +450,58 @@ fn session_options(timeout: Duration) -> SessionOptions {
     }
 }
 
-/// ` session=1 resumes=.. blackout_ms=.. retransmitted_bytes=..`.
-fn session_fields(st: &SessionStats) -> String {
+/// ` session=1 session_id=.. resumes=.. blackout_ms=.. retransmitted_bytes=..`.
+fn session_fields(id: SessionId, st: &SessionStats) -> String {
     format!(
-        " session=1 resumes={} blackout_ms={:.1} retransmitted_bytes={}",
+        " session=1 session_id={} resumes={} blackout_ms={:.1} retransmitted_bytes={}",
+        id.hex(),
         st.resumes,
         millis(st.blackout),
         st.retransmitted_bytes
     )
 }
 
+/// `--session-id-file PATH`, which only a client `--session` takes.
+fn session_id_file(o: &mut Opts, session: bool) -> Result<Option<PathBuf>, Failure> {
+    match o.take_str("session-id-file") {
+        Some(_) if !session => Err(Failure("--session-id-file needs --session".into())),
+        path => Ok(path.map(PathBuf::from)),
+    }
+}
+
+/// Says that a session is open: `DS-SESSION id=<32 hex digits> peer=<cid:port> side=..`,
+/// printed before any data moves so that a test can name the session to another program
+/// while it runs. With `id_file`, the id (and a newline) is written there first.
+fn announce_session(
+    id: SessionId,
+    peer: VsockAddr,
+    side: &str,
+    id_file: Option<&Path>,
+) -> CmdResult {
+    if let Some(path) = id_file {
+        std::fs::write(path, format!("{}\n", id.hex()))
+            .map_err(|e| Failure::io(&format!("--session-id-file {}", path.display()), &e))?;
+    }
+    println!("DS-SESSION id={} peer={peer} side={side}", id.hex());
+    Ok(())
+}
+
 impl Stream {
-    /// Connects to `addr`, as a session if `session`.
-    fn connect(session: bool, addr: VsockAddr, timeout: Duration) -> Result<Stream, Failure> {
+    /// Connects to `addr`, as a session if `session` (announced, the id also written to
+    /// `id_file` if given).
+    fn connect(
+        session: bool,
+        addr: VsockAddr,
+        timeout: Duration,
+        id_file: Option<&Path>,
+    ) -> Result<Stream, Failure> {
         if !session {
             return connect(SockType::Stream, addr, timeout).map(Stream::Raw);
         }
-        SessionStream::connect(addr.cid, addr.port, session_options(timeout))
-            .map(|s| Stream::Session(Box::new(s)))
-            .map_err(|e| Failure::io(&format!("session connect {addr}"), &e))
+        let s = SessionStream::connect(addr.cid, addr.port, session_options(timeout))
+            .map_err(|e| Failure::io(&format!("session connect {addr}"), &e))?;
+        announce_session(s.session_id(), addr, "client", id_file)?;
+        Ok(Stream::Session(Box::new(s)))
     }
 
     fn inner(&self) -> &dyn ByteStream {
@@ -471,7 +518,7 @@ impl Stream {
     fn fields(&self) -> String {
         match self {
             Stream::Raw(_) => String::new(),
-            Stream::Session(s) => session_fields(&s.stats()),
+            Stream::Session(s) => session_fields(s.session_id(), &s.stats()),
             Stream::Unoffered(_) => " session=0".to_owned(),
         }
     }
@@ -554,7 +601,10 @@ impl Listener {
             Listener::Session(l) => {
                 let (accepted, peer) = l.accept().map_err(|e| Failure::io("accept", &e))?;
                 let stream = match accepted {
-                    Accepted::Session(s) => Stream::Session(s),
+                    Accepted::Session(s) => {
+                        announce_session(s.session_id(), peer, "server", None)?;
+                        Stream::Session(s)
+                    }
                     Accepted::Raw(r) => Stream::Unoffered(r),
                 };
                 Ok((stream, peer))
@@ -675,6 +725,7 @@ fn cmd_send(mut o: Opts, name: &str, timeout: Duration) -> CmdResult {
     let expect_reply = o.size("expect-reply-bytes")?;
     let session = o.flag("session");
     let retry = Duration::from_millis(o.size_or("connect-retry-ms", 0)?);
+    let id_file = session_id_file(&mut o, session)?;
     o.finish()?;
     if session && !retry.is_zero() {
         return Err(Failure(
@@ -685,7 +736,10 @@ fn cmd_send(mut o: Opts, name: &str, timeout: Duration) -> CmdResult {
 
     let start = Instant::now();
     let (sock, attempts) = if session {
-        (Stream::connect(true, peer.addr, timeout)?, 1)
+        (
+            Stream::connect(true, peer.addr, timeout, id_file.as_deref())?,
+            1,
+        )
     } else {
         let (s, attempts) = connect_retrying(SockType::Stream, peer.addr, timeout, retry)?;
         (Stream::Raw(s), attempts)
@@ -782,7 +836,7 @@ fn recv_sessions(
     let port = peer.addr.port;
     for conn in 0..conns {
         let start = Instant::now();
-        let sock = Stream::connect(true, peer.addr, timeout)?;
+        let sock = Stream::connect(true, peer.addr, timeout, None)?;
         let connect_time = start.elapsed();
         let started = Instant::now();
         let (got, _) = recv_to_eof(&sock, false)?;
@@ -907,9 +961,10 @@ impl SeqConn {
         if !session {
             return connect(SockType::SeqPacket, addr, timeout).map(SeqConn::Raw);
         }
-        SessionSeqPacket::connect(addr.cid, addr.port, session_options(timeout))
-            .map(|s| SeqConn::Session(Box::new(s)))
-            .map_err(|e| Failure::io(&format!("seqpacket session connect {addr}"), &e))
+        let s = SessionSeqPacket::connect(addr.cid, addr.port, session_options(timeout))
+            .map_err(|e| Failure::io(&format!("seqpacket session connect {addr}"), &e))?;
+        announce_session(s.session_id(), addr, "client", None)?;
+        Ok(SeqConn::Session(Box::new(s)))
     }
 
     fn send_msg(&self, msg: &[u8]) -> io::Result<usize> {
@@ -950,7 +1005,7 @@ impl SeqConn {
                 let st = s.stats();
                 format!(
                     "{} retransmitted_msgs={}",
-                    session_fields(&st),
+                    session_fields(s.session_id(), &st),
                     st.retransmitted_messages
                 )
             }
@@ -1162,10 +1217,11 @@ fn cmd_duplex_client(mut o: Opts, timeout: Duration) -> CmdResult {
     let chunk = o.usize_or("chunk", DUPLEX_CHUNK_BYTES as usize)?;
     let seed = seed_or_own_cid(&mut o)?;
     let session = o.flag("session");
+    let id_file = session_id_file(&mut o, session)?;
     o.finish()?;
     let peer = peer.resolve(port, timeout)?;
     let start = Instant::now();
-    let sock = Stream::connect(session, peer.addr, timeout)?;
+    let sock = Stream::connect(session, peer.addr, timeout, id_file.as_deref())?;
     let connect_time = start.elapsed();
     let d = duplex(&sock, seed, bytes, chunk)?;
     let session_fields = sock.fields();
@@ -1344,7 +1400,7 @@ fn cmd_rr(mut o: Opts, timeout: Duration) -> CmdResult {
         return Err(Failure("--count and --size must be positive".into()));
     }
     let peer = peer.resolve(port, timeout)?;
-    let sock = Stream::connect(session, peer.addr, timeout)?;
+    let sock = Stream::connect(session, peer.addr, timeout, None)?;
     let msg = PatternStream::new(1).take(size);
     let mut back = vec![0u8; size];
     let mut rtts = Vec::with_capacity(count as usize);
@@ -1406,6 +1462,7 @@ fn run(args: &[String]) -> CmdResult {
         "resolve" => cmd_resolve(o, timeout),
         "whoami" => cmd_whoami(o, timeout),
         "list" => cmd_list(o, timeout),
+        "forge-resume" => forge::cmd_forge_resume(o, timeout),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok(())

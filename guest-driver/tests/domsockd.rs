@@ -970,3 +970,122 @@ fn a_session_parked_without_a_frontend_expires_on_time() {
     assert_eq!(c.get("sessions_parked"), 1);
     assert_eq!(c.get("sessions_expired"), 1);
 }
+
+/// One admin request and its reply.
+fn admin(path: &std::path::Path, request: &str) -> serde_json::Value {
+    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+    // A request domsockd refuses early (too long) may be cut off mid-write: the reply
+    // is still there to read.
+    if let Err(e) = writeln!(s, "{request}") {
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
+    }
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?}: {e}"))
+}
+
+/// The admin socket tells a tool what domsockd serves: whether a frontend is connected,
+/// whether the guest runs the device, its sessions live and parked (with their ids), and
+/// refuses malformed requests with a reason.
+#[test]
+fn the_admin_socket_reports_frontends_devices_and_sessions() {
+    const TARGET: u32 = 5720;
+    let sock = std::env::temp_dir().join(format!("ds-admin-{}.sock", std::process::id()));
+    let b = Backend::spawn_with(
+        &domsockd(),
+        "admin",
+        &[VmOpts::new(3).name("alpha").namespace("red")],
+        &["--admin-socket".to_string(), sock.display().to_string()],
+        None,
+    );
+    let vm0 = |r: &serde_json::Value| r["vms"][0].clone();
+    let r = admin(&sock, r#"{"v":1,"op":"status"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    let v = vm0(&r);
+    assert_eq!(
+        (
+            v["name"].as_str(),
+            v["namespace"].as_str(),
+            v["cid"].as_u64()
+        ),
+        (Some("alpha"), Some("red"), Some(3))
+    );
+    assert_eq!(
+        (v["frontend"].as_bool(), v["device_running"].as_bool()),
+        (Some(false), Some(false))
+    );
+
+    let listener = listen_stream(&b.vm(0).uds, TARGET);
+    let mut g = b.guest(0, GuestConfig::default());
+    let key = g
+        .connect_timeout(host(SESSION_PORT.0), SocketType::Stream, STEP_TIMEOUT)
+        .unwrap();
+    let open = Frame::Open {
+        cid: Cid(2),
+        port: Port(TARGET),
+        socket_type: SocketType::Stream,
+    };
+    g.write_all(key, &open.encode(), STEP_TIMEOUT).unwrap();
+    let Frame::Opened { id, .. } = read_session_frame(&mut g, key) else {
+        panic!("expected OPENED");
+    };
+    let _held = accept(&listener);
+    let v = vm0(&admin(&sock, r#"{"v":1,"op":"status"}"#));
+    assert_eq!(
+        (v["frontend"].as_bool(), v["device_running"].as_bool()),
+        (Some(true), Some(true))
+    );
+    assert_eq!(
+        (v["sessions_live"].as_u64(), v["sessions_parked"].as_u64()),
+        (Some(1), Some(0))
+    );
+    assert_eq!(v["counters"]["sessions_opened"].as_u64(), Some(1));
+
+    drop(g);
+    b.wait_for_log("frontend disconnected", 1);
+    let v = vm0(&admin(&sock, r#"{"v":1,"op":"status"}"#));
+    assert_eq!(
+        (v["frontend"].as_bool(), v["device_running"].as_bool()),
+        (Some(false), Some(false))
+    );
+    assert_eq!(
+        (v["sessions_live"].as_u64(), v["sessions_parked"].as_u64()),
+        (Some(0), Some(1))
+    );
+    let hex: String = id.0.iter().map(|b| format!("{b:02x}")).collect();
+    let r = admin(&sock, r#"{"v":1,"op":"sessions","vm":"alpha"}"#);
+    assert_eq!(r["parked"], serde_json::json!([hex]), "{r}");
+
+    for (bad, why) in [
+        ("not json", "not a JSON object"),
+        (r#"{"op":"status"}"#, "version"),
+        (r#"{"v":2,"op":"status"}"#, "version"),
+        (r#"{"v":1}"#, "missing \"op\""),
+        (r#"{"v":1,"op":"reboot"}"#, "unknown op"),
+        (r#"{"v":1,"op":"sessions","vm":"beta"}"#, "no VM named"),
+    ] {
+        let r = admin(&sock, bad);
+        assert_eq!(r["ok"], false, "{bad}: {r}");
+        assert!(r["error"].as_str().unwrap().contains(why), "{bad}: {r}");
+    }
+    let long = format!(
+        r#"{{"v":1,"op":"status","pad":"{}"}}"#,
+        "x".repeat(70 * 1024)
+    );
+    let r = admin(&sock, &long);
+    assert!(r["error"].as_str().unwrap().contains("too long"), "{r}");
+    // The migration steps: adopting is accepted; exporting is refused while sessions
+    // are parked (no tunnel carries them in this build).
+    let r = admin(&sock, r#"{"v":1,"op":"adopt","vm":"alpha","from":"hostA"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    let r = admin(&sock, r#"{"v":1,"op":"export","vm":"alpha","to":"hostB"}"#);
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("1 parked sessions"),
+        "{r}"
+    );
+    // Still serving after all that.
+    assert_eq!(admin(&sock, r#"{"v":1,"op":"status"}"#)["ok"], true);
+    let _ = std::fs::remove_file(&sock);
+}

@@ -58,6 +58,10 @@ pub struct Args {
     /// open, data buffered) before both ends are closed.
     #[arg(long, value_name = "MS", default_value_t = u64::from(domsock_migration::session::DEFAULT_PARK_TIMEOUT_MS))]
     pub session_park_timeout_ms: u64,
+    /// Unix socket of the admin service (status, and the migration steps of
+    /// `domsock migrate`): one JSON request per line, one JSON reply per line.
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
 }
 
 /// One VM's settings.
@@ -118,6 +122,8 @@ struct FileConfig {
     #[serde(default)]
     session_park_timeout_ms: Option<u64>,
     #[serde(default)]
+    admin_socket: Option<PathBuf>,
+    #[serde(default)]
     vm: Vec<VmConfig>,
     #[serde(default)]
     policy: Option<PolicyConfig>,
@@ -136,6 +142,8 @@ pub struct Config {
     pub busy_poll: std::time::Duration,
     /// How long a parked session waits for its guest.
     pub session_park_timeout: std::time::Duration,
+    /// The admin service's socket, if any.
+    pub admin_socket: Option<PathBuf>,
     /// The access policy (`[policy]` of the config file; `groups=` add to it).
     pub policy: PolicyConfig,
     /// All-guests host listeners.
@@ -350,6 +358,7 @@ impl TryFrom<Args> for Config {
         let mut queue_size = args.queue_size;
         let mut busy_poll_us = args.busy_poll_us;
         let mut park_ms = args.session_park_timeout_ms;
+        let mut admin_socket = args.admin_socket.clone();
         let mut vms = Vec::new();
         if single.iter().any(|&b| b) {
             if !single.iter().all(|&b| b) || !args.vm.is_empty() {
@@ -384,6 +393,9 @@ impl TryFrom<Args> for Config {
             if let Some(p) = file.session_park_timeout_ms {
                 park_ms = p;
             }
+            if admin_socket.is_none() {
+                admin_socket = file.admin_socket;
+            }
             vms.extend(file.vm);
             listeners.extend(file.listen);
             if let Some(p) = file.policy {
@@ -395,6 +407,7 @@ impl TryFrom<Args> for Config {
             queue_size,
             busy_poll: std::time::Duration::from_micros(busy_poll_us),
             session_park_timeout: std::time::Duration::from_millis(park_ms),
+            admin_socket,
             policy,
             listeners,
         };

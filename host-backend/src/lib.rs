@@ -31,6 +31,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod engine;
 #[cfg(feature = "fuzzing")]
@@ -47,6 +48,7 @@ pub mod services;
 #[cfg(feature = "test-utils")]
 pub mod test_utils;
 pub mod tunables;
+pub mod tunnel;
 pub mod virtio;
 pub mod vm;
 

@@ -1,6 +1,7 @@
 //! `domsockd` entry point: parse, validate, serve every configured VM.
 
 use clap::Parser;
+use domsock_host::admin;
 use domsock_host::config::{Args, Config};
 use domsock_host::port::DomainPort;
 use domsock_host::router::{self, Router};
@@ -57,22 +58,51 @@ fn main() -> ExitCode {
         .map(|(_, s)| (s.shared(), s.port() as Arc<dyn DomainPort>))
         .collect();
     let router = Arc::new(Router::new(domains, policy, config.listeners.clone()));
+    let namespaces: Vec<String> = config.vms.iter().map(|v| v.namespace()).collect();
+    let admin_socket = config.admin_socket.clone();
     let sockets: Vec<_> = config
         .vms
         .iter()
         .flat_map(|v| [v.socket.clone(), v.uds_path.clone()])
+        .chain(admin_socket.clone())
         .collect();
     if let Err(e) = spawn_signal_thread(router.clone(), args, config, sockets) {
         error!("cannot set up signal handling: {e}");
         return ExitCode::from(1);
     }
+    let mut engines = Vec::new();
+    for (_, s) in &servers {
+        match s.engine(router.clone()) {
+            Ok(e) => engines.push(e),
+            Err(e) => {
+                error!(vm = %s.shared().name, "cannot create the data plane: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    if let Some(path) = &admin_socket {
+        let vms = servers
+            .iter()
+            .zip(&engines)
+            .zip(&namespaces)
+            .map(|(((_, s), plane), namespace)| admin::AdminVm {
+                shared: s.shared(),
+                namespace: namespace.clone(),
+                plane: plane.clone(),
+            })
+            .collect();
+        if let Err(e) = admin::spawn(path, vms) {
+            error!(path = %path.display(), "cannot start the admin service: {e}");
+            return ExitCode::from(1);
+        }
+    }
     let handles: Vec<_> = servers
         .into_iter()
-        .map(|(name, s)| {
-            let router = router.clone();
+        .zip(engines)
+        .map(|((name, s), plane)| {
             std::thread::Builder::new()
                 .name(format!("vm-{name}"))
-                .spawn(move || s.run(router))
+                .spawn(move || s.run(plane))
                 .expect("spawning a VM thread")
         })
         .collect();

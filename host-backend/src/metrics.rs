@@ -72,6 +72,12 @@ counters! {
     session_bad_proofs,
     /// Bytes sent to a guest again after a resume (from the replay buffer).
     session_replayed_bytes,
+    /// Session-port connections reset because their first frame did not arrive in time.
+    session_greeting_timeouts,
+    /// Parked sessions handed to another engine of this domain (its guest moved).
+    sessions_exported,
+    /// Parked sessions taken over from another engine of this domain.
+    sessions_imported,
     /// Connections whose unsent guest data was flushed after their device stopped.
     lingered_connections,
     /// Guest data lost because a lingering connection's host end did not take it in time.

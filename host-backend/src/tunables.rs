@@ -50,5 +50,10 @@ pub const SESSION_TOMBSTONES: usize = 256;
 pub const MAX_SESSION_LISTENERS_PER_VM: usize = 64;
 /// Sibling sessions waiting for one VM's engine to dial its guest.
 pub const MAX_PENDING_PROXY_DIALS: usize = 64;
+/// A session-port connection whose first frame is not complete after this long is reset
+/// (a guest must not hold connections open with half a greeting).
+pub const SESSION_GREETING_TIMEOUT_MS: u64 = 5_000;
+/// Session-port connections of one VM still in their greeting at once; more are refused.
+pub const MAX_PENDING_SESSION_GREETINGS: usize = 64;
 /// Longest configurable session park timeout (a day).
 pub const MAX_SESSION_PARK_TIMEOUT_MS: u64 = 24 * 3600 * 1000;

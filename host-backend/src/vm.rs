@@ -81,6 +81,8 @@ pub struct VmShared {
     pub proxy_dials: Mutex<std::collections::VecDeque<ProxyDial>>,
     /// How long a parked session waits for its guest, in ms (set from the config).
     pub park_timeout_ms: std::sync::atomic::AtomicU64,
+    /// A frontend (QEMU) is connected.
+    pub frontend: std::sync::atomic::AtomicBool,
     /// Rate limit of this VM's warnings (see [`VmShared::may_warn`]).
     warn_budget: Mutex<(Instant, u32)>,
 }
@@ -117,6 +119,7 @@ impl VmShared {
             park_timeout_ms: std::sync::atomic::AtomicU64::new(u64::from(
                 domsock_migration::session::DEFAULT_PARK_TIMEOUT_MS,
             )),
+            frontend: std::sync::atomic::AtomicBool::new(false),
             warn_budget: Mutex::new((Instant::now(), 0)),
         }))
     }

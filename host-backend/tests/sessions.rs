@@ -803,3 +803,272 @@ fn a_guest_that_half_closed_and_went_needs_no_resume() {
     host.read_to_end(&mut got).unwrap();
     assert_eq!(got, data, "everything the guest sent, then EOF");
 }
+
+/// A guest migrated to another host: its parked session is exported from the first
+/// engine (snapshot bytes plus its host end), validated on the way in, and imported into
+/// the second, where the guest resumes it. Nothing is lost or repeated either way, the
+/// host end never notices, and the first engine no longer knows the session.
+#[test]
+fn a_parked_session_moves_to_another_engine_and_resumes_there() {
+    use domsock_host::engine::ExportedSession;
+    use domsock_migration::session::snapshot::SessionSnapshot;
+    let mut a = TestGuest::new("s-move-a");
+    let listener = a.listen_stream(TARGET);
+    let (mut conn, mut client) = open(&mut a, 40_000);
+    let mut host = accept(&listener);
+    let to_guest = pattern(3, 100 * 1024);
+    let to_host = pattern(4, 100 * 1024);
+    // As in the device-stop test: the guest app reads 24 KiB of 40 KiB, and of 56 KiB it
+    // wrote, 48 KiB reached the daemon.
+    host.write_all(&to_guest[..24 * 1024]).unwrap();
+    let mut guest_got = a.recv_stream(&mut conn, 24 * 1024, true);
+    host.write_all(&to_guest[24 * 1024..40 * 1024]).unwrap();
+    a.settle();
+    send_all(&mut a, &conn, &to_host[..48 * 1024]);
+    let mut host_got = host_read_exact(&mut host, 48 * 1024);
+    a.plane.stop();
+    // Written while parked on A.
+    host.write_all(&to_guest[40 * 1024..48 * 1024]).unwrap();
+    a.settle();
+
+    let exported = a.plane.export_parked(client.id).expect("parked on A");
+    assert_eq!(a.plane.parked_sessions(), 0);
+    assert_eq!(a.stat("sessions_exported"), 1);
+    let bytes = exported.snapshot.encode();
+    // The bytes cross hosts: the importer decodes (validates) them itself.
+    let snapshot = SessionSnapshot::decode(&bytes, 256 * 1024).expect("valid snapshot");
+    assert_eq!(snapshot.received, 48 * 1024);
+    assert_eq!(
+        snapshot.tail_start,
+        24 * 1024,
+        "what the guest acknowledged"
+    );
+    assert_eq!(snapshot.tail, &to_guest[24 * 1024..48 * 1024]);
+
+    let mut b = TestGuest::new("s-move-b");
+    let moved = ExportedSession {
+        snapshot,
+        ..exported
+    };
+    b.plane.import_parked(moved).expect("imported on B");
+    assert_eq!(b.plane.parked_sessions(), 1);
+    assert_eq!(b.stat("sessions_imported"), 1);
+    // Written while parked on B: B's engine reads the host end now.
+    host.write_all(&to_guest[48 * 1024..56 * 1024]).unwrap();
+    b.settle();
+    assert!(nothing_to_read(&mut host), "host saw EOF or data");
+
+    // A does not know the session any more; B does.
+    let (_, answer) = try_resume(&mut a, 41_000, &resume_frame(&client, 24 * 1024, 8));
+    assert!(
+        matches!(
+            answer,
+            Frame::Refused {
+                reason: Refusal::UnknownSession,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+    let (mut c2, answer, first) =
+        resume_with_data(&mut b, 41_001, &resume_frame(&client, 24 * 1024, 9));
+    let Frame::Resumed {
+        received,
+        next_nonce,
+        ..
+    } = answer
+    else {
+        panic!("expected RESUMED on B, got {answer:?}");
+    };
+    client.nonce = next_nonce;
+    assert_eq!(received, 48 * 1024);
+    let mut replay = first;
+    let rest = 56 * 1024 - 24 * 1024 - replay.len();
+    replay.extend(b.recv_stream(&mut c2, rest, true));
+    guest_got.extend(replay);
+    // The guest sends what B lacks, then more, and the host writes more.
+    send_all(&mut b, &c2, &to_host[48 * 1024..]);
+    host_got.extend(host_read_exact(&mut host, 52 * 1024));
+    host.write_all(&to_guest[56 * 1024..]).unwrap();
+    guest_got.extend(b.recv_stream(&mut c2, 44 * 1024, true));
+    assert!(guest_got == to_guest, "host->guest across the move");
+    assert!(host_got == to_host, "guest->host across the move");
+    assert_eq!(b.stat("sessions_resumed"), 1);
+
+    // The same session cannot be imported twice.
+    let twin = ExportedSession {
+        snapshot: SessionSnapshot::decode(&bytes, 256 * 1024).unwrap(),
+        target: (Cid::HOST, domsock_proto::Port(TARGET)),
+        host: domsock_host::host::HostSocket::pair(domsock_proto::SocketType::Stream)
+            .unwrap()
+            .0,
+        out_stream: Vec::new(),
+        out_msgs: Vec::new(),
+    };
+    assert_eq!(
+        b.plane.import_parked(twin),
+        Err(domsock_host::engine::ImportError::Exists(client.id))
+    );
+}
+
+/// A guest that sends half a frame to the session port and then says nothing does not
+/// keep the connection: it is reset at the greeting timeout (simulated time) and counted;
+/// a complete greeting in time is answered as usual.
+#[test]
+fn a_greeting_never_completed_is_reset_at_its_timeout() {
+    let mut g = TestGuest::new("s-greeting");
+    let before = Instant::now();
+    let conn = GuestConn {
+        buf_alloc: 256 * 1024,
+        ..GuestConn::stream(40_000, SESSION_PORT)
+    };
+    g.connect(&conn);
+    let client = Client {
+        id: SessionId([9; 16]),
+        secret: Secret([9; 32]),
+        nonce: Nonce([9; 16]),
+        window: 0,
+    };
+    let resume = resume_frame(&client, 0, 1).encode();
+    g.send_rw(&conn, &resume[..40]);
+    g.settle();
+    let after = Instant::now();
+    g.pump_at(before + Duration::from_millis(4_900));
+    assert!(
+        !g.take_rx_of(&conn).iter().any(|p| p.hdr.op == OP_RST),
+        "reset before the timeout"
+    );
+    assert_eq!(g.stat("session_greeting_timeouts"), 0);
+    g.pump_at(after + Duration::from_millis(5_100));
+    assert!(
+        g.take_rx_of(&conn).iter().any(|p| p.hdr.op == OP_RST),
+        "no reset at the timeout"
+    );
+    assert_eq!(g.stat("session_greeting_timeouts"), 1);
+    assert_eq!(g.plane.connections(), 0);
+    // A whole greeting later is answered (here: an unknown session).
+    let (_c, answer) = try_resume(&mut g, 40_001, &resume_frame(&client, 0, 2));
+    assert!(
+        matches!(
+            answer,
+            Frame::Refused {
+                reason: Refusal::UnknownSession,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+}
+
+/// A seqpacket session whose replay buffer is full of messages the guest consumed but did
+/// not acknowledge (its buffer is large, so its kernel sends no credit update of its own)
+/// asks the guest for a credit update instead of waiting forever, and then goes on.
+#[test]
+fn a_full_replay_buffer_asks_the_guest_for_credit() {
+    const OP_CREDIT_REQUEST: u16 = 7;
+    let mut g = TestGuest::new("s-seq-credit");
+    let listener = g.listen_seqpacket(TARGET);
+    let mut conn = GuestConn {
+        buf_alloc: 4 << 20,
+        ..GuestConn::seqpacket(40_000, SESSION_PORT)
+    };
+    g.connect(&conn);
+    let open = Frame::Open {
+        cid: Cid::HOST,
+        port: domsock_proto::Port(TARGET),
+        socket_type: domsock_proto::SocketType::SeqPacket,
+    };
+    send_msg(&mut g, &conn, &open.encode());
+    recv_msgs(&mut g, &mut conn, 1);
+    let host = accept(&listener);
+    let msg = |i: u32| pattern(200 + i, 60 * 1024);
+    // More than the socket buffer holds: a writer thread blocks as a host process would.
+    let writer = std::thread::spawn(move || {
+        for i in 0..6 {
+            nix::sys::socket::send(
+                std::os::fd::AsRawFd::as_raw_fd(&host),
+                &msg(i),
+                nix::sys::socket::MsgFlags::empty(),
+            )
+            .unwrap();
+        }
+        host
+    });
+    // The guest takes what comes and says nothing until asked.
+    let mut got: Vec<Vec<u8>> = Vec::new();
+    let mut cur = Vec::new();
+    let mut asked = 0;
+    let c = conn;
+    let mut fwd = conn.fwd_cnt;
+    g.pump_until("six messages", |g| {
+        for p in g.take_rx_of(&c) {
+            if p.hdr.op == OP_CREDIT_REQUEST {
+                asked += 1;
+                let answer = GuestConn { fwd_cnt: fwd, ..c };
+                g.send_ctl(&answer, OP_CREDIT_UPDATE, 0);
+                continue;
+            }
+            assert_eq!(p.hdr.op, OP_RW, "unexpected {:?}", p.hdr);
+            fwd = fwd.wrapping_add(p.hdr.len);
+            cur.extend_from_slice(&p.payload);
+            if p.hdr.flags & SEQ_EOM != 0 {
+                got.push(std::mem::take(&mut cur));
+            }
+        }
+        got.len() >= 6
+    });
+    for (i, m) in got.iter().enumerate() {
+        assert!(*m == msg(i as u32), "message {i}");
+    }
+    assert!(asked >= 1, "the daemon never asked for credit");
+    drop(writer.join().unwrap());
+}
+
+/// The same for a stream session: a guest with a large buffer that never acknowledges
+/// on its own is asked, and gets everything (without the engine spinning meanwhile).
+#[test]
+fn a_full_stream_replay_buffer_asks_the_guest_for_credit() {
+    const OP_CREDIT_REQUEST: u16 = 7;
+    let mut g = TestGuest::new("s-stream-credit");
+    let listener = g.listen_stream(TARGET);
+    let (conn, _client) = open(&mut g, 40_000);
+    let conn = GuestConn {
+        buf_alloc: 4 << 20,
+        ..conn
+    };
+    g.send_ctl(&conn, OP_CREDIT_UPDATE, 0);
+    let mut host = accept(&listener);
+    let data = pattern(9, 600 * 1024);
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || {
+        host.write_all(&sent).unwrap();
+        host
+    });
+    let (mut got, mut asked, mut fwd) = (Vec::new(), 0, conn.fwd_cnt);
+    g.pump_until("600 KiB", |g| {
+        for p in g.take_rx_of(&conn) {
+            if p.hdr.op == OP_CREDIT_REQUEST {
+                asked += 1;
+                g.send_ctl(
+                    &GuestConn {
+                        fwd_cnt: fwd,
+                        ..conn
+                    },
+                    OP_CREDIT_UPDATE,
+                    0,
+                );
+                continue;
+            }
+            assert_eq!(p.hdr.op, OP_RW, "unexpected {:?}", p.hdr);
+            fwd = fwd.wrapping_add(p.hdr.len);
+            got.extend_from_slice(&p.payload);
+        }
+        got.len() >= data.len()
+    });
+    assert!(got == data, "host->guest bytes");
+    assert!(
+        asked >= 2,
+        "asked {asked} times for 600 KiB through a 256 KiB replay buffer"
+    );
+    drop(writer.join().unwrap());
+}

@@ -46,6 +46,7 @@ pub mod qmp;
 pub mod session;
 #[cfg(test)]
 mod test_dir;
+pub mod tunnel;
 
 const MAGIC: &[u8; 4] = b"DSCS";
 /// Current format version.

@@ -1,5 +1,5 @@
 //! The fuzz targets' corpus and regression inputs of this crate (`snapshot`,
-//! `session_wire`, `session_machine`), run on stable Rust through the bodies the cargo-fuzz
+//! `session_wire`, `session_machine`, `session_snapshot`), run on stable Rust through the bodies the cargo-fuzz
 //! targets call (see the README's "Fuzzing" section).
 
 use domsock_proto::fuzzing::corpus;
@@ -26,4 +26,22 @@ fn session_machine_corpus() {
         "session_machine",
         domsock_migration::fuzzing::session_machine,
     );
+}
+
+#[test]
+fn session_snapshot_corpus() {
+    run(
+        "session_snapshot",
+        domsock_migration::fuzzing::session_snapshot,
+    );
+}
+
+#[test]
+fn tunnel_wire_corpus() {
+    run("tunnel_wire", domsock_migration::fuzzing::tunnel_wire);
+}
+
+#[test]
+fn tunnel_model_corpus() {
+    run("tunnel_model", domsock_migration::fuzzing::tunnel_model);
 }

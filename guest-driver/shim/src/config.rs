@@ -1,9 +1,11 @@
 //! Which connections the shim turns into sessions: the `DOMSOCK_SHIM` environment variable,
 //! read once when the program first creates an `AF_VSOCK` socket.
 //!
-//! - unset, empty, `on`, `all`: every stream connection to the host (CID 2);
+//! - unset, empty, `on`, `all`: every stream or seqpacket connection to the host (CID 2)
+//!   or a sibling guest, and every stream listener;
 //! - `off`, `0`, `none`: none (every call passes straight through);
-//! - a port list, `5000,5001,6000-6010`: only connections to those host ports.
+//! - a port list, `5000,5001,6000-6010`: only connections to those ports (host and sibling
+//!   targets alike) and listeners on them.
 //!
 //! A value that does not parse turns the shim off (and says so on stderr once): a typo
 //! must not silently change how a program connects.
@@ -50,7 +52,7 @@ impl Policy {
         Ok(Policy::Ports(ranges))
     }
 
-    /// Whether a connection to host port `port` becomes a session.
+    /// Whether a connection to (or a listener on) `port` becomes a session.
     pub(crate) fn covers(&self, port: u32) -> bool {
         match self {
             Policy::All => true,

@@ -3,11 +3,11 @@
 //! fd that is not the shim's calls the next definition at once.
 #![allow(clippy::missing_safety_doc)]
 
+use crate::config;
 use crate::next::{self, cvt, set_errno};
 use crate::poll::{self, ms_timeout, to_ms, to_timespec};
-use crate::sock::{wants_session, Sock};
+use crate::sock::{wants_session, Record, Sock};
 use crate::table::{self, Entry};
-use domsock_migration::session::replay::ReplayBuffer;
 use libc::{
     c_int, c_void, epoll_event, fd_set, iovec, msghdr, nfds_t, pollfd, sigset_t, size_t, sockaddr,
     sockaddr_vm, socklen_t, ssize_t, timespec, timeval,
@@ -61,18 +61,18 @@ unsafe fn iovecs<'a>(iov: *const iovec, cnt: c_int) -> &'a [iovec] {
     }
 }
 
-/// Records the first `n` bytes of `iov` (which the kernel just accepted from them).
+/// Hands the first `n` bytes of `iov` (which the kernel just accepted from them) to `sink`.
 ///
 /// # Safety
 /// Every iovec describes readable memory.
-unsafe fn record_iov(rb: &mut ReplayBuffer, iov: &[iovec], mut n: usize) {
+unsafe fn record_iov(sink: &mut dyn FnMut(&[u8]), iov: &[iovec], mut n: usize) {
     for v in iov {
         if n == 0 {
             break;
         }
         let take = n.min(v.iov_len);
         // SAFETY: per the contract.
-        rb.record_evicting(unsafe { bytes(v.iov_base, take) });
+        sink(unsafe { bytes(v.iov_base, take) });
         n -= take;
     }
 }
@@ -117,7 +117,8 @@ pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_
         // A stale entry (the fd was closed behind the shim's back, e.g. by fclose).
         drop(table::remove(fd));
     }
-    if domain == libc::AF_VSOCK && crate::config::get().policy != crate::config::Policy::Off {
+    crate::listen::mark(fd, false);
+    if domain == libc::AF_VSOCK && config::get().policy != config::Policy::Off {
         let base = ty & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC);
         if base == libc::SOCK_STREAM || base == libc::SOCK_SEQPACKET {
             let s = Sock::new(base, ty & libc::SOCK_NONBLOCK != 0);
@@ -143,6 +144,12 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
         // SAFETY: the program's call.
         unsafe { next::connect(fd, addr, len) }
     };
+    if s.is_bound() {
+        // Bound before connecting (a chosen local port): an ordinary socket from now on.
+        s.forget();
+        // SAFETY: the program's call.
+        return unsafe { next::connect(fd, addr, len) };
+    }
     if s.is_raw() && !s.is_fresh() {
         // SAFETY: the program's call.
         return unsafe { next::connect(fd, addr, len) };
@@ -152,48 +159,101 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
     }
     // SAFETY: `addr` holds at least a sockaddr_vm's bytes (checked); read unaligned.
     let a: sockaddr_vm = unsafe { std::ptr::read_unaligned(addr.cast()) };
-    if i32::from(a.svm_family) != libc::AF_VSOCK || !wants_session(&s, a.svm_cid, a.svm_port) {
+    if i32::from(a.svm_family) != libc::AF_VSOCK || !wants_session(a.svm_cid, a.svm_port) {
         return pass(&s);
     }
     ret_int(s.open(a))
 }
 
-/// A bound or listening socket is an ordinary one: the shim lets it go. (Accepted
-/// connections become sessions when the daemon offers host-initiated ones; the hook is
-/// [`accept4`].)
+/// A fresh stream socket the program binds may become a session listener ([`listen`]);
+/// anything else bound is an ordinary socket the shim lets go.
 #[no_mangle]
 pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
-    if let Some(s) = table::sock(fd) {
-        if s.is_fresh() {
-            s.forget();
-        }
+    let Some(s) = table::sock(fd) else {
+        // SAFETY: the program's call.
+        return unsafe { next::bind(fd, addr, len) };
+    };
+    if !s.is_fresh() {
+        // SAFETY: the program's call.
+        return unsafe { next::bind(fd, addr, len) };
+    }
+    if !s.is_stream() {
+        s.forget();
+        // SAFETY: the program's call.
+        return unsafe { next::bind(fd, addr, len) };
     }
     // SAFETY: the program's call.
-    unsafe { next::bind(fd, addr, len) }
+    let r = unsafe { next::bind(fd, addr, len) };
+    if r == 0 {
+        s.set_bound();
+    }
+    r
 }
 
+/// The bound port of `fd`, as the kernel assigned it (`VMADDR_PORT_ANY` resolved).
+fn bound_port(fd: c_int) -> Option<u32> {
+    // SAFETY: sockaddr_vm is plain old data.
+    let mut a: sockaddr_vm = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<sockaddr_vm>() as socklen_t;
+    // SAFETY: getsockname(2) into a sockaddr_vm of the length given.
+    let r = unsafe { next::getsockname(fd, (&raw mut a).cast(), &mut len) };
+    (r == 0).then_some(a.svm_port)
+}
+
+/// A bound stream socket on a port the policy covers registers the port with the daemon
+/// before it listens (`crate::listen`); any other listener is an ordinary socket.
 #[no_mangle]
 pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
-    if let Some(s) = table::sock(fd) {
+    let Some(s) = table::sock(fd) else {
+        // SAFETY: the program's call.
+        return unsafe { next::listen(fd, backlog) };
+    };
+    if !s.is_bound() {
         if s.is_fresh() {
             s.forget();
         }
+        // SAFETY: the program's call.
+        return unsafe { next::listen(fd, backlog) };
     }
+    let port = bound_port(fd)
+        .filter(|&p| p != crate::handshake::session_port() && config::get().policy.covers(p));
+    let reg = port.and_then(|p| match crate::listen::start(p) {
+        Ok(reg) => Some(reg),
+        Err(e) => {
+            crate::log::debug!(
+                "port {p}: no session listener ({}); plain",
+                crate::sock::errno_name(e)
+            );
+            None
+        }
+    });
+    let Some(reg) = reg else {
+        s.forget();
+        // SAFETY: the program's call.
+        return unsafe { next::listen(fd, backlog) };
+    };
     // SAFETY: the program's call.
-    unsafe { next::listen(fd, backlog) }
+    let r = unsafe { next::listen(fd, backlog) };
+    if r == 0 {
+        s.set_listening(reg);
+    } else {
+        reg.stop();
+    }
+    r
 }
 
 fn accepted(fd: c_int) -> c_int {
     if fd >= 0 && table::is_ours(fd) {
         drop(table::remove(fd));
     }
+    crate::listen::mark(fd, false);
     fd
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
     // SAFETY: the program's call.
-    accepted(unsafe { next::accept(fd, addr, len) })
+    unsafe { accept4(fd, addr, len, 0) }
 }
 
 #[no_mangle]
@@ -203,6 +263,15 @@ pub unsafe extern "C" fn accept4(
     len: *mut socklen_t,
     flags: c_int,
 ) -> c_int {
+    if let Some(reg) = table::sock(fd).and_then(|s| s.registration()) {
+        // SAFETY: the program's call.
+        return unsafe { crate::listen::accept(Some(&reg), fd, addr, len, flags) };
+    }
+    if !table::is_ours(fd) && crate::listen::is_marked(fd) {
+        // A registered listener inherited across `fork` (crate::listen).
+        // SAFETY: the program's call.
+        return unsafe { crate::listen::accept(None, fd, addr, len, flags) };
+    }
     // SAFETY: the program's call.
     accepted(unsafe { next::accept4(fd, addr, len, flags) })
 }
@@ -228,10 +297,11 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssiz
         None => unsafe { next::write(fd, buf, n) },
         Some(s) => ret(s.send(
             false,
+            n,
             // SAFETY: the program's call.
             &mut || cvt(unsafe { next::write(fd, buf, n) }),
             // SAFETY: the kernel read these bytes from the program's buffer.
-            &mut |rb, k| rb.record_evicting(unsafe { bytes(buf, k) }),
+            &mut |k, sink| sink(unsafe { bytes(buf, k) }),
         )),
     }
 }
@@ -259,10 +329,12 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssi
         None => unsafe { next::writev(fd, iov, cnt) },
         Some(s) => ret(s.send(
             false,
+            // SAFETY: the program's iovec array.
+            iov_len(unsafe { iovecs(iov, cnt) }),
             // SAFETY: the program's call.
             &mut || cvt(unsafe { next::writev(fd, iov, cnt) }),
             // SAFETY: the program's iovecs, which the kernel just read.
-            &mut |rb, k| unsafe { record_iov(rb, iovecs(iov, cnt), k) },
+            &mut |k, sink| unsafe { record_iov(sink, iovecs(iov, cnt), k) },
         )),
     }
 }
@@ -270,10 +342,11 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssi
 fn send_ours(
     s: &Arc<Sock>,
     flags: c_int,
+    len: usize,
     call: &mut dyn FnMut() -> Result<usize, c_int>,
-    record: &mut dyn FnMut(&mut ReplayBuffer, usize),
+    record: Record<'_>,
 ) -> ssize_t {
-    ret(s.send(flags & libc::MSG_DONTWAIT != 0, call, record))
+    ret(s.send(flags & libc::MSG_DONTWAIT != 0, len, call, record))
 }
 
 #[no_mangle]
@@ -284,10 +357,11 @@ pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c
         Some(s) => send_ours(
             &s,
             flags,
+            n,
             // SAFETY: the program's call.
             &mut || cvt(unsafe { next::send(fd, buf, n, flags) }),
             // SAFETY: the kernel read these bytes from the program's buffer.
-            &mut |rb, k| rb.record_evicting(unsafe { bytes(buf, k) }),
+            &mut |k, sink| sink(unsafe { bytes(buf, k) }),
         ),
     }
 }
@@ -307,10 +381,11 @@ pub unsafe extern "C" fn sendto(
         Some(s) => send_ours(
             &s,
             flags,
+            n,
             // SAFETY: the program's call.
             &mut || cvt(unsafe { next::sendto(fd, buf, n, flags, addr, len) }),
             // SAFETY: the kernel read these bytes from the program's buffer.
-            &mut |rb, k| rb.record_evicting(unsafe { bytes(buf, k) }),
+            &mut |k, sink| sink(unsafe { bytes(buf, k) }),
         ),
     }
 }
@@ -323,11 +398,17 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) ->
         Some(s) => send_ours(
             &s,
             flags,
+            if msg.is_null() {
+                0
+            } else {
+                // SAFETY: the program's msghdr and its iovecs.
+                iov_len(unsafe { iovecs((*msg).msg_iov, (*msg).msg_iovlen as c_int) })
+            },
             // SAFETY: the program's call.
             &mut || cvt(unsafe { next::sendmsg(fd, msg, flags) }),
             // SAFETY: the kernel accepted `msg`, so it and its iovecs are readable.
-            &mut |rb, k| unsafe {
-                record_iov(rb, iovecs((*msg).msg_iov, (*msg).msg_iovlen as c_int), k)
+            &mut |k, sink| unsafe {
+                record_iov(sink, iovecs((*msg).msg_iov, (*msg).msg_iovlen as c_int), k)
             },
         ),
     }
@@ -432,6 +513,9 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     if table::is_ours(fd) {
         unlink(fd);
     }
+    if crate::listen::is_marked(fd) {
+        crate::listen::mark(fd, false);
+    }
     // SAFETY: the program's call.
     unsafe { next::close(fd) }
 }
@@ -440,7 +524,7 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
     match table::sock(fd) {
         // SAFETY: the program's call.
-        None => accepted(unsafe { next::dup(fd) }),
+        None => dup_marked(fd, accepted(unsafe { next::dup(fd) })),
         // SAFETY: the program's call.
         Some(s) => match s.dup_with(|| unsafe { next::dup(fd) }) {
             Ok(n) => n,
@@ -450,6 +534,15 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
             }
         },
     }
+}
+
+/// A copy `new` of the untracked `old` is a registered listener's if `old` is (a `fork`
+/// child's; see `crate::listen`).
+fn dup_marked(old: c_int, new: c_int) -> c_int {
+    if new >= 0 && crate::listen::is_marked(old) {
+        crate::listen::mark(new, true);
+    }
+    new
 }
 
 fn dup_onto(old: c_int, new: c_int, call: &mut dyn FnMut() -> c_int) -> c_int {
@@ -471,8 +564,9 @@ fn dup_onto(old: c_int, new: c_int, call: &mut dyn FnMut() -> c_int) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
     if !table::is_ours(old) && !table::is_ours(new) {
+        crate::listen::mark(new, false);
         // SAFETY: the program's call.
-        return unsafe { next::dup2(old, new) };
+        return dup_marked(old, unsafe { next::dup2(old, new) });
     }
     // SAFETY: the program's call.
     dup_onto(old, new, &mut || unsafe { next::dup2(old, new) })
@@ -481,8 +575,9 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
     if !table::is_ours(old) && !table::is_ours(new) {
+        crate::listen::mark(new, false);
         // SAFETY: the program's call.
-        return unsafe { next::dup3(old, new, flags) };
+        return dup_marked(old, unsafe { next::dup3(old, new, flags) });
     }
     // SAFETY: the program's call.
     dup_onto(old, new, &mut || unsafe { next::dup3(old, new, flags) })

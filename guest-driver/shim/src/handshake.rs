@@ -3,8 +3,9 @@
 //! deadline. Everything here uses the next (libc) functions directly and runs while the
 //! program's fd is not yet (or no longer) this socket.
 //!
-//! Frames are read exactly: the 8-byte preamble, then the body length it names, never a
-//! byte more (the daemon's data may follow in the same segment).
+//! On a stream, frames are read exactly: the 8-byte preamble, then the body length it names,
+//! never a byte more (the daemon's data may follow in the same segment). On seqpacket, every
+//! handshake frame is one message, exactly the frame.
 
 use crate::next::{self, cvt};
 use crate::sock::SockOpt;
@@ -40,6 +41,12 @@ pub(crate) fn is_transport_errno(e: c_int) -> bool {
             | libc::ECONNABORTED
             | libc::ESHUTDOWN
             | libc::EINTR
+            | libc::ENXIO
+            | libc::ENETUNREACH
+            | libc::EHOSTUNREACH
+            // A seqpacket connect while no device is there: no transport offers seqpacket
+            // (the library learned this in its replug VM test).
+            | libc::ESOCKTNOSUPPORT
     )
 }
 
@@ -61,12 +68,17 @@ pub(crate) fn vsock_addr(cid: u32, port: u32) -> sockaddr_vm {
     a
 }
 
-/// A new private stream socket with the program's recorded options, connected (blocking,
-/// bounded by the kernel's vsock connect timeout) to `(HOST_CID, port)`, then made
-/// non-blocking.
-pub(crate) fn connect_private(port: u32, opts: &[SockOpt]) -> Result<OwnedFd, Failure> {
+/// A new private socket of type `ty` (stream or seqpacket) with the program's recorded
+/// options, connected (blocking, bounded by the kernel's vsock connect timeout) to
+/// `(cid, port)`, then made non-blocking.
+pub(crate) fn connect_private(
+    cid: u32,
+    port: u32,
+    ty: c_int,
+    opts: &[SockOpt],
+) -> Result<OwnedFd, Failure> {
     // SAFETY: plain socket(2).
-    let fd = unsafe { next::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe { next::socket(libc::AF_VSOCK, ty | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(Failure::Final(next::errno()));
     }
@@ -84,7 +96,7 @@ pub(crate) fn connect_private(port: u32, opts: &[SockOpt]) -> Result<OwnedFd, Fa
             );
         }
     }
-    let addr = vsock_addr(HOST_CID, port);
+    let addr = vsock_addr(cid, port);
     // SAFETY: `addr` is a valid sockaddr_vm of the length given.
     let r = unsafe {
         next::connect(
@@ -117,7 +129,7 @@ pub(crate) fn set_nonblocking(fd: RawFd, on: bool) {
 }
 
 /// Waits until `fd` is ready for `events` or the deadline passes.
-fn wait_ready(fd: RawFd, events: i16, deadline: Instant) -> Result<(), Failure> {
+pub(crate) fn wait_ready(fd: RawFd, events: i16, deadline: Instant) -> Result<(), Failure> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -168,6 +180,64 @@ fn read_exact(fd: RawFd, mut buf: &mut [u8], deadline: Instant) -> Result<(), Fa
         }
     }
     Ok(())
+}
+
+/// Sends `msg` as one message on the non-blocking seqpacket `fd` by the deadline.
+pub(crate) fn send_message(fd: RawFd, msg: &[u8], deadline: Instant) -> Result<(), Failure> {
+    loop {
+        // SAFETY: a valid buffer of `msg.len()` bytes.
+        let r = cvt(unsafe { next::send(fd, msg.as_ptr().cast(), msg.len(), libc::MSG_NOSIGNAL) });
+        match r {
+            Ok(n) if n == msg.len() => return Ok(()),
+            // Not something a seqpacket socket does; the daemon drops a part with the
+            // connection.
+            Ok(_) => return Err(Failure::Transport(libc::EPROTO)),
+            Err(libc::EAGAIN) => wait_ready(fd, libc::POLLOUT, deadline)?,
+            Err(libc::EINTR) => {}
+            Err(e) => return Err(classify(e)),
+        }
+    }
+}
+
+/// Sends one handshake frame: its bytes on a stream, one message on seqpacket.
+pub(crate) fn send_frame(
+    fd: RawFd,
+    ty: c_int,
+    frame: &Frame,
+    deadline: Instant,
+) -> Result<(), Failure> {
+    if ty == libc::SOCK_SEQPACKET {
+        send_message(fd, &frame.encode(), deadline)
+    } else {
+        write_all(fd, &frame.encode(), deadline)
+    }
+}
+
+/// Reads one handshake frame: exactly its bytes on a stream, one whole message on seqpacket.
+pub(crate) fn read_answer(fd: RawFd, ty: c_int, deadline: Instant) -> Result<Frame, Failure> {
+    if ty != libc::SOCK_SEQPACKET {
+        return read_frame(fd, deadline);
+    }
+    let mut buf = [0u8; MAX_FRAME_LEN + 1];
+    let n = loop {
+        // SAFETY: a valid writable buffer of `buf.len()` bytes.
+        let r = cvt(unsafe { next::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) });
+        match r {
+            // EOF, or a connection the device's removal reset (its error left in SO_ERROR).
+            Ok(0) => return Err(Failure::Transport(libc::ECONNRESET)),
+            Ok(n) => break n,
+            Err(libc::EAGAIN) => wait_ready(fd, libc::POLLIN, deadline)?,
+            Err(libc::EINTR) => {}
+            Err(e) => return Err(classify(e)),
+        }
+    };
+    if n > MAX_FRAME_LEN {
+        return Err(Failure::Final(libc::EPROTO));
+    }
+    match Frame::decode(&buf[..n]) {
+        Ok(Some((frame, used))) if used == n => Ok(frame),
+        _ => Err(Failure::Final(libc::EPROTO)),
+    }
 }
 
 /// Reads exactly one frame.
@@ -239,6 +309,59 @@ mod tests {
         assert_ne!(a, [0; 16]);
     }
 
+    fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
+        let mut p = [0 as c_int; 2];
+        // SAFETY: `p` has room for the two fds.
+        let r = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+                p.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0);
+        // SAFETY: both fds were just created and are owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
+    }
+
+    #[test]
+    fn seqpacket_frames_are_one_message_each() {
+        use domsock_migration::session::wire::Frame;
+        use domsock_proto::Port;
+        let soon = || Instant::now() + std::time::Duration::from_millis(100);
+        let (a, b) = seqpacket_pair();
+        let f = Frame::Listening { port: Port(5610) };
+        send_frame(a.as_raw_fd(), libc::SOCK_SEQPACKET, &f, soon()).unwrap();
+        // The next message is the daemon's data, never part of the frame.
+        send_message(a.as_raw_fd(), b"data", soon()).unwrap();
+        assert_eq!(
+            read_answer(b.as_raw_fd(), libc::SOCK_SEQPACKET, soon()),
+            Ok(f.clone())
+        );
+        let mut buf = [0u8; 8];
+        // SAFETY: a valid buffer.
+        let n = unsafe { libc::recv(b.as_raw_fd(), buf.as_mut_ptr().cast(), 8, 0) };
+        assert_eq!(&buf[..n as usize], b"data");
+
+        // A message holding a frame and more, or part of one, is not a frame.
+        let mut long = f.encode();
+        long.push(0);
+        send_message(a.as_raw_fd(), &long, soon()).unwrap();
+        let e = read_answer(b.as_raw_fd(), libc::SOCK_SEQPACKET, soon());
+        assert_eq!(e, Err(Failure::Final(libc::EPROTO)));
+        let short = f.encode();
+        send_message(a.as_raw_fd(), &short[..short.len() - 1], soon()).unwrap();
+        let e = read_answer(b.as_raw_fd(), libc::SOCK_SEQPACKET, soon());
+        assert_eq!(e, Err(Failure::Final(libc::EPROTO)));
+        // No answer in time, then the end of the connection: try again elsewhere.
+        let e = read_answer(b.as_raw_fd(), libc::SOCK_SEQPACKET, soon());
+        assert_eq!(e, Err(Failure::Transport(libc::ETIMEDOUT)));
+        drop(a);
+        let e = read_answer(b.as_raw_fd(), libc::SOCK_SEQPACKET, soon());
+        assert_eq!(e, Err(Failure::Transport(libc::ECONNRESET)));
+    }
+
     #[test]
     fn transport_errors_are_retried_others_are_final() {
         assert_eq!(classify(libc::ENODEV), Failure::Transport(libc::ENODEV));
@@ -247,6 +370,11 @@ mod tests {
             Failure::Transport(libc::ECONNREFUSED)
         );
         assert_eq!(classify(libc::EAGAIN), Failure::Transport(libc::EAGAIN));
+        assert_eq!(
+            classify(libc::ESOCKTNOSUPPORT),
+            Failure::Transport(libc::ESOCKTNOSUPPORT),
+            "a seqpacket connect while the device is away"
+        );
         assert_eq!(classify(libc::EACCES), Failure::Final(libc::EACCES));
         assert_eq!(classify(libc::EPROTO), Failure::Final(libc::EPROTO));
     }

@@ -5,6 +5,8 @@
 //! | phase      | the program's fd is                    | its calls                         |
 //! |------------|----------------------------------------|-----------------------------------|
 //! | `Fresh`    | the socket it created (not connected)  | pass through                      |
+//! | `Bound`    | its socket, bound (a listener to be)   | pass through                      |
+//! | `Listening`| its listening socket, port registered  | pass through; `accept` looks      |
 //! | `Raw`      | a plain connection (no session)        | pass through                      |
 //! | `Opening`  | its socket, or a placeholder (below)   | wait / `EAGAIN`                   |
 //! | `Live`     | the session's vsock connection         | pass through, bytes counted       |
@@ -25,19 +27,26 @@
 //! registrations of them (they die with the old file otherwise), and bumps `gen`. A call
 //! that fails after the generation moved is retried instead of reported.
 //!
+//! A seqpacket session counts messages instead of bytes and replays whole messages
+//! ([`Replay::Messages`]); a listening socket whose port the daemon was told about
+//! ([`crate::listen`]) hands out sessions from `accept`, which are `Live` sockets like the
+//! ones the program connected.
+//!
 //! Locks, always in this order: `tx` (held across a send and its recording in the replay
 //! buffer), `rx` (across a receive and its counting), `st`. The resume and the swaps take
 //! all three; program calls never hold `tx` or `rx` while waiting for a resume.
 
 use crate::config;
 use crate::handshake::{
-    self, connect_private, read_frame, vsock_addr, write_all, Failure, HOST_CID,
+    self, connect_private, read_answer, send_frame, send_message, vsock_addr, write_all, Failure,
+    HOST_CID,
 };
+use crate::listen::Registration;
 use crate::log::debug;
 use crate::next::{self, cvt};
 use crate::table::{self, Entry};
 use domsock_migration::session::proof::ResumeClaim;
-use domsock_migration::session::replay::ReplayBuffer;
+use domsock_migration::session::replay::{MessageReplay, ReplayBuffer};
 use domsock_migration::session::wire::{Closed, Frame, Refusal};
 use domsock_migration::session::{Nonce, Secret, SessionId};
 use domsock_proto::{Cid, Port, SocketType};
@@ -53,6 +62,10 @@ const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 const RETRY_FIRST_MS: u64 = 10;
 const RETRY_MAX_MS: u64 = 200;
 
+/// What a send's `record` is: given how many bytes the kernel took, it hands them to the
+/// sink, in order, in pieces.
+pub(crate) type Record<'a> = &'a mut dyn FnMut(usize, &mut dyn FnMut(&[u8]));
+
 /// A socket option the program set, applied again to every new connection.
 #[derive(Debug, Clone)]
 pub(crate) struct SockOpt {
@@ -64,6 +77,8 @@ pub(crate) struct SockOpt {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Fresh,
+    Bound,
+    Listening,
     Raw,
     Opening,
     Live,
@@ -83,17 +98,29 @@ pub(crate) enum PollView {
     Plain,
 }
 
+/// What OPENED or OFFERED gave a session.
 #[derive(Debug)]
-struct Creds {
-    id: SessionId,
-    secret: Secret,
-    nonce: Nonce,
-    park_timeout_ms: u32,
+pub(crate) struct Creds {
+    pub(crate) id: SessionId,
+    pub(crate) secret: Secret,
+    pub(crate) nonce: Nonce,
+    pub(crate) park_timeout_ms: u32,
+}
+
+/// What we sent and the daemon may lack.
+#[derive(Debug)]
+pub(crate) enum Replay {
+    /// The last window of bytes (stream sessions).
+    Bytes(ReplayBuffer),
+    /// The last messages whose bytes fit the window (seqpacket sessions).
+    Messages(MessageReplay),
 }
 
 #[derive(Debug)]
 struct Tx {
-    replay: ReplayBuffer,
+    replay: Replay,
+    /// The daemon's window: on seqpacket also the largest message.
+    window: usize,
     /// RESUMED said the host end reads no more: later sends fail with EPIPE, as they
     /// would on a connection whose peer closed.
     peer_gone: bool,
@@ -101,6 +128,7 @@ struct Tx {
 
 #[derive(Debug)]
 struct Rx {
+    /// Bytes (stream) or messages (seqpacket) handed to the program.
     received: u64,
 }
 
@@ -135,6 +163,8 @@ struct St {
     /// shutting while the reader thread waits for the answer must not deadlock).
     shut_wr: bool,
     shut_rd: bool,
+    /// A listening socket's registration with the daemon (phase `Listening`).
+    listener: Option<Arc<Registration>>,
 }
 
 /// A socket the shim follows.
@@ -175,7 +205,7 @@ fn is_break(e: c_int) -> bool {
 }
 
 /// The errno a refusal means to the program (the same mapping as `domsock_guest::session`).
-fn refusal_errno(reason: Refusal, errno: u32) -> c_int {
+pub(crate) fn refusal_errno(reason: Refusal, errno: u32) -> c_int {
     match reason {
         Refusal::UnknownSession | Refusal::BadProof => libc::ECONNRESET,
         Refusal::Expired => libc::ETIMEDOUT,
@@ -211,7 +241,8 @@ impl Sock {
             stream: ty == libc::SOCK_STREAM,
             nonblocking: AtomicBool::new(nonblocking),
             tx: Mutex::new(Tx {
-                replay: ReplayBuffer::new(0),
+                replay: Replay::Bytes(ReplayBuffer::new(0)),
+                window: 0,
                 peer_gone: false,
             }),
             rx: Mutex::new(Rx { received: 0 }),
@@ -230,9 +261,74 @@ impl Sock {
                 snd_timeout: None,
                 shut_wr: false,
                 shut_rd: false,
+                listener: None,
             }),
             changed: Condvar::new(),
         })
+    }
+
+    /// A session the program accepted on `fd` (OFFERED read): `Live` from the start.
+    pub(crate) fn accepted(
+        fd: c_int,
+        nonblocking: bool,
+        creds: Creds,
+        window: u32,
+        peer: sockaddr_vm,
+    ) -> Arc<Sock> {
+        let s = Sock::new(libc::SOCK_STREAM, nonblocking);
+        {
+            let mut tx = lock(&s.tx);
+            tx.replay = Replay::Bytes(ReplayBuffer::new(window as usize));
+            tx.window = window as usize;
+            let mut st = lock(&s.st);
+            st.phase = Phase::Live;
+            st.fds.push(fd);
+            st.creds = Some(creds);
+            st.peer = Some(peer);
+            st.local = local_addr(fd);
+        }
+        s
+    }
+
+    /// The socket type for new connections of this socket's.
+    fn sock_type(&self) -> c_int {
+        if self.stream {
+            libc::SOCK_STREAM
+        } else {
+            libc::SOCK_SEQPACKET
+        }
+    }
+
+    /// The program bound this (fresh, stream) socket: it may become a listener.
+    pub(crate) fn set_bound(&self) {
+        let mut st = lock(&self.st);
+        if st.phase == Phase::Fresh {
+            st.phase = Phase::Bound;
+        }
+    }
+
+    /// Whether the program bound it and has not listened yet.
+    pub(crate) fn is_bound(&self) -> bool {
+        lock(&self.st).phase == Phase::Bound
+    }
+
+    /// The program's `listen` succeeded with its port registered as `reg`.
+    pub(crate) fn set_listening(&self, reg: Arc<Registration>) {
+        let mut st = lock(&self.st);
+        st.phase = Phase::Listening;
+        st.listener = Some(reg);
+        for &fd in &st.fds {
+            crate::listen::mark(fd, true);
+        }
+    }
+
+    /// The registration, if this is a listening socket whose accepts may be sessions.
+    pub(crate) fn registration(&self) -> Option<Arc<Registration>> {
+        let st = lock(&self.st);
+        match st.phase {
+            Phase::Listening => st.listener.clone(),
+            _ => None,
+        }
     }
 
     /// Whether it is a stream socket.
@@ -247,7 +343,10 @@ impl Sock {
 
     /// Whether calls on it pass straight through.
     pub(crate) fn is_raw(&self) -> bool {
-        matches!(lock(&self.st).phase, Phase::Fresh | Phase::Raw)
+        matches!(
+            lock(&self.st).phase,
+            Phase::Fresh | Phase::Bound | Phase::Listening | Phase::Raw
+        )
     }
 
     /// The program changed `O_NONBLOCK` (fcntl, ioctl).
@@ -266,7 +365,9 @@ impl Sock {
         let view = match st.phase {
             Phase::Live => PollView::Live,
             Phase::Opening | Phase::Breaking | Phase::Outage => PollView::Transient,
-            Phase::Fresh | Phase::Raw | Phase::Failed(_) => PollView::Plain,
+            Phase::Fresh | Phase::Bound | Phase::Listening | Phase::Raw | Phase::Failed(_) => {
+                PollView::Plain
+            }
         };
         (st.gen, view)
     }
@@ -282,16 +383,31 @@ impl Sock {
         let mut st = lock(&self.st);
         st.fds.retain(|&f| f != fd);
         st.epoll.retain(|r| r.fd != fd);
+        crate::listen::mark(fd, false);
         if st.fds.is_empty() && matches!(st.phase, Phase::Breaking | Phase::Outage) {
             debug!("last fd closed during an outage: the resume goes on to deliver the tail");
         }
-        st.fds.is_empty()
+        let last = st.fds.is_empty();
+        let reg = if last { st.listener.take() } else { None };
+        drop(st);
+        if let Some(reg) = reg {
+            // The listening socket is gone: the daemon forgets the port.
+            reg.stop();
+        }
+        last
     }
 
     /// Stops following this socket (it became an ordinary one): unlinks all its fds.
     pub(crate) fn forget(&self) {
-        let fds = std::mem::take(&mut lock(&self.st).fds);
+        let (fds, reg) = {
+            let mut st = lock(&self.st);
+            (std::mem::take(&mut st.fds), st.listener.take())
+        };
+        if let Some(reg) = reg {
+            reg.stop();
+        }
         for fd in fds {
+            crate::listen::mark(fd, false);
             drop(table::remove(fd));
         }
     }
@@ -307,6 +423,7 @@ impl Sock {
             return Err(next::errno());
         }
         st.fds.push(new);
+        crate::listen::mark(new, st.phase == Phase::Listening);
         drop(st);
         match table::insert(new, Entry::Sock(Arc::clone(self))) {
             Ok(old) => drop(old),
@@ -325,7 +442,9 @@ impl Sock {
         let mut st = lock(&self.st);
         loop {
             match st.phase {
-                Phase::Fresh | Phase::Raw => return Ok(Usable::Pass),
+                Phase::Fresh | Phase::Bound | Phase::Listening | Phase::Raw => {
+                    return Ok(Usable::Pass)
+                }
                 Phase::Live => return Ok(Usable::Live),
                 Phase::Failed(e) => return Err(e),
                 Phase::Opening | Phase::Breaking | Phase::Outage => {}
@@ -369,13 +488,15 @@ impl Sock {
         }
     }
 
-    /// A send of the program's: `call` does the real send on the program's fd and `record`
-    /// copies the first `n` bytes it accepted into the replay buffer.
+    /// A send of the program's of `len` bytes: `call` does the real send on the program's
+    /// fd and `record(n, sink)` hands the first `n` bytes it accepted to `sink`, in order, in
+    /// pieces (they go into the replay buffer; on seqpacket as one message).
     pub(crate) fn send(
         self: &Arc<Self>,
         dontwait: bool,
+        len: usize,
         call: &mut dyn FnMut() -> Result<usize, c_int>,
-        record: &mut dyn FnMut(&mut ReplayBuffer, usize),
+        record: Record<'_>,
     ) -> Result<usize, c_int> {
         loop {
             let nonblocking = dontwait || self.nonblocking.load(Ordering::Relaxed);
@@ -388,10 +509,40 @@ impl Sock {
             if tx.peer_gone {
                 return Err(libc::EPIPE);
             }
+            if !self.stream && len > tx.window {
+                // What the kernel says of a message larger than the peer's buffer (the
+                // daemon's, whose window it is); the replay could not keep it either.
+                return Err(libc::EMSGSIZE);
+            }
             match call() {
                 Ok(n) => {
-                    record(&mut tx.replay, n);
+                    match &mut tx.replay {
+                        Replay::Bytes(rb) => record(n, &mut |piece| rb.record_evicting(piece)),
+                        Replay::Messages(mr) if n == len => {
+                            let mut msg = Vec::with_capacity(n);
+                            record(n, &mut |piece| msg.extend_from_slice(piece));
+                            // Fits: checked against the window above.
+                            let _ = mr.record_evicting(&msg);
+                        }
+                        Replay::Messages(_) => {
+                            // Part of a message is not a message: give this connection up
+                            // (the daemon drops the part) and send it again whole.
+                            drop(tx);
+                            debug!("a seqpacket send took {n} of {len} bytes");
+                            self.begin_outage(gen, libc::EPROTO);
+                            continue;
+                        }
+                    }
                     return Ok(n);
+                }
+                Err(libc::EAGAIN) if !self.stream => {
+                    // The kernel may have sent part of the message before it would block
+                    // (and says only EAGAIN): the daemon would glue the next message to
+                    // it. Give the connection up so the daemon drops the part; the resume
+                    // runs meanwhile and the program's retry sends the message whole.
+                    drop(tx);
+                    self.begin_outage(gen, libc::EAGAIN);
+                    return Err(libc::EAGAIN);
                 }
                 Err(e) => {
                     drop(tx);
@@ -440,8 +591,9 @@ impl Sock {
                     return Ok(0);
                 }
                 Ok(n) => {
-                    if !peek {
-                        rx.received += n as u64;
+                    if !peek && n > 0 {
+                        // A seqpacket receive takes one message, whole or truncated.
+                        rx.received += if self.stream { n as u64 } else { 1 };
                     }
                     return Ok(n);
                 }
@@ -578,12 +730,12 @@ impl Sock {
                 st.placeholder = Some(w);
             }
         }
-        let port = addr.svm_port;
+        let (cid, port, ty) = (addr.svm_cid, addr.svm_port, self.sock_type());
         if nonblocking {
             let me = Arc::clone(self);
             let spawned = std::thread::Builder::new()
                 .name("domsock-open".into())
-                .spawn(move || match establish(port, &opts) {
+                .spawn(move || match establish(cid, port, ty, &opts) {
                     Ok(est) => me.install(est),
                     Err(e) => me.fail(e),
                 });
@@ -596,7 +748,7 @@ impl Sock {
                 }
             }
         } else {
-            match establish(port, &opts) {
+            match establish(cid, port, ty, &opts) {
                 Ok(est) => {
                     self.install(est);
                     Ok(())
@@ -618,11 +770,17 @@ impl Sock {
         let (fd, phase) = match est {
             Established::Session(fd, creds, window) => {
                 debug!(
-                    "session {} opened to port {} (window {window})",
+                    "session {} opened to {}:{} (window {window})",
                     creds.id,
+                    st.peer.map_or(0, |p| p.svm_cid),
                     st.peer.map_or(0, |p| p.svm_port)
                 );
-                tx.replay = ReplayBuffer::new(window as usize);
+                tx.replay = if self.stream {
+                    Replay::Bytes(ReplayBuffer::new(window as usize))
+                } else {
+                    Replay::Messages(MessageReplay::new(window as usize))
+                };
+                tx.window = window as usize;
                 st.creds = Some(creds);
                 st.local = local_addr(fd.as_raw_fd());
                 (fd, Phase::Live)
@@ -702,7 +860,8 @@ impl Sock {
     /// One RESUME on a new connection; on success the daemon has our missing tail.
     fn try_resume(&self, deadline: Instant) -> Result<OwnedFd, Failure> {
         let opts = lock(&self.st).opts.clone();
-        let fd = connect_private(handshake::session_port(), &opts)?;
+        let ty = self.sock_type();
+        let fd = connect_private(HOST_CID, handshake::session_port(), ty, &opts)?;
         let hs_deadline =
             deadline.min(Instant::now() + Duration::from_millis(HANDSHAKE_TIMEOUT_MS));
         let received = lock(&self.rx).received;
@@ -733,8 +892,8 @@ impl Sock {
                 proof,
             }
         };
-        write_all(fd.as_raw_fd(), &frame.encode(), hs_deadline)?;
-        match read_frame(fd.as_raw_fd(), hs_deadline)? {
+        send_frame(fd.as_raw_fd(), ty, &frame, hs_deadline)?;
+        match read_answer(fd.as_raw_fd(), ty, hs_deadline)? {
             Frame::Resumed {
                 received: theirs,
                 closed: theirs_closed,
@@ -746,16 +905,35 @@ impl Sock {
                 let shut = closed.send;
                 let mut tx = lock(&self.tx);
                 tx.peer_gone |= theirs_closed.rcv;
-                let (a, b) = tx
-                    .replay
-                    .resume_from(theirs)
-                    .map_err(|_| Failure::Final(libc::EPROTO))?;
-                debug!(
-                    "RESUMED: daemon has {theirs} bytes, resending {}",
-                    a.len() + b.len()
-                );
-                write_all(fd.as_raw_fd(), a, hs_deadline)?;
-                write_all(fd.as_raw_fd(), b, hs_deadline)?;
+                match &mut tx.replay {
+                    Replay::Bytes(rb) => {
+                        let (a, b) = rb
+                            .resume_from(theirs)
+                            .map_err(|_| Failure::Final(libc::EPROTO))?;
+                        debug!(
+                            "RESUMED: daemon has {theirs} bytes, resending {}",
+                            a.len() + b.len()
+                        );
+                        write_all(fd.as_raw_fd(), a, hs_deadline)?;
+                        write_all(fd.as_raw_fd(), b, hs_deadline)?;
+                    }
+                    Replay::Messages(mr) => {
+                        let msgs = mr
+                            .resume_from(theirs)
+                            .map_err(|_| Failure::Final(libc::EPROTO))?;
+                        debug!(
+                            "RESUMED: daemon has {theirs} messages, resending {}",
+                            msgs.len()
+                        );
+                        let mut whole = Vec::new();
+                        for (a, b) in msgs {
+                            whole.clear();
+                            whole.extend_from_slice(a);
+                            whole.extend_from_slice(b);
+                            send_message(fd.as_raw_fd(), &whole, hs_deadline)?;
+                        }
+                    }
+                }
                 if shut {
                     // SAFETY: shutdown(2) on our private connection.
                     unsafe { next::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
@@ -784,7 +962,7 @@ impl Sock {
             }
         };
         match st.phase {
-            Phase::Fresh | Phase::Raw | Phase::Live => {}
+            Phase::Fresh | Phase::Bound | Phase::Listening | Phase::Raw | Phase::Live => {}
             Phase::Failed(_) => return Err(libc::ENOTCONN),
             Phase::Opening | Phase::Breaking | Phase::Outage => {
                 record(&mut st);
@@ -891,7 +1069,10 @@ impl Sock {
                 st.snd_timeout = t;
             }
         }
-        matches!(st.phase, Phase::Fresh | Phase::Raw | Phase::Live)
+        matches!(
+            st.phase,
+            Phase::Fresh | Phase::Bound | Phase::Listening | Phase::Raw | Phase::Live
+        )
     }
 
     /// The address `getpeername` reports for a session (its target, not the session port).
@@ -902,7 +1083,7 @@ impl Sock {
                 Some(st.peer.ok_or(libc::ENOTCONN))
             }
             Phase::Failed(_) => Some(Err(libc::ENOTCONN)),
-            Phase::Fresh | Phase::Raw => None,
+            Phase::Fresh | Phase::Bound | Phase::Listening | Phase::Raw => None,
         }
     }
 
@@ -934,27 +1115,32 @@ impl Sock {
     }
 }
 
-/// Connects to the session port and opens a session to host `port`; a daemon without the
-/// session service (the port refuses, or the OPEN is `Unsupported`) gets a plain
-/// connection to the target instead.
-fn establish(port: u32, opts: &[SockOpt]) -> Result<Established, c_int> {
-    let raw = || match connect_private(port, opts) {
+/// Connects to the session port and opens a session of type `ty` to `(cid, port)` (the
+/// host or a sibling guest: OPEN names the target); a daemon without the session service
+/// (the port refuses, or the OPEN is `Unsupported`, as domsockd answers a seqpacket
+/// session to a sibling) gets a plain connection to the target instead.
+fn establish(cid: u32, port: u32, ty: c_int, opts: &[SockOpt]) -> Result<Established, c_int> {
+    let raw = || match connect_private(cid, port, ty, opts) {
         Ok(fd) => Ok(Established::Raw(fd)),
         Err(Failure::Transport(e) | Failure::Final(e)) => Err(e),
     };
-    let fd = match connect_private(handshake::session_port(), opts) {
+    let fd = match connect_private(HOST_CID, handshake::session_port(), ty, opts) {
         Ok(fd) => fd,
         Err(Failure::Transport(libc::ECONNRESET | libc::ECONNREFUSED)) => return raw(),
         Err(Failure::Transport(e) | Failure::Final(e)) => return Err(e),
     };
     let deadline = Instant::now() + Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
     let open = Frame::Open {
-        cid: Cid::HOST,
+        cid: Cid(u64::from(cid)),
         port: Port(port),
-        socket_type: SocketType::Stream,
+        socket_type: if ty == libc::SOCK_SEQPACKET {
+            SocketType::SeqPacket
+        } else {
+            SocketType::Stream
+        },
     };
-    let answer = write_all(fd.as_raw_fd(), &open.encode(), deadline)
-        .and_then(|()| read_frame(fd.as_raw_fd(), deadline));
+    let answer = send_frame(fd.as_raw_fd(), ty, &open, deadline)
+        .and_then(|()| read_answer(fd.as_raw_fd(), ty, deadline));
     match answer {
         Ok(Frame::Opened {
             id,
@@ -1041,11 +1227,17 @@ pub(crate) fn errno_name(e: c_int) -> String {
     std::io::Error::from_raw_os_error(e).to_string()
 }
 
-/// Whether the program connecting a socket of this kind to `(cid, port)` gets a session.
-pub(crate) fn wants_session(sock: &Sock, cid: u32, port: u32) -> bool {
-    sock.is_stream()
-        && cid == HOST_CID
-        && port != handshake::session_port()
+/// Whether a connection to `cid` can be a session: the host, or a sibling guest (any CID
+/// above the host's but `VMADDR_CID_ANY`). Not the hypervisor (0) or local loopback (1).
+fn session_cid(cid: u32) -> bool {
+    cid >= HOST_CID && cid != libc::VMADDR_CID_ANY
+}
+
+/// Whether the program connecting a (stream or seqpacket) socket to `(cid, port)` gets a
+/// session.
+pub(crate) fn wants_session(cid: u32, port: u32) -> bool {
+    session_cid(cid)
+        && !(cid == HOST_CID && port == handshake::session_port())
         && config::get().policy.covers(port)
 }
 
@@ -1093,6 +1285,103 @@ mod tests {
         ] {
             assert!(!is_break(e), "{e}");
         }
+    }
+
+    #[test]
+    fn the_host_and_siblings_get_sessions_the_rest_stays_plain() {
+        assert!(session_cid(HOST_CID));
+        assert!(session_cid(4));
+        assert!(session_cid(u32::MAX - 1));
+        assert!(!session_cid(0), "hypervisor");
+        assert!(!session_cid(1), "local loopback");
+        assert!(!session_cid(libc::VMADDR_CID_ANY));
+    }
+
+    /// A live seqpacket session on one end of a Unix seqpacket pair (no resume is ever
+    /// started: nothing here breaks).
+    fn live_seqpacket(window: usize) -> (Arc<Sock>, OwnedFd, OwnedFd) {
+        let mut p = [0 as c_int; 2];
+        // SAFETY: `p` has room for the two fds.
+        let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, p.as_mut_ptr()) };
+        assert_eq!(r, 0);
+        // SAFETY: both fds were just created and are owned by nobody else.
+        let (ours, peer) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+        let s = Sock::new(libc::SOCK_SEQPACKET, false);
+        {
+            let mut tx = lock(&s.tx);
+            tx.replay = Replay::Messages(MessageReplay::new(window));
+            tx.window = window;
+            let mut st = lock(&s.st);
+            st.phase = Phase::Live;
+            st.fds.push(ours.as_raw_fd());
+        }
+        (s, ours, peer)
+    }
+
+    fn send_parts(s: &Arc<Sock>, fd: RawFd, parts: &[&[u8]]) -> Result<usize, c_int> {
+        let iov: Vec<libc::iovec> = parts
+            .iter()
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr() as *mut _,
+                iov_len: p.len(),
+            })
+            .collect();
+        let len = parts.iter().map(|p| p.len()).sum();
+        s.send(
+            false,
+            len,
+            // SAFETY: writev(2) of valid iovecs.
+            &mut || cvt(unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as c_int) }),
+            &mut |mut n, sink| {
+                for p in parts {
+                    let take = n.min(p.len());
+                    sink(&p[..take]);
+                    n -= take;
+                }
+            },
+        )
+    }
+
+    #[test]
+    fn seqpacket_sends_are_kept_as_whole_messages_and_receives_count_messages() {
+        let (s, ours, peer) = live_seqpacket(16);
+        let fd = ours.as_raw_fd();
+        assert_eq!(send_parts(&s, fd, &[b"ab", b"cde"]), Ok(5));
+        assert_eq!(send_parts(&s, fd, &[b"0123456789"]), Ok(10));
+        assert_eq!(
+            send_parts(&s, fd, &[b"0123456789", b"0123456"]),
+            Err(libc::EMSGSIZE),
+            "larger than the window: refused, nothing sent"
+        );
+        {
+            let tx = lock(&s.tx);
+            let Replay::Messages(mr) = &tx.replay else {
+                panic!("a seqpacket session keeps messages")
+            };
+            let kept: Vec<Vec<u8>> = mr.iter().map(|(a, b)| [a, b].concat()).collect();
+            assert_eq!(kept, vec![b"abcde".to_vec(), b"0123456789".to_vec()]);
+            assert_eq!(mr.end(), 2, "two messages sent");
+        }
+        for m in [&b"xyz"[..], b"0123456789abcdef"] {
+            // SAFETY: a valid buffer.
+            let n = unsafe { libc::send(peer.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) };
+            assert_eq!(n, m.len() as isize);
+        }
+        let mut buf = [0u8; 4];
+        let recv = |buf: &mut [u8]| {
+            let (p, n) = (buf.as_mut_ptr(), buf.len());
+            s.recv(fd, false, false, n, &mut || {
+                // SAFETY: recv(2) into a valid buffer of `n` bytes.
+                cvt(unsafe { libc::recv(fd, p.cast(), n, 0) })
+            })
+        };
+        assert_eq!(recv(&mut buf), Ok(3));
+        assert_eq!(
+            recv(&mut buf),
+            Ok(4),
+            "truncated: the rest of the message is gone"
+        );
+        assert_eq!(lock(&s.rx).received, 2, "messages, not bytes");
     }
 
     #[test]

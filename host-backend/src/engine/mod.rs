@@ -40,6 +40,7 @@ mod session;
 mod tx;
 
 pub use driver::Wake;
+pub use session::{ExportedSession, ImportError};
 
 use crate::metrics::VmStats;
 use crate::router::{RelayBatch, Router};
@@ -247,6 +248,16 @@ impl DataPlane {
         self.conns.len()
     }
 
+    /// Whether the guest's driver runs the device (both data queues).
+    pub fn guest_running(&self) -> bool {
+        self.guest_running
+    }
+
+    /// Sessions on a live connection.
+    pub fn live_sessions(&self) -> usize {
+        self.sessions.live()
+    }
+
     /// Sessions parked, waiting for their guest.
     pub fn parked_sessions(&self) -> usize {
         self.sessions.parked()
@@ -331,6 +342,7 @@ impl DataPlane {
             && can_send
             && credit > 0
             && (hc.readable() || hc.inbox_pending() > 0 || hc.has_session_replay())
+            && !hc.session_waits_ack()
             && !hc.in_ready
         {
             hc.in_ready = true;

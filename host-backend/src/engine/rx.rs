@@ -258,6 +258,9 @@ impl DataPlane {
                     // A session may not send more than its replay buffer can keep.
                     let max = max.min(hc.session_room());
                     if max == 0 {
+                        if hc.session_needs_ack() {
+                            self.endpoint.request_credit(&key);
+                        }
                         return Fill::Nothing;
                     }
                     match read_stream(hc, &self.regions, mem, max) {
@@ -314,7 +317,15 @@ impl DataPlane {
                             self.endpoint.reset(key);
                             return Fill::Nothing;
                         }
-                        Ok(len) if len > hc.session_room() => return Fill::Nothing,
+                        Ok(len) if len > hc.session_room() => {
+                            // Only the guest's fwd_cnt frees the replay buffer, and a
+                            // guest with room to spare sends no credit update by itself:
+                            // ask for one (once per acknowledgement).
+                            if hc.session_needs_ack() {
+                                self.endpoint.request_credit(&key);
+                            }
+                            return Fill::Nothing;
+                        }
                         Ok(len) => {
                             let peer_buf = self
                                 .endpoint

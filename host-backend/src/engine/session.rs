@@ -38,9 +38,16 @@
 //! from us. The sibling's guest sees an ordinary connection, and only a pause (credit
 //! stops) while we are parked.
 //!
-//! What it does not do: seqpacket
-//! sessions, or keeping parked sessions when the frontend itself disconnects (the engine
-//! ends for good then).
+//! Parked sessions outlive the frontend connection too (the engine is the VM's, not the
+//! device's): a guest's source QEMU quits after a live migration. A parked session can
+//! also leave this engine whole ([`DataPlane::export_parked`]: a
+//! [`SessionSnapshot`] and its host end) and join the engine of the same domain on the
+//! host its guest moved to ([`DataPlane::import_parked`]), where the guest's RESUME finds
+//! it.
+//!
+//! What it does not do: seqpacket sessions to siblings (refused as unsupported), or carry
+//! a host end across hosts (the tunnel does; an imported session's host end is whatever
+//! socket the importer is given).
 
 use super::conn::{HostConn, Interest, Readiness};
 use super::connect::{Refusal as TargetRefusal, TargetRequest};
@@ -50,11 +57,13 @@ use crate::host::HostSocket;
 use crate::metrics::VmStats;
 use crate::router::SiblingRefusal;
 use crate::tunables::{
-    MAX_SESSIONS_PER_VM, MAX_SESSION_LISTENERS_PER_VM, SESSION_REPLAY_BYTES, SESSION_TOMBSTONES,
+    MAX_PENDING_SESSION_GREETINGS, MAX_SESSIONS_PER_VM, MAX_SESSION_LISTENERS_PER_VM,
+    SESSION_GREETING_TIMEOUT_MS, SESSION_REPLAY_BYTES, SESSION_TOMBSTONES,
 };
 use crate::vm::ProxyDial;
 use domsock_migration::session::proof::ResumeClaim;
 use domsock_migration::session::replay::ReplayBuffer;
+use domsock_migration::session::snapshot::SessionSnapshot;
 use domsock_migration::session::wire::{Closed, Frame, Refusal, MAX_FRAME_LEN};
 use domsock_migration::session::{CounterExtender, Nonce, Secret, SessionId, Tag};
 use domsock_proto::{Cid, ConnKey, Header, Port, SocketType};
@@ -125,6 +134,9 @@ pub(crate) struct SessionLink {
     /// Seqpacket sessions count messages: where each message recorded in `to_guest` ends,
     /// and how many messages before `to_guest.start()` the guest has consumed.
     messages: Option<MessageLog>,
+    /// A credit update was asked of the guest because the replay buffer is full; cleared
+    /// when its acknowledgement moves.
+    ack_requested: bool,
 }
 
 /// Message boundaries of a seqpacket session's replay buffer, and its replay queue.
@@ -153,6 +165,9 @@ pub(super) struct Sessions {
     listeners: HashMap<Port, Registration>,
     live: usize,
     scratch: Vec<u8>,
+    /// Session-port connections in their greeting, oldest first, with their deadlines
+    /// (set by the first timer pass after they connected).
+    greetings: VecDeque<(ConnKey, Option<Instant>)>,
 }
 
 impl Sessions {
@@ -167,12 +182,20 @@ impl Sessions {
             .values()
             .filter_map(|p| p.deadline)
             .chain(self.listeners.values().filter_map(|r| r.deadline))
+            .chain(self.greetings.front().and_then(|g| g.1))
             .min()
     }
 
-    /// The device stopped: live sessions were parked, the rest are being closed.
+    /// The device stopped: live sessions were parked, the rest (greetings too) are being
+    /// closed.
     pub(super) fn forget_live(&mut self) {
         self.live = 0;
+        self.greetings.clear();
+    }
+
+    /// Sessions on a live connection.
+    pub(super) fn live(&self) -> usize {
+        self.live
     }
 
     /// Guest ports registered as session listeners.
@@ -201,6 +224,9 @@ impl SessionLink {
     fn ack(&mut self, guest_fwd_cnt: u32) {
         let before = self.acked.offset();
         let now = self.acked.advance(guest_fwd_cnt);
+        if now != before {
+            self.ack_requested = false;
+        }
         if now != before || guest_fwd_cnt >= self.greeting_len {
             // The guest has read our greeting (OPENED/RESUMED): the old nonce is void.
             self.prev_nonce = None;
@@ -267,6 +293,33 @@ impl HostConn {
             && link.to_guest.is_empty()
     }
 
+    /// A live session's replay buffer is too full to read the host: the connection
+    /// waits for the guest's acknowledgement (it is not served again until that moves),
+    /// and the result says whether to ask the guest for a credit update now (once per
+    /// acknowledgement; `false` for any other connection).
+    pub(super) fn session_needs_ack(&mut self) -> bool {
+        match link_of(self) {
+            Some(link) if !link.ack_requested && !link.to_guest.is_empty() => {
+                link.ack_requested = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a live session has nothing to send but host data its replay buffer has no
+    /// room for: serving it again before the guest acknowledges more would find the same.
+    pub(super) fn session_waits_ack(&self) -> bool {
+        match self.session.as_deref() {
+            Some(SessionState::Live(link)) => {
+                link.ack_requested
+                    && self.inbox_pending() == 0
+                    && link.messages.as_ref().is_none_or(|m| m.replay.is_empty())
+            }
+            _ => false,
+        }
+    }
+
     /// Records that the guest half-closed its session gracefully.
     pub(super) fn mark_guest_done(&mut self) {
         if let Some(link) = link_of(self) {
@@ -277,6 +330,15 @@ impl HostConn {
     /// Whether the guest half-closed its session before (see [`SessionLink::guest_done`]).
     pub(super) fn guest_done(&self) -> bool {
         matches!(self.session.as_deref(), Some(SessionState::Live(l)) if l.guest_done)
+    }
+
+    /// Whether this session-port connection still waits for the guest's first frame
+    /// (not yet answered).
+    pub(super) fn awaits_greeting(&self) -> bool {
+        matches!(
+            self.session.as_deref(),
+            Some(SessionState::Greeting { peer: Some(_), .. })
+        )
     }
 
     /// Whether this connection carries a live session.
@@ -411,6 +473,19 @@ impl DataPlane {
     /// A guest connects to the session port: accept it with a placeholder host end and
     /// wait for its first frame.
     pub(super) fn session_connect(&mut self, req: &Header) {
+        // Entries of connections that left their greeting go first; what remains bounds
+        // the connections a guest can hold open without saying anything.
+        while let Some(&(old, _)) = self.sessions.greetings.front() {
+            if self.conns.get(&old).is_some_and(|hc| hc.awaits_greeting()) {
+                break;
+            }
+            self.sessions.greetings.pop_front();
+        }
+        if self.sessions.greetings.len() >= MAX_PENDING_SESSION_GREETINGS {
+            debug!("too many session-port connections in their greeting");
+            self.endpoint.refuse(req);
+            return;
+        }
         let (placeholder, peer) = match HostSocket::pair(req.socket_type()) {
             Ok(p) => p,
             Err(e) => {
@@ -451,7 +526,33 @@ impl DataPlane {
             peer: Some(peer),
         }));
         self.conns.insert(key, hc);
+        self.sessions.greetings.push_back((key, None));
+        // Its deadline is set by the next timer pass.
+        let _ = self.shared.wake.write(1);
         self.after_change(key);
+    }
+
+    /// Resets session-port connections whose first frame is overdue.
+    fn greeting_timers(&mut self, now: Instant) {
+        let timeout = Duration::from_millis(SESSION_GREETING_TIMEOUT_MS);
+        for g in self.sessions.greetings.iter_mut().rev() {
+            if g.1.is_some() {
+                break;
+            }
+            g.1 = Some(now + timeout);
+        }
+        while let Some(&(key, Some(deadline))) = self.sessions.greetings.front() {
+            if deadline > now {
+                break;
+            }
+            self.sessions.greetings.pop_front();
+            if self.conns.get(&key).is_some_and(|hc| hc.awaits_greeting()) {
+                VmStats::inc(&self.shared.stats.session_greeting_timeouts);
+                debug!(%key, "session greeting timed out");
+                self.endpoint.reset(key);
+                self.close_host(key);
+            }
+        }
     }
 
     /// Greeting bytes from the guest (already accepted and consumed by the caller).
@@ -620,6 +721,7 @@ impl DataPlane {
             carried: 0,
             guest_done: false,
             messages: None,
+            ack_requested: false,
         };
         (link, greeting)
     }
@@ -1209,6 +1311,9 @@ impl DataPlane {
 
     /// Sets the deadlines of newly parked sessions and closes those past theirs.
     pub(super) fn session_timers(&mut self, now: Instant) {
+        if !self.sessions.greetings.is_empty() {
+            self.greeting_timers(now);
+        }
         let timeout = Duration::from_millis(self.shared.park_timeout_ms.load(Ordering::Relaxed));
         let mut expired = Vec::new();
         for (id, p) in &mut self.sessions.parked {
@@ -1250,5 +1355,177 @@ impl DataPlane {
             let parked = self.sessions.parked.remove(&id).expect("listed");
             self.drop_parked(id, parked, false);
         }
+    }
+}
+
+/// A parked session taken out of its engine ([`DataPlane::export_parked`]) to be put
+/// into another ([`DataPlane::import_parked`]): the engine of the same domain on the
+/// host its guest moved to.
+#[derive(Debug)]
+pub struct ExportedSession {
+    /// What the guest's new host needs to answer its RESUME.
+    pub snapshot: SessionSnapshot,
+    /// The domain and port the session reaches, as seen from the exporting host.
+    pub target: (Cid, Port),
+    /// The session's host end.
+    pub host: HostSocket,
+    /// Guest stream bytes accepted but not yet taken by the host end (counted in the
+    /// snapshot's `received`: they must reach the host end before anything newer).
+    pub out_stream: Vec<u8>,
+    /// Guest seqpacket messages accepted but not yet taken by the host end.
+    pub out_msgs: Vec<Vec<u8>>,
+}
+
+/// Why a session cannot be imported.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ImportError {
+    /// This engine already knows a session with that id.
+    #[error("session {0} already exists here")]
+    Exists(SessionId),
+    /// The domain has as many sessions as it may.
+    #[error("too many sessions")]
+    TooMany,
+    /// The snapshot's tail is larger than this host's replay buffers.
+    #[error("the replay tail of {0} bytes does not fit")]
+    TooLarge(usize),
+    /// The host end's type is not the session's.
+    #[error("the host end is not a {0:?} socket")]
+    WrongSocket(SocketType),
+    /// Registering the host end failed.
+    #[error("cannot watch the host end: {0}")]
+    Register(String),
+}
+
+impl DataPlane {
+    /// Ids of the sessions parked here.
+    pub fn parked_session_ids(&self) -> Vec<SessionId> {
+        let mut ids: Vec<SessionId> = self.sessions.parked.keys().copied().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Takes the parked session `id` out of this engine, with its host end: nothing of it
+    /// stays here (not even a tombstone; the session lives on elsewhere).
+    pub fn export_parked(&mut self, id: SessionId) -> Option<ExportedSession> {
+        let parked = self.sessions.parked.remove(&id)?;
+        let mut hc = parked.hc;
+        self.poller.unregister(hc.sock.raw_fd(), hc.token);
+        let host_done = hc.host_eof();
+        let out_stream: Vec<u8> = std::mem::take(&mut hc.out_stream).into();
+        let out_msgs: Vec<Vec<u8>> = std::mem::take(&mut hc.out_msgs).into();
+        let socket_type = hc.socket_type;
+        let Some(SessionState::Live(link)) = hc.session.take().map(|b| *b) else {
+            unreachable!("parked sessions are live");
+        };
+        let (message_ends, messages_acked) = match &link.messages {
+            None => (Vec::new(), 0),
+            Some(log) => (log.ends.iter().copied().collect(), log.acked),
+        };
+        let tail_start = link.to_guest.start();
+        let snapshot = SessionSnapshot {
+            id,
+            secret: link.secret,
+            nonce: link.nonce,
+            prev_nonce: link.prev_nonce,
+            socket_type,
+            received: link.received,
+            guest_done: link.guest_done,
+            host_done,
+            tail_start,
+            tail: link.to_guest.copy_range(tail_start, link.to_guest.end()),
+            message_ends,
+            messages_acked,
+        };
+        VmStats::inc(&self.shared.stats.sessions_exported);
+        info!(vm = %self.shared.name, session = %id, tail = snapshot.tail.len(), outbox = out_stream.len() + out_msgs.len(), "parked session exported");
+        Some(ExportedSession {
+            snapshot,
+            target: link.target,
+            host: hc.sock,
+            out_stream,
+            out_msgs,
+        })
+    }
+
+    /// Puts a session exported by another engine (of this domain, on another host or
+    /// before a restart of its QEMU) in as parked: the guest's next RESUME finds it here.
+    pub fn import_parked(&mut self, s: ExportedSession) -> Result<(), ImportError> {
+        let snap = s.snapshot;
+        let id = snap.id;
+        if self.locate_session(id).is_some() {
+            return Err(ImportError::Exists(id));
+        }
+        if self.sessions.live + self.sessions.parked.len() >= MAX_SESSIONS_PER_VM {
+            return Err(ImportError::TooMany);
+        }
+        if snap.tail.len() > SESSION_REPLAY_BYTES {
+            return Err(ImportError::TooLarge(snap.tail.len()));
+        }
+        let type_ok = matches!(
+            (&s.host, snap.socket_type),
+            (HostSocket::Stream(_), SocketType::Stream)
+                | (HostSocket::SeqPacket(_), SocketType::SeqPacket)
+        );
+        if !type_ok {
+            return Err(ImportError::WrongSocket(snap.socket_type));
+        }
+        let token = self
+            .poller
+            .register(s.host.raw_fd(), Target::Parked(id))
+            .map_err(|e| ImportError::Register(e.to_string()))?;
+        let mut to_guest = ReplayBuffer::starting_at(SESSION_REPLAY_BYTES, snap.tail_start);
+        to_guest.record(&snap.tail);
+        let messages = (snap.socket_type == SocketType::SeqPacket).then(|| MessageLog {
+            ends: snap.message_ends.iter().copied().collect(),
+            acked: snap.messages_acked,
+            replay: VecDeque::new(),
+        });
+        let link = SessionLink {
+            id,
+            secret: snap.secret,
+            nonce: snap.nonce,
+            prev_nonce: snap.prev_nonce,
+            target: s.target,
+            to_guest,
+            acked: CounterExtender::new(snap.tail_start, 0),
+            greeting_len: 0,
+            received: snap.received,
+            carried: 0,
+            guest_done: snap.guest_done,
+            messages,
+            ack_requested: false,
+        };
+        // The key only names the connection in logs until a RESUME gives it a real one.
+        let key = ConnKey {
+            local: domsock_proto::VsockAddr::new(
+                Cid::HOST,
+                domsock_migration::session::SESSION_PORT,
+            ),
+            peer: domsock_proto::VsockAddr::new(self.shared.cid, Port(0)),
+        };
+        let mut hc = HostConn::new(
+            s.host,
+            token,
+            key,
+            snap.socket_type,
+            super::conn::Origin::Guest,
+        );
+        hc.out_stream = s.out_stream.into();
+        hc.out_msgs = s.out_msgs.into();
+        if snap.host_done {
+            hc.note_eof();
+        }
+        hc.session = Some(Box::new(SessionState::Live(link)));
+        VmStats::inc(&self.shared.stats.sessions_imported);
+        info!(vm = %self.shared.name, session = %id, tail = snap.tail.len(), "session imported, parked until its guest resumes");
+        let mut parked = Parked { hc, deadline: None };
+        if !self.serve_parked(&mut parked) {
+            self.drop_parked(id, parked, false);
+            return Ok(());
+        }
+        self.sessions.parked.insert(id, parked);
+        // Its deadline is set by the next timer pass.
+        let _ = self.shared.wake.write(1);
+        Ok(())
     }
 }

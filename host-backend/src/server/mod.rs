@@ -115,19 +115,17 @@ impl VmServer {
         self.port.clone()
     }
 
-    /// Serves frontends one after another, forever, routing to other guests through
-    /// `router`.
-    pub fn run(mut self, router: Arc<Router>) {
+    /// The VM's engine, routing to other domains through `router`: it lives as long as
+    /// the VM is served, across frontends ([`VmServer::run`]).
+    pub fn engine(&self, router: Arc<Router>) -> std::io::Result<Arc<Mutex<DataPlane>>> {
+        DataPlane::with_router(self.shared.clone(), router, self.port.clone())
+            .map(|p| Arc::new(Mutex::new(p)))
+    }
+
+    /// Serves frontends one after another, forever, driving `plane` (from
+    /// [`VmServer::engine`]).
+    pub fn run(mut self, plane: Arc<Mutex<DataPlane>>) {
         let name = self.shared.name.clone();
-        let plane = loop {
-            match DataPlane::with_router(self.shared.clone(), router.clone(), self.port.clone()) {
-                Ok(p) => break Arc::new(Mutex::new(p)),
-                Err(e) => {
-                    error!(vm = %name, error = %e, "cannot create the data plane");
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-            }
-        };
         loop {
             if let Err(e) = self.serve_one(&plane) {
                 error!(vm = %name, error = %e, "frontend session failed");
@@ -187,6 +185,9 @@ impl VmServer {
                 .map_err(|e| format!("registering backend fd: {e}"))?;
         }
         info!(vm = %self.shared.name, "frontend connected");
+        self.shared
+            .frontend
+            .store(true, std::sync::atomic::Ordering::Release);
         let handler_end = {
             let private = PrivateListener::bind().map_err(|e| format!("relay socket: {e}"))?;
             let path = private
@@ -205,6 +206,9 @@ impl VmServer {
         let relay = Relay::spawn(&self.shared.name, frontend, handler_end, device.clone())
             .map_err(|e| format!("starting the relay: {e}"))?;
         let result = daemon.wait();
+        self.shared
+            .frontend
+            .store(false, std::sync::atomic::Ordering::Release);
         relay.shutdown();
         device.end();
         device.signal_exit();

@@ -6,9 +6,15 @@
 //! corpus and regression input through the same functions on stable Rust.
 
 mod session_machine;
+mod session_snapshot;
 mod session_wire;
 mod snapshot;
+mod tunnel_model;
+mod tunnel_wire;
 
 pub use session_machine::session_machine;
+pub use session_snapshot::session_snapshot;
 pub use session_wire::session_wire;
 pub use snapshot::snapshot;
+pub use tunnel_model::tunnel_model;
+pub use tunnel_wire::tunnel_wire;

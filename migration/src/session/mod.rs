@@ -61,6 +61,7 @@
 
 pub mod proof;
 pub mod replay;
+pub mod snapshot;
 pub mod wire;
 
 use domsock_proto::Port;
@@ -82,6 +83,28 @@ impl fmt::Display for SessionId {
             write!(f, "{b:02x}")?;
         }
         Ok(())
+    }
+}
+
+impl SessionId {
+    /// All 16 bytes in lowercase hex (32 characters), as a guest program prints it for
+    /// another to name the session; [`SessionId::from_hex`] reads it back.
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses 32 hex digits (either case); `None` for anything else.
+    pub fn from_hex(s: &str) -> Option<SessionId> {
+        let s = s.as_bytes();
+        if s.len() != 32 {
+            return None;
+        }
+        let digit = |c: u8| char::from(c).to_digit(16).map(|d| d as u8);
+        let mut id = [0u8; 16];
+        for (i, b) in id.iter_mut().enumerate() {
+            *b = digit(s[2 * i])? << 4 | digit(s[2 * i + 1])?;
+        }
+        Some(SessionId(id))
     }
 }
 
@@ -150,6 +173,35 @@ impl CounterExtender {
 mod tests {
     use super::replay::ReplayBuffer;
     use super::*;
+
+    #[test]
+    fn session_ids_round_trip_through_hex() {
+        let id = SessionId([0xa5, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 0xff]);
+        assert_eq!(id.hex(), "a5000102030405060708090a0b0c0dff");
+        assert_eq!(SessionId::from_hex(&id.hex()), Some(id));
+        assert_eq!(
+            SessionId::from_hex("A5000102030405060708090A0B0C0DFF"),
+            Some(id)
+        );
+        assert_eq!(
+            id.to_string(),
+            "a500010203040506",
+            "logs show the first 8 bytes"
+        );
+        for bad in [
+            "",
+            "a5",
+            &id.hex()[1..],
+            &format!("{}0", id.hex()),
+            &"g".repeat(32),
+        ] {
+            assert_eq!(SessionId::from_hex(bad), None, "{bad:?}");
+        }
+        assert_eq!(
+            SessionId::from_hex("+5000102030405060708090a0b0c0dff"),
+            None
+        );
+    }
 
     #[test]
     fn counters_extend_across_the_32_bit_wrap() {

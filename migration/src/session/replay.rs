@@ -63,6 +63,15 @@ impl ReplayBuffer {
         }
     }
 
+    /// An empty buffer whose next byte is at `start` (a session moved from another host
+    /// resumes its offsets).
+    pub fn starting_at(capacity: usize, start: u64) -> Self {
+        Self {
+            start,
+            ..Self::new(capacity)
+        }
+    }
+
     /// Its bound.
     pub fn capacity(&self) -> usize {
         self.capacity

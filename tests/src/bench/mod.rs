@@ -10,6 +10,7 @@
 pub mod baseline;
 pub mod peer;
 pub mod report;
+pub mod tunnel;
 pub mod vsock;
 
 use std::time::Duration;

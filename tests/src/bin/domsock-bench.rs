@@ -3,8 +3,13 @@
 //! table with ratios and writes JSON.
 //!
 //! ```text
-//! domsock-bench [--quick] [--json PATH] [--no-peer] [--no-baselines]
+//! domsock-bench [--quick] [--json PATH] [--no-peer] [--no-baselines] [--no-tunnel]
+//!               [--tunnel-only]
 //! ```
+//! The tunnel rows (one channel through the domsockd tunnel against plain rustls TLS and
+//! raw TCP over a veth pair between two network namespaces, then 64 channels and 63 with
+//! one stalled) need root for `ip netns`; without it they run over loopback and say so.
+//! `--tunnel-only` runs just them.
 //! `--quick` runs every scenario briefly (smoke test); `--no-peer` skips vhost-device-vsock;
 //! `--no-baselines` skips the Unix-pair and TCP runs (for profiling one backend);
 //! `DOMSOCKD=<path>` picks the domsockd binary (default `target/release/domsockd`);
@@ -16,8 +21,8 @@
 use domsock_tests::artifacts;
 use domsock_tests::bench::report::Results;
 use domsock_tests::bench::{
-    baseline, median_latency, median_throughput, peer, vsock, Measurement, Outcome, Plan, Scenario,
-    Transport, RR_SIZE, WRITE_SIZES,
+    baseline, median_latency, median_throughput, peer, tunnel, vsock, Measurement, Outcome, Plan,
+    Scenario, Transport, RR_SIZE, WRITE_SIZES,
 };
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
@@ -29,6 +34,8 @@ struct Args {
     json: PathBuf,
     peer: bool,
     baselines: bool,
+    tunnel: bool,
+    vsock: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -37,6 +44,8 @@ fn parse_args() -> Result<Args, String> {
         json: artifacts::workspace_root().join("target/bench/bench.json"),
         peer: true,
         baselines: true,
+        tunnel: true,
+        vsock: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -44,6 +53,11 @@ fn parse_args() -> Result<Args, String> {
             "--quick" => args.quick = true,
             "--no-peer" => args.peer = false,
             "--no-baselines" => args.baselines = false,
+            "--no-tunnel" => args.tunnel = false,
+            "--tunnel-only" => {
+                args.vsock = false;
+                args.baselines = false;
+            }
             "--json" => args.json = it.next().ok_or("--json needs a path")?.into(),
             "-h" | "--help" => {
                 return Err("usage: domsock-bench [--quick] [--json PATH] [--no-peer]".into())
@@ -103,6 +117,17 @@ fn baselines(plan: &Plan, results: &mut Results) {
 }
 
 fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("--tunnel-role") {
+        // One side of a tunnel row, re-executed in its network namespace.
+        return match tunnel::role(&argv[2..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tunnel role {:?}: {e}", &argv[2..]);
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
@@ -136,7 +161,10 @@ fn main() -> ExitCode {
         PathBuf::from,
     );
     let mut backends = vec![(Transport::Domsockd, Ok(domsockd))];
-    if args.peer {
+    if !args.vsock {
+        backends.clear();
+    }
+    if args.peer && args.vsock {
         backends.push((Transport::VhostDeviceVsock, peer::ensure_peer()));
     }
     for (transport, binary) in backends {
@@ -154,11 +182,26 @@ fn main() -> ExitCode {
         }
     }
 
+    let tunnel_report = args.tunnel.then(|| {
+        eprintln!("tunnel (veth between network namespaces) ...");
+        tunnel::run_all(&plan)
+    });
+
     println!("{}", results.table());
+    if let Some(t) = &tunnel_report {
+        println!("{}", t.table());
+    }
     if let Some(dir) = args.json.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    match std::fs::write(&args.json, results.json()) {
+    let mut json = results.json();
+    if let Some(t) = &tunnel_report {
+        // One more top-level member before the closing brace.
+        if let Some(at) = json.rfind('}') {
+            json.replace_range(at.., &format!(",\n  \"tunnel\": {}\n}}\n", t.json()));
+        }
+    }
+    match std::fs::write(&args.json, json) {
         Ok(()) => println!("JSON: {}", args.json.display()),
         Err(e) => eprintln!("cannot write {}: {e}", args.json.display()),
     }

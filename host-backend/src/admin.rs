@@ -1,0 +1,226 @@
+//! The admin service: a Unix socket (`--admin-socket`, config `admin-socket`) on which
+//! the host's tools (`domsock migrate`, operators) ask domsockd what it serves.
+//!
+//! Protocol version 1: one JSON object per line each way. Every request has `"v": 1` and
+//! an `"op"`; every reply has `"v": 1` and `"ok"`, and either the op's fields or
+//! `"error"` (a sentence). A connection may send many requests; requests are handled one
+//! at a time, in order.
+//!
+//! | op | request fields | reply fields |
+//! |---|---|---|
+//! | `status` | | `vms`: `[{name, namespace, cid, frontend, device_running, sessions_live, sessions_parked, counters}]` |
+//! | `sessions` | `vm` | `parked`: session ids (hex) parked in that VM's engine |
+//! | `adopt` | `vm`, `from` | (destination of a migration: expect the domain from host `from`) |
+//! | `export` | `vm`, `to` | `sessions`: parked sessions handed to host `to` |
+//!
+//! `frontend` says a QEMU is connected; `device_running` that the guest's driver runs the
+//! device (both data queues), so a guest is really reachable only when both hold.
+//!
+//! Bounds: a request line is at most [`MAX_REQUEST_BYTES`]; at most
+//! [`MAX_ADMIN_CONNS`] connections at once (more are closed at once); a connection idle
+//! for [`ADMIN_IDLE`] is closed. The socket is created mode 0600: whoever may use it may
+//! see every domain.
+//!
+//! What it does not do (yet): carry sessions to another host. `export` of a domain with
+//! parked sessions is refused with the reason (so a migration rolls back rather than
+//! stranding them) until the tunnel between hosts carries them.
+
+use crate::engine::DataPlane;
+use crate::metrics::VmStats;
+use crate::server::device::lock_plane;
+use crate::vm::VmShared;
+use serde_json::{json, Value};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Protocol version.
+pub const ADMIN_VERSION: u64 = 1;
+/// Longest request line.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Connections served at once.
+pub const MAX_ADMIN_CONNS: usize = 16;
+/// An idle connection is closed after this long.
+pub const ADMIN_IDLE: Duration = Duration::from_secs(30);
+
+/// One served VM, as the admin service sees it.
+#[derive(Debug, Clone)]
+pub struct AdminVm {
+    /// Its shared state (name, CID, counters, frontend flag).
+    pub shared: Arc<VmShared>,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its engine.
+    pub plane: Arc<Mutex<DataPlane>>,
+}
+
+/// Binds `path` (replacing a stale socket) and serves it on a thread of its own.
+pub fn spawn(path: &Path, vms: Vec<AdminVm>) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    info!(path = %path.display(), "admin service listening");
+    let vms = Arc::new(vms);
+    let open = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                if open.fetch_add(1, Ordering::AcqRel) >= MAX_ADMIN_CONNS {
+                    open.fetch_sub(1, Ordering::AcqRel);
+                    continue; // dropped: closed at once
+                }
+                let (vms, open) = (vms.clone(), open.clone());
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("admin-conn".into())
+                        .spawn(move || {
+                            if let Err(e) = serve(conn, &vms) {
+                                tracing::debug!(error = %e, "admin connection ended");
+                            }
+                            open.fetch_sub(1, Ordering::AcqRel);
+                        });
+                if spawned.is_err() {
+                    warn!("cannot start an admin connection thread");
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn serve(conn: UnixStream, vms: &[AdminVm]) -> io::Result<()> {
+    conn.set_read_timeout(Some(ADMIN_IDLE))?;
+    conn.set_write_timeout(Some(ADMIN_IDLE))?;
+    let mut out = conn.try_clone()?;
+    let mut reader = BufReader::new(conn);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut reader)
+            .take(MAX_REQUEST_BYTES as u64 + 1)
+            .read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if line.last() != Some(&b'\n') {
+            let reply = error_reply(if n > MAX_REQUEST_BYTES {
+                "request line too long"
+            } else {
+                "request line not terminated"
+            });
+            writeln!(out, "{reply}")?;
+            return Ok(());
+        }
+        let reply = handle(&line, vms);
+        writeln!(out, "{reply}")?;
+    }
+}
+
+fn error_reply(why: &str) -> Value {
+    json!({"v": ADMIN_VERSION, "ok": false, "error": why})
+}
+
+/// Answers one request line.
+pub fn handle(line: &[u8], vms: &[AdminVm]) -> Value {
+    let req: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => return error_reply(&format!("not a JSON object: {e}")),
+    };
+    if req.get("v").and_then(Value::as_u64) != Some(ADMIN_VERSION) {
+        return error_reply("unsupported or missing protocol version \"v\" (this build speaks 1)");
+    }
+    let Some(op) = req.get("op").and_then(Value::as_str) else {
+        return error_reply("missing \"op\"");
+    };
+    let find = |req: &Value| -> Result<&AdminVm, Value> {
+        let name = req
+            .get("vm")
+            .and_then(Value::as_str)
+            .ok_or_else(|| error_reply("missing \"vm\""))?;
+        vms.iter()
+            .find(|v| v.shared.name == name)
+            .ok_or_else(|| error_reply(&format!("no VM named {name:?}")))
+    };
+    match op {
+        "status" => {
+            let list: Vec<Value> = vms.iter().map(vm_status).collect();
+            json!({"v": ADMIN_VERSION, "ok": true, "vms": list})
+        }
+        "sessions" => match find(&req) {
+            Ok(vm) => {
+                let ids: Vec<String> = lock_plane(&vm.plane)
+                    .parked_session_ids()
+                    .iter()
+                    .map(|id| id.0.iter().map(|b| format!("{b:02x}")).collect())
+                    .collect();
+                json!({"v": ADMIN_VERSION, "ok": true, "vm": vm.shared.name, "parked": ids})
+            }
+            Err(e) => e,
+        },
+        // The migration steps of `domsock migrate`. Until the tunnel carries sessions,
+        // a domain moves with its raw connections only (they break, as everywhere):
+        // `adopt` accepts the domain, `export` succeeds when it has nothing parked and
+        // says why not otherwise, so that the orchestrator rolls back instead of
+        // stranding sessions.
+        "adopt" => match (find(&req), req.get("from").and_then(Value::as_str)) {
+            (Ok(vm), Some(from)) => {
+                info!(vm = %vm.shared.name, from, "admin: domain expected from another host");
+                json!({"v": ADMIN_VERSION, "ok": true, "vm": vm.shared.name})
+            }
+            (Err(e), _) => e,
+            (Ok(_), None) => error_reply("missing \"from\""),
+        },
+        "export" => match (find(&req), req.get("to").and_then(Value::as_str)) {
+            (Ok(vm), Some(to)) => {
+                let parked = lock_plane(&vm.plane).parked_sessions();
+                if parked == 0 {
+                    json!({"v": ADMIN_VERSION, "ok": true, "vm": vm.shared.name, "sessions": 0})
+                } else {
+                    error_reply(&format!(
+                        "{parked} parked sessions of {} cannot move to {to}: this build has no tunnel to carry them",
+                        vm.shared.name
+                    ))
+                }
+            }
+            (Err(e), _) => e,
+            (Ok(_), None) => error_reply("missing \"to\""),
+        },
+        other => error_reply(&format!("unknown op {other:?}")),
+    }
+}
+
+fn vm_status(vm: &AdminVm) -> Value {
+    let (running, live, parked) = {
+        let p = lock_plane(&vm.plane);
+        (p.guest_running(), p.live_sessions(), p.parked_sessions())
+    };
+    json!({
+        "name": vm.shared.name,
+        "namespace": vm.namespace,
+        "cid": vm.shared.cid.0,
+        "frontend": vm.shared.frontend.load(Ordering::Acquire),
+        "device_running": running,
+        "sessions_live": live,
+        "sessions_parked": parked,
+        "counters": counters(&vm.shared.stats),
+    })
+}
+
+fn counters(stats: &VmStats) -> Value {
+    Value::Object(
+        stats
+            .snapshot()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), Value::from(v)))
+            .collect(),
+    )
+}

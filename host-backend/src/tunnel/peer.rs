@@ -1,0 +1,398 @@
+//! The tunnel's threads: the listener (accept, TLS handshake, peer identification) and one
+//! driver per peer (dial, read, write, timers, events). The driver is the only owner of its
+//! connection's socket; channel ends reach the endpoint through the peer's mutex and wake
+//! the driver through its eventfd.
+
+use super::{tls, ChannelEnd, PeerShared, ServiceShared};
+use domsock_migration::tunnel::{Event, Millis};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use rustls::pki_types::ServerName;
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{debug, info, warn};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+const BACKOFF_MIN_MS: u64 = 50;
+const BACKOFF_MAX_MS: u64 = 2_000;
+/// Plaintext frames asked of the endpoint per round.
+const TRANSMIT_BUDGET_BYTES: usize = 256 << 10;
+/// TLS reads per wakeup before the driver turns to writing (fairness between directions).
+const READS_PER_ROUND: usize = 32;
+/// rustls' buffer of encrypted bytes not yet written to TCP.
+const TLS_BUFFER_BYTES: usize = 1 << 20;
+
+fn handshake(sock: &mut TcpStream, tls: &mut rustls::Connection) -> io::Result<()> {
+    sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    while tls.is_handshaking() {
+        tls.complete_io(sock)?;
+    }
+    while tls.wants_write() {
+        tls.write_tls(sock)?;
+    }
+    sock.set_read_timeout(None)?;
+    sock.set_write_timeout(None)?;
+    sock.set_nonblocking(true)?;
+    sock.set_nodelay(true)?;
+    Ok(())
+}
+
+/// The listener thread: authenticates each connection and hands it to its peer's driver.
+pub(super) fn listen(svc: Arc<ServiceShared>, listener: TcpListener) {
+    while !svc.stop.load(Ordering::SeqCst) {
+        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        let _ = poll(&mut fds, PollTimeout::from(200u16));
+        let (mut sock, from) = match listener.accept() {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                warn!("tunnel accept: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let refused = |why: String| {
+            svc.refused_peers.fetch_add(1, Ordering::Relaxed);
+            warn!(%from, "tunnel peer refused: {why}");
+        };
+        if sock.set_nonblocking(false).is_err() {
+            continue;
+        }
+        let mut tls = match rustls::ServerConnection::new(svc.tls.server.clone()) {
+            Ok(c) => rustls::Connection::Server(c),
+            Err(e) => {
+                warn!("tunnel TLS: {e}");
+                continue;
+            }
+        };
+        if let Err(e) = handshake(&mut sock, &mut tls) {
+            refused(format!("TLS handshake: {e}"));
+            continue;
+        }
+        let Some(cert) = tls.peer_certificates().and_then(|c| c.first()) else {
+            refused("no certificate".into());
+            continue;
+        };
+        let Some(name) = tls::peer_of(cert, svc.peers.keys().map(|s| s.as_str())) else {
+            refused("certificate names no configured peer".into());
+            continue;
+        };
+        let peer = &svc.peers[name];
+        info!(%from, peer = name, "tunnel connection accepted");
+        tls.set_buffer_limit(Some(TLS_BUFFER_BYTES));
+        peer.lock().incoming = Some((sock, tls));
+        peer.wake();
+    }
+}
+
+struct Conn {
+    sock: TcpStream,
+    tls: rustls::Connection,
+    out: Vec<u8>,
+    out_pos: usize,
+}
+
+impl Conn {
+    fn new(sock: TcpStream, tls: rustls::Connection) -> Self {
+        Self {
+            sock,
+            tls,
+            out: Vec::with_capacity(TRANSMIT_BUDGET_BYTES + (64 << 10)),
+            out_pos: 0,
+        }
+    }
+}
+
+fn dial(svc: &ServiceShared, peer: &PeerShared) -> io::Result<Conn> {
+    let addr = peer
+        .addr
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address configured"))?;
+    let mut sock = TcpStream::connect_timeout(&addr, DIAL_TIMEOUT)?;
+    let name = ServerName::try_from(peer.name.clone())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let c = rustls::ClientConnection::new(svc.tls.client.clone(), name)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let mut tls = rustls::Connection::Client(c);
+    if let Err(e) = handshake(&mut sock, &mut tls) {
+        if e.kind() == io::ErrorKind::InvalidData {
+            svc.refused_peers.fetch_add(1, Ordering::Relaxed);
+        }
+        return Err(e);
+    }
+    tls.set_buffer_limit(Some(TLS_BUFFER_BYTES));
+    Ok(Conn::new(sock, tls))
+}
+
+/// Reads what the socket has and feeds the endpoint. `Err` drops the connection.
+fn read_side(c: &mut Conn, peer: &PeerShared, buf: &mut [u8]) -> io::Result<()> {
+    for _ in 0..READS_PER_ROUND {
+        match c.tls.read_tls(&mut c.sock) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                peer.counters
+                    .bytes_received
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        c.tls
+            .process_new_packets()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        loop {
+            match c.tls.reader().read(buf) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    let now = peer.now();
+                    peer.lock()
+                        .ep
+                        .handle_bytes(now, &buf[..n])
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Moves frames from the endpoint through TLS to the socket until it would block or
+/// nothing is left. Returns whether the socket is backed up (poll for POLLOUT).
+fn write_side(c: &mut Conn, peer: &PeerShared) -> io::Result<bool> {
+    loop {
+        while c.tls.wants_write() {
+            match c.tls.write_tls(&mut c.sock) {
+                Ok(n) => {
+                    peer.counters
+                        .bytes_sent
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if c.out_pos == c.out.len() {
+            c.out.clear();
+            c.out_pos = 0;
+            let now = peer.now();
+            peer.lock()
+                .ep
+                .poll_transmit(now, &mut c.out, TRANSMIT_BUDGET_BYTES);
+            if c.out.is_empty() {
+                return Ok(false);
+            }
+        }
+        let n = c.tls.writer().write(&c.out[c.out_pos..])?;
+        c.out_pos += n;
+        if n == 0 && !c.tls.wants_write() {
+            return Ok(false);
+        }
+    }
+}
+
+/// Acts on the endpoint's events: notifies channel ends, asks the acceptor about OPENs.
+/// Returns whether the link is dead.
+fn handle_events(svc: &ServiceShared, peer: &Arc<PeerShared>) -> bool {
+    let mut dead = false;
+    loop {
+        let (ev, stats, count) = {
+            let mut g = peer.lock();
+            let ev = g.ep.poll_event();
+            if let Some(Event::Changed(id)) = &ev {
+                if let Some(n) = g.ends.get(id) {
+                    let _ = n.write(1);
+                }
+            }
+            (ev, g.ep.stats(), g.ep.channel_count())
+        };
+        let c = &peer.counters;
+        c.frames_sent.store(stats.frames_sent, Ordering::Relaxed);
+        c.frames_received
+            .store(stats.frames_received, Ordering::Relaxed);
+        c.channel_violations
+            .store(stats.violations, Ordering::Relaxed);
+        c.channels_timed_out
+            .store(stats.timed_out_channels, Ordering::Relaxed);
+        c.channels_open.store(count as u64, Ordering::Relaxed);
+        let Some(ev) = ev else {
+            return dead;
+        };
+        match ev {
+            Event::Changed(_) => {}
+            Event::LinkDead => dead = true,
+            Event::Up { fresh } => info!(peer = %peer.name, fresh, "tunnel up"),
+            Event::IncomingOpen {
+                channel,
+                kind,
+                metadata,
+            } => match svc.acceptor.on_open(&peer.name, &metadata, kind) {
+                Ok(()) => {
+                    let Ok(notify) = EventFd::new(EFD_NONBLOCK) else {
+                        peer.lock().ep.refuse(
+                            channel,
+                            domsock_migration::tunnel::RefusalCode::TooMany,
+                            "no eventfd",
+                        );
+                        continue;
+                    };
+                    let notify = Arc::new(notify);
+                    let ok = {
+                        let mut g = peer.lock();
+                        let ok = g.ep.accept(channel).is_ok();
+                        if ok {
+                            g.ends.insert(channel, notify.clone());
+                        }
+                        ok
+                    };
+                    if ok {
+                        svc.acceptor.accepted(
+                            ChannelEnd {
+                                peer: peer.clone(),
+                                id: channel,
+                                kind,
+                                notify,
+                            },
+                            metadata,
+                        );
+                    }
+                }
+                Err(r) => peer.lock().ep.refuse(channel, r.code, &r.text),
+            },
+        }
+    }
+}
+
+/// The driver of one peer's tunnel.
+pub(super) fn run(svc: Arc<ServiceShared>, peer: Arc<PeerShared>) {
+    let dials = peer.lock().ep.dials();
+    let mut conn: Option<Conn> = None;
+    let mut next_dial = Millis(0);
+    let mut backoff = BACKOFF_MIN_MS;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut ever_connected = false;
+    while !svc.stop.load(Ordering::SeqCst) {
+        let now = peer.now();
+        let mut fresh = None;
+        if let Some((sock, tls)) = peer.lock().incoming.take() {
+            fresh = Some(Conn::new(sock, tls));
+        }
+        if fresh.is_none() && conn.is_none() && dials && now >= next_dial {
+            match dial(&svc, &peer) {
+                Ok(c) => {
+                    fresh = Some(c);
+                    backoff = BACKOFF_MIN_MS;
+                }
+                Err(e) => {
+                    debug!(peer = %peer.name, "tunnel dial: {e}");
+                    next_dial = peer.now().plus_ms(backoff);
+                    backoff = (backoff * 2).min(BACKOFF_MAX_MS);
+                }
+            }
+        }
+        if let Some(c) = fresh {
+            if let Some(old) = conn.replace(c) {
+                let _ = old.sock.shutdown(std::net::Shutdown::Both);
+            }
+            peer.counters.connections.fetch_add(1, Ordering::Relaxed);
+            if ever_connected {
+                peer.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+            }
+            ever_connected = true;
+            let now = peer.now();
+            peer.lock().ep.connected(now);
+        }
+        let mut backed_up = false;
+        if let Some(c) = &mut conn {
+            let r = read_side(c, &peer, &mut buf);
+            let now = peer.now();
+            peer.lock().ep.handle_timeout(now);
+            let dead = handle_events(&svc, &peer);
+            let r = r.and_then(|()| {
+                if dead {
+                    Err(io::Error::new(io::ErrorKind::TimedOut, "keepalive"))
+                } else {
+                    write_side(c, &peer)
+                }
+            });
+            match r {
+                Ok(b) => backed_up = b,
+                Err(e) => {
+                    info!(peer = %peer.name, "tunnel connection lost: {e}");
+                    peer.counters.link_errors.fetch_add(1, Ordering::Relaxed);
+                    let _ = c.sock.shutdown(std::net::Shutdown::Both);
+                    conn = None;
+                    let now = peer.now();
+                    peer.lock().ep.disconnected(now);
+                    next_dial = now.plus_ms(backoff);
+                }
+            }
+        } else {
+            peer.lock().ep.handle_timeout(now);
+            handle_events(&svc, &peer);
+        }
+        // Wait for the socket, a wakeup, or the next timer.
+        let now = peer.now();
+        let mut deadline = peer.lock().ep.poll_timeout();
+        if conn.is_none() && dials {
+            deadline = Some(deadline.map_or(next_dial, |d| d.min(next_dial)));
+        }
+        let wait_ms = deadline.map_or(1_000, |d| d.0.saturating_sub(now.0).min(1_000));
+        let timeout = PollTimeout::from(wait_ms as u16);
+        let events = if backed_up {
+            PollFlags::POLLIN | PollFlags::POLLOUT
+        } else {
+            PollFlags::POLLIN
+        };
+        let _ = match &conn {
+            Some(c) => poll(
+                &mut [
+                    PollFd::new(peer.wake.as_fd_ref(), PollFlags::POLLIN),
+                    PollFd::new(c.sock.as_fd(), events),
+                ],
+                timeout,
+            ),
+            None => poll(
+                &mut [PollFd::new(peer.wake.as_fd_ref(), PollFlags::POLLIN)],
+                timeout,
+            ),
+        };
+        let _ = peer.wake.read();
+    }
+    if let Some(c) = conn {
+        let _ = c.sock.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+trait PlusMs {
+    fn plus_ms(self, ms: u64) -> Millis;
+}
+
+impl PlusMs for Millis {
+    fn plus_ms(self, ms: u64) -> Millis {
+        Millis(self.0.saturating_add(ms))
+    }
+}
+
+trait AsFdRef {
+    fn as_fd_ref(&self) -> std::os::fd::BorrowedFd<'_>;
+}
+
+impl AsFdRef for EventFd {
+    fn as_fd_ref(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the eventfd is owned by `self` and stays open for the borrow.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::os::fd::BorrowedFd::borrow_raw(self.as_raw_fd())
+        }
+    }
+}

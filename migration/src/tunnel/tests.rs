@@ -1,0 +1,359 @@
+//! Two endpoints in memory under simulated time.
+
+use super::wire::{self, Frame};
+use super::*;
+
+struct Net {
+    a: Endpoint,
+    b: Endpoint,
+    now: Millis,
+}
+
+fn cfg() -> EndpointConfig {
+    EndpointConfig {
+        buf_alloc_bytes: 4096,
+        keepalive_idle_ms: 100,
+        keepalive_dead_ms: 1_000,
+        resume_timeout_ms: 3_000,
+        max_channels: 16,
+    }
+}
+
+impl Net {
+    fn new() -> Self {
+        let mut n = Net {
+            a: Endpoint::new(cfg(), "a", "b", Incarnation([1; 16]), Millis(0)),
+            b: Endpoint::new(cfg(), "b", "a", Incarnation([2; 16]), Millis(0)),
+            now: Millis(0),
+        };
+        n.a.connected(n.now);
+        n.b.connected(n.now);
+        n.pump();
+        n
+    }
+
+    /// Moves everything both ways until quiet; accepts every OPEN. Returns B's events.
+    fn pump(&mut self) -> Vec<Event> {
+        let mut seen = Vec::new();
+        for _ in 0..1000 {
+            let mut out = Vec::new();
+            self.a.poll_transmit(self.now, &mut out, 1 << 20);
+            self.b.handle_bytes(self.now, &out).expect("a's bytes");
+            let mut back = Vec::new();
+            self.b.poll_transmit(self.now, &mut back, 1 << 20);
+            self.a.handle_bytes(self.now, &back).expect("b's bytes");
+            for ep in [&mut self.a, &mut self.b] {
+                while let Some(e) = ep.poll_event() {
+                    if let Event::IncomingOpen { channel, .. } = e {
+                        ep.accept(channel).expect("accept");
+                    }
+                    seen.push(e);
+                }
+            }
+            if out.is_empty() && back.is_empty() {
+                break;
+            }
+        }
+        seen
+    }
+
+    fn reconnect(&mut self) {
+        self.a.connected(self.now);
+        self.b.connected(self.now);
+    }
+}
+
+fn drain(ep: &mut Endpoint, ch: ChannelId) -> Vec<u8> {
+    let mut v = Vec::new();
+    let mut buf = [0u8; 1000];
+    while let Ok(n) = ep.read(ch, &mut buf) {
+        if n == 0 {
+            break;
+        }
+        v.extend_from_slice(&buf[..n]);
+    }
+    v
+}
+
+#[test]
+fn stream_and_seqpacket_roundtrip() {
+    let mut n = Net::new();
+    let s = n.a.open(ChannelKind::Stream, b"meta", n.now).unwrap();
+    let q = n.b.open(ChannelKind::SeqPacket, b"", n.now).unwrap();
+    assert_eq!(s.0 % 2, 0, "a sorts lower: even ids");
+    assert_eq!(q.0 % 2, 1);
+    assert_eq!(n.a.state(s), Ok(ChannelState::Opening));
+    assert_eq!(n.a.write(s, b"x"), Err(ChannelError::WouldBlock));
+    let ev = n.pump();
+    assert!(ev.contains(&Event::IncomingOpen {
+        channel: s,
+        kind: ChannelKind::Stream,
+        metadata: b"meta".to_vec()
+    }));
+    assert_eq!(n.a.state(s), Ok(ChannelState::Open));
+    assert_eq!(n.a.write(s, b"hello "), Ok(6));
+    assert_eq!(n.a.write(s, b"world"), Ok(5));
+    n.b.send_msg(q, b"one").unwrap();
+    n.b.send_msg(q, b"two!").unwrap();
+    n.pump();
+    assert_eq!(drain(&mut n.b, s), b"hello world");
+    let mut buf = [0u8; 2];
+    assert_eq!(
+        n.a.recv_msg(q, &mut buf),
+        Ok(Some(3)),
+        "truncated, full length"
+    );
+    assert_eq!(&buf, b"on");
+    let mut buf = [0u8; 10];
+    assert_eq!(n.a.recv_msg(q, &mut buf), Ok(Some(4)));
+    assert_eq!(&buf[..4], b"two!");
+    assert_eq!(n.a.recv_msg(q, &mut buf), Err(ChannelError::WouldBlock));
+    // Shutdown: EOF after the data.
+    n.a.write(s, b"tail").unwrap();
+    n.a.shutdown(s, false, true).unwrap();
+    assert_eq!(n.a.write(s, b"more"), Err(ChannelError::BrokenPipe));
+    n.pump();
+    assert_eq!(
+        n.b.state(s),
+        Ok(ChannelState::PeerShutdown {
+            rd: false,
+            wr: true
+        })
+    );
+    let mut buf = [0u8; 10];
+    assert_eq!(n.b.read(s, &mut buf), Ok(4));
+    assert_eq!(n.b.read(s, &mut buf), Ok(0), "EOF");
+    // Close: the peer sees it, and both forget the channel.
+    n.b.close(s);
+    n.pump();
+    assert_eq!(
+        n.a.state(s),
+        Ok(ChannelState::Broken(BrokenReason::PeerClosed(
+            CloseReason::Normal
+        )))
+    );
+    n.a.close(s);
+    assert_eq!(n.a.channel_count(), 1);
+    assert_eq!(n.b.channel_count(), 1);
+}
+
+#[test]
+fn credit_bounds_the_sender_and_a_stalled_channel_stalls_only_itself() {
+    let mut n = Net::new();
+    let stalled = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    let busy = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    n.pump();
+    let block = vec![7u8; 10_000];
+    assert_eq!(n.a.write(stalled, &block), Ok(4096), "the window, no more");
+    assert_eq!(n.a.write(stalled, &block), Err(ChannelError::WouldBlock));
+    let mut got = 0;
+    for _ in 0..50 {
+        got += match n.a.write(busy, &block) {
+            Ok(k) => k,
+            Err(ChannelError::WouldBlock) => 0,
+            Err(e) => panic!("{e}"),
+        };
+        n.pump();
+        drain(&mut n.b, busy);
+        n.pump();
+    }
+    assert!(got >= 50 * 4096, "busy channel moved {got} bytes");
+    let c = n.b.counters(stalled).unwrap();
+    assert_eq!((c.received, c.consumed), (4096, 0));
+    assert_eq!(drain(&mut n.b, stalled).len(), 4096);
+    n.pump();
+    assert_eq!(n.a.write(stalled, &block), Ok(4096), "credit came back");
+}
+
+#[test]
+fn a_cut_mid_stream_resumes_without_loss_or_duplication() {
+    let mut n = Net::new();
+    let ch = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    n.pump();
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i * 13) as u8).collect();
+    let mut written = 0;
+    let mut got = Vec::new();
+    let mut cuts = 0;
+    while got.len() < data.len() {
+        if written < data.len() {
+            written += n.a.write(ch, &data[written..]).unwrap_or(0);
+        }
+        let mut out = Vec::new();
+        n.a.poll_transmit(n.now, &mut out, 1);
+        // Deliver half a frame, then cut: the rest is lost with the connection.
+        let half = out.len() / 2;
+        n.b.handle_bytes(n.now, &out[..half]).unwrap();
+        if cuts < 5 {
+            cuts += 1;
+            n.reconnect();
+        } else {
+            n.b.handle_bytes(n.now, &out[half..]).unwrap();
+        }
+        n.pump();
+        got.extend(drain(&mut n.b, ch));
+    }
+    assert_eq!(got, data);
+    assert!(n.a.stats().resumes >= 5);
+}
+
+#[test]
+fn tunnel_down_past_the_timeout_times_out_both_ends() {
+    let mut n = Net::new();
+    let ch = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    n.pump();
+    n.a.write(ch, b"unacked").unwrap();
+    n.a.disconnected(n.now);
+    n.b.disconnected(n.now);
+    n.now = Millis(2_999);
+    n.a.handle_timeout(n.now);
+    n.b.handle_timeout(n.now);
+    assert_eq!(n.a.state(ch), Ok(ChannelState::Open));
+    assert_eq!(n.a.poll_timeout(), Some(Millis(3_000)));
+    n.now = Millis(3_000);
+    n.a.handle_timeout(n.now);
+    n.b.handle_timeout(n.now);
+    assert_eq!(n.a.state(ch), Ok(ChannelState::TimedOut));
+    assert_eq!(n.b.state(ch), Ok(ChannelState::TimedOut));
+    let mut buf = [0u8; 4];
+    assert_eq!(
+        n.b.read(ch, &mut buf),
+        Err(ChannelError::NotOpen(ChannelState::TimedOut))
+    );
+    assert_eq!(
+        n.a.write(ch, b"x"),
+        Err(ChannelError::NotOpen(ChannelState::TimedOut))
+    );
+    // A later connection starts fresh.
+    n.a.close(ch);
+    n.b.close(ch);
+    n.reconnect();
+    let ev = n.pump();
+    assert!(ev.contains(&Event::Up { fresh: true }));
+}
+
+#[test]
+fn a_restarted_peer_breaks_its_channels() {
+    let mut n = Net::new();
+    let ch = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    n.pump();
+    n.b = Endpoint::new(cfg(), "b", "a", Incarnation([3; 16]), n.now);
+    n.reconnect();
+    n.pump();
+    assert_eq!(
+        n.a.state(ch),
+        Ok(ChannelState::Broken(BrokenReason::PeerRestarted))
+    );
+}
+
+#[test]
+fn keepalive_pings_when_idle_and_declares_a_silent_link_dead() {
+    let mut n = Net::new();
+    n.now = Millis(100);
+    n.a.handle_timeout(n.now);
+    let mut out = Vec::new();
+    n.a.poll_transmit(n.now, &mut out, 1000);
+    assert!(matches!(
+        wire::decode(&out),
+        Ok(Some((Frame::Ping { .. }, _)))
+    ));
+    n.now = Millis(1_000);
+    n.a.handle_timeout(n.now);
+    assert_eq!(n.a.poll_event(), Some(Event::LinkDead));
+    assert!(!n.a.is_up());
+}
+
+#[test]
+fn a_peer_overrunning_its_credit_resets_only_that_channel() {
+    let mut n = Net::new();
+    let ch = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    let other = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    n.pump();
+    let big = vec![0u8; 5000];
+    let forged = Frame::Data {
+        channel: ch,
+        offset: 0,
+        eor: false,
+        bytes: &big,
+    }
+    .to_vec();
+    n.b.handle_bytes(n.now, &forged)
+        .expect("a channel error, not a link error");
+    assert_eq!(
+        n.b.state(ch),
+        Ok(ChannelState::Broken(BrokenReason::Violation))
+    );
+    assert_eq!(n.b.stats().violations, 1);
+    n.a.write(other, b"fine").unwrap();
+    n.pump();
+    assert_eq!(drain(&mut n.b, other), b"fine");
+    assert_eq!(
+        n.a.state(ch),
+        Ok(ChannelState::Broken(BrokenReason::PeerClosed(
+            CloseReason::ProtocolViolation
+        )))
+    );
+}
+
+#[test]
+fn wrong_host_and_frames_before_hello_drop_the_link() {
+    let mut a = Endpoint::new(cfg(), "a", "b", Incarnation([1; 16]), Millis(0));
+    a.connected(Millis(0));
+    let ping = Frame::Ping { nonce: 1 }.to_vec();
+    assert!(matches!(
+        a.handle_bytes(Millis(0), &ping),
+        Err(LinkError::OutOfOrder(_))
+    ));
+    a.connected(Millis(0));
+    let hello = Frame::Hello {
+        host: "c".into(),
+        incarnation: Incarnation([9; 16]),
+        resume: vec![],
+    }
+    .to_vec();
+    assert!(matches!(
+        a.handle_bytes(Millis(0), &hello),
+        Err(LinkError::WrongHost { .. })
+    ));
+}
+
+#[test]
+fn refused_open_is_reported() {
+    let mut n = Net::new();
+    let ch = n.a.open(ChannelKind::Stream, b"x", n.now).unwrap();
+    let mut out = Vec::new();
+    n.a.poll_transmit(n.now, &mut out, 1 << 20);
+    n.b.handle_bytes(n.now, &out).unwrap();
+    let Some(Event::IncomingOpen { channel, .. }) = n.b.poll_event() else {
+        panic!("no open");
+    };
+    n.b.refuse(channel, RefusalCode::Policy, "no");
+    n.pump();
+    assert_eq!(
+        n.a.state(ch),
+        Ok(ChannelState::Refused(RefusalCode::Policy))
+    );
+    assert_eq!(n.b.channel_count(), 0);
+}
+
+/// The fuzz target's model with pseudo-random event streams (the corpus test replays the
+/// stored ones).
+#[test]
+fn model_under_random_events() {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for round in 0..300 {
+        let len = 30 + round * 7 % 3000;
+        let data: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        let r = std::panic::catch_unwind(|| crate::fuzzing::tunnel_model(&data));
+        if r.is_err() {
+            std::fs::write(format!("/tmp/tunnel-model-fail-{round}"), &data).ok();
+            panic!("model failed at round {round} (input in /tmp/tunnel-model-fail-{round})");
+        }
+    }
+}

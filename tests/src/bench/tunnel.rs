@@ -1,0 +1,695 @@
+//! The tunnel rows: one channel through the domsockd tunnel against a plain rustls TLS
+//! stream (same certificates and rustls configuration) and raw TCP, all with 64 KiB
+//! writes between two network namespaces joined by a veth pair; then 64 channels sharing
+//! one tunnel, and 63 busy channels beside one stalled one.
+//!
+//! The namespaces are `ds-bench-a` and `ds-bench-b` (veth `ds-bench-va`/`ds-bench-vb`,
+//! 198.18.0.1 and 198.18.0.2, the RFC 2544 benchmarking range, reachable only between the
+//! two namespaces), created for the run and deleted afterwards. Each side is this binary
+//! re-executed in its namespace (`--tunnel-role ...`), so no thread changes namespace.
+//! Without `ip netns` (not root, no iproute2), both sides run on 127.0.0.1 and the table
+//! says so.
+//!
+//! Each measurement: the sender writes for the plan's duration, shuts its write side, and
+//! stops the clock when the receiver has confirmed the byte count (an 8-byte reply), so
+//! everything counted was delivered.
+
+use super::Plan;
+use domsock_host::test_utils::TempDir;
+use domsock_host::tunnel::{
+    certs, tls::TlsMaterial, Acceptor, ChannelEnd, ChannelKind, Refusal, TunnelConfig,
+    TunnelService,
+};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const WRITE_BYTES: usize = 64 << 10;
+const NS_A: &str = "ds-bench-a";
+const NS_B: &str = "ds-bench-b";
+const VETH_A: &str = "ds-bench-va";
+const VETH_B: &str = "ds-bench-vb";
+const ADDR_A: &str = "198.18.0.1";
+const ADDR_B: &str = "198.18.0.2";
+const PORT: u16 = 47_000;
+/// Channels of the sharing rows.
+pub const CHANNELS: usize = 64;
+
+/// One row of the tunnel table.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// Label.
+    pub label: String,
+    /// Machine-readable key.
+    pub key: String,
+    /// Payload MB/s (10^6 bytes per second), or why not.
+    pub mbps: Result<f64, String>,
+}
+
+/// The tunnel section of a run.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Where it ran (veth between namespaces, or the loopback fallback and why).
+    pub link: String,
+    /// Rows in order.
+    pub rows: Vec<Row>,
+    /// Rounds of all rows (each row's median is reported).
+    pub rounds: usize,
+}
+
+impl Report {
+    fn get(&self, key: &str) -> Option<f64> {
+        self.rows
+            .iter()
+            .find(|r| r.key == key)
+            .and_then(|r| r.mbps.as_ref().ok().copied())
+    }
+
+    /// The table, with the target ratios.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "tunnel ({}), 64 KiB writes, median of {} rounds",
+            self.link, self.rounds
+        );
+        let _ = writeln!(out, "{:<40} {:>10}", "", "MB/s");
+        for r in &self.rows {
+            let v = match &r.mbps {
+                Ok(v) => format!("{v:.1}"),
+                Err(e) => format!("FAIL ({e})"),
+            };
+            let _ = writeln!(out, "{:<40} {:>10}", r.label, v);
+        }
+        let ratio = |a: &str, b: &str| match (self.get(a), self.get(b)) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            out,
+            "tunnel/tls {} (target >= 0.80x); tunnel/tcp {}; 64ch/1ch {} (target >= 0.90x); \
+             63+stalled/64ch {} (target >= 0.90x)",
+            ratio("tunnel_1", "tls_1"),
+            ratio("tunnel_1", "tcp_1"),
+            ratio("tunnel_64", "tunnel_1"),
+            ratio("tunnel_63_stalled", "tunnel_64"),
+        );
+        out
+    }
+
+    /// JSON object.
+    pub fn json(&self) -> String {
+        let mut out = format!(
+            "{{\"link\": {:?}, \"rounds\": {}, \"rows\": [",
+            self.link, self.rounds
+        );
+        for (i, r) in self.rows.iter().enumerate() {
+            let v = match &r.mbps {
+                Ok(v) => format!("\"mbps\": {v:.3}"),
+                Err(e) => format!("\"failed\": {e:?}"),
+            };
+            let _ = write!(
+                out,
+                "{}{{\"key\": {:?}, \"label\": {:?}, {v}}}",
+                if i > 0 { ", " } else { "" },
+                r.key,
+                r.label
+            );
+        }
+        out.push_str("]}");
+        out
+    }
+}
+
+/// Runs the tunnel rows.
+pub fn run_all(plan: &Plan) -> Report {
+    let dir = match TempDir::new("bench-tunnel") {
+        Ok(d) => d,
+        Err(e) => {
+            return Report {
+                link: format!("no scratch dir: {e}"),
+                ..Report::default()
+            }
+        }
+    };
+    if let Err(e) = certs::make_test_pki(dir.path(), ["a", "b"]) {
+        return Report {
+            link: format!("no certificates: {e}"),
+            ..Report::default()
+        };
+    }
+    let net = Net::create();
+    let link = match &net {
+        Ok(_) => format!("veth {NS_A} {ADDR_A} <-> {NS_B} {ADDR_B}"),
+        Err(e) => format!("loopback fallback: netns unavailable ({e})"),
+    };
+    let ns = net.is_ok();
+    let server_addr: SocketAddr = if ns {
+        format!("{ADDR_B}:{PORT}")
+    } else {
+        format!("127.0.0.1:{PORT}")
+    }
+    .parse()
+    .expect("address");
+    let mut rows = Vec::new();
+    let scenarios: [(&str, &str, &str, usize, bool); 5] = [
+        ("raw TCP, 1 stream", "tcp_1", "tcp", 1, false),
+        ("rustls TLS 1.3, 1 stream", "tls_1", "tls", 1, false),
+        ("tunnel, 1 channel", "tunnel_1", "tunnel", 1, false),
+        (
+            "tunnel, 64 channels (aggregate)",
+            "tunnel_64",
+            "tunnel",
+            CHANNELS,
+            false,
+        ),
+        (
+            "tunnel, 63 channels + 1 stalled (aggregate)",
+            "tunnel_63_stalled",
+            "tunnel",
+            CHANNELS - 1,
+            true,
+        ),
+    ];
+    // Rounds of all rows, so that load from elsewhere on the machine falls on every row
+    // alike; the median round of each row is reported.
+    let repeats = plan.repeats.max(if plan.repeats > 1 { 5 } else { 1 });
+    let mut runs: Vec<Vec<Result<f64, String>>> = vec![Vec::new(); scenarios.len()];
+    for round in 0..repeats {
+        for (i, &(label, _, mode, channels, stalled)) in scenarios.iter().enumerate() {
+            let r = measure(
+                ns,
+                dir.path(),
+                server_addr,
+                mode,
+                channels,
+                stalled,
+                plan.duration,
+            );
+            eprintln!("  round {round} {label}: {r:?}");
+            runs[i].push(r);
+        }
+    }
+    for ((label, key, ..), results) in scenarios.iter().zip(runs) {
+        let mbps = results
+            .into_iter()
+            .collect::<Result<Vec<f64>, String>>()
+            .map(|mut v| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            });
+        rows.push(Row {
+            label: (*label).into(),
+            key: (*key).into(),
+            mbps,
+        });
+    }
+    drop(net);
+    Report {
+        link,
+        rows,
+        rounds: repeats,
+    }
+}
+
+/// The two namespaces and their veth pair; deleted on drop.
+struct Net;
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Net {
+    fn create() -> Result<Net, String> {
+        // Leftovers of an interrupted run.
+        let _ = ip(&["netns", "del", NS_A]);
+        let _ = ip(&["netns", "del", NS_B]);
+        ip(&["netns", "add", NS_A])?;
+        let net = Net;
+        ip(&["netns", "add", NS_B])?;
+        // Created inside A, so the root namespace never holds an end.
+        ip(&[
+            "-n", NS_A, "link", "add", VETH_A, "type", "veth", "peer", "name", VETH_B,
+        ])?;
+        ip(&["-n", NS_A, "link", "set", VETH_B, "netns", NS_B])?;
+        ip(&[
+            "-n",
+            NS_A,
+            "addr",
+            "add",
+            &format!("{ADDR_A}/30"),
+            "dev",
+            VETH_A,
+        ])?;
+        ip(&[
+            "-n",
+            NS_B,
+            "addr",
+            "add",
+            &format!("{ADDR_B}/30"),
+            "dev",
+            VETH_B,
+        ])?;
+        for (ns, dev) in [(NS_A, VETH_A), (NS_B, VETH_B)] {
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(net)
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", NS_A]);
+        let _ = ip(&["netns", "del", NS_B]);
+    }
+}
+
+fn spawn_role(ns: Option<&str>, args: &[String]) -> io::Result<Child> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    cmd.arg("--tunnel-role")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+}
+
+fn measure(
+    ns: bool,
+    certs: &Path,
+    server: SocketAddr,
+    mode: &str,
+    channels: usize,
+    stalled: bool,
+    duration: Duration,
+) -> Result<f64, String> {
+    let common = [
+        mode.to_owned(),
+        server.to_string(),
+        certs.display().to_string(),
+        channels.to_string(),
+        u8::from(stalled).to_string(),
+        duration.as_millis().to_string(),
+    ];
+    let mut server_args = vec!["serve".to_owned()];
+    server_args.extend(common.iter().cloned());
+    let mut srv = spawn_role(ns.then_some(NS_B), &server_args).map_err(|e| e.to_string())?;
+    let result = (|| {
+        let mut lines = BufReader::new(srv.stdout.take().ok_or("no stdout")?).lines();
+        match lines.next() {
+            Some(Ok(l)) if l == "READY" => {}
+            other => return Err(format!("server did not start: {other:?}")),
+        }
+        let mut client_args = vec!["send".to_owned()];
+        client_args.extend(common.iter().cloned());
+        let out = spawn_role(ns.then_some(NS_A), &client_args)
+            .and_then(|c| c.wait_with_output())
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix("RESULT "))
+            .ok_or_else(|| format!("client failed ({})", out.status))?;
+        let mut it = line.split_whitespace();
+        let bytes: f64 = it.next().and_then(|v| v.parse().ok()).ok_or("bad RESULT")?;
+        let secs: f64 = it.next().and_then(|v| v.parse().ok()).ok_or("bad RESULT")?;
+        Ok(bytes / secs / 1e6)
+    })();
+    let _ = srv.kill();
+    let _ = srv.wait();
+    result
+}
+
+/// Entry point of a re-executed side: `serve|send MODE ADDR CERTS CHANNELS STALLED MS`.
+pub fn role(args: &[String]) -> Result<(), String> {
+    let [side, mode, addr, certs, channels, stalled, ms] = args else {
+        return Err(format!("bad --tunnel-role arguments {args:?}"));
+    };
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let certs = PathBuf::from(certs);
+    let channels: usize = channels.parse().map_err(|_| "channels")?;
+    let stalled = stalled == "1";
+    let duration = Duration::from_millis(ms.parse().map_err(|_| "ms")?);
+    let r = match (side.as_str(), mode.as_str()) {
+        ("serve", "tcp") => serve_stream(addr, None),
+        ("serve", "tls") => serve_stream(addr, Some(&certs)),
+        ("serve", "tunnel") => serve_tunnel(addr, &certs),
+        ("send", "tcp") => send_stream(addr, None, duration),
+        ("send", "tls") => send_stream(addr, Some(&certs), duration),
+        ("send", "tunnel") => send_tunnel(addr, &certs, channels, stalled, duration),
+        _ => return Err(format!("unknown role {side} {mode}")),
+    };
+    r.map_err(|e| e.to_string())
+}
+
+fn material(certs: &Path, host: &str) -> io::Result<TlsMaterial> {
+    TlsMaterial::load(
+        &certs.join(format!("{host}.pem")),
+        &certs.join(format!("{host}.key")),
+        &certs.join("ca.pem"),
+    )
+    .map_err(io::Error::other)
+}
+
+fn ready() {
+    println!("READY");
+    let _ = io::stdout().flush();
+}
+
+fn read_count<R: Read>(r: &mut R) -> io::Result<u64> {
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0u64;
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn serve_stream(addr: SocketAddr, certs: Option<&Path>) -> io::Result<()> {
+    let l = TcpListener::bind(addr)?;
+    let tls = certs.map(|c| material(c, "b")).transpose()?;
+    ready();
+    let (sock, _) = l.accept()?;
+    sock.set_nodelay(true)?;
+    match tls {
+        None => {
+            let mut s = sock;
+            let n = read_count(&mut s)?;
+            s.write_all(&n.to_le_bytes())?;
+        }
+        Some(m) => {
+            let conn = rustls::ServerConnection::new(m.server).map_err(io::Error::other)?;
+            let mut s = rustls::StreamOwned::new(conn, sock);
+            let n = read_count(&mut s)?;
+            s.write_all(&n.to_le_bytes())?;
+            s.conn.send_close_notify();
+            s.flush()?;
+        }
+    }
+    Ok(())
+}
+
+fn write_for<W: Write>(w: &mut W, duration: Duration) -> io::Result<u64> {
+    let buf = vec![0xa5u8; WRITE_BYTES];
+    let until = Instant::now() + duration;
+    let mut total = 0;
+    while Instant::now() < until {
+        w.write_all(&buf)?;
+        total += WRITE_BYTES as u64;
+    }
+    Ok(total)
+}
+
+fn confirm(total: u64, reply: [u8; 8]) -> io::Result<()> {
+    let got = u64::from_le_bytes(reply);
+    if got != total {
+        return Err(io::Error::other(format!(
+            "sent {total}, receiver counted {got}"
+        )));
+    }
+    Ok(())
+}
+
+fn send_stream(addr: SocketAddr, certs: Option<&Path>, duration: Duration) -> io::Result<()> {
+    let sock = TcpStream::connect(addr)?;
+    sock.set_nodelay(true)?;
+    let start;
+    let total;
+    match certs {
+        None => {
+            let mut s = sock;
+            start = Instant::now();
+            total = write_for(&mut s, duration)?;
+            s.shutdown(std::net::Shutdown::Write)?;
+            let mut reply = [0u8; 8];
+            s.read_exact(&mut reply)?;
+            confirm(total, reply)?;
+        }
+        Some(c) => {
+            let m = material(c, "a")?;
+            let name = rustls::pki_types::ServerName::try_from("b").map_err(io::Error::other)?;
+            let conn = rustls::ClientConnection::new(m.client, name).map_err(io::Error::other)?;
+            let mut s = rustls::StreamOwned::new(conn, sock);
+            // Handshake before the clock starts, as the tunnel's is.
+            s.flush()?;
+            while s.conn.is_handshaking() {
+                s.conn.complete_io(&mut s.sock)?;
+            }
+            start = Instant::now();
+            total = write_for(&mut s, duration)?;
+            s.conn.send_close_notify();
+            s.flush()?;
+            let mut reply = [0u8; 8];
+            s.read_exact(&mut reply)?;
+            confirm(total, reply)?;
+        }
+    }
+    println!("RESULT {total} {}", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn tunnel_config(
+    host: &str,
+    peer: &str,
+    certs: &Path,
+    listen: SocketAddr,
+    peer_addr: Option<SocketAddr>,
+) -> TunnelConfig {
+    let mut c = TunnelConfig::new(
+        host,
+        listen,
+        certs.join(format!("{host}.pem")),
+        certs.join(format!("{host}.key")),
+        certs.join("ca.pem"),
+    );
+    c.peers = BTreeMap::from([(peer.to_owned(), peer_addr)]);
+    c
+}
+
+#[derive(Default)]
+struct Queue {
+    ends: Mutex<Vec<(ChannelEnd, Vec<u8>)>>,
+}
+
+impl Acceptor for Queue {
+    fn on_open(&self, _: &str, _: &[u8], _: ChannelKind) -> Result<(), Refusal> {
+        Ok(())
+    }
+    fn accepted(&self, end: ChannelEnd, metadata: Vec<u8>) {
+        self.ends.lock().expect("queue").push((end, metadata));
+    }
+}
+
+fn wait_any(ends: &[&ChannelEnd], ms: u16) {
+    let mut fds: Vec<PollFd> = ends
+        .iter()
+        .map(|e| PollFd::new(e.as_fd(), PollFlags::POLLIN))
+        .collect();
+    let _ = poll(&mut fds, PollTimeout::from(ms));
+}
+
+/// Receives every channel (but the one opened as "stall") to EOF on one thread and
+/// answers each with its byte count.
+fn serve_tunnel(addr: SocketAddr, certs: &Path) -> io::Result<()> {
+    let q = Arc::new(Queue::default());
+    let _svc = TunnelService::start(tunnel_config("b", "a", certs, addr, None), q.clone())
+        .map_err(io::Error::other)?;
+    ready();
+    struct Rx {
+        end: ChannelEnd,
+        total: u64,
+        done: bool,
+    }
+    let mut rx: Vec<Rx> = Vec::new();
+    // The stalled channel's end: held open, never read.
+    let mut held = Vec::new();
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        for (end, meta) in q.ends.lock().expect("queue").drain(..) {
+            if meta != b"stall" {
+                rx.push(Rx {
+                    end,
+                    total: 0,
+                    done: false,
+                });
+            } else {
+                held.push(end);
+            }
+        }
+        let mut progress = false;
+        for r in rx.iter_mut().filter(|r| !r.done) {
+            r.end.clear_wakeup();
+            loop {
+                match r.end.read(&mut buf) {
+                    Ok(0) => {
+                        r.done = true;
+                        let _ = r.end.write(&r.total.to_le_bytes());
+                        progress = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        r.total += n as u64;
+                        progress = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if !progress {
+            let open: Vec<&ChannelEnd> = rx.iter().filter(|r| !r.done).map(|r| &r.end).collect();
+            if open.is_empty() {
+                std::thread::sleep(Duration::from_millis(1));
+            } else {
+                wait_any(&open, 20);
+            }
+        }
+    }
+}
+
+/// Opens the channels, writes 64 KiB writes round-robin on one thread for `duration`,
+/// shuts them, and waits for every receiver's count.
+fn send_tunnel(
+    addr: SocketAddr,
+    certs: &Path,
+    channels: usize,
+    stalled: bool,
+    duration: Duration,
+) -> io::Result<()> {
+    let listen: SocketAddr = SocketAddr::new(
+        if addr.ip().is_loopback() {
+            addr.ip()
+        } else {
+            ADDR_A.parse().expect("address")
+        },
+        0,
+    );
+    let svc = TunnelService::start(
+        tunnel_config("a", "b", certs, listen, Some(addr)),
+        Arc::new(Queue::default()),
+    )
+    .map_err(io::Error::other)?;
+    let until = Instant::now() + Duration::from_secs(30);
+    while !svc.is_up("b") {
+        if Instant::now() > until {
+            return Err(io::Error::other("tunnel did not come up"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let open = |meta: &[u8]| {
+        svc.open("b", meta, ChannelKind::Stream)
+            .map_err(io::Error::other)
+    };
+    let ends: Vec<ChannelEnd> = (0..channels)
+        .map(|i| open(format!("c{i}").as_bytes()))
+        .collect::<io::Result<_>>()?;
+    let stall = if stalled { Some(open(b"stall")?) } else { None };
+    while ends
+        .iter()
+        .chain(&stall)
+        .any(|e| e.state() != domsock_host::tunnel::ChannelState::Open)
+    {
+        if Instant::now() > until {
+            return Err(io::Error::other("channels did not open"));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let buf = vec![0xa5u8; WRITE_BYTES];
+    if let Some(s) = &stall {
+        // Fill its window: it holds credit and buffers at the receiver from now on.
+        while s.write(&buf).is_ok() {}
+    }
+    let mut sent = vec![0u64; channels];
+    // Partial writes continue at this offset of `buf`, so every write is 64 KiB.
+    let mut pos = vec![0usize; channels];
+    let start = Instant::now();
+    let stop_at = start + duration;
+    while Instant::now() < stop_at {
+        let mut progress = false;
+        for (i, e) in ends.iter().enumerate() {
+            e.clear_wakeup();
+            match e.write(&buf[pos[i]..]) {
+                Ok(n) => {
+                    sent[i] += n as u64;
+                    pos[i] = (pos[i] + n) % WRITE_BYTES;
+                    progress = true;
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Err(err),
+            }
+        }
+        if !progress {
+            wait_any(&ends.iter().collect::<Vec<_>>(), 5);
+        }
+    }
+    for e in &ends {
+        e.shutdown(std::net::Shutdown::Write)?;
+    }
+    let mut confirmed = vec![false; channels];
+    let mut reply = [0u8; 8];
+    let until = Instant::now() + Duration::from_secs(60);
+    while confirmed.iter().any(|c| !c) {
+        if Instant::now() > until {
+            return Err(io::Error::other("receivers did not confirm"));
+        }
+        for (i, e) in ends.iter().enumerate() {
+            if confirmed[i] {
+                continue;
+            }
+            e.clear_wakeup();
+            match e.read(&mut reply) {
+                Ok(8) => {
+                    confirm(sent[i], reply)?;
+                    confirmed[i] = true;
+                }
+                Ok(n) => return Err(io::Error::other(format!("short reply of {n} bytes"))),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Err(err),
+            }
+        }
+        let open: Vec<&ChannelEnd> = ends
+            .iter()
+            .zip(&confirmed)
+            .filter(|(_, c)| !**c)
+            .map(|(e, _)| e)
+            .collect();
+        if !open.is_empty() {
+            wait_any(&open, 5);
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    println!("RESULT {} {elapsed}", sent.iter().sum::<u64>());
+    Ok(())
+}
