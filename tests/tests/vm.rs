@@ -3810,6 +3810,7 @@ fn vsock_test_g2g(c: Case) {
 mod migrate;
 use migrate::{
     migrate_across_hosts, migrate_rollback_after_completion, migrate_rollback_on_failed_step,
+    migrate_with_domsockd_admin,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -3867,4 +3868,5 @@ per_kernel!(
     migrate_across_hosts,
     migrate_rollback_on_failed_step,
     migrate_rollback_after_completion,
+    migrate_with_domsockd_admin,
 );

@@ -609,3 +609,91 @@ pub(super) fn migrate_rollback_after_completion(c: Case) {
     ));
     finish(&mut vm_a);
 }
+
+/// One hop A -> B against the real admin sockets of both domsockd instances
+/// (`--admin-socket`): `adopt` and `export` as domsockd answers them, and `confirm` polls
+/// the destination domsockd's own `status` until the guest's device runs. Then the echo
+/// server from before the migration answers through B, and a new guest connection reaches
+/// a host process on B.
+pub(super) fn migrate_with_domsockd_admin(c: Case) {
+    use domsock_migration::admin::{AdminSocket, HostAgent};
+    let Some(hosts) = two_hosts() else {
+        return;
+    };
+    let (a, b) = (hosts.host("a"), hosts.host("b"));
+    let admin = |h: &Host| {
+        vec![
+            "--admin-socket".to_owned(),
+            h.run_path("admin.sock").display().to_string(),
+        ]
+    };
+    let _da = a.spawn_domsockd(MIG_CID, &admin(a), &c.log_dir);
+    let _db = b.spawn_domsockd(MIG_CID, &admin(b), &c.log_dir);
+    let ub = b.local_spec(MIG_CID).uds;
+    let new_on_b = host::listen_stream(&ub, 5001).expect("listen on b");
+    let cfg = a
+        .vm_config("guest-a0", &c.kernel, MIG_CID, &c.log_dir)
+        .cmd(&format!(
+            "bg echo-server --port {ECHO_PORT} --conns 1 --timeout-ms {GUEST_WAIT_MS}"
+        ))
+        .cmd(&format!(
+            "recv --port {} --timeout-ms {GUEST_WAIT_MS}",
+            GATE_PORTS[0]
+        ))
+        .cmd(&format!(
+            "send --cid {HOST_CID} --port 5001 --bytes {MIG_BYTES} --chunk {CHUNK_BYTES} \
+             --seed 36 --connect-retry-ms 20000 --timeout-ms {GUEST_WAIT_MS}"
+        ));
+    let mut vm_a = Vm::boot(&cfg);
+    assert_eq!(vm_a.expect_cid(BOOT_TIMEOUT), MIG_CID);
+    let mut admin_b = AdminSocket::new(&b.local("admin.sock"), STEP_TIMEOUT);
+    let before = admin_b.status().expect("status of b's domsockd");
+    assert!(
+        before.iter().any(|v| v.name == MIG_VM && !v.device_running),
+        "b's domsockd knows {MIG_VM}, no device yet: {before:?}"
+    );
+    let mut vm_b =
+        Vm::boot(&b.incoming_vm_config("guest-b1", &c.kernel, MIG_CID, INCOMING_PORT, &c.log_dir));
+    let (code, rep) = run_migrate(
+        a,
+        b,
+        &vm_a,
+        &vm_b,
+        &b.incoming_uri(INCOMING_PORT),
+        CONFIRM_MS,
+        &c.log_dir,
+    );
+    assert_eq!(
+        code, 0,
+        "domsock migrate a -> b with domsockd's admin sockets: {rep}"
+    );
+    assert_eq!(rep["outcome"], "migrated", "{rep}");
+    assert_steps_ok(&rep, "steps");
+    assert_eq!(step(&rep, "steps", "export")["sessions"], 0, "{rep}");
+    let after = admin_b.status().expect("status of b's domsockd");
+    assert!(
+        after
+            .iter()
+            .any(|v| v.name == MIG_VM && v.device_running && v.frontend),
+        "b's domsockd runs the device: {after:?}"
+    );
+    let status = vm_a.wait_exit(STEP_TIMEOUT);
+    assert!(status.success(), "the source QEMU quit: {status}");
+    assert!(probe_echo(&ub, 81), "echo through b after the migration");
+    expect_echo(&vm_b, 0);
+    open_gate(&vm_b, &ub, GATE_PORTS[0], 45);
+    take_stream(&vm_b, &new_on_b, 36, "new stream to b after the migration");
+    let s = |n: &str| step(&rep, "steps", n)["ms"].as_f64().unwrap_or(-1.0);
+    c.report(&format!(
+        "migrate a -> b with domsockd's admin sockets: total {:.0} ms (unplug {:.1}, migrate \
+         {:.1}, export {:.1}, plug {:.1}, confirm {:.1} in {} polls)",
+        rep["total_ms"].as_f64().unwrap_or(-1.0),
+        s("unplug"),
+        s("migrate"),
+        s("export"),
+        s("plug"),
+        s("confirm"),
+        step(&rep, "steps", "confirm")["polls"],
+    ));
+    finish(&mut vm_b);
+}
