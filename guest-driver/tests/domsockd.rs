@@ -1089,3 +1089,122 @@ fn the_admin_socket_reports_frontends_devices_and_sessions() {
     assert_eq!(admin(&sock, r#"{"v":1,"op":"status"}"#)["ok"], true);
     let _ = std::fs::remove_file(&sock);
 }
+
+/// `domsock-certs`, next to `domsockd`.
+fn certs_tool() -> std::path::PathBuf {
+    domsockd().with_file_name("domsock-certs")
+}
+
+fn make_pki(dir: &std::path::Path, hosts: &str) {
+    let out = std::process::Command::new(certs_tool())
+        .args(["--out", &dir.display().to_string(), "--hosts", hosts])
+        .output()
+        .expect("run domsock-certs");
+    assert!(out.status.success(), "domsock-certs: {out:?}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The `[tunnel]` config: host `name` with certificates from `pki`.
+fn tunnel_toml(
+    pki: &std::path::Path,
+    name: &str,
+    port: u16,
+    peer: &str,
+    peer_addr: &str,
+) -> String {
+    format!(
+        "[tunnel]\nhost = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\ncert = \"{pki}/{name}.pem\"\n\
+         key = \"{pki}/{name}.key\"\nca = \"{pki}/ca.pem\"\n[tunnel.peers]\n{peer} = \"{peer_addr}\"\n",
+        pki = pki.display()
+    )
+}
+
+/// Polls `status` on `sock` until `done` holds for its `tunnel` (bounded).
+fn wait_tunnel(
+    sock: &std::path::Path,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let r = admin(sock, r#"{"v":1,"op":"status"}"#);
+        if done(&r["tunnel"]) {
+            return r["tunnel"].clone();
+        }
+        assert!(Instant::now() < deadline, "{what}: {r}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Two domsockd hosts configured with `[tunnel]` bring their mutually authenticated TLS
+/// tunnel up (both admin sockets say so); a third process claiming to be one of them with
+/// a certificate from another CA is refused and counted.
+#[test]
+fn two_hosts_bring_their_tunnel_up_and_refuse_a_stranger() {
+    let dir = std::env::temp_dir().join(format!("ds-tunnel-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (pki, rogue) = (dir.join("pki"), dir.join("rogue"));
+    make_pki(&pki, "a,b");
+    make_pki(&rogue, "a");
+    let (pa, pb) = (free_port(), free_port());
+    let admin_of = |h: &str| dir.join(format!("{h}.admin"));
+    let host = |tag: &str, cid: u64, h: &str, toml: String| {
+        Backend::spawn_with(
+            &domsockd(),
+            tag,
+            &[VmOpts::new(cid)],
+            &[
+                "--admin-socket".to_string(),
+                admin_of(h).display().to_string(),
+            ],
+            Some(&toml),
+        )
+    };
+    // a sorts first: a dials b.
+    let b = host("tunnel-b", 3, "b", tunnel_toml(&pki, "b", pb, "a", ""));
+    let a = host(
+        "tunnel-a",
+        4,
+        "a",
+        tunnel_toml(&pki, "a", pa, "b", &format!("127.0.0.1:{pb}")),
+    );
+    let up = |t: &serde_json::Value| t["peers"][0]["up"] == true;
+    let ta = wait_tunnel(&admin_of("a"), "a's tunnel to b", up);
+    let tb = wait_tunnel(&admin_of("b"), "b's tunnel to a", up);
+    assert_eq!(
+        (ta["host"].as_str(), ta["peers"][0]["name"].as_str()),
+        (Some("a"), Some("b"))
+    );
+    assert_eq!(
+        (tb["host"].as_str(), tb["peers"][0]["name"].as_str()),
+        (Some("b"), Some("a"))
+    );
+    assert!(ta["peers"][0]["bytes_sent"].as_u64().unwrap() > 0, "{ta}");
+    assert_eq!(tb["refused_peers"], 0);
+
+    // A stranger calling itself a, with a certificate of another CA.
+    let stranger = host(
+        "tunnel-rogue",
+        5,
+        "rogue",
+        tunnel_toml(&rogue, "a", free_port(), "b", &format!("127.0.0.1:{pb}")),
+    );
+    wait_tunnel(&admin_of("b"), "b refusing the stranger", |t| {
+        t["refused_peers"].as_u64().unwrap_or(0) >= 1
+    });
+    // The real tunnel is unharmed.
+    assert!(up(&wait_tunnel(
+        &admin_of("b"),
+        "b's tunnel to a after the stranger",
+        up
+    )));
+    drop((stranger, a, b));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -13,6 +13,10 @@
 //! | `adopt` | `vm`, `from` | (destination of a migration: expect the domain from host `from`) |
 //! | `export` | `vm`, `to` | `sessions`: parked sessions handed to host `to` |
 //!
+//! With a `[tunnel]` configured, the `status` reply also has `tunnel`: `{host, listen,
+//! refused_peers, peers: [{name, up, connections, reconnects, bytes_sent, bytes_received,
+//! channels_open, link_errors}]}`.
+//!
 //! `frontend` says a QEMU is connected; `device_running` that the guest's driver runs the
 //! device (both data queues), so a guest is really reachable only when both hold.
 //!
@@ -59,8 +63,26 @@ pub struct AdminVm {
     pub plane: Arc<Mutex<DataPlane>>,
 }
 
+/// This host's tunnel service, as the admin service reports it.
+#[derive(Debug, Clone)]
+pub struct AdminTunnel {
+    /// The running service.
+    pub service: Arc<crate::tunnel::TunnelService>,
+    /// This host's name.
+    pub host: String,
+    /// The configured peers.
+    pub peers: Vec<String>,
+}
+
+/// What the admin service reports on.
+#[derive(Debug)]
+struct Served {
+    vms: Vec<AdminVm>,
+    tunnel: Option<AdminTunnel>,
+}
+
 /// Binds `path` (replacing a stale socket) and serves it on a thread of its own.
-pub fn spawn(path: &Path, vms: Vec<AdminVm>) -> io::Result<()> {
+pub fn spawn(path: &Path, vms: Vec<AdminVm>, tunnel: Option<AdminTunnel>) -> io::Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
@@ -68,7 +90,7 @@ pub fn spawn(path: &Path, vms: Vec<AdminVm>) -> io::Result<()> {
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     info!(path = %path.display(), "admin service listening");
-    let vms = Arc::new(vms);
+    let vms = Arc::new(Served { vms, tunnel });
     let open = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("admin".into())
@@ -97,7 +119,7 @@ pub fn spawn(path: &Path, vms: Vec<AdminVm>) -> io::Result<()> {
     Ok(())
 }
 
-fn serve(conn: UnixStream, vms: &[AdminVm]) -> io::Result<()> {
+fn serve(conn: UnixStream, served: &Served) -> io::Result<()> {
     conn.set_read_timeout(Some(ADMIN_IDLE))?;
     conn.set_write_timeout(Some(ADMIN_IDLE))?;
     let mut out = conn.try_clone()?;
@@ -120,7 +142,18 @@ fn serve(conn: UnixStream, vms: &[AdminVm]) -> io::Result<()> {
             writeln!(out, "{reply}")?;
             return Ok(());
         }
-        let reply = handle(&line, vms);
+        let mut reply = handle(&line, &served.vms);
+        if let (Some(t), Some("status")) = (
+            &served.tunnel,
+            serde_json::from_slice::<Value>(&line)
+                .ok()
+                .and_then(|r| r.get("op").and_then(Value::as_str).map(str::to_owned))
+                .as_deref(),
+        ) {
+            if reply["ok"] == true {
+                reply["tunnel"] = tunnel_status(t);
+            }
+        }
         writeln!(out, "{reply}")?;
     }
 }
@@ -196,6 +229,32 @@ pub fn handle(line: &[u8], vms: &[AdminVm]) -> Value {
         },
         other => error_reply(&format!("unknown op {other:?}")),
     }
+}
+
+fn tunnel_status(t: &AdminTunnel) -> Value {
+    let peers: Vec<Value> = t
+        .peers
+        .iter()
+        .map(|p| {
+            let c = t.service.counters(p).unwrap_or_default();
+            json!({
+                "name": p,
+                "up": t.service.is_up(p),
+                "connections": c.connections,
+                "reconnects": c.reconnects,
+                "bytes_sent": c.bytes_sent,
+                "bytes_received": c.bytes_received,
+                "channels_open": c.channels_open,
+                "link_errors": c.link_errors,
+            })
+        })
+        .collect();
+    json!({
+        "host": t.host,
+        "listen": t.service.local_addr().to_string(),
+        "refused_peers": t.service.refused_peers(),
+        "peers": peers,
+    })
 }
 
 fn vm_status(vm: &AdminVm) -> Value {

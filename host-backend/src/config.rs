@@ -111,6 +111,57 @@ impl VmConfig {
     }
 }
 
+/// The `[tunnel]` table: this host's end of the TLS tunnels to other domsockd hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TunnelSection {
+    /// This host's name: the DNS name in its certificate, and how peers name it.
+    pub host: String,
+    /// Address to accept peers on (`IP:PORT`).
+    pub listen: std::net::SocketAddr,
+    /// PEM certificate chain of this host.
+    pub cert: PathBuf,
+    /// Its PEM private key.
+    pub key: PathBuf,
+    /// PEM CA certificate(s) peers' certificates must chain to.
+    pub ca: PathBuf,
+    /// Peer host names and their tunnel addresses (`""` for a peer that dials us: the
+    /// host whose name sorts first dials).
+    #[serde(default)]
+    pub peers: std::collections::BTreeMap<String, String>,
+    /// A tunnel down this long ends its channels (default 30 s).
+    #[serde(default)]
+    pub resume_timeout_ms: Option<u64>,
+}
+
+impl TunnelSection {
+    /// The tunnel runtime's configuration.
+    pub fn runtime_config(&self) -> Result<crate::tunnel::TunnelConfig, ConfigError> {
+        let mut cfg = crate::tunnel::TunnelConfig::new(
+            &self.host,
+            self.listen,
+            self.cert.clone(),
+            self.key.clone(),
+            self.ca.clone(),
+        );
+        for (name, addr) in &self.peers {
+            let addr = if addr.is_empty() {
+                None
+            } else {
+                Some(addr.parse().map_err(|_| ConfigError::BadTunnelPeer {
+                    peer: name.clone(),
+                    addr: addr.clone(),
+                })?)
+            };
+            cfg.peers.insert(name.clone(), addr);
+        }
+        if let Some(ms) = self.resume_timeout_ms {
+            cfg.resume_timeout = std::time::Duration::from_millis(ms);
+        }
+        Ok(cfg)
+    }
+}
+
 /// The TOML file layout.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -123,6 +174,8 @@ struct FileConfig {
     session_park_timeout_ms: Option<u64>,
     #[serde(default)]
     admin_socket: Option<PathBuf>,
+    #[serde(default)]
+    tunnel: Option<TunnelSection>,
     #[serde(default)]
     vm: Vec<VmConfig>,
     #[serde(default)]
@@ -144,6 +197,8 @@ pub struct Config {
     pub session_park_timeout: std::time::Duration,
     /// The admin service's socket, if any.
     pub admin_socket: Option<PathBuf>,
+    /// The tunnel to other hosts (`[tunnel]`), if configured.
+    pub tunnel: Option<TunnelSection>,
     /// The access policy (`[policy]` of the config file; `groups=` add to it).
     pub policy: PolicyConfig,
     /// All-guests host listeners.
@@ -223,6 +278,14 @@ pub enum ConfigError {
     /// Busy polling longer than a millisecond per event is a misconfiguration.
     #[error("busy-poll-us {0} is above the limit of 1000")]
     BusyPollTooLong(u64),
+    /// A `[tunnel.peers]` address does not parse.
+    #[error("tunnel peer {peer:?}: {addr:?} is not IP:PORT")]
+    BadTunnelPeer {
+        /// The peer.
+        peer: String,
+        /// What was given.
+        addr: String,
+    },
     /// The session park timeout is 0 or longer than a day.
     #[error("session park timeout {0} ms is outside 1..={MAX_SESSION_PARK_TIMEOUT_MS} ms")]
     BadParkTimeout(u64),
@@ -359,6 +422,7 @@ impl TryFrom<Args> for Config {
         let mut busy_poll_us = args.busy_poll_us;
         let mut park_ms = args.session_park_timeout_ms;
         let mut admin_socket = args.admin_socket.clone();
+        let mut tunnel = None;
         let mut vms = Vec::new();
         if single.iter().any(|&b| b) {
             if !single.iter().all(|&b| b) || !args.vm.is_empty() {
@@ -396,6 +460,7 @@ impl TryFrom<Args> for Config {
             if admin_socket.is_none() {
                 admin_socket = file.admin_socket;
             }
+            tunnel = file.tunnel;
             vms.extend(file.vm);
             listeners.extend(file.listen);
             if let Some(p) = file.policy {
@@ -408,6 +473,7 @@ impl TryFrom<Args> for Config {
             busy_poll: std::time::Duration::from_micros(busy_poll_us),
             session_park_timeout: std::time::Duration::from_millis(park_ms),
             admin_socket,
+            tunnel,
             policy,
             listeners,
         };
@@ -426,6 +492,9 @@ impl Config {
             return Err(ConfigError::BusyPollTooLong(
                 self.busy_poll.as_micros() as u64
             ));
+        }
+        if let Some(t) = &self.tunnel {
+            t.runtime_config()?;
         }
         let park_ms = self.session_park_timeout.as_millis();
         if park_ms == 0 || park_ms > u128::from(MAX_SESSION_PARK_TIMEOUT_MS) {

@@ -60,6 +60,7 @@ fn main() -> ExitCode {
     let router = Arc::new(Router::new(domains, policy, config.listeners.clone()));
     let namespaces: Vec<String> = config.vms.iter().map(|v| v.namespace()).collect();
     let admin_socket = config.admin_socket.clone();
+    let tunnel_section = config.tunnel.clone();
     let sockets: Vec<_> = config
         .vms
         .iter()
@@ -80,6 +81,20 @@ fn main() -> ExitCode {
             }
         }
     }
+    let tunnel = match &tunnel_section {
+        None => None,
+        Some(t) => match start_tunnel(t) {
+            Ok(service) => Some(admin::AdminTunnel {
+                service,
+                host: t.host.clone(),
+                peers: t.peers.keys().cloned().collect(),
+            }),
+            Err(e) => {
+                error!("cannot start the tunnel: {}", error_chain(e.as_ref()));
+                return ExitCode::from(1);
+            }
+        },
+    };
     if let Some(path) = &admin_socket {
         let vms = servers
             .iter()
@@ -91,7 +106,7 @@ fn main() -> ExitCode {
                 plane: plane.clone(),
             })
             .collect();
-        if let Err(e) = admin::spawn(path, vms) {
+        if let Err(e) = admin::spawn(path, vms, tunnel.clone()) {
             error!(path = %path.display(), "cannot start the admin service: {e}");
             return ExitCode::from(1);
         }
@@ -110,6 +125,41 @@ fn main() -> ExitCode {
         let _ = h.join();
     }
     ExitCode::SUCCESS
+}
+
+/// Channels opened by peer hosts. Until sessions move between hosts, no domain has
+/// migrated here, and a peer may open nothing a local domain could not: every channel is
+/// refused (and logged).
+#[derive(Debug)]
+struct RefuseAll;
+
+impl domsock_host::tunnel::Acceptor for RefuseAll {
+    fn on_open(
+        &self,
+        peer: &str,
+        _metadata: &[u8],
+        _kind: domsock_migration::tunnel::wire::ChannelKind,
+    ) -> Result<(), domsock_host::tunnel::Refusal> {
+        warn!(
+            peer,
+            "tunnel channel refused: no domain migrated between these hosts"
+        );
+        Err(domsock_host::tunnel::Refusal {
+            code: domsock_migration::tunnel::wire::RefusalCode::Policy,
+            text: "no domain migrated between these hosts".into(),
+        })
+    }
+
+    fn accepted(&self, _end: domsock_host::tunnel::ChannelEnd, _metadata: Vec<u8>) {}
+}
+
+fn start_tunnel(
+    t: &domsock_host::config::TunnelSection,
+) -> Result<Arc<domsock_host::tunnel::TunnelService>, Box<dyn std::error::Error>> {
+    let cfg = t.runtime_config()?;
+    let service = domsock_host::tunnel::TunnelService::start(cfg, Arc::new(RefuseAll))?;
+    info!(host = %t.host, listen = %service.local_addr(), peers = t.peers.len(), "tunnel listening");
+    Ok(Arc::new(service))
 }
 
 /// Blocks SIGUSR1/SIGHUP/SIGTERM/SIGINT in every thread (the mask is inherited by threads

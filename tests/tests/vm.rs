@@ -2048,34 +2048,8 @@ fn host_initiated_session_survives_replugs(c: Case) {
     let mut vm = c.boot(&cfg, &spec);
     vm.expect_ready(port, STEP_TIMEOUT);
     let mut qmp = vm.qmp(QMP_TIMEOUT).expect("QMP session");
-    let conn = host::connect_guest_ok(&spec.uds, port, STEP_TIMEOUT).expect("CONNECT");
-    let mut write_end = conn.try_clone().expect("clone");
-    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let p2 = progress.clone();
-    let reader = thread::spawn(move || read_with_progress(conn, p2));
-    let writer = thread::spawn(move || {
-        let r = host::write_pattern(&mut write_end, 62, SESSION_BYTES, CHUNK_BYTES);
-        let _ = write_end.shutdown(Shutdown::Write);
-        r
-    });
-    let marks: Vec<u64> = (1..=u64::from(REPLUG_ROUNDS))
-        .map(|r| SESSION_BYTES * r / u64::from(REPLUG_ROUNDS + 1))
-        .collect();
-    let mut blackouts = replug_under_load(
-        &c,
-        &mut qmp,
-        &progress,
-        &marks,
-        SESSION_BYTES,
-        "accepted session",
-    );
-    let (got, end) = reader.join().expect("reader");
-    assert_eq!(end, None, "the host end must see EOF only at the end");
-    assert_pattern("host received the guest's stream", &got, 61, SESSION_BYTES);
-    let sent = writer
-        .join()
-        .expect("writer")
-        .expect("the host's writes never fail");
+    let (mut blackouts, sent) =
+        host_duplex_across_replugs(&c, &mut qmp, &spec.uds, port, 62, "accepted session");
     let res = vm.expect_result("duplex-server", Duration::from_secs(300));
     assert_guest_saw("guest received the host's stream", &res, "recv_", &sent.sum);
     assert_eq!(res.str("session"), "1", "offered as a session: {}", res.raw);
@@ -2084,16 +2058,7 @@ fn host_initiated_session_survives_replugs(c: Case) {
         "{}",
         res.raw
     );
-    let counters = backend_counters(&backend, &["vm3"]);
-    assert!(
-        counters["vm3"]
-            .get("sessions_resumed")
-            .copied()
-            .unwrap_or(0)
-            >= u64::from(REPLUG_ROUNDS),
-        "{:?}",
-        counters["vm3"]
-    );
+    assert_resumed_at_least(&backend, "vm3", u64::from(REPLUG_ROUNDS));
     c.report(&format!(
         "accepted session: {REPLUG_ROUNDS} replugs under a 256 MiB duplex; device_add -> \
          flowing again: {}",
@@ -2101,6 +2066,52 @@ fn host_initiated_session_survives_replugs(c: Case) {
     ));
     drop(qmp);
     finish(&mut vm);
+}
+
+/// The host side of a 256 MiB duplex on a `CONNECT` to the guest's `port` while the
+/// device is replugged [`REPLUG_ROUNDS`] times: the host writes the pattern of
+/// `host_seed` and checks it reads the guest's (seed 61) whole, with EOF only at its end.
+/// Returns the blackouts and what the host wrote.
+fn host_duplex_across_replugs(
+    c: &Case,
+    qmp: &mut domsock_tests::qmp::Qmp,
+    uds: &Path,
+    port: u32,
+    host_seed: u64,
+    label: &str,
+) -> (Vec<Duration>, host::Transfer) {
+    let conn = host::connect_guest_ok(uds, port, STEP_TIMEOUT).expect("CONNECT");
+    let mut write_end = conn.try_clone().expect("clone");
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let p2 = progress.clone();
+    let reader = thread::spawn(move || read_with_progress(conn, p2));
+    let writer = thread::spawn(move || {
+        let r = host::write_pattern(&mut write_end, host_seed, SESSION_BYTES, CHUNK_BYTES);
+        let _ = write_end.shutdown(Shutdown::Write);
+        r
+    });
+    let marks: Vec<u64> = (1..=u64::from(REPLUG_ROUNDS))
+        .map(|r| SESSION_BYTES * r / u64::from(REPLUG_ROUNDS + 1))
+        .collect();
+    let blackouts = replug_under_load(c, qmp, &progress, &marks, SESSION_BYTES, label);
+    let (got, end) = reader.join().expect("reader");
+    assert_eq!(end, None, "the host end must see EOF only at the end");
+    assert_pattern("host received the guest's stream", &got, 61, SESSION_BYTES);
+    let sent = writer
+        .join()
+        .expect("writer")
+        .expect("the host's writes never fail");
+    (blackouts, sent)
+}
+
+/// Asserts that domsockd counted at least `min` resumed sessions for VM `name`.
+fn assert_resumed_at_least(backend: &Backend, name: &str, min: u64) {
+    let counters = backend_counters(backend, &[name]);
+    assert!(
+        counters[name].get("sessions_resumed").copied().unwrap_or(0) >= min,
+        "{:?}",
+        counters[name]
+    );
 }
 
 /// Rounds of `SEQ_SIZES` messages the seqpacket session echoes across three replugs.
@@ -3377,50 +3388,15 @@ fn shim_accepted_session_survives_replugs(c: Case) {
     let mut vm = c.boot(&cfg, &spec);
     vm.expect_ready(port, STEP_TIMEOUT);
     let mut qmp = vm.qmp(QMP_TIMEOUT).expect("QMP session");
-    let conn = host::connect_guest_ok(&spec.uds, port, STEP_TIMEOUT).expect("CONNECT");
-    let mut write_end = conn.try_clone().expect("clone");
-    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let p2 = progress.clone();
-    let reader = thread::spawn(move || read_with_progress(conn, p2));
-    let writer = thread::spawn(move || {
-        let r = host::write_pattern(&mut write_end, 71, SESSION_BYTES, CHUNK_BYTES);
-        let _ = write_end.shutdown(Shutdown::Write);
-        r
-    });
-    let marks: Vec<u64> = (1..=u64::from(REPLUG_ROUNDS))
-        .map(|r| SESSION_BYTES * r / u64::from(REPLUG_ROUNDS + 1))
-        .collect();
-    let mut blackouts = replug_under_load(
-        &c,
-        &mut qmp,
-        &progress,
-        &marks,
-        SESSION_BYTES,
-        "shim accepted session",
-    );
-    let (got, end) = reader.join().expect("reader");
-    assert_eq!(end, None, "the host end must see EOF only at the end");
-    assert_pattern("host received the guest's stream", &got, 61, SESSION_BYTES);
-    let sent = writer
-        .join()
-        .expect("writer")
-        .expect("the host's writes never fail");
+    let (mut blackouts, sent) =
+        host_duplex_across_replugs(&c, &mut qmp, &spec.uds, port, 71, "shim accepted session");
     assert_eq!(sent.sum.bytes(), SESSION_BYTES);
     let first = vm.expect_result("vsock-pattern", Duration::from_secs(300));
     assert_eq!(first.u64("received"), SESSION_BYTES, "{}", first.raw);
     assert_eq!(first.u64("sent"), SESSION_BYTES, "{}", first.raw);
     assert_eq!(first.u64("bad"), 0, "{}", first.raw);
     assert_eq!(first.str("peer"), format!("2:{port}"), "{}", first.raw);
-    let counters = backend_counters(&backend, &["vm3"]);
-    assert!(
-        counters["vm3"]
-            .get("sessions_resumed")
-            .copied()
-            .unwrap_or(0)
-            >= u64::from(REPLUG_ROUNDS),
-        "{:?}",
-        counters["vm3"]
-    );
+    assert_resumed_at_least(&backend, "vm3", u64::from(REPLUG_ROUNDS));
 
     // The listening fd after the blackouts: a second CONNECT, also a session.
     let mut conn = host::connect_guest_ok(&spec.uds, port, STEP_TIMEOUT).expect("CONNECT 2");
@@ -3534,16 +3510,7 @@ fn shim_seqpacket_session_survives_replugs(c: Case) {
         res.raw
     );
     assert_eq!(res.u64("bad"), 0, "{}", res.raw);
-    let counters = backend_counters(&backend, &["vm3"]);
-    assert!(
-        counters["vm3"]
-            .get("sessions_resumed")
-            .copied()
-            .unwrap_or(0)
-            >= u64::from(REPLUG_ROUNDS),
-        "{:?}",
-        counters["vm3"]
-    );
+    assert_resumed_at_least(&backend, "vm3", u64::from(REPLUG_ROUNDS));
     finish(&mut vm);
     let resent: Vec<String> = vm
         .console_lines()
