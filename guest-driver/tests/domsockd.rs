@@ -806,6 +806,20 @@ fn read_session_frame(g: &mut UserGuest, key: domsock_guest::uvirtio::ConnKey) -
     }
 }
 
+/// Connects to the session port and sends an OPEN for host port `target`.
+fn send_open(g: &mut UserGuest, target: u32) -> domsock_guest::uvirtio::ConnKey {
+    let key = g
+        .connect_timeout(host(SESSION_PORT.0), SocketType::Stream, STEP_TIMEOUT)
+        .unwrap();
+    let open = Frame::Open {
+        cid: Cid(2),
+        port: Port(target),
+        socket_type: SocketType::Stream,
+    };
+    g.write_all(key, &open.encode(), STEP_TIMEOUT).unwrap();
+    key
+}
+
 fn pattern_bytes(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
@@ -823,15 +837,7 @@ fn a_session_outlives_its_frontend_and_resumes_on_the_next() {
     let uds = b.vm(0).uds.clone();
     let listener = listen_stream(&uds, TARGET);
     let mut g = b.guest(0, GuestConfig::default());
-    let key = g
-        .connect_timeout(host(SESSION_PORT.0), SocketType::Stream, STEP_TIMEOUT)
-        .unwrap();
-    let open = Frame::Open {
-        cid: Cid(2),
-        port: Port(TARGET),
-        socket_type: SocketType::Stream,
-    };
-    g.write_all(key, &open.encode(), STEP_TIMEOUT).unwrap();
+    let key = send_open(&mut g, TARGET);
     let Frame::Opened {
         id,
         secret,
@@ -936,15 +942,7 @@ fn a_session_parked_without_a_frontend_expires_on_time() {
     );
     let listener = listen_stream(&b.vm(0).uds, TARGET);
     let mut g = b.guest(0, GuestConfig::default());
-    let key = g
-        .connect_timeout(host(SESSION_PORT.0), SocketType::Stream, STEP_TIMEOUT)
-        .unwrap();
-    let open = Frame::Open {
-        cid: Cid(2),
-        port: Port(TARGET),
-        socket_type: SocketType::Stream,
-    };
-    g.write_all(key, &open.encode(), STEP_TIMEOUT).unwrap();
+    let key = send_open(&mut g, TARGET);
     assert!(matches!(
         read_session_frame(&mut g, key),
         Frame::Opened { .. }
@@ -973,7 +971,23 @@ fn a_session_parked_without_a_frontend_expires_on_time() {
 
 /// One admin request and its reply.
 fn admin(path: &std::path::Path, request: &str) -> serde_json::Value {
-    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    // domsockd binds its admin socket after the VMs' sockets the harness waits for.
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let mut s = loop {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(e)
+                if Instant::now() < deadline
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) =>
+            {
+                thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("admin socket {}: {e}", path.display()),
+        }
+    };
     s.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
     // A request domsockd refuses early (too long) may be cut off mid-write: the reply
     // is still there to read.
@@ -1018,15 +1032,7 @@ fn the_admin_socket_reports_frontends_devices_and_sessions() {
 
     let listener = listen_stream(&b.vm(0).uds, TARGET);
     let mut g = b.guest(0, GuestConfig::default());
-    let key = g
-        .connect_timeout(host(SESSION_PORT.0), SocketType::Stream, STEP_TIMEOUT)
-        .unwrap();
-    let open = Frame::Open {
-        cid: Cid(2),
-        port: Port(TARGET),
-        socket_type: SocketType::Stream,
-    };
-    g.write_all(key, &open.encode(), STEP_TIMEOUT).unwrap();
+    let key = send_open(&mut g, TARGET);
     let Frame::Opened { id, .. } = read_session_frame(&mut g, key) else {
         panic!("expected OPENED");
     };

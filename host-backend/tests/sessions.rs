@@ -549,12 +549,11 @@ fn recv_msgs(g: &mut TestGuest, conn: &mut GuestConn, n: usize) -> Vec<Vec<u8>> 
     msgs
 }
 
-#[test]
-fn a_seqpacket_session_keeps_every_message_whole_and_once() {
-    let mut g = TestGuest::new("s-seq");
-    let listener = g.listen_seqpacket(TARGET);
+/// Opens a seqpacket session to `TARGET` from guest port 40000 with `buf_alloc`; returns
+/// the connection and the daemon's answer (one whole message).
+fn open_seqpacket(g: &mut TestGuest, buf_alloc: u32) -> (GuestConn, Frame) {
     let mut conn = GuestConn {
-        buf_alloc: 256 * 1024,
+        buf_alloc,
         ..GuestConn::seqpacket(40_000, SESSION_PORT)
     };
     g.connect(&conn);
@@ -563,20 +562,28 @@ fn a_seqpacket_session_keeps_every_message_whole_and_once() {
         port: domsock_proto::Port(TARGET),
         socket_type: domsock_proto::SocketType::SeqPacket,
     };
-    send_msg(&mut g, &conn, &open.encode());
-    let opened = recv_msgs(&mut g, &mut conn, 1);
-    let Some((
-        Frame::Opened {
-            id,
-            secret,
-            next_nonce,
-            window,
-            ..
-        },
-        _,
-    )) = Frame::decode(&opened[0]).unwrap()
+    send_msg(g, &conn, &open.encode());
+    let answer = recv_msgs(g, &mut conn, 1).remove(0);
+    match Frame::decode(&answer) {
+        Ok(Some((f, used))) if used == answer.len() => (conn, f),
+        other => panic!("not one session frame: {other:?}"),
+    }
+}
+
+#[test]
+fn a_seqpacket_session_keeps_every_message_whole_and_once() {
+    let mut g = TestGuest::new("s-seq");
+    let listener = g.listen_seqpacket(TARGET);
+    let (mut conn, opened) = open_seqpacket(&mut g, 256 * 1024);
+    let Frame::Opened {
+        id,
+        secret,
+        next_nonce,
+        window,
+        ..
+    } = opened
     else {
-        panic!("expected OPENED");
+        panic!("expected OPENED, got {opened:?}");
     };
     let host = accept(&listener);
     let msg = |i: u32| pattern(100 + i, 100 + (i as usize * 37) % 3000);
@@ -968,18 +975,8 @@ fn a_full_replay_buffer_asks_the_guest_for_credit() {
     const OP_CREDIT_REQUEST: u16 = 7;
     let mut g = TestGuest::new("s-seq-credit");
     let listener = g.listen_seqpacket(TARGET);
-    let mut conn = GuestConn {
-        buf_alloc: 4 << 20,
-        ..GuestConn::seqpacket(40_000, SESSION_PORT)
-    };
-    g.connect(&conn);
-    let open = Frame::Open {
-        cid: Cid::HOST,
-        port: domsock_proto::Port(TARGET),
-        socket_type: domsock_proto::SocketType::SeqPacket,
-    };
-    send_msg(&mut g, &conn, &open.encode());
-    recv_msgs(&mut g, &mut conn, 1);
+    let (conn, opened) = open_seqpacket(&mut g, 4 << 20);
+    assert!(matches!(opened, Frame::Opened { .. }), "{opened:?}");
     let host = accept(&listener);
     let msg = |i: u32| pattern(200 + i, 60 * 1024);
     // More than the socket buffer holds: a writer thread blocks as a host process would.
