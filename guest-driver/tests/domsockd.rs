@@ -1214,3 +1214,280 @@ fn two_hosts_bring_their_tunnel_up_and_refuse_a_stranger() {
     drop((stranger, a, b));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The `[tunnel]` config of host `name` with several peers (`""` for a peer that dials
+/// us: the name sorting first dials).
+fn tunnel_toml_peers(
+    pki: &std::path::Path,
+    name: &str,
+    port: u16,
+    peers: &[(&str, String)],
+) -> String {
+    let mut t = format!(
+        "[tunnel]\nhost = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\ncert = \"{pki}/{name}.pem\"\n\
+         key = \"{pki}/{name}.key\"\nca = \"{pki}/ca.pem\"\nresume-timeout-ms = 5000\n[tunnel.peers]\n",
+        pki = pki.display()
+    );
+    for (p, addr) in peers {
+        t.push_str(&format!("{p} = \"{addr}\"\n"));
+    }
+    t
+}
+
+/// What a guest knows of its session: enough to resume it anywhere.
+struct GuestSession {
+    id: domsock_migration::session::SessionId,
+    secret: domsock_migration::session::Secret,
+    nonce: Nonce,
+}
+
+/// Resumes `s` on a fresh frontend: RESUME with the bytes received so far; returns the
+/// connection and how much of the guest's data the daemon has.
+fn resume_session(
+    g: &mut UserGuest,
+    s: &mut GuestSession,
+    received: u64,
+    client_nonce: u8,
+) -> Result<(domsock_guest::uvirtio::ConnKey, u64), Frame> {
+    let key = g
+        .connect_timeout(host(SESSION_PORT.0), SocketType::Stream, STEP_TIMEOUT)
+        .unwrap();
+    let claim = ResumeClaim {
+        id: s.id,
+        server_nonce: s.nonce,
+        client_nonce: Nonce([client_nonce; 16]),
+        received,
+        closed: Closed::default(),
+    };
+    let resume = Frame::Resume {
+        id: s.id,
+        client_nonce: claim.client_nonce,
+        received,
+        closed: claim.closed,
+        proof: claim.prove(&s.secret),
+    };
+    g.write_all(key, &resume.encode(), STEP_TIMEOUT).unwrap();
+    match read_session_frame(g, key) {
+        Frame::Resumed {
+            received: daemon_got,
+            next_nonce,
+            ..
+        } => {
+            s.nonce = next_nonce;
+            Ok((key, daemon_got))
+        }
+        other => Err(other),
+    }
+}
+
+/// A guest with a session to a process on host a moves a -> b -> a -> b -> c, each move
+/// as `domsock migrate` does it (adopt at the destination, the source frontend gone,
+/// export at the source, the guest on the destination's frontend resumes). The session
+/// crosses the TLS tunnel to b, comes back to a's local path, goes to b again, and is
+/// re-rooted from a directly to c (b drops out: the domsockd state of all three says so).
+/// The host process writes and reads all along and never sees an error; every byte
+/// arrives once and in order both ways.
+#[test]
+fn a_session_follows_its_guest_across_three_hosts_through_the_tunnel() {
+    const TARGET: u32 = 5800;
+    const UP: usize = 6 << 20;
+    const DOWN: usize = 6 << 20;
+    const STEP: usize = 1 << 20;
+    let dir = std::env::temp_dir().join(format!("ds-relay-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let pki = dir.join("pki");
+    make_pki(&pki, "a,b,c");
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let addr = |p: u16| format!("127.0.0.1:{p}");
+    let admin_of = |h: &str| dir.join(format!("{h}.admin"));
+    let host = |h: &str, cid: u64, toml: String| {
+        Backend::spawn_with(
+            &domsockd(),
+            &format!("relay-{h}"),
+            &[VmOpts::new(cid).name("g")],
+            &[
+                "--admin-socket".to_string(),
+                admin_of(h).display().to_string(),
+            ],
+            Some(&toml),
+        )
+    };
+    // The name sorting first dials: a dials b and c, b dials c.
+    let c = host(
+        "c",
+        5,
+        tunnel_toml_peers(&pki, "c", pc, &[("a", String::new()), ("b", String::new())]),
+    );
+    let b = host(
+        "b",
+        4,
+        tunnel_toml_peers(&pki, "b", pb, &[("a", String::new()), ("c", addr(pc))]),
+    );
+    let a = host(
+        "a",
+        3,
+        tunnel_toml_peers(&pki, "a", pa, &[("b", addr(pb)), ("c", addr(pc))]),
+    );
+    for h in ["a", "b", "c"] {
+        wait_tunnel(&admin_of(h), "all tunnels up", |t| {
+            t["peers"]
+                .as_array()
+                .is_some_and(|p| p.iter().all(|p| p["up"] == true))
+        });
+    }
+    let hosts = [("a", &a), ("b", &b), ("c", &c)];
+    let backend = |name: &str| hosts.iter().find(|(n, _)| *n == name).unwrap().1;
+
+    // The host process on a: writes DOWN bytes, reads to EOF.
+    let listener = listen_stream(&a.vm(0).uds, TARGET);
+    let mut g = a.guest(0, GuestConfig::default());
+    let key = send_open(&mut g, TARGET);
+    let Frame::Opened {
+        id,
+        secret,
+        next_nonce,
+        ..
+    } = read_session_frame(&mut g, key)
+    else {
+        panic!("expected OPENED");
+    };
+    let mut s = GuestSession {
+        id,
+        secret,
+        nonce: next_nonce,
+    };
+    let held = accept(&listener);
+    let up = pattern_bytes(0x3c, UP);
+    let down = pattern_bytes(0xc3, DOWN);
+    let writer = {
+        let (mut w, down) = (held.try_clone().unwrap(), down.clone());
+        thread::spawn(move || {
+            for chunk in down.chunks(64 * 1024) {
+                w.write_all(chunk)?;
+            }
+            w.shutdown(std::net::Shutdown::Write)
+        })
+    };
+    let reader = {
+        let mut r = held;
+        r.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        thread::spawn(move || {
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).map(|_| got)
+        })
+    };
+
+    let (mut key, mut sent, mut got) = (key, 0usize, Vec::with_capacity(DOWN));
+    let mut disconnects = std::collections::HashMap::new();
+    let mut here = "a";
+    let route = ["b", "a", "b", "c"];
+    for (hop, to) in route.iter().enumerate() {
+        // Traffic on the current host, both ways.
+        g.write_all(key, &up[sent..sent + STEP], STEP_TIMEOUT)
+            .unwrap();
+        sent += STEP;
+        let mut buf = vec![0u8; STEP];
+        g.read_exact(key, &mut buf, STEP_TIMEOUT).unwrap();
+        got.extend_from_slice(&buf);
+
+        // The move.
+        let r = admin(
+            &admin_of(to),
+            &format!(r#"{{"v":1,"op":"adopt","vm":"g","from":"{here}"}}"#),
+        );
+        assert_eq!(r["ok"], true, "adopt at {to}: {r}");
+        drop(g);
+        let n = disconnects.entry(here).or_insert(0);
+        *n += 1;
+        backend(here).wait_for_log("frontend disconnected", *n);
+        let r = admin(
+            &admin_of(here),
+            &format!(r#"{{"v":1,"op":"export","vm":"g","to":"{to}"}}"#),
+        );
+        assert_eq!(
+            r["ok"],
+            true,
+            "export {here} -> {to}: {r}\n{}",
+            backend(here).log_tail()
+        );
+        assert_eq!(r["sessions"], 1, "{r}");
+        g = backend(to).guest(0, GuestConfig::default());
+        let (k, daemon_got) = resume_session(&mut g, &mut s, got.len() as u64, hop as u8 + 1)
+            .unwrap_or_else(|f| panic!("resume at {to}: {f:?}\n{}", backend(to).log_tail()));
+        key = k;
+        assert!(
+            daemon_got as usize <= sent,
+            "daemon claims {daemon_got} of {sent}"
+        );
+        if (daemon_got as usize) < sent {
+            g.write_all(key, &up[daemon_got as usize..sent], STEP_TIMEOUT)
+                .unwrap();
+        }
+        here = to;
+    }
+    // On c: c talks directly to a; b holds nothing of the session.
+    let relays =
+        |h: &str| admin(&admin_of(h), r#"{"v":1,"op":"status"}"#)["tunnel"]["relays"].clone();
+    let (ra, rb, rc) = (relays("a"), relays("b"), relays("c"));
+    assert_eq!(ra.as_array().map(Vec::len), Some(1), "a: {ra}");
+    assert_eq!(
+        (ra[0]["role"].as_str(), ra[0]["peer"].as_str()),
+        (Some("home"), Some("c")),
+        "a: {ra}"
+    );
+    assert_eq!(rb.as_array().map(Vec::len), Some(0), "b: {rb}");
+    assert_eq!(
+        (rc[0]["role"].as_str(), rc[0]["peer"].as_str()),
+        (Some("guest"), Some("a")),
+        "c: {rc}"
+    );
+    assert_eq!(rc[0]["session"].as_str(), Some(s.id.hex().as_str()));
+
+    // The rest on c, then both ends close.
+    g.write_all(key, &up[sent..], Duration::from_secs(60))
+        .unwrap();
+    g.shutdown(key, Shutdown::SEND).unwrap();
+    let mut rest = vec![0u8; DOWN - got.len()];
+    g.read_exact(key, &mut rest, Duration::from_secs(60))
+        .unwrap();
+    got.extend_from_slice(&rest);
+    assert!(got == down, "host->guest across four moves");
+    writer
+        .join()
+        .unwrap()
+        .expect("the host process's writes never failed");
+    let from_guest = reader
+        .join()
+        .unwrap()
+        .expect("the host process's reads never failed");
+    assert_eq!(from_guest.len(), UP);
+    assert!(from_guest == up, "guest->host across four moves");
+    let counters = |h: &str| {
+        admin(&admin_of(h), r#"{"v":1,"op":"status"}"#)["tunnel"]["relay_counters"].clone()
+    };
+    let (ca, cb, cc) = (counters("a"), counters("b"), counters("c"));
+    assert_eq!(
+        (
+            ca["exported_home"].as_u64(),
+            ca["returned_home"].as_u64(),
+            ca["rerooted"].as_u64()
+        ),
+        (Some(2), Some(1), Some(1)),
+        "a: {ca}"
+    );
+    assert_eq!(
+        (cb["imported"].as_u64(), cb["handed_off"].as_u64()),
+        (Some(2), Some(2)),
+        "b: {cb}"
+    );
+    assert_eq!(cc["imported"].as_u64(), Some(1), "c: {cc}");
+    for c in [&ca, &cb, &cc] {
+        assert_eq!(
+            (c["failed"].as_u64(), c["refused"].as_u64()),
+            (Some(0), Some(0)),
+            "{c}"
+        );
+    }
+    drop((g, a, b, c));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -29,17 +29,16 @@
 //! parked sessions is refused with the reason (so a migration rolls back rather than
 //! stranding them) until the tunnel between hosts carries them.
 
-use crate::engine::DataPlane;
 use crate::metrics::VmStats;
+use crate::relay::ServedVm;
 use crate::server::device::lock_plane;
-use crate::vm::VmShared;
 use serde_json::{json, Value};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
 
@@ -52,22 +51,13 @@ pub const MAX_ADMIN_CONNS: usize = 16;
 /// An idle connection is closed after this long.
 pub const ADMIN_IDLE: Duration = Duration::from_secs(30);
 
-/// One served VM, as the admin service sees it.
-#[derive(Debug, Clone)]
-pub struct AdminVm {
-    /// Its shared state (name, CID, counters, frontend flag).
-    pub shared: Arc<VmShared>,
-    /// Its namespace.
-    pub namespace: String,
-    /// Its engine.
-    pub plane: Arc<Mutex<DataPlane>>,
-}
-
 /// This host's tunnel service, as the admin service reports it.
 #[derive(Debug, Clone)]
 pub struct AdminTunnel {
     /// The running service.
     pub service: Arc<crate::tunnel::TunnelService>,
+    /// The session relays over it.
+    pub relay: Arc<crate::relay::RelayService>,
     /// This host's name.
     pub host: String,
     /// The configured peers.
@@ -77,12 +67,12 @@ pub struct AdminTunnel {
 /// What the admin service reports on.
 #[derive(Debug)]
 struct Served {
-    vms: Vec<AdminVm>,
+    vms: Vec<ServedVm>,
     tunnel: Option<AdminTunnel>,
 }
 
 /// Binds `path` (replacing a stale socket) and serves it on a thread of its own.
-pub fn spawn(path: &Path, vms: Vec<AdminVm>, tunnel: Option<AdminTunnel>) -> io::Result<()> {
+pub fn spawn(path: &Path, vms: Vec<ServedVm>, tunnel: Option<AdminTunnel>) -> io::Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
@@ -142,7 +132,11 @@ fn serve(conn: UnixStream, served: &Served) -> io::Result<()> {
             writeln!(out, "{reply}")?;
             return Ok(());
         }
-        let mut reply = handle(&line, &served.vms);
+        let mut reply = handle(
+            &line,
+            &served.vms,
+            served.tunnel.as_ref().map(|t| &*t.relay),
+        );
         if let (Some(t), Some("status")) = (
             &served.tunnel,
             serde_json::from_slice::<Value>(&line)
@@ -162,8 +156,9 @@ fn error_reply(why: &str) -> Value {
     json!({"v": ADMIN_VERSION, "ok": false, "error": why})
 }
 
-/// Answers one request line.
-pub fn handle(line: &[u8], vms: &[AdminVm]) -> Value {
+/// Answers one request line; `relay` carries sessions between hosts when a tunnel is
+/// configured.
+pub fn handle(line: &[u8], vms: &[ServedVm], relay: Option<&crate::relay::RelayService>) -> Value {
     let req: Value = match serde_json::from_slice(line) {
         Ok(v) => v,
         Err(e) => return error_reply(&format!("not a JSON object: {e}")),
@@ -174,7 +169,7 @@ pub fn handle(line: &[u8], vms: &[AdminVm]) -> Value {
     let Some(op) = req.get("op").and_then(Value::as_str) else {
         return error_reply("missing \"op\"");
     };
-    let find = |req: &Value| -> Result<&AdminVm, Value> {
+    let find = |req: &Value| -> Result<&ServedVm, Value> {
         let name = req
             .get("vm")
             .and_then(Value::as_str)
@@ -199,15 +194,17 @@ pub fn handle(line: &[u8], vms: &[AdminVm]) -> Value {
             }
             Err(e) => e,
         },
-        // The migration steps of `domsock migrate`. Until the tunnel carries sessions,
-        // a domain moves with its raw connections only (they break, as everywhere):
-        // `adopt` accepts the domain, `export` succeeds when it has nothing parked and
-        // says why not otherwise, so that the orchestrator rolls back instead of
-        // stranding sessions.
+        // The migration steps of `domsock migrate`. Without a tunnel a domain moves with
+        // its raw connections only (they break, as everywhere): `export` succeeds when it
+        // has nothing parked and says why not otherwise, so that the orchestrator rolls
+        // back instead of stranding sessions.
         "adopt" => match (find(&req), req.get("from").and_then(Value::as_str)) {
             (Ok(vm), Some(from)) => {
                 info!(vm = %vm.shared.name, from, "admin: domain expected from another host");
-                json!({"v": ADMIN_VERSION, "ok": true, "vm": vm.shared.name})
+                match relay.map(|r| r.adopt(&vm.shared.name)) {
+                    Some(Err(why)) => error_reply(&why),
+                    _ => json!({"v": ADMIN_VERSION, "ok": true, "vm": vm.shared.name}),
+                }
             }
             (Err(e), _) => e,
             (Ok(_), None) => error_reply("missing \"from\""),
@@ -215,13 +212,21 @@ pub fn handle(line: &[u8], vms: &[AdminVm]) -> Value {
         "export" => match (find(&req), req.get("to").and_then(Value::as_str)) {
             (Ok(vm), Some(to)) => {
                 let parked = lock_plane(&vm.plane).parked_sessions();
-                if parked == 0 {
-                    json!({"v": ADMIN_VERSION, "ok": true, "vm": vm.shared.name, "sessions": 0})
-                } else {
-                    error_reply(&format!(
-                        "{parked} parked sessions of {} cannot move to {to}: this build has no tunnel to carry them",
+                match relay {
+                    _ if parked == 0 => {
+                        json!({"v": ADMIN_VERSION, "ok": true, "vm": vm.shared.name, "sessions": 0})
+                    }
+                    Some(r) => match r.export(&vm.shared.name, to) {
+                        Ok(n) => {
+                            info!(vm = %vm.shared.name, to, sessions = n, "admin: sessions exported");
+                            json!({"v": ADMIN_VERSION, "ok": true, "vm": vm.shared.name, "sessions": n})
+                        }
+                        Err(why) => error_reply(&why),
+                    },
+                    None => error_reply(&format!(
+                        "{parked} parked sessions of {} cannot move to {to}: no [tunnel] is configured",
                         vm.shared.name
-                    ))
+                    )),
                 }
             }
             (Err(e), _) => e,
@@ -249,15 +254,33 @@ fn tunnel_status(t: &AdminTunnel) -> Value {
             })
         })
         .collect();
+    let relays: Vec<Value> = t
+        .relay
+        .relays()
+        .iter()
+        .map(|r| json!({"session": r.session.hex(), "vm": r.vm, "role": r.role, "peer": r.peer}))
+        .collect();
+    let st = &t.relay.stats;
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     json!({
         "host": t.host,
         "listen": t.service.local_addr().to_string(),
         "refused_peers": t.service.refused_peers(),
         "peers": peers,
+        "relays": relays,
+        "relay_counters": {
+            "exported_home": n(&st.exported_home),
+            "imported": n(&st.imported),
+            "handed_off": n(&st.handed_off),
+            "returned_home": n(&st.returned_home),
+            "rerooted": n(&st.rerooted),
+            "refused": n(&st.refused),
+            "failed": n(&st.failed),
+        },
     })
 }
 
-fn vm_status(vm: &AdminVm) -> Value {
+fn vm_status(vm: &ServedVm) -> Value {
     let (running, live, parked) = {
         let p = lock_plane(&vm.plane);
         (p.guest_running(), p.live_sessions(), p.parked_sessions())

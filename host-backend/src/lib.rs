@@ -42,6 +42,7 @@ pub mod iov;
 pub mod metrics;
 pub mod policy;
 pub mod port;
+pub mod relay;
 pub mod router;
 pub mod server;
 pub mod services;

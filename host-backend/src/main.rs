@@ -81,14 +81,22 @@ fn main() -> ExitCode {
             }
         }
     }
+    let vms: Vec<domsock_host::relay::ServedVm> = servers
+        .iter()
+        .zip(&engines)
+        .zip(&namespaces)
+        .map(
+            |(((_, s), plane), namespace)| domsock_host::relay::ServedVm {
+                shared: s.shared(),
+                namespace: namespace.clone(),
+                plane: plane.clone(),
+            },
+        )
+        .collect();
     let tunnel = match &tunnel_section {
         None => None,
-        Some(t) => match start_tunnel(t) {
-            Ok(service) => Some(admin::AdminTunnel {
-                service,
-                host: t.host.clone(),
-                peers: t.peers.keys().cloned().collect(),
-            }),
+        Some(t) => match start_tunnel(t, vms.clone()) {
+            Ok(tunnel) => Some(tunnel),
             Err(e) => {
                 error!("cannot start the tunnel: {}", error_chain(e.as_ref()));
                 return ExitCode::from(1);
@@ -96,16 +104,6 @@ fn main() -> ExitCode {
         },
     };
     if let Some(path) = &admin_socket {
-        let vms = servers
-            .iter()
-            .zip(&engines)
-            .zip(&namespaces)
-            .map(|(((_, s), plane), namespace)| admin::AdminVm {
-                shared: s.shared(),
-                namespace: namespace.clone(),
-                plane: plane.clone(),
-            })
-            .collect();
         if let Err(e) = admin::spawn(path, vms, tunnel.clone()) {
             error!(path = %path.display(), "cannot start the admin service: {e}");
             return ExitCode::from(1);
@@ -127,39 +125,26 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Channels opened by peer hosts. Until sessions move between hosts, no domain has
-/// migrated here, and a peer may open nothing a local domain could not: every channel is
-/// refused (and logged).
-#[derive(Debug)]
-struct RefuseAll;
-
-impl domsock_host::tunnel::Acceptor for RefuseAll {
-    fn on_open(
-        &self,
-        peer: &str,
-        _metadata: &[u8],
-        _kind: domsock_migration::tunnel::wire::ChannelKind,
-    ) -> Result<(), domsock_host::tunnel::Refusal> {
-        warn!(
-            peer,
-            "tunnel channel refused: no domain migrated between these hosts"
-        );
-        Err(domsock_host::tunnel::Refusal {
-            code: domsock_migration::tunnel::wire::RefusalCode::Policy,
-            text: "no domain migrated between these hosts".into(),
-        })
-    }
-
-    fn accepted(&self, _end: domsock_host::tunnel::ChannelEnd, _metadata: Vec<u8>) {}
-}
-
+/// Starts the tunnel with the session relay service as its acceptor: peers may open
+/// channels only for the sessions of domains being adopted here.
 fn start_tunnel(
     t: &domsock_host::config::TunnelSection,
-) -> Result<Arc<domsock_host::tunnel::TunnelService>, Box<dyn std::error::Error>> {
+    vms: Vec<domsock_host::relay::ServedVm>,
+) -> Result<admin::AdminTunnel, Box<dyn std::error::Error>> {
     let cfg = t.runtime_config()?;
-    let service = domsock_host::tunnel::TunnelService::start(cfg, Arc::new(RefuseAll))?;
+    let relay = domsock_host::relay::RelayService::new(t.host.clone(), vms);
+    let service = Arc::new(domsock_host::tunnel::TunnelService::start(
+        cfg,
+        relay.clone(),
+    )?);
+    relay.set_tunnel(service.clone());
     info!(host = %t.host, listen = %service.local_addr(), peers = t.peers.len(), "tunnel listening");
-    Ok(Arc::new(service))
+    Ok(admin::AdminTunnel {
+        service,
+        relay,
+        host: t.host.clone(),
+        peers: t.peers.keys().cloned().collect(),
+    })
 }
 
 /// Blocks SIGUSR1/SIGHUP/SIGTERM/SIGINT in every thread (the mask is inherited by threads

@@ -57,3 +57,13 @@ pub const SESSION_GREETING_TIMEOUT_MS: u64 = 5_000;
 pub const MAX_PENDING_SESSION_GREETINGS: usize = 64;
 /// Longest configurable session park timeout (a day).
 pub const MAX_SESSION_PARK_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+/// Longest replay tail a session may bring when it moves between hosts: its replay buffer
+/// plus the host bytes in flight in the relay that carried it (its socket pair and one
+/// frame), which a handoff must not drop.
+pub const RELAY_MAX_TAIL_BYTES: usize = 1024 * 1024;
+/// Sessions carried by relays on one host at once (both kinds).
+pub const MAX_RELAYED_SESSIONS: usize = 1024;
+/// How long one relay step (an import answered, a handoff answered) may take.
+pub const RELAY_STEP_TIMEOUT_MS: u64 = 10_000;
+/// How long an `adopt` lets peers bring a domain's sessions here.
+pub const ADOPTION_WINDOW_MS: u64 = 10 * 60 * 1000;

@@ -43,6 +43,7 @@ pub mod admin;
 pub mod fuzzing;
 pub mod orchestrate;
 pub mod qmp;
+pub mod relay;
 pub mod session;
 #[cfg(test)]
 mod test_dir;

@@ -58,7 +58,7 @@ use crate::metrics::VmStats;
 use crate::router::SiblingRefusal;
 use crate::tunables::{
     MAX_PENDING_SESSION_GREETINGS, MAX_SESSIONS_PER_VM, MAX_SESSION_LISTENERS_PER_VM,
-    SESSION_GREETING_TIMEOUT_MS, SESSION_REPLAY_BYTES, SESSION_TOMBSTONES,
+    RELAY_MAX_TAIL_BYTES, SESSION_GREETING_TIMEOUT_MS, SESSION_REPLAY_BYTES, SESSION_TOMBSTONES,
 };
 use crate::vm::ProxyDial;
 use domsock_migration::session::proof::ResumeClaim;
@@ -265,7 +265,13 @@ impl HostConn {
     /// room); `usize::MAX` for any other connection.
     pub(super) fn session_room(&self) -> usize {
         match self.session.as_deref() {
-            Some(SessionState::Live(link)) => link.to_guest.room(),
+            // A session that arrived with a larger tail (host bytes that were in flight in
+            // a relay) reads nothing new until it is back within the usual bound, so
+            // tails do not grow from move to move.
+            Some(SessionState::Live(link)) => link
+                .to_guest
+                .room()
+                .min(SESSION_REPLAY_BYTES.saturating_sub(link.to_guest.len())),
             _ => usize::MAX,
         }
     }
@@ -1450,30 +1456,43 @@ impl DataPlane {
     /// Puts a session exported by another engine (of this domain, on another host or
     /// before a restart of its QEMU) in as parked: the guest's next RESUME finds it here.
     pub fn import_parked(&mut self, s: ExportedSession) -> Result<(), ImportError> {
-        let snap = s.snapshot;
-        let id = snap.id;
+        self.try_import_parked(s).map_err(|(e, _)| e)
+    }
+
+    /// [`DataPlane::import_parked`], giving the session back whole when it cannot be
+    /// imported (its host end stays open for the caller).
+    pub fn try_import_parked(
+        &mut self,
+        s: ExportedSession,
+    ) -> Result<(), (ImportError, Box<ExportedSession>)> {
+        let id = s.snapshot.id;
+        let refused = |e, s| Err((e, Box::new(s)));
         if self.locate_session(id).is_some() {
-            return Err(ImportError::Exists(id));
+            return refused(ImportError::Exists(id), s);
         }
         if self.sessions.live + self.sessions.parked.len() >= MAX_SESSIONS_PER_VM {
-            return Err(ImportError::TooMany);
+            return refused(ImportError::TooMany, s);
         }
-        if snap.tail.len() > SESSION_REPLAY_BYTES {
-            return Err(ImportError::TooLarge(snap.tail.len()));
+        if s.snapshot.tail.len() > RELAY_MAX_TAIL_BYTES {
+            return refused(ImportError::TooLarge(s.snapshot.tail.len()), s);
         }
         let type_ok = matches!(
-            (&s.host, snap.socket_type),
+            (&s.host, s.snapshot.socket_type),
             (HostSocket::Stream(_), SocketType::Stream)
                 | (HostSocket::SeqPacket(_), SocketType::SeqPacket)
         );
         if !type_ok {
-            return Err(ImportError::WrongSocket(snap.socket_type));
+            return refused(ImportError::WrongSocket(s.snapshot.socket_type), s);
         }
-        let token = self
-            .poller
-            .register(s.host.raw_fd(), Target::Parked(id))
-            .map_err(|e| ImportError::Register(e.to_string()))?;
-        let mut to_guest = ReplayBuffer::starting_at(SESSION_REPLAY_BYTES, snap.tail_start);
+        let token = match self.poller.register(s.host.raw_fd(), Target::Parked(id)) {
+            Ok(t) => t,
+            Err(e) => return refused(ImportError::Register(e.to_string()), s),
+        };
+        let snap = s.snapshot;
+        // A session that moved through a relay may bring host bytes that were in flight
+        // beyond its replay buffer: its ring holds them all (bounded above).
+        let capacity = SESSION_REPLAY_BYTES.max(snap.tail.len());
+        let mut to_guest = ReplayBuffer::starting_at(capacity, snap.tail_start);
         to_guest.record(&snap.tail);
         let messages = (snap.socket_type == SocketType::SeqPacket).then(|| MessageLog {
             ends: snap.message_ends.iter().copied().collect(),

@@ -569,6 +569,12 @@ impl ChannelEnd {
         self.peer.lock().ep.counters(self.id).unwrap_or_default()
     }
 
+    /// Stream bytes written from offset `from` on that the peer has not read yet; see
+    /// [`Endpoint::unacked_from`].
+    pub fn unacked_from(&self, from: u64) -> Option<Vec<u8>> {
+        self.peer.lock().ep.unacked_from(self.id, from)
+    }
+
     /// Resets the eventfd (call before draining the channel).
     pub fn clear_wakeup(&self) {
         let _ = self.notify.read();

@@ -654,6 +654,19 @@ impl Endpoint {
         })
     }
 
+    /// The stream bytes written from offset `from` on that the peer's engine has not read
+    /// (they are still in this end's replay buffer): what a channel's new owner must send
+    /// again when the old reader reports having taken the stream up to `from`. `None` if
+    /// `from` lies outside what is kept (below the peer's acknowledgement or beyond what
+    /// was written).
+    pub fn unacked_from(&self, id: ChannelId, from: u64) -> Option<Vec<u8>> {
+        let c = self.get(id).ok()?;
+        if from < c.peer_consumed.max(c.tx.start()) || from > c.tx.end() {
+            return None;
+        }
+        Some(c.tx.copy_range(from, c.tx.end()))
+    }
+
     fn writable(c: &Channel) -> Result<(), ChannelError> {
         match c.phase {
             Phase::Open => {}

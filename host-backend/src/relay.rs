@@ -1,0 +1,1269 @@
+//! Sessions whose guest runs on another host than their host end: the runtime of the
+//! session relay protocol ([`domsock_migration::relay`], which has the sequence diagram)
+//! over the tunnel.
+//!
+//! Two kinds of relay, one thread each, both moving bytes between one socket and one
+//! tunnel channel in relay frames:
+//! - a **home relay** holds a session's host end (a host process's socket, or the socket
+//!   pair into a sibling guest's engine) while the session's guest runs elsewhere. It
+//!   starts when this host exports a session it is home of, and it is the only party that
+//!   acts on a HANDOFF: back home (the session is imported here with its host end: the
+//!   route is the local ring path again) or on to another host (a new direct channel
+//!   there; the old one ends).
+//! - a **guest relay** carries a session imported here from another host: the session
+//!   lives in the domain's engine like any parked session, with one end of a socket pair
+//!   as its host end; the relay joins the other end to the channel. When this host
+//!   exports the domain, the relay takes the session out of the engine again with every
+//!   byte in flight and hands it off to the home.
+//!
+//! A peer may open a relay channel only for a domain configured here in the same
+//! namespace, while an `adopt` of it is in force ([`ADOPTION_WINDOW_MS`]); anything else
+//! is refused and counted. A relayed session cannot reach anything: it carries bytes
+//! between the guest, which must prove its secret to resume it, and the host end its home
+//! host opened under its own policy.
+//!
+//! Errors end the one session: a channel that breaks or times out closes the socket on
+//! each side, so the host process reads EOF (or a reset) and the guest's session is
+//! refused or reset like one whose host end closed.
+//!
+//! What it does not do: survive a domsockd restart, or hand a sibling socket pair over
+//! when both of its guests moved to the same host (the pair stays relayed).
+
+use crate::engine::ExportedSession;
+use crate::host::HostSocket;
+use crate::server::device::lock_plane;
+use crate::tunables::{
+    ADOPTION_WINDOW_MS, MAX_RELAYED_SESSIONS, RELAY_MAX_TAIL_BYTES, RELAY_STEP_TIMEOUT_MS,
+};
+use crate::tunnel::{
+    Acceptor, BrokenReason, ChannelEnd, ChannelKind, ChannelState, Refusal, RefusalCode,
+    TunnelService,
+};
+use crate::vm::VmShared;
+use domsock_migration::relay::{
+    self, data_payloads, extend_tail, Frame, RelayOpen, FRAME_HEADER_LEN, MAX_DATA,
+};
+use domsock_migration::session::snapshot::SessionSnapshot;
+use domsock_migration::session::SessionId;
+use domsock_migration::tunnel::CloseReason;
+use domsock_proto::{Cid, Port, SocketType};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, ErrorKind, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// One VM this daemon serves, as the admin and relay services see it.
+#[derive(Debug, Clone)]
+pub struct ServedVm {
+    /// Its shared state (name, CID, counters, frontend flag).
+    pub shared: Arc<VmShared>,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its engine.
+    pub plane: Arc<Mutex<crate::engine::DataPlane>>,
+}
+
+/// Counters of the relay service (admin `status` reports them).
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Sessions this host exported as their home (a home relay started).
+    pub exported_home: AtomicU64,
+    /// Sessions imported here from a peer (a guest relay started).
+    pub imported: AtomicU64,
+    /// Handoffs this host sent as a guest side (the guest moved on).
+    pub handed_off: AtomicU64,
+    /// Sessions that came back home (the route is local again).
+    pub returned_home: AtomicU64,
+    /// Sessions re-rooted from one guest host to another by their home.
+    pub rerooted: AtomicU64,
+    /// Handoffs that failed, whose session went back to the host that sent it.
+    pub sent_back: AtomicU64,
+    /// Relay channels refused (no adoption, wrong namespace, bad metadata, ...).
+    pub refused: AtomicU64,
+    /// Relays that ended with an error (channel broken or timed out, socket failed).
+    pub failed: AtomicU64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What one relay is, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayInfo {
+    /// The session.
+    pub session: SessionId,
+    /// Its domain.
+    pub vm: String,
+    /// `home` (its host end is here) or `guest` (its guest runs here).
+    pub role: &'static str,
+    /// The host at the other end of the channel.
+    pub peer: String,
+}
+
+type Reply = mpsc::Sender<Result<(), String>>;
+
+/// The handle of one guest relay.
+struct GuestCtl {
+    info: RelayInfo,
+    /// A handoff asked for: the destination and where to answer.
+    request: Mutex<Option<(String, Reply)>>,
+    /// A handoff was sent: a channel bringing the session back is accepted.
+    handing: AtomicBool,
+    /// Written to wake the relay thread; it reads `wake_rx`.
+    wake: UnixStream,
+    wake_rx: UnixStream,
+}
+
+impl GuestCtl {
+    fn wake(&self) {
+        let _ = (&self.wake).write(&[1]);
+    }
+
+    fn clear(&self) {
+        let mut b = [0u8; 64];
+        while matches!((&self.wake_rx).read(&mut b), Ok(n) if n > 0) {}
+    }
+}
+
+/// The relay service of one host.
+pub struct RelayService {
+    host: String,
+    me: Weak<RelayService>,
+    tunnel: OnceLock<Arc<TunnelService>>,
+    vms: Vec<ServedVm>,
+    adoptions: Mutex<HashMap<String, Instant>>,
+    homes: Mutex<HashMap<SessionId, RelayInfo>>,
+    guests: Mutex<HashMap<SessionId, Arc<GuestCtl>>>,
+    /// Counters.
+    pub stats: RelayStats,
+}
+
+impl std::fmt::Debug for RelayService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayService")
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
+fn step_timeout() -> Duration {
+    Duration::from_millis(RELAY_STEP_TIMEOUT_MS)
+}
+
+impl RelayService {
+    /// A relay service for host `host` serving `vms`; give it its tunnel with
+    /// [`RelayService::set_tunnel`] (the tunnel takes this service as its acceptor).
+    pub fn new(host: String, vms: Vec<ServedVm>) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            host,
+            me: me.clone(),
+            tunnel: OnceLock::new(),
+            vms,
+            adoptions: Mutex::new(HashMap::new()),
+            homes: Mutex::new(HashMap::new()),
+            guests: Mutex::new(HashMap::new()),
+            stats: RelayStats::default(),
+        })
+    }
+
+    /// The tunnel service sessions travel in.
+    pub fn set_tunnel(&self, t: Arc<TunnelService>) {
+        let _ = self.tunnel.set(t);
+    }
+
+    /// This host's name.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    fn vm(&self, name: &str) -> Option<&ServedVm> {
+        self.vms.iter().find(|v| v.shared.name == name)
+    }
+
+    fn tunnel(&self) -> Result<&Arc<TunnelService>, String> {
+        self.tunnel
+            .get()
+            .ok_or_else(|| "no tunnel is configured on this host".to_owned())
+    }
+
+    /// The domain `vm` is about to arrive: peers may bring its sessions for a while.
+    pub fn adopt(&self, vm: &str) -> Result<(), String> {
+        if self.vm(vm).is_none() {
+            return Err(format!("no VM named {vm:?}"));
+        }
+        self.adoptions.lock().unwrap().insert(
+            vm.to_owned(),
+            Instant::now() + Duration::from_millis(ADOPTION_WINDOW_MS),
+        );
+        Ok(())
+    }
+
+    fn adopted(&self, vm: &str) -> bool {
+        let mut a = self.adoptions.lock().unwrap();
+        a.retain(|_, until| *until > Instant::now());
+        a.contains_key(vm)
+    }
+
+    /// Every relay running here.
+    pub fn relays(&self) -> Vec<RelayInfo> {
+        let mut out: Vec<RelayInfo> = self.homes.lock().unwrap().values().cloned().collect();
+        out.extend(self.guests.lock().unwrap().values().map(|g| g.info.clone()));
+        out.sort_by(|a, b| (a.vm.as_str(), a.session).cmp(&(b.vm.as_str(), b.session)));
+        out
+    }
+
+    fn relayed(&self) -> usize {
+        self.homes.lock().unwrap().len() + self.guests.lock().unwrap().len()
+    }
+
+    /// Moves every parked session of `vm` to host `to` (the domain's guest went there):
+    /// sessions this host is home of get a home relay, sessions that came here through a
+    /// relay are handed off to their home. Returns how many moved; on the first failure
+    /// the session that failed stays here, parked, and the error says why.
+    pub fn export(&self, vm_name: &str, to: &str) -> Result<u64, String> {
+        let vm = self
+            .vm(vm_name)
+            .ok_or_else(|| format!("no VM named {vm_name:?}"))?
+            .clone();
+        if to == self.host {
+            return Err(format!("{to} is this host"));
+        }
+        let ids = lock_plane(&vm.plane).parked_session_ids();
+        let mut moved = 0;
+        for id in ids {
+            let guest = self.guests.lock().unwrap().get(&id).cloned();
+            match guest {
+                Some(ctl) => self.hand_off(&ctl, to)?,
+                None => self.export_home(&vm, id, to)?,
+            }
+            moved += 1;
+        }
+        Ok(moved)
+    }
+
+    /// Asks the guest relay of a session imported here to hand it off.
+    fn hand_off(&self, ctl: &GuestCtl, to: &str) -> Result<(), String> {
+        let (tx, rx) = mpsc::channel();
+        *ctl.request.lock().unwrap() = Some((to.to_owned(), tx));
+        ctl.wake();
+        rx.recv_timeout(step_timeout() * 3)
+            .map_err(|_| format!("session {}: no answer to its handoff", ctl.info.session))?
+    }
+
+    /// Starts the home relay of a session parked here whose guest went to `to`: the
+    /// session leaves once `to` has imported it.
+    fn export_home(&self, vm: &ServedVm, id: SessionId, to: &str) -> Result<(), String> {
+        if self.relayed() >= MAX_RELAYED_SESSIONS {
+            return Err("too many relayed sessions on this host".into());
+        }
+        let Some(s) = lock_plane(&vm.plane).export_parked(id) else {
+            return Err(format!("session {id} is not parked here"));
+        };
+        let ch = match self.open_relay(vm, &s.snapshot, to) {
+            Ok(ch) => ch,
+            Err(why) => {
+                self.take_back(vm, s);
+                return Err(format!("session {id}: {why}"));
+            }
+        };
+        let me = self.me.upgrade().expect("the service outlives its calls");
+        let info = RelayInfo {
+            session: id,
+            vm: vm.shared.name.clone(),
+            role: "home",
+            peer: to.to_owned(),
+        };
+        self.homes.lock().unwrap().insert(id, info.clone());
+        inc(&self.stats.exported_home);
+        info!(vm = %vm.shared.name, session = %id, peer = %to, "session relayed: home relay running");
+        let vm2 = vm.clone();
+        std::thread::Builder::new()
+            .name(format!("relay-home-{}", &id.hex()[..8]))
+            .spawn(move || me.run_home(vm2, info, s, ch))
+            .map(|_| ())
+            .map_err(|e| format!("cannot start a relay thread: {e}"))
+    }
+
+    /// Opens a relay channel to `to` for `snapshot`'s session and waits until `to` has
+    /// imported it.
+    fn open_relay(
+        &self,
+        vm: &ServedVm,
+        snapshot: &SessionSnapshot,
+        to: &str,
+    ) -> Result<ChannelEnd, String> {
+        let open = RelayOpen {
+            session: snapshot.id,
+            socket_type: snapshot.socket_type,
+            domain: vm.shared.name.clone(),
+            namespace: vm.namespace.clone(),
+        };
+        let ch = self
+            .tunnel()?
+            .open(to, &open.encode(), ChannelKind::Stream)
+            .map_err(|e| format!("cannot open a channel to {to}: {e}"))?;
+        let mut frame = Vec::new();
+        Frame::Snapshot(snapshot.clone()).encode(&mut frame);
+        await_import(&ch, &frame).map_err(|why| format!("{to}: {why}"))?;
+        Ok(ch)
+    }
+
+    /// Puts a session that could not leave back into its engine, parked.
+    fn take_back(&self, vm: &ServedVm, s: ExportedSession) {
+        let id = s.snapshot.id;
+        if let Err(e) = lock_plane(&vm.plane).import_parked(s) {
+            warn!(vm = %vm.shared.name, session = %id, error = %e, "a session that could not move is lost");
+        }
+    }
+}
+
+/// One session's bytes between a socket and a relay channel, in relay frames.
+struct Pipe {
+    ch: ChannelEnd,
+    sock: HostSocket,
+    ty: SocketType,
+    /// Framed bytes for the channel (DATA and control frames), from `out_pos`.
+    out: Vec<u8>,
+    out_pos: usize,
+    /// The socket reached EOF.
+    sock_eof: bool,
+    /// The channel's write side was shut after the socket's EOF.
+    chan_shut: bool,
+    /// Channel bytes read, not yet parsed, from `rx_pos`.
+    rx: Vec<u8>,
+    rx_pos: usize,
+    /// Channel offset after the last whole frame parsed.
+    parsed: u64,
+    /// Payloads from the channel (or taken over with the session) not yet taken by the
+    /// socket, oldest first; the first from `in_pos`.
+    inbound: VecDeque<Vec<u8>>,
+    in_pos: usize,
+    /// The channel reached its end (the peer shut its write side).
+    chan_eof: bool,
+    /// The socket's write side was shut after the channel's end.
+    sock_shut: bool,
+    /// Do not read the socket (a handoff is in progress, or not yet imported).
+    hold_sock: bool,
+    /// Do not read the channel (a handoff was sent: what follows stays in the home's
+    /// replay for the session's next host).
+    hold_rx: bool,
+    buf: Vec<u8>,
+}
+
+/// A control frame [`Pipe::step`] parsed.
+enum Ctrl {
+    Snapshot(SessionSnapshot),
+    Imported,
+    Handoff {
+        to: String,
+        taken: u64,
+        partial: Vec<u8>,
+        snapshot: SessionSnapshot,
+    },
+    Failed(String),
+}
+
+fn wouldblock(e: &io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted)
+}
+
+fn closed_normally(st: ChannelState) -> bool {
+    matches!(
+        st,
+        ChannelState::Broken(BrokenReason::PeerClosed(CloseReason::Normal))
+    )
+}
+
+fn invalid(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(ErrorKind::InvalidData, e.to_string())
+}
+
+/// Reads one chunk or whole message from `sock` into `buf`: `Ok(None)` when nothing is
+/// there, `Ok(Some(0))` at EOF.
+fn read_one(sock: &mut HostSocket, ty: SocketType, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    let r = if ty == SocketType::SeqPacket {
+        match sock.peek_message_len() {
+            Ok(len) if len > buf.len() => {
+                return Err(io::Error::new(
+                    ErrorKind::InvalidData,
+                    "message larger than a relay frame",
+                ))
+            }
+            Ok(0) => sock.read(&mut buf[..1]),
+            Ok(len) => sock.read(&mut buf[..len]),
+            Err(e) => Err(e),
+        }
+    } else {
+        sock.read(buf)
+    };
+    match r {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if wouldblock(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads everything `sock` still holds (nobody serves its other end any more): payloads
+/// in order, and whether EOF was read.
+fn drain_sock(sock: &mut HostSocket, ty: SocketType) -> io::Result<(Vec<Vec<u8>>, bool)> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; MAX_DATA];
+    loop {
+        match read_one(sock, ty, &mut buf)? {
+            Some(0) => return Ok((out, true)),
+            Some(n) => out.push(buf[..n].to_vec()),
+            None => return Ok((out, false)),
+        }
+    }
+}
+
+impl Pipe {
+    fn new(ch: ChannelEnd, sock: HostSocket, ty: SocketType) -> Self {
+        Self {
+            ch,
+            sock,
+            ty,
+            out: Vec::new(),
+            out_pos: 0,
+            sock_eof: false,
+            chan_shut: false,
+            rx: Vec::new(),
+            rx_pos: 0,
+            parsed: 0,
+            inbound: VecDeque::new(),
+            in_pos: 0,
+            chan_eof: false,
+            sock_shut: false,
+            hold_sock: false,
+            hold_rx: false,
+            buf: vec![0; MAX_DATA],
+        }
+    }
+
+    fn push(&mut self, f: &Frame<'_>) {
+        if self.flushed() {
+            self.out.clear();
+            self.out_pos = 0;
+        }
+        f.encode(&mut self.out);
+    }
+
+    fn out_pending(&self) -> &[u8] {
+        &self.out[self.out_pos..]
+    }
+
+    /// Everything framed was written to the channel.
+    fn flushed(&self) -> bool {
+        self.out_pos == self.out.len()
+    }
+
+    /// Payloads not yet taken by the socket, in order (taken out of the pipe).
+    fn take_inbound(&mut self) -> Vec<Vec<u8>> {
+        let mut v: Vec<Vec<u8>> = self.inbound.drain(..).collect();
+        if let Some(first) = v.first_mut() {
+            first.drain(..self.in_pos);
+            if first.is_empty() {
+                v.remove(0);
+            }
+        }
+        self.in_pos = 0;
+        v
+    }
+
+    /// Writes queued payloads to the socket until it would block; whether any went.
+    fn write_inbound(&mut self) -> io::Result<bool> {
+        let mut moved = false;
+        while let Some(front) = self.inbound.front() {
+            match self.sock.write(&front[self.in_pos..]) {
+                Ok(n) => {
+                    moved = true;
+                    self.in_pos += n;
+                    if self.ty == SocketType::SeqPacket || self.in_pos == front.len() {
+                        self.inbound.pop_front();
+                        self.in_pos = 0;
+                    }
+                }
+                Err(e) if wouldblock(&e) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Moves what can move now; returns whether anything did, and a control frame if one
+    /// was parsed (parsing stops after it, so the caller acts on it first).
+    fn step(&mut self, max_tail: usize) -> io::Result<(bool, Option<Ctrl>)> {
+        let mut moved = self.write_inbound()?;
+        let mut ctrl = None;
+        // Channel -> frames, one DATA payload queued at a time (backpressure).
+        while self.inbound.is_empty() && !self.hold_rx && ctrl.is_none() {
+            let avail = &self.rx[self.rx_pos..];
+            match relay::parse_header(avail, max_tail).map_err(invalid)? {
+                Some(h) if avail.len() >= h.frame_len() => {
+                    let payload = &avail[FRAME_HEADER_LEN..h.frame_len()];
+                    match relay::decode(h, payload, max_tail).map_err(invalid)? {
+                        Frame::Data(d) => self.inbound.push_back(d.to_vec()),
+                        Frame::Snapshot(s) => ctrl = Some(Ctrl::Snapshot(s)),
+                        Frame::Imported => ctrl = Some(Ctrl::Imported),
+                        Frame::Failed(w) => ctrl = Some(Ctrl::Failed(w)),
+                        Frame::Handoff {
+                            to,
+                            taken,
+                            partial,
+                            snapshot,
+                        } => {
+                            ctrl = Some(Ctrl::Handoff {
+                                to,
+                                taken,
+                                partial,
+                                snapshot,
+                            })
+                        }
+                    }
+                    self.rx_pos += h.frame_len();
+                    self.parsed += h.frame_len() as u64;
+                    moved = true;
+                    moved |= self.write_inbound()?;
+                }
+                h => {
+                    if self.rx_pos > 0 {
+                        self.rx.drain(..self.rx_pos);
+                        self.rx_pos = 0;
+                    }
+                    let need = h.map_or(FRAME_HEADER_LEN, |h| h.frame_len());
+                    let want = need.max(128 * 1024).saturating_sub(self.rx.len()).max(1);
+                    let start = self.rx.len();
+                    self.rx.resize(start + want, 0);
+                    let r = self.ch.read(&mut self.rx[start..]);
+                    self.rx.truncate(start + *r.as_ref().unwrap_or(&0));
+                    match r {
+                        Ok(0) => {
+                            if !self.chan_eof {
+                                self.chan_eof = true;
+                                moved = true;
+                            }
+                            break;
+                        }
+                        Ok(_) => moved = true,
+                        Err(e) if wouldblock(&e) => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        if self.chan_eof
+            && !self.sock_shut
+            && self.inbound.is_empty()
+            && self.rx_pos == self.rx.len()
+        {
+            self.sock.shutdown(std::net::Shutdown::Write);
+            self.sock_shut = true;
+        }
+        // Socket -> channel, one chunk or message framed at a time.
+        if self.flushed() && !self.sock_eof && !self.hold_sock {
+            match read_one(&mut self.sock, self.ty, &mut self.buf)? {
+                Some(0) => {
+                    self.sock_eof = true;
+                    moved = true;
+                }
+                Some(n) => {
+                    self.out.clear();
+                    self.out_pos = 0;
+                    self.out.extend_from_slice(&Frame::data_header(n));
+                    self.out.extend_from_slice(&self.buf[..n]);
+                    moved = true;
+                }
+                None => {}
+            }
+        }
+        moved |= self.flush()?;
+        if self.sock_eof && self.flushed() && !self.chan_shut && !self.hold_sock {
+            self.ch.shutdown(std::net::Shutdown::Write)?;
+            self.chan_shut = true;
+        }
+        Ok((moved, ctrl))
+    }
+
+    /// Writes pending frames to the channel; whether any byte went.
+    fn flush(&mut self) -> io::Result<bool> {
+        let mut moved = false;
+        while !self.flushed() {
+            match self.ch.write(&self.out[self.out_pos..]) {
+                Ok(n) => {
+                    self.out_pos += n;
+                    moved = true;
+                }
+                Err(e) if wouldblock(&e) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Both directions ended.
+    fn finished(&self) -> bool {
+        self.chan_eof && self.sock_shut && self.sock_eof && self.chan_shut
+    }
+
+    /// The channel is gone: closed, reset, timed out or refused.
+    fn channel_gone(&self) -> Option<ChannelState> {
+        let st = self.ch.state();
+        matches!(
+            st,
+            ChannelState::TimedOut | ChannelState::Broken(_) | ChannelState::Refused(_)
+        )
+        .then_some(st)
+    }
+
+    /// The channel is gone, and if it was closed normally, everything that came before
+    /// the close was delivered to the socket.
+    fn channel_dead(&self) -> Option<ChannelState> {
+        let st = self.channel_gone()?;
+        let delivered = self.chan_eof && self.inbound.is_empty() && self.rx_pos == self.rx.len();
+        (!closed_normally(st) || delivered).then_some(st)
+    }
+
+    /// An error that only says the other side closed after its end of stream: the
+    /// session ended normally (a host end closed after EOF, a guest that closed).
+    fn normal_end(&self, e: &io::Error) -> bool {
+        let closed = matches!(
+            self.ch.state(),
+            ChannelState::Broken(BrokenReason::PeerClosed(CloseReason::Normal))
+        );
+        (self.chan_eof || self.sock_eof || closed)
+            && matches!(
+                e.kind(),
+                ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::NotConnected
+            )
+    }
+
+    /// Waits for the channel or the socket (or `extra`), at most `ms`.
+    fn wait(&self, extra: Option<&UnixStream>, ms: u16) {
+        let mut sock_ev = PollFlags::empty();
+        if !self.sock_eof && self.flushed() && !self.hold_sock {
+            sock_ev |= PollFlags::POLLIN;
+        }
+        if !self.inbound.is_empty() {
+            sock_ev |= PollFlags::POLLOUT;
+        }
+        let mut fds = vec![
+            PollFd::new(self.ch.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.sock.as_fd(), sock_ev),
+        ];
+        if let Some(e) = extra {
+            fds.push(PollFd::new(e.as_fd(), PollFlags::POLLIN));
+        }
+        let _ = poll(&mut fds, PollTimeout::from(ms));
+        self.ch.clear_wakeup();
+    }
+
+    /// Starts over on a new channel (the session's guest moved; `old` is dropped by the
+    /// caller). What was framed for the old channel is in the snapshot the new one
+    /// started with.
+    fn switch(&mut self, new: ChannelEnd) -> ChannelEnd {
+        let old = std::mem::replace(&mut self.ch, new);
+        self.out.clear();
+        self.out_pos = 0;
+        self.rx.clear();
+        self.rx_pos = 0;
+        self.parsed = 0;
+        self.chan_eof = false;
+        self.chan_shut = false;
+        self.sock_shut = false;
+        old
+    }
+}
+
+/// What a home relay did with a HANDOFF.
+enum Rerouted {
+    /// The session is back in this host's engine with its host end.
+    Home,
+    /// The relay goes on with a new channel.
+    Moved,
+    /// Nowhere could take it: the session ends.
+    Lost(String),
+}
+
+impl RelayService {
+    /// A home relay: `s` is the session as it left this engine (its guest's host has
+    /// imported it); `ch` goes to that host.
+    fn run_home(
+        self: Arc<Self>,
+        vm: ServedVm,
+        mut info: RelayInfo,
+        s: ExportedSession,
+        ch: ChannelEnd,
+    ) {
+        let id = s.snapshot.id;
+        let target = s.target;
+        let ty = s.snapshot.socket_type;
+        let mut pipe = Pipe::new(ch, s.host, ty);
+        pipe.sock_eof = s.snapshot.host_done;
+        // Guest bytes the engine had accepted and not yet written go first.
+        if !s.out_stream.is_empty() {
+            pipe.inbound.push_back(s.out_stream);
+        }
+        pipe.inbound.extend(s.out_msgs);
+        let outcome: Result<(), String> = loop {
+            let (moved, ctrl) = match pipe.step(RELAY_MAX_TAIL_BYTES) {
+                Ok(x) => x,
+                Err(e) if pipe.normal_end(&e) => break Ok(()),
+                Err(e) => break Err(e.to_string()),
+            };
+            match ctrl {
+                Some(Ctrl::Handoff {
+                    to,
+                    taken,
+                    partial,
+                    snapshot,
+                }) if snapshot.id == id && snapshot.socket_type == ty => {
+                    match self.reroute(
+                        &vm, &mut pipe, &mut info, target, to, taken, partial, snapshot,
+                    ) {
+                        Rerouted::Home => {
+                            self.homes.lock().unwrap().remove(&id);
+                            return;
+                        }
+                        Rerouted::Moved => continue,
+                        Rerouted::Lost(why) => break Err(why),
+                    }
+                }
+                Some(Ctrl::Failed(w)) => break Err(format!("the guest side failed: {w}")),
+                Some(_) => break Err("unexpected relay frame from the guest side".into()),
+                None => {}
+            }
+            if pipe.finished() {
+                break Ok(());
+            }
+            if !moved {
+                if let Some(st) = pipe.channel_dead() {
+                    break if closed_normally(st) {
+                        Ok(())
+                    } else {
+                        Err(format!("channel {st:?}"))
+                    };
+                }
+                pipe.wait(None, 100);
+            }
+        };
+        if outcome.is_ok() {
+            // What was written last (the end of the stream) reaches the guest side
+            // before the channel closes.
+            linger(&pipe.ch);
+        }
+        self.homes.lock().unwrap().remove(&id);
+        match outcome {
+            Ok(()) => info!(vm = %vm.shared.name, session = %id, "relayed session ended"),
+            Err(why) => {
+                inc(&self.stats.failed);
+                warn!(vm = %vm.shared.name, session = %id, %why, "relay failed; session's host end closed");
+            }
+        }
+    }
+
+    /// Acts on a HANDOFF: the session comes home, or moves to the host its guest went
+    /// to on a direct channel; failing both, it goes back to the host that sent it.
+    #[allow(clippy::too_many_arguments)]
+    fn reroute(
+        &self,
+        vm: &ServedVm,
+        pipe: &mut Pipe,
+        info: &mut RelayInfo,
+        target: (Cid, Port),
+        to: String,
+        taken: u64,
+        partial: Vec<u8>,
+        mut next: SessionSnapshot,
+    ) -> Rerouted {
+        let id = next.id;
+        // Every host->guest byte the guest side did not read: the frame it read in part,
+        // what is still in this channel's replay, and what was not written to it yet.
+        let Some(unread) = pipe.ch.unacked_from(taken) else {
+            return Rerouted::Lost(format!("handoff at offset {taken}, outside the channel"));
+        };
+        let mut rest = partial;
+        rest.extend_from_slice(&unread);
+        rest.extend_from_slice(pipe.out_pending());
+        for p in data_payloads(&rest) {
+            extend_tail(&mut next, p);
+        }
+        next.host_done |= pipe.sock_eof;
+        let sender = info.peer.clone();
+        let failure = if to == self.host {
+            match self.come_home(vm, pipe, next.clone(), target) {
+                Ok(()) => {
+                    inc(&self.stats.returned_home);
+                    info!(vm = %vm.shared.name, session = %id, from = %sender, "session came home: local path again");
+                    return Rerouted::Home;
+                }
+                Err(why) => why,
+            }
+        } else {
+            match self.open_relay(vm, &next, &to) {
+                Ok(new) => {
+                    drop(pipe.switch(new));
+                    info.peer = to.clone();
+                    self.homes.lock().unwrap().insert(id, info.clone());
+                    inc(&self.stats.rerooted);
+                    info!(vm = %vm.shared.name, session = %id, from = %sender, to = %to, "session re-rooted: direct channel to its guest's new host");
+                    return Rerouted::Moved;
+                }
+                Err(why) => why,
+            }
+        };
+        warn!(vm = %vm.shared.name, session = %id, to = %to, why = %failure, "session cannot move on; sending it back to {sender}");
+        match self.open_relay(vm, &next, &sender) {
+            Ok(new) => {
+                drop(pipe.switch(new));
+                inc(&self.stats.sent_back);
+                Rerouted::Moved
+            }
+            Err(why) => Rerouted::Lost(format!("{failure}; and back to {sender}: {why}")),
+        }
+    }
+
+    /// A session comes back to its home: it joins this host's engine with its host end.
+    fn come_home(
+        &self,
+        vm: &ServedVm,
+        pipe: &mut Pipe,
+        snapshot: SessionSnapshot,
+        target: (Cid, Port),
+    ) -> Result<(), String> {
+        if !self.adopted(&vm.shared.name) {
+            return Err(format!(
+                "{} is not adopted on {}",
+                vm.shared.name, self.host
+            ));
+        }
+        // Guest bytes not written to the host end yet stay in front.
+        let pending = pipe.take_inbound();
+        let (out_stream, out_msgs) = match pipe.ty {
+            SocketType::Stream => (pending.concat(), Vec::new()),
+            SocketType::SeqPacket => (Vec::new(), pending.clone()),
+        };
+        let (dummy, _) = HostSocket::pair(pipe.ty).map_err(|e| e.to_string())?;
+        let host = std::mem::replace(&mut pipe.sock, dummy);
+        let s = ExportedSession {
+            snapshot,
+            target,
+            host,
+            out_stream,
+            out_msgs,
+        };
+        match lock_plane(&vm.plane).try_import_parked(s) {
+            Ok(()) => Ok(()),
+            Err((e, back)) => {
+                pipe.sock = back.host;
+                pipe.inbound = pending.into();
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn refuse(&self, why: String) -> Result<(), Refusal> {
+        inc(&self.stats.refused);
+        warn!(reason = %why, "relay channel refused");
+        Err(Refusal {
+            code: RefusalCode::Policy,
+            text: why,
+        })
+    }
+
+    /// A guest relay: the session arrives as the channel's first frame.
+    fn run_guest(self: Arc<Self>, vm: ServedVm, open: RelayOpen, ch: ChannelEnd) {
+        let id = open.session;
+        let peer = ch.peer().to_owned();
+        let Ok((wake, wake_rx)) = UnixStream::pair() else {
+            return;
+        };
+        if wake.set_nonblocking(true).is_err() || wake_rx.set_nonblocking(true).is_err() {
+            return;
+        }
+        let ctl = Arc::new(GuestCtl {
+            info: RelayInfo {
+                session: id,
+                vm: vm.shared.name.clone(),
+                role: "guest",
+                peer: peer.clone(),
+            },
+            request: Mutex::new(None),
+            handing: AtomicBool::new(false),
+            wake,
+            wake_rx,
+        });
+        let ty = open.socket_type;
+        let Ok((s1, s2)) = relay_pair(ty) else {
+            return;
+        };
+        let mut pipe = Pipe::new(ch, s2, ty);
+        pipe.hold_sock = true;
+        let deadline = Instant::now() + step_timeout();
+        let refused = |pipe: &mut Pipe, why: String| {
+            warn!(vm = %vm.shared.name, session = %id, home = %peer, %why, "relayed session refused");
+            inc(&self.stats.refused);
+            pipe.push(&Frame::Failed(why));
+            let _ = pipe.flush();
+        };
+        let snapshot = loop {
+            match pipe.step(RELAY_MAX_TAIL_BYTES) {
+                Ok((_, Some(Ctrl::Snapshot(s)))) if s.id == id && s.socket_type == ty => break s,
+                Ok((_, Some(_))) => {
+                    refused(&mut pipe, "expected the session's snapshot".into());
+                    return linger_close(pipe.ch);
+                }
+                Ok((false, None)) if Instant::now() > deadline => return,
+                Ok((false, None)) => pipe.wait(None, 50),
+                Ok((true, None)) => {}
+                Err(e) => {
+                    refused(&mut pipe, format!("snapshot: {e}"));
+                    return linger_close(pipe.ch);
+                }
+            }
+        };
+        let s = ExportedSession {
+            snapshot,
+            // The session's target is its home's business; here it is only a label.
+            target: (Cid::HOST, Port(0)),
+            host: s1,
+            out_stream: Vec::new(),
+            out_msgs: Vec::new(),
+        };
+        let previous = self.guests.lock().unwrap().insert(id, ctl.clone());
+        if let Err(e) = lock_plane(&vm.plane).import_parked(s) {
+            let mut g = self.guests.lock().unwrap();
+            match previous {
+                Some(p) => g.insert(id, p),
+                None => g.remove(&id),
+            };
+            drop(g);
+            refused(&mut pipe, format!("import: {e}"));
+            return linger_close(pipe.ch);
+        }
+        pipe.push(&Frame::Imported);
+        pipe.hold_sock = false;
+        inc(&self.stats.imported);
+        info!(vm = %vm.shared.name, session = %id, home = %peer, "session imported through the tunnel");
+        let outcome = self.guest_loop(&vm, &ctl, &mut pipe);
+        {
+            let mut g = self.guests.lock().unwrap();
+            if g.get(&id).is_some_and(|c| Arc::ptr_eq(c, &ctl)) {
+                g.remove(&id);
+            }
+        }
+        match outcome {
+            Ok(true) => info!(vm = %vm.shared.name, session = %id, "session handed off"),
+            Ok(false) => info!(vm = %vm.shared.name, session = %id, "relayed session ended"),
+            Err(why) => {
+                inc(&self.stats.failed);
+                warn!(vm = %vm.shared.name, session = %id, %why, "relay failed; session's host end closed");
+            }
+        }
+    }
+
+    /// Relays until the session ends (`Ok(false)`) or was handed off (`Ok(true)`).
+    fn guest_loop(
+        &self,
+        vm: &ServedVm,
+        ctl: &Arc<GuestCtl>,
+        pipe: &mut Pipe,
+    ) -> Result<bool, String> {
+        let id = ctl.info.session;
+        let mut handing: Option<(Reply, Instant)> = None;
+        loop {
+            if handing.is_none() {
+                let req = ctl.request.lock().unwrap().take();
+                if let Some((to, reply)) = req {
+                    ctl.clear();
+                    match self.start_handoff(vm, id, pipe, &to) {
+                        Ok(()) => {
+                            ctl.handing.store(true, Ordering::Release);
+                            inc(&self.stats.handed_off);
+                            handing = Some((reply, Instant::now()));
+                        }
+                        Err(why) => {
+                            let _ = reply.send(Err(why));
+                        }
+                    }
+                }
+            }
+            let (moved, ctrl) = match pipe.step(RELAY_MAX_TAIL_BYTES) {
+                Ok(x) => x,
+                Err(e) if handing.is_none() && pipe.normal_end(&e) => return Ok(false),
+                Err(e) if handing.is_some() => {
+                    // While a handoff is answered, a failing write (the home closed) is
+                    // the answer, seen below.
+                    debug!(error = %e, "relay step during a handoff");
+                    (false, None)
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            if ctrl.is_some() {
+                return Err("unexpected relay frame from the home".into());
+            }
+            if let Some((_, since)) = &handing {
+                // The home closes the channel once the session lives on elsewhere; if it
+                // could not move, the home first sent it back here on a new channel.
+                if pipe.channel_gone().is_some() {
+                    let (reply, _) = handing.take().expect("checked");
+                    let back = self
+                        .guests
+                        .lock()
+                        .unwrap()
+                        .get(&id)
+                        .is_some_and(|c| !Arc::ptr_eq(c, ctl));
+                    let _ = reply.send(if back {
+                        Err(format!("session {id} could not move on and is back here"))
+                    } else {
+                        Ok(())
+                    });
+                    return Ok(true);
+                }
+                if since.elapsed() > step_timeout() * 2 {
+                    let (reply, _) = handing.take().expect("checked");
+                    let _ = reply.send(Err("the home did not answer the handoff".into()));
+                    return Err("handoff unanswered".into());
+                }
+            } else if pipe.finished() {
+                linger(&pipe.ch);
+                return Ok(false);
+            } else if !moved {
+                match pipe.channel_dead() {
+                    Some(st) if closed_normally(st) => return Ok(false),
+                    Some(st) => return Err(format!("channel {st:?}")),
+                    None => {}
+                }
+            }
+            if !moved {
+                pipe.wait(Some(&ctl.wake_rx), if handing.is_some() { 20 } else { 100 });
+            }
+        }
+    }
+
+    /// Takes the session out of the engine with every byte in flight and sends HANDOFF.
+    fn start_handoff(
+        &self,
+        vm: &ServedVm,
+        id: SessionId,
+        pipe: &mut Pipe,
+        to: &str,
+    ) -> Result<(), String> {
+        let Some(s) = lock_plane(&vm.plane).export_parked(id) else {
+            return Err(format!("session {id} is not parked here"));
+        };
+        let ty = pipe.ty;
+        let mut snapshot = s.snapshot;
+        let mut s1 = s.host;
+        pipe.hold_sock = true;
+        // Guest -> host, in order: what the engine wrote into the pair, then what it had
+        // not written yet (frames not yet sent are ahead of both in `out`).
+        let (written, _) = drain_sock(&mut pipe.sock, ty).map_err(|e| e.to_string())?;
+        let stream_rest = (!s.out_stream.is_empty()).then_some(s.out_stream);
+        for p in written.into_iter().chain(stream_rest).chain(s.out_msgs) {
+            if ty == SocketType::Stream {
+                for chunk in p.chunks(64 * 1024) {
+                    pipe.push(&Frame::Data(chunk));
+                }
+            } else {
+                pipe.push(&Frame::Data(&p));
+            }
+        }
+        // Host -> guest not yet in the replay: what the pair held, what the pipe had not
+        // written to it, and whole frames read but not parsed.
+        let (unread, eof) = drain_sock(&mut s1, ty).map_err(|e| e.to_string())?;
+        for p in unread.iter().chain(pipe.take_inbound().iter()) {
+            extend_tail(&mut snapshot, p);
+        }
+        loop {
+            let avail = &pipe.rx[pipe.rx_pos..];
+            match relay::parse_header(avail, RELAY_MAX_TAIL_BYTES).map_err(|e| e.to_string())? {
+                Some(h) if avail.len() >= h.frame_len() => {
+                    match relay::decode(h, &avail[FRAME_HEADER_LEN..h.frame_len()], 0) {
+                        Ok(Frame::Data(d)) => extend_tail(&mut snapshot, d),
+                        _ => return Err("unexpected relay frame from the home".into()),
+                    }
+                    pipe.rx_pos += h.frame_len();
+                    pipe.parsed += h.frame_len() as u64;
+                }
+                _ => break,
+            }
+        }
+        let partial = pipe.rx[pipe.rx_pos..].to_vec();
+        pipe.rx.clear();
+        pipe.rx_pos = 0;
+        snapshot.host_done |= eof;
+        pipe.hold_rx = true;
+        let taken = pipe.parsed + partial.len() as u64;
+        pipe.push(&Frame::Handoff {
+            to: to.to_owned(),
+            taken,
+            partial,
+            snapshot,
+        });
+        // The engine no longer holds the pair.
+        let (dummy, _) = HostSocket::pair(ty).map_err(|e| e.to_string())?;
+        pipe.sock = dummy;
+        let _ = pipe.flush();
+        Ok(())
+    }
+}
+
+/// Writes nothing more and closes `ch` once what was written was acknowledged (bounded).
+fn linger_close(ch: ChannelEnd) {
+    linger(&ch);
+}
+
+/// Waits until what was written to `ch` was acknowledged (bounded by the step timeout).
+fn linger(ch: &ChannelEnd) {
+    let deadline = Instant::now() + step_timeout();
+    while Instant::now() < deadline {
+        let c = ch.counters();
+        if c.acked >= c.sent
+            || !matches!(
+                ch.state(),
+                ChannelState::Open | ChannelState::PeerShutdown { .. }
+            )
+        {
+            break;
+        }
+        let mut fds = [PollFd::new(ch.as_fd(), PollFlags::POLLIN)];
+        let _ = poll(&mut fds, PollTimeout::from(20u16));
+        ch.clear_wakeup();
+    }
+}
+
+/// Sends a SNAPSHOT frame on a new channel and waits for IMPORTED (bounded).
+fn await_import(ch: &ChannelEnd, snapshot_frame: &[u8]) -> Result<(), String> {
+    let deadline = Instant::now() + step_timeout();
+    let mut bytes = snapshot_frame;
+    let mut rx = Vec::new();
+    loop {
+        if Instant::now() > deadline {
+            return Err("no answer to the import".into());
+        }
+        while !bytes.is_empty() {
+            match ch.write(bytes) {
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if wouldblock(&e) => break,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        // Only the answer is read: anything after it is the session's.
+        let need = match relay::parse_header(&rx, 0).map_err(|e| e.to_string())? {
+            Some(h) => h.frame_len(),
+            None => FRAME_HEADER_LEN,
+        };
+        let want = need.saturating_sub(rx.len());
+        if want > 0 {
+            let mut buf = vec![0u8; want];
+            match ch.read(&mut buf) {
+                Ok(0) => return Err("channel ended before the import".into()),
+                Ok(n) => rx.extend_from_slice(&buf[..n]),
+                Err(e) if wouldblock(&e) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        if let Some(h) = relay::parse_header(&rx, 0).map_err(|e| e.to_string())? {
+            if rx.len() >= h.frame_len() {
+                return match relay::decode(h, &rx[FRAME_HEADER_LEN..h.frame_len()], 0) {
+                    Ok(Frame::Imported) => Ok(()),
+                    Ok(Frame::Failed(w)) => Err(format!("import refused: {w}")),
+                    _ => Err("unexpected answer to the import".into()),
+                };
+            }
+        }
+        let mut fds = [PollFd::new(ch.as_fd(), PollFlags::POLLIN)];
+        let _ = poll(&mut fds, PollTimeout::from(20u16));
+        ch.clear_wakeup();
+    }
+}
+
+/// The socket pair between an engine (first) and a guest relay (second). The relay's
+/// send buffer is kept small: what it holds when the session is handed off travels in the
+/// snapshot's tail.
+fn relay_pair(ty: SocketType) -> io::Result<(HostSocket, HostSocket)> {
+    let (ours, theirs) = HostSocket::pair(ty)?;
+    let _ = nix::sys::socket::setsockopt(
+        &theirs,
+        nix::sys::socket::sockopt::SndBuf,
+        &RELAY_SEND_BUFFER,
+    );
+    Ok((ours, socket_from(theirs, ty)))
+}
+
+/// See [`relay_pair`] (the kernel doubles it).
+const RELAY_SEND_BUFFER: usize = 64 * 1024;
+
+fn socket_from(fd: std::os::fd::OwnedFd, ty: SocketType) -> HostSocket {
+    let _ = nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    );
+    match ty {
+        SocketType::Stream => HostSocket::Stream(UnixStream::from(fd)),
+        SocketType::SeqPacket => HostSocket::SeqPacket(fd),
+    }
+}
+
+impl Acceptor for RelayService {
+    fn on_open(&self, peer: &str, metadata: &[u8], kind: ChannelKind) -> Result<(), Refusal> {
+        let open = match RelayOpen::decode(metadata) {
+            Ok(o) => o,
+            Err(e) => return self.refuse(format!("{peer}: {e}")),
+        };
+        if kind != ChannelKind::Stream {
+            return self.refuse(format!("{peer}: relay channels are streams"));
+        }
+        let Some(vm) = self.vm(&open.domain) else {
+            return self.refuse(format!("{peer}: no domain {:?} here", open.domain));
+        };
+        if vm.namespace != open.namespace {
+            return self.refuse(format!(
+                "{peer}: domain {:?} is in namespace {:?} here, not {:?}",
+                open.domain, vm.namespace, open.namespace
+            ));
+        }
+        // A session handed off from here may come back (its next host could not take
+        // it): that is no adoption, but the answer to our handoff.
+        let returning = match self.guests.lock().unwrap().get(&open.session) {
+            Some(c) if c.handing.load(Ordering::Acquire) => true,
+            Some(_) => {
+                return self.refuse(format!("{peer}: session {} is already here", open.session))
+            }
+            None => false,
+        };
+        if !returning && !self.adopted(&open.domain) {
+            return self.refuse(format!(
+                "{peer}: domain {:?} is not being adopted here",
+                open.domain
+            ));
+        }
+        if self.relayed() >= MAX_RELAYED_SESSIONS {
+            return self.refuse(format!("{peer}: too many relayed sessions"));
+        }
+        Ok(())
+    }
+
+    fn accepted(&self, end: ChannelEnd, metadata: Vec<u8>) {
+        let Ok(open) = RelayOpen::decode(&metadata) else {
+            return;
+        };
+        let Some(vm) = self.vm(&open.domain).cloned() else {
+            return;
+        };
+        let Some(me) = self.me.upgrade() else { return };
+        let spawned = std::thread::Builder::new()
+            .name(format!("relay-guest-{}", &open.session.hex()[..8]))
+            .spawn(move || me.run_guest(vm, open, end));
+        if spawned.is_err() {
+            warn!("cannot start a relay thread");
+        }
+    }
+}
