@@ -1223,9 +1223,20 @@ fn tunnel_toml_peers(
     port: u16,
     peers: &[(&str, String)],
 ) -> String {
+    tunnel_toml_timeout(pki, name, port, peers, 5000)
+}
+
+/// [`tunnel_toml_peers`] with a resume timeout.
+fn tunnel_toml_timeout(
+    pki: &std::path::Path,
+    name: &str,
+    port: u16,
+    peers: &[(&str, String)],
+    resume_timeout_ms: u64,
+) -> String {
     let mut t = format!(
         "[tunnel]\nhost = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\ncert = \"{pki}/{name}.pem\"\n\
-         key = \"{pki}/{name}.key\"\nca = \"{pki}/ca.pem\"\nresume-timeout-ms = 5000\n[tunnel.peers]\n",
+         key = \"{pki}/{name}.key\"\nca = \"{pki}/ca.pem\"\nresume-timeout-ms = {resume_timeout_ms}\n[tunnel.peers]\n",
         pki = pki.display()
     );
     for (p, addr) in peers {
@@ -1489,5 +1500,299 @@ fn a_session_follows_its_guest_across_three_hosts_through_the_tunnel() {
         );
     }
     drop((g, a, b, c));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Opens a session from `g` to host port `target`: the connection and what resuming
+/// needs.
+fn open_session(g: &mut UserGuest, target: u32) -> (domsock_guest::uvirtio::ConnKey, GuestSession) {
+    let key = send_open(g, target);
+    let Frame::Opened {
+        id,
+        secret,
+        next_nonce,
+        ..
+    } = read_session_frame(g, key)
+    else {
+        panic!("expected OPENED");
+    };
+    (
+        key,
+        GuestSession {
+            id,
+            secret,
+            nonce: next_nonce,
+        },
+    )
+}
+
+fn admin_ok(sock: &std::path::Path, request: &str) -> serde_json::Value {
+    let r = admin(sock, request);
+    assert_eq!(r["ok"], true, "{request}: {r}");
+    r
+}
+
+/// A peer may bring a domain's sessions only while the domain is being adopted there and
+/// only into the same namespace. Both refusals are counted by the receiving host; the
+/// session that could not leave stays parked at its home, and its guest resumes there
+/// with nothing lost.
+#[test]
+fn relayed_sessions_are_refused_unless_adopted_in_the_same_namespace() {
+    const TARGET: u32 = 5810;
+    let dir = std::env::temp_dir().join(format!("ds-relay-refuse-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let pki = dir.join("pki");
+    make_pki(&pki, "a,b");
+    let (pa, pb) = (free_port(), free_port());
+    let admin_of = |h: &str| dir.join(format!("{h}.admin"));
+    let host = |h: &str, cid: u64, ns: &str, toml: String| {
+        Backend::spawn_with(
+            &domsockd(),
+            &format!("refuse-{h}"),
+            &[VmOpts::new(cid).name("g").namespace(ns)],
+            &[
+                "--admin-socket".to_string(),
+                admin_of(h).display().to_string(),
+            ],
+            Some(&toml),
+        )
+    };
+    let b = host(
+        "b",
+        4,
+        "blue",
+        tunnel_toml_peers(&pki, "b", pb, &[("a", String::new())]),
+    );
+    let a = host(
+        "a",
+        3,
+        "red",
+        tunnel_toml_peers(&pki, "a", pa, &[("b", format!("127.0.0.1:{pb}"))]),
+    );
+    for h in ["a", "b"] {
+        wait_tunnel(&admin_of(h), "tunnel up", |t| t["peers"][0]["up"] == true);
+    }
+    let listener = listen_stream(&a.vm(0).uds, TARGET);
+    let mut g = a.guest(0, GuestConfig::default());
+    let (key, mut s) = open_session(&mut g, TARGET);
+    let mut held = accept(&listener);
+    held.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+    let up = pattern_bytes(0x11, 128 * 1024);
+    let down = pattern_bytes(0x22, 128 * 1024);
+    g.write_all(key, &up[..64 * 1024], STEP_TIMEOUT).unwrap();
+    held.write_all(&down[..64 * 1024]).unwrap();
+    let mut got = vec![0u8; 64 * 1024];
+    g.read_exact(key, &mut got, STEP_TIMEOUT).unwrap();
+    let mut at_host = vec![0u8; 64 * 1024];
+    held.read_exact(&mut at_host).unwrap();
+    drop(g);
+    a.wait_for_log("frontend disconnected", 1);
+
+    let export = r#"{"v":1,"op":"export","vm":"g","to":"b"}"#;
+    let r = admin(&admin_of("a"), export);
+    assert_eq!(r["ok"], false, "export without an adoption: {r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("Refused(Policy)"),
+        "{r}"
+    );
+    b.wait_for_log("is not being adopted here", 1);
+    admin_ok(
+        &admin_of("b"),
+        r#"{"v":1,"op":"adopt","vm":"g","from":"a"}"#,
+    );
+    let r = admin(&admin_of("a"), export);
+    assert_eq!(r["ok"], false, "export into another namespace: {r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("Refused(Policy)"),
+        "{r}"
+    );
+    b.wait_for_log("is in namespace \"blue\" here, not \"red\"", 1);
+    let tb = admin_ok(&admin_of("b"), r#"{"v":1,"op":"status"}"#)["tunnel"].clone();
+    assert_eq!(tb["relay_counters"]["refused"], 2, "{tb}");
+    assert_eq!(tb["relay_counters"]["imported"], 0, "{tb}");
+    let parked = admin_ok(&admin_of("a"), r#"{"v":1,"op":"sessions","vm":"g"}"#);
+    assert_eq!(
+        parked["parked"][0].as_str(),
+        Some(s.id.hex().as_str()),
+        "{parked}"
+    );
+
+    // The guest comes back to a (the migration rolled back): nothing was lost.
+    held.write_all(&down[64 * 1024..]).unwrap();
+    let mut g = a.guest(0, GuestConfig::default());
+    let (key, daemon_got) = resume_session(&mut g, &mut s, got.len() as u64, 1)
+        .unwrap_or_else(|f| panic!("resume at a: {f:?}"));
+    assert_eq!(daemon_got, 64 * 1024);
+    let mut rest = vec![0u8; 64 * 1024];
+    g.read_exact(key, &mut rest, STEP_TIMEOUT).unwrap();
+    got.extend_from_slice(&rest);
+    assert!(got == down, "host->guest across the refused moves");
+    g.write_all(key, &up[64 * 1024..], STEP_TIMEOUT).unwrap();
+    g.shutdown(key, Shutdown::SEND).unwrap();
+    let mut tail = Vec::new();
+    held.read_to_end(&mut tail).unwrap();
+    at_host.extend_from_slice(&tail);
+    assert!(at_host == up, "guest->host across the refused moves");
+    drop((g, a, b));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A session relayed from host a to its guest on host b rides out three cuts of the
+/// tunnel's TCP connection mid-stream (the tunnel resumes; no byte lost or repeated either
+/// way). A forged RESUME through the tunnel host is refused. Then the tunnel stays down
+/// past its resume timeout: the session ends cleanly on both sides, as documented: the
+/// host process reads EOF, the guest's connection is reset and its RESUME refused
+/// `Expired`, and both hosts count the failed relay.
+#[test]
+fn a_relayed_session_rides_out_tunnel_cuts_and_ends_cleanly_past_the_timeout() {
+    use domsock_host::test_utils::CutProxy;
+    use domsock_migration::session::wire::Refusal;
+    const TARGET: u32 = 5820;
+    const ROUNDS: usize = 12;
+    const CHUNK: usize = 1 << 20;
+    const RESUME_TIMEOUT_MS: u64 = 1500;
+    let dir = std::env::temp_dir().join(format!("ds-relay-cut-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let pki = dir.join("pki");
+    make_pki(&pki, "a,b");
+    let (pa, pb) = (free_port(), free_port());
+    let proxy = CutProxy::start(format!("127.0.0.1:{pb}").parse().unwrap());
+    let admin_of = |h: &str| dir.join(format!("{h}.admin"));
+    let host = |h: &str, cid: u64, toml: String| {
+        Backend::spawn_with(
+            &domsockd(),
+            &format!("cut-{h}"),
+            &[VmOpts::new(cid).name("g")],
+            &[
+                "--admin-socket".to_string(),
+                admin_of(h).display().to_string(),
+            ],
+            Some(&toml),
+        )
+    };
+    let b = host(
+        "b",
+        4,
+        tunnel_toml_timeout(&pki, "b", pb, &[("a", String::new())], RESUME_TIMEOUT_MS),
+    );
+    let a = host(
+        "a",
+        3,
+        tunnel_toml_timeout(
+            &pki,
+            "a",
+            pa,
+            &[("b", proxy.addr.to_string())],
+            RESUME_TIMEOUT_MS,
+        ),
+    );
+    for h in ["a", "b"] {
+        wait_tunnel(&admin_of(h), "tunnel up", |t| t["peers"][0]["up"] == true);
+    }
+    let listener = listen_stream(&a.vm(0).uds, TARGET);
+    let mut g = a.guest(0, GuestConfig::default());
+    let (_, mut s) = open_session(&mut g, TARGET);
+    let held = accept(&listener);
+    drop(g);
+    a.wait_for_log("frontend disconnected", 1);
+    admin_ok(
+        &admin_of("b"),
+        r#"{"v":1,"op":"adopt","vm":"g","from":"a"}"#,
+    );
+    let r = admin_ok(&admin_of("a"), r#"{"v":1,"op":"export","vm":"g","to":"b"}"#);
+    assert_eq!(r["sessions"], 1, "{r}");
+    let mut g = b.guest(0, GuestConfig::default());
+
+    // A RESUME whose proof was not made with the session's secret.
+    let mut forged = GuestSession {
+        id: s.id,
+        secret: domsock_migration::session::Secret([0x5a; 32]),
+        nonce: s.nonce,
+    };
+    match resume_session(&mut g, &mut forged, 0, 9) {
+        Err(Frame::Refused {
+            reason: Refusal::BadProof,
+            ..
+        }) => {}
+        other => panic!("a forged RESUME at b: {other:?}"),
+    }
+    let (key, _) = resume_session(&mut g, &mut s, 0, 1)
+        .unwrap_or_else(|f| panic!("resume at b: {f:?}\n{}", b.log_tail()));
+
+    let up = pattern_bytes(0x77, ROUNDS * CHUNK);
+    let down = pattern_bytes(0x88, ROUNDS * CHUNK);
+    let writer = {
+        let (mut w, down) = (held.try_clone().unwrap(), down.clone());
+        thread::spawn(move || {
+            for c in down.chunks(64 * 1024) {
+                w.write_all(c)?;
+            }
+            Ok::<_, std::io::Error>(w)
+        })
+    };
+    let reader = {
+        let mut r = held;
+        r.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        thread::spawn(move || {
+            let mut got = Vec::new();
+            let end = r.read_to_end(&mut got);
+            (got, end.map(|_| ()))
+        })
+    };
+    let mut got = Vec::new();
+    for round in 0..ROUNDS {
+        g.write_all(key, &up[round * CHUNK..(round + 1) * CHUNK], STEP_TIMEOUT)
+            .unwrap();
+        let mut buf = vec![0u8; CHUNK];
+        g.read_exact(key, &mut buf, STEP_TIMEOUT)
+            .unwrap_or_else(|e| panic!("round {round}: {e}\n{}", b.log_tail()));
+        got.extend_from_slice(&buf);
+        if round % 3 == 2 && round + 1 < ROUNDS {
+            proxy.cut();
+        }
+    }
+    assert!(got == down, "host->guest across three tunnel cuts");
+    let ta = admin_ok(&admin_of("a"), r#"{"v":1,"op":"status"}"#)["tunnel"].clone();
+    assert!(ta["peers"][0]["reconnects"].as_u64().unwrap() >= 3, "{ta}");
+    let mut w = writer
+        .join()
+        .unwrap()
+        .expect("the host's writes never failed");
+
+    // Down past the resume timeout.
+    proxy.set_up(false);
+    proxy.cut();
+    let (from_guest, end) = reader.join().unwrap();
+    assert!(end.is_ok(), "the host process reads EOF: {end:?}");
+    assert!(from_guest == up, "guest->host across three tunnel cuts");
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        match w.write_all(&[0u8; 4096]) {
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
+                break;
+            }
+            Ok(()) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            Ok(()) => panic!("the host end stays writable after the session ended"),
+        }
+    }
+    let mut one = [0u8; 1];
+    match g.read_exact(key, &mut one, STEP_TIMEOUT) {
+        Err(SockError::Reset(_)) => {}
+        other => panic!("the guest's session connection: {other:?}"),
+    }
+    match resume_session(&mut g, &mut s, got.len() as u64, 2) {
+        Err(Frame::Refused {
+            reason: Refusal::Expired,
+            ..
+        }) => {}
+        other => panic!("RESUME after the tunnel timed out: {other:?}"),
+    }
+    for h in ["a", "b"] {
+        let t = admin_ok(&admin_of(h), r#"{"v":1,"op":"status"}"#)["tunnel"].clone();
+        assert_eq!(t["relay_counters"]["failed"], 1, "{h}: {t}");
+        assert_eq!(t["relays"].as_array().map(Vec::len), Some(0), "{h}: {t}");
+    }
+    drop((g, a, b, proxy));
     let _ = std::fs::remove_dir_all(&dir);
 }

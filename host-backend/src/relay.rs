@@ -963,7 +963,10 @@ impl RelayService {
             Ok(false) => info!(vm = %vm.shared.name, session = %id, "relayed session ended"),
             Err(why) => {
                 inc(&self.stats.failed);
-                warn!(vm = %vm.shared.name, session = %id, %why, "relay failed; session's host end closed");
+                warn!(vm = %vm.shared.name, session = %id, %why, "relay failed; session ended");
+                // The guest learns it as an expired session (a reset, then RESUME refused
+                // `Expired`), not as an end of stream it could take for the host's.
+                lock_plane(&vm.plane).expire_session(id);
             }
         }
     }
@@ -1224,12 +1227,6 @@ impl Acceptor for RelayService {
         let Some(vm) = self.vm(&open.domain) else {
             return self.refuse(format!("{peer}: no domain {:?} here", open.domain));
         };
-        if vm.namespace != open.namespace {
-            return self.refuse(format!(
-                "{peer}: domain {:?} is in namespace {:?} here, not {:?}",
-                open.domain, vm.namespace, open.namespace
-            ));
-        }
         // A session handed off from here may come back (its next host could not take
         // it): that is no adoption, but the answer to our handoff.
         let returning = match self.guests.lock().unwrap().get(&open.session) {
@@ -1243,6 +1240,12 @@ impl Acceptor for RelayService {
             return self.refuse(format!(
                 "{peer}: domain {:?} is not being adopted here",
                 open.domain
+            ));
+        }
+        if vm.namespace != open.namespace {
+            return self.refuse(format!(
+                "{peer}: domain {:?} is in namespace {:?} here, not {:?}",
+                open.domain, vm.namespace, open.namespace
             ));
         }
         if self.relayed() >= MAX_RELAYED_SESSIONS {

@@ -7,6 +7,7 @@
 //!   its output in a log file, waited for until it is ready, and stopped by PID on drop
 //!   (SIGTERM, then SIGKILL), so a failing test never leaves one behind.
 //!
+//! - [`CutProxy`]: a loopback TCP forwarder a test cuts (tunnel faults).
 //! - [`skip`] / [`under_ci`]: a test whose part is missing (a peer binary, a guest kernel)
 //!   fails under CI and says `SKIPPED` elsewhere, never a silent `ok`.
 //!
@@ -15,10 +16,13 @@
 //! their arguments).
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -266,5 +270,95 @@ pub fn skip(why: &str, summary: &Path) {
     {
         // One write of one short line: O_APPEND keeps concurrent tests' lines whole.
         let _ = f.write_all(line.as_bytes());
+    }
+}
+
+/// A TCP forwarder a test can cut (all current connections) and take down (new
+/// connections are closed at once).
+#[derive(Debug)]
+pub struct CutProxy {
+    /// Where to connect instead of the target.
+    pub addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl CutProxy {
+    /// Forwards connections on a loopback port to `target`.
+    pub fn start(target: SocketAddr) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (u, st, cs) = (up.clone(), stop.clone(), conns.clone());
+        let thread = thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                let (c, _) = match l.accept() {
+                    Ok(c) => c,
+                    Err(_) => {
+                        thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                if !u.load(Ordering::SeqCst) {
+                    continue;
+                }
+                c.set_nonblocking(false).unwrap();
+                let Ok(s) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let _ = c.set_nodelay(true);
+                let _ = s.set_nodelay(true);
+                let mut g = cs.lock().unwrap();
+                g.push(c.try_clone().unwrap());
+                g.push(s.try_clone().unwrap());
+                for (mut from, mut to) in [(c.try_clone().unwrap(), s.try_clone().unwrap()), (s, c)]
+                {
+                    thread::spawn(move || {
+                        let mut buf = vec![0u8; 256 << 10];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        CutProxy {
+            addr,
+            up,
+            stop,
+            conns,
+            thread: Some(thread),
+        }
+    }
+
+    /// Shuts every connection made so far.
+    pub fn cut(&self) {
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// `false`: new connections are closed at once.
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.cut();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! TCP cuts mid-stream through an in-test proxy, and a tunnel that stays down past the
 //! resume timeout.
 
+use domsock_host::test_utils::CutProxy;
 use domsock_host::test_utils::TempDir;
 use domsock_host::tunnel::{
     certs, unix, Acceptor, ChannelEnd, ChannelKind, ChannelState, Refusal, RefusalCode,
@@ -10,10 +11,9 @@ use domsock_host::tunnel::{
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use xxhash_rust::xxh3::Xxh3;
@@ -80,10 +80,10 @@ struct Pair {
     b: TunnelService,
     a_acc: Arc<Accepted>,
     b_acc: Arc<Accepted>,
-    proxy: Option<Proxy>,
+    proxy: Option<CutProxy>,
 }
 
-/// Hosts "a" (dials) and "b" (listens); with `proxied`, a reaches b through a [`Proxy`].
+/// Hosts "a" (dials) and "b" (listens); with `proxied`, a reaches b through a [`CutProxy`].
 fn pair(tag: &str, proxied: bool, tweak: impl Fn(&mut TunnelConfig)) -> Pair {
     let dir = TempDir::new(tag).unwrap();
     certs::make_test_pki(dir.path(), ["a", "b"]).unwrap();
@@ -91,7 +91,7 @@ fn pair(tag: &str, proxied: bool, tweak: impl Fn(&mut TunnelConfig)) -> Pair {
     let mut bc = config(dir.path(), "b", "a", None);
     tweak(&mut bc);
     let b = TunnelService::start(bc, b_acc.clone()).unwrap();
-    let proxy = proxied.then(|| Proxy::start(b.local_addr()));
+    let proxy = proxied.then(|| CutProxy::start(b.local_addr()));
     let target = proxy.as_ref().map_or(b.local_addr(), |p| p.addr);
     let a_acc = Arc::new(Accepted::default());
     let mut ac = config(dir.path(), "a", "b", Some(target));
@@ -406,89 +406,4 @@ fn the_unix_adapter_pumps_both_ways() {
     });
     let stats = pump.join().unwrap().unwrap();
     assert_eq!((stats.to_channel, stats.to_socket), (4 << 20, 1 << 20));
-}
-
-/// A TCP forwarder the test can cut (all current connections) and take down (new
-/// connections are closed at once).
-struct Proxy {
-    addr: SocketAddr,
-    up: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Proxy {
-    fn start(target: SocketAddr) -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.set_nonblocking(true).unwrap();
-        let addr = l.local_addr().unwrap();
-        let up = Arc::new(AtomicBool::new(true));
-        let stop = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (u, st, cs) = (up.clone(), stop.clone(), conns.clone());
-        let thread = std::thread::spawn(move || {
-            while !st.load(Ordering::SeqCst) {
-                let (c, _) = match l.accept() {
-                    Ok(c) => c,
-                    Err(_) => {
-                        std::thread::sleep(Duration::from_millis(5));
-                        continue;
-                    }
-                };
-                if !u.load(Ordering::SeqCst) {
-                    continue;
-                }
-                c.set_nonblocking(false).unwrap();
-                let Ok(s) = TcpStream::connect(target) else {
-                    continue;
-                };
-                let _ = c.set_nodelay(true);
-                let _ = s.set_nodelay(true);
-                let mut g = cs.lock().unwrap();
-                g.push(c.try_clone().unwrap());
-                g.push(s.try_clone().unwrap());
-                for (mut from, mut to) in [(c.try_clone().unwrap(), s.try_clone().unwrap()), (s, c)]
-                {
-                    std::thread::spawn(move || {
-                        let mut buf = vec![0u8; 256 << 10];
-                        while let Ok(n) = from.read(&mut buf) {
-                            if n == 0 || to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                        let _ = from.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Proxy {
-            addr,
-            up,
-            stop,
-            conns,
-            thread: Some(thread),
-        }
-    }
-
-    fn cut(&self) {
-        for s in self.conns.lock().unwrap().drain(..) {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
-
-    fn set_up(&self, up: bool) {
-        self.up.store(up, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.cut();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }

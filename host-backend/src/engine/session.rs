@@ -1410,6 +1410,37 @@ impl DataPlane {
         ids
     }
 
+    /// Ends session `id` because its host end can no longer be reached (the tunnel to
+    /// the host where it lives stayed down past its resume timeout): a parked session is
+    /// closed, a live one's connection reset, and its id remembered as expired, so that
+    /// the guest's next RESUME is answered [`Refusal::Expired`]. `false` if there is no
+    /// such session here.
+    pub fn expire_session(&mut self, id: SessionId) -> bool {
+        let found = match self.locate_session(id) {
+            None => return false,
+            Some(None) => {
+                let parked = self.sessions.parked.remove(&id).expect("located");
+                self.drop_parked(id, parked, true);
+                true
+            }
+            Some(Some(key)) => {
+                if self.sessions.expired.len() >= SESSION_TOMBSTONES {
+                    self.sessions.expired.pop_front();
+                }
+                self.sessions.expired.push_back(id);
+                if self.endpoint.get(&key).is_some() {
+                    self.endpoint.reset(key);
+                }
+                self.after_change(key);
+                true
+            }
+        };
+        VmStats::inc(&self.shared.stats.sessions_expired);
+        warn!(vm = %self.shared.name, session = %id, "session ended: its host end is unreachable");
+        let _ = self.shared.wake.write(1);
+        found
+    }
+
     /// Takes the parked session `id` out of this engine, with its host end: nothing of it
     /// stays here (not even a tombstone; the session lives on elsewhere).
     pub fn export_parked(&mut self, id: SessionId) -> Option<ExportedSession> {
