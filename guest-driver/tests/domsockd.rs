@@ -1796,3 +1796,112 @@ fn a_relayed_session_rides_out_tunnel_cuts_and_ends_cleanly_past_the_timeout() {
     drop((g, a, b, proxy));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Moves `n` bytes each way over an open session, guest->host then host->guest, with 64 KiB
+/// writes; returns the two rates in MB/s (bytes checked).
+fn session_rates(
+    g: &mut UserGuest,
+    key: domsock_guest::uvirtio::ConnKey,
+    held: &mut std::os::unix::net::UnixStream,
+    n: usize,
+    seed: u8,
+) -> (f64, f64) {
+    let data = pattern_bytes(seed, n);
+    let mut r = held.try_clone().unwrap();
+    let reader = thread::spawn(move || {
+        let mut got = vec![0u8; n];
+        r.read_exact(&mut got).map(|_| got)
+    });
+    let t = Instant::now();
+    for c in data.chunks(64 * 1024) {
+        g.write_all(key, c, STEP_TIMEOUT).unwrap();
+    }
+    let got = reader.join().unwrap().unwrap();
+    let up = n as f64 / t.elapsed().as_secs_f64() / 1e6;
+    assert!(got == data, "guest->host bytes");
+    let mut w = held.try_clone().unwrap();
+    let d2 = data.clone();
+    let t = Instant::now();
+    let writer = thread::spawn(move || {
+        for c in d2.chunks(64 * 1024) {
+            w.write_all(c)?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let mut got = vec![0u8; n];
+    g.read_exact(key, &mut got, Duration::from_secs(60))
+        .unwrap();
+    let down = n as f64 / t.elapsed().as_secs_f64() / 1e6;
+    writer.join().unwrap().unwrap();
+    assert!(got == data, "host->guest bytes");
+    (up, down)
+}
+
+/// Not a benchmark verdict (no timing assertion): the rate of one session with its guest
+/// on the session's home host, then relayed through the tunnel (loopback TLS) from another
+/// host, in the same run, printed for the README.
+#[test]
+fn throughput_report_relayed_session() {
+    const TARGET: u32 = 5830;
+    const BYTES: usize = 64 << 20;
+    let dir = std::env::temp_dir().join(format!("ds-relay-tput-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let pki = dir.join("pki");
+    make_pki(&pki, "a,b");
+    let (pa, pb) = (free_port(), free_port());
+    let admin_of = |h: &str| dir.join(format!("{h}.admin"));
+    let host = |h: &str, cid: u64, toml: String| {
+        Backend::spawn_with(
+            &domsockd(),
+            &format!("tput-{h}"),
+            &[VmOpts::new(cid).name("g")],
+            &[
+                "--admin-socket".to_string(),
+                admin_of(h).display().to_string(),
+            ],
+            Some(&toml),
+        )
+    };
+    let b = host(
+        "b",
+        4,
+        tunnel_toml_peers(&pki, "b", pb, &[("a", String::new())]),
+    );
+    let a = host(
+        "a",
+        3,
+        tunnel_toml_peers(&pki, "a", pa, &[("b", format!("127.0.0.1:{pb}"))]),
+    );
+    for h in ["a", "b"] {
+        wait_tunnel(&admin_of(h), "tunnel up", |t| t["peers"][0]["up"] == true);
+    }
+    let listener = listen_stream(&a.vm(0).uds, TARGET);
+    let mut g = a.guest(0, GuestConfig::default());
+    let (key, mut s) = open_session(&mut g, TARGET);
+    let mut held = accept(&listener);
+    let local = session_rates(&mut g, key, &mut held, BYTES, 1);
+    drop(g);
+    a.wait_for_log("frontend disconnected", 1);
+    admin_ok(
+        &admin_of("b"),
+        r#"{"v":1,"op":"adopt","vm":"g","from":"a"}"#,
+    );
+    admin_ok(&admin_of("a"), r#"{"v":1,"op":"export","vm":"g","to":"b"}"#);
+    let mut g = b.guest(0, GuestConfig::default());
+    let (key, _) = resume_session(&mut g, &mut s, BYTES as u64, 1).unwrap();
+    let relayed = session_rates(&mut g, key, &mut held, BYTES, 2);
+    println!(
+        "session throughput, 64 KiB writes, {} MiB each way: guest on its home host \
+         g->h {:.0} MB/s, h->g {:.0} MB/s; relayed through the tunnel (loopback TLS) \
+         g->h {:.0} MB/s ({:.2}x), h->g {:.0} MB/s ({:.2}x)",
+        BYTES >> 20,
+        local.0,
+        local.1,
+        relayed.0,
+        relayed.0 / local.0,
+        relayed.1,
+        relayed.1 / local.1,
+    );
+    drop((g, a, b));
+    let _ = std::fs::remove_dir_all(&dir);
+}
