@@ -317,18 +317,9 @@ pub fn valid_host_name(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
 }
 
-/// Decodes one frame from the front of `buf`: `Ok(Some((frame, used)))`, `Ok(None)` when
-/// more bytes are needed, or the first thing wrong.
-pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
-    if buf.len() < HEADER_LEN {
-        // The kind byte alone can already be wrong.
-        if let Some(&k) = buf.first() {
-            if len_bounds(k).is_none() {
-                return Err(FrameError::UnknownKind(k));
-            }
-        }
-        return Ok(None);
-    }
+/// The header's kind, flags, channel and body length, validated (`buf` holds at least
+/// [`HEADER_LEN`] bytes).
+fn check_header(buf: &[u8]) -> Result<(u8, u8, u32, u32), FrameError> {
     let kind = buf[0];
     let Some((min, max)) = len_bounds(kind) else {
         return Err(FrameError::UnknownKind(kind));
@@ -355,6 +346,56 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
             value: u64::from(channel),
         });
     }
+    Ok((kind, flags, channel, len))
+}
+
+/// The front of a DATA frame: header and offset, validated as [`decode`] validates them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataStart {
+    /// The channel.
+    pub channel: ChannelId,
+    /// Stream offset of the first payload byte.
+    pub offset: u64,
+    /// Last fragment of a seqpacket message.
+    pub eor: bool,
+    /// Payload bytes that follow (1..=[`MAX_DATA_LEN`]).
+    pub len: usize,
+}
+
+/// Bytes of a DATA frame before its payload (header and offset).
+pub const DATA_PREFIX_LEN: usize = HEADER_LEN + 8;
+
+/// If `buf` starts with a DATA frame, its [`DataStart`] once the first
+/// [`DATA_PREFIX_LEN`] bytes are there (the payload need not be), so a receiver can take
+/// the payload as it arrives instead of gathering the whole frame first. `Ok(None)`: not
+/// DATA, or too few bytes yet (then [`decode`] is the way on). The same errors as
+/// [`decode`] for a bad header.
+pub fn decode_data_start(buf: &[u8]) -> Result<Option<DataStart>, FrameError> {
+    if buf.len() < DATA_PREFIX_LEN || buf[0] != 5 {
+        return Ok(None);
+    }
+    let (_, flags, channel, len) = check_header(buf)?;
+    Ok(Some(DataStart {
+        channel: ChannelId(channel),
+        offset: le64(&buf[HEADER_LEN..]),
+        eor: flags & 1 != 0,
+        len: len as usize - 8,
+    }))
+}
+
+/// Decodes one frame from the front of `buf`: `Ok(Some((frame, used)))`, `Ok(None)` when
+/// more bytes are needed, or the first thing wrong.
+pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
+    if buf.len() < HEADER_LEN {
+        // The kind byte alone can already be wrong.
+        if let Some(&k) = buf.first() {
+            if len_bounds(k).is_none() {
+                return Err(FrameError::UnknownKind(k));
+            }
+        }
+        return Ok(None);
+    }
+    let (kind, flags, channel, len) = check_header(buf)?;
     let used = HEADER_LEN + len as usize;
     if buf.len() < used {
         return Ok(None);
@@ -520,10 +561,27 @@ pub fn encode_data(
     b: &[u8],
 ) {
     debug_assert!(a.len() + b.len() <= MAX_DATA_LEN);
-    header(out, 5, u8::from(eor), channel, 8 + a.len() + b.len());
-    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(&data_prefix(channel, offset, eor, a.len() + b.len()));
     out.extend_from_slice(a);
     out.extend_from_slice(b);
+}
+
+/// The first [`DATA_PREFIX_LEN`] bytes of a DATA frame carrying `len` payload bytes (at
+/// most [`MAX_DATA_LEN`]), for a sender that writes the payload from where it lies.
+pub fn data_prefix(
+    channel: ChannelId,
+    offset: u64,
+    eor: bool,
+    len: usize,
+) -> [u8; DATA_PREFIX_LEN] {
+    debug_assert!(len <= MAX_DATA_LEN);
+    let mut p = [0u8; DATA_PREFIX_LEN];
+    p[0] = 5;
+    p[1] = u8::from(eor);
+    p[4..8].copy_from_slice(&channel.0.to_le_bytes());
+    p[8..12].copy_from_slice(&((8 + len) as u32).to_le_bytes());
+    p[12..20].copy_from_slice(&offset.to_le_bytes());
+    p
 }
 
 impl Frame<'_> {
