@@ -242,6 +242,10 @@ pub(crate) struct PeerShared {
     addr: Option<SocketAddr>,
     inner: Mutex<PeerInner>,
     wake: EventFd,
+    /// Set while the driver is sure to look for frames to send before it sleeps (it is
+    /// running, or waits for the socket to take more): a channel end that queued bytes
+    /// then need not write the eventfd. The driver clears it before its last look.
+    transmit_pending: AtomicBool,
     counters: PeerCounters,
     clock: Instant,
 }
@@ -267,6 +271,13 @@ impl PeerShared {
 
     fn wake(&self) {
         let _ = self.wake.write(1);
+    }
+
+    /// Wakes the driver to send what a channel end just queued, unless it will anyway.
+    fn wake_to_transmit(&self) {
+        if !self.transmit_pending.swap(true, Ordering::SeqCst) {
+            self.wake();
+        }
     }
 }
 
@@ -339,6 +350,7 @@ impl TunnelService {
                         incoming: None,
                     }),
                     wake: EventFd::new(EFD_NONBLOCK)?,
+                    transmit_pending: AtomicBool::new(false),
                     counters: PeerCounters::default(),
                     clock,
                 }),
@@ -518,7 +530,7 @@ impl ChannelEnd {
             (r, g.ep.wants_transmit())
         };
         if wake {
-            self.peer.wake();
+            self.peer.wake_to_transmit();
         }
         r.map_err(|e| io_error(e, writing))
     }
