@@ -20,11 +20,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_MIN_MS: u64 = 50;
 const BACKOFF_MAX_MS: u64 = 2_000;
-/// Plaintext frames handed to rustls per round (before its records go to the socket).
-const TRANSMIT_BUDGET_BYTES: usize = 256 << 10;
-/// Plaintext frames handed to rustls per hold of the endpoint's lock (rustls encrypts
-/// them under it, so channel ends wait at most this long).
-const TRANSMIT_PER_LOCK_BYTES: usize = 64 << 10;
+/// Plaintext frames handed to rustls per round, before its records go to the socket:
+/// one full DATA frame, so the peer decrypts the first frame while this end encrypts the
+/// next (a whole window at once would make the two ends take turns). rustls encrypts
+/// under the endpoint's lock, so this also bounds how long channel ends wait for it.
+const TRANSMIT_BUDGET_BYTES: usize = 64 << 10;
 /// TLS reads per wakeup before the driver turns to writing (fairness between directions).
 const READS_PER_ROUND: usize = 32;
 /// rustls' buffer of encrypted bytes not yet written to TCP.
@@ -232,16 +232,10 @@ fn write_side(c: &mut Conn, peer: &PeerShared) -> io::Result<bool> {
             taken: 0,
             short: false,
         };
-        while sink.taken < TRANSMIT_BUDGET_BYTES {
-            let before = sink.taken;
-            let now = peer.now();
-            peer.lock()
-                .ep
-                .poll_transmit_into(now, &mut sink, before + TRANSMIT_PER_LOCK_BYTES);
-            if sink.taken == before || sink.short {
-                break;
-            }
-        }
+        let now = peer.now();
+        peer.lock()
+            .ep
+            .poll_transmit_into(now, &mut sink, TRANSMIT_BUDGET_BYTES);
         if sink.short {
             // The endpoint counts those frames as sent: only a new connection (and its
             // HELLO's counts) puts the stream right.
