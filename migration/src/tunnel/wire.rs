@@ -775,6 +775,65 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_data_start_is_known_from_the_prefix_and_checked_like_the_frame() {
+        let payload: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
+        let f = Frame::Data {
+            channel: ChannelId(3),
+            offset: 0x1_0000_0002,
+            eor: true,
+            bytes: &payload,
+        };
+        let b = f.to_vec();
+        let want = DataStart {
+            channel: ChannelId(3),
+            offset: 0x1_0000_0002,
+            eor: true,
+            len: 300,
+        };
+        for cut in 0..b.len() {
+            let got = decode_data_start(&b[..cut]);
+            if cut < DATA_PREFIX_LEN {
+                assert_eq!(got, Ok(None), "cut at {cut}");
+            } else {
+                assert_eq!(got, Ok(Some(want)), "cut at {cut}");
+            }
+        }
+        // The prefix a sender builds is the frame's own.
+        let mut built = data_prefix(ChannelId(3), 0x1_0000_0002, true, 300).to_vec();
+        built.extend_from_slice(&payload);
+        assert_eq!(built, b);
+        // Other kinds are not DATA; a bad DATA header is refused as `decode` refuses it.
+        let credit = Frame::Credit {
+            channel: ChannelId(3),
+            received: 1,
+            consumed: 1,
+            buf_alloc: 1,
+        };
+        assert_eq!(decode_data_start(&credit.to_vec()), Ok(None));
+        let mut bad = b.clone();
+        bad[1] = 2;
+        assert_eq!(
+            decode_data_start(&bad),
+            Err(FrameError::Reserved { kind: 5 })
+        );
+        let mut bad = b.clone();
+        bad[8..12].copy_from_slice(&((MAX_BODY_LEN + 1) as u32).to_le_bytes());
+        assert!(matches!(
+            decode_data_start(&bad),
+            Err(FrameError::BadLength { .. })
+        ));
+        let mut bad = b.clone();
+        bad[4..8].copy_from_slice(&[0; 4]);
+        assert!(matches!(
+            decode_data_start(&bad),
+            Err(FrameError::BadValue {
+                field: "channel",
+                ..
+            })
+        ));
+    }
+
     /// The version-1 bytes of two frames, as the diagram lays them out.
     #[test]
     fn golden_bytes() {
