@@ -346,10 +346,13 @@ fn a_data_frame_arriving_in_pieces_is_readable_as_it_comes() {
     let mut out = Vec::new();
     n.a.poll_transmit(n.now, &mut out, 1);
     assert_eq!(out.len(), wire::DATA_PREFIX_LEN + 3000, "one DATA frame");
-    // The prefix byte by byte, then 100 payload bytes: readable before the frame ends.
-    for b in &out[..wire::DATA_PREFIX_LEN + 100] {
+    // Half the prefix byte by byte, then its rest with 100 payload bytes: readable
+    // before the frame ends.
+    for b in &out[..10] {
         n.b.handle_bytes(n.now, std::slice::from_ref(b)).unwrap();
     }
+    n.b.handle_bytes(n.now, &out[10..wire::DATA_PREFIX_LEN + 100])
+        .unwrap();
     assert_eq!(n.b.poll_event(), Some(Event::Changed(s)));
     let mut got = drain(&mut n.b, s);
     assert_eq!(got, data[..100]);
