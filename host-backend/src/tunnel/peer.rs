@@ -388,15 +388,14 @@ pub(super) fn run(svc: Arc<ServiceShared>, peer: Arc<PeerShared>) {
             peer.lock().ep.handle_timeout(now);
             handle_events(&svc, &peer);
         }
-        if !backed_up {
-            // From here on channel ends wake the driver for what they queue; what they
-            // queued before is seen by this look (they queue under the lock, then test
-            // the flag).
-            peer.transmit_pending.store(false, Ordering::SeqCst);
-            if conn.is_some() && peer.lock().ep.wants_transmit() {
-                peer.transmit_pending.store(true, Ordering::SeqCst);
-                continue;
-            }
+        // While the socket is backed up, POLLOUT brings the driver back to send; else
+        // channel ends wake it from here on, and what they queued before is sent first.
+        if !backed_up
+            && peer
+                .transmit_wake
+                .idle(|| conn.is_some() && peer.lock().ep.wants_transmit())
+        {
+            continue;
         }
         // Wait for the socket, a wakeup, or the next timer.
         let now = peer.now();
@@ -424,7 +423,7 @@ pub(super) fn run(svc: Arc<ServiceShared>, peer: Arc<PeerShared>) {
                 timeout,
             ),
         };
-        peer.transmit_pending.store(true, Ordering::SeqCst);
+        peer.transmit_wake.awake();
         let _ = peer.wake.read();
     }
     if let Some(c) = conn {
