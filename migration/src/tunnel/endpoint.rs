@@ -404,6 +404,15 @@ struct RxData {
     remaining: usize,
     /// False when the frame is dropped (unknown or closing channel, or a violation).
     deliver: bool,
+    /// The channel's read position when the frame began (see [`Endpoint::data_end`]).
+    start: RxStart,
+}
+
+/// What [`Endpoint::data_end`] needs of the moment a DATA frame began.
+#[derive(Debug, Clone, Copy, Default)]
+struct RxStart {
+    rx_empty: bool,
+    consumed: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -988,7 +997,7 @@ impl Endpoint {
                     }
                     if d.remaining == 0 {
                         if d.deliver {
-                            self.data_end(d.channel, d.eor);
+                            self.data_end(d.channel, d.eor, d.start);
                         }
                         rx_data = None;
                     }
@@ -1203,9 +1212,19 @@ impl Endpoint {
 
     fn handle_data(&mut self, id: ChannelId, offset: u64, eor: bool, bytes: &[u8]) {
         if self.data_accepted(id, offset, eor, bytes.len()) {
+            let start = self.rx_start(id);
             self.data_payload(id, bytes);
-            self.data_end(id, eor);
+            self.data_end(id, eor, start);
         }
+    }
+
+    fn rx_start(&self, id: ChannelId) -> RxStart {
+        self.channels
+            .get(&id)
+            .map_or(RxStart::default(), |c| RxStart {
+                rx_empty: c.rx.is_empty(),
+                consumed: c.consumed,
+            })
     }
 
     /// A DATA frame's header arrived before all of its payload.
@@ -1214,11 +1233,13 @@ impl Endpoint {
         if !self.link.as_ref().is_some_and(|l| l.hello_received) {
             return Err(LinkError::OutOfOrder("frame before HELLO"));
         }
+        let deliver = self.data_accepted(ds.channel, ds.offset, ds.eor, ds.len);
         Ok(RxData {
             channel: ds.channel,
             eor: ds.eor,
             remaining: ds.len,
-            deliver: self.data_accepted(ds.channel, ds.offset, ds.eor, ds.len),
+            deliver,
+            start: self.rx_start(ds.channel),
         })
     }
 
@@ -1257,7 +1278,6 @@ impl Endpoint {
         if c.phase != Phase::Open {
             return;
         }
-        let was_empty = c.rx_msg_ends.is_empty() && c.rx.is_empty();
         c.received += bytes.len() as u64;
         if c.shut_rd {
             // Read side shut: take and acknowledge, as a socket discards.
@@ -1265,21 +1285,33 @@ impl Endpoint {
             return;
         }
         c.rx.extend(bytes);
-        if c.kind == ChannelKind::Stream && was_empty {
-            self.mark_changed(id);
-        }
     }
 
-    /// The last payload byte of an accepted DATA frame arrived.
-    fn data_end(&mut self, id: ChannelId, eor: bool) {
+    /// The last payload byte of an accepted DATA frame arrived. The owner hears of a
+    /// frame's bytes once, here (they could be read as they came): a reader woken per
+    /// TLS record would read, and return credit, a quarter frame at a time. It hears
+    /// when it may be waiting: the buffer was empty when the frame began, or it has read
+    /// since.
+    fn data_end(&mut self, id: ChannelId, eor: bool, start: RxStart) {
         let Some(c) = self.channels.get_mut(&id) else {
             return;
         };
-        if c.phase != Phase::Open || c.shut_rd || c.kind != ChannelKind::SeqPacket || !eor {
+        if c.phase != Phase::Open || c.shut_rd {
             return;
         }
-        c.rx_msg_ends.push_back(c.received);
-        self.mark_changed(id);
+        match c.kind {
+            ChannelKind::Stream => {
+                let waiting = start.rx_empty || c.consumed != start.consumed;
+                if waiting && !c.rx.is_empty() {
+                    self.mark_changed(id);
+                }
+            }
+            ChannelKind::SeqPacket if eor => {
+                c.rx_msg_ends.push_back(c.received);
+                self.mark_changed(id);
+            }
+            ChannelKind::SeqPacket => {}
+        }
     }
 
     fn handle_hello(

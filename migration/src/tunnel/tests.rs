@@ -341,7 +341,41 @@ fn a_data_frame_arriving_in_pieces_is_readable_as_it_comes() {
     let s = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
     let q = n.a.open(ChannelKind::SeqPacket, b"", n.now).unwrap();
     n.pump();
+    // Ten bytes the owner hears of and leaves unread for now.
+    n.a.write(s, b"0123456789").unwrap();
+    let mut out = Vec::new();
+    n.a.poll_transmit(n.now, &mut out, 1);
+    n.b.handle_bytes(n.now, &out).unwrap();
+    assert_eq!(n.b.poll_event(), Some(Event::Changed(s)));
     let data: Vec<u8> = (0..3000u32).map(|i| (i * 31 + 7) as u8).collect();
+    assert_eq!(n.a.write(s, &data[..500]), Ok(500));
+    let mut out = Vec::new();
+    n.a.poll_transmit(n.now, &mut out, 1);
+    n.b.handle_bytes(n.now, &out).unwrap();
+    assert_eq!(
+        n.b.poll_event(),
+        None,
+        "unread bytes were there: heard of already"
+    );
+    let mut ten = [0u8; 10];
+    assert_eq!(n.b.read(s, &mut ten), Ok(10));
+    assert_eq!(&ten, b"0123456789");
+    assert_eq!(n.a.write(s, &data[500..1500]), Ok(1000));
+    let mut out = Vec::new();
+    n.a.poll_transmit(n.now, &mut out, 1);
+    assert_eq!(out.len(), wire::DATA_PREFIX_LEN + 1000, "one DATA frame");
+    n.b.handle_bytes(n.now, &out[..wire::DATA_PREFIX_LEN + 400])
+        .unwrap();
+    // Not empty when the frame began, but read during it: the owner hears at its end.
+    let mut got = vec![0u8; 700];
+    assert_eq!(n.b.read(s, &mut got), Ok(700));
+    n.b.handle_bytes(n.now, &out[wire::DATA_PREFIX_LEN + 400..])
+        .unwrap();
+    assert_eq!(n.b.poll_event(), Some(Event::Changed(s)));
+    got.extend(drain(&mut n.b, s));
+    assert_eq!(got, data[..1500]);
+    n.pump();
+    let data: Vec<u8> = data.iter().map(|b| b ^ 0x5a).collect();
     assert_eq!(n.a.write(s, &data), Ok(3000));
     let mut out = Vec::new();
     n.a.poll_transmit(n.now, &mut out, 1);
@@ -353,15 +387,24 @@ fn a_data_frame_arriving_in_pieces_is_readable_as_it_comes() {
     }
     n.b.handle_bytes(n.now, &out[10..wire::DATA_PREFIX_LEN + 100])
         .unwrap();
-    assert_eq!(n.b.poll_event(), Some(Event::Changed(s)));
+    // The owner hears of the frame once, at its end (not per piece).
+    assert_eq!(n.b.poll_event(), None);
     let mut got = drain(&mut n.b, s);
     assert_eq!(got, data[..100]);
-    for piece in out[wire::DATA_PREFIX_LEN + 100..].chunks(7) {
+    let (middle, last) = out[wire::DATA_PREFIX_LEN + 100..].split_at(2899);
+    for piece in middle.chunks(7) {
         n.b.handle_bytes(n.now, piece).unwrap();
-        got.extend(drain(&mut n.b, s));
     }
+    assert_eq!(n.b.poll_event(), None);
+    n.b.handle_bytes(n.now, last).unwrap();
+    assert_eq!(
+        n.b.poll_event(),
+        Some(Event::Changed(s)),
+        "it read during the frame, so it may wait"
+    );
+    got.extend(drain(&mut n.b, s));
     assert_eq!(got, data);
-    assert_eq!(n.b.counters(s).unwrap().received, 3000);
+    assert_eq!(n.b.counters(s).unwrap().received, 4510);
     // A message is only whole with its last byte.
     n.a.send_msg(q, &data[..2000]).unwrap();
     let mut out = Vec::new();
