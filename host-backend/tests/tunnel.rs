@@ -221,6 +221,75 @@ fn many_channels_both_ways_arrive_checksummed() {
     assert!(ca.frames_received > 0);
 }
 
+/// Ping-pong of small messages: each write must reach the driver at once. The driver
+/// skips the eventfd while it is going to transmit anyway; a write it misses would wait
+/// for its next timer (keepalive set far off here, so up to its 1 s poll cap).
+#[test]
+fn small_round_trips_never_wait_for_a_timer() {
+    let p = pair("tunnel-pingpong", false, |c| {
+        c.keepalive_idle = Duration::from_secs(10);
+        c.keepalive_dead = Duration::from_secs(30);
+    });
+    let a = p.a.open("b", b"ping", ChannelKind::Stream).unwrap();
+    let b = p.b_acc.take(b"ping");
+    const ROUNDS: usize = 1500;
+    fn read_exact(end: &ChannelEnd, buf: &mut [u8], until: Instant) {
+        let mut got = 0;
+        while got < buf.len() {
+            end.clear_wakeup();
+            match end.read(&mut buf[got..]) {
+                Ok(0) => panic!("EOF on {end:?}"),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_fd(end, until),
+                Err(e) => panic!("read on {end:?}: {e}"),
+            }
+        }
+    }
+    fn write_all(end: &ChannelEnd, buf: &[u8], until: Instant) {
+        let mut off = 0;
+        while off < buf.len() {
+            end.clear_wakeup();
+            match end.write(&buf[off..]) {
+                Ok(n) => off += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_fd(end, until),
+                Err(e) => panic!("write on {end:?}: {e}"),
+            }
+        }
+    }
+    let until = Instant::now() + DEADLINE;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut buf = [0u8; 64];
+            for i in 0..ROUNDS {
+                let len = 1 + i % 64;
+                read_exact(&b, &mut buf[..len], until);
+                buf[..len].reverse();
+                write_all(&b, &buf[..len], until);
+            }
+        });
+        let mut slowest = Duration::ZERO;
+        let mut buf = [0u8; 64];
+        for i in 0..ROUNDS {
+            let len = 1 + i % 64;
+            let msg: Vec<u8> = (0..len).map(|k| pattern(i as u64, k as u64)).collect();
+            let t = Instant::now();
+            write_all(&a, &msg, until);
+            read_exact(&a, &mut buf[..len], until);
+            slowest = slowest.max(t.elapsed());
+            let mut want = msg.clone();
+            want.reverse();
+            assert_eq!(buf[..len], want[..], "round {i}");
+        }
+        assert!(
+            slowest < Duration::from_millis(500),
+            "a round trip took {slowest:?}: a write waited for a timer"
+        );
+    });
+    let c = a.counters();
+    let total: u64 = (0..ROUNDS as u64).map(|i| 1 + i % 64).sum();
+    assert_eq!((c.sent, c.received, c.consumed), (total, total, total));
+}
+
 #[test]
 fn a_stalled_channel_does_not_block_the_others() {
     let p = pair("tunnel-stall", false, |_| {});

@@ -242,6 +242,8 @@ pub(crate) struct PeerShared {
     addr: Option<SocketAddr>,
     inner: Mutex<PeerInner>,
     wake: EventFd,
+    /// Whether a channel end that queued frames must write `wake`.
+    transmit_wake: TransmitWake,
     counters: PeerCounters,
     clock: Instant,
 }
@@ -267,6 +269,50 @@ impl PeerShared {
 
     fn wake(&self) {
         let _ = self.wake.write(1);
+    }
+
+    /// Wakes the driver to send what a channel end just queued, unless it will anyway.
+    fn wake_to_transmit(&self) {
+        if self.transmit_wake.queued() {
+            self.wake();
+        }
+    }
+}
+
+/// Spares channel ends the eventfd write (a syscall, and a wakeup of a driver that is
+/// already awake) for every write. The flag is set while the driver is sure to look for
+/// frames to send before it sleeps: it is running, or waits for the socket to take more.
+///
+/// A channel end queues frames under the endpoint's lock, then calls
+/// [`TransmitWake::queued`]. The driver, about to sleep, calls [`TransmitWake::idle`]: it
+/// clears the flag and then looks at the endpoint under the lock. An end that queued
+/// before that look is seen by it; one that queued after finds the flag clear and writes
+/// the eventfd. Either way nothing waits for a timer.
+#[derive(Debug, Default)]
+struct TransmitWake {
+    driver_will_look: AtomicBool,
+}
+
+impl TransmitWake {
+    /// A channel end queued frames: whether it must wake the driver.
+    fn queued(&self) -> bool {
+        !self.driver_will_look.swap(true, Ordering::SeqCst)
+    }
+
+    /// The driver woke up (it looks at the endpoint before it sleeps again).
+    fn awake(&self) {
+        self.driver_will_look.store(true, Ordering::SeqCst);
+    }
+
+    /// The driver has sent everything and would sleep: `wants_transmit` looks at the
+    /// endpoint (under its lock). Returns whether to go round again instead.
+    fn idle(&self, wants_transmit: impl FnOnce() -> bool) -> bool {
+        self.driver_will_look.store(false, Ordering::SeqCst);
+        if wants_transmit() {
+            self.awake();
+            return true;
+        }
+        false
     }
 }
 
@@ -339,6 +385,7 @@ impl TunnelService {
                         incoming: None,
                     }),
                     wake: EventFd::new(EFD_NONBLOCK)?,
+                    transmit_wake: TransmitWake::default(),
                     counters: PeerCounters::default(),
                     clock,
                 }),
@@ -443,6 +490,27 @@ impl Drop for TunnelService {
     }
 }
 
+#[cfg(test)]
+mod transmit_wake_tests {
+    use super::TransmitWake;
+
+    #[test]
+    fn a_write_while_the_driver_runs_is_seen_before_it_sleeps() {
+        let w = TransmitWake::default();
+        // Asleep: the first write wakes it, the next ones need not.
+        assert!(w.queued());
+        assert!(!w.queued());
+        w.awake();
+        assert!(!w.queued(), "running: no eventfd");
+        // That write is still queued when the driver would sleep: it goes round again.
+        assert!(w.idle(|| true));
+        assert!(!w.queued());
+        // Nothing queued: it sleeps, and the next write wakes it.
+        assert!(!w.idle(|| false));
+        assert!(w.queued());
+    }
+}
+
 /// The precise reason behind a channel's `io::Error` (its inner error).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 #[error("tunnel channel is {0:?}")]
@@ -518,7 +586,7 @@ impl ChannelEnd {
             (r, g.ep.wants_transmit())
         };
         if wake {
-            self.peer.wake();
+            self.peer.wake_to_transmit();
         }
         r.map_err(|e| io_error(e, writing))
     }

@@ -4,10 +4,10 @@
 //! the driver through its eventfd.
 
 use super::{tls, ChannelEnd, PeerShared, ServiceShared};
-use domsock_migration::tunnel::{Event, Millis};
+use domsock_migration::tunnel::{Event, Millis, TransmitSink};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use rustls::pki_types::ServerName;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, IoSlice, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
@@ -20,8 +20,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_MIN_MS: u64 = 50;
 const BACKOFF_MAX_MS: u64 = 2_000;
-/// Plaintext frames asked of the endpoint per round.
-const TRANSMIT_BUDGET_BYTES: usize = 256 << 10;
+/// Plaintext frames handed to rustls per round, before its records go to the socket:
+/// one full DATA frame, so the peer decrypts the first frame while this end encrypts the
+/// next (a whole window at once would make the two ends take turns). rustls encrypts
+/// under the endpoint's lock, so this also bounds how long channel ends wait for it.
+const TRANSMIT_BUDGET_BYTES: usize = 64 << 10;
 /// TLS reads per wakeup before the driver turns to writing (fairness between directions).
 const READS_PER_ROUND: usize = 32;
 /// rustls' buffer of encrypted bytes not yet written to TCP.
@@ -94,17 +97,57 @@ pub(super) fn listen(svc: Arc<ServiceShared>, listener: TcpListener) {
 struct Conn {
     sock: TcpStream,
     tls: rustls::Connection,
-    out: Vec<u8>,
-    out_pos: usize,
 }
 
 impl Conn {
     fn new(sock: TcpStream, tls: rustls::Connection) -> Self {
-        Self {
-            sock,
-            tls,
-            out: Vec::with_capacity(TRANSMIT_BUDGET_BYTES + (64 << 10)),
-            out_pos: 0,
+        Self { sock, tls }
+    }
+}
+
+/// The endpoint's frames go straight into rustls, which copies each record's plaintext
+/// (DATA payloads from the replay buffer) once, into the buffer it encrypts in place.
+struct TlsSink<'a> {
+    tls: &'a mut rustls::Connection,
+    taken: usize,
+    /// rustls took less than it was given (its buffer limit, or a failed connection).
+    short: bool,
+}
+
+impl TransmitSink for TlsSink<'_> {
+    fn taken(&self) -> usize {
+        self.taken
+    }
+
+    fn put(&mut self, parts: &[&[u8]]) {
+        if self.short {
+            return;
+        }
+        let mut slices = [IoSlice::new(&[]); 4];
+        let mut k = 0;
+        let mut want = 0;
+        for p in parts.iter().filter(|p| !p.is_empty()) {
+            if k == slices.len() {
+                // More parts than the endpoint ever gives: write what is gathered.
+                self.put_slices(&slices[..k], want);
+                (k, want) = (0, 0);
+            }
+            slices[k] = IoSlice::new(p);
+            k += 1;
+            want += p.len();
+        }
+        self.put_slices(&slices[..k], want);
+    }
+}
+
+impl TlsSink<'_> {
+    fn put_slices(&mut self, slices: &[IoSlice<'_>], want: usize) {
+        if slices.is_empty() || self.short {
+            return;
+        }
+        match self.tls.writer().write_vectored(slices) {
+            Ok(n) if n == want => self.taken += n,
+            _ => self.short = true,
         }
     }
 }
@@ -130,7 +173,7 @@ fn dial(svc: &ServiceShared, peer: &PeerShared) -> io::Result<Conn> {
 }
 
 /// Reads what the socket has and feeds the endpoint. `Err` drops the connection.
-fn read_side(c: &mut Conn, peer: &PeerShared, buf: &mut [u8]) -> io::Result<()> {
+fn read_side(c: &mut Conn, peer: &PeerShared) -> io::Result<()> {
     for _ in 0..READS_PER_ROUND {
         match c.tls.read_tls(&mut c.sock) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
@@ -146,19 +189,21 @@ fn read_side(c: &mut Conn, peer: &PeerShared, buf: &mut [u8]) -> io::Result<()> 
         c.tls
             .process_new_packets()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        // Decrypted records go to the endpoint from rustls' own buffer (no copy out).
+        let now = peer.now();
+        let mut g = peer.lock();
         loop {
-            match c.tls.reader().read(buf) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => {
-                    let now = peer.now();
-                    peer.lock()
-                        .ep
-                        .handle_bytes(now, &buf[..n])
+            let n = match c.tls.reader().into_first_chunk() {
+                Ok([]) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(chunk) => {
+                    g.ep.handle_bytes(now, chunk)
                         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    chunk.len()
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
-            }
+            };
+            c.tls.reader().consume(n);
         }
     }
     Ok(())
@@ -180,20 +225,25 @@ fn write_side(c: &mut Conn, peer: &PeerShared) -> io::Result<bool> {
                 Err(e) => return Err(e),
             }
         }
-        if c.out_pos == c.out.len() {
-            c.out.clear();
-            c.out_pos = 0;
-            let now = peer.now();
-            peer.lock()
-                .ep
-                .poll_transmit(now, &mut c.out, TRANSMIT_BUDGET_BYTES);
-            if c.out.is_empty() {
-                return Ok(false);
-            }
+        // rustls holds nothing now: give it the next round (at most the budget and one
+        // frame, well under its buffer limit, so it takes every byte).
+        let mut sink = TlsSink {
+            tls: &mut c.tls,
+            taken: 0,
+            short: false,
+        };
+        let now = peer.now();
+        peer.lock()
+            .ep
+            .poll_transmit_into(now, &mut sink, TRANSMIT_BUDGET_BYTES);
+        if sink.short {
+            // The endpoint counts those frames as sent: only a new connection (and its
+            // HELLO's counts) puts the stream right.
+            return Err(io::Error::other(
+                "TLS took fewer plaintext bytes than given",
+            ));
         }
-        let n = c.tls.writer().write(&c.out[c.out_pos..])?;
-        c.out_pos += n;
-        if n == 0 && !c.tls.wants_write() {
+        if sink.taken == 0 {
             return Ok(false);
         }
     }
@@ -277,7 +327,6 @@ pub(super) fn run(svc: Arc<ServiceShared>, peer: Arc<PeerShared>) {
     let mut conn: Option<Conn> = None;
     let mut next_dial = Millis(0);
     let mut backoff = BACKOFF_MIN_MS;
-    let mut buf = vec![0u8; 64 << 10];
     let mut ever_connected = false;
     while !svc.stop.load(Ordering::SeqCst) {
         let now = peer.now();
@@ -312,7 +361,7 @@ pub(super) fn run(svc: Arc<ServiceShared>, peer: Arc<PeerShared>) {
         }
         let mut backed_up = false;
         if let Some(c) = &mut conn {
-            let r = read_side(c, &peer, &mut buf);
+            let r = read_side(c, &peer);
             let now = peer.now();
             peer.lock().ep.handle_timeout(now);
             let dead = handle_events(&svc, &peer);
@@ -338,6 +387,15 @@ pub(super) fn run(svc: Arc<ServiceShared>, peer: Arc<PeerShared>) {
         } else {
             peer.lock().ep.handle_timeout(now);
             handle_events(&svc, &peer);
+        }
+        // While the socket is backed up, POLLOUT brings the driver back to send; else
+        // channel ends wake it from here on, and what they queued before is sent first.
+        if !backed_up
+            && peer
+                .transmit_wake
+                .idle(|| conn.is_some() && peer.lock().ep.wants_transmit())
+        {
+            continue;
         }
         // Wait for the socket, a wakeup, or the next timer.
         let now = peer.now();
@@ -365,6 +423,7 @@ pub(super) fn run(svc: Arc<ServiceShared>, peer: Arc<PeerShared>) {
                 timeout,
             ),
         };
+        peer.transmit_wake.awake();
         let _ = peer.wake.read();
     }
     if let Some(c) = conn {

@@ -4,11 +4,13 @@
 //! consumed (the codec is canonical), uses at most [`MAX_FRAME_LEN`] bytes, and every
 //! shorter prefix of those bytes is `Ok(None)`; `Ok(None)` only ever comes for fewer
 //! bytes than the frame its header declares; and the decoded frame's fields are within
-//! the documented bounds.
+//! the documented bounds. [`decode_data_start`] agrees with [`decode`]: the same fields
+//! for a whole DATA frame, nothing for other kinds, a start only for a DATA frame whose
+//! payload is not all there yet, and no error `decode` would not name as well.
 
 use crate::tunnel::wire::{
-    decode, Frame, HEADER_LEN, MAX_CHANNELS, MAX_DATA_LEN, MAX_FRAME_LEN, MAX_METADATA_LEN,
-    MAX_REASON_TEXT_LEN,
+    decode, decode_data_start, DataStart, Frame, DATA_PREFIX_LEN, HEADER_LEN, MAX_CHANNELS,
+    MAX_DATA_LEN, MAX_FRAME_LEN, MAX_METADATA_LEN, MAX_REASON_TEXT_LEN,
 };
 
 /// Tunnel frame codec; see the module doc.
@@ -16,6 +18,37 @@ pub fn tunnel_wire(data: &[u8]) {
     let mut rest = data;
     // A stream of frames, as the endpoint reads them.
     while !rest.is_empty() {
+        let start = decode_data_start(rest);
+        match (&decode(rest), &start) {
+            (
+                Ok(Some((
+                    Frame::Data {
+                        channel,
+                        offset,
+                        eor,
+                        bytes,
+                    },
+                    _,
+                ))),
+                _,
+            ) => assert_eq!(
+                start,
+                Ok(Some(DataStart {
+                    channel: *channel,
+                    offset: *offset,
+                    eor: *eor,
+                    len: bytes.len(),
+                }))
+            ),
+            (Ok(Some(_)), _) => assert_eq!(start, Ok(None), "a start for another kind"),
+            (Ok(None), Ok(Some(ds))) => assert!(
+                rest[0] == 5 && DATA_PREFIX_LEN + ds.len > rest.len(),
+                "a start for a whole frame or another kind"
+            ),
+            (Ok(None), Err(e)) => panic!("decode needs more where the start says {e}"),
+            (Err(e), Err(e2)) => assert_eq!(e, e2),
+            _ => {}
+        }
         match decode(rest) {
             Ok(Some((frame, used))) => {
                 assert!((HEADER_LEN..=MAX_FRAME_LEN).contains(&used) && used <= rest.len());

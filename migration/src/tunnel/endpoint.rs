@@ -13,6 +13,27 @@ use crate::session::replay::ReplayBuffer;
 use std::collections::{BTreeMap, VecDeque};
 use thiserror::Error;
 
+/// Where [`Endpoint::poll_transmit_into`] puts the frames it sends: a `Vec<u8>`, or a
+/// writer (the runtime's TLS connection) that takes each DATA payload from where it lies.
+pub trait TransmitSink {
+    /// Bytes taken so far (what the budget counts).
+    fn taken(&self) -> usize;
+    /// Takes the concatenation of `parts` (whole frames; a part may be empty), all of it.
+    fn put(&mut self, parts: &[&[u8]]);
+}
+
+impl TransmitSink for Vec<u8> {
+    fn taken(&self) -> usize {
+        self.len()
+    }
+
+    fn put(&mut self, parts: &[&[u8]]) {
+        for p in parts {
+            self.extend_from_slice(p);
+        }
+    }
+}
+
 /// Milliseconds on the caller's monotonic clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Millis(pub u64);
@@ -370,6 +391,28 @@ struct Link {
     ping_outstanding: bool,
     pong_due: Option<u64>,
     partial: Vec<u8>,
+    /// A DATA frame whose payload is still arriving.
+    rx_data: Option<RxData>,
+}
+
+/// A DATA frame whose header was checked and whose payload goes to its channel as it
+/// arrives (not gathered into [`Link::partial`] first).
+#[derive(Debug, Clone, Copy)]
+struct RxData {
+    channel: ChannelId,
+    eor: bool,
+    remaining: usize,
+    /// False when the frame is dropped (unknown or closing channel, or a violation).
+    deliver: bool,
+    /// The channel's read position when the frame began (see [`Endpoint::data_end`]).
+    start: RxStart,
+}
+
+/// What [`Endpoint::data_end`] needs of the moment a DATA frame began.
+#[derive(Debug, Clone, Copy, Default)]
+struct RxStart {
+    rx_empty: bool,
+    consumed: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -397,6 +440,9 @@ pub struct Endpoint {
     events: VecDeque<Event>,
     ping_nonce: u64,
     stats: EndpointStats,
+    /// Control frames of one [`Endpoint::poll_transmit_into`] call before they go to the
+    /// sink (kept for its allocation).
+    tx_scratch: Vec<u8>,
 }
 
 impl Endpoint {
@@ -426,6 +472,7 @@ impl Endpoint {
             events: VecDeque::new(),
             ping_nonce: 0,
             stats: EndpointStats::default(),
+            tx_scratch: Vec::new(),
         }
     }
 
@@ -468,6 +515,7 @@ impl Endpoint {
             ping_outstanding: false,
             pong_due: None,
             partial: Vec::new(),
+            rx_data: None,
         });
     }
 
@@ -948,40 +996,65 @@ impl Endpoint {
             link.ping_outstanding = false;
         }
         let r = (|| {
-            let mut partial = std::mem::take(&mut self.link.as_mut().expect("link").partial);
-            while !partial.is_empty() && !input.is_empty() {
-                let need = if partial.len() < wire::HEADER_LEN {
-                    wire::HEADER_LEN - partial.len()
-                } else {
-                    let len =
-                        u32::from_le_bytes([partial[8], partial[9], partial[10], partial[11]]);
-                    wire::HEADER_LEN + len as usize - partial.len()
-                };
-                let take = need.min(input.len());
-                partial.extend_from_slice(&input[..take]);
-                input = &input[take..];
-                match wire::decode(&partial)? {
-                    Some((f, _)) => {
-                        self.handle_frame(now, f)?;
-                        partial.clear();
-                    }
-                    None => continue,
-                }
-            }
+            let link = self.link.as_mut().expect("link");
+            let mut partial = std::mem::take(&mut link.partial);
+            let mut rx_data = link.rx_data.take();
             while !input.is_empty() {
-                match wire::decode(input)? {
-                    Some((f, used)) => {
+                if let Some(d) = &mut rx_data {
+                    let n = d.remaining.min(input.len());
+                    let (chunk, rest) = input.split_at(n);
+                    input = rest;
+                    d.remaining -= n;
+                    if d.deliver {
+                        self.data_payload(d.channel, chunk);
+                    }
+                    if d.remaining == 0 {
+                        if d.deliver {
+                            self.data_end(d.channel, d.eor, d.start);
+                        }
+                        rx_data = None;
+                    }
+                } else if partial.is_empty() {
+                    if let Some((f, used)) = wire::decode(input)? {
                         self.handle_frame(now, f)?;
                         input = &input[used..];
-                    }
-                    None => {
+                    } else if let Some(ds) = wire::decode_data_start(input)? {
+                        rx_data = Some(self.data_start(ds)?);
+                        input = &input[wire::DATA_PREFIX_LEN..];
+                    } else {
                         partial.extend_from_slice(input);
-                        break;
+                        input = &[];
+                    }
+                } else {
+                    // Complete the header, then a DATA frame's prefix or the whole frame
+                    // (`decode` checked the length before it is used here).
+                    let need = if partial.len() < wire::HEADER_LEN {
+                        wire::HEADER_LEN - partial.len()
+                    } else {
+                        let len =
+                            u32::from_le_bytes([partial[8], partial[9], partial[10], partial[11]]);
+                        let total = wire::HEADER_LEN + len as usize;
+                        if partial[0] == 5 {
+                            total.min(wire::DATA_PREFIX_LEN) - partial.len()
+                        } else {
+                            total - partial.len()
+                        }
+                    };
+                    let take = need.min(input.len());
+                    partial.extend_from_slice(&input[..take]);
+                    input = &input[take..];
+                    if let Some((f, _)) = wire::decode(&partial)? {
+                        self.handle_frame(now, f)?;
+                        partial.clear();
+                    } else if let Some(ds) = wire::decode_data_start(&partial)? {
+                        rx_data = Some(self.data_start(ds)?);
+                        partial.clear();
                     }
                 }
             }
             if let Some(l) = &mut self.link {
                 l.partial = partial;
+                l.rx_data = rx_data;
             }
             Ok(())
         })();
@@ -1151,40 +1224,106 @@ impl Endpoint {
     }
 
     fn handle_data(&mut self, id: ChannelId, offset: u64, eor: bool, bytes: &[u8]) {
+        if self.data_accepted(id, offset, eor, bytes.len()) {
+            let start = self.rx_start(id);
+            self.data_payload(id, bytes);
+            self.data_end(id, eor, start);
+        }
+    }
+
+    fn rx_start(&self, id: ChannelId) -> RxStart {
+        self.channels
+            .get(&id)
+            .map_or(RxStart::default(), |c| RxStart {
+                rx_empty: c.rx.is_empty(),
+                consumed: c.consumed,
+            })
+    }
+
+    /// A DATA frame's header arrived before all of its payload.
+    fn data_start(&mut self, ds: wire::DataStart) -> Result<RxData, LinkError> {
+        self.stats.frames_received += 1;
+        if !self.link.as_ref().is_some_and(|l| l.hello_received) {
+            return Err(LinkError::OutOfOrder("frame before HELLO"));
+        }
+        let deliver = self.data_accepted(ds.channel, ds.offset, ds.eor, ds.len);
+        Ok(RxData {
+            channel: ds.channel,
+            eor: ds.eor,
+            remaining: ds.len,
+            deliver,
+            start: self.rx_start(ds.channel),
+        })
+    }
+
+    /// Whether a DATA frame of `len` payload bytes at `offset` is taken; a frame that
+    /// breaks the channel's protocol resets the channel.
+    fn data_accepted(&mut self, id: ChannelId, offset: u64, eor: bool, len: usize) -> bool {
         let buf_alloc = u64::from(self.cfg.buf_alloc_bytes);
         let Some(c) = self.channels.get_mut(&id) else {
-            return;
+            return false;
         };
         match c.phase {
             Phase::Open => {}
-            Phase::Closing | Phase::Dead(_) => return,
-            Phase::Opening | Phase::AwaitingAccept => return self.violation(id),
+            Phase::Closing | Phase::Dead(_) => return false,
+            Phase::Opening | Phase::AwaitingAccept => {
+                self.violation(id);
+                return false;
+            }
         }
-        let len = bytes.len() as u64;
+        let len = len as u64;
         let over = c.received - c.consumed + len > buf_alloc;
         let past_end = c.peer_shut_wr.is_some_and(|e| c.received + len > e);
         let too_many = eor && c.rx_msg_ends.len() >= MAX_MESSAGES_IN_FLIGHT;
         if offset != c.received || over || past_end || too_many {
-            return self.violation(id);
+            self.violation(id);
+            return false;
         }
-        let was_empty = c.rx_msg_ends.is_empty() && c.rx.is_empty();
-        c.received += len;
+        true
+    }
+
+    /// Payload of an accepted DATA frame (all of it, or the next part).
+    fn data_payload(&mut self, id: ChannelId, bytes: &[u8]) {
+        let Some(c) = self.channels.get_mut(&id) else {
+            return;
+        };
+        // Closed or reset by the owner since the frame began: the rest is dropped.
+        if c.phase != Phase::Open {
+            return;
+        }
+        c.received += bytes.len() as u64;
         if c.shut_rd {
             // Read side shut: take and acknowledge, as a socket discards.
             self.consumed(id, bytes.len());
             return;
         }
         c.rx.extend(bytes);
-        let complete = match c.kind {
-            ChannelKind::Stream => true,
+    }
+
+    /// The last payload byte of an accepted DATA frame arrived. The owner hears of a
+    /// frame's bytes once, here (they could be read as they came): a reader woken per
+    /// TLS record would read, and return credit, a quarter frame at a time. It hears
+    /// when it may be waiting: the buffer was empty when the frame began, or it has read
+    /// since.
+    fn data_end(&mut self, id: ChannelId, eor: bool, start: RxStart) {
+        let Some(c) = self.channels.get_mut(&id) else {
+            return;
+        };
+        if c.phase != Phase::Open || c.shut_rd {
+            return;
+        }
+        match c.kind {
+            ChannelKind::Stream => {
+                let waiting = start.rx_empty || c.consumed != start.consumed;
+                if waiting && !c.rx.is_empty() {
+                    self.mark_changed(id);
+                }
+            }
             ChannelKind::SeqPacket if eor => {
                 c.rx_msg_ends.push_back(c.received);
-                true
+                self.mark_changed(id);
             }
-            ChannelKind::SeqPacket => false,
-        };
-        if complete && (was_empty || c.kind == ChannelKind::SeqPacket) {
-            self.mark_changed(id);
+            ChannelKind::SeqPacket => {}
         }
     }
 
@@ -1273,7 +1412,34 @@ impl Endpoint {
     /// control frames first, then DATA from the channels in round-robin order, one frame
     /// (at most [`MAX_DATA_LEN`]) per channel per turn.
     pub fn poll_transmit(&mut self, now: Millis, out: &mut Vec<u8>, budget: usize) {
-        let start_len = out.len();
+        self.poll_transmit_into(now, out, budget);
+    }
+
+    /// [`Endpoint::poll_transmit`] into any [`TransmitSink`], until it has taken at least
+    /// `budget` bytes or nothing is left. DATA payloads go to the sink as slices of the
+    /// replay buffer, so a sink that encrypts (TLS) reads them from there and they are
+    /// not copied into a frame buffer first.
+    pub fn poll_transmit_into(&mut self, now: Millis, sink: &mut impl TransmitSink, budget: usize) {
+        let mut ctl = std::mem::take(&mut self.tx_scratch);
+        ctl.clear();
+        self.transmit_frames(now, sink, &mut ctl, budget);
+        if !ctl.is_empty() {
+            sink.put(&[&ctl]);
+            ctl.clear();
+        }
+        self.tx_scratch = ctl;
+    }
+
+    /// Encodes control frames into `ctl` and hands them to `sink` ahead of each DATA
+    /// frame (the caller flushes what is left in `ctl`).
+    fn transmit_frames(
+        &mut self,
+        now: Millis,
+        sink: &mut impl TransmitSink,
+        ctl: &mut Vec<u8>,
+        budget: usize,
+    ) {
+        let out = ctl;
         let frames_before = self.stats.frames_sent;
         let Some(link) = &mut self.link else {
             return;
@@ -1303,7 +1469,7 @@ impl Endpoint {
         }
         let link = self.link.as_mut().expect("checked");
         if !link.hello_received {
-            if out.len() > start_len {
+            if self.stats.frames_sent != frames_before {
                 link.last_tx = now;
             }
             return;
@@ -1322,7 +1488,7 @@ impl Endpoint {
             .encode(out);
             self.stats.frames_sent += 1;
         }
-        while out.len() < budget {
+        while sink.taken() + out.len() < budget {
             let Some(o) = self.orphans.pop_front() else {
                 break;
             };
@@ -1337,7 +1503,7 @@ impl Endpoint {
             }
             self.stats.frames_sent += 1;
         }
-        while out.len() < budget {
+        while sink.taken() + out.len() < budget {
             let Some(id) = self.ctrl_queue.pop_front() else {
                 break;
             };
@@ -1397,7 +1563,7 @@ impl Endpoint {
             }
             self.stats.frames_sent += n;
         }
-        while out.len() < budget {
+        while sink.taken() + out.len() < budget {
             let Some(id) = self.data_queue.pop_front() else {
                 break;
             };
@@ -1428,7 +1594,9 @@ impl Endpoint {
                 continue;
             }
             let na = n.min(a.len());
-            wire::encode_data(out, id, from, eor, &a[..na], &b[..n - na]);
+            let prefix = wire::data_prefix(id, from, eor, n);
+            sink.put(&[out, &prefix, &a[..na], &b[..n - na]]);
+            out.clear();
             self.stats.frames_sent += 1;
             c.tx_next = to;
             if c.has_tx() {

@@ -62,7 +62,7 @@ pub mod wire;
 
 pub use endpoint::{
     BrokenReason, ChannelCounters, ChannelError, ChannelState, Endpoint, EndpointConfig,
-    EndpointStats, Event, LinkError, Millis, OpenError,
+    EndpointStats, Event, LinkError, Millis, OpenError, TransmitSink,
 };
 pub use wire::{ChannelId, ChannelKind, CloseReason, Incarnation, RefusalCode};
 

@@ -335,6 +335,186 @@ fn refused_open_is_reported() {
     assert_eq!(n.b.channel_count(), 0);
 }
 
+#[test]
+fn a_data_frame_arriving_in_pieces_is_readable_as_it_comes() {
+    let mut n = Net::new();
+    let s = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    let q = n.a.open(ChannelKind::SeqPacket, b"", n.now).unwrap();
+    n.pump();
+    // Ten bytes the owner hears of and leaves unread for now.
+    n.a.write(s, b"0123456789").unwrap();
+    let mut out = Vec::new();
+    n.a.poll_transmit(n.now, &mut out, 1);
+    n.b.handle_bytes(n.now, &out).unwrap();
+    assert_eq!(n.b.poll_event(), Some(Event::Changed(s)));
+    let data: Vec<u8> = (0..3000u32).map(|i| (i * 31 + 7) as u8).collect();
+    assert_eq!(n.a.write(s, &data[..500]), Ok(500));
+    let mut out = Vec::new();
+    n.a.poll_transmit(n.now, &mut out, 1);
+    n.b.handle_bytes(n.now, &out).unwrap();
+    assert_eq!(
+        n.b.poll_event(),
+        None,
+        "unread bytes were there: heard of already"
+    );
+    let mut ten = [0u8; 10];
+    assert_eq!(n.b.read(s, &mut ten), Ok(10));
+    assert_eq!(&ten, b"0123456789");
+    assert_eq!(n.a.write(s, &data[500..1500]), Ok(1000));
+    let mut out = Vec::new();
+    n.a.poll_transmit(n.now, &mut out, 1);
+    assert_eq!(out.len(), wire::DATA_PREFIX_LEN + 1000, "one DATA frame");
+    n.b.handle_bytes(n.now, &out[..wire::DATA_PREFIX_LEN + 400])
+        .unwrap();
+    // Not empty when the frame began, but read during it: the owner hears at its end.
+    let mut got = vec![0u8; 700];
+    assert_eq!(n.b.read(s, &mut got), Ok(700));
+    n.b.handle_bytes(n.now, &out[wire::DATA_PREFIX_LEN + 400..])
+        .unwrap();
+    assert_eq!(n.b.poll_event(), Some(Event::Changed(s)));
+    got.extend(drain(&mut n.b, s));
+    assert_eq!(got, data[..1500]);
+    n.pump();
+    let data: Vec<u8> = data.iter().map(|b| b ^ 0x5a).collect();
+    assert_eq!(n.a.write(s, &data), Ok(3000));
+    let mut out = Vec::new();
+    n.a.poll_transmit(n.now, &mut out, 1);
+    assert_eq!(out.len(), wire::DATA_PREFIX_LEN + 3000, "one DATA frame");
+    // Half the prefix byte by byte, then its rest with 100 payload bytes: readable
+    // before the frame ends.
+    for b in &out[..10] {
+        n.b.handle_bytes(n.now, std::slice::from_ref(b)).unwrap();
+    }
+    n.b.handle_bytes(n.now, &out[10..wire::DATA_PREFIX_LEN + 100])
+        .unwrap();
+    // The owner hears of the frame once, at its end (not per piece).
+    assert_eq!(n.b.poll_event(), None);
+    let mut got = drain(&mut n.b, s);
+    assert_eq!(got, data[..100]);
+    let (middle, last) = out[wire::DATA_PREFIX_LEN + 100..].split_at(2899);
+    for piece in middle.chunks(7) {
+        n.b.handle_bytes(n.now, piece).unwrap();
+    }
+    assert_eq!(n.b.poll_event(), None);
+    n.b.handle_bytes(n.now, last).unwrap();
+    assert_eq!(
+        n.b.poll_event(),
+        Some(Event::Changed(s)),
+        "it read during the frame, so it may wait"
+    );
+    got.extend(drain(&mut n.b, s));
+    assert_eq!(got, data);
+    assert_eq!(n.b.counters(s).unwrap().received, 4510);
+    // A message is only whole with its last byte.
+    n.a.send_msg(q, &data[..2000]).unwrap();
+    let mut out = Vec::new();
+    n.a.poll_transmit(n.now, &mut out, 1);
+    let (head, last) = out.split_at(out.len() - 1);
+    n.b.handle_bytes(n.now, head).unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(n.b.recv_msg(q, &mut buf), Err(ChannelError::WouldBlock));
+    n.b.handle_bytes(n.now, last).unwrap();
+    assert_eq!(n.b.recv_msg(q, &mut buf), Ok(Some(2000)));
+    assert_eq!(buf[..2000], data[..2000]);
+    // Frames after a split one decode as usual.
+    n.a.write(s, b"after").unwrap();
+    n.pump();
+    assert_eq!(drain(&mut n.b, s), b"after");
+}
+
+#[test]
+fn a_bad_data_header_resets_the_channel_before_its_payload_arrives() {
+    let mut n = Net::new();
+    let ch = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    let other = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    n.pump();
+    let payload = vec![1u8; 1000];
+    let forged = Frame::Data {
+        channel: ch,
+        offset: 77,
+        eor: false,
+        bytes: &payload,
+    }
+    .to_vec();
+    n.b.handle_bytes(n.now, &forged[..wire::DATA_PREFIX_LEN + 1])
+        .expect("a channel error, not a link error");
+    assert_eq!(
+        n.b.state(ch),
+        Ok(ChannelState::Broken(BrokenReason::Violation))
+    );
+    // The rest of the forged payload is skipped, whatever it holds; the next frame counts.
+    let mut rest = forged[wire::DATA_PREFIX_LEN + 1..].to_vec();
+    rest.fill(0xff);
+    n.b.handle_bytes(n.now, &rest).unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        n.b.read(ch, &mut buf),
+        Err(ChannelError::NotOpen(ChannelState::Broken(
+            BrokenReason::Violation
+        )))
+    );
+    n.a.write(other, b"fine").unwrap();
+    n.pump();
+    assert_eq!(drain(&mut n.b, other), b"fine");
+    assert_eq!(n.b.stats().violations, 1);
+}
+
+/// Records what [`Endpoint::poll_transmit_into`] hands over, part by part.
+#[derive(Default)]
+struct Parts(Vec<Vec<u8>>);
+
+impl TransmitSink for Parts {
+    fn taken(&self) -> usize {
+        self.0.iter().map(Vec::len).sum()
+    }
+    fn put(&mut self, parts: &[&[u8]]) {
+        self.0.extend(parts.iter().map(|p| p.to_vec()));
+    }
+}
+
+#[test]
+fn poll_transmit_into_hands_payload_over_as_its_own_slices() {
+    let mut n = Net::new();
+    let ch = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    n.pump();
+    let data: Vec<u8> = (0..4000u32).map(|i| (i ^ (i >> 3)) as u8).collect();
+    // A credit frame queued too: control frames go ahead of the DATA frame.
+    n.b.write(ch, b"x").unwrap();
+    n.pump();
+    assert_eq!(drain(&mut n.a, ch), b"x");
+    assert_eq!(n.a.write(ch, &data), Ok(4000));
+    let mut sink = Parts::default();
+    n.a.poll_transmit_into(n.now, &mut sink, 1 << 20);
+    assert!(
+        sink.0.iter().any(|p| p.as_slice() == data.as_slice()),
+        "the payload is one part of its own: {:?}",
+        sink.0.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    let bytes = sink.0.concat();
+    let mut at = 0;
+    let mut kinds = Vec::new();
+    while let Some((f, used)) = wire::decode(&bytes[at..]).unwrap() {
+        kinds.push(std::mem::discriminant(&f));
+        if let Frame::Data { bytes, offset, .. } = f {
+            assert_eq!((bytes, offset), (data.as_slice(), 0));
+        }
+        at += used;
+        if at == bytes.len() {
+            break;
+        }
+    }
+    assert_eq!(at, bytes.len(), "whole frames only");
+    let credit = std::mem::discriminant(&Frame::Credit {
+        channel: ch,
+        received: 0,
+        consumed: 0,
+        buf_alloc: 0,
+    });
+    assert_eq!(kinds.first(), Some(&credit));
+    n.b.handle_bytes(n.now, &bytes).unwrap();
+    assert_eq!(drain(&mut n.b, ch), data);
+}
+
 /// The fuzz target's model with pseudo-random event streams (the corpus test replays the
 /// stored ones).
 #[test]

@@ -317,18 +317,9 @@ pub fn valid_host_name(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
 }
 
-/// Decodes one frame from the front of `buf`: `Ok(Some((frame, used)))`, `Ok(None)` when
-/// more bytes are needed, or the first thing wrong.
-pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
-    if buf.len() < HEADER_LEN {
-        // The kind byte alone can already be wrong.
-        if let Some(&k) = buf.first() {
-            if len_bounds(k).is_none() {
-                return Err(FrameError::UnknownKind(k));
-            }
-        }
-        return Ok(None);
-    }
+/// The header's kind, flags, channel and body length, validated (`buf` holds at least
+/// [`HEADER_LEN`] bytes).
+fn check_header(buf: &[u8]) -> Result<(u8, u8, u32, u32), FrameError> {
     let kind = buf[0];
     let Some((min, max)) = len_bounds(kind) else {
         return Err(FrameError::UnknownKind(kind));
@@ -355,6 +346,56 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
             value: u64::from(channel),
         });
     }
+    Ok((kind, flags, channel, len))
+}
+
+/// The front of a DATA frame: header and offset, validated as [`decode`] validates them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataStart {
+    /// The channel.
+    pub channel: ChannelId,
+    /// Stream offset of the first payload byte.
+    pub offset: u64,
+    /// Last fragment of a seqpacket message.
+    pub eor: bool,
+    /// Payload bytes that follow (1..=[`MAX_DATA_LEN`]).
+    pub len: usize,
+}
+
+/// Bytes of a DATA frame before its payload (header and offset).
+pub const DATA_PREFIX_LEN: usize = HEADER_LEN + 8;
+
+/// If `buf` starts with a DATA frame, its [`DataStart`] once the first
+/// [`DATA_PREFIX_LEN`] bytes are there (the payload need not be), so a receiver can take
+/// the payload as it arrives instead of gathering the whole frame first. `Ok(None)`: not
+/// DATA, or too few bytes yet (then [`decode`] is the way on). The same errors as
+/// [`decode`] for a bad header.
+pub fn decode_data_start(buf: &[u8]) -> Result<Option<DataStart>, FrameError> {
+    if buf.len() < DATA_PREFIX_LEN || buf[0] != 5 {
+        return Ok(None);
+    }
+    let (_, flags, channel, len) = check_header(buf)?;
+    Ok(Some(DataStart {
+        channel: ChannelId(channel),
+        offset: le64(&buf[HEADER_LEN..]),
+        eor: flags & 1 != 0,
+        len: len as usize - 8,
+    }))
+}
+
+/// Decodes one frame from the front of `buf`: `Ok(Some((frame, used)))`, `Ok(None)` when
+/// more bytes are needed, or the first thing wrong.
+pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
+    if buf.len() < HEADER_LEN {
+        // The kind byte alone can already be wrong.
+        if let Some(&k) = buf.first() {
+            if len_bounds(k).is_none() {
+                return Err(FrameError::UnknownKind(k));
+            }
+        }
+        return Ok(None);
+    }
+    let (kind, flags, channel, len) = check_header(buf)?;
     let used = HEADER_LEN + len as usize;
     if buf.len() < used {
         return Ok(None);
@@ -520,10 +561,27 @@ pub fn encode_data(
     b: &[u8],
 ) {
     debug_assert!(a.len() + b.len() <= MAX_DATA_LEN);
-    header(out, 5, u8::from(eor), channel, 8 + a.len() + b.len());
-    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(&data_prefix(channel, offset, eor, a.len() + b.len()));
     out.extend_from_slice(a);
     out.extend_from_slice(b);
+}
+
+/// The first [`DATA_PREFIX_LEN`] bytes of a DATA frame carrying `len` payload bytes (at
+/// most [`MAX_DATA_LEN`]), for a sender that writes the payload from where it lies.
+pub fn data_prefix(
+    channel: ChannelId,
+    offset: u64,
+    eor: bool,
+    len: usize,
+) -> [u8; DATA_PREFIX_LEN] {
+    debug_assert!(len <= MAX_DATA_LEN);
+    let mut p = [0u8; DATA_PREFIX_LEN];
+    p[0] = 5;
+    p[1] = u8::from(eor);
+    p[4..8].copy_from_slice(&channel.0.to_le_bytes());
+    p[8..12].copy_from_slice(&((8 + len) as u32).to_le_bytes());
+    p[12..20].copy_from_slice(&offset.to_le_bytes());
+    p
 }
 
 impl Frame<'_> {
@@ -715,6 +773,65 @@ mod tests {
             more.extend_from_slice(&[9, 9, 9]);
             assert_eq!(decode(&more), Ok(Some((f.clone(), b.len()))));
         }
+    }
+
+    #[test]
+    fn a_data_start_is_known_from_the_prefix_and_checked_like_the_frame() {
+        let payload: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
+        let f = Frame::Data {
+            channel: ChannelId(3),
+            offset: 0x1_0000_0002,
+            eor: true,
+            bytes: &payload,
+        };
+        let b = f.to_vec();
+        let want = DataStart {
+            channel: ChannelId(3),
+            offset: 0x1_0000_0002,
+            eor: true,
+            len: 300,
+        };
+        for cut in 0..b.len() {
+            let got = decode_data_start(&b[..cut]);
+            if cut < DATA_PREFIX_LEN {
+                assert_eq!(got, Ok(None), "cut at {cut}");
+            } else {
+                assert_eq!(got, Ok(Some(want)), "cut at {cut}");
+            }
+        }
+        // The prefix a sender builds is the frame's own.
+        let mut built = data_prefix(ChannelId(3), 0x1_0000_0002, true, 300).to_vec();
+        built.extend_from_slice(&payload);
+        assert_eq!(built, b);
+        // Other kinds are not DATA; a bad DATA header is refused as `decode` refuses it.
+        let credit = Frame::Credit {
+            channel: ChannelId(3),
+            received: 1,
+            consumed: 1,
+            buf_alloc: 1,
+        };
+        assert_eq!(decode_data_start(&credit.to_vec()), Ok(None));
+        let mut bad = b.clone();
+        bad[1] = 2;
+        assert_eq!(
+            decode_data_start(&bad),
+            Err(FrameError::Reserved { kind: 5 })
+        );
+        let mut bad = b.clone();
+        bad[8..12].copy_from_slice(&((MAX_BODY_LEN + 1) as u32).to_le_bytes());
+        assert!(matches!(
+            decode_data_start(&bad),
+            Err(FrameError::BadLength { .. })
+        ));
+        let mut bad = b.clone();
+        bad[4..8].copy_from_slice(&[0; 4]);
+        assert!(matches!(
+            decode_data_start(&bad),
+            Err(FrameError::BadValue {
+                field: "channel",
+                ..
+            })
+        ));
     }
 
     /// The version-1 bytes of two frames, as the diagram lays them out.
