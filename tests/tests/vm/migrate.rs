@@ -781,7 +781,7 @@ fn expect_relays(
                 .iter()
                 .filter(|w| w.0 == h.name)
                 .flat_map(|&(_, n, role, peer)| {
-                    std::iter::repeat((role.to_owned(), peer.to_owned())).take(n)
+                    std::iter::repeat_n((role.to_owned(), peer.to_owned()), n)
                 })
                 .collect();
             ok &= relays_of(&t, MIG_VM) == expect;
@@ -944,7 +944,8 @@ pub(super) fn migrate_sessions_across_three_hosts(c: Case) {
         );
         let _ = std::fs::rename(
             c.log_dir.join(format!("migrate-{from}-{to}.json")),
-            c.log_dir.join(format!("migrate-{}-{from}-{to}.json", hop + 1)),
+            c.log_dir
+                .join(format!("migrate-{}-{from}-{to}.json", hop + 1)),
         );
         assert_eq!(code, 0, "domsock migrate {from} -> {to}: {rep}");
         assert_eq!(rep["outcome"], "migrated", "{rep}");
