@@ -842,13 +842,13 @@ pub(super) fn migrate_sessions_across_three_hosts(c: Case) {
         tables: "[policy]\nguest-to-host = \"allow\"\n".to_owned(),
     };
     let x = guest(MIG_CID, MIG_VM);
-    let _da = hosts.spawn_domsockd_config(
+    let da = hosts.spawn_domsockd_config(
         "a",
         &daemon(vec![x.clone(), guest(SIBLING_CID, SIBLING_VM)]),
         &c.log_dir,
     );
-    let _db = hosts.spawn_domsockd_config("b", &daemon(vec![x.clone()]), &c.log_dir);
-    let _dc = hosts.spawn_domsockd_config("c", &daemon(vec![x]), &c.log_dir);
+    let db = hosts.spawn_domsockd_config("b", &daemon(vec![x.clone()]), &c.log_dir);
+    let dc = hosts.spawn_domsockd_config("c", &daemon(vec![x]), &c.log_dir);
     let tunnels_up = Instant::now();
     for h in all {
         let deadline = Instant::now() + STEP_TIMEOUT;
@@ -1104,12 +1104,15 @@ pub(super) fn migrate_sessions_across_three_hosts(c: Case) {
     c.report(&format!(
         "sessions across hosts: 4 hops under two 256 MiB duplex sessions (host on a, sibling \
          on a), all bytes in order both ways; guest blackouts {} / {} ms over {} / {} \
-         resumes; sessions_resumed per host: {}",
+         resumes; sessions_resumed per host: {}; domsockd CPU a {}, b {}, c {}",
         to_host.str("blackout_ms"),
         to_sibling.str("blackout_ms"),
         to_host.u64("resumes"),
         to_sibling.u64("resumes"),
         resumed.join(", "),
+        report::ms(da.cpu_time()),
+        report::ms(db.cpu_time()),
+        report::ms(dc.cpu_time()),
     ));
     finish(&mut vm_x);
     finish(&mut vm_y);
