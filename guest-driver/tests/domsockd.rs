@@ -1905,3 +1905,166 @@ fn throughput_report_relayed_session() {
     drop((g, a, b));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A guest whose program reads nothing moves a -> b -> c while the host process on a
+/// writes as fast as it may: at each move every buffer on the way is full (the session's
+/// replay, the guest relay's socket pair, frame and read buffer, the home's channel
+/// window and the frame it had not written). The session's snapshot carries all of it
+/// to c, which must accept it (found by the VM case `migrate_sessions_across_three_hosts`:
+/// c refused a 1,064,684-byte tail against the former 1 MiB `RELAY_MAX_TAIL_BYTES`, the
+/// way back to b likewise, and the session was lost; here 2 of 6 runs had tails over
+/// 1 MiB). Then the guest reads everything, once and in order.
+#[test]
+fn a_session_with_every_relay_buffer_full_moves_on_to_a_third_host() {
+    const TARGET: u32 = 5840;
+    const DOWN: usize = 8 << 20;
+    const UP: usize = 1 << 20;
+    /// Time for the home to fill every buffer on the way.
+    const FILL: Duration = Duration::from_millis(700);
+    let dir = std::env::temp_dir().join(format!("ds-relay-full-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let pki = dir.join("pki");
+    make_pki(&pki, "a,b,c");
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let addr = |p: u16| format!("127.0.0.1:{p}");
+    let admin_of = |h: &str| dir.join(format!("{h}.admin"));
+    let host = |h: &str, cid: u64, toml: String| {
+        Backend::spawn_with(
+            &domsockd(),
+            &format!("relay-full-{h}"),
+            &[VmOpts::new(cid).name("g")],
+            &[
+                "--admin-socket".to_string(),
+                admin_of(h).display().to_string(),
+            ],
+            Some(&toml),
+        )
+    };
+    let c = host(
+        "c",
+        5,
+        tunnel_toml_peers(&pki, "c", pc, &[("a", String::new()), ("b", String::new())]),
+    );
+    let b = host(
+        "b",
+        4,
+        tunnel_toml_peers(&pki, "b", pb, &[("a", String::new()), ("c", addr(pc))]),
+    );
+    let a = host(
+        "a",
+        3,
+        tunnel_toml_peers(&pki, "a", pa, &[("b", addr(pb)), ("c", addr(pc))]),
+    );
+    for h in ["a", "b", "c"] {
+        wait_tunnel(&admin_of(h), "all tunnels up", |t| {
+            t["peers"]
+                .as_array()
+                .is_some_and(|p| p.iter().all(|p| p["up"] == true))
+        });
+    }
+    let hosts = [("a", &a), ("b", &b), ("c", &c)];
+    let backend = |name: &str| hosts.iter().find(|(n, _)| *n == name).unwrap().1;
+
+    let listener = listen_stream(&a.vm(0).uds, TARGET);
+    let mut g = a.guest(0, GuestConfig::default());
+    let key = send_open(&mut g, TARGET);
+    let Frame::Opened {
+        id,
+        secret,
+        next_nonce,
+        ..
+    } = read_session_frame(&mut g, key)
+    else {
+        panic!("expected OPENED");
+    };
+    let mut s = GuestSession {
+        id,
+        secret,
+        nonce: next_nonce,
+    };
+    let held = accept(&listener);
+    let down = pattern_bytes(0x5a, DOWN);
+    let up = pattern_bytes(0xa5, UP);
+    let writer = {
+        let (mut w, down) = (held.try_clone().unwrap(), down.clone());
+        thread::spawn(move || {
+            for chunk in down.chunks(256 * 1024) {
+                w.write_all(chunk)?;
+            }
+            w.shutdown(std::net::Shutdown::Write)
+        })
+    };
+    let reader = {
+        let mut r = held;
+        r.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        thread::spawn(move || {
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).map(|_| got)
+        })
+    };
+    let mut key = key;
+    let mut here = "a";
+    let mut disconnects = std::collections::HashMap::new();
+    for (hop, to) in ["b", "c"].iter().enumerate() {
+        thread::sleep(FILL);
+        let r = admin(
+            &admin_of(to),
+            &format!(r#"{{"v":1,"op":"adopt","vm":"g","from":"{here}"}}"#),
+        );
+        assert_eq!(r["ok"], true, "adopt at {to}: {r}");
+        drop(g);
+        let n = disconnects.entry(here).or_insert(0);
+        *n += 1;
+        backend(here).wait_for_log("frontend disconnected", *n);
+        let r = admin(
+            &admin_of(here),
+            &format!(r#"{{"v":1,"op":"export","vm":"g","to":"{to}"}}"#),
+        );
+        assert_eq!(
+            r["ok"],
+            true,
+            "export {here} -> {to}: {r}\n{}\n{}",
+            backend(here).log_tail(),
+            backend(to).log_tail()
+        );
+        assert_eq!(r["sessions"], 1, "{r}");
+        g = backend(to).guest(0, GuestConfig::default());
+        let (k, daemon_got) = resume_session(&mut g, &mut s, 0, hop as u8 + 1)
+            .unwrap_or_else(|f| panic!("resume at {to}: {f:?}\n{}", backend(to).log_tail()));
+        assert_eq!(daemon_got, 0, "the guest sent nothing");
+        key = k;
+        here = to;
+    }
+    // On c, directly from a: the guest reads everything, then sends and closes.
+    let mut got = vec![0u8; DOWN];
+    g.read_exact(key, &mut got, Duration::from_secs(60))
+        .unwrap();
+    assert!(
+        got == down,
+        "host->guest across two moves with full buffers"
+    );
+    g.write_all(key, &up, Duration::from_secs(60)).unwrap();
+    g.shutdown(key, Shutdown::SEND).unwrap();
+    writer
+        .join()
+        .unwrap()
+        .expect("the host process's writes never failed");
+    let from_guest = reader
+        .join()
+        .unwrap()
+        .expect("the host process's reads never failed");
+    assert!(from_guest == up, "guest->host after two moves");
+    let relays = |h: &str| {
+        admin(&admin_of(h), r#"{"v":1,"op":"status"}"#)["tunnel"]["relay_counters"].clone()
+    };
+    for h in ["a", "b", "c"] {
+        let r = relays(h);
+        assert_eq!(
+            (r["failed"].as_u64(), r["refused"].as_u64()),
+            (Some(0), Some(0)),
+            "{h}: {r}"
+        );
+    }
+    drop((g, a, b, c));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -274,6 +274,7 @@ fn tunnel_status(t: &AdminTunnel) -> Value {
             "handed_off": n(&st.handed_off),
             "returned_home": n(&st.returned_home),
             "rerooted": n(&st.rerooted),
+            "sent_back": n(&st.sent_back),
             "refused": n(&st.refused),
             "failed": n(&st.failed),
         },

@@ -58,9 +58,22 @@ pub const MAX_PENDING_SESSION_GREETINGS: usize = 64;
 /// Longest configurable session park timeout (a day).
 pub const MAX_SESSION_PARK_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 /// Longest replay tail a session may bring when it moves between hosts: its replay buffer
-/// plus the host bytes in flight in the relay that carried it (its socket pair and one
-/// frame), which a handoff must not drop.
-pub const RELAY_MAX_TAIL_BYTES: usize = 1024 * 1024;
+/// plus the host bytes in flight in the relays that carried it, which a handoff must not
+/// drop. With every buffer full that is, on the guest relay's side, the replay
+/// ([`SESSION_REPLAY_BYTES`]), its socket pair (64 KiB send buffer, doubled by the
+/// kernel), one DATA payload queued for the pair and its channel read buffer (up to one
+/// frame each), and on the home's side the channel's window (256 KiB) and one frame it had
+/// not written yet: about 1.4 MiB (measured: 1,085,120 bytes, which a 1 MiB limit refused,
+/// losing the session). A guest that reads nothing while it is moved again and again
+/// still grows its tail by up to that much per move (not covered).
+pub const RELAY_MAX_TAIL_BYTES: usize = 2 * 1024 * 1024;
+const _: () = assert!(
+    RELAY_MAX_TAIL_BYTES
+        >= SESSION_REPLAY_BYTES
+            + 2 * 64 * 1024
+            + 3 * (domsock_migration::relay::MAX_DATA + domsock_migration::relay::FRAME_HEADER_LEN)
+            + 256 * 1024
+);
 /// Sessions carried by relays on one host at once (both kinds).
 pub const MAX_RELAYED_SESSIONS: usize = 1024;
 /// How long one relay step (an import answered, a handoff answered) may take.

@@ -23,16 +23,25 @@
 //! it reaches QMP sockets, the admin sockets and the hybrid-vsock sockets of X's domsockd.
 //! A listener it binds there is, for X's domsockd, a host process on X.
 //!
+//! A host's domsockd is started either with one `--vm` ([`Host::spawn_domsockd`]) or from
+//! a config file ([`Hosts::spawn_domsockd_config`] with a [`DaemonConfig`]): several VMs,
+//! the admin socket, a policy, and a `[tunnel]` to every other host (certificates from
+//! `domsock-certs`, generated once per [`Hosts`] by [`Hosts::tunnel_certs`]; each host's
+//! directory gets only its own key).
+//!
 //! On start, namespaces `ds-h-<pid>-*` whose test process is gone are deleted; on drop,
 //! this harness deletes its own. What it does not do: stop processes (their owners do, by
 //! PID, before the namespaces go), or route between hosts beyond the one bridge.
 
-use std::io;
+use std::io::{self, BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use domsock_host::test_utils::Process;
+
+use serde_json::Value;
 
 use crate::artifacts::{self, Kernel};
 use crate::backend::VmSpec;
@@ -45,6 +54,42 @@ pub const NETNS_PREFIX: &str = "ds-h-";
 const SUBNET: [u8; 3] = [10, 231, 77];
 /// How long a domsockd may take to create its sockets.
 const BACKEND_STARTUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The admin socket in each host's runtime directory.
+pub const ADMIN_SOCKET: &str = "admin.sock";
+/// Where each host's tunnel certificates are, in its runtime directory.
+const TUNNEL_DIR: &str = "tunnel";
+/// Bound on one admin request (connect, write, reply).
+const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest admin reply read.
+const MAX_ADMIN_REPLY_BYTES: u64 = 1 << 20;
+
+/// One `[[vm]]` of a host's domsockd config file.
+#[derive(Debug, Clone)]
+pub struct ConfiguredVm {
+    /// Guest CID (its sockets are `vhost<cid>.sock`, `vm<cid>.vsock`, as [`Host::spec`]).
+    pub cid: u32,
+    /// Domain name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// vhost-device-vsock groups (members may connect to each other).
+    pub groups: Vec<String>,
+}
+
+/// What a host's domsockd config file says: its VMs, the admin socket, the tunnel to every
+/// other host, and any further tables (e.g. `[policy]`) verbatim.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonConfig {
+    /// The VMs.
+    pub vms: Vec<ConfiguredVm>,
+    /// `admin-socket` at [`ADMIN_SOCKET`] in the runtime directory.
+    pub admin: bool,
+    /// `[tunnel]` listening on the host's bridge address at this port, every other host a
+    /// peer (needs [`Hosts::tunnel_certs`]).
+    pub tunnel_port: Option<u16>,
+    /// TOML tables appended after the `[[vm]]`s.
+    pub tables: String,
+}
 
 /// A set of hosts on one bridge.
 #[derive(Debug)]
@@ -52,7 +97,7 @@ pub struct Hosts {
     bridge_netns: String,
     hosts: Vec<Host>,
     /// Holds `<root>`; removed last.
-    _root: TempDir,
+    root: TempDir,
 }
 
 /// One host: a network namespace and a mount view of its runtime directory.
@@ -124,7 +169,7 @@ impl Hosts {
         let mut hosts = Hosts {
             bridge_netns: bridge_netns.clone(),
             hosts: Vec::new(),
-            _root: root,
+            root,
         };
         ip(&["netns", "add", &bridge_netns])?;
         let br = |args: &[&str]| {
@@ -168,6 +213,139 @@ impl Hosts {
             h(&["link", "set", "eth0", "up"])?;
         }
         Ok(hosts)
+    }
+
+    /// Certificates for the tunnel between these hosts (`domsock-certs --hosts a,b,...`,
+    /// next to the backend binary): each host's directory gets the CA certificate and its
+    /// own certificate and key. Idempotent.
+    ///
+    /// # Errors
+    /// When the tool fails or a file cannot be copied.
+    pub fn tunnel_certs(&self) -> io::Result<()> {
+        let pki = self.root.path().join("pki");
+        if pki.join("ca.pem").exists() {
+            return Ok(());
+        }
+        let tool = artifacts::workspace_root().join("target/release/domsock-certs");
+        let names: Vec<&str> = self.hosts.iter().map(|h| h.name.as_str()).collect();
+        let out = Command::new(&tool)
+            .arg("--out")
+            .arg(&pki)
+            .args(["--hosts", &names.join(",")])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| io::Error::other(format!("{}: {e}", tool.display())))?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "domsock-certs: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        for h in &self.hosts {
+            let dir = h.dir.join(TUNNEL_DIR);
+            std::fs::create_dir_all(&dir)?;
+            std::fs::copy(pki.join("ca.pem"), dir.join("ca.pem"))?;
+            for ext in ["pem", "key"] {
+                let file = format!("{}.{ext}", h.name);
+                std::fs::copy(pki.join(&file), dir.join(&file))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The `[tunnel]` table of host `name`: it listens on its bridge address at `port`;
+    /// every other host is a peer at the same port, dialled by the host whose name sorts
+    /// first (the other one's address is `""`).
+    pub fn tunnel_toml(&self, name: &str, port: u16) -> String {
+        let me = self.host(name);
+        let tls = me.run.join(TUNNEL_DIR);
+        let mut t = format!(
+            "[tunnel]\nhost = \"{name}\"\nlisten = \"{ip}:{port}\"\ncert = \"{tls}/{name}.pem\"\n\
+             key = \"{tls}/{name}.key\"\nca = \"{tls}/ca.pem\"\n[tunnel.peers]\n",
+            ip = me.ip,
+            tls = tls.display(),
+        );
+        for p in self.hosts.iter().filter(|h| h.name != name) {
+            let addr = if me.name < p.name {
+                format!("{}:{port}", p.ip)
+            } else {
+                String::new()
+            };
+            t.push_str(&format!("{} = \"{addr}\"\n", p.name));
+        }
+        t
+    }
+
+    /// The config file of host `name`'s domsockd for `cfg`, paths as the host sees them.
+    pub fn domsockd_toml(&self, name: &str, cfg: &DaemonConfig) -> String {
+        let h = self.host(name);
+        let mut t = String::new();
+        if cfg.admin {
+            t.push_str(&format!(
+                "admin-socket = \"{}\"\n",
+                h.run_path(ADMIN_SOCKET).display()
+            ));
+        }
+        for vm in &cfg.vms {
+            let spec = h.spec(vm.cid);
+            let groups: Vec<String> = vm.groups.iter().map(|g| format!("{g:?}")).collect();
+            t.push_str(&format!(
+                "\n[[vm]]\nguest-cid = {}\nsocket = \"{}\"\nuds-path = \"{}\"\nname = {:?}\n\
+                 namespace = {:?}\ngroups = [{}]\n",
+                vm.cid,
+                spec.socket.display(),
+                spec.uds.display(),
+                vm.name,
+                vm.namespace,
+                groups.join(", "),
+            ));
+        }
+        if !cfg.tables.is_empty() {
+            t.push('\n');
+            t.push_str(&cfg.tables);
+            if !cfg.tables.ends_with('\n') {
+                t.push('\n');
+            }
+        }
+        if let Some(port) = cfg.tunnel_port {
+            t.push('\n');
+            t.push_str(&self.tunnel_toml(name, port));
+        }
+        t
+    }
+
+    /// Starts host `name`'s domsockd from a config file for `cfg` (written to
+    /// `<log_dir>/domsockd-<host>.toml` and to the host's runtime directory, which is what
+    /// the daemon reads); output in `<log_dir>/domsockd-<host>.log`; returns once every
+    /// VM's vhost-user socket (and the admin socket, if configured) exists.
+    ///
+    /// # Panics
+    /// If it cannot start or does not create its sockets in time.
+    pub fn spawn_domsockd_config(&self, name: &str, cfg: &DaemonConfig, log_dir: &Path) -> Process {
+        let h = self.host(name);
+        std::fs::create_dir_all(log_dir).expect("create log dir");
+        if cfg.tunnel_port.is_some() {
+            self.tunnel_certs().expect("tunnel certificates");
+        }
+        let toml = self.domsockd_toml(name, cfg);
+        std::fs::write(log_dir.join(format!("domsockd-{name}.toml")), &toml)
+            .expect("write config copy");
+        std::fs::write(h.local("domsockd.toml"), &toml).expect("write config");
+        let mut all: Vec<String> = h.wrapper()[1..].to_vec();
+        all.push(artifacts::backend_binary().display().to_string());
+        all.push("--config".into());
+        all.push(h.run_path("domsockd.toml").display().to_string());
+        let mut ready: Vec<PathBuf> = cfg.vms.iter().map(|v| h.local_spec(v.cid).socket).collect();
+        if cfg.admin {
+            ready.push(h.local(ADMIN_SOCKET));
+        }
+        Process::start(
+            Path::new(&h.wrapper()[0]),
+            &all,
+            log_dir.join(format!("domsockd-{name}.log")),
+            BACKEND_STARTUP_TIMEOUT,
+            || ready.iter().all(|p| p.exists()),
+        )
     }
 
     /// The host called `name`.
@@ -309,5 +487,43 @@ impl Host {
     /// `tcp:<ip>:<port>`.
     pub fn incoming_uri(&self, port: u16) -> String {
         format!("tcp:{}:{port}", self.ip)
+    }
+
+    /// The admin socket of this host's domsockd, as the test process sees it.
+    pub fn admin_path(&self) -> PathBuf {
+        self.local(ADMIN_SOCKET)
+    }
+
+    /// One admin request (`{"v":1,"op":OP}` plus `fields`) to this host's domsockd; the
+    /// reply as it came, whether `ok` or not.
+    ///
+    /// # Errors
+    /// When the socket cannot be reached, or the reply is not one JSON line in time.
+    pub fn admin(&self, op: &str, fields: Value) -> io::Result<Value> {
+        let mut req = match fields {
+            Value::Object(m) => Value::Object(m),
+            _ => Value::Object(serde_json::Map::new()),
+        };
+        req["v"] = Value::from(1);
+        req["op"] = Value::from(op);
+        let mut s = UnixStream::connect(self.admin_path())?;
+        s.set_read_timeout(Some(ADMIN_TIMEOUT))?;
+        s.set_write_timeout(Some(ADMIN_TIMEOUT))?;
+        s.write_all(format!("{req}\n").as_bytes())?;
+        let mut line = Vec::new();
+        BufReader::new(io::Read::take(s, MAX_ADMIN_REPLY_BYTES)).read_until(b'\n', &mut line)?;
+        serde_json::from_slice(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// The `tunnel` object of this host's domsockd `status`.
+    ///
+    /// # Errors
+    /// As [`Host::admin`], or when the reply has no `tunnel`.
+    pub fn tunnel_status(&self) -> io::Result<Value> {
+        let r = self.admin("status", Value::Null)?;
+        match r.get("tunnel") {
+            Some(t) if r["ok"] == true => Ok(t.clone()),
+            _ => Err(io::Error::other(format!("status without a tunnel: {r}"))),
+        }
     }
 }

@@ -1,11 +1,13 @@
 //! Live migration between "hosts" ([`domsock_tests::hosts`]: network namespaces with their
 //! own mount view, domsockd and QEMU each) with `domsock migrate`.
 //!
-//! domsockd does not serve its admin socket yet, so each host's admin socket is a
-//! [`FakeAdmin`] (protocol v1) whose `adopt`/`export` do nothing and whose `status` checks
-//! the guest by other means: a `CONNECT` through that host's domsockd to an echo server the
-//! guest started before the first migration, one round trip of checksummed bytes. The CLI,
-//! its admin client and the orchestrator are the real ones.
+//! Most cases give each host a [`FakeAdmin`] (protocol v1) for an admin socket, whose
+//! `adopt`/`export` do nothing and whose `status` checks the guest by other means: a
+//! `CONNECT` through that host's domsockd to an echo server the guest started before the
+//! first migration, one round trip of checksummed bytes, which also times the blackout.
+//! `migrate_with_domsockd_admin` and `migrate_sessions_across_three_hosts` use domsockd's
+//! own admin sockets; the latter also its tunnel, so that sessions follow the guest
+//! across three hosts. The CLI, its admin client and the orchestrator are the real ones.
 
 use std::io::{Read, Write};
 use std::process::Command;
@@ -696,4 +698,424 @@ pub(super) fn migrate_with_domsockd_admin(c: Case) {
         step(&rep, "steps", "confirm")["polls"],
     ));
     finish(&mut vm_b);
+}
+
+/// The sibling of the migrating guest in `migrate_sessions_across_three_hosts`: it stays on
+/// host `a`.
+const SIBLING_CID: u32 = 4;
+const SIBLING_VM: &str = "vm4";
+/// The namespace of both guests on every host (the relay checks it).
+const SESSION_NAMESPACE: &str = "red";
+/// Each host's tunnel listens on its bridge address at this port.
+const TUNNEL_PORT: u16 = 7100;
+/// The hops of `migrate_sessions_across_three_hosts`.
+const SESSION_ROUTE: [(&str, &str); 4] = [("a", "b"), ("b", "a"), ("a", "b"), ("b", "c")];
+/// A pause in the host's reads at least this long counts as a blackout; the first read
+/// after it is when bytes flow again.
+const FLOW_GAP: Duration = Duration::from_millis(30);
+/// How long domsockd's relay state may take to settle after `domsock migrate` returned.
+const RELAY_SETTLE: Duration = Duration::from_secs(5);
+
+/// Reads a stream to EOF, publishing progress and the (Unix ms) time of every read that
+/// follows a pause of at least [`FLOW_GAP`]; returns what arrived and how it ended.
+fn read_recording_gaps(
+    mut s: UnixStream,
+    progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    resumed_at: std::sync::Arc<std::sync::Mutex<Vec<f64>>>,
+) -> (Checksum, Option<io::ErrorKind>) {
+    let mut sum = Checksum::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut last = Instant::now();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (sum, None),
+            Ok(n) => {
+                if last.elapsed() >= FLOW_GAP {
+                    resumed_at.lock().unwrap().push(unix_ms(SystemTime::now()));
+                }
+                last = Instant::now();
+                sum.update(&buf[..n]);
+                progress.store(sum.bytes(), std::sync::atomic::Ordering::Release);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (sum, Some(e.kind())),
+        }
+    }
+}
+
+/// The relays of `vm`'s sessions in a host's `tunnel.relays`, as (role, peer).
+fn relays_of(tunnel: &Value, vm: &str) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = tunnel["relays"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|r| r["vm"] == vm)
+                .map(|r| {
+                    (
+                        r["role"].as_str().unwrap_or("?").to_owned(),
+                        r["peer"].as_str().unwrap_or("?").to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Waits (bounded by [`RELAY_SETTLE`]) until every host's relays of [`MIG_VM`] are as
+/// `want` says (host name, `n` relays with that role and peer, or none); returns the
+/// `tunnel` objects.
+fn expect_relays(
+    hosts: &[&Host],
+    want: &[(&str, usize, &str, &str)],
+    when: &str,
+) -> BTreeMap<String, Value> {
+    let deadline = Instant::now() + RELAY_SETTLE;
+    loop {
+        let mut seen = BTreeMap::new();
+        let mut ok = true;
+        for h in hosts {
+            let t = h.tunnel_status().expect("tunnel status");
+            let expect: Vec<(String, String)> = want
+                .iter()
+                .filter(|w| w.0 == h.name)
+                .flat_map(|&(_, n, role, peer)| {
+                    std::iter::repeat_n((role.to_owned(), peer.to_owned()), n)
+                })
+                .collect();
+            ok &= relays_of(&t, MIG_VM) == expect;
+            seen.insert(h.name.clone(), t);
+        }
+        if ok {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{when}: relays of {MIG_VM} should be {want:?}, are {:?}",
+            seen.iter()
+                .map(|(h, t)| (h.clone(), t["relays"].clone()))
+                .collect::<Vec<_>>()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A relay counter of a host's `tunnel.relay_counters`.
+fn relay_counter(tunnel: &Value, name: &str) -> u64 {
+    tunnel["relay_counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no relay counter {name}: {tunnel}"))
+}
+
+/// Issue 10's case. Three hosts with a domsockd each (config file: the VMs, the admin
+/// socket and a TLS `[tunnel]` to both other hosts). On `a`, guest X ([`MIG_VM`]) runs two
+/// `duplex-client --session` streams, 256 MiB each way at once, to a host process on `a`
+/// and to its sibling Y's `duplex-server` (Y stays on `a`). While they stream, X moves
+/// `a -> b -> a -> b -> c` with `domsock migrate` against the real admin sockets: its
+/// sessions cross the tunnel to `b`, come home to `a`'s local path (no relay left,
+/// `returned_home`), cross to `b` again, and are re-rooted from `a` straight to `c` (`b`
+/// drops out: all three domsockd say so). Every byte arrives once and in order both ways
+/// on both sessions; the host process never sees an error or an early EOF; every hop
+/// exports both sessions and exits 0.
+pub(super) fn migrate_sessions_across_three_hosts(c: Case) {
+    use domsock_tests::hosts::{ConfiguredVm, DaemonConfig};
+    let hosts = match Hosts::new(&["a", "b", "c"]) {
+        Ok(h) => h,
+        Err(e) => {
+            domsock_tests::skip::skip(&format!("network namespaces (needs root and ip): {e}"));
+            return;
+        }
+    };
+    let (ha, hb, hc) = (hosts.host("a"), hosts.host("b"), hosts.host("c"));
+    let all = [ha, hb, hc];
+    let guest = |cid, name: &str| ConfiguredVm {
+        cid,
+        name: name.to_owned(),
+        namespace: SESSION_NAMESPACE.to_owned(),
+        groups: vec!["pair".to_owned()],
+    };
+    let daemon = |vms| DaemonConfig {
+        vms,
+        admin: true,
+        tunnel_port: Some(TUNNEL_PORT),
+        tables: "[policy]\nguest-to-host = \"allow\"\n".to_owned(),
+    };
+    let x = guest(MIG_CID, MIG_VM);
+    let da = hosts.spawn_domsockd_config(
+        "a",
+        &daemon(vec![x.clone(), guest(SIBLING_CID, SIBLING_VM)]),
+        &c.log_dir,
+    );
+    let db = hosts.spawn_domsockd_config("b", &daemon(vec![x.clone()]), &c.log_dir);
+    let dc = hosts.spawn_domsockd_config("c", &daemon(vec![x]), &c.log_dir);
+    let tunnels_up = Instant::now();
+    for h in all {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let t = h.tunnel_status().expect("tunnel status");
+            let peers = t["peers"].as_array().cloned().unwrap_or_default();
+            if peers.len() == 2 && peers.iter().all(|p| p["up"] == true) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{}'s tunnels: {t}", h.name);
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    c.report(&format!(
+        "sessions across hosts: all three tunnels up {} after the last domsockd started",
+        report::ms(tunnels_up.elapsed())
+    ));
+
+    let xa = ha.local_spec(MIG_CID);
+    let listener = host::listen_stream(&xa.uds, SESSION_HOST_PORT).expect("listen on a");
+    let long = format!("--timeout-ms {LONG_GUEST_TIMEOUT_MS}");
+    let cfg_y = ha
+        .vm_config("y-a", &c.kernel, SIBLING_CID, &c.log_dir)
+        .cmd(&format!(
+            "duplex-server --port {SESSION_SIBLING_PORT} --bytes {SESSION_BYTES} \
+             --chunk {CHUNK_BYTES} --seed 44 {long}"
+        ));
+    let cfg_x = ha
+        .vm_config("x-a0", &c.kernel, MIG_CID, &c.log_dir)
+        .cmd(&format!("recv --port {GATE_PORT} {long}"))
+        .cmd(&format!(
+            "bg duplex-client --session --cid {HOST_CID} --port {SESSION_HOST_PORT} \
+             --bytes {SESSION_BYTES} --chunk {CHUNK_BYTES} --seed 33 {long}"
+        ))
+        .cmd(&format!(
+            "duplex-client --session --cid {SIBLING_CID} --port {SESSION_SIBLING_PORT} \
+             --bytes {SESSION_BYTES} --chunk {CHUNK_BYTES} --seed 34 {long}"
+        ));
+    let mut vm_y = Vm::boot(&cfg_y);
+    let mut vm_x = Vm::boot(&cfg_x);
+    assert_eq!(vm_y.expect_cid(BOOT_TIMEOUT), SIBLING_CID);
+    assert_eq!(vm_x.expect_cid(BOOT_TIMEOUT), MIG_CID);
+    vm_y.expect_ready(SESSION_SIBLING_PORT, STEP_TIMEOUT);
+    vm_x.expect_ready(GATE_PORT, STEP_TIMEOUT);
+    release_gate_port(&xa, GATE_PORT);
+
+    let conn = host::accept(&listener, STEP_TIMEOUT, IDLE_TIMEOUT).expect("X's host session");
+    let mut write_end = conn.try_clone().expect("clone");
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let resumed_at = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let (p, r) = (progress.clone(), resumed_at.clone());
+        thread::spawn(move || read_recording_gaps(conn, p, r))
+    };
+    let writer = thread::spawn(move || {
+        let r = host::write_pattern(&mut write_end, 43, SESSION_BYTES, CHUNK_BYTES);
+        let _ = write_end.shutdown(Shutdown::Write);
+        r
+    });
+    let now_at = || progress.load(std::sync::atomic::Ordering::Acquire);
+
+    let hops = SESSION_ROUTE.len() as u64;
+    let mut hop_lines = Vec::new();
+    for (hop, &(from, to)) in SESSION_ROUTE.iter().enumerate() {
+        let (src, dst) = (hosts.host(from), hosts.host(to));
+        let dst_vm = Vm::boot(&dst.incoming_vm_config(
+            &format!("x-{to}{}", hop + 1),
+            &c.kernel,
+            MIG_CID,
+            INCOMING_PORT,
+            &c.log_dir,
+        ));
+        // Spread the hops over the stream: hop k once the host has read k/(hops+1) of it.
+        let mark = SESSION_BYTES * (hop as u64 + 1) / (hops + 1);
+        let deadline = Instant::now() + BIG_TRANSFER_TIMEOUT;
+        while now_at() < mark {
+            assert!(
+                Instant::now() < deadline,
+                "hop {from} -> {to}: the host read {} of the {mark} bytes it waits for",
+                now_at()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        let at = now_at();
+        let (code, rep) = run_migrate(
+            src,
+            dst,
+            &vm_x,
+            &dst_vm,
+            &dst.incoming_uri(INCOMING_PORT),
+            CONFIRM_MS,
+            &c.log_dir,
+        );
+        let _ = std::fs::rename(
+            c.log_dir.join(format!("migrate-{from}-{to}.json")),
+            c.log_dir
+                .join(format!("migrate-{}-{from}-{to}.json", hop + 1)),
+        );
+        assert_eq!(code, 0, "domsock migrate {from} -> {to}: {rep}");
+        assert_eq!(rep["outcome"], "migrated", "{rep}");
+        assert_steps_ok(&rep, "steps");
+        assert_eq!(
+            step(&rep, "steps", "export")["sessions"],
+            2,
+            "both sessions exported {from} -> {to}: {rep}"
+        );
+        assert_eq!(
+            step(&rep, "steps", "confirm")["sessions_live"].as_u64(),
+            Some(2),
+            "both sessions resumed on {to}: {rep}"
+        );
+        let status = vm_x.wait_exit(STEP_TIMEOUT);
+        assert!(status.success(), "the source QEMU on {from} quit: {status}");
+        vm_x = dst_vm;
+        // device_add returned -> the host process's first read after the pause.
+        let plug = step(&rep, "steps", "plug");
+        let plugged = plug["started_unix_ms"].as_f64().unwrap() + plug["ms"].as_f64().unwrap();
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let flowing = loop {
+            let first = resumed_at
+                .lock()
+                .unwrap()
+                .iter()
+                .copied()
+                .find(|&t| t >= plugged);
+            if let Some(t) = first {
+                break t;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hop {from} -> {to}: host bytes never flowed again (read {})",
+                now_at()
+            );
+            thread::sleep(Duration::from_millis(5));
+        };
+        let line = format!(
+            "{}; host stream at {:.0} MiB",
+            hop_line(
+                &format!("sessions hop {} {from} -> {to}", hop + 1),
+                &rep,
+                flowing - plugged
+            )
+            .replace(
+                "first echo byte through the destination's domsockd",
+                "host bytes flowing again"
+            ),
+            at as f64 / MIB,
+        );
+        c.report(&line);
+        hop_lines.push(line);
+        // Where the sessions live now, by domsockd's own state.
+        match hop {
+            0 | 2 => {
+                expect_relays(
+                    &all,
+                    &[("a", 2, "home", "b"), ("b", 2, "guest", "a")],
+                    &format!("after hop {}", hop + 1),
+                );
+            }
+            1 => {
+                let t = expect_relays(&all, &[], "back on a");
+                assert_eq!(relay_counter(&t["a"], "returned_home"), 2, "{}", t["a"]);
+            }
+            _ => {}
+        }
+    }
+    // X runs on c; c talks directly to a, b holds nothing of the sessions.
+    let t = expect_relays(
+        &all,
+        &[("a", 2, "home", "c"), ("c", 2, "guest", "a")],
+        "after the last hop",
+    );
+
+    let (got, end) = reader.join().expect("reader");
+    assert_eq!(end, None, "the host end must see EOF only at the end");
+    assert_pattern("host received X's session stream", &got, 33, SESSION_BYTES);
+    let sent = writer
+        .join()
+        .expect("writer")
+        .expect("the host's writes never fail");
+    let lines = expect_all(
+        &vm_x,
+        Duration::from_secs(300),
+        &[
+            want_result_with("duplex-client", "peer", &format!("2:{SESSION_HOST_PORT}")),
+            want_result_with(
+                "duplex-client",
+                "peer",
+                &format!("{SIBLING_CID}:{SESSION_SIBLING_PORT}"),
+            ),
+        ],
+    );
+    let (to_host, to_sibling) = (&lines[0], &lines[1]);
+    assert_guest_saw("X received the host's stream", to_host, "recv_", &sent.sum);
+    assert_guest_saw(
+        "X sent its host stream",
+        to_host,
+        "sent_",
+        &pattern_checksum(33, SESSION_BYTES),
+    );
+    let y_line = vm_y.expect_result("duplex-server", Duration::from_secs(300));
+    assert_guest_saw(
+        "Y received X's session stream",
+        &y_line,
+        "recv_",
+        &pattern_checksum(34, SESSION_BYTES),
+    );
+    assert_guest_saw(
+        "X received Y's stream",
+        to_sibling,
+        "recv_",
+        &pattern_checksum(44, SESSION_BYTES),
+    );
+    for line in [to_host, to_sibling] {
+        assert!(
+            line.u64("resumes") >= hops,
+            "every hop was resumed: {}",
+            line.raw
+        );
+    }
+    // What each domsockd counted: a exported twice as the home and got the sessions back
+    // once and re-rooted them once (per session); b imported and handed off twice; c
+    // imported once; no handoff was sent back, no relay failed or was refused, no session
+    // expired or saw a bad proof.
+    let counters = |h: &Host| {
+        let t = h.tunnel_status().expect("tunnel status");
+        let names = [
+            "exported_home",
+            "imported",
+            "handed_off",
+            "returned_home",
+            "rerooted",
+            "sent_back",
+            "failed",
+            "refused",
+        ];
+        names.map(|n| relay_counter(&t, n))
+    };
+    assert_eq!(counters(ha), [4, 0, 0, 2, 2, 0, 0, 0], "a: {}", t["a"]);
+    assert_eq!(counters(hb), [0, 4, 4, 0, 0, 0, 0, 0], "b: {}", t["b"]);
+    assert_eq!(counters(hc), [0, 2, 0, 0, 0, 0, 0, 0], "c: {}", t["c"]);
+    let mut resumed = Vec::new();
+    for h in all {
+        let st = h.admin("status", Value::Null).expect("status");
+        let vm = st["vms"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["name"] == MIG_VM))
+            .unwrap_or_else(|| panic!("{}: no {MIG_VM}: {st}", h.name))
+            .clone();
+        let n = |k: &str| vm["counters"][k].as_u64().unwrap_or(u64::MAX);
+        assert_eq!(n("sessions_expired"), 0, "{}: {vm}", h.name);
+        assert_eq!(n("session_bad_proofs"), 0, "{}: {vm}", h.name);
+        resumed.push(format!("{} {}", h.name, n("sessions_resumed")));
+    }
+    c.report(&format!(
+        "sessions across hosts: 4 hops under two 256 MiB duplex sessions (host on a, sibling \
+         on a), all bytes in order both ways; guest blackouts {} / {} ms over {} / {} \
+         resumes; sessions_resumed per host: {}; domsockd CPU a {}, b {}, c {}",
+        to_host.str("blackout_ms"),
+        to_sibling.str("blackout_ms"),
+        to_host.u64("resumes"),
+        to_sibling.u64("resumes"),
+        resumed.join(", "),
+        report::ms(da.cpu_time()),
+        report::ms(db.cpu_time()),
+        report::ms(dc.cpu_time()),
+    ));
+    finish(&mut vm_x);
+    finish(&mut vm_y);
 }
