@@ -764,6 +764,9 @@ impl RelayService {
             Err(why) => {
                 inc(&self.stats.failed);
                 warn!(vm = %vm.shared.name, session = %id, %why, "relay failed; session's host end closed");
+                // The guest side learns it was lost, not handed on (a handoff it sent
+                // fails, a running session expires).
+                pipe.ch.abort();
             }
         }
     }
@@ -1014,7 +1017,7 @@ impl RelayService {
             if let Some((_, since)) = &handing {
                 // The home closes the channel once the session lives on elsewhere; if it
                 // could not move, the home first sent it back here on a new channel.
-                if pipe.channel_gone().is_some() {
+                if let Some(st) = pipe.channel_gone() {
                     let (reply, _) = handing.take().expect("checked");
                     let back = self
                         .guests
@@ -1024,10 +1027,16 @@ impl RelayService {
                         .is_some_and(|c| !Arc::ptr_eq(c, ctl));
                     let _ = reply.send(if back {
                         Err(format!("session {id} could not move on and is back here"))
+                    } else if !closed_normally(st) {
+                        Err(format!("session {id} was lost by its home: channel {st:?}"))
                     } else {
                         Ok(())
                     });
-                    return Ok(true);
+                    return if closed_normally(st) || back {
+                        Ok(true)
+                    } else {
+                        Err(format!("handoff lost: channel {st:?}"))
+                    };
                 }
                 if since.elapsed() > step_timeout() * 2 {
                     let (reply, _) = handing.take().expect("checked");

@@ -650,6 +650,15 @@ impl ChannelEnd {
 
     /// Closes the channel (same as dropping the end).
     pub fn close(self) {}
+
+    /// Closes the channel telling the peer that what it carried was given up
+    /// ([`domsock_migration::tunnel::CloseReason::Aborted`]).
+    pub fn abort(self) {
+        self.peer
+            .lock()
+            .ep
+            .close_with(self.id, domsock_migration::tunnel::CloseReason::Aborted);
+    }
 }
 
 impl Drop for ChannelEnd {

@@ -885,6 +885,12 @@ impl Endpoint {
     /// CLOSE (its reads end after what it already has). Releasing a dead channel only
     /// forgets it.
     pub fn close(&mut self, id: ChannelId) {
+        self.close_with(id, CloseReason::Normal);
+    }
+
+    /// [`Endpoint::close`] telling the peer `reason` (its state becomes
+    /// `Broken(PeerClosed(reason))`).
+    pub fn close_with(&mut self, id: ChannelId, reason: CloseReason) {
         let Some(c) = self.channels.get_mut(&id) else {
             return;
         };
@@ -899,7 +905,7 @@ impl Endpoint {
                 c.rx.clear();
                 c.rx_msg_ends.clear();
                 c.ctrl = Ctrl::default();
-                self.queue_ctrl(id, |c| c.close = Some(CloseReason::Normal));
+                self.queue_ctrl(id, |c| c.close = Some(reason));
             }
         }
     }

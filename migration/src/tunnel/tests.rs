@@ -138,6 +138,29 @@ fn stream_and_seqpacket_roundtrip() {
 }
 
 #[test]
+fn an_aborted_channel_tells_the_peer_its_data_was_given_up() {
+    let mut n = Net::new();
+    let s = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    n.pump();
+    n.a.write(s, b"never read").unwrap();
+    n.pump();
+    n.b.close_with(s, CloseReason::Aborted);
+    n.pump();
+    assert_eq!(
+        n.a.state(s),
+        Ok(ChannelState::Broken(BrokenReason::PeerClosed(
+            CloseReason::Aborted
+        )))
+    );
+    // Not an end of stream: a read says the channel broke.
+    let mut buf = [0u8; 4];
+    assert!(matches!(
+        n.a.read(s, &mut buf),
+        Err(ChannelError::NotOpen(_))
+    ));
+}
+
+#[test]
 fn credit_bounds_the_sender_and_a_stalled_channel_stalls_only_itself() {
     let mut n = Net::new();
     let stalled = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();

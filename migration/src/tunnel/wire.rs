@@ -128,14 +128,18 @@ pub enum CloseReason {
     Unknown = 3,
     /// The peer's replay data does not reach back to what this end lacks.
     ResumeImpossible = 4,
+    /// The other end gave the channel up without delivering what it carries (a relayed
+    /// session its home could place nowhere).
+    Aborted = 5,
 }
 
 impl CloseReason {
-    const ALL: [CloseReason; 4] = [
+    const ALL: [CloseReason; 5] = [
         CloseReason::Normal,
         CloseReason::ProtocolViolation,
         CloseReason::Unknown,
         CloseReason::ResumeImpossible,
+        CloseReason::Aborted,
     ];
     fn from_wire(v: u16) -> Option<Self> {
         Self::ALL.into_iter().find(|c| *c as u16 == v)
