@@ -1,5 +1,5 @@
 //! The fuzz targets' corpus and regression inputs of this crate (`snapshot`,
-//! `session_wire`, `session_machine`, `session_snapshot`), run on stable Rust through the bodies the cargo-fuzz
+//! `session_wire`, `session_machine`, `session_snapshot`, `session_relay`, `tunnel_wire`, `tunnel_model`), run on stable Rust through the bodies the cargo-fuzz
 //! targets call (see the README's "Fuzzing" section).
 
 use domsock_proto::fuzzing::corpus;
@@ -34,6 +34,11 @@ fn session_snapshot_corpus() {
         "session_snapshot",
         domsock_migration::fuzzing::session_snapshot,
     );
+}
+
+#[test]
+fn session_relay_corpus() {
+    run("session_relay", domsock_migration::fuzzing::session_relay);
 }
 
 #[test]

@@ -6,6 +6,7 @@
 //! corpus and regression input through the same functions on stable Rust.
 
 mod session_machine;
+mod session_relay;
 mod session_snapshot;
 mod session_wire;
 mod snapshot;
@@ -13,6 +14,7 @@ mod tunnel_model;
 mod tunnel_wire;
 
 pub use session_machine::session_machine;
+pub use session_relay::session_relay;
 pub use session_snapshot::session_snapshot;
 pub use session_wire::session_wire;
 pub use snapshot::snapshot;
