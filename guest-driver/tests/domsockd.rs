@@ -2005,7 +2005,7 @@ fn a_session_with_every_relay_buffer_full_moves_on_to_a_third_host() {
     let mut key = key;
     let mut here = "a";
     let mut disconnects = std::collections::HashMap::new();
-    for (hop, to) in ["b", "c"].iter().enumerate() {
+    for (hop, to) in ["b", "c", "b", "c"].iter().enumerate() {
         thread::sleep(FILL);
         let r = admin(
             &admin_of(to),
@@ -2057,6 +2057,24 @@ fn a_session_with_every_relay_buffer_full_moves_on_to_a_third_host() {
     let relays = |h: &str| {
         admin(&admin_of(h), r#"{"v":1,"op":"status"}"#)["tunnel"]["relay_counters"].clone()
     };
+    // However full the buffers were, a snapshot's tail is only what the session's engine
+    // held (at most its replay buffer): the relay's bytes follow it as data, so tails do
+    // not grow from move to move.
+    let tails: Vec<usize> = [&b, &c]
+        .iter()
+        .flat_map(|h| {
+            h.log_text()
+                .lines()
+                .filter(|l| l.contains("session imported, parked"))
+                .filter_map(|l| l.split(" tail=").nth(1)?.split(' ').next()?.parse().ok())
+                .collect::<Vec<usize>>()
+        })
+        .collect();
+    assert_eq!(tails.len(), 4, "four imports: {tails:?}");
+    assert!(
+        tails.iter().all(|&t| t <= 256 * 1024),
+        "tails within the replay buffer: {tails:?}"
+    );
     for h in ["a", "b", "c"] {
         let r = relays(h);
         assert_eq!(

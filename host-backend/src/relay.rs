@@ -364,7 +364,7 @@ enum Ctrl {
     Handoff {
         to: String,
         taken: u64,
-        partial: Vec<u8>,
+        pending: Vec<u8>,
         snapshot: SessionSnapshot,
     },
     Failed(String),
@@ -516,13 +516,13 @@ impl Pipe {
                         Frame::Handoff {
                             to,
                             taken,
-                            partial,
+                            pending,
                             snapshot,
                         } => {
                             ctrl = Some(Ctrl::Handoff {
                                 to,
                                 taken,
-                                partial,
+                                pending,
                                 snapshot,
                             })
                         }
@@ -667,9 +667,9 @@ impl Pipe {
     /// Starts over on a new channel (the session's guest moved; `old` is dropped by the
     /// caller). What was framed for the old channel is in the snapshot the new one
     /// started with.
-    fn switch(&mut self, new: ChannelEnd) -> ChannelEnd {
+    fn switch(&mut self, new: ChannelEnd, first: Vec<u8>) -> ChannelEnd {
         let old = std::mem::replace(&mut self.ch, new);
-        self.out.clear();
+        self.out = first;
         self.out_pos = 0;
         self.rx.clear();
         self.rx_pos = 0;
@@ -721,11 +721,11 @@ impl RelayService {
                 Some(Ctrl::Handoff {
                     to,
                     taken,
-                    partial,
+                    pending,
                     snapshot,
                 }) if snapshot.id == id && snapshot.socket_type == ty => {
                     match self.reroute(
-                        &vm, &mut pipe, &mut info, target, to, taken, partial, snapshot,
+                        &vm, &mut pipe, &mut info, target, to, taken, pending, snapshot,
                     ) {
                         Rerouted::Home => {
                             self.homes.lock().unwrap().remove(&id);
@@ -782,25 +782,28 @@ impl RelayService {
         target: (Cid, Port),
         to: String,
         taken: u64,
-        partial: Vec<u8>,
-        mut next: SessionSnapshot,
+        pending: Vec<u8>,
+        next: SessionSnapshot,
     ) -> Rerouted {
         let id = next.id;
-        // Every host->guest byte the guest side did not read: the frame it read in part,
+        // Every host->guest byte the session's engine did not take, as DATA frames: what
+        // the guest side held beyond its engine (ending with a frame it read in part),
         // what is still in this channel's replay, and what was not written to it yet.
         let Some(unread) = pipe.ch.unacked_from(taken) else {
             return Rerouted::Lost(format!("handoff at offset {taken}, outside the channel"));
         };
-        let mut rest = partial;
+        let mut rest = pending;
         rest.extend_from_slice(&unread);
         rest.extend_from_slice(pipe.out_pending());
-        for p in data_payloads(&rest) {
-            extend_tail(&mut next, p);
-        }
-        next.host_done |= pipe.sock_eof;
         let sender = info.peer.clone();
         let failure = if to == self.host {
-            match self.come_home(vm, pipe, next.clone(), target) {
+            // Home: the engine takes them all in the tail (the host end is local now).
+            let mut home = next.clone();
+            for p in data_payloads(&rest) {
+                extend_tail(&mut home, p);
+            }
+            home.host_done |= pipe.sock_eof;
+            match self.come_home(vm, pipe, home, target) {
                 Ok(()) => {
                     inc(&self.stats.returned_home);
                     info!(vm = %vm.shared.name, session = %id, from = %sender, "session came home: local path again");
@@ -811,7 +814,9 @@ impl RelayService {
         } else {
             match self.open_relay(vm, &next, &to) {
                 Ok(new) => {
-                    drop(pipe.switch(new));
+                    // They follow the snapshot as DATA on the new channel: the tail stays
+                    // what the engine had.
+                    drop(pipe.switch(new, rest.clone()));
                     info.peer = to.clone();
                     self.homes.lock().unwrap().insert(id, info.clone());
                     inc(&self.stats.rerooted);
@@ -824,7 +829,7 @@ impl RelayService {
         warn!(vm = %vm.shared.name, session = %id, to = %to, why = %failure, "session cannot move on; sending it back to {sender}");
         match self.open_relay(vm, &next, &sender) {
             Ok(new) => {
-                drop(pipe.switch(new));
+                drop(pipe.switch(new, rest));
                 inc(&self.stats.sent_back);
                 Rerouted::Moved
             }
@@ -1087,36 +1092,40 @@ impl RelayService {
                 pipe.push(&Frame::Data(&p));
             }
         }
-        // Host -> guest not yet in the replay: what the pair held, what the pipe had not
-        // written to it, and whole frames read but not parsed.
+        // Host -> guest beyond the engine's replay go back to the home, framed, in order:
+        // what the pair held, what the pipe had not written to it, and what it read from
+        // the channel and had not parsed (whole frames, then one read in part). The
+        // snapshot's tail stays what the engine had, however often the guest moves.
         let (unread, eof) = drain_sock(&mut s1, ty).map_err(|e| e.to_string())?;
+        let mut pending = Vec::new();
         for p in unread.iter().chain(pipe.take_inbound().iter()) {
-            extend_tail(&mut snapshot, p);
-        }
-        loop {
-            let avail = &pipe.rx[pipe.rx_pos..];
-            match relay::parse_header(avail, RELAY_MAX_TAIL_BYTES).map_err(|e| e.to_string())? {
-                Some(h) if avail.len() >= h.frame_len() => {
-                    match relay::decode(h, &avail[FRAME_HEADER_LEN..h.frame_len()], 0) {
-                        Ok(Frame::Data(d)) => extend_tail(&mut snapshot, d),
-                        _ => return Err("unexpected relay frame from the home".into()),
-                    }
-                    pipe.rx_pos += h.frame_len();
-                    pipe.parsed += h.frame_len() as u64;
+            if ty == SocketType::Stream {
+                for chunk in p.chunks(MAX_DATA) {
+                    Frame::Data(chunk).encode(&mut pending);
                 }
-                _ => break,
+            } else {
+                Frame::Data(p).encode(&mut pending);
             }
         }
-        let partial = pipe.rx[pipe.rx_pos..].to_vec();
+        let read_ahead = &pipe.rx[pipe.rx_pos..];
+        let taken = pipe.parsed + read_ahead.len() as u64;
+        pending.extend_from_slice(read_ahead);
         pipe.rx.clear();
         pipe.rx_pos = 0;
-        snapshot.host_done |= eof;
+        if pending.len() > relay::MAX_PENDING {
+            return Err(format!(
+                "{} bytes in flight exceed the relay bound",
+                pending.len()
+            ));
+        }
+        // EOF read from the pair comes right after the tail only if nothing is pending;
+        // otherwise the home's channel says it again after the pending bytes.
+        snapshot.host_done |= eof && pending.is_empty();
         pipe.hold_rx = true;
-        let taken = pipe.parsed + partial.len() as u64;
         pipe.push(&Frame::Handoff {
             to: to.to_owned(),
             taken,
-            partial,
+            pending,
             snapshot,
         });
         // The engine no longer holds the pair.

@@ -57,15 +57,17 @@ pub const SESSION_GREETING_TIMEOUT_MS: u64 = 5_000;
 pub const MAX_PENDING_SESSION_GREETINGS: usize = 64;
 /// Longest configurable session park timeout (a day).
 pub const MAX_SESSION_PARK_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
-/// Longest replay tail a session may bring when it moves between hosts: its replay buffer
-/// plus the host bytes in flight in the relays that carried it, which a handoff must not
-/// drop. With every buffer full that is, on the guest relay's side, the replay
-/// ([`SESSION_REPLAY_BYTES`]), its socket pair (64 KiB send buffer, doubled by the
-/// kernel), one DATA payload queued for the pair and its channel read buffer (up to one
-/// frame each), and on the home's side the channel's window (256 KiB) and one frame it had
-/// not written yet: about 1.4 MiB (measured: 1,085,120 bytes, which a 1 MiB limit refused,
-/// losing the session). A guest that reads nothing while it is moved again and again
-/// still grows its tail by up to that much per move (not covered).
+/// Longest replay tail a session may bring when it moves between hosts. Moving on to
+/// another guest host, the tail is only what the session's engine held (at most its
+/// replay buffer, [`SESSION_REPLAY_BYTES`]): the relays' bytes in flight follow it as
+/// data on the new channel. Coming home, the home's engine takes them all in the tail:
+/// with every buffer full that is, on the guest relay's side, its socket pair (64 KiB send
+/// buffer, doubled by the kernel), one DATA payload queued for the pair and its channel
+/// read buffer (up to one frame each), and on the home's side the channel's window
+/// (256 KiB) and one frame it had not written yet: about 1.4 MiB with the replay
+/// (measured: 1,085,120 bytes, which a 1 MiB limit refused, losing the session, before
+/// re-roots sent the bytes as data). A guest that reads nothing across several moves
+/// home and away again can still outgrow it (then the move fails and is rolled back).
 pub const RELAY_MAX_TAIL_BYTES: usize = 2 * 1024 * 1024;
 const _: () = assert!(
     RELAY_MAX_TAIL_BYTES

@@ -11,7 +11,7 @@
 //!               DATA (host -> guest) ------------------->
 //!               <----------------------- DATA (guest -> host)
 //!   the guest moves on (its host exports):
-//!               <------------- DATA (last guest bytes) ... HANDOFF{to, taken, partial, snapshot}
+//!               <------------- DATA (last guest bytes) ... HANDOFF{to, taken, pending, snapshot}
 //!   home: to == itself  -> import with the host end back (the route is local again)
 //!         to == another -> OPEN a channel to it with the snapshot (a direct route),
 //!                          wait for its IMPORTED
@@ -26,8 +26,12 @@
 //! read: tunnel channels acknowledge a byte only when the reader took it
 //! ([`crate::tunnel`]), so the bytes of DATA frames the guest side had not read when it
 //! handed off are still in the home's channel. HANDOFF says how far the guest side read
-//! the channel (`taken`); its snapshot holds the payload of every whole frame read before
-//! that, and `partial` the bytes of a frame read only in part. After a HANDOFF the guest
+//! the channel (`taken`); its snapshot holds what the session's engine took (its replay
+//! tail), and `pending` the host bytes the guest side held beyond its engine, as DATA
+//! frames (its socket pair, its queue, whole frames read), then the bytes of a frame read
+//! only in part. The home sends `pending` and its channel's unread tail on as DATA after
+//! the snapshot on the next channel (into the tail only when the session comes home), so
+//! a snapshot's tail is never more than its engine's replay. After a HANDOFF the guest
 //! side reads nothing more from the channel, so the home finds everything from `taken` on
 //! in its channel's replay. The guest side sends all guest bytes it accepted as DATA
 //! before the HANDOFF, so the home has them all when it acts on it. The home answers by
@@ -47,7 +51,7 @@
 //! | 1 | SNAPSHOT | home -> guest side | a [`SessionSnapshot`] |
 //! | 2 | DATA | both | bytes (stream) or one whole message (seqpacket), 1..=[`MAX_DATA`] |
 //! | 3 | IMPORTED | guest side -> home | empty |
-//! | 4 | HANDOFF | guest side -> home | `taken` u64, host-name length u8 + name, `partial` length u32 + bytes (< one frame), snapshot |
+//! | 4 | HANDOFF | guest side -> home | `taken` u64, host-name length u8 + name, `pending` length u32 + bytes (<= [`MAX_PENDING`]), snapshot |
 //! | 6 | FAILED | guest side -> home | a UTF-8 sentence (<= 256 bytes): the import was refused |
 //!
 //! Flags must be zero. Anything else is an error for that channel only.
@@ -70,6 +74,9 @@ pub const MAX_DATA: usize = 256 * 1024;
 pub const MAX_REASON: usize = 256;
 /// Longest domain, namespace or host name.
 pub const MAX_NAME: usize = 64;
+/// Most host bytes (framed) a guest side may hand back beyond its engine's replay: its
+/// socket pair, one queued payload and its read buffer are far below this.
+pub const MAX_PENDING: usize = 2 * 1024 * 1024;
 
 const MAGIC: &[u8; 4] = b"DSRL";
 
@@ -242,7 +249,7 @@ fn limit(kind: u8, max_tail: usize) -> Option<usize> {
         KIND_SNAPSHOT => snapshot,
         KIND_DATA => MAX_DATA,
         KIND_IMPORTED => 0,
-        KIND_HANDOFF => 8 + 1 + MAX_NAME + 4 + FRAME_HEADER_LEN + MAX_DATA + snapshot,
+        KIND_HANDOFF => 8 + 1 + MAX_NAME + 4 + MAX_PENDING + snapshot,
         KIND_FAILED => MAX_REASON,
         _ => return None,
     })
@@ -283,16 +290,16 @@ pub enum Frame<'a> {
     /// The guest side imported the session: its guest may resume.
     Imported,
     /// The guest moved on: the guest side read the home->guest stream up to channel
-    /// offset `taken`; the payload of every whole frame before that is in `snapshot`,
-    /// `partial` is the start of a frame read only in part. The session continues at
-    /// host `to`.
+    /// offset `taken`; what its engine took is in `snapshot`, what it held beyond that is
+    /// `pending` (DATA frames, then the start of a frame read only in part). The session
+    /// continues at host `to`.
     Handoff {
         /// Where the guest went (may be the home itself).
         to: String,
         /// Channel offset (home->guest direction) read by the guest side.
         taken: u64,
-        /// Bytes of the frame at the end of what was read, if it was read only in part.
-        partial: Vec<u8>,
+        /// Host bytes held beyond the engine, framed, ending with a frame read in part.
+        pending: Vec<u8>,
         /// The session as the guest side left it.
         snapshot: SessionSnapshot,
     },
@@ -324,21 +331,21 @@ impl Frame<'_> {
             Frame::Handoff {
                 to,
                 taken,
-                partial,
+                pending,
                 snapshot,
             } => {
                 let b = snapshot.encode();
                 let name = &to.as_bytes()[..to.len().min(MAX_NAME)];
                 header(
                     KIND_HANDOFF,
-                    8 + 1 + name.len() + 4 + partial.len() + b.len(),
+                    8 + 1 + name.len() + 4 + pending.len() + b.len(),
                     out,
                 );
                 out.extend_from_slice(&taken.to_le_bytes());
                 out.push(name.len() as u8);
                 out.extend_from_slice(name);
-                out.extend_from_slice(&(partial.len() as u32).to_le_bytes());
-                out.extend_from_slice(partial);
+                out.extend_from_slice(&(pending.len() as u32).to_le_bytes());
+                out.extend_from_slice(pending);
                 out.extend_from_slice(&b);
             }
             Frame::Failed(why) => {
@@ -377,14 +384,14 @@ pub fn decode<'a>(
             let taken = u64::from_le_bytes(take(&mut buf, 8)?.try_into().expect("8 bytes"));
             let to = take_name(&mut buf, "host name")?;
             let n = u32::from_le_bytes(take(&mut buf, 4)?.try_into().expect("4 bytes")) as usize;
-            if n >= FRAME_HEADER_LEN + MAX_DATA {
-                return Err(RelayError::Invalid("partial frame"));
+            if n > MAX_PENDING {
+                return Err(RelayError::Invalid("pending bytes"));
             }
-            let partial = take(&mut buf, n)?.to_vec();
+            let pending = take(&mut buf, n)?.to_vec();
             Frame::Handoff {
                 to,
                 taken,
-                partial,
+                pending,
                 snapshot: SessionSnapshot::decode(buf, max_tail)?,
             }
         }
@@ -497,7 +504,7 @@ mod tests {
         roundtrip(&Frame::Handoff {
             to: "host-c".into(),
             taken: 12345,
-            partial: vec![2, 0, 0, 0, 9],
+            pending: vec![2, 0, 0, 0, 9],
             snapshot: snap(SocketType::SeqPacket),
         });
     }
