@@ -1245,6 +1245,77 @@ fn tunnel_toml_timeout(
     t
 }
 
+/// The scratch space of a multi-host relay test: a directory with a test PKI for its hosts
+/// and their admin sockets; [`RelayLab::host`] starts one host's domsockd. Removed on
+/// drop (after the hosts, which are declared after it).
+struct RelayLab {
+    dir: std::path::PathBuf,
+    tag: &'static str,
+}
+
+impl RelayLab {
+    fn new(tag: &'static str, hosts: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ds-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        make_pki(&dir.join("pki"), hosts);
+        Self { dir, tag }
+    }
+
+    fn pki(&self) -> std::path::PathBuf {
+        self.dir.join("pki")
+    }
+
+    fn admin(&self, h: &str) -> std::path::PathBuf {
+        self.dir.join(format!("{h}.admin"))
+    }
+
+    /// Hosts a, b and c, each serving domain `g` (CIDs 3, 4, 5) with a tunnel to the two
+    /// others (the name sorting first dials), once every tunnel is up.
+    fn three_hosts(&self) -> [Backend; 3] {
+        let pki = self.pki();
+        let (pa, pb, pc) = (free_port(), free_port(), free_port());
+        let addr = |p: u16| format!("127.0.0.1:{p}");
+        let host = |h: &str, cid: u64, port: u16, peers: &[(&str, String)]| {
+            self.host(
+                h,
+                VmOpts::new(cid).name("g"),
+                &tunnel_toml_peers(&pki, h, port, peers),
+            )
+        };
+        let c = host("c", 5, pc, &[("a", String::new()), ("b", String::new())]);
+        let b = host("b", 4, pb, &[("a", String::new()), ("c", addr(pc))]);
+        let a = host("a", 3, pa, &[("b", addr(pb)), ("c", addr(pc))]);
+        for h in ["a", "b", "c"] {
+            wait_tunnel(&self.admin(h), "all tunnels up", |t| {
+                t["peers"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().all(|p| p["up"] == true))
+            });
+        }
+        [a, b, c]
+    }
+
+    /// domsockd of host `h` serving `vm`, with `toml` (its `[tunnel]`) and an admin socket.
+    fn host(&self, h: &str, vm: VmOpts, toml: &str) -> Backend {
+        Backend::spawn_with(
+            &domsockd(),
+            &format!("{}-{h}", self.tag),
+            &[vm],
+            &[
+                "--admin-socket".to_string(),
+                self.admin(h).display().to_string(),
+            ],
+            Some(toml),
+        )
+    }
+}
+
+impl Drop for RelayLab {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// What a guest knows of its session: enough to resume it anywhere.
 struct GuestSession {
     id: domsock_migration::session::SessionId,
@@ -1304,69 +1375,16 @@ fn a_session_follows_its_guest_across_three_hosts_through_the_tunnel() {
     const UP: usize = 6 << 20;
     const DOWN: usize = 6 << 20;
     const STEP: usize = 1 << 20;
-    let dir = std::env::temp_dir().join(format!("ds-relay-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let pki = dir.join("pki");
-    make_pki(&pki, "a,b,c");
-    let (pa, pb, pc) = (free_port(), free_port(), free_port());
-    let addr = |p: u16| format!("127.0.0.1:{p}");
-    let admin_of = |h: &str| dir.join(format!("{h}.admin"));
-    let host = |h: &str, cid: u64, toml: String| {
-        Backend::spawn_with(
-            &domsockd(),
-            &format!("relay-{h}"),
-            &[VmOpts::new(cid).name("g")],
-            &[
-                "--admin-socket".to_string(),
-                admin_of(h).display().to_string(),
-            ],
-            Some(&toml),
-        )
-    };
-    // The name sorting first dials: a dials b and c, b dials c.
-    let c = host(
-        "c",
-        5,
-        tunnel_toml_peers(&pki, "c", pc, &[("a", String::new()), ("b", String::new())]),
-    );
-    let b = host(
-        "b",
-        4,
-        tunnel_toml_peers(&pki, "b", pb, &[("a", String::new()), ("c", addr(pc))]),
-    );
-    let a = host(
-        "a",
-        3,
-        tunnel_toml_peers(&pki, "a", pa, &[("b", addr(pb)), ("c", addr(pc))]),
-    );
-    for h in ["a", "b", "c"] {
-        wait_tunnel(&admin_of(h), "all tunnels up", |t| {
-            t["peers"]
-                .as_array()
-                .is_some_and(|p| p.iter().all(|p| p["up"] == true))
-        });
-    }
+    let lab = RelayLab::new("relay", "a,b,c");
+    let admin_of = |h: &str| lab.admin(h);
+    let [a, b, c] = lab.three_hosts();
     let hosts = [("a", &a), ("b", &b), ("c", &c)];
     let backend = |name: &str| hosts.iter().find(|(n, _)| *n == name).unwrap().1;
 
     // The host process on a: writes DOWN bytes, reads to EOF.
     let listener = listen_stream(&a.vm(0).uds, TARGET);
     let mut g = a.guest(0, GuestConfig::default());
-    let key = send_open(&mut g, TARGET);
-    let Frame::Opened {
-        id,
-        secret,
-        next_nonce,
-        ..
-    } = read_session_frame(&mut g, key)
-    else {
-        panic!("expected OPENED");
-    };
-    let mut s = GuestSession {
-        id,
-        secret,
-        nonce: next_nonce,
-    };
+    let (key, mut s) = open_session(&mut g, TARGET);
     let held = accept(&listener);
     let up = pattern_bytes(0x3c, UP);
     let down = pattern_bytes(0xc3, DOWN);
@@ -1500,7 +1518,6 @@ fn a_session_follows_its_guest_across_three_hosts_through_the_tunnel() {
         );
     }
     drop((g, a, b, c));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Opens a session from `g` to host port `target`: the connection and what resuming
@@ -1539,23 +1556,12 @@ fn admin_ok(sock: &std::path::Path, request: &str) -> serde_json::Value {
 #[test]
 fn relayed_sessions_are_refused_unless_adopted_in_the_same_namespace() {
     const TARGET: u32 = 5810;
-    let dir = std::env::temp_dir().join(format!("ds-relay-refuse-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let pki = dir.join("pki");
-    make_pki(&pki, "a,b");
+    let lab = RelayLab::new("relay-refuse", "a,b");
+    let pki = lab.pki();
     let (pa, pb) = (free_port(), free_port());
-    let admin_of = |h: &str| dir.join(format!("{h}.admin"));
+    let admin_of = |h: &str| lab.admin(h);
     let host = |h: &str, cid: u64, ns: &str, toml: String| {
-        Backend::spawn_with(
-            &domsockd(),
-            &format!("refuse-{h}"),
-            &[VmOpts::new(cid).name("g").namespace(ns)],
-            &[
-                "--admin-socket".to_string(),
-                admin_of(h).display().to_string(),
-            ],
-            Some(&toml),
-        )
+        lab.host(h, VmOpts::new(cid).name("g").namespace(ns), &toml)
     };
     let b = host(
         "b",
@@ -1634,7 +1640,6 @@ fn relayed_sessions_are_refused_unless_adopted_in_the_same_namespace() {
     at_host.extend_from_slice(&tail);
     assert!(at_host == up, "guest->host across the refused moves");
     drop((g, a, b));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A session relayed from host a to its guest on host b rides out three cuts of the
@@ -1651,25 +1656,12 @@ fn a_relayed_session_rides_out_tunnel_cuts_and_ends_cleanly_past_the_timeout() {
     const ROUNDS: usize = 12;
     const CHUNK: usize = 1 << 20;
     const RESUME_TIMEOUT_MS: u64 = 1500;
-    let dir = std::env::temp_dir().join(format!("ds-relay-cut-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let pki = dir.join("pki");
-    make_pki(&pki, "a,b");
+    let lab = RelayLab::new("relay-cut", "a,b");
+    let pki = lab.pki();
     let (pa, pb) = (free_port(), free_port());
     let proxy = CutProxy::start(format!("127.0.0.1:{pb}").parse().unwrap());
-    let admin_of = |h: &str| dir.join(format!("{h}.admin"));
-    let host = |h: &str, cid: u64, toml: String| {
-        Backend::spawn_with(
-            &domsockd(),
-            &format!("cut-{h}"),
-            &[VmOpts::new(cid).name("g")],
-            &[
-                "--admin-socket".to_string(),
-                admin_of(h).display().to_string(),
-            ],
-            Some(&toml),
-        )
-    };
+    let admin_of = |h: &str| lab.admin(h);
+    let host = |h: &str, cid: u64, toml: String| lab.host(h, VmOpts::new(cid).name("g"), &toml);
     let b = host(
         "b",
         4,
@@ -1794,7 +1786,6 @@ fn a_relayed_session_rides_out_tunnel_cuts_and_ends_cleanly_past_the_timeout() {
         assert_eq!(t["relays"].as_array().map(Vec::len), Some(0), "{h}: {t}");
     }
     drop((g, a, b, proxy));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Moves `n` bytes each way over an open session, guest->host then host->guest, with 64 KiB
@@ -1844,24 +1835,11 @@ fn session_rates(
 fn throughput_report_relayed_session() {
     const TARGET: u32 = 5830;
     const BYTES: usize = 64 << 20;
-    let dir = std::env::temp_dir().join(format!("ds-relay-tput-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let pki = dir.join("pki");
-    make_pki(&pki, "a,b");
+    let lab = RelayLab::new("relay-tput", "a,b");
+    let pki = lab.pki();
     let (pa, pb) = (free_port(), free_port());
-    let admin_of = |h: &str| dir.join(format!("{h}.admin"));
-    let host = |h: &str, cid: u64, toml: String| {
-        Backend::spawn_with(
-            &domsockd(),
-            &format!("tput-{h}"),
-            &[VmOpts::new(cid).name("g")],
-            &[
-                "--admin-socket".to_string(),
-                admin_of(h).display().to_string(),
-            ],
-            Some(&toml),
-        )
-    };
+    let admin_of = |h: &str| lab.admin(h);
+    let host = |h: &str, cid: u64, toml: String| lab.host(h, VmOpts::new(cid).name("g"), &toml);
     let b = host(
         "b",
         4,
@@ -1903,7 +1881,6 @@ fn throughput_report_relayed_session() {
         relayed.1 / local.1,
     );
     drop((g, a, b));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A guest whose program reads nothing moves a -> b -> c while the host process on a
@@ -1921,67 +1898,15 @@ fn a_session_with_every_relay_buffer_full_moves_on_to_a_third_host() {
     const UP: usize = 1 << 20;
     /// Time for the home to fill every buffer on the way.
     const FILL: Duration = Duration::from_millis(700);
-    let dir = std::env::temp_dir().join(format!("ds-relay-full-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let pki = dir.join("pki");
-    make_pki(&pki, "a,b,c");
-    let (pa, pb, pc) = (free_port(), free_port(), free_port());
-    let addr = |p: u16| format!("127.0.0.1:{p}");
-    let admin_of = |h: &str| dir.join(format!("{h}.admin"));
-    let host = |h: &str, cid: u64, toml: String| {
-        Backend::spawn_with(
-            &domsockd(),
-            &format!("relay-full-{h}"),
-            &[VmOpts::new(cid).name("g")],
-            &[
-                "--admin-socket".to_string(),
-                admin_of(h).display().to_string(),
-            ],
-            Some(&toml),
-        )
-    };
-    let c = host(
-        "c",
-        5,
-        tunnel_toml_peers(&pki, "c", pc, &[("a", String::new()), ("b", String::new())]),
-    );
-    let b = host(
-        "b",
-        4,
-        tunnel_toml_peers(&pki, "b", pb, &[("a", String::new()), ("c", addr(pc))]),
-    );
-    let a = host(
-        "a",
-        3,
-        tunnel_toml_peers(&pki, "a", pa, &[("b", addr(pb)), ("c", addr(pc))]),
-    );
-    for h in ["a", "b", "c"] {
-        wait_tunnel(&admin_of(h), "all tunnels up", |t| {
-            t["peers"]
-                .as_array()
-                .is_some_and(|p| p.iter().all(|p| p["up"] == true))
-        });
-    }
+    let lab = RelayLab::new("relay-full", "a,b,c");
+    let admin_of = |h: &str| lab.admin(h);
+    let [a, b, c] = lab.three_hosts();
     let hosts = [("a", &a), ("b", &b), ("c", &c)];
     let backend = |name: &str| hosts.iter().find(|(n, _)| *n == name).unwrap().1;
 
     let listener = listen_stream(&a.vm(0).uds, TARGET);
     let mut g = a.guest(0, GuestConfig::default());
-    let key = send_open(&mut g, TARGET);
-    let Frame::Opened {
-        id,
-        secret,
-        next_nonce,
-        ..
-    } = read_session_frame(&mut g, key)
-    else {
-        panic!("expected OPENED");
-    };
-    let mut s = GuestSession {
-        id,
-        secret,
-        nonce: next_nonce,
-    };
+    let (key, mut s) = open_session(&mut g, TARGET);
     let held = accept(&listener);
     let down = pattern_bytes(0x5a, DOWN);
     let up = pattern_bytes(0xa5, UP);
@@ -2084,5 +2009,4 @@ fn a_session_with_every_relay_buffer_full_moves_on_to_a_third_host() {
         );
     }
     drop((g, a, b, c));
-    let _ = std::fs::remove_dir_all(&dir);
 }
