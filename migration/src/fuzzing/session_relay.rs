@@ -1,6 +1,7 @@
 //! Body of the session relay codec fuzz target.
 
 use crate::relay::{self, Frame, RelayOpen, FRAME_HEADER_LEN};
+use crate::session::snapshot::SNAPSHOT_HEADER_LEN;
 
 /// The tail limit the target decodes snapshots with (small, so the limit is often hit).
 const LIMIT: usize = 4096;
@@ -27,17 +28,10 @@ pub fn session_relay(data: &[u8]) {
     }
     let mut buf = rest;
     while let Ok(Some(h)) = relay::parse_header(buf, LIMIT) {
-        assert!(
-            h.len
-                <= 8 + 1
-                    + relay::MAX_NAME
-                    + 4
-                    + FRAME_HEADER_LEN
-                    + relay::MAX_DATA
-                    + 120
-                    + 9 * LIMIT
-                    + 8
-        );
+        // The largest kind (HANDOFF): host name, pending bytes and a snapshot whose tail
+        // and message ends are within the limit.
+        let snapshot = SNAPSHOT_HEADER_LEN + LIMIT + 8 * (LIMIT + 1);
+        assert!(h.len <= 8 + 1 + relay::MAX_NAME + 4 + relay::MAX_PENDING + snapshot);
         if buf.len() < h.frame_len() {
             break;
         }
