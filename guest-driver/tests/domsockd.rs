@@ -1316,6 +1316,33 @@ impl Drop for RelayLab {
     }
 }
 
+/// A host process on a session's other end: writes `down` in `chunk`s then shuts its
+/// write side (the writer thread), and reads to EOF (the reader thread, 60 s timeout).
+#[allow(clippy::type_complexity)]
+fn host_process(
+    held: std::os::unix::net::UnixStream,
+    down: Vec<u8>,
+    chunk: usize,
+) -> (
+    thread::JoinHandle<std::io::Result<()>>,
+    thread::JoinHandle<std::io::Result<Vec<u8>>>,
+) {
+    let mut w = held.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        for c in down.chunks(chunk) {
+            w.write_all(c)?;
+        }
+        w.shutdown(std::net::Shutdown::Write)
+    });
+    let mut r = held;
+    r.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let reader = thread::spawn(move || {
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).map(|_| got)
+    });
+    (writer, reader)
+}
+
 /// What a guest knows of its session: enough to resume it anywhere.
 struct GuestSession {
     id: domsock_migration::session::SessionId,
@@ -1388,23 +1415,7 @@ fn a_session_follows_its_guest_across_three_hosts_through_the_tunnel() {
     let held = accept(&listener);
     let up = pattern_bytes(0x3c, UP);
     let down = pattern_bytes(0xc3, DOWN);
-    let writer = {
-        let (mut w, down) = (held.try_clone().unwrap(), down.clone());
-        thread::spawn(move || {
-            for chunk in down.chunks(64 * 1024) {
-                w.write_all(chunk)?;
-            }
-            w.shutdown(std::net::Shutdown::Write)
-        })
-    };
-    let reader = {
-        let mut r = held;
-        r.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        thread::spawn(move || {
-            let mut got = Vec::new();
-            r.read_to_end(&mut got).map(|_| got)
-        })
-    };
+    let (writer, reader) = host_process(held, down.clone(), 64 * 1024);
 
     let (mut key, mut sent, mut got) = (key, 0usize, Vec::with_capacity(DOWN));
     let mut disconnects = std::collections::HashMap::new();
@@ -1910,23 +1921,7 @@ fn a_session_with_every_relay_buffer_full_moves_on_to_a_third_host() {
     let held = accept(&listener);
     let down = pattern_bytes(0x5a, DOWN);
     let up = pattern_bytes(0xa5, UP);
-    let writer = {
-        let (mut w, down) = (held.try_clone().unwrap(), down.clone());
-        thread::spawn(move || {
-            for chunk in down.chunks(256 * 1024) {
-                w.write_all(chunk)?;
-            }
-            w.shutdown(std::net::Shutdown::Write)
-        })
-    };
-    let reader = {
-        let mut r = held;
-        r.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        thread::spawn(move || {
-            let mut got = Vec::new();
-            r.read_to_end(&mut got).map(|_| got)
-        })
-    };
+    let (writer, reader) = host_process(held, down.clone(), 256 * 1024);
     let mut key = key;
     let mut here = "a";
     let mut disconnects = std::collections::HashMap::new();
