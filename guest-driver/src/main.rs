@@ -13,7 +13,7 @@
 //! `--session` makes the connection a resumable session through domsockd's session port
 //! ([`domsock_guest::session`]) instead of a raw vsock connection, so it survives the device
 //! being unplugged and plugged back; the result line then also carries `session=1
-//! resumes=<n> blackout_ms=<total> retransmitted_bytes=<n>` (and `retransmitted_msgs=<n>`
+//! resumes=<n> blackout_ms=<total> retransmitted_bytes=<n> device_wakes=<n>` (and `retransmitted_msgs=<n>`
 //! on seqpacket). On the client commands (`send`, `halfclose-client`, `duplex-client`, `rr`,
 //! `seq-echo-client`, and `recv` given a PEER) the guest opens the session. On the server
 //! commands (`recv`, `echo-server`, `duplex-server`) the listener registers its port with
@@ -453,11 +453,12 @@ fn session_options(timeout: Duration) -> SessionOptions {
 /// ` session=1 session_id=.. resumes=.. blackout_ms=.. retransmitted_bytes=..`.
 fn session_fields(id: SessionId, st: &SessionStats) -> String {
     format!(
-        " session=1 session_id={} resumes={} blackout_ms={:.1} retransmitted_bytes={}",
+        " session=1 session_id={} resumes={} blackout_ms={:.1} retransmitted_bytes={} device_wakes={}",
         id.hex(),
         st.resumes,
         millis(st.blackout),
-        st.retransmitted_bytes
+        st.retransmitted_bytes,
+        st.device_wakes
     )
 }
 

@@ -112,7 +112,6 @@ use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use domsock_migration::session::proof::ResumeClaim;
@@ -122,6 +121,7 @@ use domsock_migration::session::wire::{
 };
 use domsock_migration::session::{Nonce, Secret, SessionId, SESSION_PORT};
 use domsock_proto::{Cid, Port, SocketType};
+use domsock_uevent::{DeviceWatch, Wake};
 use thiserror::Error;
 
 use crate::vsock::{errno_name, SockType, VsockAddr, VsockSocket, VMADDR_CID_HOST};
@@ -296,6 +296,8 @@ pub struct SessionOptions {
     pub backoff_max: Duration,
     /// The largest window accepted in OPENED (the replay buffer's size).
     pub max_window_bytes: u32,
+    /// Cut a pause short when the kernel announces a vsock device ([`domsock_uevent`]).
+    pub watch_device: bool,
 }
 
 impl Default for SessionOptions {
@@ -308,6 +310,7 @@ impl Default for SessionOptions {
             backoff_min: Duration::from_millis(BACKOFF_MIN_MS),
             backoff_max: Duration::from_millis(BACKOFF_MAX_MS),
             max_window_bytes: MAX_WINDOW_BYTES,
+            watch_device: true,
         }
     }
 }
@@ -325,6 +328,9 @@ pub struct SessionStats {
     pub retransmitted_messages: u64,
     /// From noticing each break until the retransmission after it was written, summed.
     pub blackout: Duration,
+    /// Pauses between attempts cut short because the vsock device came back
+    /// ([`domsock_uevent`]).
+    pub device_wakes: u64,
 }
 
 /// Why a session failed; its [`SessionError::errno`] is what reads and writes return.
@@ -1116,6 +1122,11 @@ impl Core {
             rcv: rs.shut,
         };
         let mut backoff = Backoff::new(&self.opts);
+        // Before the first attempt, so a device that comes back after it is not missed.
+        let watch = match self.opts.watch_device {
+            true => DeviceWatch::open(),
+            false => DeviceWatch::sleep_only(),
+        };
         let mut why = String::from("no attempt");
         loop {
             let now = Instant::now();
@@ -1175,7 +1186,11 @@ impl Core {
             let pause = backoff
                 .pause()
                 .min(deadline.saturating_duration_since(Instant::now()));
-            thread::sleep(pause);
+            if watch.wait(pause) == Wake::Device {
+                // The transport is back: try at once, and soon again if that was early.
+                stats.device_wakes += 1;
+                backoff = Backoff::new(&self.opts);
+            }
         }
     }
 

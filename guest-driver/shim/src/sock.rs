@@ -50,6 +50,7 @@ use domsock_migration::session::replay::{MessageReplay, ReplayBuffer};
 use domsock_migration::session::wire::{Closed, Frame, Refusal};
 use domsock_migration::session::{Nonce, Secret, SessionId};
 use domsock_proto::{Cid, Port, SocketType};
+use domsock_uevent::{DeviceWatch, Wake};
 use libc::{c_int, epoll_event, sockaddr_vm};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -812,6 +813,8 @@ impl Sock {
         let deadline = started + Duration::from_millis(park_ms);
         let mut pause = Duration::from_millis(RETRY_FIRST_MS);
         let mut attempts = 0u32;
+        // Before the first attempt, so a device that comes back after it is not missed.
+        let watch = DeviceWatch::open();
         let outcome = loop {
             attempts += 1;
             match self.try_resume(deadline) {
@@ -822,8 +825,11 @@ impl Sock {
                     if left.is_zero() {
                         break Err(libc::ETIMEDOUT);
                     }
-                    std::thread::sleep(pause.min(left));
-                    pause = (pause * 2).min(Duration::from_millis(RETRY_MAX_MS));
+                    pause = match watch.wait(pause.min(left)) {
+                        // The transport is back: try at once, and soon again if early.
+                        Wake::Device => Duration::from_millis(RETRY_FIRST_MS),
+                        Wake::Timeout => (pause * 2).min(Duration::from_millis(RETRY_MAX_MS)),
+                    };
                 }
             }
         };
