@@ -70,7 +70,7 @@ use crate::qmp::{Qmp, QmpError};
 /// Pause between `query-migrate` polls.
 const MIGRATE_POLL_MS: u64 = 20;
 /// Pause between `status` polls of the confirm steps.
-const CONFIRM_POLL_MS: u64 = 50;
+const CONFIRM_POLL_MS: u64 = 10;
 /// How long a cancelled migration may take to stop.
 const CANCEL_TIMEOUT_MS: u64 = 10_000;
 

@@ -149,9 +149,19 @@ struct Agent {
     live: u64,
 }
 
+impl Agent {
+    fn record(&self, call: String) {
+        self.calls.lock().unwrap().push(call);
+    }
+
+    fn called(&self, call: &str) -> bool {
+        self.calls.lock().unwrap().iter().any(|c| c == call)
+    }
+}
+
 impl HostAgent for Agent {
     fn status(&mut self) -> Result<Vec<VmStatus>, AgentError> {
-        self.calls.lock().unwrap().push("status".into());
+        self.record("status".into());
         let mut p = self.polls.lock().unwrap();
         *p += 1;
         Ok(vec![VmStatus {
@@ -165,17 +175,14 @@ impl HostAgent for Agent {
         }])
     }
     fn adopt(&mut self, vm: &str, from: &str) -> Result<(), AgentError> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(format!("adopt {vm} {from}"));
+        self.record(format!("adopt {vm} {from}"));
         if self.fail_adopt {
             return Err(AgentError::Other("adopt refused".into()));
         }
         Ok(())
     }
     fn export(&mut self, vm: &str, to: &str) -> Result<u64, AgentError> {
-        self.calls.lock().unwrap().push(format!("export {vm} {to}"));
+        self.record(format!("export {vm} {to}"));
         Ok(self.exports)
     }
 }
@@ -261,13 +268,7 @@ fn a_move_runs_every_step_in_order() {
         *r.dst.agent.calls.lock().unwrap().first().unwrap(),
         "adopt web a"
     );
-    assert!(r
-        .src
-        .agent
-        .calls
-        .lock()
-        .unwrap()
-        .contains(&"export web b".to_owned()));
+    assert!(r.src.agent.called("export web b"));
     let s = r.src_q.lock().unwrap();
     assert!(!s.device);
     assert_eq!(s.run_state, "quit");
@@ -343,20 +344,8 @@ fn a_destination_that_never_confirms_is_quit_and_the_source_resumes() {
     assert!(s.device);
     assert!(!s.commands.contains(&"quit".to_owned()));
     assert_eq!(r.dst_q.lock().unwrap().run_state, "quit");
-    assert!(r
-        .src
-        .agent
-        .calls
-        .lock()
-        .unwrap()
-        .contains(&"adopt web b".to_owned()));
-    assert!(r
-        .dst
-        .agent
-        .calls
-        .lock()
-        .unwrap()
-        .contains(&"export web a".to_owned()));
+    assert!(r.src.agent.called("adopt web b"));
+    assert!(r.dst.agent.called("export web a"));
 }
 
 #[test]
