@@ -1069,6 +1069,7 @@ impl Core {
         rec.stats.dials += stats.dials;
         rec.stats.retransmitted_bytes += stats.retransmitted_bytes;
         rec.stats.retransmitted_messages += stats.retransmitted_messages;
+        rec.stats.device_wakes += stats.device_wakes;
         rec.stats.blackout += noticed.elapsed();
         let outcome = outcome.and_then(|conn| {
             if progress == rec.progress_mark {

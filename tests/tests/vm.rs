@@ -1919,6 +1919,13 @@ fn sessions_survive_replugs(c: Case) {
             "every blackout was resumed: {}",
             line.raw
         );
+        // The guest kernel's `bind` uevent of the new device ended a pause
+        // (`domsock_uevent`), rather than the backoff running out.
+        assert!(
+            line.u64("device_wakes") >= 1,
+            "no resume woke on the device's uevent: {}",
+            line.raw
+        );
     }
     let counters = backend_counters(&backend, &["a"]);
     let a_counters = &counters["a"];
@@ -1938,10 +1945,13 @@ fn sessions_survive_replugs(c: Case) {
     );
     c.report(&format!(
         "sessions: {REPLUG_ROUNDS} replugs under two 256 MiB duplex sessions (host, sibling); \
-         device_add -> bytes flowing again: {}; guest: {} / {}",
+         device_add -> bytes flowing again: {}; guest blackouts {} / {} ms, woken by the \
+         device's uevent {} / {} times",
         spread(&mut blackouts),
         to_host.str("blackout_ms"),
         to_sibling.str("blackout_ms"),
+        to_host.u64("device_wakes"),
+        to_sibling.u64("device_wakes"),
     ));
     drop(qmp);
     finish(&mut vm_a);

@@ -14,7 +14,7 @@ use super::DataPlane;
 use crate::tunables::BUSY_POLL_MAX_WINDOWS;
 use crate::virtio::{Vring, RX_QUEUE, TX_QUEUE};
 use std::time::Instant;
-use tracing::warn;
+use tracing::{info, warn};
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
@@ -74,6 +74,10 @@ impl DataPlane {
                 if let Some(mem) = self.mem.clone() {
                     self.port.attach(vrings[RX_QUEUE].clone(), mem);
                     self.attached = true;
+                    // The guest's driver set up both rings: the time an operator (or a
+                    // blackout measurement) wants between `device_add` and the guest's
+                    // first RESUME.
+                    info!(vm = %self.shared.name, parked = self.sessions.parked(), "device running");
                 }
             }
         }

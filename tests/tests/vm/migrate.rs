@@ -1068,6 +1068,11 @@ pub(super) fn migrate_sessions_across_three_hosts(c: Case) {
             "every hop was resumed: {}",
             line.raw
         );
+        assert!(
+            line.u64("device_wakes") >= 1,
+            "no resume woke on the device's uevent: {}",
+            line.raw
+        );
     }
     // What each domsockd counted: a exported twice as the home and got the sessions back
     // once and re-rooted them once (per session); b imported and handed off twice; c
@@ -1106,11 +1111,14 @@ pub(super) fn migrate_sessions_across_three_hosts(c: Case) {
     c.report(&format!(
         "sessions across hosts: 4 hops under two 256 MiB duplex sessions (host on a, sibling \
          on a), all bytes in order both ways; guest blackouts {} / {} ms over {} / {} \
-         resumes; sessions_resumed per host: {}; domsockd CPU a {}, b {}, c {}",
+         resumes ({} / {} woken by the device's uevent); sessions_resumed per host: {}; \
+         domsockd CPU a {}, b {}, c {}",
         to_host.str("blackout_ms"),
         to_sibling.str("blackout_ms"),
         to_host.u64("resumes"),
         to_sibling.u64("resumes"),
+        to_host.u64("device_wakes"),
+        to_sibling.u64("device_wakes"),
         resumed.join(", "),
         report::ms(da.cpu_time()),
         report::ms(db.cpu_time()),
