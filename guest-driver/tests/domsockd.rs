@@ -13,6 +13,8 @@ use domsock_migration::session::proof::ResumeClaim;
 use domsock_migration::session::wire::{self as session_wire, Closed, Frame};
 use domsock_migration::session::{Nonce, SESSION_PORT};
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 use support::*;
@@ -1733,13 +1735,25 @@ fn a_relayed_session_rides_out_tunnel_cuts_and_ends_cleanly_past_the_timeout() {
             Ok::<_, std::io::Error>(w)
         })
     };
+    let arrived = Arc::new(AtomicUsize::new(0));
     let reader = {
-        let mut r = held;
+        let (mut r, arrived) = (held, arrived.clone());
         r.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         thread::spawn(move || {
             let mut got = Vec::new();
-            let end = r.read_to_end(&mut got);
-            (got, end.map(|_| ()))
+            let mut buf = vec![0u8; 256 * 1024];
+            let end = loop {
+                match r.read(&mut buf) {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => {
+                        got.extend_from_slice(&buf[..n]);
+                        arrived.store(got.len(), Ordering::Release);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            (got, end)
         })
     };
     let mut got = Vec::new();
@@ -1762,6 +1776,19 @@ fn a_relayed_session_rides_out_tunnel_cuts_and_ends_cleanly_past_the_timeout() {
         .unwrap()
         .expect("the host's writes never failed");
 
+    // Everything the guest wrote reaches the host first: what is still in flight when the
+    // tunnel stays down past its timeout is given up with the session.
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while arrived.load(Ordering::Acquire) < up.len() {
+        assert!(
+            Instant::now() < deadline,
+            "guest->host across three tunnel cuts: {} of {} bytes\n{}",
+            arrived.load(Ordering::Acquire),
+            up.len(),
+            a.log_tail()
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
     // Down past the resume timeout.
     proxy.set_up(false);
     proxy.cut();
