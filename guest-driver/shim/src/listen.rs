@@ -19,7 +19,7 @@
 //!     P->>S: accept(fd)
 //!     Note over S: accept(2), OFFERED read exactly: the new fd is a Live session
 //!     Note over S,D: device gone: the keepalive breaks
-//!     S->>D: connect (2, 1022) again, LISTEN port (backoff 10..200 ms, no deadline)
+//!     S->>D: connect (2, 1022) again, LISTEN port (backoff 10..200 ms or the bind uevent, no deadline)
 //! ```
 //!
 //! **Registering** happens in the program's `listen`, before `listen(2)`, on a private
@@ -60,6 +60,7 @@ use crate::sock::{errno_name, refusal_errno, Creds, Sock};
 use crate::table::{self, Entry};
 use domsock_migration::session::wire::{Frame, WireError, PREAMBLE_LEN};
 use domsock_proto::{Port, SocketType};
+use domsock_uevent::{DeviceWatch, Wake};
 use libc::{c_int, sockaddr, sockaddr_vm, socklen_t};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,6 +76,9 @@ const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// First and largest pause between two registration attempts.
 const RETRY_FIRST_MS: u64 = 10;
 const RETRY_MAX_MS: u64 = 200;
+/// The longest slice of a pause spent watching for the device before looking at whether
+/// the registration is being dropped.
+const STOP_CHECK_MS: u64 = 25;
 
 /// Fd numbers of registered listening sockets (module doc), kept across `fork`.
 static REGISTERED_FDS: [AtomicBool; table::MAX_FDS] =
@@ -215,6 +219,8 @@ fn keep(reg: &Registration) {
 fn keep_until_stopped(reg: &Registration) {
     let port = reg.port;
     let mut pause = Duration::from_millis(RETRY_FIRST_MS);
+    // Before the first attempt, so a device that comes back after it is not missed.
+    let watch = DeviceWatch::open();
     loop {
         let fd = {
             let st = lock(&reg.state);
@@ -255,11 +261,30 @@ fn keep_until_stopped(reg: &Registration) {
                 return;
             }
             Err(Failure::Transport(_)) => {
-                let _ = reg
-                    .wake
-                    .wait_timeout_while(st, pause, |s| !s.stopping)
-                    .unwrap_or_else(|e| e.into_inner());
+                if !watch.watching() {
+                    let _ = reg
+                        .wake
+                        .wait_timeout_while(st, pause, |s| !s.stopping)
+                        .unwrap_or_else(|e| e.into_inner());
+                    pause = (pause * 2).min(Duration::from_millis(RETRY_MAX_MS));
+                    continue;
+                }
+                drop(st);
+                // The device's uevent ends the pause; `stopping` is looked at between
+                // slices of at most STOP_CHECK_MS.
+                let until = Instant::now() + pause;
                 pause = (pause * 2).min(Duration::from_millis(RETRY_MAX_MS));
+                loop {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() || lock(&reg.state).stopping {
+                        break;
+                    }
+                    let slice = left.min(Duration::from_millis(STOP_CHECK_MS));
+                    if watch.wait(slice) == Wake::Device {
+                        pause = Duration::from_millis(RETRY_FIRST_MS);
+                        break;
+                    }
+                }
             }
         }
     }

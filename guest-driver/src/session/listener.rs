@@ -32,7 +32,8 @@
 //! keeps a registration whose connection broke for its park timeout, so the thread
 //! registers again on a new connection, by the rules of a resume (the errnos retried and
 //! the pauses, doubling from [`SessionOptions::backoff_min`] to
-//! [`SessionOptions::backoff_max`]), but without a deadline: the listening socket survives
+//! [`SessionOptions::backoff_max`], cut short by the vsock driver's `bind` uevent), but
+//! without a deadline: the listening socket survives
 //! any blackout, so giving up would gain nothing. The new registration stands before the
 //! old connection is closed, so the daemon never forgets the port in between. A refusal,
 //! or a connect error that waiting does not cure, ends the keeping:
@@ -70,6 +71,7 @@ use std::time::{Duration, Instant};
 
 use domsock_migration::session::wire::{Frame, WireError, MAX_FRAME_LEN, PREAMBLE_LEN};
 use domsock_proto::{Port, SocketType};
+use domsock_uevent::{DeviceWatch, Wake};
 
 use super::{
     at_least_1ms, finish_frame, is_retryable_dial, lock, read_frame, write_all, Backoff, Core,
@@ -86,6 +88,10 @@ pub const KEEPALIVE_CHECK_MS: u64 = 200;
 pub const LISTEN_BACKLOG: i32 = 16;
 /// The session frames' magic ("DSSN") is their first bytes ([`Frame::decode`] checks it).
 const MAGIC_LEN: usize = 4;
+
+/// The longest slice of a registration pause spent watching for the device before
+/// looking at whether the listener is being dropped.
+const STOP_CHECK: Duration = Duration::from_millis(25);
 
 /// The listening socket, as a listener needs it.
 pub trait Acceptor: Send + Sync + fmt::Debug {
@@ -417,6 +423,11 @@ fn register_again(
 ) -> bool {
     let started = Instant::now();
     let mut backoff = Backoff::new(&opts.session);
+    // Before the first attempt, so a device that comes back after it is not missed.
+    let watch = match opts.session.watch_device {
+        true => DeviceWatch::open(),
+        false => DeviceWatch::sleep_only(),
+    };
     loop {
         if lock(&keeper.state).stopping {
             return false;
@@ -454,10 +465,27 @@ fn register_again(
             Err(RegisterError::Retry(e)) => {
                 tracing::debug!(port, "registering again: {e}");
                 let pause = backoff.pause();
-                let _ = keeper
-                    .wake
-                    .wait_timeout_while(st, pause, |s| !s.stopping)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if !watch.watching() {
+                    let _ = keeper
+                        .wake
+                        .wait_timeout_while(st, pause, |s| !s.stopping)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    continue;
+                }
+                drop(st);
+                // The device's uevent ends the pause; `stopping` is looked at between
+                // slices, so dropping the listener waits at most one slice for this thread.
+                let until = Instant::now() + pause;
+                loop {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() || lock(&keeper.state).stopping {
+                        break;
+                    }
+                    if watch.wait(left.min(STOP_CHECK)) == Wake::Device {
+                        backoff = Backoff::new(&opts.session);
+                        break;
+                    }
+                }
             }
         }
     }
