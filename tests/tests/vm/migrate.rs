@@ -7,7 +7,9 @@
 //! first migration, one round trip of checksummed bytes, which also times the blackout.
 //! `migrate_with_domsockd_admin` and `migrate_sessions_across_three_hosts` use domsockd's
 //! own admin sockets; the latter also its tunnel, so that sessions follow the guest
-//! across three hosts. The CLI, its admin client and the orchestrator are the real ones.
+//! across three hosts, and it kills the tunnel's TCP connection mid-stream (`ss -K`) while
+//! the sessions are relayed. The CLI, its admin client and the orchestrator are the real
+//! ones.
 
 use std::io::{Read, Write};
 use std::process::Command;
@@ -743,6 +745,73 @@ fn read_recording_gaps(
     }
 }
 
+/// How often `cut_tunnel` kills the tunnel's TCP connection.
+const TUNNEL_CUTS: u64 = 2;
+
+/// The reconnects `home` counted towards `peer`, and whether that peer is up.
+fn peer_link(home: &Host, peer: &str) -> (u64, bool) {
+    let t = home.tunnel_status().expect("tunnel status");
+    let p = t["peers"]
+        .as_array()
+        .and_then(|v| v.iter().find(|p| p["name"] == peer))
+        .unwrap_or_else(|| panic!("{}: no peer {peer}: {t}", home.name))
+        .clone();
+    (p["reconnects"].as_u64().unwrap_or(0), p["up"] == true)
+}
+
+/// While both sessions stream through the tunnel between `guest_host` and `home`, kills
+/// that TCP connection [`TUNNEL_CUTS`] times from `guest_host`'s side (`ss -K`: its kernel
+/// aborts the socket and `home`'s gets a reset), each time once the tunnel is back and the
+/// host process has read more; the tunnel resumes from exact offsets (the end of the case
+/// checks every byte).
+fn cut_tunnel(guest_host: &Host, home: &Host, read: &dyn Fn() -> u64) -> String {
+    let (before, _) = peer_link(home, &guest_host.name);
+    let mut back = Vec::new();
+    for n in 1..=TUNNEL_CUTS {
+        let at = read();
+        let out = guest_host
+            .sh(&format!("ss -K dst {}", home.ip))
+            .expect("ss -K");
+        assert!(out.status.success(), "ss -K: {out:?}");
+        let cut = Instant::now();
+        let deadline = cut + STEP_TIMEOUT;
+        loop {
+            let (reconnects, up) = peer_link(home, &guest_host.name);
+            if up && reconnects >= before + n {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the tunnel {} - {} is not back after cut {n}",
+                home.name,
+                guest_host.name
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        back.push(cut.elapsed());
+        // Bytes flow again through the new connection before the next cut.
+        while read() < at + 4 * (1 << 20) {
+            assert!(
+                Instant::now() < deadline,
+                "no host bytes after tunnel cut {n} (read {})",
+                read()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+    format!(
+        "sessions across hosts: tunnel {} - {} killed {TUNNEL_CUTS} times mid-stream (ss -K on \
+         {}), back up after {}; host bytes flowed again after each",
+        home.name,
+        guest_host.name,
+        guest_host.name,
+        back.iter()
+            .map(|d| report::ms(*d))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
 /// The relays of `vm`'s sessions in a host's `tunnel.relays`, as (role, peer).
 fn relays_of(tunnel: &Value, vm: &str) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = tunnel["relays"]
@@ -1007,6 +1076,10 @@ pub(super) fn migrate_sessions_across_three_hosts(c: Case) {
                     &[("a", 2, "home", "b"), ("b", 2, "guest", "a")],
                     &format!("after hop {}", hop + 1),
                 );
+                if hop == 0 {
+                    let line = cut_tunnel(hb, ha, &now_at);
+                    c.report(&line);
+                }
             }
             1 => {
                 let t = expect_relays(&all, &[], "back on a");
