@@ -1233,16 +1233,27 @@ impl Daemon {
                     },
                     ListenAnswer::Honest => Frame::Listening { port },
                 };
-                write_answer(&sock, &link, &answer.encode(), &[], &mut self.rng, &sc);
                 if sc.listen != ListenAnswer::Honest {
+                    write_answer(&sock, &link, &answer.encode(), &[], &mut self.rng, &sc);
                     return;
                 }
+                // Registered before LISTENING goes out, as domsockd does: a guest that has
+                // read it may be offered connections at once.
                 self.listens += 1;
                 let watcher_end = sock.try_clone().expect("clone");
+                let answer_end = sock.try_clone().expect("clone");
                 *lock(&self.registry.reg) = Some(Registration {
                     port: port.0,
                     keepalive: Some((Arc::clone(&link), sock)),
                 });
+                write_answer(
+                    &answer_end,
+                    &link,
+                    &answer.encode(),
+                    &[],
+                    &mut self.rng,
+                    &sc,
+                );
                 let registry = Arc::clone(&self.registry);
                 self.watchers.push(thread::spawn(move || {
                     watch_keepalive(watcher_end, link, registry)
