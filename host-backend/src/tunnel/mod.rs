@@ -83,8 +83,14 @@ pub struct TunnelConfig {
     pub keepalive_idle: Duration,
     /// Drop the connection after this long without receiving.
     pub keepalive_dead: Duration,
-    /// Receive window per channel.
+    /// Receive window per channel when it opens.
     pub buf_alloc_bytes: u32,
+    /// Largest receive window a channel's grows to when its reader keeps up
+    /// (autotuning; `buf_alloc_bytes` turns it off).
+    pub max_window_bytes: u32,
+    /// Per peer: windows grow only while the sum of all channels' receive windows stays
+    /// within this.
+    pub window_budget_bytes: u64,
 }
 
 impl TunnelConfig {
@@ -108,12 +114,16 @@ impl TunnelConfig {
             keepalive_idle: Duration::from_millis(d.keepalive_idle_ms),
             keepalive_dead: Duration::from_millis(d.keepalive_dead_ms),
             buf_alloc_bytes: d.buf_alloc_bytes,
+            max_window_bytes: d.max_window_bytes,
+            window_budget_bytes: d.window_budget_bytes,
         }
     }
 
     fn endpoint_config(&self) -> EndpointConfig {
         EndpointConfig {
             buf_alloc_bytes: self.buf_alloc_bytes,
+            max_window_bytes: self.max_window_bytes,
+            window_budget_bytes: self.window_budget_bytes,
             keepalive_idle_ms: self.keepalive_idle.as_millis() as u64,
             keepalive_dead_ms: self.keepalive_dead.as_millis() as u64,
             resume_timeout_ms: self.resume_timeout.as_millis() as u64,

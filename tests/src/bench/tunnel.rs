@@ -690,6 +690,13 @@ fn send_tunnel(
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
+    // What autotuning made of the receivers' windows (the sender's view of them).
+    let windows: Vec<u32> = ends.iter().map(|e| e.counters().peer_buf_alloc).collect();
+    eprintln!(
+        "    windows at the end: {} KiB .. {} KiB",
+        windows.iter().min().unwrap_or(&0) >> 10,
+        windows.iter().max().unwrap_or(&0) >> 10
+    );
     println!("RESULT {} {elapsed}", sent.iter().sum::<u64>());
     Ok(())
 }
