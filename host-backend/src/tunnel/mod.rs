@@ -194,6 +194,10 @@ pub struct PeerCounters {
     pub channel_violations: AtomicU64,
     /// Channels that timed out.
     pub channels_timed_out: AtomicU64,
+    /// Times a channel's receive window grew (autotuning).
+    pub window_growths: AtomicU64,
+    /// Times a window would have grown but the per-peer budget had no room.
+    pub window_growths_denied: AtomicU64,
 }
 
 /// A snapshot of [`PeerCounters`].
@@ -219,6 +223,10 @@ pub struct PeerCountersSnapshot {
     pub channel_violations: u64,
     /// See [`PeerCounters`].
     pub channels_timed_out: u64,
+    /// See [`PeerCounters`].
+    pub window_growths: u64,
+    /// See [`PeerCounters`].
+    pub window_growths_denied: u64,
 }
 
 impl PeerCounters {
@@ -236,6 +244,8 @@ impl PeerCounters {
             channels_open: g(&self.channels_open),
             channel_violations: g(&self.channel_violations),
             channels_timed_out: g(&self.channels_timed_out),
+            window_growths: g(&self.window_growths),
+            window_growths_denied: g(&self.window_growths_denied),
         }
     }
 }

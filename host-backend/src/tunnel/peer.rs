@@ -273,6 +273,10 @@ fn handle_events(svc: &ServiceShared, peer: &Arc<PeerShared>) -> bool {
         c.channels_timed_out
             .store(stats.timed_out_channels, Ordering::Relaxed);
         c.channels_open.store(count as u64, Ordering::Relaxed);
+        c.window_growths
+            .store(stats.window_growths, Ordering::Relaxed);
+        c.window_growths_denied
+            .store(stats.window_growths_denied, Ordering::Relaxed);
         let Some(ev) = ev else {
             return dead;
         };

@@ -601,7 +601,9 @@ fn stream(n: &mut Net, ch: ChannelId, from: u64, total: u64, step_ms: u64) -> u6
     let mut read = from;
     let mut most_in_flight = 0;
     let mut buf = vec![0u8; 1 << 20];
+    let mut idle_turns = 0;
     while read < from + total {
+        let before = read;
         let chunk: Vec<u8> = (written..from + total)
             .take(1 << 16)
             .map(pattern_byte)
@@ -622,6 +624,12 @@ fn stream(n: &mut Net, ch: ChannelId, from: u64, total: u64, step_ms: u64) -> u6
         n.now = Millis(n.now.0 + step_ms);
         n.a.handle_timeout(n.now);
         n.b.handle_timeout(n.now);
+        idle_turns = if read == before { idle_turns + 1 } else { 0 };
+        assert!(
+            idle_turns < 100,
+            "{ch:?} stuck at {read}: {:?}",
+            n.b.state(ch)
+        );
     }
     most_in_flight
 }
@@ -658,8 +666,34 @@ fn a_reader_slower_than_two_round_trips_keeps_the_configured_window() {
     let mut n = tuned_net(8 * BASE, 1 << 20);
     let ch = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
     n.pump();
-    // Each turn moves at most a window and takes 5 ms; the round trip reads 0 ms.
-    stream(&mut n, ch, 0, 20 * u64::from(BASE), 5);
+    // Half a window per 5 ms turn, read in two quarter-window pieces whose CREDITs go out
+    // at the same instant: the reader takes a whole window over 10 ms, and the round
+    // trip reads 0 ms.
+    let quarter = BASE as usize / 4;
+    let (mut written, mut read) = (0u64, 0u64);
+    let mut buf = vec![0u8; quarter];
+    for _ in 0..40 {
+        let half: Vec<u8> = (written..written + 2 * quarter as u64)
+            .map(pattern_byte)
+            .collect();
+        written += n.a.write(ch, &half).unwrap() as u64;
+        n.pump();
+        for _ in 0..2 {
+            let k = n.b.read(ch, &mut buf).unwrap();
+            for (i, &b) in buf[..k].iter().enumerate() {
+                assert_eq!(b, pattern_byte(read + i as u64));
+            }
+            read += k as u64;
+            n.pump();
+        }
+        n.now = Millis(n.now.0 + 5);
+        n.a.handle_timeout(n.now);
+        n.b.handle_timeout(n.now);
+    }
+    assert_eq!(
+        (read, written),
+        (20 * u64::from(BASE), 20 * u64::from(BASE))
+    );
     assert_eq!(n.b.stats().srtt_ms, 0);
     assert_eq!(n.b.counters(ch).unwrap().buf_alloc, BASE);
     assert_eq!(n.b.stats().window_growths, 0);
