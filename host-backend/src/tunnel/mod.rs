@@ -663,6 +663,12 @@ impl ChannelEnd {
         self.peer.lock().ep.unacked_from(self.id, from)
     }
 
+    /// Caps how far autotuning grows this channel's receive window; see
+    /// [`Endpoint::set_max_window`].
+    pub fn set_max_window(&self, bytes: u32) {
+        let _ = self.peer.lock().ep.set_max_window(self.id, bytes);
+    }
+
     /// Resets the eventfd (call before draining the channel).
     pub fn clear_wakeup(&self) {
         let _ = self.notify.read();

@@ -310,6 +310,9 @@ struct Channel {
     /// The receive window granted to the peer: it only grows (autotuning), so a sender
     /// never holds more than the receiver accepts.
     rx_window: u32,
+    /// How far autotuning may grow `rx_window` (the endpoint's `max_window_bytes`, or
+    /// less for this channel: [`Endpoint::set_max_window`]).
+    max_window: u32,
     /// Since when, and from which consumed count, the reader is timed for taking a whole
     /// window (set at the first CREDIT, restarted after each whole window).
     grow_epoch: Option<(Millis, u64)>,
@@ -330,6 +333,7 @@ impl Channel {
         now: Millis,
         metadata: Vec<u8>,
         rx_window: u32,
+        max_window: u32,
     ) -> Self {
         Self {
             kind,
@@ -350,6 +354,7 @@ impl Channel {
             advertised_consumed: 0,
             peer_shut_wr: None,
             rx_window,
+            max_window,
             grow_epoch: None,
             shut_rd: false,
             shut_wr: None,
@@ -669,10 +674,10 @@ impl Endpoint {
             .unwrap_or(0)
             .saturating_mul(2)
             .max(MIN_GROW_WITHIN_MS);
-        let max = self.cfg.max_window_bytes;
         let Some(c) = self.channels.get_mut(&id) else {
             return;
         };
+        let max = c.max_window;
         if c.phase != Phase::Open || c.shut_rd {
             return;
         }
@@ -744,6 +749,7 @@ impl Endpoint {
                 now,
                 metadata.to_vec(),
                 self.cfg.buf_alloc_bytes,
+                self.cfg.max_window_bytes,
             ),
         );
         self.queue_ctrl(id, |c| c.open = true);
@@ -838,6 +844,17 @@ impl Endpoint {
         if c.peer_shut_rd || c.shut_wr.is_some() {
             return Err(ChannelError::BrokenPipe);
         }
+        Ok(())
+    }
+
+    /// Caps how far autotuning grows this channel's receive window (for an owner that
+    /// must bound what the peer keeps in flight towards it, e.g. a relay whose handoff
+    /// carries those bytes). A window already larger stays as it is (windows never
+    /// shrink); `bytes` at or below the configured window turns autotuning off for the
+    /// channel.
+    pub fn set_max_window(&mut self, id: ChannelId, bytes: u32) -> Result<(), ChannelError> {
+        let c = self.get_mut(id)?;
+        c.max_window = bytes.clamp(c.rx_window, MAX_WINDOW_BYTES);
         Ok(())
     }
 
@@ -1257,6 +1274,7 @@ impl Endpoint {
                             now,
                             Vec::new(),
                             self.cfg.buf_alloc_bytes,
+                            self.cfg.max_window_bytes,
                         );
                         c.set_peer_window(buf_alloc);
                         self.channels.insert(channel, c);

@@ -821,3 +821,24 @@ fn a_grown_window_resumes_exactly_and_its_replay_covers_it() {
     assert!(n.a.stats().retransmitted_bytes > 0);
     assert_eq!(n.b.counters(ch).unwrap().buf_alloc, 8 * BASE);
 }
+
+#[test]
+fn a_channel_capped_by_its_owner_grows_no_further() {
+    let mut n = tuned_net(8 * BASE, 1 << 20);
+    let capped = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    let free = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    n.pump();
+    n.b.set_max_window(capped, 2 * BASE).unwrap();
+    stream(&mut n, capped, 0, 40 * u64::from(BASE), 0);
+    stream(&mut n, free, 0, 40 * u64::from(BASE), 0);
+    assert_eq!(n.b.counters(capped).unwrap().buf_alloc, 2 * BASE);
+    assert_eq!(n.b.counters(free).unwrap().buf_alloc, 8 * BASE);
+    // A cap below the window it has keeps that window (windows never shrink).
+    n.b.set_max_window(free, BASE).unwrap();
+    stream(&mut n, free, 40 * u64::from(BASE), 8 * u64::from(BASE), 0);
+    assert_eq!(n.b.counters(free).unwrap().buf_alloc, 8 * BASE);
+    assert_eq!(
+        n.b.set_max_window(ChannelId(999), BASE),
+        Err(ChannelError::Unknown(ChannelId(999)))
+    );
+}
