@@ -111,6 +111,9 @@ impl VmConfig {
     }
 }
 
+/// Smallest `[tunnel] window-bytes`: a window must hold a few frames' worth.
+pub const MIN_TUNNEL_WINDOW_BYTES: u64 = 4096;
+
 /// The `[tunnel]` table: this host's end of the TLS tunnels to other domsockd hosts.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -132,6 +135,17 @@ pub struct TunnelSection {
     /// A tunnel down this long ends its channels (default 30 s).
     #[serde(default)]
     pub resume_timeout_ms: Option<u64>,
+    /// Receive window of a channel when it opens (default 256 KiB).
+    #[serde(default)]
+    pub window_bytes: Option<u32>,
+    /// Largest window autotuning grows a channel's to (default 4 MiB; equal to
+    /// `window-bytes`: no autotuning).
+    #[serde(default)]
+    pub max_window_bytes: Option<u32>,
+    /// Per peer: windows grow only while all channels' windows sum to at most this
+    /// (default 64 MiB).
+    #[serde(default)]
+    pub window_budget_bytes: Option<u64>,
 }
 
 impl TunnelSection {
@@ -158,6 +172,40 @@ impl TunnelSection {
         if let Some(ms) = self.resume_timeout_ms {
             cfg.resume_timeout = std::time::Duration::from_millis(ms);
         }
+        cfg.buf_alloc_bytes = self.window_bytes.unwrap_or(cfg.buf_alloc_bytes);
+        cfg.max_window_bytes = self.max_window_bytes.unwrap_or(cfg.max_window_bytes);
+        cfg.window_budget_bytes = self.window_budget_bytes.unwrap_or(cfg.window_budget_bytes);
+        let most = domsock_migration::tunnel::endpoint::MAX_WINDOW_BYTES;
+        let window = |key, value: u64, min: u64, max: u64| {
+            if (min..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(ConfigError::BadTunnelWindow {
+                    key,
+                    value,
+                    min,
+                    max,
+                })
+            }
+        };
+        window(
+            "window-bytes",
+            cfg.buf_alloc_bytes.into(),
+            MIN_TUNNEL_WINDOW_BYTES,
+            most.into(),
+        )?;
+        window(
+            "max-window-bytes",
+            cfg.max_window_bytes.into(),
+            cfg.buf_alloc_bytes.into(),
+            most.into(),
+        )?;
+        window(
+            "window-budget-bytes",
+            cfg.window_budget_bytes,
+            cfg.max_window_bytes.into(),
+            u64::MAX,
+        )?;
         Ok(cfg)
     }
 }
@@ -285,6 +333,18 @@ pub enum ConfigError {
         peer: String,
         /// What was given.
         addr: String,
+    },
+    /// A `[tunnel]` window size outside its range.
+    #[error("tunnel {key} = {value} is outside {min}..={max}")]
+    BadTunnelWindow {
+        /// The key.
+        key: &'static str,
+        /// What was given (or the default it was checked against).
+        value: u64,
+        /// Smallest allowed.
+        min: u64,
+        /// Largest allowed.
+        max: u64,
     },
     /// The session park timeout is 0 or longer than a day.
     #[error("session park timeout {0} ms is outside 1..={MAX_SESSION_PARK_TIMEOUT_MS} ms")]
@@ -656,6 +716,41 @@ mod tests {
         let c = Config::try_from(args(&["--config", path.to_str().unwrap()])).unwrap();
         assert_eq!(c.queue_size, 256);
         assert_eq!(c.vms[0].display_name(), "db");
+        let tunnel = "[tunnel]\nhost = \"a\"\nlisten = \"127.0.0.1:7100\"\ncert = \"/c\"\n\
+                      key = \"/k\"\nca = \"/ca\"\n";
+        let vm = "[[vm]]\nguest-cid = 7\nsocket = \"/tmp/x\"\nuds-path = \"/tmp/y\"\n";
+        let with = |keys: &str| {
+            std::fs::write(&path, format!("{tunnel}{keys}{vm}")).unwrap();
+            Config::try_from(args(&["--config", path.to_str().unwrap()]))
+        };
+        let t = with("").unwrap().tunnel.unwrap().runtime_config().unwrap();
+        assert_eq!(
+            (t.buf_alloc_bytes, t.max_window_bytes, t.window_budget_bytes),
+            (256 << 10, 4 << 20, 64 << 20)
+        );
+        let t = with(
+            "window-bytes = 65536\nmax-window-bytes = 1048576\nwindow-budget-bytes = 8388608\n",
+        )
+        .unwrap()
+        .tunnel
+        .unwrap()
+        .runtime_config()
+        .unwrap();
+        assert_eq!(
+            (t.buf_alloc_bytes, t.max_window_bytes, t.window_budget_bytes),
+            (64 << 10, 1 << 20, 8 << 20)
+        );
+        for (keys, key) in [
+            ("window-bytes = 100\n", "window-bytes"),
+            ("max-window-bytes = 65536\n", "max-window-bytes"),
+            ("max-window-bytes = 33554432\n", "max-window-bytes"),
+            ("window-budget-bytes = 1048576\n", "window-budget-bytes"),
+        ] {
+            assert!(
+                matches!(with(keys), Err(ConfigError::BadTunnelWindow { key: k, .. }) if k == key),
+                "{keys}"
+            );
+        }
         std::fs::write(&path, "[[vm]]\nguest-cid = 7\nbogus = 1\n").unwrap();
         assert!(matches!(
             Config::try_from(args(&["--config", path.to_str().unwrap()])),

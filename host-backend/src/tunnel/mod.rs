@@ -83,8 +83,14 @@ pub struct TunnelConfig {
     pub keepalive_idle: Duration,
     /// Drop the connection after this long without receiving.
     pub keepalive_dead: Duration,
-    /// Receive window per channel.
+    /// Receive window per channel when it opens.
     pub buf_alloc_bytes: u32,
+    /// Largest receive window a channel's grows to when its reader keeps up
+    /// (autotuning; `buf_alloc_bytes` turns it off).
+    pub max_window_bytes: u32,
+    /// Per peer: windows grow only while the sum of all channels' receive windows stays
+    /// within this.
+    pub window_budget_bytes: u64,
 }
 
 impl TunnelConfig {
@@ -108,12 +114,16 @@ impl TunnelConfig {
             keepalive_idle: Duration::from_millis(d.keepalive_idle_ms),
             keepalive_dead: Duration::from_millis(d.keepalive_dead_ms),
             buf_alloc_bytes: d.buf_alloc_bytes,
+            max_window_bytes: d.max_window_bytes,
+            window_budget_bytes: d.window_budget_bytes,
         }
     }
 
     fn endpoint_config(&self) -> EndpointConfig {
         EndpointConfig {
             buf_alloc_bytes: self.buf_alloc_bytes,
+            max_window_bytes: self.max_window_bytes,
+            window_budget_bytes: self.window_budget_bytes,
             keepalive_idle_ms: self.keepalive_idle.as_millis() as u64,
             keepalive_dead_ms: self.keepalive_dead.as_millis() as u64,
             resume_timeout_ms: self.resume_timeout.as_millis() as u64,
@@ -184,6 +194,10 @@ pub struct PeerCounters {
     pub channel_violations: AtomicU64,
     /// Channels that timed out.
     pub channels_timed_out: AtomicU64,
+    /// Times a channel's receive window grew (autotuning).
+    pub window_growths: AtomicU64,
+    /// Times a window would have grown but the per-peer budget had no room.
+    pub window_growths_denied: AtomicU64,
 }
 
 /// A snapshot of [`PeerCounters`].
@@ -209,6 +223,10 @@ pub struct PeerCountersSnapshot {
     pub channel_violations: u64,
     /// See [`PeerCounters`].
     pub channels_timed_out: u64,
+    /// See [`PeerCounters`].
+    pub window_growths: u64,
+    /// See [`PeerCounters`].
+    pub window_growths_denied: u64,
 }
 
 impl PeerCounters {
@@ -226,6 +244,8 @@ impl PeerCounters {
             channels_open: g(&self.channels_open),
             channel_violations: g(&self.channel_violations),
             channels_timed_out: g(&self.channels_timed_out),
+            window_growths: g(&self.window_growths),
+            window_growths_denied: g(&self.window_growths_denied),
         }
     }
 }
@@ -641,6 +661,12 @@ impl ChannelEnd {
     /// [`Endpoint::unacked_from`].
     pub fn unacked_from(&self, from: u64) -> Option<Vec<u8>> {
         self.peer.lock().ep.unacked_from(self.id, from)
+    }
+
+    /// Caps how far autotuning grows this channel's receive window; see
+    /// [`Endpoint::set_max_window`].
+    pub fn set_max_window(&self, bytes: u32) {
+        let _ = self.peer.lock().ep.set_max_window(self.id, bytes);
     }
 
     /// Resets the eventfd (call before draining the channel).

@@ -250,20 +250,35 @@ fn write_side(c: &mut Conn, peer: &PeerShared) -> io::Result<bool> {
 }
 
 /// Acts on the endpoint's events: notifies channel ends, asks the acceptor about OPENs.
-/// Returns whether the link is dead.
+/// Returns whether the link is dead. Events are taken in batches under one lock (a busy
+/// tunnel has one per DATA frame that finds its reader waiting), and the ends' eventfds
+/// are written after the lock is released.
 fn handle_events(svc: &ServiceShared, peer: &Arc<PeerShared>) -> bool {
+    const BATCH: usize = 64;
     let mut dead = false;
+    let mut notify: Vec<Arc<EventFd>> = Vec::new();
+    let mut others: Vec<Event> = Vec::new();
     loop {
-        let (ev, stats, count) = {
+        let (stats, count, more) = {
             let mut g = peer.lock();
-            let ev = g.ep.poll_event();
-            if let Some(Event::Changed(id)) = &ev {
-                if let Some(n) = g.ends.get(id) {
-                    let _ = n.write(1);
+            let mut more = false;
+            while notify.len() + others.len() < BATCH {
+                match g.ep.poll_event() {
+                    Some(Event::Changed(id)) => {
+                        if let Some(n) = g.ends.get(&id) {
+                            notify.push(n.clone());
+                        }
+                    }
+                    Some(ev) => others.push(ev),
+                    None => break,
                 }
+                more = true;
             }
-            (ev, g.ep.stats(), g.ep.channel_count())
+            (g.ep.stats(), g.ep.channel_count(), more)
         };
+        for n in notify.drain(..) {
+            let _ = n.write(1);
+        }
         let c = &peer.counters;
         c.frames_sent.store(stats.frames_sent, Ordering::Relaxed);
         c.frames_received
@@ -273,50 +288,56 @@ fn handle_events(svc: &ServiceShared, peer: &Arc<PeerShared>) -> bool {
         c.channels_timed_out
             .store(stats.timed_out_channels, Ordering::Relaxed);
         c.channels_open.store(count as u64, Ordering::Relaxed);
-        let Some(ev) = ev else {
+        c.window_growths
+            .store(stats.window_growths, Ordering::Relaxed);
+        c.window_growths_denied
+            .store(stats.window_growths_denied, Ordering::Relaxed);
+        if !more {
             return dead;
-        };
-        match ev {
-            Event::Changed(_) => {}
-            Event::LinkDead => dead = true,
-            Event::Up { fresh } => info!(peer = %peer.name, fresh, "tunnel up"),
-            Event::IncomingOpen {
-                channel,
-                kind,
-                metadata,
-            } => match svc.acceptor.on_open(&peer.name, &metadata, kind) {
-                Ok(()) => {
-                    let Ok(notify) = EventFd::new(EFD_NONBLOCK) else {
-                        peer.lock().ep.refuse(
-                            channel,
-                            domsock_migration::tunnel::RefusalCode::TooMany,
-                            "no eventfd",
-                        );
-                        continue;
-                    };
-                    let notify = Arc::new(notify);
-                    let ok = {
-                        let mut g = peer.lock();
-                        let ok = g.ep.accept(channel).is_ok();
+        }
+        for ev in others.drain(..) {
+            match ev {
+                Event::Changed(_) => {}
+                Event::LinkDead => dead = true,
+                Event::Up { fresh } => info!(peer = %peer.name, fresh, "tunnel up"),
+                Event::IncomingOpen {
+                    channel,
+                    kind,
+                    metadata,
+                } => match svc.acceptor.on_open(&peer.name, &metadata, kind) {
+                    Ok(()) => {
+                        let Ok(notify) = EventFd::new(EFD_NONBLOCK) else {
+                            peer.lock().ep.refuse(
+                                channel,
+                                domsock_migration::tunnel::RefusalCode::TooMany,
+                                "no eventfd",
+                            );
+                            continue;
+                        };
+                        let notify = Arc::new(notify);
+                        let ok = {
+                            let mut g = peer.lock();
+                            let ok = g.ep.accept(channel).is_ok();
+                            if ok {
+                                g.ends.insert(channel, notify.clone());
+                            }
+                            ok
+                        };
                         if ok {
-                            g.ends.insert(channel, notify.clone());
+                            svc.acceptor.accepted(
+                                ChannelEnd {
+                                    peer: peer.clone(),
+                                    id: channel,
+                                    kind,
+                                    notify,
+                                },
+                                metadata,
+                            );
                         }
-                        ok
-                    };
-                    if ok {
-                        svc.acceptor.accepted(
-                            ChannelEnd {
-                                peer: peer.clone(),
-                                id: channel,
-                                kind,
-                                notify,
-                            },
-                            metadata,
-                        );
                     }
-                }
-                Err(r) => peer.lock().ep.refuse(channel, r.code, &r.text),
-            },
+                    Err(r) => peer.lock().ep.refuse(channel, r.code, &r.text),
+                },
+            }
         }
     }
 }

@@ -5,7 +5,11 @@
 //! Invariants: every byte (and every seqpacket message) an owner reads is the next one its
 //! peer's owner wrote on that channel (nothing skipped, repeated or reordered, across any
 //! number of reconnects); no receiver ever buffers more than it granted and no sender has
-//! more unacknowledged bytes than the window; honest endpoints never see a link error;
+//! more unacknowledged bytes than the window; receive windows grow (autotuning: the clock
+//! moves only on clock events, so most readers look fast) but never past the maximum, a
+//! sender never believes a larger window than its receiver granted, and the windows'
+//! growth beyond the configured size stays within the budget; honest endpoints never see
+//! a link error;
 //! and once the fuzzer's events are spent, a final reconnect and drain delivers every
 //! byte written on the channels still open at both ends.
 
@@ -14,6 +18,10 @@ use crate::tunnel::{ChannelState, Endpoint, EndpointConfig, Event, Millis};
 use std::collections::{BTreeMap, VecDeque};
 
 const BUF_ALLOC: u32 = 3000;
+/// Autotuning's bounds: four times the configured window per channel, and a budget that
+/// the 8 channels' configured windows alone nearly fill.
+const MAX_WINDOW: u32 = 4 * BUF_ALLOC;
+const BUDGET: u64 = 30_000;
 
 fn pattern(ch: ChannelId, from_a: bool, at: u64) -> u8 {
     (at.wrapping_mul(31) ^ (u64::from(ch.0) * 7) ^ (u64::from(from_a) * 0x55)) as u8
@@ -157,7 +165,7 @@ impl Model {
                 }
             }
             ChannelKind::SeqPacket => {
-                let mut big = vec![0u8; BUF_ALLOC as usize];
+                let mut big = vec![0u8; MAX_WINDOW as usize];
                 if let Ok(Some(len)) = self.ep(at_a).recv_msg(ch, &mut big) {
                     let p = self.pairs.get_mut(&ch).expect("pair");
                     let d = if from_a { &mut p.a_to_b } else { &mut p.b_to_a };
@@ -173,20 +181,43 @@ impl Model {
 
     fn check_bounds(&self) {
         for &ch in self.pairs.keys() {
-            for ep in [&self.a, &self.b] {
+            for (ep, peer) in [(&self.a, &self.b), (&self.b, &self.a)] {
                 if let Ok(c) = ep.counters(ch) {
                     assert!(
-                        c.received - c.consumed <= u64::from(BUF_ALLOC),
-                        "{ch:?} buffers {} > window",
-                        c.received - c.consumed
+                        (BUF_ALLOC..=MAX_WINDOW).contains(&c.buf_alloc),
+                        "{ch:?} window {}",
+                        c.buf_alloc
+                    );
+                    assert!(
+                        c.received - c.consumed <= u64::from(c.buf_alloc),
+                        "{ch:?} buffers {} > window {}",
+                        c.received - c.consumed,
+                        c.buf_alloc
                     );
                     assert!(
                         c.sent - c.acked <= u64::from(c.peer_buf_alloc.max(BUF_ALLOC)),
                         "{ch:?} has {} unacknowledged",
                         c.sent - c.acked
                     );
+                    if let Ok(p) = peer.counters(ch) {
+                        assert!(
+                            c.peer_buf_alloc <= p.buf_alloc,
+                            "{ch:?} sender believes {} > granted {}",
+                            c.peer_buf_alloc,
+                            p.buf_alloc
+                        );
+                    }
                 }
             }
+        }
+        for ep in [&self.a, &self.b] {
+            let grown = ep
+                .window_total()
+                .saturating_sub(u64::from(BUF_ALLOC) * ep.channel_count() as u64);
+            assert!(
+                grown <= BUDGET,
+                "windows grew {grown} past the configured ones"
+            );
         }
     }
 }
@@ -202,6 +233,8 @@ fn open_both(ep: &Endpoint, ch: ChannelId) -> bool {
 pub fn tunnel_model(data: &[u8]) {
     let cfg = EndpointConfig {
         buf_alloc_bytes: BUF_ALLOC,
+        max_window_bytes: MAX_WINDOW,
+        window_budget_bytes: BUDGET,
         keepalive_idle_ms: 100,
         keepalive_dead_ms: 1_000,
         resume_timeout_ms: 5_000,

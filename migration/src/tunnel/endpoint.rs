@@ -53,12 +53,24 @@ pub const MAX_MESSAGES_IN_FLIGHT: usize = 4096;
 /// Most stateless answers (REFUSED, CLOSE for unknown channels) waiting to be sent; a peer
 /// that provokes more is cut off.
 const MAX_ORPHAN_FRAMES: usize = MAX_CHANNELS;
+/// How often the endpoint measures the round trip (a PING while up, answered by PONG).
+pub const RTT_PROBE_INTERVAL_MS: u64 = 1_000;
+/// A window grows when its reader took a whole window within two round trips, and at
+/// least within this: the clock's resolution ([`Millis`]), so that a link whose round
+/// trip reads as 0 ms still counts a window taken between two ticks as fast.
+pub const MIN_GROW_WITHIN_MS: u64 = 1;
 
 /// Tunables of one endpoint.
 #[derive(Debug, Clone)]
 pub struct EndpointConfig {
-    /// Receive window granted to the peer on every channel.
+    /// Receive window granted to the peer on every channel when it opens.
     pub buf_alloc_bytes: u32,
+    /// Largest receive window autotuning grows a channel's to (clamped to
+    /// `buf_alloc_bytes..=`[`MAX_WINDOW_BYTES`]; `buf_alloc_bytes` turns autotuning off).
+    pub max_window_bytes: u32,
+    /// A window grows only while the sum of all channels' receive windows towards this
+    /// peer stays within this (windows at `buf_alloc_bytes` are always granted).
+    pub window_budget_bytes: u64,
     /// Send a PING after this long without sending anything.
     pub keepalive_idle_ms: u64,
     /// Declare the connection dead after this long without receiving anything.
@@ -74,6 +86,8 @@ impl Default for EndpointConfig {
     fn default() -> Self {
         Self {
             buf_alloc_bytes: 256 << 10,
+            max_window_bytes: 4 << 20,
+            window_budget_bytes: 64 << 20,
             keepalive_idle_ms: 1_000,
             keepalive_dead_ms: 5_000,
             resume_timeout_ms: 30_000,
@@ -220,9 +234,9 @@ pub struct ChannelCounters {
     pub received: u64,
     /// Bytes the owner has read.
     pub consumed: u64,
-    /// The peer's receive window.
+    /// The peer's receive window (the latest it advertised).
     pub peer_buf_alloc: u32,
-    /// This end's receive window.
+    /// This end's receive window (grown by autotuning from the configured one).
     pub buf_alloc: u32,
 }
 
@@ -241,6 +255,12 @@ pub struct EndpointStats {
     pub timed_out_channels: u64,
     /// Retransmitted bytes after reconnects.
     pub retransmitted_bytes: u64,
+    /// Times a channel's receive window grew (autotuning).
+    pub window_growths: u64,
+    /// Times a channel would have grown but the budget had no room.
+    pub window_growths_denied: u64,
+    /// The smoothed round trip (PING to PONG), in ms; 0 before the first sample.
+    pub srtt_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,6 +307,15 @@ struct Channel {
     consumed: u64,
     advertised_consumed: u64,
     peer_shut_wr: Option<u64>,
+    /// The receive window granted to the peer: it only grows (autotuning), so a sender
+    /// never holds more than the receiver accepts.
+    rx_window: u32,
+    /// How far autotuning may grow `rx_window` (the endpoint's `max_window_bytes`, or
+    /// less for this channel: [`Endpoint::set_max_window`]).
+    max_window: u32,
+    /// Since when, and from which consumed count, the reader is timed for taking a whole
+    /// window (set at the first CREDIT, restarted after each whole window).
+    grow_epoch: Option<(Millis, u64)>,
     // Local half-closes.
     shut_rd: bool,
     shut_wr: Option<u64>,
@@ -297,7 +326,15 @@ struct Channel {
 }
 
 impl Channel {
-    fn new(kind: ChannelKind, ours: bool, phase: Phase, now: Millis, metadata: Vec<u8>) -> Self {
+    fn new(
+        kind: ChannelKind,
+        ours: bool,
+        phase: Phase,
+        now: Millis,
+        metadata: Vec<u8>,
+        rx_window: u32,
+        max_window: u32,
+    ) -> Self {
         Self {
             kind,
             ours,
@@ -316,6 +353,9 @@ impl Channel {
             consumed: 0,
             advertised_consumed: 0,
             peer_shut_wr: None,
+            rx_window,
+            max_window,
+            grow_epoch: None,
             shut_rd: false,
             shut_wr: None,
             ctrl: Ctrl::default(),
@@ -325,13 +365,20 @@ impl Channel {
         }
     }
 
-    /// Records the peer's window; the replay ring is sized by the first one (bounded by
-    /// [`MAX_WINDOW_BYTES`]) and never grows, so a later larger grant is used up to it.
+    /// Records the peer's window (the latest it advertised). The replay ring follows it up
+    /// to [`MAX_WINDOW_BYTES`]: it grows with the window (its bytes move once into the
+    /// larger ring) and never shrinks, so a smaller grant is used up to the grant.
     fn set_peer_window(&mut self, buf_alloc: u32) {
         self.peer_buf_alloc = buf_alloc;
-        if self.tx.capacity() == 0 && self.tx.end() == 0 {
-            self.tx = ReplayBuffer::new(buf_alloc.min(MAX_WINDOW_BYTES) as usize);
+        let want = buf_alloc.min(MAX_WINDOW_BYTES) as usize;
+        if want <= self.tx.capacity() {
+            return;
         }
+        let mut grown = ReplayBuffer::starting_at(want, self.tx.start());
+        let (a, b) = self.tx.slices_from(self.tx.start());
+        grown.record(a);
+        grown.record(b);
+        self.tx = grown;
     }
 
     fn window(&self) -> u64 {
@@ -390,6 +437,10 @@ struct Link {
     ping_due: bool,
     ping_outstanding: bool,
     pong_due: Option<u64>,
+    /// The PING timing the round trip: its nonce and when it went out.
+    probe: Option<(u64, Millis)>,
+    /// When the next round-trip probe is due.
+    next_probe: Millis,
     partial: Vec<u8>,
     /// A DATA frame whose payload is still arriving.
     rx_data: Option<RxData>,
@@ -439,6 +490,8 @@ pub struct Endpoint {
     orphans: VecDeque<Orphan>,
     events: VecDeque<Event>,
     ping_nonce: u64,
+    /// Smoothed round trip of the PING probes (kept across connections).
+    srtt_ms: Option<u64>,
     stats: EndpointStats,
     /// Control frames of one [`Endpoint::poll_transmit_into`] call before they go to the
     /// sink (kept for its allocation).
@@ -456,6 +509,9 @@ impl Endpoint {
         now: Millis,
     ) -> Self {
         cfg.max_channels = cfg.max_channels.clamp(1, MAX_CHANNELS);
+        cfg.max_window_bytes = cfg
+            .max_window_bytes
+            .clamp(cfg.buf_alloc_bytes.min(MAX_WINDOW_BYTES), MAX_WINDOW_BYTES);
         Self {
             next_id: if local_host < peer_host { 2 } else { 1 },
             cfg,
@@ -471,6 +527,7 @@ impl Endpoint {
             orphans: VecDeque::new(),
             events: VecDeque::new(),
             ping_nonce: 0,
+            srtt_ms: None,
             stats: EndpointStats::default(),
             tx_scratch: Vec::new(),
         }
@@ -494,7 +551,15 @@ impl Endpoint {
 
     /// Counters.
     pub fn stats(&self) -> EndpointStats {
-        self.stats
+        EndpointStats {
+            srtt_ms: self.srtt_ms.unwrap_or(0),
+            ..self.stats
+        }
+    }
+
+    /// The sum of all channels' receive windows (what the budget bounds).
+    pub fn window_total(&self) -> u64 {
+        self.channels.values().map(|c| u64::from(c.rx_window)).sum()
     }
 
     /// Channels held (including those still closing).
@@ -514,6 +579,8 @@ impl Endpoint {
             ping_due: false,
             ping_outstanding: false,
             pong_due: None,
+            probe: None,
+            next_probe: now,
             partial: Vec::new(),
             rx_data: None,
         });
@@ -594,6 +661,51 @@ impl Endpoint {
         self.mark_changed(id);
     }
 
+    /// Receive-window autotuning, run when a CREDIT is about to go out. The reader is
+    /// timed over each whole window it takes; a window taken within two round trips (at
+    /// least [`MIN_GROW_WITHIN_MS`]) means the window, not the reader, limits the
+    /// channel, so it doubles, up to `max_window_bytes` and as far as the budget allows.
+    /// A reader that takes nothing, or takes a window slower than that, never grows its
+    /// window; a grown window stays until the channel ends (it is never shrunk, so the
+    /// sender never holds more than this end accepts).
+    fn autotune(&mut self, id: ChannelId, now: Millis) {
+        let within = self
+            .srtt_ms
+            .unwrap_or(0)
+            .saturating_mul(2)
+            .max(MIN_GROW_WITHIN_MS);
+        let Some(c) = self.channels.get_mut(&id) else {
+            return;
+        };
+        let max = c.max_window;
+        if c.phase != Phase::Open || c.shut_rd {
+            return;
+        }
+        let Some((since, from)) = c.grow_epoch else {
+            c.grow_epoch = Some((now, c.consumed));
+            return;
+        };
+        if c.consumed - from < u64::from(c.rx_window) {
+            return;
+        }
+        c.grow_epoch = Some((now, c.consumed));
+        let old = c.rx_window;
+        if now.0.saturating_sub(since.0) > within || old >= max {
+            return;
+        }
+        let others = self.window_total() - u64::from(old);
+        let room = self.cfg.window_budget_bytes.saturating_sub(others);
+        let new = u64::from(old.saturating_mul(2).min(max)).min(room) as u32;
+        if new <= old {
+            self.stats.window_growths_denied += 1;
+            return;
+        }
+        self.stats.window_growths += 1;
+        if let Some(c) = self.channels.get_mut(&id) {
+            c.rx_window = new;
+        }
+    }
+
     fn violation(&mut self, id: ChannelId) {
         self.stats.violations += 1;
         self.kill(
@@ -630,7 +742,15 @@ impl Endpoint {
         let id = ChannelId(id);
         self.channels.insert(
             id,
-            Channel::new(kind, true, Phase::Opening, now, metadata.to_vec()),
+            Channel::new(
+                kind,
+                true,
+                Phase::Opening,
+                now,
+                metadata.to_vec(),
+                self.cfg.buf_alloc_bytes,
+                self.cfg.max_window_bytes,
+            ),
         );
         self.queue_ctrl(id, |c| c.open = true);
         Ok(id)
@@ -698,7 +818,7 @@ impl Endpoint {
             received: c.received,
             consumed: c.consumed,
             peer_buf_alloc: c.peer_buf_alloc,
-            buf_alloc: self.cfg.buf_alloc_bytes,
+            buf_alloc: c.rx_window,
         })
     }
 
@@ -724,6 +844,17 @@ impl Endpoint {
         if c.peer_shut_rd || c.shut_wr.is_some() {
             return Err(ChannelError::BrokenPipe);
         }
+        Ok(())
+    }
+
+    /// Caps how far autotuning grows this channel's receive window (for an owner that
+    /// must bound what the peer keeps in flight towards it, e.g. a relay whose handoff
+    /// carries those bytes). A window already larger stays as it is (windows never
+    /// shrink); `bytes` at or below the configured window turns autotuning off for the
+    /// channel.
+    pub fn set_max_window(&mut self, id: ChannelId, bytes: u32) -> Result<(), ChannelError> {
+        let c = self.get_mut(id)?;
+        c.max_window = bytes.clamp(c.rx_window, MAX_WINDOW_BYTES);
         Ok(())
     }
 
@@ -785,10 +916,10 @@ impl Endpoint {
     }
 
     fn consumed(&mut self, id: ChannelId, n: usize) {
-        let buf_alloc = u64::from(self.cfg.buf_alloc_bytes);
         let Some(c) = self.channels.get_mut(&id) else {
             return;
         };
+        let buf_alloc = u64::from(c.rx_window);
         c.consumed += n as u64;
         let unadvertised = c.consumed - c.advertised_consumed;
         if unadvertised > 0
@@ -933,6 +1064,9 @@ impl Endpoint {
             if l.hello_received && !l.ping_outstanding {
                 min(l.last_tx.plus(self.cfg.keepalive_idle_ms));
             }
+            if l.hello_received && l.probe.is_none() && !l.ping_due {
+                min(l.next_probe);
+            }
             if !l.hello_received {
                 min(l.started.plus(self.cfg.keepalive_dead_ms));
             }
@@ -957,6 +1091,9 @@ impl Endpoint {
             let dead = now >= l.last_rx.plus(dead_ms)
                 || (!l.hello_received && now >= l.started.plus(dead_ms));
             if !dead && l.hello_received && !l.ping_outstanding && now >= l.last_tx.plus(idle_ms) {
+                l.ping_due = true;
+            }
+            if !dead && l.hello_received && l.probe.is_none() && now >= l.next_probe {
                 l.ping_due = true;
             }
             if dead {
@@ -1097,7 +1234,19 @@ impl Endpoint {
         match f {
             Frame::Hello { .. } => unreachable!("handled above"),
             Frame::Ping { nonce } => link.pong_due = Some(nonce),
-            Frame::Pong { .. } => link.ping_outstanding = false,
+            Frame::Pong { nonce } => {
+                link.ping_outstanding = false;
+                if let Some((probe, sent)) = link.probe {
+                    if probe == nonce {
+                        link.probe = None;
+                        let sample = now.0.saturating_sub(sent.0);
+                        self.srtt_ms = Some(match self.srtt_ms {
+                            None => sample,
+                            Some(s) => (7 * s + sample).div_ceil(8),
+                        });
+                    }
+                }
+            }
             Frame::Open {
                 channel,
                 kind,
@@ -1118,8 +1267,15 @@ impl Endpoint {
                         ))?;
                     }
                     None => {
-                        let mut c =
-                            Channel::new(kind, false, Phase::AwaitingAccept, now, Vec::new());
+                        let mut c = Channel::new(
+                            kind,
+                            false,
+                            Phase::AwaitingAccept,
+                            now,
+                            Vec::new(),
+                            self.cfg.buf_alloc_bytes,
+                            self.cfg.max_window_bytes,
+                        );
                         c.set_peer_window(buf_alloc);
                         self.channels.insert(channel, c);
                         self.events.push_back(Event::IncomingOpen {
@@ -1265,7 +1421,6 @@ impl Endpoint {
     /// Whether a DATA frame of `len` payload bytes at `offset` is taken; a frame that
     /// breaks the channel's protocol resets the channel.
     fn data_accepted(&mut self, id: ChannelId, offset: u64, eor: bool, len: usize) -> bool {
-        let buf_alloc = u64::from(self.cfg.buf_alloc_bytes);
         let Some(c) = self.channels.get_mut(&id) else {
             return false;
         };
@@ -1278,7 +1433,7 @@ impl Endpoint {
             }
         }
         let len = len as u64;
-        let over = c.received - c.consumed + len > buf_alloc;
+        let over = c.received - c.consumed + len > u64::from(c.rx_window);
         let past_end = c.peer_shut_wr.is_some_and(|e| c.received + len > e);
         let too_many = eor && c.rx_msg_ends.len() >= MAX_MESSAGES_IN_FLIGHT;
         if offset != c.received || over || past_end || too_many {
@@ -1488,6 +1643,10 @@ impl Endpoint {
             link.ping_due = false;
             link.ping_outstanding = true;
             self.ping_nonce += 1;
+            if link.probe.is_none() {
+                link.probe = Some((self.ping_nonce, now));
+                link.next_probe = now.plus(RTT_PROBE_INTERVAL_MS);
+            }
             Frame::Ping {
                 nonce: self.ping_nonce,
             }
@@ -1513,7 +1672,10 @@ impl Endpoint {
             let Some(id) = self.ctrl_queue.pop_front() else {
                 break;
             };
-            let buf_alloc = self.cfg.buf_alloc_bytes;
+            let open_window = self.cfg.buf_alloc_bytes;
+            if self.channels.get(&id).is_some_and(|c| c.ctrl.credit) {
+                self.autotune(id, now);
+            }
             let Some(c) = self.channels.get_mut(&id) else {
                 continue;
             };
@@ -1524,7 +1686,7 @@ impl Endpoint {
                 Frame::Open {
                     channel: id,
                     kind: c.kind,
-                    buf_alloc,
+                    buf_alloc: open_window,
                     metadata: &c.metadata,
                 }
                 .encode(out);
@@ -1533,7 +1695,7 @@ impl Endpoint {
             if ctl.opened && c.phase == Phase::Open {
                 Frame::Opened {
                     channel: id,
-                    buf_alloc,
+                    buf_alloc: c.rx_window,
                 }
                 .encode(out);
                 n += 1;
@@ -1544,7 +1706,7 @@ impl Endpoint {
                     channel: id,
                     received: c.received,
                     consumed: c.consumed,
-                    buf_alloc,
+                    buf_alloc: c.rx_window,
                 }
                 .encode(out);
                 n += 1;

@@ -34,6 +34,21 @@
 //! read them, and the sender keeps unacknowledged bytes in a
 //! [`crate::session::replay::ReplayBuffer`] (its size is the credit window).
 //!
+//! **Window autotuning.** A channel's receive window starts at `buf_alloc_bytes` (256
+//! KiB) and the receiver doubles it, up to `max_window_bytes` (4 MiB), when its owner
+//! reads a whole window within two round trips (at least 1 ms, the clock's resolution):
+//! then the window, not the reader, limits the channel (its throughput is at most one
+//! window per credit round trip). A window grows only while the sum of all channels'
+//! windows towards the peer stays within `window_budget_bytes` (64 MiB; windows at the
+//! configured size are always granted). A reader that reads nothing never grows its
+//! window, a slow one neither, and a grown window is never shrunk (the channel gives its
+//! share back when it ends), so the receiver's bound is always the largest window it
+//! advertised. The round trip is the smoothed time from PING to PONG: the endpoint sends
+//! a PING at least every [`endpoint::RTT_PROBE_INTERVAL_MS`] while up. The sender learns
+//! the window from every CREDIT (`buf_alloc`, a field of version 1: a version-1 peer
+//! that never grows is understood, and one that ignores growth just uses less); its
+//! replay ring grows with it, up to [`endpoint::MAX_WINDOW_BYTES`].
+//!
 //! **Resumption.** Every channel is identified by (tunnel peer, channel id) and carries
 //! absolute stream offsets (DATA carries its offset), so "continue channel X at offset N"
 //! is the only operation a reconnect needs (and what a later re-attach on another host

@@ -12,6 +12,10 @@ struct Net {
 fn cfg() -> EndpointConfig {
     EndpointConfig {
         buf_alloc_bytes: 4096,
+        // Autotuning off: these tests count credit in fixed windows (the autotuning tests
+        // below turn it on).
+        max_window_bytes: 4096,
+        window_budget_bytes: 1 << 20,
         keepalive_idle_ms: 100,
         keepalive_dead_ms: 1_000,
         resume_timeout_ms: 3_000,
@@ -559,4 +563,282 @@ fn model_under_random_events() {
             panic!("model failed at round {round} (input in /tmp/tunnel-model-fail-{round})");
         }
     }
+}
+
+// ---- receive-window autotuning ------------------------------------------------------
+
+const BASE: u32 = 4096;
+
+fn tuned(max_window_bytes: u32, window_budget_bytes: u64) -> EndpointConfig {
+    EndpointConfig {
+        max_window_bytes,
+        window_budget_bytes,
+        ..cfg()
+    }
+}
+
+fn tuned_net(max_window_bytes: u32, window_budget_bytes: u64) -> Net {
+    let c = tuned(max_window_bytes, window_budget_bytes);
+    let mut n = Net {
+        a: Endpoint::new(c.clone(), "a", "b", Incarnation([1; 16]), Millis(0)),
+        b: Endpoint::new(c, "b", "a", Incarnation([2; 16]), Millis(0)),
+        now: Millis(0),
+    };
+    n.reconnect();
+    n.pump();
+    n
+}
+
+fn pattern_byte(i: u64) -> u8 {
+    (i.wrapping_mul(0x9e37_79b9) >> 7) as u8
+}
+
+/// Writes `total` pattern bytes on `ch` (A to B), B reading everything each turn, the
+/// clock moving `step_ms` per turn; checks every byte; returns the most A had
+/// unacknowledged at once.
+fn stream(n: &mut Net, ch: ChannelId, from: u64, total: u64, step_ms: u64) -> u64 {
+    let mut written = from;
+    let mut read = from;
+    let mut most_in_flight = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut idle_turns = 0;
+    while read < from + total {
+        let before = read;
+        let chunk: Vec<u8> = (written..from + total)
+            .take(1 << 16)
+            .map(pattern_byte)
+            .collect();
+        if !chunk.is_empty() {
+            written += n.a.write(ch, &chunk).unwrap_or(0) as u64;
+        }
+        let c = n.a.counters(ch).unwrap();
+        most_in_flight = most_in_flight.max(c.sent - c.acked);
+        n.pump();
+        while let Ok(k) = n.b.read(ch, &mut buf) {
+            for (i, &b) in buf[..k].iter().enumerate() {
+                assert_eq!(b, pattern_byte(read + i as u64), "byte {}", read + i as u64);
+            }
+            read += k as u64;
+        }
+        n.pump();
+        n.now = Millis(n.now.0 + step_ms);
+        n.a.handle_timeout(n.now);
+        n.b.handle_timeout(n.now);
+        idle_turns = if read == before { idle_turns + 1 } else { 0 };
+        assert!(
+            idle_turns < 100,
+            "{ch:?} stuck at {read}: {:?}",
+            n.b.state(ch)
+        );
+    }
+    most_in_flight
+}
+
+#[test]
+fn a_reader_that_keeps_up_grows_its_window_and_the_sender_uses_it() {
+    let mut n = tuned_net(8 * BASE, 1 << 20);
+    let ch = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    n.pump();
+    assert_eq!(n.b.counters(ch).unwrap().buf_alloc, BASE);
+    // The clock does not move: every window is taken at once.
+    let in_flight = stream(&mut n, ch, 0, 40 * u64::from(BASE), 0);
+    let (rx, tx) = (n.b.counters(ch).unwrap(), n.a.counters(ch).unwrap());
+    assert_eq!(rx.buf_alloc, 8 * BASE, "doubled up to the maximum");
+    assert_eq!(
+        tx.peer_buf_alloc,
+        8 * BASE,
+        "the sender learned it from CREDIT"
+    );
+    assert_eq!(
+        in_flight,
+        u64::from(8 * BASE),
+        "and kept the whole window in flight"
+    );
+    assert_eq!(n.b.stats().window_growths, 3);
+    assert_eq!(n.b.window_total(), u64::from(8 * BASE));
+    // The other direction's window is its own.
+    assert_eq!(n.a.counters(ch).unwrap().buf_alloc, BASE);
+    assert_eq!(n.a.write_room(ch), 8 * BASE as usize);
+}
+
+#[test]
+fn a_reader_slower_than_two_round_trips_keeps_the_configured_window() {
+    let mut n = tuned_net(8 * BASE, 1 << 20);
+    let ch = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    n.pump();
+    // Half a window per 5 ms turn, read in two quarter-window pieces whose CREDITs go out
+    // at the same instant: the reader takes a whole window over 10 ms, and the round
+    // trip reads 0 ms.
+    let quarter = BASE as usize / 4;
+    let (mut written, mut read) = (0u64, 0u64);
+    let mut buf = vec![0u8; quarter];
+    for _ in 0..40 {
+        let half: Vec<u8> = (written..written + 2 * quarter as u64)
+            .map(pattern_byte)
+            .collect();
+        written += n.a.write(ch, &half).unwrap() as u64;
+        n.pump();
+        for _ in 0..2 {
+            let k = n.b.read(ch, &mut buf).unwrap();
+            for (i, &b) in buf[..k].iter().enumerate() {
+                assert_eq!(b, pattern_byte(read + i as u64));
+            }
+            read += k as u64;
+            n.pump();
+        }
+        n.now = Millis(n.now.0 + 5);
+        n.a.handle_timeout(n.now);
+        n.b.handle_timeout(n.now);
+    }
+    assert_eq!(
+        (read, written),
+        (20 * u64::from(BASE), 20 * u64::from(BASE))
+    );
+    assert_eq!(n.b.stats().srtt_ms, 0);
+    assert_eq!(n.b.counters(ch).unwrap().buf_alloc, BASE);
+    assert_eq!(n.b.stats().window_growths, 0);
+}
+
+#[test]
+fn a_stalled_channel_never_grows_and_a_grown_one_that_stalls_holds_its_window() {
+    let mut n = tuned_net(8 * BASE, 1 << 20);
+    let stalled = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    let busy = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    n.pump();
+    let block = vec![7u8; 100_000];
+    assert_eq!(n.a.write(stalled, &block), Ok(BASE as usize));
+    stream(&mut n, busy, 0, 40 * u64::from(BASE), 0);
+    assert_eq!(n.b.counters(busy).unwrap().buf_alloc, 8 * BASE);
+    let c = n.b.counters(stalled).unwrap();
+    assert_eq!(
+        (c.buf_alloc, c.received, c.consumed),
+        (BASE, u64::from(BASE), 0)
+    );
+    assert_eq!(n.a.write(stalled, &block), Err(ChannelError::WouldBlock));
+    // The grown channel's reader stops: it buffers its grown window and no more.
+    n.a.write(busy, &block).unwrap();
+    for _ in 0..20 {
+        let _ = n.a.write(busy, &block);
+        n.pump();
+    }
+    let c = n.b.counters(busy).unwrap();
+    assert_eq!(c.buf_alloc, 8 * BASE);
+    assert_eq!(c.received - c.consumed, u64::from(8 * BASE));
+    let t = n.a.counters(busy).unwrap();
+    assert_eq!(t.sent - t.acked, u64::from(8 * BASE));
+    assert_eq!(n.b.stats().violations + n.a.stats().violations, 0);
+}
+
+#[test]
+fn the_budget_bounds_the_sum_of_windows() {
+    // Two fast channels, room for ten base windows in all.
+    let budget = 10 * u64::from(BASE);
+    let mut n = tuned_net(16 * BASE, budget);
+    let x = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    let y = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    n.pump();
+    // Taking turns, so both grow (the budget goes to whichever asks first).
+    let turn = 4 * u64::from(BASE);
+    for i in 0..20 {
+        for ch in [x, y] {
+            stream(&mut n, ch, i * turn, turn, 0);
+        }
+        assert!(n.b.window_total() <= budget, "{}", n.b.window_total());
+    }
+    let (wx, wy) = (
+        n.b.counters(x).unwrap().buf_alloc,
+        n.b.counters(y).unwrap().buf_alloc,
+    );
+    assert_eq!(
+        u64::from(wx + wy),
+        budget,
+        "grown to the budget: {wx} + {wy}"
+    );
+    assert!(wx > BASE && wy > BASE, "both grew: {wx} {wy}");
+    assert!(n.b.stats().window_growths_denied > 0);
+    // A new channel still gets the configured window, and cannot grow past the budget.
+    let z = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    n.pump();
+    stream(&mut n, z, 0, 16 * u64::from(BASE), 0);
+    assert_eq!(n.b.counters(z).unwrap().buf_alloc, BASE);
+    // When a grown channel ends, its share goes back to the budget.
+    n.a.close(x);
+    n.pump();
+    n.b.close(x);
+    stream(&mut n, z, 16 * u64::from(BASE), 16 * u64::from(BASE), 0);
+    assert!(n.b.counters(z).unwrap().buf_alloc > BASE);
+    assert!(n.b.window_total() <= budget);
+}
+
+#[test]
+fn the_round_trip_is_measured_and_a_long_one_lets_a_slower_reader_grow() {
+    let mut n = tuned_net(8 * BASE, 1 << 20);
+    let ch = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    n.pump();
+    // B probes; A answers 20 ms later; the answer takes 20 ms more.
+    n.b.handle_timeout(n.now);
+    let mut ping = Vec::new();
+    n.b.poll_transmit(n.now, &mut ping, 1 << 20);
+    assert!(matches!(
+        wire::decode(&ping),
+        Ok(Some((Frame::Ping { .. }, _)))
+    ));
+    n.now = Millis(n.now.0 + 20);
+    n.a.handle_bytes(n.now, &ping).unwrap();
+    let mut pong = Vec::new();
+    n.a.poll_transmit(n.now, &mut pong, 1 << 20);
+    n.now = Millis(n.now.0 + 20);
+    n.b.handle_bytes(n.now, &pong).unwrap();
+    assert_eq!(n.b.stats().srtt_ms, 40);
+    // A window per 5 ms is well within two 40 ms round trips.
+    stream(&mut n, ch, 0, 40 * u64::from(BASE), 5);
+    assert_eq!(n.b.counters(ch).unwrap().buf_alloc, 8 * BASE);
+}
+
+#[test]
+fn a_grown_window_resumes_exactly_and_its_replay_covers_it() {
+    let mut n = tuned_net(8 * BASE, 1 << 20);
+    let ch = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    n.pump();
+    let total = 40 * u64::from(BASE);
+    stream(&mut n, ch, 0, total, 0);
+    assert_eq!(n.a.counters(ch).unwrap().peer_buf_alloc, 8 * BASE);
+    // A whole grown window in flight, half of it delivered, then the TCP connection
+    // goes.
+    let data: Vec<u8> = (total..total + u64::from(8 * BASE))
+        .map(pattern_byte)
+        .collect();
+    assert_eq!(n.a.write(ch, &data), Ok(data.len()));
+    assert_eq!(n.a.unacked_from(ch, total).as_deref(), Some(&data[..]));
+    let mut out = Vec::new();
+    n.a.poll_transmit(n.now, &mut out, 1 << 20);
+    n.b.handle_bytes(n.now, &out[..out.len() / 2]).unwrap();
+    let mut got = drain(&mut n.b, ch);
+    n.reconnect();
+    n.pump();
+    got.extend(drain(&mut n.b, ch));
+    assert_eq!(got, data);
+    assert!(n.a.stats().retransmitted_bytes > 0);
+    assert_eq!(n.b.counters(ch).unwrap().buf_alloc, 8 * BASE);
+}
+
+#[test]
+fn a_channel_capped_by_its_owner_grows_no_further() {
+    let mut n = tuned_net(8 * BASE, 1 << 20);
+    let capped = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    let free = n.a.open(ChannelKind::Stream, b"", n.now).unwrap();
+    n.pump();
+    n.b.set_max_window(capped, 2 * BASE).unwrap();
+    stream(&mut n, capped, 0, 40 * u64::from(BASE), 0);
+    stream(&mut n, free, 0, 40 * u64::from(BASE), 0);
+    assert_eq!(n.b.counters(capped).unwrap().buf_alloc, 2 * BASE);
+    assert_eq!(n.b.counters(free).unwrap().buf_alloc, 8 * BASE);
+    // A cap below the window it has keeps that window (windows never shrink).
+    n.b.set_max_window(free, BASE).unwrap();
+    stream(&mut n, free, 40 * u64::from(BASE), 8 * u64::from(BASE), 0);
+    assert_eq!(n.b.counters(free).unwrap().buf_alloc, 8 * BASE);
+    assert_eq!(
+        n.b.set_max_window(ChannelId(999), BASE),
+        Err(ChannelError::Unknown(ChannelId(999)))
+    );
 }

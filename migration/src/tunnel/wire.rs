@@ -32,6 +32,13 @@
 //! PONG    10  nonce le64 (the PING's)
 //! ```
 //!
+//! `buf_alloc` in OPEN, OPENED and CREDIT is the sender's receive window for the channel
+//! at that moment. It may grow during the channel's life (window autotuning) and is
+//! never lowered below a value already advertised: a sender uses the latest one it has,
+//! and a receiver accepts up to the largest one it sent. A version-1 receiver that keeps
+//! one window, and a version-1 sender that sizes its replay by the first window and uses
+//! no more, are both correct peers, so the format and its version stay 1.
+//!
 //! Decoding is done once, at the trust boundary: [`decode`] either returns a complete,
 //! validated frame and the bytes it used, says it needs more bytes (`Ok(None)`, never more
 //! than [`MAX_FRAME_LEN`] in all), or names what is wrong. What this module does not do:
