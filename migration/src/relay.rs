@@ -19,6 +19,27 @@
 //!               CLOSE (channel) ----------------------->   (the old channel ends)
 //! ```
 //!
+//! **Joining a sibling pair.** A session between two guests X and Y of one host is a
+//! socket pair there (its home): X's session Sx holds one end, Y's session Sy (Y accepted
+//! through a session listener) the other. When both guests run on another host B, the
+//! home has two home relays to B and sends JOIN on both channels; B swaps both engines'
+//! host ends to placeholders at once, drains both old paths through the home, and gives
+//! each engine a fresh local pair (the bytes that were in flight go to the guests first):
+//!
+//! ```text
+//!  home A (px <-> py pair)                    host B (X and Y run here)
+//!  hx ---- JOIN{Sy, dialer, port} ------------> gx \  both JOINs here, policy X->Y at B:
+//!  hy ---- JOIN{Sx, acceptor, port} ----------> gy /  both engines -> placeholders q
+//!     <-- DATA (what X's engine wrote) ... END -- gx   (old pair end read to EOF)
+//!  hx: write to px, shut px; hy: px's bytes to cy, then END (py read to EOF)
+//!  hy -- DATA (X's bytes via px/py) ... END ---> gy   (held: they go to Y first)
+//!     (and the same Y -> X)
+//!                                              B: both held to END: a fresh pair (nx, ny),
+//!                                              engines swap q -> n with the held bytes (and
+//!                                              what they wrote into q meanwhile) in front
+//!  both channels close; A's home relays end; the pair's home is B now
+//! ```
+//!
 //! The session state travels with the guest; the host end never moves, so a route is
 //! always one channel long however often the guest moves.
 //!
@@ -53,7 +74,11 @@
 //! | 3 | IMPORTED | guest side -> home | empty |
 //! | 4 | HANDOFF | guest side -> home | `taken` u64, host-name length u8 + name, `pending` length u32 + bytes (<= [`MAX_PENDING`]), snapshot |
 //! | 6 | FAILED | guest side -> home | a UTF-8 sentence (<= 256 bytes): the import was refused |
+//! | 7 | JOIN | home -> guest side | partner session id (16), role u8 (1 dialer, 2 acceptor), guest port u32 |
+//! | 8 | END | both | empty: no more DATA from this side for the join (the stream itself goes on) |
 //!
+//! Version 2 added JOIN and END; a version-1 peer refuses the channel's OPEN, so an
+//! export to it fails cleanly instead of a JOIN breaking a running session.
 //! Flags must be zero. Anything else is an error for that channel only.
 //!
 //! What it does not do: decide whether a domain may receive the session (the acceptor
@@ -65,7 +90,7 @@ use domsock_proto::SocketType;
 use thiserror::Error;
 
 /// Protocol version.
-pub const RELAY_VERSION: u8 = 1;
+pub const RELAY_VERSION: u8 = 2;
 /// Frame header length.
 pub const FRAME_HEADER_LEN: usize = 8;
 /// Largest DATA payload (the largest seqpacket message a session carries fits).
@@ -85,6 +110,9 @@ const KIND_DATA: u8 = 2;
 const KIND_IMPORTED: u8 = 3;
 const KIND_HANDOFF: u8 = 4;
 const KIND_FAILED: u8 = 6;
+const KIND_JOIN: u8 = 7;
+const KIND_END: u8 = 8;
+const JOIN_LEN: usize = 16 + 1 + 4;
 
 /// Why bytes are not valid relay metadata or a valid frame.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
@@ -251,6 +279,8 @@ fn limit(kind: u8, max_tail: usize) -> Option<usize> {
         KIND_IMPORTED => 0,
         KIND_HANDOFF => 8 + 1 + MAX_NAME + 4 + MAX_PENDING + snapshot,
         KIND_FAILED => MAX_REASON,
+        KIND_JOIN => JOIN_LEN,
+        KIND_END => 0,
         _ => return None,
     })
 }
@@ -305,6 +335,27 @@ pub enum Frame<'a> {
     },
     /// The import the SNAPSHOT asked for was refused.
     Failed(String),
+    /// This session and `partner` are the two halves of one sibling socket pair at the
+    /// home, and both guests run on the receiving host: join them there.
+    Join {
+        /// The other half.
+        partner: SessionId,
+        /// This half's role.
+        role: PairRole,
+        /// The guest port the dialer reached.
+        port: u32,
+    },
+    /// No more DATA follows from this side for a join.
+    End,
+}
+
+/// Which half of a sibling pair a session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PairRole {
+    /// The session of the guest that opened it (OPEN naming the sibling).
+    Dialer,
+    /// The session of the guest that accepted it (through a session listener).
+    Acceptor,
 }
 
 fn header(kind: u8, len: usize, out: &mut Vec<u8>) {
@@ -348,6 +399,20 @@ impl Frame<'_> {
                 out.extend_from_slice(pending);
                 out.extend_from_slice(&b);
             }
+            Frame::Join {
+                partner,
+                role,
+                port,
+            } => {
+                header(KIND_JOIN, JOIN_LEN, out);
+                out.extend_from_slice(&partner.0);
+                out.push(match role {
+                    PairRole::Dialer => 1,
+                    PairRole::Acceptor => 2,
+                });
+                out.extend_from_slice(&port.to_le_bytes());
+            }
+            Frame::End => header(KIND_END, 0, out),
             Frame::Failed(why) => {
                 let mut n = why.len().min(MAX_REASON);
                 while !why.is_char_boundary(n) {
@@ -396,19 +461,41 @@ pub fn decode<'a>(
             }
         }
         KIND_FAILED => Frame::Failed(String::from_utf8_lossy(payload).into_owned()),
+        KIND_JOIN => {
+            let mut buf = payload;
+            let partner = SessionId(take(&mut buf, 16)?.try_into().expect("16 bytes"));
+            let role = match take(&mut buf, 1)?[0] {
+                1 => PairRole::Dialer,
+                2 => PairRole::Acceptor,
+                _ => return Err(RelayError::Invalid("pair role")),
+            };
+            let port = u32::from_le_bytes(take(&mut buf, 4)?.try_into().expect("4 bytes"));
+            if !buf.is_empty() {
+                return Err(RelayError::Invalid("trailing bytes"));
+            }
+            Frame::Join {
+                partner,
+                role,
+                port,
+            }
+        }
+        KIND_END => Frame::End,
         other => return Err(RelayError::UnknownKind(other)),
     })
 }
 
 /// Splits DATA frames out of `bytes` (frames this side encoded, resent after a handoff):
-/// their payloads in order. Stops at the first frame that is not DATA or is incomplete.
+/// their payloads in order; other whole frames among them (a JOIN queued for the old
+/// channel) are skipped. Stops at the first incomplete or invalid frame.
 pub fn data_payloads(mut bytes: &[u8]) -> Vec<&[u8]> {
     let mut out = Vec::new();
     while let Ok(Some(h)) = parse_header(bytes, 0) {
-        if h.kind != KIND_DATA || bytes.len() < h.frame_len() {
+        if bytes.len() < h.frame_len() {
             break;
         }
-        out.push(&bytes[FRAME_HEADER_LEN..h.frame_len()]);
+        if h.kind == KIND_DATA {
+            out.push(&bytes[FRAME_HEADER_LEN..h.frame_len()]);
+        }
         bytes = &bytes[h.frame_len()..];
     }
     out
@@ -473,8 +560,8 @@ mod tests {
         assert_eq!(&b[..4], b"DSRL");
         assert_eq!(RelayOpen::decode(&b).unwrap(), m);
         let mut bad = b.clone();
-        bad[4] = 2;
-        assert_eq!(RelayOpen::decode(&bad), Err(RelayError::Version(2)));
+        bad[4] = 1;
+        assert_eq!(RelayOpen::decode(&bad), Err(RelayError::Version(1)));
         let mut bad = b.clone();
         bad[5] = 3;
         assert_eq!(
@@ -501,6 +588,36 @@ mod tests {
         assert_eq!(d[..FRAME_HEADER_LEN], Frame::data_header(3));
         roundtrip(&Frame::Imported);
         roundtrip(&Frame::Failed("domain not expected here".into()));
+        let j = roundtrip(&Frame::Join {
+            partner: SessionId([5; 16]),
+            role: PairRole::Acceptor,
+            port: 5000,
+        });
+        assert_eq!(j.len(), FRAME_HEADER_LEN + 21);
+        roundtrip(&Frame::Join {
+            partner: SessionId([6; 16]),
+            role: PairRole::Dialer,
+            port: u32::MAX,
+        });
+        roundtrip(&Frame::End);
+        let mut bad = j.clone();
+        bad[FRAME_HEADER_LEN + 16] = 3;
+        let h = parse_header(&bad, 0).unwrap().unwrap();
+        assert_eq!(
+            decode(h, &bad[FRAME_HEADER_LEN..], 0),
+            Err(RelayError::Invalid("pair role"))
+        );
+        let mut long = j.clone();
+        long[4..8].copy_from_slice(&22u32.to_le_bytes());
+        long.push(0);
+        assert!(matches!(
+            parse_header(&long, 0),
+            Err(RelayError::TooLong { .. })
+        ));
+        let mut end = Vec::new();
+        Frame::End.encode(&mut end);
+        end[4] = 1;
+        assert!(parse_header(&end, 0).is_err());
         roundtrip(&Frame::Handoff {
             to: "host-c".into(),
             taken: 12345,
@@ -552,10 +669,20 @@ mod tests {
         let mut out = Vec::new();
         Frame::Data(b"one").encode(&mut out);
         Frame::Data(b"two!").encode(&mut out);
+        Frame::Join {
+            partner: SessionId([1; 16]),
+            role: PairRole::Dialer,
+            port: 1,
+        }
+        .encode(&mut out);
+        Frame::Data(b"after").encode(&mut out);
         let mut partial = out.clone();
         Frame::Data(b"three").encode(&mut partial);
         partial.truncate(partial.len() - 2);
-        assert_eq!(data_payloads(&partial), vec![&b"one"[..], &b"two!"[..]]);
+        assert_eq!(
+            data_payloads(&partial),
+            vec![&b"one"[..], &b"two!"[..], &b"after"[..]]
+        );
     }
 
     #[test]
