@@ -2086,7 +2086,24 @@ fn pump_both(
     }
 }
 
-/// Moves domain `vm` (index `i` in each host's list) from `from` to `to` as `domsock
+/// Runs `f` while `g`'s end keeps sending (up to `limit`) and reading in another thread.
+fn pumping_while<R>(g: &mut UserGuest, e: &mut SiblingEnd, limit: usize, f: impl FnOnce() -> R) -> R {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    thread::scope(|sc| {
+        sc.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if !e.step(g, limit) {
+                    let _ = g.poll(Some(Duration::from_millis(1)));
+                }
+            }
+        });
+        let r = f();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    })
+}
+
+/// Moves domain `vm` from `from` to `to` as `domsock
 /// migrate` does: adopt, the frontend gone, export (one session). The guest resumes later.
 fn move_domain(lab: &RelayLab, vm: &str, from: (&str, &Backend), to: &str, disconnects: usize) {
     admin_ok(
@@ -2117,12 +2134,13 @@ fn settle(lab: &RelayLab, h: &str, relays: usize) -> serde_json::Value {
 /// group) run on host a; X opens a session to Y's session listener, so both halves of the
 /// pair are sessions. Both stream to each other all along, every byte checked:
 /// - X moves a -> b: its half is relayed (a's home relay, b's guest relay);
-/// - Y stops reading (its buffers fill), then moves a -> b too: a sends JOIN on both
-///   channels, b joins the pair: no relay is left on a or b, every channel closed, the
-///   pair is local on b;
+/// - Y moves a -> b too while X keeps sending and reading on b: a sends JOIN on both
+///   channels, b joins the pair (X's engine writes into its placeholder meanwhile): no
+///   relay is left on a or b, every channel closed, the pair is local on b;
 /// - X and Y both move b -> c before either resumes (both parked at c during the join):
 ///   joined again on c, with b as the pair's home now (re-rooting);
-/// - X moves c -> a, Y follows: joined on a.
+/// - X moves c -> a; Y stops reading (every buffer towards it fills), then follows:
+///   joined on a with all those bytes in flight.
 #[test]
 fn a_sibling_pair_is_joined_again_when_both_guests_run_on_one_host() {
     const PORT: u32 = 6100;
@@ -2264,30 +2282,17 @@ fn a_sibling_pair_is_joined_again_when_both_guests_run_on_one_host() {
     let rb = settle(&lab, "b", 1);
     assert_eq!(rb["relays"][0]["role"], "guest", "{rb}");
 
-    // Y stops reading; X fills every buffer towards it; then Y a -> b: joined on b.
-    y.reading = false;
-    let before = x.sent;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut last = (x.sent, Instant::now());
-    while Instant::now() < deadline && last.1.elapsed() < Duration::from_millis(500) {
-        pump_both(&mut gx, &mut x, &mut gy, &mut y, TOTAL, |_, _| true);
-        x.step(&mut gx, 3 * seg);
-        y.step(&mut gy, 3 * seg);
-        let _ = gx.poll(Some(Duration::from_millis(2)));
-        let _ = gy.poll(Some(Duration::from_millis(2)));
-        if x.sent != last.0 {
-            last = (x.sent, Instant::now());
-        }
-    }
-    eprintln!("Y not reading: {} bytes from X in buffers", x.sent - before);
+    // Y a -> b while X streams on: joined on b.
     drop(gy);
-    move_domain(&lab, "y", ("a", &a), "b", gone("a"));
+    let n = gone("a");
+    pumping_while(&mut gx, &mut x, 3 * seg, || {
+        move_domain(&lab, "y", ("a", &a), "b", n);
+        for h in ["a", "b"] {
+            settle(&lab, h, 0);
+        }
+    });
     let mut gy = b.guest(1, GuestConfig::default());
     y.resume(&mut gy, next_nonce(), &b);
-    y.reading = true;
-    for h in ["a", "b"] {
-        settle(&lab, h, 0);
-    }
     let counters = |h: &str| {
         admin(&lab.admin(h), r#"{"v":1,"op":"status"}"#)["tunnel"]["relay_counters"].clone()
     };
@@ -2315,6 +2320,21 @@ fn a_sibling_pair_is_joined_again_when_both_guests_run_on_one_host() {
     let mut gx = a.guest(0, GuestConfig::default());
     x.resume(&mut gx, next_nonce(), &a);
     pump_both(&mut gx, &mut x, &mut gy, &mut y, 7 * seg, both_at(7 * seg));
+    // Y stops reading; X fills every buffer towards it.
+    y.reading = false;
+    let before = x.sent;
+    let mut last = (x.sent, Instant::now());
+    while last.1.elapsed() < Duration::from_millis(500) {
+        x.step(&mut gx, TOTAL);
+        y.step(&mut gy, TOTAL);
+        let _ = gx.poll(Some(Duration::from_millis(2)));
+        let _ = gy.poll(Some(Duration::from_millis(2)));
+        if x.sent != last.0 {
+            last = (x.sent, Instant::now());
+        }
+    }
+    eprintln!("Y not reading: {} bytes from X in buffers", x.sent - before);
+    y.reading = true;
     drop(gy);
     move_domain(&lab, "y", ("c", &c), "a", gone("c"));
     let mut gy = a.guest(1, GuestConfig::default());
@@ -2334,8 +2354,14 @@ fn a_sibling_pair_is_joined_again_when_both_guests_run_on_one_host() {
             (Some(0), Some(0), Some(0)),
             "{h}: {c}"
         );
-        let vms = admin(&lab.admin(h), r#"{"v":1,"op":"status"}"#)["vms"].clone();
-        eprintln!("{h}: {c} {vms}");
+        eprintln!("{h}: {c}");
+    }
+    for (h, be) in [("a", &a), ("b", &b), ("c", &c)] {
+        for l in be.log_text().lines().filter(|l| {
+            l.contains("sibling pair") || l.contains("joining") || l.contains("JOIN")
+        }) {
+            eprintln!("{h}: {l}");
+        }
     }
     drop((gx, gy, a, b, c));
 }

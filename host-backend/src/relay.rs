@@ -1602,6 +1602,7 @@ impl RelayService {
         let mut to_other = other_held;
         to_other.extend_from_slice(&mine_wrote);
         let (prefix_me, prefix_other) = (to_me.len(), to_other.len());
+        let placeholders = (mine_wrote.len(), other_wrote.len());
         let r = pm
             .swap_session_host(id, nm, &to_me)
             .and_then(|_| po.swap_session_host(other.info.session, no, &to_other));
@@ -1627,7 +1628,7 @@ impl RelayService {
         *ctl.join.lock().unwrap() = JoinState::Done;
         other.wake();
         inc(&self.stats.joined);
-        info!(session = %id, partner = %other.info.session, join_ms = since.elapsed().as_secs_f64() * 1e3, prefix_here = prefix_me, prefix_partner = prefix_other, "sibling pair joined: local pair again");
+        info!(session = %id, partner = %other.info.session, join_ms = since.elapsed().as_secs_f64() * 1e3, prefix_here = prefix_me, prefix_partner = prefix_other, placeholder_here = placeholders.0, placeholder_partner = placeholders.1, "sibling pair joined: local pair again");
         Ok(true)
     }
 
