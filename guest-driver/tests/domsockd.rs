@@ -2121,13 +2121,23 @@ fn move_domain(lab: &RelayLab, vm: &str, from: (&str, &Backend), to: &str, disco
 
 /// Relays and tunnel channels of host `h` once they settled to `relays` relays.
 fn settle(lab: &RelayLab, h: &str, relays: usize) -> serde_json::Value {
-    wait_tunnel(&lab.admin(h), &format!("{h}: {relays} relays, channels back"), |t| {
-        t["relays"].as_array().map(Vec::len) == Some(relays)
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let t = admin(&lab.admin(h), r#"{"v":1,"op":"status"}"#)["tunnel"].clone();
+        let settled = t["relays"].as_array().map(Vec::len) == Some(relays)
             && (relays > 0
                 || t["peers"]
                     .as_array()
-                    .is_some_and(|p| p.iter().all(|p| p["channels_open"] == 0)))
-    })
+                    .is_some_and(|p| p.iter().all(|p| p["channels_open"] == 0)));
+        if settled {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{h}: not {relays} relays with every channel closed: {t}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Issue 10's guest-to-guest case. Guests X and Y (domains x and y, allowed to talk by a
@@ -2167,6 +2177,18 @@ fn a_sibling_pair_is_joined_again_when_both_guests_run_on_one_host() {
             Some(&tunnel_toml_peers(&pki, h, port, peers)),
         )
     };
+    struct Logs<'a>(Vec<(&'static str, &'a Backend)>);
+    impl Drop for Logs<'_> {
+        fn drop(&mut self) {
+            if thread::panicking() {
+                for (h, be) in &self.0 {
+                    for l in be.log_text().lines().filter(|l| l.contains("relay")) {
+                        eprintln!("{h}: {l}");
+                    }
+                }
+            }
+        }
+    }
     let c = spawn("c", pc, &[("a", String::new()), ("b", String::new())]);
     let b = spawn("b", pb, &[("a", String::new()), ("c", addr(pc))]);
     let a = spawn("a", pa, &[("b", addr(pb)), ("c", addr(pc))]);
@@ -2177,6 +2199,7 @@ fn a_sibling_pair_is_joined_again_when_both_guests_run_on_one_host() {
                 .is_some_and(|p| p.iter().all(|p| p["up"] == true))
         });
     }
+    let _logs = Logs(vec![("a", &a), ("b", &b), ("c", &c)]);
     // Y registers a session listener on PORT and listens; X opens a session to it.
     let mut gy = a.guest(1, GuestConfig::default());
     let keepalive = gy
@@ -2363,5 +2386,6 @@ fn a_sibling_pair_is_joined_again_when_both_guests_run_on_one_host() {
             eprintln!("{h}: {l}");
         }
     }
+    drop(_logs);
     drop((gx, gy, a, b, c));
 }

@@ -29,8 +29,9 @@
 //! **Joining a sibling pair.** A session between two guests made here (the dialer's
 //! session and the acceptor's, one socket pair between them: [`crate::router::SiblingPair`])
 //! has one home relay per half once both guests ran elsewhere. When both home relays go
-//! to the same host, this host sends JOIN on both channels; that host, once it read both
-//! JOINs and its policy still allows the dialer to reach the acceptor on the port, swaps
+//! to the same host, this host asks that host to join them (a join request channel:
+//! [`JoinOpen`]); that host, if both halves are guest relays from here and its policy
+//! still allows the dialer to reach the acceptor on the port, swaps
 //! both engines' host ends to placeholders at once, sends what the engines had written
 //! into the old pairs and then END on each channel, and takes what the home forwards up
 //! to its END (held, bounded by [`JOIN_MAX_HELD_BYTES`]). The home needs only half-close:
@@ -63,7 +64,8 @@ use crate::tunnel::{
 };
 use crate::vm::VmShared;
 use domsock_migration::relay::{
-    self, data_payloads, extend_tail, Frame, PairRole, RelayOpen, FRAME_HEADER_LEN, MAX_DATA,
+    self, data_payloads, extend_tail, Frame, JoinOpen, PairRole, RelayOpen, FRAME_HEADER_LEN,
+    MAX_DATA,
 };
 use domsock_migration::session::snapshot::SessionSnapshot;
 use domsock_migration::session::SessionId;
@@ -142,8 +144,6 @@ const JOINED_HERE: &str = "joined here";
 /// The handle of one home relay.
 struct HomeCtl {
     info: Mutex<RelayInfo>,
-    /// A JOIN to send on the channel (partner, this half's role, port).
-    join: Mutex<Option<(SessionId, PairRole, u32)>>,
     /// The partner half's home relay read END and shut the peer of this relay's socket:
     /// the EOF read next is the join's, answered with END (not a shutdown of the channel).
     end_on_eof: Arc<AtomicBool>,
@@ -158,7 +158,6 @@ impl HomeCtl {
         wake_rx.set_nonblocking(true)?;
         Ok(Self {
             info: Mutex::new(info),
-            join: Mutex::new(None),
             end_on_eof: Arc::new(AtomicBool::new(false)),
             wake,
             wake_rx,
@@ -180,13 +179,6 @@ impl HomeCtl {
 enum JoinState {
     #[default]
     Idle,
-    /// JOIN read; the partner's JOIN has not been read yet.
-    Wanted {
-        partner: SessionId,
-        role: PairRole,
-        port: u32,
-        since: Instant,
-    },
     /// Both engines feed placeholders: the relay thread takes these and drains its half.
     Started {
         old: HostSocket,
@@ -412,7 +404,8 @@ impl RelayService {
 
     /// Session `id`'s home relay now goes to a new host: if it is half of a sibling pair
     /// made here whose other half's home relay goes to the same host, both channels get
-    /// JOIN (that host joins the pair, or keeps it relayed if its policy says no).
+    /// a join request (that host joins the pair, or keeps it relayed if its policy says
+    /// no). The request is sent by a thread of its own (a channel open, bounded).
     fn maybe_join(&self, vm: &ServedVm, id: SessionId) {
         let Some(pair) = lock_plane(&vm.plane).router().pair_of(id) else {
             return;
@@ -428,11 +421,45 @@ impl RelayService {
         if pd != pa {
             return;
         }
-        *d.join.lock().unwrap() = Some((pair.acceptor, PairRole::Dialer, u32::from(pair.port.0)));
-        *a.join.lock().unwrap() = Some((pair.dialer, PairRole::Acceptor, u32::from(pair.port.0)));
-        d.wake();
-        a.wake();
-        info!(dialer = %pair.dialer, acceptor = %pair.acceptor, peer = %pd, "both halves of a sibling pair run on one host: JOIN sent");
+        drop(homes);
+        let Ok(tunnel) = self.tunnel().cloned() else {
+            return;
+        };
+        let req = JoinOpen {
+            dialer: pair.dialer,
+            acceptor: pair.acceptor,
+            port: pair.port.0,
+        };
+        info!(dialer = %pair.dialer, acceptor = %pair.acceptor, peer = %pd, "both halves of a sibling pair run on one host: join requested");
+        let spawned = std::thread::Builder::new()
+            .name("relay-join-req".into())
+            .spawn(move || {
+                let ch = match tunnel.open(&pd, &req.encode(), ChannelKind::Stream) {
+                    Ok(ch) => ch,
+                    Err(e) => {
+                        warn!(peer = %pd, error = %e, "join request not sent; the pair stays relayed");
+                        return;
+                    }
+                };
+                // The answer is the channel's acceptance or refusal; then it closes.
+                let deadline = Instant::now() + step_timeout();
+                while Instant::now() < deadline {
+                    match ch.state() {
+                        ChannelState::Refused(r) => {
+                            warn!(peer = %pd, refusal = ?r, "join refused; the pair stays relayed");
+                            return;
+                        }
+                        ChannelState::Opening => {}
+                        _ => return,
+                    }
+                    let mut fds = [PollFd::new(ch.as_fd(), PollFlags::POLLIN)];
+                    let _ = poll(&mut fds, PollTimeout::from(20u16));
+                    ch.clear_wakeup();
+                }
+            });
+        if spawned.is_err() {
+            warn!("cannot start a join request thread");
+        }
     }
 
     /// Opens a relay channel to `to` for `snapshot`'s session and waits until `to` has
@@ -519,11 +546,6 @@ enum Ctrl {
         snapshot: SessionSnapshot,
     },
     Failed(String),
-    Join {
-        partner: SessionId,
-        role: PairRole,
-        port: u32,
-    },
     End,
 }
 
@@ -683,17 +705,6 @@ impl Pipe {
                         Frame::Snapshot(s) => ctrl = Some(Ctrl::Snapshot(s)),
                         Frame::Imported => ctrl = Some(Ctrl::Imported),
                         Frame::Failed(w) => ctrl = Some(Ctrl::Failed(w)),
-                        Frame::Join {
-                            partner,
-                            role,
-                            port,
-                        } => {
-                            ctrl = Some(Ctrl::Join {
-                                partner,
-                                role,
-                                port,
-                            })
-                        }
                         Frame::End => ctrl = Some(Ctrl::End),
                         Frame::Handoff {
                             to,
@@ -906,14 +917,7 @@ impl RelayService {
         }
         pipe.inbound.extend(s.out_msgs);
         let outcome: Result<(), String> = loop {
-            if let Some((partner, role, port)) = ctl.join.lock().unwrap().take() {
-                ctl.clear();
-                pipe.push(&Frame::Join {
-                    partner,
-                    role,
-                    port,
-                });
-            }
+            ctl.clear();
             let (moved, ctrl) = match pipe.step(RELAY_MAX_TAIL_BYTES) {
                 Ok(x) => x,
                 Err(e) if pipe.normal_end(&e) => break Ok(()),
@@ -1269,14 +1273,8 @@ impl RelayService {
                 }
                 Err(e) => break Err(e.to_string()),
             };
-            match ctrl {
-                None => {}
-                Some(Ctrl::Join {
-                    partner,
-                    role,
-                    port,
-                }) if handing.is_none() => self.on_join(ctl, partner, role, port),
-                Some(_) => break Err("unexpected relay frame from the home".into()),
+            if ctrl.is_some() {
+                break Err("unexpected relay frame from the home".into());
             }
             if let Some((_, since)) = &handing {
                 // The home closes the channel once the session lives on elsewhere; if it
@@ -1332,41 +1330,28 @@ impl RelayService {
         outcome
     }
 
-    /// A JOIN for this guest relay's session: if the partner's relay here already read
-    /// its JOIN, start the join (both engines at once); else wait for it.
-    fn on_join(&self, ctl: &Arc<GuestCtl>, partner: SessionId, role: PairRole, port: u32) {
-        let id = ctl.info.session;
+    /// A join request from the home `peer`: both halves must be guest relays from it
+    /// here. Starts the join (both engines at once), or says why the pair stays relayed.
+    fn join_request(&self, peer: &str, req: JoinOpen) -> Result<(), String> {
         let _m = self.join_match.lock().unwrap();
-        let other = self.guests.lock().unwrap().get(&partner).cloned();
-        let matched = other.as_ref().is_some_and(|p| {
-            matches!(&*p.join.lock().unwrap(), JoinState::Wanted { partner: pp, role: pr, port: pport, since }
-                if *pp == id && *pr != role && *pport == port && since.elapsed() < Duration::from_millis(JOIN_TIMEOUT_MS))
-        });
-        if !matched {
-            *ctl.join.lock().unwrap() = JoinState::Wanted {
-                partner,
-                role,
-                port,
-                since: Instant::now(),
-            };
-            debug!(session = %id, %partner, "JOIN read; waiting for the partner's");
-            return;
-        }
-        let other = other.expect("matched");
-        let (dialer, acceptor) = match role {
-            PairRole::Dialer => (ctl, &other),
-            PairRole::Acceptor => (&other, ctl),
+        let (d, a) = {
+            let g = self.guests.lock().unwrap();
+            (g.get(&req.dialer).cloned(), g.get(&req.acceptor).cloned())
         };
-        match self.start_join(dialer, acceptor, port) {
-            Ok(()) => {
-                info!(dialer = %dialer.info.session, acceptor = %acceptor.info.session, port, "joining a sibling pair: both engines on placeholders")
-            }
-            Err(why) => {
-                *other.join.lock().unwrap() = JoinState::Idle;
-                *ctl.join.lock().unwrap() = JoinState::Idle;
-                warn!(dialer = %dialer.info.session, acceptor = %acceptor.info.session, %why, "sibling pair not joined; it stays relayed");
+        let (Some(d), Some(a)) = (d, a) else {
+            return Err("a half of the pair is not relayed here".into());
+        };
+        if d.info.peer != peer || a.info.peer != peer {
+            return Err(format!("the pair's home is not {peer}"));
+        }
+        for c in [&d, &a] {
+            if c.handing.load(Ordering::Acquire) || !matches!(*c.join.lock().unwrap(), JoinState::Idle) {
+                return Err(format!("session {} is busy (handoff or join)", c.info.session));
             }
         }
+        self.start_join(&d, &a, req.port)?;
+        info!(dialer = %req.dialer, acceptor = %req.acceptor, port = req.port, home = %peer, "joining a sibling pair: both engines on placeholders");
+        Ok(())
     }
 
     /// Checks the policy here and swaps both sessions' host ends to placeholders under
@@ -1520,9 +1505,6 @@ impl RelayService {
         match ctrl {
             None => {}
             Some(Ctrl::End) => j.home_done = true,
-            // A JOIN sent again (the home saw the pair's relays change again) changes
-            // nothing: this join runs.
-            Some(Ctrl::Join { .. }) => {}
             Some(_) => return Err("unexpected relay frame from the home during a join".into()),
         }
         if pipe.chan_eof && pipe.inbound.is_empty() && pipe.rx_pos == pipe.rx.len() {
@@ -1847,6 +1829,22 @@ fn socket_from(fd: std::os::fd::OwnedFd, ty: SocketType) -> HostSocket {
 
 impl Acceptor for RelayService {
     fn on_open(&self, peer: &str, metadata: &[u8], kind: ChannelKind) -> Result<(), Refusal> {
+        if let Ok(req) = JoinOpen::decode(metadata) {
+            // Checked again when it runs; here only whether it may run at all.
+            let g = self.guests.lock().unwrap();
+            let ours = [req.dialer, req.acceptor]
+                .iter()
+                .all(|id| g.get(id).is_some_and(|c| c.info.peer == peer));
+            drop(g);
+            if !ours {
+                warn!(%peer, dialer = %req.dialer, acceptor = %req.acceptor, "join request for sessions not relayed here from that host; refused");
+                return Err(Refusal {
+                    code: RefusalCode::Policy,
+                    text: "no such relayed pair here".into(),
+                });
+            }
+            return Ok(());
+        }
         let open = match RelayOpen::decode(metadata) {
             Ok(o) => o,
             Err(e) => return self.refuse(format!("{peer}: {e}")),
@@ -1885,6 +1883,30 @@ impl Acceptor for RelayService {
     }
 
     fn accepted(&self, end: ChannelEnd, metadata: Vec<u8>) {
+        if let Ok(req) = JoinOpen::decode(&metadata) {
+            let Some(me) = self.me.upgrade() else { return };
+            let spawned = std::thread::Builder::new()
+                .name("relay-join".into())
+                .spawn(move || {
+                    let peer = end.peer().to_owned();
+                    if let Err(why) = me.join_request(&peer, req) {
+                        warn!(dialer = %req.dialer, acceptor = %req.acceptor, %why, "sibling pair not joined; it stays relayed");
+                    }
+                    // The requester closes the channel once it saw it accepted.
+                    let deadline = Instant::now() + step_timeout();
+                    while Instant::now() < deadline
+                        && matches!(end.state(), ChannelState::Open | ChannelState::PeerShutdown { .. })
+                    {
+                        let mut fds = [PollFd::new(end.as_fd(), PollFlags::POLLIN)];
+                        let _ = poll(&mut fds, PollTimeout::from(20u16));
+                        end.clear_wakeup();
+                    }
+                });
+            if spawned.is_err() {
+                warn!("cannot start a join thread");
+            }
+            return;
+        }
         let Ok(open) = RelayOpen::decode(&metadata) else {
             return;
         };

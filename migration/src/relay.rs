@@ -22,14 +22,16 @@
 //! **Joining a sibling pair.** A session between two guests X and Y of one host is a
 //! socket pair there (its home): X's session Sx holds one end, Y's session Sy (Y accepted
 //! through a session listener) the other. When both guests run on another host B, the
-//! home has two home relays to B and sends JOIN on both channels; B swaps both engines'
+//! home has two home relays to B and asks B to join them (a channel of its own whose OPEN
+//! metadata is a [`JoinOpen`]: out of band, because a JOIN behind data a parked guest
+//! does not take would never be read); B swaps both engines'
 //! host ends to placeholders at once, drains both old paths through the home, and gives
 //! each engine a fresh local pair (the bytes that were in flight go to the guests first):
 //!
 //! ```text
 //!  home A (px <-> py pair)                    host B (X and Y run here)
-//!  hx ---- JOIN{Sy, dialer, port} ------------> gx \  both JOINs here, policy X->Y at B:
-//!  hy ---- JOIN{Sx, acceptor, port} ----------> gy /  both engines -> placeholders q
+//!  -- channel OPEN(JoinOpen{Sx, Sy, port}) ---->  both guest relays from A here? policy
+//!                                                 X->Y at B? both engines -> placeholders q
 //!     <-- DATA (what X's engine wrote) ... END -- gx   (old pair end read to EOF)
 //!  hx: write to px, shut px; hy: px's bytes to cy, then END (py read to EOF)
 //!  hy -- DATA (X's bytes via px/py) ... END ---> gy   (held: they go to Y first)
@@ -74,11 +76,14 @@
 //! | 3 | IMPORTED | guest side -> home | empty |
 //! | 4 | HANDOFF | guest side -> home | `taken` u64, host-name length u8 + name, `pending` length u32 + bytes (<= [`MAX_PENDING`]), snapshot |
 //! | 6 | FAILED | guest side -> home | a UTF-8 sentence (<= 256 bytes): the import was refused |
-//! | 7 | JOIN | home -> guest side | partner session id (16), role u8 (1 dialer, 2 acceptor), guest port u32 |
 //! | 8 | END | both | empty: no more DATA from this side for the join (the stream itself goes on) |
 //!
-//! Version 2 added JOIN and END; a version-1 peer refuses the channel's OPEN, so an
-//! export to it fails cleanly instead of a JOIN breaking a running session.
+//! - A join request is a channel of its own whose OPEN metadata ([`JoinOpen`]) is
+//!   `"DSJN"`, version u8, dialer session id (16), acceptor session id (16), guest port
+//!   u32; it carries no data (the receiver answers by accepting or refusing it).
+//!
+//! Version 2 added END and the join request; a version-1 peer refuses the channel's OPEN,
+//! so an export to it fails cleanly instead of an END breaking a running session.
 //! Flags must be zero. Anything else is an error for that channel only.
 //!
 //! What it does not do: decide whether a domain may receive the session (the acceptor
@@ -110,9 +115,8 @@ const KIND_DATA: u8 = 2;
 const KIND_IMPORTED: u8 = 3;
 const KIND_HANDOFF: u8 = 4;
 const KIND_FAILED: u8 = 6;
-const KIND_JOIN: u8 = 7;
 const KIND_END: u8 = 8;
-const JOIN_LEN: usize = 16 + 1 + 4;
+const JOIN_MAGIC: &[u8; 4] = b"DSJN";
 
 /// Why bytes are not valid relay metadata or a valid frame.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
@@ -279,7 +283,6 @@ fn limit(kind: u8, max_tail: usize) -> Option<usize> {
         KIND_IMPORTED => 0,
         KIND_HANDOFF => 8 + 1 + MAX_NAME + 4 + MAX_PENDING + snapshot,
         KIND_FAILED => MAX_REASON,
-        KIND_JOIN => JOIN_LEN,
         KIND_END => 0,
         _ => return None,
     })
@@ -335,18 +338,59 @@ pub enum Frame<'a> {
     },
     /// The import the SNAPSHOT asked for was refused.
     Failed(String),
-    /// This session and `partner` are the two halves of one sibling socket pair at the
-    /// home, and both guests run on the receiving host: join them there.
-    Join {
-        /// The other half.
-        partner: SessionId,
-        /// This half's role.
-        role: PairRole,
-        /// The guest port the dialer reached.
-        port: u32,
-    },
     /// No more DATA follows from this side for a join.
     End,
+}
+
+/// The OPEN metadata of a join request: both halves of one sibling pair whose home is
+/// the sender run on the receiver, which joins them (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JoinOpen {
+    /// The session of the guest that dialed.
+    pub dialer: SessionId,
+    /// The session of the guest that accepted.
+    pub acceptor: SessionId,
+    /// The guest port the dialer reached.
+    pub port: u32,
+}
+
+impl JoinOpen {
+    /// The metadata bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(41);
+        out.extend_from_slice(JOIN_MAGIC);
+        out.push(RELAY_VERSION);
+        out.extend_from_slice(&self.dialer.0);
+        out.extend_from_slice(&self.acceptor.0);
+        out.extend_from_slice(&self.port.to_le_bytes());
+        out
+    }
+
+    /// Parses and validates metadata from a peer (`BadMagic` if it is not a join request).
+    pub fn decode(mut buf: &[u8]) -> Result<Self, RelayError> {
+        let magic = take(&mut buf, 4).map_err(|_| RelayError::BadMagic)?;
+        if magic != JOIN_MAGIC {
+            return Err(RelayError::BadMagic);
+        }
+        let version = take(&mut buf, 1)?[0];
+        if version != RELAY_VERSION {
+            return Err(RelayError::Version(version));
+        }
+        let dialer = SessionId(take(&mut buf, 16)?.try_into().expect("16 bytes"));
+        let acceptor = SessionId(take(&mut buf, 16)?.try_into().expect("16 bytes"));
+        let port = u32::from_le_bytes(take(&mut buf, 4)?.try_into().expect("4 bytes"));
+        if !buf.is_empty() {
+            return Err(RelayError::Invalid("trailing bytes"));
+        }
+        if dialer == acceptor {
+            return Err(RelayError::Invalid("one session as both halves"));
+        }
+        Ok(Self {
+            dialer,
+            acceptor,
+            port,
+        })
+    }
 }
 
 /// Which half of a sibling pair a session is.
@@ -399,19 +443,6 @@ impl Frame<'_> {
                 out.extend_from_slice(pending);
                 out.extend_from_slice(&b);
             }
-            Frame::Join {
-                partner,
-                role,
-                port,
-            } => {
-                header(KIND_JOIN, JOIN_LEN, out);
-                out.extend_from_slice(&partner.0);
-                out.push(match role {
-                    PairRole::Dialer => 1,
-                    PairRole::Acceptor => 2,
-                });
-                out.extend_from_slice(&port.to_le_bytes());
-            }
             Frame::End => header(KIND_END, 0, out),
             Frame::Failed(why) => {
                 let mut n = why.len().min(MAX_REASON);
@@ -461,24 +492,6 @@ pub fn decode<'a>(
             }
         }
         KIND_FAILED => Frame::Failed(String::from_utf8_lossy(payload).into_owned()),
-        KIND_JOIN => {
-            let mut buf = payload;
-            let partner = SessionId(take(&mut buf, 16)?.try_into().expect("16 bytes"));
-            let role = match take(&mut buf, 1)?[0] {
-                1 => PairRole::Dialer,
-                2 => PairRole::Acceptor,
-                _ => return Err(RelayError::Invalid("pair role")),
-            };
-            let port = u32::from_le_bytes(take(&mut buf, 4)?.try_into().expect("4 bytes"));
-            if !buf.is_empty() {
-                return Err(RelayError::Invalid("trailing bytes"));
-            }
-            Frame::Join {
-                partner,
-                role,
-                port,
-            }
-        }
         KIND_END => Frame::End,
         other => return Err(RelayError::UnknownKind(other)),
     })
@@ -582,42 +595,55 @@ mod tests {
     }
 
     #[test]
+    fn join_requests_round_trip_and_are_not_relay_metadata() {
+        let j = JoinOpen {
+            dialer: SessionId([1; 16]),
+            acceptor: SessionId([2; 16]),
+            port: 6100,
+        };
+        let b = j.encode();
+        assert_eq!(b.len(), 41);
+        assert_eq!(JoinOpen::decode(&b), Ok(j));
+        assert_eq!(RelayOpen::decode(&b), Err(RelayError::BadMagic));
+        let open = RelayOpen {
+            session: SessionId([9; 16]),
+            socket_type: SocketType::Stream,
+            domain: "x".into(),
+            namespace: "default".into(),
+        };
+        assert_eq!(JoinOpen::decode(&open.encode()), Err(RelayError::BadMagic));
+        for n in 0..b.len() {
+            assert!(JoinOpen::decode(&b[..n]).is_err(), "prefix {n}");
+        }
+        let mut bad = b.clone();
+        bad[4] = 1;
+        assert_eq!(JoinOpen::decode(&bad), Err(RelayError::Version(1)));
+        let mut same = b.clone();
+        same[21..37].copy_from_slice(&[1; 16]);
+        assert_eq!(
+            JoinOpen::decode(&same),
+            Err(RelayError::Invalid("one session as both halves"))
+        );
+        let mut long = b;
+        long.push(0);
+        assert!(JoinOpen::decode(&long).is_err());
+    }
+
+    #[test]
     fn frames_round_trip() {
         roundtrip(&Frame::Snapshot(snap(SocketType::Stream)));
         let d = roundtrip(&Frame::Data(b"abc"));
         assert_eq!(d[..FRAME_HEADER_LEN], Frame::data_header(3));
         roundtrip(&Frame::Imported);
         roundtrip(&Frame::Failed("domain not expected here".into()));
-        let j = roundtrip(&Frame::Join {
-            partner: SessionId([5; 16]),
-            role: PairRole::Acceptor,
-            port: 5000,
-        });
-        assert_eq!(j.len(), FRAME_HEADER_LEN + 21);
-        roundtrip(&Frame::Join {
-            partner: SessionId([6; 16]),
-            role: PairRole::Dialer,
-            port: u32::MAX,
-        });
         roundtrip(&Frame::End);
-        let mut bad = j.clone();
-        bad[FRAME_HEADER_LEN + 16] = 3;
-        let h = parse_header(&bad, 0).unwrap().unwrap();
-        assert_eq!(
-            decode(h, &bad[FRAME_HEADER_LEN..], 0),
-            Err(RelayError::Invalid("pair role"))
-        );
-        let mut long = j.clone();
-        long[4..8].copy_from_slice(&22u32.to_le_bytes());
-        long.push(0);
-        assert!(matches!(
-            parse_header(&long, 0),
-            Err(RelayError::TooLong { .. })
-        ));
         let mut end = Vec::new();
         Frame::End.encode(&mut end);
         end[4] = 1;
         assert!(parse_header(&end, 0).is_err());
+        end[4] = 0;
+        end[0] = 7;
+        assert_eq!(parse_header(&end, 0), Err(RelayError::UnknownKind(7)));
         roundtrip(&Frame::Handoff {
             to: "host-c".into(),
             taken: 12345,
@@ -669,12 +695,7 @@ mod tests {
         let mut out = Vec::new();
         Frame::Data(b"one").encode(&mut out);
         Frame::Data(b"two!").encode(&mut out);
-        Frame::Join {
-            partner: SessionId([1; 16]),
-            role: PairRole::Dialer,
-            port: 1,
-        }
-        .encode(&mut out);
+        Frame::End.encode(&mut out);
         Frame::Data(b"after").encode(&mut out);
         let mut partial = out.clone();
         Frame::Data(b"three").encode(&mut partial);
