@@ -2087,7 +2087,12 @@ fn pump_both(
 }
 
 /// Runs `f` while `g`'s end keeps sending (up to `limit`) and reading in another thread.
-fn pumping_while<R>(g: &mut UserGuest, e: &mut SiblingEnd, limit: usize, f: impl FnOnce() -> R) -> R {
+fn pumping_while<R>(
+    g: &mut UserGuest,
+    e: &mut SiblingEnd,
+    limit: usize,
+    f: impl FnOnce() -> R,
+) -> R {
     let stop = std::sync::atomic::AtomicBool::new(false);
     thread::scope(|sc| {
         sc.spawn(|| {
@@ -2115,7 +2120,13 @@ fn move_domain(lab: &RelayLab, vm: &str, from: (&str, &Backend), to: &str, disco
         &lab.admin(from.0),
         &format!(r#"{{"v":1,"op":"export","vm":"{vm}","to":"{to}"}}"#),
     );
-    assert_eq!(r["ok"], true, "export {vm} {} -> {to}: {r}\n{}", from.0, from.1.log_tail());
+    assert_eq!(
+        r["ok"],
+        true,
+        "export {vm} {} -> {to}: {r}\n{}",
+        from.0,
+        from.1.log_tail()
+    );
     assert_eq!(r["sessions"], 1, "{r}");
 }
 
@@ -2209,7 +2220,8 @@ fn a_sibling_pair_is_joined_again_when_both_guests_run_on_one_host() {
         port: Port(PORT),
         socket_type: SocketType::Stream,
     };
-    gy.write_all(keepalive, &listen.encode(), STEP_TIMEOUT).unwrap();
+    gy.write_all(keepalive, &listen.encode(), STEP_TIMEOUT)
+        .unwrap();
     assert_eq!(
         read_session_frame(&mut gy, keepalive),
         Frame::Listening { port: Port(PORT) }
@@ -2279,8 +2291,13 @@ fn a_sibling_pair_is_joined_again_when_both_guests_run_on_one_host() {
         reading: true,
     };
     let seg = TOTAL / 8;
-    let both_at = |n: usize| move |x: &SiblingEnd, y: &SiblingEnd| x.got.len() >= n && y.got.len() >= n;
+    let both_at =
+        |n: usize| move |x: &SiblingEnd, y: &SiblingEnd| x.got.len() >= n && y.got.len() >= n;
+    // Both ways at once, MB/s of each direction (the pair made on a, then joined).
+    let rate = |t: Instant, bytes: usize| bytes as f64 / t.elapsed().as_secs_f64() / 1e6;
+    let t = Instant::now();
     pump_both(&mut gx, &mut x, &mut gy, &mut y, seg, both_at(seg));
+    eprintln!("pair made on a: {:.0} MB/s each way", rate(t, seg));
 
     let mut disconnects: std::collections::HashMap<&str, usize> = Default::default();
     let mut gone = |h: &'static str| {
@@ -2299,7 +2316,9 @@ fn a_sibling_pair_is_joined_again_when_both_guests_run_on_one_host() {
     move_domain(&lab, "x", ("a", &a), "b", gone("a"));
     let mut gx = b.guest(0, GuestConfig::default());
     x.resume(&mut gx, next_nonce(), &b);
+    let (from, t) = (x.got.len().min(y.got.len()), Instant::now());
     pump_both(&mut gx, &mut x, &mut gy, &mut y, 2 * seg, both_at(2 * seg));
+    eprintln!("relayed a-b: {:.0} MB/s each way", rate(t, 2 * seg - from));
     let ra = settle(&lab, "a", 1);
     assert_eq!(ra["relays"][0]["role"], "home", "{ra}");
     let rb = settle(&lab, "b", 1);
@@ -2320,7 +2339,10 @@ fn a_sibling_pair_is_joined_again_when_both_guests_run_on_one_host() {
         admin(&lab.admin(h), r#"{"v":1,"op":"status"}"#)["tunnel"]["relay_counters"].clone()
     };
     assert_eq!(counters("b")["joined"], 1, "{}", b.log_tail());
+    pump_both(&mut gx, &mut x, &mut gy, &mut y, 3 * seg, both_at(3 * seg));
+    let t = Instant::now();
     pump_both(&mut gx, &mut x, &mut gy, &mut y, 4 * seg, both_at(4 * seg));
+    eprintln!("joined on b: {:.0} MB/s each way", rate(t, seg));
 
     // X and Y b -> c, both parked at c when the join runs there.
     drop(gx);
@@ -2366,23 +2388,31 @@ fn a_sibling_pair_is_joined_again_when_both_guests_run_on_one_host() {
         settle(&lab, h, 0);
     }
     assert_eq!(counters("a")["joined"], 1, "{}", a.log_tail());
+    let (from, t) = (x.got.len().min(y.got.len()), Instant::now());
     pump_both(&mut gx, &mut x, &mut gy, &mut y, TOTAL, both_at(TOTAL));
+    eprintln!("joined on a: {:.0} MB/s each way", rate(t, TOTAL - from));
 
     assert!(x.got == y.up, "Y -> X: every byte once, in order");
     assert!(y.got == x.up, "X -> Y: every byte once, in order");
     for h in ["a", "b", "c"] {
         let c = counters(h);
         assert_eq!(
-            (c["failed"].as_u64(), c["refused"].as_u64(), c["join_failed"].as_u64()),
+            (
+                c["failed"].as_u64(),
+                c["refused"].as_u64(),
+                c["join_failed"].as_u64()
+            ),
             (Some(0), Some(0), Some(0)),
             "{h}: {c}"
         );
         eprintln!("{h}: {c}");
     }
     for (h, be) in [("a", &a), ("b", &b), ("c", &c)] {
-        for l in be.log_text().lines().filter(|l| {
-            l.contains("sibling pair") || l.contains("joining") || l.contains("JOIN")
-        }) {
+        for l in be
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("sibling pair") || l.contains("joining") || l.contains("JOIN"))
+        {
             eprintln!("{h}: {l}");
         }
     }

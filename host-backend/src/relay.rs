@@ -387,9 +387,8 @@ impl RelayService {
             role: "home",
             peer: to.to_owned(),
         };
-        let ctl = Arc::new(
-            HomeCtl::new(info.clone()).map_err(|e| format!("cannot make a relay: {e}"))?,
-        );
+        let ctl =
+            Arc::new(HomeCtl::new(info.clone()).map_err(|e| format!("cannot make a relay: {e}"))?);
         self.homes.lock().unwrap().insert(id, ctl.clone());
         inc(&self.stats.exported_home);
         info!(vm = %vm.shared.name, session = %id, peer = %to, "session relayed: home relay running");
@@ -946,10 +945,13 @@ impl RelayService {
                     // The joining host sent everything this half's guest wrote: once it
                     // is written, the socket's write side shuts, and the partner half's
                     // relay answers the EOF it reads with END.
-                    let partner = lock_plane(&vm.plane)
-                        .router()
-                        .pair_of(id)
-                        .map(|p| if p.dialer == id { p.acceptor } else { p.dialer });
+                    let partner = lock_plane(&vm.plane).router().pair_of(id).map(|p| {
+                        if p.dialer == id {
+                            p.acceptor
+                        } else {
+                            p.dialer
+                        }
+                    });
                     let partner = partner.and_then(|p| self.homes.lock().unwrap().get(&p).cloned());
                     match partner {
                         Some(p) => {
@@ -957,7 +959,9 @@ impl RelayService {
                             p.wake();
                             pipe.chan_eof = true;
                         }
-                        None => break Err("END for a session that is no sibling pair half here".into()),
+                        None => {
+                            break Err("END for a session that is no sibling pair half here".into())
+                        }
                     }
                 }
                 Some(Ctrl::Failed(w)) => break Err(format!("the guest side failed: {w}")),
@@ -1199,7 +1203,9 @@ impl RelayService {
             Ok(GuestEnd::HandedOff) => {
                 info!(vm = %vm.shared.name, session = %id, "session handed off")
             }
-            Ok(GuestEnd::Ended) => info!(vm = %vm.shared.name, session = %id, "relayed session ended"),
+            Ok(GuestEnd::Ended) => {
+                info!(vm = %vm.shared.name, session = %id, "relayed session ended")
+            }
             Ok(GuestEnd::Joined) => {
                 info!(vm = %vm.shared.name, session = %id, "sibling pair joined: session local here")
             }
@@ -1262,9 +1268,7 @@ impl RelayService {
             }
             let (moved, ctrl) = match pipe.step(RELAY_MAX_TAIL_BYTES) {
                 Ok(x) => x,
-                Err(e) if handing.is_none() && pipe.normal_end(&e) => {
-                    break Ok(GuestEnd::Ended)
-                }
+                Err(e) if handing.is_none() && pipe.normal_end(&e) => break Ok(GuestEnd::Ended),
                 Err(e) if handing.is_some() => {
                     // While a handoff is answered, a failing write (the home closed) is
                     // the answer, seen below.
@@ -1345,8 +1349,13 @@ impl RelayService {
             return Err(format!("the pair's home is not {peer}"));
         }
         for c in [&d, &a] {
-            if c.handing.load(Ordering::Acquire) || !matches!(*c.join.lock().unwrap(), JoinState::Idle) {
-                return Err(format!("session {} is busy (handoff or join)", c.info.session));
+            if c.handing.load(Ordering::Acquire)
+                || !matches!(*c.join.lock().unwrap(), JoinState::Idle)
+            {
+                return Err(format!(
+                    "session {} is busy (handoff or join)",
+                    c.info.session
+                ));
             }
         }
         self.start_join(&d, &a, req.port)?;
@@ -1392,7 +1401,10 @@ impl RelayService {
             Err(e) => {
                 // Undo the first swap: the old end is whole (the engine only stopped
                 // reading it).
-                if pd.swap_session_host(dialer.info.session, sd.old, &[]).is_err() {
+                if pd
+                    .swap_session_host(dialer.info.session, sd.old, &[])
+                    .is_err()
+                {
                     warn!(session = %dialer.info.session, "cannot undo a join's first swap");
                 }
                 return Err(e.to_string());
@@ -1492,7 +1504,10 @@ impl RelayService {
             JoinState::Failed(why) => return Err(why.clone()),
             _ => {}
         }
-        if j.partner.as_ref().is_some_and(|p| matches!(&*p.join.lock().unwrap(), JoinState::Failed(_))) {
+        if j.partner
+            .as_ref()
+            .is_some_and(|p| matches!(&*p.join.lock().unwrap(), JoinState::Failed(_)))
+        {
             return Err("the partner half failed".into());
         }
         if j.since.elapsed() > Duration::from_millis(JOIN_TIMEOUT_MS) {

@@ -83,9 +83,11 @@ const _: () = assert!(
 /// doubled; a Unix socket pair's default on the far side), the guest relays' queued
 /// payloads and read buffers (a frame each), the two home relays' frames and the home's
 /// pair, the two channel windows (256 KiB each) and the placeholder the other engine
-/// wrote into (its send buffer): about 2.4 MiB. A half that would hold more stops reading
-/// its channel (the join then times out and fails, see the relay module).
-pub const JOIN_MAX_HELD_BYTES: usize = 4 * 1024 * 1024;
+/// wrote into (its send buffer), plus the replay tail the receiving engine read before
+/// it parked: measured up to 2.9 MiB (a guest that had stopped reading), so the bound
+/// leaves room. Only a join in progress holds it. A half that would hold more stops
+/// reading its channel (the join then times out and fails, see the relay module).
+pub const JOIN_MAX_HELD_BYTES: usize = 8 * 1024 * 1024;
 /// How long a join may take from both JOINs to both engines swapped.
 pub const JOIN_TIMEOUT_MS: u64 = 10_000;
 /// Sessions carried by relays on one host at once (both kinds).

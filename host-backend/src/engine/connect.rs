@@ -106,11 +106,10 @@ impl DataPlane {
                         .is_allowed(),
                     (Origin::Host { .. }, _) => true,
                     // A session this guest accepted from sibling `cid`.
-                    (Origin::Guest, Some((cid, port))) if cid != Cid::HOST && hc.accepted() => {
-                        self.router
-                            .check_between(cid, key.peer.cid, port, hc.socket_type)
-                            .is_allowed()
-                    }
+                    (Origin::Guest, Some((cid, port))) if cid != Cid::HOST && hc.accepted() => self
+                        .router
+                        .check_between(cid, key.peer.cid, port, hc.socket_type)
+                        .is_allowed(),
                     (Origin::Guest, Some((cid, port))) if cid != Cid::HOST => self
                         .router
                         .check_between(key.peer.cid, cid, port, hc.socket_type)

@@ -36,7 +36,12 @@
 //! our end is the session's host end, the other is handed to the sibling's engine
 //! ([`ProxyDial`]), which opens an ordinary connection to its guest that appears to come
 //! from us. The sibling's guest sees an ordinary connection, and only a pause (credit
-//! stops) while we are parked.
+//! stops) while we are parked; unless it accepts on a session listener: then its end is a
+//! session too (OFFERED), and the router records the two sessions as one sibling pair
+//! (their relays join them again when both guests run on one other host).
+//!
+//! [`DataPlane::swap_session_host`] gives a live or parked session a new host end, with
+//! host bytes that were in flight put in front (the sibling pair join uses it).
 //!
 //! Parked sessions outlive the frontend connection too (the engine is the VM's, not the
 //! device's): a guest's source QEMU quits after a live migration. A parked session can
