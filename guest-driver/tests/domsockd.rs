@@ -2295,9 +2295,13 @@ fn a_sibling_pair_is_joined_again_when_both_guests_run_on_one_host() {
         |n: usize| move |x: &SiblingEnd, y: &SiblingEnd| x.got.len() >= n && y.got.len() >= n;
     // Both ways at once, MB/s of each direction (the pair made on a, then joined).
     let rate = |t: Instant, bytes: usize| bytes as f64 / t.elapsed().as_secs_f64() / 1e6;
+    pump_both(&mut gx, &mut x, &mut gy, &mut y, seg / 2, both_at(seg / 2));
     let t = Instant::now();
     pump_both(&mut gx, &mut x, &mut gy, &mut y, seg, both_at(seg));
-    eprintln!("pair made on a: {:.0} MB/s each way", rate(t, seg));
+    eprintln!(
+        "pair made on a: {:.0} MB/s each way",
+        rate(t, seg - seg / 2)
+    );
 
     let mut disconnects: std::collections::HashMap<&str, usize> = Default::default();
     let mut gone = |h: &'static str| {
@@ -2388,9 +2392,20 @@ fn a_sibling_pair_is_joined_again_when_both_guests_run_on_one_host() {
         settle(&lab, h, 0);
     }
     assert_eq!(counters("a")["joined"], 1, "{}", a.log_tail());
-    let (from, t) = (x.got.len().min(y.got.len()), Instant::now());
+    pump_both(
+        &mut gx,
+        &mut x,
+        &mut gy,
+        &mut y,
+        7 * seg + seg / 2,
+        both_at(7 * seg + seg / 2),
+    );
+    let t = Instant::now();
     pump_both(&mut gx, &mut x, &mut gy, &mut y, TOTAL, both_at(TOTAL));
-    eprintln!("joined on a: {:.0} MB/s each way", rate(t, TOTAL - from));
+    eprintln!(
+        "joined on a: {:.0} MB/s each way",
+        rate(t, TOTAL - 7 * seg - seg / 2)
+    );
 
     assert!(x.got == y.up, "Y -> X: every byte once, in order");
     assert!(y.got == x.up, "X -> Y: every byte once, in order");

@@ -440,16 +440,28 @@ impl RelayService {
                         return;
                     }
                 };
-                // The answer is the channel's acceptance or refusal; then it closes.
+                // The answer is one byte (1: the join runs, 0: the pair stays relayed) or
+                // a refusal; then this side closes the channel.
                 let deadline = Instant::now() + step_timeout();
                 while Instant::now() < deadline {
-                    match ch.state() {
-                        ChannelState::Refused(r) => {
-                            warn!(peer = %pd, refusal = ?r, "join refused; the pair stays relayed");
+                    let mut b = [0u8; 1];
+                    match ch.read(&mut b) {
+                        Ok(1) => {
+                            debug!(peer = %pd, joined = b[0] == 1, "join request answered");
                             return;
                         }
-                        ChannelState::Opening => {}
-                        _ => return,
+                        Ok(_) => return,
+                        Err(e) if wouldblock(&e) => {}
+                        Err(_) => {
+                            if let ChannelState::Refused(r) = ch.state() {
+                                warn!(peer = %pd, refusal = ?r, "join refused; the pair stays relayed");
+                            }
+                            return;
+                        }
+                    }
+                    if let ChannelState::Refused(r) = ch.state() {
+                        warn!(peer = %pd, refusal = ?r, "join refused; the pair stays relayed");
+                        return;
                     }
                     let mut fds = [PollFd::new(ch.as_fd(), PollFlags::POLLIN)];
                     let _ = poll(&mut fds, PollTimeout::from(20u16));
@@ -1904,10 +1916,16 @@ impl Acceptor for RelayService {
                 .name("relay-join".into())
                 .spawn(move || {
                     let peer = end.peer().to_owned();
-                    if let Err(why) = me.join_request(&peer, req) {
-                        warn!(dialer = %req.dialer, acceptor = %req.acceptor, %why, "sibling pair not joined; it stays relayed");
-                    }
-                    // The requester closes the channel once it saw it accepted.
+                    let answer = match me.join_request(&peer, req) {
+                        Ok(()) => 1u8,
+                        Err(why) => {
+                            warn!(dialer = %req.dialer, acceptor = %req.acceptor, %why, "sibling pair not joined; it stays relayed");
+                            0
+                        }
+                    };
+                    let _ = end.write(&[answer]);
+                    linger(&end);
+                    // The requester closes the channel once it read the answer.
                     let deadline = Instant::now() + step_timeout();
                     while Instant::now() < deadline
                         && matches!(end.state(), ChannelState::Open | ChannelState::PeerShutdown { .. })
