@@ -24,14 +24,15 @@
 //! through a session listener) the other. When both guests run on another host B, the
 //! home has two home relays to B and asks B to join them (a channel of its own whose OPEN
 //! metadata is a [`JoinOpen`]: out of band, because a JOIN behind data a parked guest
-//! does not take would never be read); B swaps both engines'
-//! host ends to placeholders at once, drains both old paths through the home, and gives
-//! each engine a fresh local pair (the bytes that were in flight go to the guests first):
+//! does not take would never be read); B swaps both engines' host ends to placeholders at
+//! once, drains both old paths through the home, and gives each engine a fresh local pair
+//! (the bytes that were in flight go to the guests first):
 //!
 //! ```text
 //!  home A (px <-> py pair)                    host B (X and Y run here)
 //!  -- channel OPEN(JoinOpen{Sx, Sy, port}) ---->  both guest relays from A here? policy
 //!                                                 X->Y at B? both engines -> placeholders q
+//!  <-------------------------- 1 (0: stays relayed) -- ; A closes the request channel
 //!     <-- DATA (what X's engine wrote) ... END -- gx   (old pair end read to EOF)
 //!  hx: write to px, shut px; hy: px's bytes to cy, then END (py read to EOF)
 //!  hy -- DATA (X's bytes via px/py) ... END ---> gy   (held: they go to Y first)
@@ -80,7 +81,9 @@
 //!
 //! - A join request is a channel of its own whose OPEN metadata ([`JoinOpen`]) is
 //!   `"DSJN"`, version u8, dialer session id (16), acceptor session id (16), guest port
-//!   u32; it carries no data (the receiver answers by accepting or refusing it).
+//!   u32. The receiver refuses the OPEN (not a pair relayed here from the sender) or
+//!   answers one byte (1: the join runs, 0: the pair stays relayed, e.g. its policy says
+//!   no); the sender then closes the channel.
 //!
 //! Version 2 added END and the join request; a version-1 peer refuses the channel's OPEN,
 //! so an export to it fails cleanly instead of an END breaking a running session.
