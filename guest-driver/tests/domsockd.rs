@@ -2151,6 +2151,94 @@ fn settle(lab: &RelayLab, h: &str, relays: usize) -> serde_json::Value {
     }
 }
 
+/// Y (CID 4) registers a session listener on `port` and listens; X opens a session to
+/// it: both ends are sessions, each to send `total` pattern bytes.
+fn open_sibling_pair(
+    gx: &mut UserGuest,
+    gy: &mut UserGuest,
+    port: u32,
+    total: usize,
+) -> (SiblingEnd, SiblingEnd) {
+    // Y registers a session listener on PORT and listens; X opens a session to it.
+    let keepalive = gy
+        .connect_timeout(host(SESSION_PORT.0), SocketType::Stream, STEP_TIMEOUT)
+        .unwrap();
+    let listen = Frame::Listen {
+        port: Port(port),
+        socket_type: SocketType::Stream,
+    };
+    gy.write_all(keepalive, &listen.encode(), STEP_TIMEOUT)
+        .unwrap();
+    assert_eq!(
+        read_session_frame(gy, keepalive),
+        Frame::Listening { port: Port(port) }
+    );
+    gy.listen(Port(port), SocketType::Stream).unwrap();
+    let kx = gx
+        .connect_timeout(host(SESSION_PORT.0), SocketType::Stream, STEP_TIMEOUT)
+        .unwrap();
+    let open = Frame::Open {
+        cid: Cid(4),
+        port: Port(port),
+        socket_type: SocketType::Stream,
+    };
+    gx.write_all(kx, &open.encode(), STEP_TIMEOUT).unwrap();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let ky = loop {
+        let _ = gx.poll(Some(Duration::from_millis(1)));
+        if let Some(k) = gy.accept(Port(port)).unwrap() {
+            break k;
+        }
+        let _ = gy.poll(Some(Duration::from_millis(1)));
+        assert!(Instant::now() < deadline, "Y never saw X's session");
+    };
+    let Frame::Offered {
+        id,
+        secret,
+        next_nonce,
+        ..
+    } = read_session_frame(gy, ky)
+    else {
+        panic!("Y expected OFFERED");
+    };
+    let sy = GuestSession {
+        id,
+        secret,
+        nonce: next_nonce,
+    };
+    let Frame::Opened {
+        id,
+        secret,
+        next_nonce,
+        ..
+    } = read_session_frame(gx, kx)
+    else {
+        panic!("X expected OPENED");
+    };
+    let sx = GuestSession {
+        id,
+        secret,
+        nonce: next_nonce,
+    };
+    let x = SiblingEnd {
+        key: kx,
+        s: sx,
+        up: pattern_bytes(0x5a, total),
+        sent: 0,
+        got: Vec::new(),
+        reading: true,
+    };
+    let y = SiblingEnd {
+        key: ky,
+        s: sy,
+        up: pattern_bytes(0xa5, total),
+        sent: 0,
+        got: Vec::new(),
+        reading: true,
+    };
+    (x, y)
+}
+
 /// Issue 10's guest-to-guest case. Guests X and Y (domains x and y, allowed to talk by a
 /// group) run on host a; X opens a session to Y's session listener, so both halves of the
 /// pair are sessions. Both stream to each other all along, every byte checked:
@@ -2211,85 +2299,9 @@ fn a_sibling_pair_is_joined_again_when_both_guests_run_on_one_host() {
         });
     }
     let _logs = Logs(vec![("a", &a), ("b", &b), ("c", &c)]);
-    // Y registers a session listener on PORT and listens; X opens a session to it.
     let mut gy = a.guest(1, GuestConfig::default());
-    let keepalive = gy
-        .connect_timeout(host(SESSION_PORT.0), SocketType::Stream, STEP_TIMEOUT)
-        .unwrap();
-    let listen = Frame::Listen {
-        port: Port(PORT),
-        socket_type: SocketType::Stream,
-    };
-    gy.write_all(keepalive, &listen.encode(), STEP_TIMEOUT)
-        .unwrap();
-    assert_eq!(
-        read_session_frame(&mut gy, keepalive),
-        Frame::Listening { port: Port(PORT) }
-    );
-    gy.listen(Port(PORT), SocketType::Stream).unwrap();
     let mut gx = a.guest(0, GuestConfig::default());
-    let kx = gx
-        .connect_timeout(host(SESSION_PORT.0), SocketType::Stream, STEP_TIMEOUT)
-        .unwrap();
-    let open = Frame::Open {
-        cid: Cid(4),
-        port: Port(PORT),
-        socket_type: SocketType::Stream,
-    };
-    gx.write_all(kx, &open.encode(), STEP_TIMEOUT).unwrap();
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    let ky = loop {
-        let _ = gx.poll(Some(Duration::from_millis(1)));
-        if let Some(k) = gy.accept(Port(PORT)).unwrap() {
-            break k;
-        }
-        let _ = gy.poll(Some(Duration::from_millis(1)));
-        assert!(Instant::now() < deadline, "Y never saw X's session");
-    };
-    let Frame::Offered {
-        id,
-        secret,
-        next_nonce,
-        ..
-    } = read_session_frame(&mut gy, ky)
-    else {
-        panic!("Y expected OFFERED");
-    };
-    let sy = GuestSession {
-        id,
-        secret,
-        nonce: next_nonce,
-    };
-    let Frame::Opened {
-        id,
-        secret,
-        next_nonce,
-        ..
-    } = read_session_frame(&mut gx, kx)
-    else {
-        panic!("X expected OPENED");
-    };
-    let sx = GuestSession {
-        id,
-        secret,
-        nonce: next_nonce,
-    };
-    let mut x = SiblingEnd {
-        key: kx,
-        s: sx,
-        up: pattern_bytes(0x5a, TOTAL),
-        sent: 0,
-        got: Vec::new(),
-        reading: true,
-    };
-    let mut y = SiblingEnd {
-        key: ky,
-        s: sy,
-        up: pattern_bytes(0xa5, TOTAL),
-        sent: 0,
-        got: Vec::new(),
-        reading: true,
-    };
+    let (mut x, mut y) = open_sibling_pair(&mut gx, &mut gy, PORT, TOTAL);
     let seg = TOTAL / 8;
     let both_at =
         |n: usize| move |x: &SiblingEnd, y: &SiblingEnd| x.got.len() >= n && y.got.len() >= n;
@@ -2433,4 +2445,99 @@ fn a_sibling_pair_is_joined_again_when_both_guests_run_on_one_host() {
     }
     drop(_logs);
     drop((gx, gy, a, b, c));
+}
+
+/// Where the joining host's policy does not let X reach Y, the pair stays relayed: a asks
+/// b to join it, b answers no (and says why in its log), both halves keep running through
+/// a's home relays, every byte arrives, nothing failed.
+#[test]
+fn a_sibling_pair_stays_relayed_where_the_policy_forbids_it() {
+    const PORT: u32 = 6101;
+    const TOTAL: usize = 6 << 20;
+    let lab = RelayLab::new("nojoin", "a,b");
+    let pki = lab.pki();
+    let (pa, pb) = (free_port(), free_port());
+    // On a, x and y share a group; on b they do not (default deny between domains).
+    let b = Backend::spawn_with(
+        &domsockd(),
+        "nojoin-b",
+        &[VmOpts::new(3).name("x"), VmOpts::new(4).name("y")],
+        &[
+            "--admin-socket".to_string(),
+            lab.admin("b").display().to_string(),
+        ],
+        Some(&tunnel_toml_peers(&pki, "b", pb, &[("a", String::new())])),
+    );
+    let a = Backend::spawn_with(
+        &domsockd(),
+        "nojoin-a",
+        &[
+            VmOpts::new(3).name("x").groups(&["pair"]),
+            VmOpts::new(4).name("y").groups(&["pair"]),
+        ],
+        &[
+            "--admin-socket".to_string(),
+            lab.admin("a").display().to_string(),
+        ],
+        Some(&tunnel_toml_peers(
+            &pki,
+            "a",
+            pa,
+            &[("b", format!("127.0.0.1:{pb}"))],
+        )),
+    );
+    for h in ["a", "b"] {
+        wait_tunnel(&lab.admin(h), "tunnel up", |t| {
+            t["peers"]
+                .as_array()
+                .is_some_and(|p| p.iter().all(|p| p["up"] == true))
+        });
+    }
+    let mut gy = a.guest(1, GuestConfig::default());
+    let mut gx = a.guest(0, GuestConfig::default());
+    let (mut x, mut y) = open_sibling_pair(&mut gx, &mut gy, PORT, TOTAL);
+    let both_at =
+        |n: usize| move |x: &SiblingEnd, y: &SiblingEnd| x.got.len() >= n && y.got.len() >= n;
+    pump_both(
+        &mut gx,
+        &mut x,
+        &mut gy,
+        &mut y,
+        TOTAL / 3,
+        both_at(TOTAL / 3),
+    );
+    drop(gx);
+    move_domain(&lab, "x", ("a", &a), "b", 1);
+    let mut gx = b.guest(0, GuestConfig::default());
+    x.resume(&mut gx, 1, &b);
+    drop(gy);
+    move_domain(&lab, "y", ("a", &a), "b", 2);
+    b.wait_for_log("sibling pair not joined; it stays relayed", 1);
+    let mut gy = b.guest(1, GuestConfig::default());
+    y.resume(&mut gy, 2, &b);
+    pump_both(&mut gx, &mut x, &mut gy, &mut y, TOTAL, both_at(TOTAL));
+    assert!(x.got == y.up, "Y -> X through a");
+    assert!(y.got == x.up, "X -> Y through a");
+    assert_eq!(settle(&lab, "a", 2)["relays"][0]["role"], "home");
+    assert_eq!(settle(&lab, "b", 2)["relays"][0]["role"], "guest");
+    let log = b.log_text();
+    assert!(
+        log.contains("the policy here does not allow x -> y on port 6101"),
+        "{}",
+        b.log_tail()
+    );
+    for h in ["a", "b"] {
+        let c =
+            admin(&lab.admin(h), r#"{"v":1,"op":"status"}"#)["tunnel"]["relay_counters"].clone();
+        assert_eq!(
+            (
+                c["joined"].as_u64(),
+                c["join_failed"].as_u64(),
+                c["failed"].as_u64()
+            ),
+            (Some(0), Some(0), Some(0)),
+            "{h}: {c}"
+        );
+    }
+    drop((gx, gy, a, b));
 }
