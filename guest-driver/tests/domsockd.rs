@@ -2032,3 +2032,539 @@ fn a_session_with_every_relay_buffer_full_moves_on_to_a_third_host() {
     }
     drop((g, a, b, c));
 }
+
+/// One guest's end of a sibling session in the join test: what it sends and has read.
+struct SiblingEnd {
+    key: domsock_guest::uvirtio::ConnKey,
+    s: GuestSession,
+    up: Vec<u8>,
+    sent: usize,
+    got: Vec<u8>,
+    /// Read what arrives (off: the guest leaves its data in the buffers).
+    reading: bool,
+}
+
+impl SiblingEnd {
+    /// Sends what fits (up to `limit` in total) and reads what is there; whether anything
+    /// moved.
+    fn step(&mut self, g: &mut UserGuest, limit: usize) -> bool {
+        let mut moved = false;
+        let upto = limit.min(self.up.len());
+        if self.sent < upto {
+            match g.send(self.key, &self.up[self.sent..upto]) {
+                Ok(n) => {
+                    moved |= n > 0;
+                    self.sent += n;
+                }
+                Err(e) if e.is_would_block() => {}
+                Err(e) => panic!("send: {e}"),
+            }
+        }
+        if self.reading {
+            let mut buf = vec![0u8; 256 * 1024];
+            match g.recv(self.key, &mut buf) {
+                Ok(n) => {
+                    moved |= n > 0;
+                    self.got.extend_from_slice(&buf[..n]);
+                }
+                Err(e) if e.is_would_block() => {}
+                Err(e) => panic!("recv: {e}"),
+            }
+        }
+        moved
+    }
+
+    /// Resumes on `g` (a fresh frontend on the guest's new host) and sends again what the
+    /// daemon lacks.
+    fn resume(&mut self, g: &mut UserGuest, nonce: u8, host: &Backend) {
+        let (k, daemon_got) = resume_session(g, &mut self.s, self.got.len() as u64, nonce)
+            .unwrap_or_else(|f| panic!("resume: {f:?}\n{}", host.log_tail()));
+        assert!(daemon_got as usize <= self.sent);
+        self.key = k;
+        self.sent = daemon_got as usize;
+    }
+}
+
+/// Pumps both guests until `done` (or a minute passes: a failure).
+fn pump_both(
+    gx: &mut UserGuest,
+    x: &mut SiblingEnd,
+    gy: &mut UserGuest,
+    y: &mut SiblingEnd,
+    limit: usize,
+    done: impl Fn(&SiblingEnd, &SiblingEnd) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done(x, y) {
+        assert!(
+            Instant::now() < deadline,
+            "stalled: x sent {} got {}, y sent {} got {}",
+            x.sent,
+            x.got.len(),
+            y.sent,
+            y.got.len()
+        );
+        let a = x.step(gx, limit);
+        let b = y.step(gy, limit);
+        if !a && !b {
+            let _ = gx.poll(Some(Duration::from_millis(1)));
+            let _ = gy.poll(Some(Duration::from_millis(1)));
+        }
+    }
+}
+
+/// Runs `f` while `g`'s end keeps sending (up to `limit`) and reading in another thread.
+fn pumping_while<R>(
+    g: &mut UserGuest,
+    e: &mut SiblingEnd,
+    limit: usize,
+    f: impl FnOnce() -> R,
+) -> R {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    thread::scope(|sc| {
+        sc.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if !e.step(g, limit) {
+                    let _ = g.poll(Some(Duration::from_millis(1)));
+                }
+            }
+        });
+        let r = f();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    })
+}
+
+/// Moves domain `vm` from `from` to `to` as `domsock
+/// migrate` does: adopt, the frontend gone, export (one session). The guest resumes later.
+fn move_domain(lab: &RelayLab, vm: &str, from: (&str, &Backend), to: &str, disconnects: usize) {
+    admin_ok(
+        &lab.admin(to),
+        &format!(r#"{{"v":1,"op":"adopt","vm":"{vm}","from":"{}"}}"#, from.0),
+    );
+    from.1.wait_for_log("frontend disconnected", disconnects);
+    let r = admin(
+        &lab.admin(from.0),
+        &format!(r#"{{"v":1,"op":"export","vm":"{vm}","to":"{to}"}}"#),
+    );
+    assert_eq!(
+        r["ok"],
+        true,
+        "export {vm} {} -> {to}: {r}\n{}",
+        from.0,
+        from.1.log_tail()
+    );
+    assert_eq!(r["sessions"], 1, "{r}");
+}
+
+/// Relays and tunnel channels of host `h` once they settled to `relays` relays.
+fn settle(lab: &RelayLab, h: &str, relays: usize) -> serde_json::Value {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let t = admin(&lab.admin(h), r#"{"v":1,"op":"status"}"#)["tunnel"].clone();
+        let settled = t["relays"].as_array().map(Vec::len) == Some(relays)
+            && (relays > 0
+                || t["peers"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().all(|p| p["channels_open"] == 0)));
+        if settled {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{h}: not {relays} relays with every channel closed: {t}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Y (CID 4) registers a session listener on `port` and listens; X opens a session to
+/// it: both ends are sessions, each to send `total` pattern bytes.
+fn open_sibling_pair(
+    gx: &mut UserGuest,
+    gy: &mut UserGuest,
+    port: u32,
+    total: usize,
+) -> (SiblingEnd, SiblingEnd) {
+    // Y registers a session listener on PORT and listens; X opens a session to it.
+    let keepalive = gy
+        .connect_timeout(host(SESSION_PORT.0), SocketType::Stream, STEP_TIMEOUT)
+        .unwrap();
+    let listen = Frame::Listen {
+        port: Port(port),
+        socket_type: SocketType::Stream,
+    };
+    gy.write_all(keepalive, &listen.encode(), STEP_TIMEOUT)
+        .unwrap();
+    assert_eq!(
+        read_session_frame(gy, keepalive),
+        Frame::Listening { port: Port(port) }
+    );
+    gy.listen(Port(port), SocketType::Stream).unwrap();
+    let kx = gx
+        .connect_timeout(host(SESSION_PORT.0), SocketType::Stream, STEP_TIMEOUT)
+        .unwrap();
+    let open = Frame::Open {
+        cid: Cid(4),
+        port: Port(port),
+        socket_type: SocketType::Stream,
+    };
+    gx.write_all(kx, &open.encode(), STEP_TIMEOUT).unwrap();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let ky = loop {
+        let _ = gx.poll(Some(Duration::from_millis(1)));
+        if let Some(k) = gy.accept(Port(port)).unwrap() {
+            break k;
+        }
+        let _ = gy.poll(Some(Duration::from_millis(1)));
+        assert!(Instant::now() < deadline, "Y never saw X's session");
+    };
+    let Frame::Offered {
+        id,
+        secret,
+        next_nonce,
+        ..
+    } = read_session_frame(gy, ky)
+    else {
+        panic!("Y expected OFFERED");
+    };
+    let sy = GuestSession {
+        id,
+        secret,
+        nonce: next_nonce,
+    };
+    let Frame::Opened {
+        id,
+        secret,
+        next_nonce,
+        ..
+    } = read_session_frame(gx, kx)
+    else {
+        panic!("X expected OPENED");
+    };
+    let sx = GuestSession {
+        id,
+        secret,
+        nonce: next_nonce,
+    };
+    let x = SiblingEnd {
+        key: kx,
+        s: sx,
+        up: pattern_bytes(0x5a, total),
+        sent: 0,
+        got: Vec::new(),
+        reading: true,
+    };
+    let y = SiblingEnd {
+        key: ky,
+        s: sy,
+        up: pattern_bytes(0xa5, total),
+        sent: 0,
+        got: Vec::new(),
+        reading: true,
+    };
+    (x, y)
+}
+
+/// Issue 10's guest-to-guest case. Guests X and Y (domains x and y, allowed to talk by a
+/// group) run on host a; X opens a session to Y's session listener, so both halves of the
+/// pair are sessions. Both stream to each other all along, every byte checked:
+/// - X moves a -> b: its half is relayed (a's home relay, b's guest relay);
+/// - Y moves a -> b too while X keeps sending and reading on b: a sends JOIN on both
+///   channels, b joins the pair (X's engine writes into its placeholder meanwhile): no
+///   relay is left on a or b, every channel closed, the pair is local on b;
+/// - X and Y both move b -> c before either resumes (both parked at c during the join):
+///   joined again on c, with b as the pair's home now (re-rooting);
+/// - X moves c -> a; Y stops reading (every buffer towards it fills), then follows:
+///   joined on a with all those bytes in flight.
+#[test]
+fn a_sibling_pair_is_joined_again_when_both_guests_run_on_one_host() {
+    const PORT: u32 = 6100;
+    const TOTAL: usize = 24 << 20;
+    let lab = RelayLab::new("join", "a,b,c");
+    let pki = lab.pki();
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let addr = |p: u16| format!("127.0.0.1:{p}");
+    let vms = || {
+        vec![
+            VmOpts::new(3).name("x").groups(&["pair"]),
+            VmOpts::new(4).name("y").groups(&["pair"]),
+        ]
+    };
+    let spawn = |h: &str, port: u16, peers: &[(&str, String)]| {
+        Backend::spawn_with(
+            &domsockd(),
+            &format!("join-{h}"),
+            &vms(),
+            &[
+                "--admin-socket".to_string(),
+                lab.admin(h).display().to_string(),
+            ],
+            Some(&tunnel_toml_peers(&pki, h, port, peers)),
+        )
+    };
+    struct Logs<'a>(Vec<(&'static str, &'a Backend)>);
+    impl Drop for Logs<'_> {
+        fn drop(&mut self) {
+            if thread::panicking() {
+                for (h, be) in &self.0 {
+                    for l in be.log_text().lines().filter(|l| l.contains("relay")) {
+                        eprintln!("{h}: {l}");
+                    }
+                }
+            }
+        }
+    }
+    let c = spawn("c", pc, &[("a", String::new()), ("b", String::new())]);
+    let b = spawn("b", pb, &[("a", String::new()), ("c", addr(pc))]);
+    let a = spawn("a", pa, &[("b", addr(pb)), ("c", addr(pc))]);
+    for h in ["a", "b", "c"] {
+        wait_tunnel(&lab.admin(h), "all tunnels up", |t| {
+            t["peers"]
+                .as_array()
+                .is_some_and(|p| p.iter().all(|p| p["up"] == true))
+        });
+    }
+    let _logs = Logs(vec![("a", &a), ("b", &b), ("c", &c)]);
+    let mut gy = a.guest(1, GuestConfig::default());
+    let mut gx = a.guest(0, GuestConfig::default());
+    let (mut x, mut y) = open_sibling_pair(&mut gx, &mut gy, PORT, TOTAL);
+    let seg = TOTAL / 8;
+    let both_at =
+        |n: usize| move |x: &SiblingEnd, y: &SiblingEnd| x.got.len() >= n && y.got.len() >= n;
+    // Both ways at once, MB/s of each direction (the pair made on a, then joined).
+    let rate = |t: Instant, bytes: usize| bytes as f64 / t.elapsed().as_secs_f64() / 1e6;
+    pump_both(&mut gx, &mut x, &mut gy, &mut y, seg / 2, both_at(seg / 2));
+    let t = Instant::now();
+    pump_both(&mut gx, &mut x, &mut gy, &mut y, seg, both_at(seg));
+    eprintln!(
+        "pair made on a: {:.0} MB/s each way",
+        rate(t, seg - seg / 2)
+    );
+
+    let mut disconnects: std::collections::HashMap<&str, usize> = Default::default();
+    let mut gone = |h: &'static str| {
+        let n = disconnects.entry(h).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let mut nonce = 0u8;
+    let mut next_nonce = || {
+        nonce += 1;
+        nonce
+    };
+
+    // X a -> b: relayed.
+    drop(gx);
+    move_domain(&lab, "x", ("a", &a), "b", gone("a"));
+    let mut gx = b.guest(0, GuestConfig::default());
+    x.resume(&mut gx, next_nonce(), &b);
+    let (from, t) = (x.got.len().min(y.got.len()), Instant::now());
+    pump_both(&mut gx, &mut x, &mut gy, &mut y, 2 * seg, both_at(2 * seg));
+    eprintln!("relayed a-b: {:.0} MB/s each way", rate(t, 2 * seg - from));
+    let ra = settle(&lab, "a", 1);
+    assert_eq!(ra["relays"][0]["role"], "home", "{ra}");
+    let rb = settle(&lab, "b", 1);
+    assert_eq!(rb["relays"][0]["role"], "guest", "{rb}");
+
+    // Y a -> b while X streams on: joined on b.
+    drop(gy);
+    let n = gone("a");
+    pumping_while(&mut gx, &mut x, 3 * seg, || {
+        move_domain(&lab, "y", ("a", &a), "b", n);
+        for h in ["a", "b"] {
+            settle(&lab, h, 0);
+        }
+    });
+    let mut gy = b.guest(1, GuestConfig::default());
+    y.resume(&mut gy, next_nonce(), &b);
+    let counters = |h: &str| {
+        admin(&lab.admin(h), r#"{"v":1,"op":"status"}"#)["tunnel"]["relay_counters"].clone()
+    };
+    assert_eq!(counters("b")["joined"], 1, "{}", b.log_tail());
+    pump_both(&mut gx, &mut x, &mut gy, &mut y, 3 * seg, both_at(3 * seg));
+    let t = Instant::now();
+    pump_both(&mut gx, &mut x, &mut gy, &mut y, 4 * seg, both_at(4 * seg));
+    eprintln!("joined on b: {:.0} MB/s each way", rate(t, seg));
+
+    // X and Y b -> c, both parked at c when the join runs there.
+    drop(gx);
+    move_domain(&lab, "x", ("b", &b), "c", gone("b"));
+    drop(gy);
+    move_domain(&lab, "y", ("b", &b), "c", gone("b"));
+    for h in ["b", "c"] {
+        settle(&lab, h, 0);
+    }
+    assert_eq!(counters("c")["joined"], 1, "{}", c.log_tail());
+    let mut gx = c.guest(0, GuestConfig::default());
+    x.resume(&mut gx, next_nonce(), &c);
+    let mut gy = c.guest(1, GuestConfig::default());
+    y.resume(&mut gy, next_nonce(), &c);
+    pump_both(&mut gx, &mut x, &mut gy, &mut y, 6 * seg, both_at(6 * seg));
+
+    // X c -> a (relayed through c, now the pair's home), then Y: joined on a.
+    drop(gx);
+    move_domain(&lab, "x", ("c", &c), "a", gone("c"));
+    let mut gx = a.guest(0, GuestConfig::default());
+    x.resume(&mut gx, next_nonce(), &a);
+    pump_both(&mut gx, &mut x, &mut gy, &mut y, 7 * seg, both_at(7 * seg));
+    // Y stops reading; X fills every buffer towards it.
+    y.reading = false;
+    let before = x.sent;
+    let mut last = (x.sent, Instant::now());
+    while last.1.elapsed() < Duration::from_millis(500) {
+        x.step(&mut gx, TOTAL);
+        y.step(&mut gy, TOTAL);
+        let _ = gx.poll(Some(Duration::from_millis(2)));
+        let _ = gy.poll(Some(Duration::from_millis(2)));
+        if x.sent != last.0 {
+            last = (x.sent, Instant::now());
+        }
+    }
+    eprintln!("Y not reading: {} bytes from X in buffers", x.sent - before);
+    y.reading = true;
+    drop(gy);
+    move_domain(&lab, "y", ("c", &c), "a", gone("c"));
+    let mut gy = a.guest(1, GuestConfig::default());
+    y.resume(&mut gy, next_nonce(), &a);
+    for h in ["a", "b", "c"] {
+        settle(&lab, h, 0);
+    }
+    assert_eq!(counters("a")["joined"], 1, "{}", a.log_tail());
+    pump_both(
+        &mut gx,
+        &mut x,
+        &mut gy,
+        &mut y,
+        7 * seg + seg / 2,
+        both_at(7 * seg + seg / 2),
+    );
+    let t = Instant::now();
+    pump_both(&mut gx, &mut x, &mut gy, &mut y, TOTAL, both_at(TOTAL));
+    eprintln!(
+        "joined on a: {:.0} MB/s each way",
+        rate(t, TOTAL - 7 * seg - seg / 2)
+    );
+
+    assert!(x.got == y.up, "Y -> X: every byte once, in order");
+    assert!(y.got == x.up, "X -> Y: every byte once, in order");
+    for h in ["a", "b", "c"] {
+        let c = counters(h);
+        assert_eq!(
+            (
+                c["failed"].as_u64(),
+                c["refused"].as_u64(),
+                c["join_failed"].as_u64()
+            ),
+            (Some(0), Some(0), Some(0)),
+            "{h}: {c}"
+        );
+        eprintln!("{h}: {c}");
+    }
+    for (h, be) in [("a", &a), ("b", &b), ("c", &c)] {
+        for l in be
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("sibling pair") || l.contains("joining") || l.contains("JOIN"))
+        {
+            eprintln!("{h}: {l}");
+        }
+    }
+    drop(_logs);
+    drop((gx, gy, a, b, c));
+}
+
+/// Where the joining host's policy does not let X reach Y, the pair stays relayed: a asks
+/// b to join it, b answers no (and says why in its log), both halves keep running through
+/// a's home relays, every byte arrives, nothing failed.
+#[test]
+fn a_sibling_pair_stays_relayed_where_the_policy_forbids_it() {
+    const PORT: u32 = 6101;
+    const TOTAL: usize = 6 << 20;
+    let lab = RelayLab::new("nojoin", "a,b");
+    let pki = lab.pki();
+    let (pa, pb) = (free_port(), free_port());
+    // On a, x and y share a group; on b they do not (default deny between domains).
+    let b = Backend::spawn_with(
+        &domsockd(),
+        "nojoin-b",
+        &[VmOpts::new(3).name("x"), VmOpts::new(4).name("y")],
+        &[
+            "--admin-socket".to_string(),
+            lab.admin("b").display().to_string(),
+        ],
+        Some(&tunnel_toml_peers(&pki, "b", pb, &[("a", String::new())])),
+    );
+    let a = Backend::spawn_with(
+        &domsockd(),
+        "nojoin-a",
+        &[
+            VmOpts::new(3).name("x").groups(&["pair"]),
+            VmOpts::new(4).name("y").groups(&["pair"]),
+        ],
+        &[
+            "--admin-socket".to_string(),
+            lab.admin("a").display().to_string(),
+        ],
+        Some(&tunnel_toml_peers(
+            &pki,
+            "a",
+            pa,
+            &[("b", format!("127.0.0.1:{pb}"))],
+        )),
+    );
+    for h in ["a", "b"] {
+        wait_tunnel(&lab.admin(h), "tunnel up", |t| {
+            t["peers"]
+                .as_array()
+                .is_some_and(|p| p.iter().all(|p| p["up"] == true))
+        });
+    }
+    let mut gy = a.guest(1, GuestConfig::default());
+    let mut gx = a.guest(0, GuestConfig::default());
+    let (mut x, mut y) = open_sibling_pair(&mut gx, &mut gy, PORT, TOTAL);
+    let both_at =
+        |n: usize| move |x: &SiblingEnd, y: &SiblingEnd| x.got.len() >= n && y.got.len() >= n;
+    pump_both(
+        &mut gx,
+        &mut x,
+        &mut gy,
+        &mut y,
+        TOTAL / 3,
+        both_at(TOTAL / 3),
+    );
+    drop(gx);
+    move_domain(&lab, "x", ("a", &a), "b", 1);
+    let mut gx = b.guest(0, GuestConfig::default());
+    x.resume(&mut gx, 1, &b);
+    drop(gy);
+    move_domain(&lab, "y", ("a", &a), "b", 2);
+    b.wait_for_log("sibling pair not joined; it stays relayed", 1);
+    let mut gy = b.guest(1, GuestConfig::default());
+    y.resume(&mut gy, 2, &b);
+    pump_both(&mut gx, &mut x, &mut gy, &mut y, TOTAL, both_at(TOTAL));
+    assert!(x.got == y.up, "Y -> X through a");
+    assert!(y.got == x.up, "X -> Y through a");
+    assert_eq!(settle(&lab, "a", 2)["relays"][0]["role"], "home");
+    assert_eq!(settle(&lab, "b", 2)["relays"][0]["role"], "guest");
+    let log = b.log_text();
+    assert!(
+        log.contains("the policy here does not allow x -> y on port 6101"),
+        "{}",
+        b.log_tail()
+    );
+    for h in ["a", "b"] {
+        let c =
+            admin(&lab.admin(h), r#"{"v":1,"op":"status"}"#)["tunnel"]["relay_counters"].clone();
+        assert_eq!(
+            (
+                c["joined"].as_u64(),
+                c["join_failed"].as_u64(),
+                c["failed"].as_u64()
+            ),
+            (Some(0), Some(0), Some(0)),
+            "{h}: {c}"
+        );
+    }
+    drop((gx, gy, a, b));
+}

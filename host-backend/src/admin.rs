@@ -277,6 +277,8 @@ fn tunnel_status(t: &AdminTunnel) -> Value {
             "sent_back": n(&st.sent_back),
             "refused": n(&st.refused),
             "failed": n(&st.failed),
+            "joined": n(&st.joined),
+            "join_failed": n(&st.join_failed),
         },
     })
 }

@@ -26,14 +26,37 @@
 //! each side, so the host process reads EOF (or a reset) and the guest's session is
 //! refused or reset like one whose host end closed.
 //!
-//! What it does not do: survive a domsockd restart, or hand a sibling socket pair over
-//! when both of its guests moved to the same host (the pair stays relayed).
+//! **Joining a sibling pair.** A session between two guests made here (the dialer's
+//! session and the acceptor's, one socket pair between them: [`crate::router::SiblingPair`])
+//! has one home relay per half once both guests ran elsewhere. When both home relays go
+//! to the same host, this host asks that host to join them (a join request channel:
+//! [`JoinOpen`]); that host, if both halves are guest relays from here and its policy
+//! still allows the dialer to reach the acceptor on the port, swaps
+//! both engines' host ends to placeholders at once, sends what the engines had written
+//! into the old pairs and then END on each channel, and takes what the home forwards up
+//! to its END (held, bounded by [`JOIN_MAX_HELD_BYTES`]). The home needs only half-close:
+//! a home relay that reads END writes what it has and shuts its socket end's write side;
+//! the partner half's relay then reads EOF and answers with END. When both halves held
+//! everything, the joining host gives both engines a fresh local pair, each with what was
+//! in flight towards its guest (and what the other engine wrote into its placeholder
+//! meanwhile) in front. Both channels close, the home's relays end and the pair's home is
+//! the joining host. The sequence diagram is in [`domsock_migration::relay`].
+//!
+//! A join that fails half-way (a channel breaks, [`JOIN_TIMEOUT_MS`] passes, a half
+//! would hold more than its bound) ends both sessions like a relay failure: each guest's
+//! connection is reset and its RESUME refused `Expired`, the home's host ends close, and
+//! `join_failed` counts it. An export of either guest waits for a running join (its
+//! handoff request is answered after it) and then exports the joined session from here.
+//!
+//! What it does not do: survive a domsockd restart, or join a pair whose policy at the
+//! joining host forbids it (it stays relayed, logged).
 
 use crate::engine::ExportedSession;
 use crate::host::HostSocket;
 use crate::server::device::lock_plane;
 use crate::tunables::{
-    ADOPTION_WINDOW_MS, MAX_RELAYED_SESSIONS, RELAY_MAX_TAIL_BYTES, RELAY_STEP_TIMEOUT_MS,
+    ADOPTION_WINDOW_MS, JOIN_MAX_HELD_BYTES, JOIN_TIMEOUT_MS, MAX_RELAYED_SESSIONS,
+    RELAY_MAX_TAIL_BYTES, RELAY_STEP_TIMEOUT_MS,
 };
 use crate::tunnel::{
     Acceptor, BrokenReason, ChannelEnd, ChannelKind, ChannelState, Refusal, RefusalCode,
@@ -41,7 +64,8 @@ use crate::tunnel::{
 };
 use crate::vm::VmShared;
 use domsock_migration::relay::{
-    self, data_payloads, extend_tail, Frame, RelayOpen, FRAME_HEADER_LEN, MAX_DATA,
+    self, data_payloads, extend_tail, Frame, JoinOpen, PairRole, RelayOpen, FRAME_HEADER_LEN,
+    MAX_DATA,
 };
 use domsock_migration::session::snapshot::SessionSnapshot;
 use domsock_migration::session::SessionId;
@@ -88,6 +112,10 @@ pub struct RelayStats {
     pub refused: AtomicU64,
     /// Relays that ended with an error (channel broken or timed out, socket failed).
     pub failed: AtomicU64,
+    /// Sibling pairs joined here (both halves local again; counted once per pair).
+    pub joined: AtomicU64,
+    /// Joins that started here and failed (both sessions ended).
+    pub join_failed: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -109,6 +137,70 @@ pub struct RelayInfo {
 
 type Reply = mpsc::Sender<Result<(), String>>;
 
+/// The answer to a handoff request whose session was joined meanwhile: it is local here
+/// now, and the export takes it from the engine instead.
+const JOINED_HERE: &str = "joined here";
+
+/// The handle of one home relay.
+struct HomeCtl {
+    info: Mutex<RelayInfo>,
+    /// The partner half's home relay read END and shut the peer of this relay's socket:
+    /// the EOF read next is the join's, answered with END (not a shutdown of the channel).
+    end_on_eof: Arc<AtomicBool>,
+    wake: UnixStream,
+    wake_rx: UnixStream,
+}
+
+impl HomeCtl {
+    fn new(info: RelayInfo) -> io::Result<Self> {
+        let (wake, wake_rx) = UnixStream::pair()?;
+        wake.set_nonblocking(true)?;
+        wake_rx.set_nonblocking(true)?;
+        Ok(Self {
+            info: Mutex::new(info),
+            end_on_eof: Arc::new(AtomicBool::new(false)),
+            wake,
+            wake_rx,
+        })
+    }
+
+    fn wake(&self) {
+        let _ = (&self.wake).write(&[1]);
+    }
+
+    fn clear(&self) {
+        let mut b = [0u8; 64];
+        while matches!((&self.wake_rx).read(&mut b), Ok(n) if n > 0) {}
+    }
+}
+
+/// Where a guest relay's half of a join stands (see the module doc).
+#[derive(Debug, Default)]
+enum JoinState {
+    #[default]
+    Idle,
+    /// Both engines feed placeholders: the relay thread takes these and drains its half.
+    Started {
+        old: HostSocket,
+        placeholder: HostSocket,
+        write_shut: bool,
+        since: Instant,
+        partner: SessionId,
+        role: PairRole,
+        port: u32,
+    },
+    /// The relay thread is draining.
+    Draining,
+    /// Everything towards this half's guest is held.
+    Ready {
+        held: Vec<u8>,
+        placeholder: HostSocket,
+    },
+    /// Both engines have their new pair.
+    Done,
+    /// The join failed; both sessions end.
+    Failed(String),
+}
 /// The handle of one guest relay.
 struct GuestCtl {
     info: RelayInfo,
@@ -116,6 +208,8 @@ struct GuestCtl {
     request: Mutex<Option<(String, Reply)>>,
     /// A handoff was sent: a channel bringing the session back is accepted.
     handing: AtomicBool,
+    /// Its half of a join.
+    join: Mutex<JoinState>,
     /// Written to wake the relay thread; it reads `wake_rx`.
     wake: UnixStream,
     wake_rx: UnixStream,
@@ -139,8 +233,10 @@ pub struct RelayService {
     tunnel: OnceLock<Arc<TunnelService>>,
     vms: Vec<ServedVm>,
     adoptions: Mutex<HashMap<String, Instant>>,
-    homes: Mutex<HashMap<SessionId, RelayInfo>>,
+    homes: Mutex<HashMap<SessionId, Arc<HomeCtl>>>,
     guests: Mutex<HashMap<SessionId, Arc<GuestCtl>>>,
+    /// Held while JOINs are matched and while a join's last step runs (one at a time).
+    join_match: Mutex<()>,
     /// Counters.
     pub stats: RelayStats,
 }
@@ -169,6 +265,7 @@ impl RelayService {
             adoptions: Mutex::new(HashMap::new()),
             homes: Mutex::new(HashMap::new()),
             guests: Mutex::new(HashMap::new()),
+            join_match: Mutex::new(()),
             stats: RelayStats::default(),
         })
     }
@@ -213,7 +310,13 @@ impl RelayService {
 
     /// Every relay running here.
     pub fn relays(&self) -> Vec<RelayInfo> {
-        let mut out: Vec<RelayInfo> = self.homes.lock().unwrap().values().cloned().collect();
+        let mut out: Vec<RelayInfo> = self
+            .homes
+            .lock()
+            .unwrap()
+            .values()
+            .map(|h| h.info.lock().unwrap().clone())
+            .collect();
         out.extend(self.guests.lock().unwrap().values().map(|g| g.info.clone()));
         out.sort_by(|a, b| (a.vm.as_str(), a.session).cmp(&(b.vm.as_str(), b.session)));
         out
@@ -240,7 +343,11 @@ impl RelayService {
         for id in ids {
             let guest = self.guests.lock().unwrap().get(&id).cloned();
             match guest {
-                Some(ctl) => self.hand_off(&ctl, to)?,
+                Some(ctl) => match self.hand_off(&ctl, to) {
+                    // Joined while the export waited: the session is this host's now.
+                    Err(why) if why == JOINED_HERE => self.export_home(&vm, id, to)?,
+                    r => r?,
+                },
                 None => self.export_home(&vm, id, to)?,
             }
             moved += 1;
@@ -280,15 +387,90 @@ impl RelayService {
             role: "home",
             peer: to.to_owned(),
         };
-        self.homes.lock().unwrap().insert(id, info.clone());
+        let ctl =
+            Arc::new(HomeCtl::new(info.clone()).map_err(|e| format!("cannot make a relay: {e}"))?);
+        self.homes.lock().unwrap().insert(id, ctl.clone());
         inc(&self.stats.exported_home);
         info!(vm = %vm.shared.name, session = %id, peer = %to, "session relayed: home relay running");
         let vm2 = vm.clone();
         std::thread::Builder::new()
             .name(format!("relay-home-{}", &id.hex()[..8]))
-            .spawn(move || me.run_home(vm2, info, s, ch))
-            .map(|_| ())
-            .map_err(|e| format!("cannot start a relay thread: {e}"))
+            .spawn(move || me.run_home(vm2, ctl, s, ch))
+            .map_err(|e| format!("cannot start a relay thread: {e}"))?;
+        self.maybe_join(vm, id);
+        Ok(())
+    }
+
+    /// Session `id`'s home relay now goes to a new host: if it is half of a sibling pair
+    /// made here whose other half's home relay goes to the same host, both channels get
+    /// a join request (that host joins the pair, or keeps it relayed if its policy says
+    /// no). The request is sent by a thread of its own (a channel open, bounded).
+    fn maybe_join(&self, vm: &ServedVm, id: SessionId) {
+        let Some(pair) = lock_plane(&vm.plane).router().pair_of(id) else {
+            return;
+        };
+        let homes = self.homes.lock().unwrap();
+        let (Some(d), Some(a)) = (homes.get(&pair.dialer), homes.get(&pair.acceptor)) else {
+            return;
+        };
+        let (pd, pa) = (
+            d.info.lock().unwrap().peer.clone(),
+            a.info.lock().unwrap().peer.clone(),
+        );
+        if pd != pa {
+            return;
+        }
+        drop(homes);
+        let Ok(tunnel) = self.tunnel().cloned() else {
+            return;
+        };
+        let req = JoinOpen {
+            dialer: pair.dialer,
+            acceptor: pair.acceptor,
+            port: pair.port.0,
+        };
+        info!(dialer = %pair.dialer, acceptor = %pair.acceptor, peer = %pd, "both halves of a sibling pair run on one host: join requested");
+        let spawned = std::thread::Builder::new()
+            .name("relay-join-req".into())
+            .spawn(move || {
+                let ch = match tunnel.open(&pd, &req.encode(), ChannelKind::Stream) {
+                    Ok(ch) => ch,
+                    Err(e) => {
+                        warn!(peer = %pd, error = %e, "join request not sent; the pair stays relayed");
+                        return;
+                    }
+                };
+                // The answer is one byte (1: the join runs, 0: the pair stays relayed) or
+                // a refusal; then this side closes the channel.
+                let deadline = Instant::now() + step_timeout();
+                while Instant::now() < deadline {
+                    let mut b = [0u8; 1];
+                    match ch.read(&mut b) {
+                        Ok(1) => {
+                            debug!(peer = %pd, joined = b[0] == 1, "join request answered");
+                            return;
+                        }
+                        Ok(_) => return,
+                        Err(e) if wouldblock(&e) => {}
+                        Err(_) => {
+                            if let ChannelState::Refused(r) = ch.state() {
+                                warn!(peer = %pd, refusal = ?r, "join refused; the pair stays relayed");
+                            }
+                            return;
+                        }
+                    }
+                    if let ChannelState::Refused(r) = ch.state() {
+                        warn!(peer = %pd, refusal = ?r, "join refused; the pair stays relayed");
+                        return;
+                    }
+                    let mut fds = [PollFd::new(ch.as_fd(), PollFlags::POLLIN)];
+                    let _ = poll(&mut fds, PollTimeout::from(20u16));
+                    ch.clear_wakeup();
+                }
+            });
+        if spawned.is_err() {
+            warn!("cannot start a join request thread");
+        }
     }
 
     /// Opens a relay channel to `to` for `snapshot`'s session and waits until `to` has
@@ -354,6 +536,13 @@ struct Pipe {
     /// Do not read the channel (a handoff was sent: what follows stays in the home's
     /// replay for the session's next host).
     hold_rx: bool,
+    /// A join runs: payloads from the channel are held here instead of written to the
+    /// socket (bounded by [`JOIN_MAX_HELD_BYTES`]).
+    divert: Option<Vec<u8>>,
+    /// The socket's EOF is answered with END instead of a shutdown of the channel.
+    end_on_eof: Arc<AtomicBool>,
+    /// END was framed for the channel.
+    end_sent: bool,
     buf: Vec<u8>,
 }
 
@@ -368,6 +557,7 @@ enum Ctrl {
         snapshot: SessionSnapshot,
     },
     Failed(String),
+    End,
 }
 
 fn wouldblock(e: &io::Error) -> bool {
@@ -443,6 +633,9 @@ impl Pipe {
             sock_shut: false,
             hold_sock: false,
             hold_rx: false,
+            divert: None,
+            end_on_eof: Arc::new(AtomicBool::new(false)),
+            end_sent: false,
             buf: vec![0; MAX_DATA],
         }
     }
@@ -481,6 +674,16 @@ impl Pipe {
     fn write_inbound(&mut self) -> io::Result<bool> {
         let mut moved = false;
         while let Some(front) = self.inbound.front() {
+            if let Some(held) = &mut self.divert {
+                if held.len() >= JOIN_MAX_HELD_BYTES {
+                    break;
+                }
+                held.extend_from_slice(&front[self.in_pos..]);
+                self.inbound.pop_front();
+                self.in_pos = 0;
+                moved = true;
+                continue;
+            }
             match self.sock.write(&front[self.in_pos..]) {
                 Ok(n) => {
                     moved = true;
@@ -513,6 +716,7 @@ impl Pipe {
                         Frame::Snapshot(s) => ctrl = Some(Ctrl::Snapshot(s)),
                         Frame::Imported => ctrl = Some(Ctrl::Imported),
                         Frame::Failed(w) => ctrl = Some(Ctrl::Failed(w)),
+                        Frame::End => ctrl = Some(Ctrl::End),
                         Frame::Handoff {
                             to,
                             taken,
@@ -585,8 +789,19 @@ impl Pipe {
         }
         moved |= self.flush()?;
         if self.sock_eof && self.flushed() && !self.chan_shut && !self.hold_sock {
-            self.ch.shutdown(std::net::Shutdown::Write)?;
-            self.chan_shut = true;
+            if self.end_on_eof.load(Ordering::Acquire) {
+                // A join: this side's data ends here, the stream does not.
+                if !self.end_sent {
+                    self.push(&Frame::End);
+                    self.end_sent = true;
+                    moved = true;
+                    self.flush()?;
+                }
+                self.chan_shut = self.flushed();
+            } else {
+                self.ch.shutdown(std::net::Shutdown::Write)?;
+                self.chan_shut = true;
+            }
         }
         Ok((moved, ctrl))
     }
@@ -650,7 +865,7 @@ impl Pipe {
         if !self.sock_eof && self.flushed() && !self.hold_sock {
             sock_ev |= PollFlags::POLLIN;
         }
-        if !self.inbound.is_empty() {
+        if !self.inbound.is_empty() && self.divert.is_none() {
             sock_ev |= PollFlags::POLLOUT;
         }
         let mut fds = vec![
@@ -697,7 +912,7 @@ impl RelayService {
     fn run_home(
         self: Arc<Self>,
         vm: ServedVm,
-        mut info: RelayInfo,
+        ctl: Arc<HomeCtl>,
         s: ExportedSession,
         ch: ChannelEnd,
     ) {
@@ -705,6 +920,7 @@ impl RelayService {
         let target = s.target;
         let ty = s.snapshot.socket_type;
         let mut pipe = Pipe::new(ch, s.host, ty);
+        pipe.end_on_eof = ctl.end_on_eof.clone();
         pipe.sock_eof = s.snapshot.host_done;
         // Guest bytes the engine had accepted and not yet written go first.
         if !s.out_stream.is_empty() {
@@ -712,6 +928,7 @@ impl RelayService {
         }
         pipe.inbound.extend(s.out_msgs);
         let outcome: Result<(), String> = loop {
+            ctl.clear();
             let (moved, ctrl) = match pipe.step(RELAY_MAX_TAIL_BYTES) {
                 Ok(x) => x,
                 Err(e) if pipe.normal_end(&e) => break Ok(()),
@@ -724,15 +941,39 @@ impl RelayService {
                     pending,
                     snapshot,
                 }) if snapshot.id == id && snapshot.socket_type == ty => {
-                    match self.reroute(
-                        &vm, &mut pipe, &mut info, target, to, taken, pending, snapshot,
-                    ) {
+                    match self.reroute(&vm, &mut pipe, &ctl, target, to, taken, pending, snapshot) {
                         Rerouted::Home => {
                             self.homes.lock().unwrap().remove(&id);
                             return;
                         }
-                        Rerouted::Moved => continue,
+                        Rerouted::Moved => {
+                            self.maybe_join(&vm, id);
+                            continue;
+                        }
                         Rerouted::Lost(why) => break Err(why),
+                    }
+                }
+                Some(Ctrl::End) => {
+                    // The joining host sent everything this half's guest wrote: once it
+                    // is written, the socket's write side shuts, and the partner half's
+                    // relay answers the EOF it reads with END.
+                    let partner = lock_plane(&vm.plane).router().pair_of(id).map(|p| {
+                        if p.dialer == id {
+                            p.acceptor
+                        } else {
+                            p.dialer
+                        }
+                    });
+                    let partner = partner.and_then(|p| self.homes.lock().unwrap().get(&p).cloned());
+                    match partner {
+                        Some(p) => {
+                            p.end_on_eof.store(true, Ordering::Release);
+                            p.wake();
+                            pipe.chan_eof = true;
+                        }
+                        None => {
+                            break Err("END for a session that is no sibling pair half here".into())
+                        }
                     }
                 }
                 Some(Ctrl::Failed(w)) => break Err(format!("the guest side failed: {w}")),
@@ -750,7 +991,7 @@ impl RelayService {
                         Err(format!("channel {st:?}"))
                     };
                 }
-                pipe.wait(None, 100);
+                pipe.wait(Some(&ctl.wake_rx), 100);
             }
         };
         if outcome.is_ok() {
@@ -759,7 +1000,11 @@ impl RelayService {
             linger(&pipe.ch);
         }
         self.homes.lock().unwrap().remove(&id);
+        lock_plane(&vm.plane).router().forget_pair(id);
         match outcome {
+            Ok(()) if pipe.end_sent => {
+                info!(vm = %vm.shared.name, session = %id, "sibling pair joined elsewhere: home relay done")
+            }
             Ok(()) => info!(vm = %vm.shared.name, session = %id, "relayed session ended"),
             Err(why) => {
                 inc(&self.stats.failed);
@@ -778,7 +1023,7 @@ impl RelayService {
         &self,
         vm: &ServedVm,
         pipe: &mut Pipe,
-        info: &mut RelayInfo,
+        ctl: &HomeCtl,
         target: (Cid, Port),
         to: String,
         taken: u64,
@@ -795,7 +1040,7 @@ impl RelayService {
         let mut rest = pending;
         rest.extend_from_slice(&unread);
         rest.extend_from_slice(pipe.out_pending());
-        let sender = info.peer.clone();
+        let sender = ctl.info.lock().unwrap().peer.clone();
         let failure = if to == self.host {
             // Home: the engine takes them all in the tail (the host end is local now).
             let mut home = next.clone();
@@ -817,8 +1062,7 @@ impl RelayService {
                     // They follow the snapshot as DATA on the new channel: the tail stays
                     // what the engine had.
                     drop(pipe.switch(new, rest.clone()));
-                    info.peer = to.clone();
-                    self.homes.lock().unwrap().insert(id, info.clone());
+                    ctl.info.lock().unwrap().peer = to.clone();
                     inc(&self.stats.rerooted);
                     info!(vm = %vm.shared.name, session = %id, from = %sender, to = %to, "session re-rooted: direct channel to its guest's new host");
                     return Rerouted::Moved;
@@ -904,6 +1148,7 @@ impl RelayService {
             },
             request: Mutex::new(None),
             handing: AtomicBool::new(false),
+            join: Mutex::new(JoinState::Idle),
             wake,
             wake_rx,
         });
@@ -967,8 +1212,15 @@ impl RelayService {
             }
         }
         match outcome {
-            Ok(true) => info!(vm = %vm.shared.name, session = %id, "session handed off"),
-            Ok(false) => info!(vm = %vm.shared.name, session = %id, "relayed session ended"),
+            Ok(GuestEnd::HandedOff) => {
+                info!(vm = %vm.shared.name, session = %id, "session handed off")
+            }
+            Ok(GuestEnd::Ended) => {
+                info!(vm = %vm.shared.name, session = %id, "relayed session ended")
+            }
+            Ok(GuestEnd::Joined) => {
+                info!(vm = %vm.shared.name, session = %id, "sibling pair joined: session local here")
+            }
             Err(why) => {
                 inc(&self.stats.failed);
                 warn!(vm = %vm.shared.name, session = %id, %why, "relay failed; session ended");
@@ -979,16 +1231,37 @@ impl RelayService {
         }
     }
 
-    /// Relays until the session ends (`Ok(false)`) or was handed off (`Ok(true)`).
+    /// Relays until the session ends, was handed off or was joined with its sibling.
     fn guest_loop(
         &self,
         vm: &ServedVm,
         ctl: &Arc<GuestCtl>,
         pipe: &mut Pipe,
-    ) -> Result<bool, String> {
+    ) -> Result<GuestEnd, String> {
         let id = ctl.info.session;
         let mut handing: Option<(Reply, Instant)> = None;
-        loop {
+        let mut joining: Option<Joining> = None;
+        let outcome = loop {
+            if joining.is_none() {
+                if let Some(j) = self.join_started(ctl, pipe) {
+                    joining = Some(j);
+                }
+            }
+            if let Some(j) = &mut joining {
+                match self.join_step(vm, ctl, pipe, j) {
+                    Ok(false) => {}
+                    Ok(true) => break Ok(GuestEnd::Joined),
+                    Err(why) => {
+                        *ctl.join.lock().unwrap() = JoinState::Failed(why.clone());
+                        if let Some(p) = &j.partner {
+                            p.wake();
+                        }
+                        inc(&self.stats.join_failed);
+                        break Err(format!("join failed: {why}"));
+                    }
+                }
+                continue;
+            }
             if handing.is_none() {
                 let req = ctl.request.lock().unwrap().take();
                 if let Some((to, reply)) = req {
@@ -1007,17 +1280,17 @@ impl RelayService {
             }
             let (moved, ctrl) = match pipe.step(RELAY_MAX_TAIL_BYTES) {
                 Ok(x) => x,
-                Err(e) if handing.is_none() && pipe.normal_end(&e) => return Ok(false),
+                Err(e) if handing.is_none() && pipe.normal_end(&e) => break Ok(GuestEnd::Ended),
                 Err(e) if handing.is_some() => {
                     // While a handoff is answered, a failing write (the home closed) is
                     // the answer, seen below.
                     debug!(error = %e, "relay step during a handoff");
                     (false, None)
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => break Err(e.to_string()),
             };
             if ctrl.is_some() {
-                return Err("unexpected relay frame from the home".into());
+                break Err("unexpected relay frame from the home".into());
             }
             if let Some((_, since)) = &handing {
                 // The home closes the channel once the session lives on elsewhere; if it
@@ -1037,8 +1310,8 @@ impl RelayService {
                     } else {
                         Ok(())
                     });
-                    return if closed_normally(st) || back {
-                        Ok(true)
+                    break if closed_normally(st) || back {
+                        Ok(GuestEnd::HandedOff)
                     } else {
                         Err(format!("handoff lost: channel {st:?}"))
                     };
@@ -1046,22 +1319,326 @@ impl RelayService {
                 if since.elapsed() > step_timeout() * 2 {
                     let (reply, _) = handing.take().expect("checked");
                     let _ = reply.send(Err("the home did not answer the handoff".into()));
-                    return Err("handoff unanswered".into());
+                    break Err("handoff unanswered".into());
                 }
             } else if pipe.finished() {
                 linger(&pipe.ch);
-                return Ok(false);
+                break Ok(GuestEnd::Ended);
             } else if !moved {
                 match pipe.channel_dead() {
-                    Some(st) if closed_normally(st) => return Ok(false),
-                    Some(st) => return Err(format!("channel {st:?}")),
+                    Some(st) if closed_normally(st) => break Ok(GuestEnd::Ended),
+                    Some(st) => break Err(format!("channel {st:?}")),
                     None => {}
                 }
             }
             if !moved {
                 pipe.wait(Some(&ctl.wake_rx), if handing.is_some() { 20 } else { 100 });
             }
+        };
+        // A handoff asked for while a join ran is answered now: a joined session is
+        // exported from here by the caller; otherwise the session is gone.
+        if let Some((_, reply)) = ctl.request.lock().unwrap().take() {
+            let _ = reply.send(Err(match &outcome {
+                Ok(GuestEnd::Joined) => JOINED_HERE.to_owned(),
+                _ => format!("session {id} ended before its handoff"),
+            }));
         }
+        outcome
+    }
+
+    /// A join request from the home `peer`: both halves must be guest relays from it
+    /// here. Starts the join (both engines at once), or says why the pair stays relayed.
+    fn join_request(&self, peer: &str, req: JoinOpen) -> Result<(), String> {
+        let _m = self.join_match.lock().unwrap();
+        let (d, a) = {
+            let g = self.guests.lock().unwrap();
+            (g.get(&req.dialer).cloned(), g.get(&req.acceptor).cloned())
+        };
+        let (Some(d), Some(a)) = (d, a) else {
+            return Err("a half of the pair is not relayed here".into());
+        };
+        if d.info.peer != peer || a.info.peer != peer {
+            return Err(format!("the pair's home is not {peer}"));
+        }
+        for c in [&d, &a] {
+            if c.handing.load(Ordering::Acquire)
+                || !matches!(*c.join.lock().unwrap(), JoinState::Idle)
+            {
+                return Err(format!(
+                    "session {} is busy (handoff or join)",
+                    c.info.session
+                ));
+            }
+        }
+        self.start_join(&d, &a, req.port)?;
+        info!(dialer = %req.dialer, acceptor = %req.acceptor, port = req.port, home = %peer, "joining a sibling pair: both engines on placeholders");
+        Ok(())
+    }
+
+    /// Checks the policy here and swaps both sessions' host ends to placeholders under
+    /// both engines' locks (so neither feeds its old path after the other stopped).
+    fn start_join(&self, dialer: &GuestCtl, acceptor: &GuestCtl, port: u32) -> Result<(), String> {
+        let (Some(dv), Some(av)) = (self.vm(&dialer.info.vm), self.vm(&acceptor.info.vm)) else {
+            return Err("a domain of the pair is not here".into());
+        };
+        if Arc::ptr_eq(&dv.plane, &av.plane) {
+            return Err("both halves in one domain".into());
+        }
+        if dv.namespace != av.namespace {
+            return Err("the domains are in different namespaces here".into());
+        }
+        // Fixed lock order: by domain name.
+        let dialer_first = dv.shared.name < av.shared.name;
+        let (first, second) = if dialer_first { (dv, av) } else { (av, dv) };
+        let mut p1 = lock_plane(&first.plane);
+        let mut p2 = lock_plane(&second.plane);
+        let (pd, pa) = if dialer_first {
+            (&mut p1, &mut p2)
+        } else {
+            (&mut p2, &mut p1)
+        };
+        if !pd.may_reach_sibling(av.shared.cid, Port(port)) {
+            return Err(format!(
+                "the policy here does not allow {} -> {} on port {port}",
+                dv.shared.name, av.shared.name
+            ));
+        }
+        let (qd, qd_peer) = placeholder().map_err(|e| e.to_string())?;
+        let (qa, qa_peer) = placeholder().map_err(|e| e.to_string())?;
+        let sd = pd
+            .swap_session_host(dialer.info.session, qd, &[])
+            .map_err(|e| e.to_string())?;
+        let sa = match pa.swap_session_host(acceptor.info.session, qa, &[]) {
+            Ok(s) => s,
+            Err(e) => {
+                // Undo the first swap: the old end is whole (the engine only stopped
+                // reading it).
+                if pd
+                    .swap_session_host(dialer.info.session, sd.old, &[])
+                    .is_err()
+                {
+                    warn!(session = %dialer.info.session, "cannot undo a join's first swap");
+                }
+                return Err(e.to_string());
+            }
+        };
+        let now = Instant::now();
+        *dialer.join.lock().unwrap() = JoinState::Started {
+            old: sd.old,
+            placeholder: qd_peer,
+            write_shut: sd.write_shut,
+            since: now,
+            partner: acceptor.info.session,
+            role: PairRole::Dialer,
+            port,
+        };
+        *acceptor.join.lock().unwrap() = JoinState::Started {
+            old: sa.old,
+            placeholder: qa_peer,
+            write_shut: sa.write_shut,
+            since: now,
+            partner: dialer.info.session,
+            role: PairRole::Acceptor,
+            port,
+        };
+        dialer.wake();
+        acceptor.wake();
+        Ok(())
+    }
+
+    /// The join of this relay's session started: stop feeding the old pair, take what the
+    /// engine had not read from it, and let the socket run to its EOF.
+    fn join_started(&self, ctl: &GuestCtl, pipe: &mut Pipe) -> Option<Joining> {
+        let mut st = ctl.join.lock().unwrap();
+        if !matches!(&*st, JoinState::Started { .. }) {
+            return None;
+        }
+        let JoinState::Started {
+            mut old,
+            placeholder,
+            write_shut,
+            since,
+            partner,
+            role,
+            port,
+        } = std::mem::replace(&mut *st, JoinState::Draining)
+        else {
+            unreachable!("checked");
+        };
+        drop(st);
+        ctl.clear();
+        // Towards the guest, in order: what the engine had not read from its old end,
+        // what the relay had not written to it yet, then the channel up to the home's END.
+        let mut held = Vec::new();
+        let mut fail = None;
+        match drain_sock(&mut old, SocketType::Stream) {
+            Ok((chunks, _)) => {
+                for c in chunks {
+                    held.extend_from_slice(&c);
+                }
+            }
+            Err(e) => fail = Some(format!("old host end: {e}")),
+        }
+        for p in pipe.take_inbound() {
+            held.extend_from_slice(&p);
+        }
+        // The relay's end reads what the engine wrote, then EOF.
+        drop(old);
+        pipe.divert = Some(held);
+        // A guest that had half-closed: its EOF is real, the channel carries it as such.
+        pipe.end_on_eof.store(!write_shut, Ordering::Release);
+        let partner_ctl = self.guests.lock().unwrap().get(&partner).cloned();
+        Some(Joining {
+            placeholder: Some(placeholder),
+            since,
+            home_done: false,
+            partner: partner_ctl,
+            partner_id: partner,
+            role,
+            port,
+            fail,
+        })
+    }
+
+    /// One step of a join in progress; `Ok(true)` once both engines have the new pair.
+    fn join_step(
+        &self,
+        vm: &ServedVm,
+        ctl: &Arc<GuestCtl>,
+        pipe: &mut Pipe,
+        j: &mut Joining,
+    ) -> Result<bool, String> {
+        if let Some(why) = j.fail.take() {
+            return Err(why);
+        }
+        match &*ctl.join.lock().unwrap() {
+            JoinState::Done => return Ok(true),
+            JoinState::Failed(why) => return Err(why.clone()),
+            _ => {}
+        }
+        if j.partner
+            .as_ref()
+            .is_some_and(|p| matches!(&*p.join.lock().unwrap(), JoinState::Failed(_)))
+        {
+            return Err("the partner half failed".into());
+        }
+        if j.since.elapsed() > Duration::from_millis(JOIN_TIMEOUT_MS) {
+            return Err(format!("not done within {JOIN_TIMEOUT_MS} ms"));
+        }
+        let (moved, ctrl) = match pipe.step(RELAY_MAX_TAIL_BYTES) {
+            Ok(x) => x,
+            Err(e) => return Err(e.to_string()),
+        };
+        match ctrl {
+            None => {}
+            Some(Ctrl::End) => j.home_done = true,
+            Some(_) => return Err("unexpected relay frame from the home during a join".into()),
+        }
+        if pipe.chan_eof && pipe.inbound.is_empty() && pipe.rx_pos == pipe.rx.len() {
+            // The stream towards this guest ended for real before the join's END.
+            j.home_done = true;
+        }
+        let own_done = pipe.sock_eof && pipe.chan_shut;
+        if j.home_done && own_done && j.placeholder.is_some() {
+            let held = pipe.divert.take().unwrap_or_default();
+            let placeholder = j.placeholder.take().expect("checked");
+            return self.join_ready(vm, ctl, j, held, placeholder);
+        }
+        if !j.home_done && !moved {
+            if let Some(st) = pipe.channel_gone() {
+                return Err(format!("channel {st:?} before the home's END"));
+            }
+        }
+        if !moved {
+            pipe.wait(Some(&ctl.wake_rx), 20);
+        }
+        Ok(false)
+    }
+
+    /// This half holds everything towards its guest: if the partner's does too, give both
+    /// engines their new local pair (under both locks), else wait for the partner to.
+    fn join_ready(
+        &self,
+        vm: &ServedVm,
+        ctl: &Arc<GuestCtl>,
+        j: &Joining,
+        held: Vec<u8>,
+        placeholder: HostSocket,
+    ) -> Result<bool, String> {
+        let id = ctl.info.session;
+        let since = j.since;
+        let _m = self.join_match.lock().unwrap();
+        let partner = self
+            .guests
+            .lock()
+            .unwrap()
+            .get(&j.partner_id)
+            .filter(|g| matches!(&*g.join.lock().unwrap(), JoinState::Ready { .. }))
+            .cloned();
+        let Some(other) = partner else {
+            *ctl.join.lock().unwrap() = JoinState::Ready { held, placeholder };
+            return Ok(false);
+        };
+        let Some(ov) = self.vm(&other.info.vm).cloned() else {
+            return Err("the partner's domain is not here".into());
+        };
+        let JoinState::Ready {
+            held: other_held,
+            placeholder: mut other_placeholder,
+            ..
+        } = std::mem::replace(&mut *other.join.lock().unwrap(), JoinState::Draining)
+        else {
+            unreachable!("checked");
+        };
+        let mut placeholder = placeholder;
+        let me_first = vm.shared.name < ov.shared.name;
+        let (first, second) = if me_first { (vm, &ov) } else { (&ov, vm) };
+        let mut p1 = lock_plane(&first.plane);
+        let mut p2 = lock_plane(&second.plane);
+        let (pm, po) = if me_first {
+            (&mut p1, &mut p2)
+        } else {
+            (&mut p2, &mut p1)
+        };
+        // What each engine wrote into its placeholder since the first swap goes to the
+        // other guest, after what the home forwarded.
+        let mine_wrote = drain_all(&mut placeholder)?;
+        let other_wrote = drain_all(&mut other_placeholder)?;
+        let (nm, no) = HostSocket::pair(SocketType::Stream).map_err(|e| e.to_string())?;
+        let no = socket_from(no, SocketType::Stream);
+        let mut to_me = held;
+        to_me.extend_from_slice(&other_wrote);
+        let mut to_other = other_held;
+        to_other.extend_from_slice(&mine_wrote);
+        let (prefix_me, prefix_other) = (to_me.len(), to_other.len());
+        let placeholders = (mine_wrote.len(), other_wrote.len());
+        let r = pm
+            .swap_session_host(id, nm, &to_me)
+            .and_then(|_| po.swap_session_host(other.info.session, no, &to_other));
+        if let Err(e) = r {
+            *other.join.lock().unwrap() = JoinState::Failed(e.to_string());
+            other.wake();
+            return Err(e.to_string());
+        }
+        // The pair lives here now.
+        let router = pm.router();
+        drop(p1);
+        drop(p2);
+        let (dialer, acceptor) = match j.role {
+            PairRole::Dialer => (id, other.info.session),
+            PairRole::Acceptor => (other.info.session, id),
+        };
+        router.note_pair(crate::router::SiblingPair {
+            dialer,
+            acceptor,
+            port: Port(j.port),
+        });
+        *other.join.lock().unwrap() = JoinState::Done;
+        *ctl.join.lock().unwrap() = JoinState::Done;
+        other.wake();
+        inc(&self.stats.joined);
+        info!(session = %id, partner = %other.info.session, join_ms = since.elapsed().as_secs_f64() * 1e3, prefix_here = prefix_me, prefix_partner = prefix_other, placeholder_here = placeholders.0, placeholder_partner = placeholders.1, "sibling pair joined: local pair again");
+        Ok(true)
     }
 
     /// Takes the session out of the engine with every byte in flight and sends HANDOFF.
@@ -1134,6 +1711,50 @@ impl RelayService {
         let _ = pipe.flush();
         Ok(())
     }
+}
+
+/// How a guest relay ended.
+enum GuestEnd {
+    /// The session ended.
+    Ended,
+    /// It was handed off to its home.
+    HandedOff,
+    /// It was joined with its sibling here (local now).
+    Joined,
+}
+
+/// A guest relay's half of a join, while it drains.
+struct Joining {
+    /// The peer of the placeholder the engine writes into (taken at the last step).
+    placeholder: Option<HostSocket>,
+    since: Instant,
+    /// The home's END (or a real end of stream) was read.
+    home_done: bool,
+    /// The partner half's relay, when known.
+    partner: Option<Arc<GuestCtl>>,
+    partner_id: SessionId,
+    role: PairRole,
+    port: u32,
+    /// Why the join cannot go on (found while it started).
+    fail: Option<String>,
+}
+
+/// A placeholder host end: the engine reads nothing from it and writes into its peer
+/// (kept small: it is read whole under the engines' locks).
+fn placeholder() -> io::Result<(HostSocket, HostSocket)> {
+    let (peer, engine_end) = HostSocket::pair(SocketType::Stream)?;
+    let _ = nix::sys::socket::setsockopt(
+        &engine_end,
+        nix::sys::socket::sockopt::SndBuf,
+        &RELAY_SEND_BUFFER,
+    );
+    Ok((socket_from(engine_end, SocketType::Stream), peer))
+}
+
+/// Everything a placeholder's peer holds (nobody writes to it any more).
+fn drain_all(sock: &mut HostSocket) -> Result<Vec<u8>, String> {
+    let (chunks, _) = drain_sock(sock, SocketType::Stream).map_err(|e| e.to_string())?;
+    Ok(chunks.concat())
 }
 
 /// Writes nothing more and closes `ch` once what was written was acknowledged (bounded).
@@ -1235,6 +1856,22 @@ fn socket_from(fd: std::os::fd::OwnedFd, ty: SocketType) -> HostSocket {
 
 impl Acceptor for RelayService {
     fn on_open(&self, peer: &str, metadata: &[u8], kind: ChannelKind) -> Result<(), Refusal> {
+        if let Ok(req) = JoinOpen::decode(metadata) {
+            // Checked again when it runs; here only whether it may run at all.
+            let g = self.guests.lock().unwrap();
+            let ours = [req.dialer, req.acceptor]
+                .iter()
+                .all(|id| g.get(id).is_some_and(|c| c.info.peer == peer));
+            drop(g);
+            if !ours {
+                warn!(%peer, dialer = %req.dialer, acceptor = %req.acceptor, "join request for sessions not relayed here from that host; refused");
+                return Err(Refusal {
+                    code: RefusalCode::Policy,
+                    text: "no such relayed pair here".into(),
+                });
+            }
+            return Ok(());
+        }
         let open = match RelayOpen::decode(metadata) {
             Ok(o) => o,
             Err(e) => return self.refuse(format!("{peer}: {e}")),
@@ -1273,6 +1910,36 @@ impl Acceptor for RelayService {
     }
 
     fn accepted(&self, end: ChannelEnd, metadata: Vec<u8>) {
+        if let Ok(req) = JoinOpen::decode(&metadata) {
+            let Some(me) = self.me.upgrade() else { return };
+            let spawned = std::thread::Builder::new()
+                .name("relay-join".into())
+                .spawn(move || {
+                    let peer = end.peer().to_owned();
+                    let answer = match me.join_request(&peer, req) {
+                        Ok(()) => 1u8,
+                        Err(why) => {
+                            warn!(dialer = %req.dialer, acceptor = %req.acceptor, %why, "sibling pair not joined; it stays relayed");
+                            0
+                        }
+                    };
+                    let _ = end.write(&[answer]);
+                    linger(&end);
+                    // The requester closes the channel once it read the answer.
+                    let deadline = Instant::now() + step_timeout();
+                    while Instant::now() < deadline
+                        && matches!(end.state(), ChannelState::Open | ChannelState::PeerShutdown { .. })
+                    {
+                        let mut fds = [PollFd::new(end.as_fd(), PollFlags::POLLIN)];
+                        let _ = poll(&mut fds, PollTimeout::from(20u16));
+                        end.clear_wakeup();
+                    }
+                });
+            if spawned.is_err() {
+                warn!("cannot start a join thread");
+            }
+            return;
+        }
         let Ok(open) = RelayOpen::decode(&metadata) else {
             return;
         };

@@ -76,6 +76,20 @@ const _: () = assert!(
             + 3 * (domsock_migration::relay::MAX_DATA + domsock_migration::relay::FRAME_HEADER_LEN)
             + 256 * 1024
 );
+/// Most bytes one half of a sibling pair may hold while the pair is joined (what was in
+/// flight towards its guest when both engines stopped feeding the relayed path), and so
+/// the most an engine takes in front of its new host end. In flight per direction at the
+/// swap, every buffer full: the engine's old pair end and its peer (64 KiB send buffer,
+/// doubled; a Unix socket pair's default on the far side), the guest relays' queued
+/// payloads and read buffers (a frame each), the two home relays' frames and the home's
+/// pair, the two channel windows (256 KiB each) and the placeholder the other engine
+/// wrote into (its send buffer), plus the replay tail the receiving engine read before
+/// it parked: measured up to 2.9 MiB (a guest that had stopped reading), so the bound
+/// leaves room. Only a join in progress holds it. A half that would hold more stops
+/// reading its channel (the join then times out and fails, see the relay module).
+pub const JOIN_MAX_HELD_BYTES: usize = 8 * 1024 * 1024;
+/// How long a join may take from both JOINs to both engines swapped.
+pub const JOIN_TIMEOUT_MS: u64 = 10_000;
 /// Sessions carried by relays on one host at once (both kinds).
 pub const MAX_RELAYED_SESSIONS: usize = 1024;
 /// How long one relay step (an import answered, a handoff answered) may take.

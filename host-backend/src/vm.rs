@@ -33,6 +33,9 @@ pub struct ProxyDial {
     pub port: Port,
     /// The other end belongs to the sibling's session.
     pub sock: std::os::unix::net::UnixStream,
+    /// That session: if the guest accepts on a session listener, the accepted connection
+    /// becomes a session too, and the two are recorded as one sibling pair.
+    pub session: Option<domsock_migration::session::SessionId>,
 }
 
 impl VmShared {

@@ -1069,3 +1069,91 @@ fn a_full_stream_replay_buffer_asks_the_guest_for_credit() {
     );
     drop(writer.join().unwrap());
 }
+
+/// `swap_session_host`, the sibling pair join's engine operation: a live session gets a
+/// new host end with host bytes in front (the guest reads them first, then the new end's);
+/// what the guest sends goes to the new end; the old end comes back with what the engine
+/// had not read. Parked, the bytes in front join the replay: the guest's RESUME gets them.
+#[test]
+fn a_session_gets_a_new_host_end_with_in_flight_bytes_in_front() {
+    use domsock_host::host::HostSocket;
+    let mut g = TestGuest::new("s-swap");
+    let _keepalive = register(&mut g, 39_000, 6000);
+    let (mut host, mut conn) = host_connects(&mut g, 6000);
+    host.write_all(b"old").unwrap();
+    let (offered, rest) = read_frame_and(&mut g, &mut conn);
+    let Frame::Offered {
+        id,
+        secret,
+        next_nonce,
+        window,
+        ..
+    } = offered
+    else {
+        panic!("expected OFFERED, got {offered:?}");
+    };
+    let mut first = rest;
+    let more = 3 - first.len();
+    first.extend(g.recv_stream(&mut conn, more, true));
+    assert_eq!(first, b"old");
+
+    host.write_all(b"unread").unwrap();
+    let (mut new_host, engine_end) = UnixStream::pair().unwrap();
+    let swapped = g
+        .plane
+        .swap_session_host(
+            id,
+            HostSocket::from_stream(engine_end).unwrap(),
+            b" in flight",
+        )
+        .unwrap();
+    assert!(!swapped.write_shut);
+    new_host.write_all(b" new").unwrap();
+    g.pump();
+    assert_eq!(g.recv_stream(&mut conn, 14, true), b" in flight new");
+    g.send_rw(&conn, b"to new");
+    g.pump();
+    assert_eq!(read_n(&mut new_host, 6), b"to new");
+    assert!(nothing_to_read(&mut host), "nothing goes to the old end");
+    let mut old = swapped.old;
+    let mut buf = [0u8; 16];
+    let n = old.read(&mut buf).unwrap();
+    assert_eq!(
+        &buf[..n],
+        b"unread",
+        "the old end keeps what the engine did not read"
+    );
+
+    // Parked: the bytes in front are replayed at the resume, before the new end's.
+    g.plane.stop();
+    assert_eq!(g.plane.parked_sessions(), 1);
+    let (mut parked_host, engine_end) = UnixStream::pair().unwrap();
+    g.plane
+        .swap_session_host(id, HostSocket::from_stream(engine_end).unwrap(), b" parked")
+        .unwrap();
+    parked_host.write_all(b" after").unwrap();
+    g.pump();
+    let client = Client {
+        id,
+        secret,
+        nonce: next_nonce,
+        window,
+    };
+    let (mut c2, answer, mut data) =
+        resume_with_data(&mut g, 41_000, &resume_frame(&client, 17, 1));
+    assert!(
+        matches!(answer, Frame::Resumed { received: 6, .. }),
+        "{answer:?}"
+    );
+    let more = 13 - data.len();
+    data.extend(g.recv_stream(&mut c2, more, true));
+    assert_eq!(data, b" parked after");
+    assert!(matches!(
+        g.plane.swap_session_host(
+            SessionId([0; 16]),
+            HostSocket::from_stream(UnixStream::pair().unwrap().0).unwrap(),
+            b""
+        ),
+        Err(domsock_host::engine::SwapError::NotFound(_))
+    ));
+}

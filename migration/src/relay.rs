@@ -19,6 +19,30 @@
 //!               CLOSE (channel) ----------------------->   (the old channel ends)
 //! ```
 //!
+//! **Joining a sibling pair.** A session between two guests X and Y of one host is a
+//! socket pair there (its home): X's session Sx holds one end, Y's session Sy (Y accepted
+//! through a session listener) the other. When both guests run on another host B, the
+//! home has two home relays to B and asks B to join them (a channel of its own whose OPEN
+//! metadata is a [`JoinOpen`]: out of band, because a JOIN behind data a parked guest
+//! does not take would never be read); B swaps both engines' host ends to placeholders at
+//! once, drains both old paths through the home, and gives each engine a fresh local pair
+//! (the bytes that were in flight go to the guests first):
+//!
+//! ```text
+//!  home A (px <-> py pair)                    host B (X and Y run here)
+//!  -- channel OPEN(JoinOpen{Sx, Sy, port}) ---->  both guest relays from A here? policy
+//!                                                 X->Y at B? both engines -> placeholders q
+//!  <-------------------------- 1 (0: stays relayed) -- ; A closes the request channel
+//!     <-- DATA (what X's engine wrote) ... END -- gx   (old pair end read to EOF)
+//!  hx: write to px, shut px; hy: px's bytes to cy, then END (py read to EOF)
+//!  hy -- DATA (X's bytes via px/py) ... END ---> gy   (held: they go to Y first)
+//!     (and the same Y -> X)
+//!                                              B: both held to END: a fresh pair (nx, ny),
+//!                                              engines swap q -> n with the held bytes (and
+//!                                              what they wrote into q meanwhile) in front
+//!  both channels close; A's home relays end; the pair's home is B now
+//! ```
+//!
 //! The session state travels with the guest; the host end never moves, so a route is
 //! always one channel long however often the guest moves.
 //!
@@ -53,7 +77,16 @@
 //! | 3 | IMPORTED | guest side -> home | empty |
 //! | 4 | HANDOFF | guest side -> home | `taken` u64, host-name length u8 + name, `pending` length u32 + bytes (<= [`MAX_PENDING`]), snapshot |
 //! | 6 | FAILED | guest side -> home | a UTF-8 sentence (<= 256 bytes): the import was refused |
+//! | 8 | END | both | empty: no more DATA from this side for the join (the stream itself goes on) |
 //!
+//! - A join request is a channel of its own whose OPEN metadata ([`JoinOpen`]) is
+//!   `"DSJN"`, version u8, dialer session id (16), acceptor session id (16), guest port
+//!   u32. The receiver refuses the OPEN (not a pair relayed here from the sender) or
+//!   answers one byte (1: the join runs, 0: the pair stays relayed, e.g. its policy says
+//!   no); the sender then closes the channel.
+//!
+//! Version 2 added END and the join request; a version-1 peer refuses the channel's OPEN,
+//! so an export to it fails cleanly instead of an END breaking a running session.
 //! Flags must be zero. Anything else is an error for that channel only.
 //!
 //! What it does not do: decide whether a domain may receive the session (the acceptor
@@ -65,7 +98,7 @@ use domsock_proto::SocketType;
 use thiserror::Error;
 
 /// Protocol version.
-pub const RELAY_VERSION: u8 = 1;
+pub const RELAY_VERSION: u8 = 2;
 /// Frame header length.
 pub const FRAME_HEADER_LEN: usize = 8;
 /// Largest DATA payload (the largest seqpacket message a session carries fits).
@@ -85,6 +118,8 @@ const KIND_DATA: u8 = 2;
 const KIND_IMPORTED: u8 = 3;
 const KIND_HANDOFF: u8 = 4;
 const KIND_FAILED: u8 = 6;
+const KIND_END: u8 = 8;
+const JOIN_MAGIC: &[u8; 4] = b"DSJN";
 
 /// Why bytes are not valid relay metadata or a valid frame.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
@@ -251,6 +286,7 @@ fn limit(kind: u8, max_tail: usize) -> Option<usize> {
         KIND_IMPORTED => 0,
         KIND_HANDOFF => 8 + 1 + MAX_NAME + 4 + MAX_PENDING + snapshot,
         KIND_FAILED => MAX_REASON,
+        KIND_END => 0,
         _ => return None,
     })
 }
@@ -305,6 +341,68 @@ pub enum Frame<'a> {
     },
     /// The import the SNAPSHOT asked for was refused.
     Failed(String),
+    /// No more DATA follows from this side for a join.
+    End,
+}
+
+/// The OPEN metadata of a join request: both halves of one sibling pair whose home is
+/// the sender run on the receiver, which joins them (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JoinOpen {
+    /// The session of the guest that dialed.
+    pub dialer: SessionId,
+    /// The session of the guest that accepted.
+    pub acceptor: SessionId,
+    /// The guest port the dialer reached.
+    pub port: u32,
+}
+
+impl JoinOpen {
+    /// The metadata bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(41);
+        out.extend_from_slice(JOIN_MAGIC);
+        out.push(RELAY_VERSION);
+        out.extend_from_slice(&self.dialer.0);
+        out.extend_from_slice(&self.acceptor.0);
+        out.extend_from_slice(&self.port.to_le_bytes());
+        out
+    }
+
+    /// Parses and validates metadata from a peer (`BadMagic` if it is not a join request).
+    pub fn decode(mut buf: &[u8]) -> Result<Self, RelayError> {
+        let magic = take(&mut buf, 4).map_err(|_| RelayError::BadMagic)?;
+        if magic != JOIN_MAGIC {
+            return Err(RelayError::BadMagic);
+        }
+        let version = take(&mut buf, 1)?[0];
+        if version != RELAY_VERSION {
+            return Err(RelayError::Version(version));
+        }
+        let dialer = SessionId(take(&mut buf, 16)?.try_into().expect("16 bytes"));
+        let acceptor = SessionId(take(&mut buf, 16)?.try_into().expect("16 bytes"));
+        let port = u32::from_le_bytes(take(&mut buf, 4)?.try_into().expect("4 bytes"));
+        if !buf.is_empty() {
+            return Err(RelayError::Invalid("trailing bytes"));
+        }
+        if dialer == acceptor {
+            return Err(RelayError::Invalid("one session as both halves"));
+        }
+        Ok(Self {
+            dialer,
+            acceptor,
+            port,
+        })
+    }
+}
+
+/// Which half of a sibling pair a session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PairRole {
+    /// The session of the guest that opened it (OPEN naming the sibling).
+    Dialer,
+    /// The session of the guest that accepted it (through a session listener).
+    Acceptor,
 }
 
 fn header(kind: u8, len: usize, out: &mut Vec<u8>) {
@@ -348,6 +446,7 @@ impl Frame<'_> {
                 out.extend_from_slice(pending);
                 out.extend_from_slice(&b);
             }
+            Frame::End => header(KIND_END, 0, out),
             Frame::Failed(why) => {
                 let mut n = why.len().min(MAX_REASON);
                 while !why.is_char_boundary(n) {
@@ -396,19 +495,23 @@ pub fn decode<'a>(
             }
         }
         KIND_FAILED => Frame::Failed(String::from_utf8_lossy(payload).into_owned()),
+        KIND_END => Frame::End,
         other => return Err(RelayError::UnknownKind(other)),
     })
 }
 
 /// Splits DATA frames out of `bytes` (frames this side encoded, resent after a handoff):
-/// their payloads in order. Stops at the first frame that is not DATA or is incomplete.
+/// their payloads in order; other whole frames among them (a JOIN queued for the old
+/// channel) are skipped. Stops at the first incomplete or invalid frame.
 pub fn data_payloads(mut bytes: &[u8]) -> Vec<&[u8]> {
     let mut out = Vec::new();
     while let Ok(Some(h)) = parse_header(bytes, 0) {
-        if h.kind != KIND_DATA || bytes.len() < h.frame_len() {
+        if bytes.len() < h.frame_len() {
             break;
         }
-        out.push(&bytes[FRAME_HEADER_LEN..h.frame_len()]);
+        if h.kind == KIND_DATA {
+            out.push(&bytes[FRAME_HEADER_LEN..h.frame_len()]);
+        }
         bytes = &bytes[h.frame_len()..];
     }
     out
@@ -473,8 +576,8 @@ mod tests {
         assert_eq!(&b[..4], b"DSRL");
         assert_eq!(RelayOpen::decode(&b).unwrap(), m);
         let mut bad = b.clone();
-        bad[4] = 2;
-        assert_eq!(RelayOpen::decode(&bad), Err(RelayError::Version(2)));
+        bad[4] = 1;
+        assert_eq!(RelayOpen::decode(&bad), Err(RelayError::Version(1)));
         let mut bad = b.clone();
         bad[5] = 3;
         assert_eq!(
@@ -495,12 +598,55 @@ mod tests {
     }
 
     #[test]
+    fn join_requests_round_trip_and_are_not_relay_metadata() {
+        let j = JoinOpen {
+            dialer: SessionId([1; 16]),
+            acceptor: SessionId([2; 16]),
+            port: 6100,
+        };
+        let b = j.encode();
+        assert_eq!(b.len(), 41);
+        assert_eq!(JoinOpen::decode(&b), Ok(j));
+        assert_eq!(RelayOpen::decode(&b), Err(RelayError::BadMagic));
+        let open = RelayOpen {
+            session: SessionId([9; 16]),
+            socket_type: SocketType::Stream,
+            domain: "x".into(),
+            namespace: "default".into(),
+        };
+        assert_eq!(JoinOpen::decode(&open.encode()), Err(RelayError::BadMagic));
+        for n in 0..b.len() {
+            assert!(JoinOpen::decode(&b[..n]).is_err(), "prefix {n}");
+        }
+        let mut bad = b.clone();
+        bad[4] = 1;
+        assert_eq!(JoinOpen::decode(&bad), Err(RelayError::Version(1)));
+        let mut same = b.clone();
+        same[21..37].copy_from_slice(&[1; 16]);
+        assert_eq!(
+            JoinOpen::decode(&same),
+            Err(RelayError::Invalid("one session as both halves"))
+        );
+        let mut long = b;
+        long.push(0);
+        assert!(JoinOpen::decode(&long).is_err());
+    }
+
+    #[test]
     fn frames_round_trip() {
         roundtrip(&Frame::Snapshot(snap(SocketType::Stream)));
         let d = roundtrip(&Frame::Data(b"abc"));
         assert_eq!(d[..FRAME_HEADER_LEN], Frame::data_header(3));
         roundtrip(&Frame::Imported);
         roundtrip(&Frame::Failed("domain not expected here".into()));
+        roundtrip(&Frame::End);
+        let mut end = Vec::new();
+        Frame::End.encode(&mut end);
+        end[4] = 1;
+        assert!(parse_header(&end, 0).is_err());
+        end[4] = 0;
+        end[0] = 7;
+        assert_eq!(parse_header(&end, 0), Err(RelayError::UnknownKind(7)));
         roundtrip(&Frame::Handoff {
             to: "host-c".into(),
             taken: 12345,
@@ -552,10 +698,15 @@ mod tests {
         let mut out = Vec::new();
         Frame::Data(b"one").encode(&mut out);
         Frame::Data(b"two!").encode(&mut out);
+        Frame::End.encode(&mut out);
+        Frame::Data(b"after").encode(&mut out);
         let mut partial = out.clone();
         Frame::Data(b"three").encode(&mut partial);
         partial.truncate(partial.len() - 2);
-        assert_eq!(data_payloads(&partial), vec![&b"one"[..], &b"two!"[..]]);
+        assert_eq!(
+            data_payloads(&partial),
+            vec![&b"one"[..], &b"two!"[..], &b"after"[..]]
+        );
     }
 
     #[test]

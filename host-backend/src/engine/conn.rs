@@ -105,6 +105,8 @@ pub struct HostConn {
     pub(super) session: Option<Box<super::session::SessionState>>,
     /// Every event logged about this connection names it (VM, ports).
     pub(super) span: tracing::Span,
+    /// For a connection dialed for a sibling's session ([`Origin::Proxy`]): that session.
+    pub(super) dialed_for: Option<domsock_migration::session::SessionId>,
 }
 
 pub(super) fn would_block(e: &io::Error) -> bool {
@@ -140,6 +142,7 @@ impl HostConn {
             inbox: Vec::new(),
             inbox_off: 0,
             session: None,
+            dialed_for: None,
         }
     }
 

@@ -105,6 +105,11 @@ impl DataPlane {
                         .check_between(key.local.cid, key.peer.cid, key.peer.port, hc.socket_type)
                         .is_allowed(),
                     (Origin::Host { .. }, _) => true,
+                    // A session this guest accepted from sibling `cid`.
+                    (Origin::Guest, Some((cid, port))) if cid != Cid::HOST && hc.accepted() => self
+                        .router
+                        .check_between(cid, key.peer.cid, port, hc.socket_type)
+                        .is_allowed(),
                     (Origin::Guest, Some((cid, port))) if cid != Cid::HOST => self
                         .router
                         .check_between(key.peer.cid, cid, port, hc.socket_type)
@@ -268,7 +273,12 @@ impl DataPlane {
             if !matches!(hc.sock.write(&[0]), Ok(1)) {
                 VmStats::inc(&self.shared.stats.host_errors);
                 self.endpoint.reset(key);
+            } else {
+                // Accepted on a session listener: this end is a session too.
+                self.offer_session(key);
             }
+            self.after_change(key);
+            return;
         }
         if let Origin::Host { reply: Some(port) } = hc.origin {
             hc.origin = Origin::Host { reply: None };

@@ -36,7 +36,12 @@
 //! our end is the session's host end, the other is handed to the sibling's engine
 //! ([`ProxyDial`]), which opens an ordinary connection to its guest that appears to come
 //! from us. The sibling's guest sees an ordinary connection, and only a pause (credit
-//! stops) while we are parked.
+//! stops) while we are parked; unless it accepts on a session listener: then its end is a
+//! session too (OFFERED), and the router records the two sessions as one sibling pair
+//! (their relays join them again when both guests run on one other host).
+//!
+//! [`DataPlane::swap_session_host`] gives a live or parked session a new host end, with
+//! host bytes that were in flight put in front (the sibling pair join uses it).
 //!
 //! Parked sessions outlive the frontend connection too (the engine is the VM's, not the
 //! device's): a guest's source QEMU quits after a live migration. A parked session can
@@ -137,6 +142,9 @@ pub(crate) struct SessionLink {
     /// A credit update was asked of the guest because the replay buffer is full; cleared
     /// when its acknowledgement moves.
     ack_requested: bool,
+    /// The guest accepted this session from the sibling `target` names (a sibling pair's
+    /// acceptor half): the policy to recheck is target -> this guest.
+    accepted: bool,
 }
 
 /// Message boundaries of a seqpacket session's replay buffer, and its replay queue.
@@ -345,6 +353,11 @@ impl HostConn {
             self.session.as_deref(),
             Some(SessionState::Greeting { peer: Some(_), .. })
         )
+    }
+
+    /// Whether this session was accepted from a sibling (see [`SessionLink::accepted`]).
+    pub(super) fn accepted(&self) -> bool {
+        matches!(self.session.as_deref(), Some(SessionState::Live(l)) if l.accepted)
     }
 
     /// Whether this connection carries a live session.
@@ -651,21 +664,35 @@ impl DataPlane {
         self.after_change(key);
     }
 
-    /// A host-initiated connection was accepted by the guest: if its port is a session
-    /// listener, the connection becomes a session, announced by OFFERED ahead of any host
-    /// bytes (which are recorded for replay like all others).
+    /// A host-initiated connection (or one dialed for a sibling's session) was accepted
+    /// by the guest: if its port is a session listener, the connection becomes a session,
+    /// announced by OFFERED ahead of any host bytes (which are recorded for replay like
+    /// all others). One dialed for a sibling's session makes the two a sibling pair.
     pub(super) fn offer_session(&mut self, key: ConnKey) {
         if !self.sessions.listeners.contains_key(&key.peer.port)
             || self.sessions.live + self.sessions.parked.len() >= MAX_SESSIONS_PER_VM
         {
             return;
         }
-        let (mut link, greeting) = self.new_link((Cid::HOST, key.peer.port), true);
+        let (proxied, dialer) = match self.conns.get(&key) {
+            Some(hc) => (hc.origin == super::conn::Origin::Proxy, hc.dialed_for),
+            None => return,
+        };
+        let target = if proxied { key.local.cid } else { Cid::HOST };
+        let (mut link, greeting) = self.new_link((target, key.peer.port), true);
+        link.accepted = proxied;
         let Some(hc) = self.conns.get_mut(&key) else {
             return;
         };
         if hc.socket_type != SocketType::Stream || hc.session.is_some() {
             return;
+        }
+        if let Some(dialer) = dialer {
+            self.router.note_pair(crate::router::SiblingPair {
+                dialer,
+                acceptor: link.id,
+                port: key.peer.port,
+            });
         }
         let early = hc.inbox.split_off(hc.inbox_off);
         // Handshake leftovers are a few hundred bytes at most: they always fit.
@@ -728,6 +755,7 @@ impl DataPlane {
             guest_done: false,
             messages: None,
             ack_requested: false,
+            accepted: false,
         };
         (link, greeting)
     }
@@ -846,17 +874,18 @@ impl DataPlane {
                 return;
             }
         };
+        let (link, greeting) = self.new_link((cid, port), false);
         let dial = ProxyDial {
             from: self.shared.cid,
             port,
             sock: theirs,
+            session: Some(link.id),
         };
         if target.request_dial(dial).is_err() {
             self.poller.unregister(ours.raw_fd(), token);
             self.refuse_session(key, Refusal::TooMany, 0);
             return;
         }
-        let (link, greeting) = self.new_link((cid, port), false);
         let hc = self.conns.get_mut(&key).expect("caller checked");
         self.poller.unregister(hc.sock.raw_fd(), hc.token);
         hc.sock = ours;
@@ -936,13 +965,14 @@ impl DataPlane {
                     continue;
                 }
             };
-            let hc = HostConn::new(
+            let mut hc = HostConn::new(
                 sock,
                 token,
                 key,
                 SocketType::Stream,
                 super::conn::Origin::Proxy,
             );
+            hc.dialed_for = dial.session;
             hc.span
                 .in_scope(|| debug!(from = dial.from.0, "sibling session dials this guest"));
             self.conns.insert(key, hc);
@@ -1130,6 +1160,12 @@ impl DataPlane {
             self.poller.unregister(hc.sock.raw_fd(), hc.token);
             return;
         };
+        if hc.origin == super::conn::Origin::Proxy {
+            // A session accepted from a sibling resumes on a session-port connection: it
+            // is no longer the dialed connection (its policy check follows its link).
+            hc.origin = super::conn::Origin::Guest;
+            self.proxied -= 1;
+        }
         // The inbox holds the greeting and replay of the last resume, if not yet sent:
         // both are rebuilt at the next resume (the replay bytes are still in the buffer).
         hc.inbox.clear();
@@ -1197,7 +1233,11 @@ impl DataPlane {
     /// a live session ends, a listener registration it kept is forgotten.
     pub(super) fn session_closed(&mut self, key: ConnKey, hc: &HostConn) {
         match hc.session.as_deref() {
-            Some(SessionState::Live(_) | SessionState::Dialing { .. }) => self.sessions.live -= 1,
+            Some(SessionState::Live(link)) => {
+                self.sessions.live -= 1;
+                self.router.forget_pair(link.id);
+            }
+            Some(SessionState::Dialing { .. }) => self.sessions.live -= 1,
             Some(SessionState::Listening { port, .. })
                 if self
                     .sessions
@@ -1307,6 +1347,7 @@ impl DataPlane {
     fn drop_parked(&mut self, id: SessionId, parked: Parked, expired: bool) {
         self.poller
             .unregister(parked.hc.sock.raw_fd(), parked.hc.token);
+        self.router.forget_pair(id);
         if expired {
             if self.sessions.expired.len() >= SESSION_TOMBSTONES {
                 self.sessions.expired.pop_front();
@@ -1382,6 +1423,33 @@ pub struct ExportedSession {
     pub out_msgs: Vec<Vec<u8>>,
 }
 
+/// What [`DataPlane::swap_session_host`] gives back: the session's previous host end.
+#[derive(Debug)]
+pub struct SwappedHost {
+    /// The previous host end (what it holds unread is the caller's).
+    pub old: HostSocket,
+    /// The guest had half-closed and the engine shut the old end's write side (so its
+    /// peer reads a real EOF); the new end was shut the same way.
+    pub write_shut: bool,
+}
+
+/// Why a session's host end cannot be swapped.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SwapError {
+    /// No live or parked session with that id here.
+    #[error("no session {0} here")]
+    NotFound(SessionId),
+    /// Only stream sessions carry sibling pairs.
+    #[error("session {0} is not a stream session")]
+    NotStream(SessionId),
+    /// More bytes to put in front than a join may hold.
+    #[error("{0} bytes in front of the new host end exceed the join bound")]
+    TooLarge(usize),
+    /// Registering the new end failed.
+    #[error("cannot watch the new host end: {0}")]
+    Register(String),
+}
+
 /// Why a session cannot be imported.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ImportError {
@@ -1439,6 +1507,107 @@ impl DataPlane {
         warn!(vm = %self.shared.name, session = %id, "session ended: its host end is unreachable");
         let _ = self.shared.wake.write(1);
         found
+    }
+
+    /// Gives session `id` (live or parked) the host end `new` in place of its current one,
+    /// which is returned: the engine reads nothing more from the old end and writes what
+    /// its outbox holds to the new one. `prefix` (host bytes that were in flight towards
+    /// the guest) goes to the guest before anything read from `new`, and into the replay
+    /// buffer like all host bytes (the buffer grows for it; nothing new is read from the
+    /// host until it is back within its usual bound). Used to join a sibling pair: first
+    /// with a placeholder and no prefix, then with the fresh local pair.
+    pub fn swap_session_host(
+        &mut self,
+        id: SessionId,
+        new: HostSocket,
+        prefix: &[u8],
+    ) -> Result<SwappedHost, SwapError> {
+        use crate::tunables::JOIN_MAX_HELD_BYTES;
+        if prefix.len() > 2 * JOIN_MAX_HELD_BYTES {
+            return Err(SwapError::TooLarge(prefix.len()));
+        }
+        let Some(loc) = self.locate_session(id) else {
+            return Err(SwapError::NotFound(id));
+        };
+        let hc = match loc {
+            None => &mut self.sessions.parked.get_mut(&id).expect("located").hc,
+            Some(key) => self.conns.get_mut(&key).expect("located"),
+        };
+        if hc.socket_type != SocketType::Stream || !matches!(new, HostSocket::Stream(_)) {
+            return Err(SwapError::NotStream(id));
+        }
+        let target = match loc {
+            None => Target::Parked(id),
+            Some(key) => Target::Conn(key),
+        };
+        let token = self
+            .poller
+            .register(new.raw_fd(), target)
+            .map_err(|e| SwapError::Register(e.to_string()))?;
+        self.poller.unregister(hc.sock.raw_fd(), hc.token);
+        let old = std::mem::replace(&mut hc.sock, new);
+        hc.token = token;
+        hc.interest = Interest::Read;
+        let write_shut = hc.applied.send;
+        if write_shut {
+            hc.sock.shutdown(std::net::Shutdown::Write);
+        }
+        if hc.applied.rcv {
+            hc.sock.shutdown(std::net::Shutdown::Read);
+        }
+        if !hc.host_eof() {
+            // Whatever the old end said about its EOF, the new end says again.
+            hc.host_send = super::conn::HostSend::Open;
+            hc.host_hup = false;
+            hc.readiness = Readiness::Ready;
+        }
+        let link = link_of(hc).expect("located sessions are live");
+        link.to_guest.reserve(prefix.len());
+        let kept = link.to_guest.record(prefix);
+        debug_assert_eq!(kept, prefix.len());
+        if loc.is_some() && !prefix.is_empty() {
+            // Only bytes already recorded follow the greeting in a live inbox: the prefix
+            // goes after them, before anything read from the new end.
+            hc.inbox.drain(..hc.inbox_off);
+            hc.inbox_off = 0;
+            hc.inbox.extend_from_slice(prefix);
+        }
+        if hc.outbox_holds_data()
+            && self
+                .poller
+                .set_interest(hc.sock.raw_fd(), hc.token, Interest::ReadWrite)
+                .is_ok()
+        {
+            hc.interest = Interest::ReadWrite;
+        }
+        match loc {
+            Some(key) => self.after_change(key),
+            None => {
+                let mut parked = self.sessions.parked.remove(&id).expect("located");
+                if self.serve_parked(&mut parked) {
+                    self.sessions.parked.insert(id, parked);
+                } else {
+                    VmStats::inc(&self.shared.stats.host_errors);
+                    warn!(vm = %self.shared.name, session = %id, "parked session's new host end failed; session closed");
+                    self.drop_parked(id, parked, false);
+                }
+            }
+        }
+        let _ = self.shared.wake.write(1);
+        Ok(SwappedHost { old, write_shut })
+    }
+
+    /// Whether this domain may open a session to sibling `to` on `port` here (same
+    /// namespace, allowed by the policy), checked again before a sibling pair is joined.
+    pub fn may_reach_sibling(&self, to: Cid, port: Port) -> bool {
+        self.router
+            .check_between(self.shared.cid, to, port, SocketType::Stream)
+            .is_allowed()
+    }
+
+    /// The router of this engine's daemon (its sibling pair registry).
+    pub fn router(&self) -> std::sync::Arc<crate::router::Router> {
+        self.router.clone()
     }
 
     /// Takes the parked session `id` out of this engine, with its host end: nothing of it
@@ -1544,6 +1713,7 @@ impl DataPlane {
             guest_done: snap.guest_done,
             messages,
             ack_requested: false,
+            accepted: false,
         };
         // The key only names the connection in logs until a RESUME gives it a real one.
         let key = ConnKey {

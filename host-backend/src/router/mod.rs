@@ -157,6 +157,20 @@ pub enum SiblingRefusal {
     Away,
 }
 
+/// The two halves of one sibling socket pair whose both ends are on this host (its
+/// home): the session of the guest that dialed and the session of the guest that accepted
+/// through a session listener. The relay service joins them again when both guests run
+/// on one other host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SiblingPair {
+    /// The dialing guest's session.
+    pub dialer: domsock_migration::session::SessionId,
+    /// The accepting guest's session.
+    pub acceptor: domsock_migration::session::SessionId,
+    /// The guest port the dialer reached.
+    pub port: Port,
+}
+
 /// The router shared by every VM of a daemon.
 #[derive(Debug)]
 pub struct Router {
@@ -167,6 +181,9 @@ pub struct Router {
     listeners: Vec<ListenerConfig>,
     /// Seed of the tables guests choose the keys of.
     hash_seed: u64,
+    /// Sibling pairs made here, by both of their session ids (bounded by the sessions
+    /// of this daemon's domains: an entry goes when either half ends here).
+    pairs: Mutex<HashMap<domsock_migration::session::SessionId, SiblingPair>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -209,6 +226,28 @@ impl Router {
             })),
             listeners,
             hash_seed,
+            pairs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records that `pair`'s two sessions share one socket pair on this host.
+    pub fn note_pair(&self, pair: SiblingPair) {
+        let mut p = lock(&self.pairs);
+        p.insert(pair.dialer, pair);
+        p.insert(pair.acceptor, pair);
+    }
+
+    /// The sibling pair session `id` is a half of, if its pair lives here.
+    pub fn pair_of(&self, id: domsock_migration::session::SessionId) -> Option<SiblingPair> {
+        lock(&self.pairs).get(&id).copied()
+    }
+
+    /// Session `id` ended here (or its pair moved away): forget its pair.
+    pub fn forget_pair(&self, id: domsock_migration::session::SessionId) {
+        let mut p = lock(&self.pairs);
+        if let Some(pair) = p.remove(&id) {
+            p.remove(&pair.dialer);
+            p.remove(&pair.acceptor);
         }
     }
 

@@ -24,6 +24,10 @@ pub fn session_relay(data: &[u8]) {
             assert_eq!(m.encode(), rest, "metadata re-encoding differs");
             assert!(relay::valid_name(&m.domain) && relay::valid_name(&m.namespace));
         }
+        if let Ok(j) = relay::JoinOpen::decode(rest) {
+            assert_eq!(j.encode(), rest, "join request re-encoding differs");
+            assert_ne!(j.dialer, j.acceptor);
+        }
         return;
     }
     let mut buf = rest;

@@ -129,6 +129,24 @@ impl ReplayBuffer {
         n
     }
 
+    /// Makes room for `extra` more bytes, growing the bound if needed (host bytes that
+    /// were in flight when a sibling pair was joined join the replay at once). The caller
+    /// bounds `extra`.
+    pub fn reserve(&mut self, extra: usize) {
+        if self.room() >= extra {
+            return;
+        }
+        let capacity = self.len + extra;
+        let (a, b) = self.slices_from(self.start);
+        let mut ring = Vec::with_capacity(capacity);
+        ring.extend_from_slice(a);
+        ring.extend_from_slice(b);
+        ring.resize(capacity, 0);
+        self.ring = ring;
+        self.head = 0;
+        self.capacity = capacity;
+    }
+
     /// Records bytes the caller checked fit ([`Self::room`]); returns how many were
     /// recorded (all of `data` when it fits).
     pub fn record(&mut self, data: &[u8]) -> usize {
@@ -408,6 +426,24 @@ mod tests {
 
     fn joined(s: (&[u8], &[u8])) -> Vec<u8> {
         [s.0, s.1].concat()
+    }
+
+    #[test]
+    fn reserve_grows_a_wrapped_ring_and_keeps_its_bytes_in_order() {
+        let mut r = ReplayBuffer::starting_at(8, 100);
+        r.record(b"abcdef");
+        r.ack(104);
+        r.record(b"ghijk");
+        assert_eq!(r.room(), 1);
+        r.reserve(1);
+        assert_eq!(r.capacity(), 8, "enough room already");
+        r.reserve(10);
+        assert_eq!((r.capacity(), r.room()), (17, 10));
+        assert_eq!(r.record(b"0123456789"), 10);
+        assert_eq!(r.copy_range(104, r.end()), b"efghijk0123456789");
+        assert_eq!((r.start(), r.end()), (104, 121));
+        r.ack(110);
+        assert_eq!(joined(r.slices_from(110)), b"k0123456789");
     }
 
     #[test]
