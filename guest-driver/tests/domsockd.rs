@@ -2123,14 +2123,14 @@ fn pumping_while<R>(
     let stop = std::sync::atomic::AtomicBool::new(false);
     thread::scope(|sc| {
         sc.spawn(|| {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 if !e.step(g, limit) {
                     let _ = g.poll(Some(Duration::from_millis(1)));
                 }
             }
         });
         let r = f();
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        stop.store(true, Ordering::Relaxed);
         r
     })
 }

@@ -56,7 +56,7 @@ use crate::host::HostSocket;
 use crate::server::device::lock_plane;
 use crate::tunables::{
     ADOPTION_WINDOW_MS, JOIN_MAX_HELD_BYTES, JOIN_TIMEOUT_MS, MAX_RELAYED_SESSIONS,
-    RELAY_MAX_TAIL_BYTES, RELAY_STEP_TIMEOUT_MS,
+    RELAY_CHANNEL_MAX_WINDOW_BYTES, RELAY_MAX_TAIL_BYTES, RELAY_STEP_TIMEOUT_MS,
 };
 use crate::tunnel::{
     Acceptor, BrokenReason, ChannelEnd, ChannelKind, ChannelState, Refusal, RefusalCode,
@@ -616,6 +616,7 @@ fn drain_sock(sock: &mut HostSocket, ty: SocketType) -> io::Result<(Vec<Vec<u8>>
 
 impl Pipe {
     fn new(ch: ChannelEnd, sock: HostSocket, ty: SocketType) -> Self {
+        ch.set_max_window(RELAY_CHANNEL_MAX_WINDOW_BYTES);
         Self {
             ch,
             sock,
@@ -883,6 +884,7 @@ impl Pipe {
     /// caller). What was framed for the old channel is in the snapshot the new one
     /// started with.
     fn switch(&mut self, new: ChannelEnd, first: Vec<u8>) -> ChannelEnd {
+        new.set_max_window(RELAY_CHANNEL_MAX_WINDOW_BYTES);
         let old = std::mem::replace(&mut self.ch, new);
         self.out = first;
         self.out_pos = 0;

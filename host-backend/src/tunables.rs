@@ -69,12 +69,18 @@ pub const MAX_SESSION_PARK_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 /// re-roots sent the bytes as data). A guest that reads nothing across several moves
 /// home and away again can still outgrow it (then the move fails and is rolled back).
 pub const RELAY_MAX_TAIL_BYTES: usize = 2 * 1024 * 1024;
+/// The receive window a relay channel may grow to (`ChannelEnd::set_max_window`, both
+/// ends): what a home holds unacknowledged for a session, and so what a move carries in
+/// its tail, must stay within [`RELAY_MAX_TAIL_BYTES`] even when the tunnel autotunes
+/// other channels' windows up to its `max-window-bytes` (a relay channel opens with the
+/// tunnel's `window-bytes`, 256 KiB by default, and stays there unless that is larger).
+pub const RELAY_CHANNEL_MAX_WINDOW_BYTES: u32 = 256 * 1024;
 const _: () = assert!(
     RELAY_MAX_TAIL_BYTES
         >= SESSION_REPLAY_BYTES
             + 2 * 64 * 1024
             + 3 * (domsock_migration::relay::MAX_DATA + domsock_migration::relay::FRAME_HEADER_LEN)
-            + 256 * 1024
+            + RELAY_CHANNEL_MAX_WINDOW_BYTES as usize
 );
 /// Most bytes one half of a sibling pair may hold while the pair is joined (what was in
 /// flight towards its guest when both engines stopped feeding the relayed path), and so
