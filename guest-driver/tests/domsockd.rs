@@ -1562,6 +1562,77 @@ fn admin_ok(sock: &std::path::Path, request: &str) -> serde_json::Value {
     r
 }
 
+/// A policy reload on the host a session was relayed to leaves the session alone: its
+/// target lives at its home, whose policy admitted it; the guest's host only knows it by a
+/// label (`engine::RELAYED_TARGET`), which no host-port rule names. Found by reading: with
+/// `guest-to-host = "rules"`, every relayed session was reset at the first SIGHUP.
+#[test]
+fn a_policy_reload_where_the_guest_runs_keeps_its_relayed_sessions() {
+    const TARGET: u32 = 5830;
+    let lab = RelayLab::new("relay-hup", "a,b");
+    let pki = lab.pki();
+    let (pa, pb) = (free_port(), free_port());
+    let rules = format!(
+        "[policy]\nguest-to-host = \"rules\"\n[[policy.allow]]\nfrom = \"g\"\nto = \"host\"\n\
+         ports = \"{TARGET}\"\n"
+    );
+    let toml_b = format!("{}{rules}", tunnel_toml(&pki, "b", pb, "a", ""));
+    let toml_a = format!(
+        "{}{rules}",
+        tunnel_toml(&pki, "a", pa, "b", &format!("127.0.0.1:{pb}"))
+    );
+    let b = lab.host("b", VmOpts::new(4).name("g"), &toml_b);
+    let a = lab.host("a", VmOpts::new(3).name("g"), &toml_a);
+    for h in ["a", "b"] {
+        wait_tunnel(&lab.admin(h), "tunnel up", |t| t["peers"][0]["up"] == true);
+    }
+    let listener = listen_stream(&a.vm(0).uds, TARGET);
+    let mut g = a.guest(0, GuestConfig::default());
+    let (_, mut s) = open_session(&mut g, TARGET);
+    let mut held = accept(&listener);
+    drop(g);
+    a.wait_for_log("frontend disconnected", 1);
+    admin_ok(
+        &lab.admin("b"),
+        r#"{"v":1,"op":"adopt","vm":"g","from":"a"}"#,
+    );
+    let r = admin_ok(
+        &lab.admin("a"),
+        r#"{"v":1,"op":"export","vm":"g","to":"b"}"#,
+    );
+    assert_eq!(r["sessions"], 1, "{r}");
+    let mut g = b.guest(0, GuestConfig::default());
+    let (key, _) = resume_session(&mut g, &mut s, 0, 1)
+        .unwrap_or_else(|f| panic!("resume at b: {f:?}\n{}", b.log_tail()));
+    held.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+    let round = |g: &mut UserGuest, held: &mut std::os::unix::net::UnixStream, seed: u8| {
+        let up = pattern_bytes(seed, 64 * 1024);
+        g.write_all(key, &up, STEP_TIMEOUT)
+            .unwrap_or_else(|e| panic!("guest write {seed}: {e}\n{}", b.log_tail()));
+        let mut got = vec![0u8; up.len()];
+        held.read_exact(&mut got)
+            .unwrap_or_else(|e| panic!("host read {seed}: {e}\n{}", b.log_tail()));
+        assert!(got == up, "guest -> host, round {seed}");
+        let down = pattern_bytes(seed + 1, 64 * 1024);
+        held.write_all(&down).unwrap();
+        let mut got = vec![0u8; down.len()];
+        g.read_exact(key, &mut got, STEP_TIMEOUT)
+            .unwrap_or_else(|e| panic!("guest read {seed}: {e}\n{}", b.log_tail()));
+        assert!(got == down, "host -> guest, round {seed}");
+    };
+    round(&mut g, &mut held, 1);
+    b.rewrite_config(&toml_b);
+    b.reload();
+    b.wait_for_log("policy reloaded", 1);
+    round(&mut g, &mut held, 3);
+    round(&mut g, &mut held, 5);
+    assert!(
+        !b.log_text().contains("no longer allowed"),
+        "b reset a relayed session at the reload:\n{}",
+        b.log_tail()
+    );
+}
+
 /// A peer may bring a domain's sessions only while the domain is being adopted there and
 /// only into the same namespace. Both refusals are counted by the receiving host; the
 /// session that could not leave stays parked at its home, and its guest resumes there

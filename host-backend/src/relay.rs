@@ -1186,7 +1186,7 @@ impl RelayService {
         let s = ExportedSession {
             snapshot,
             // The session's target is its home's business; here it is only a label.
-            target: (Cid::HOST, Port(0)),
+            target: crate::engine::RELAYED_TARGET,
             host: s1,
             out_stream: Vec::new(),
             out_msgs: Vec::new(),

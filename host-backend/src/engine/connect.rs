@@ -105,6 +105,8 @@ impl DataPlane {
                         .check_between(key.local.cid, key.peer.cid, key.peer.port, hc.socket_type)
                         .is_allowed(),
                     (Origin::Host { .. }, _) => true,
+                    // Relayed from its home, which answers for its target.
+                    (Origin::Guest, Some(t)) if t == super::RELAYED_TARGET => true,
                     // A session this guest accepted from sibling `cid`.
                     (Origin::Guest, Some((cid, port))) if cid != Cid::HOST && hc.accepted() => self
                         .router

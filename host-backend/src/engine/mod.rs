@@ -40,7 +40,7 @@ mod session;
 mod tx;
 
 pub use driver::Wake;
-pub use session::{ExportedSession, ImportError, SwapError, SwappedHost};
+pub use session::{ExportedSession, ImportError, SwapError, SwappedHost, RELAYED_TARGET};
 
 use crate::metrics::VmStats;
 use crate::router::{RelayBatch, Router};

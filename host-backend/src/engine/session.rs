@@ -1450,6 +1450,12 @@ pub enum SwapError {
     Register(String),
 }
 
+/// The target a session imported from another host's relay carries here: its real target
+/// lives at its home, whose policy admitted it and answers for it (this host's CIDs and
+/// rules may name other domains). No host port is 0 to domsockd, so no other session has
+/// it; a policy reload here leaves such sessions alone.
+pub const RELAYED_TARGET: (Cid, Port) = (Cid::HOST, Port(0));
+
 /// Why a session cannot be imported.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ImportError {
