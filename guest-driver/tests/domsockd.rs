@@ -1562,6 +1562,36 @@ fn admin_ok(sock: &std::path::Path, request: &str) -> serde_json::Value {
     r
 }
 
+/// Once both tunnels are up: opens a session of domain `g` on host a to a host process
+/// there, parks it (the guest goes away) and moves it to b (`adopt` there, `export` here).
+/// Returns the host process's end, the session, and a guest on b to resume it with.
+fn session_moved_to_b(
+    lab: &RelayLab,
+    a: &Backend,
+    b: &Backend,
+    target: u32,
+) -> (std::os::unix::net::UnixStream, GuestSession, UserGuest) {
+    for h in ["a", "b"] {
+        wait_tunnel(&lab.admin(h), "tunnel up", |t| t["peers"][0]["up"] == true);
+    }
+    let listener = listen_stream(&a.vm(0).uds, target);
+    let mut g = a.guest(0, GuestConfig::default());
+    let (_, s) = open_session(&mut g, target);
+    let held = accept(&listener);
+    drop(g);
+    a.wait_for_log("frontend disconnected", 1);
+    admin_ok(
+        &lab.admin("b"),
+        r#"{"v":1,"op":"adopt","vm":"g","from":"a"}"#,
+    );
+    let r = admin_ok(
+        &lab.admin("a"),
+        r#"{"v":1,"op":"export","vm":"g","to":"b"}"#,
+    );
+    assert_eq!(r["sessions"], 1, "{r}");
+    (held, s, b.guest(0, GuestConfig::default()))
+}
+
 /// A policy reload on the host a session was relayed to leaves the session alone: its
 /// target lives at its home, whose policy admitted it; the guest's host only knows it by a
 /// label (`engine::RELAYED_TARGET`), which no host-port rule names. Found by reading: with
@@ -1583,25 +1613,7 @@ fn a_policy_reload_where_the_guest_runs_keeps_its_relayed_sessions() {
     );
     let b = lab.host("b", VmOpts::new(4).name("g"), &toml_b);
     let a = lab.host("a", VmOpts::new(3).name("g"), &toml_a);
-    for h in ["a", "b"] {
-        wait_tunnel(&lab.admin(h), "tunnel up", |t| t["peers"][0]["up"] == true);
-    }
-    let listener = listen_stream(&a.vm(0).uds, TARGET);
-    let mut g = a.guest(0, GuestConfig::default());
-    let (_, mut s) = open_session(&mut g, TARGET);
-    let mut held = accept(&listener);
-    drop(g);
-    a.wait_for_log("frontend disconnected", 1);
-    admin_ok(
-        &lab.admin("b"),
-        r#"{"v":1,"op":"adopt","vm":"g","from":"a"}"#,
-    );
-    let r = admin_ok(
-        &lab.admin("a"),
-        r#"{"v":1,"op":"export","vm":"g","to":"b"}"#,
-    );
-    assert_eq!(r["sessions"], 1, "{r}");
-    let mut g = b.guest(0, GuestConfig::default());
+    let (mut held, mut s, mut g) = session_moved_to_b(&lab, &a, &b, TARGET);
     let (key, _) = resume_session(&mut g, &mut s, 0, 1)
         .unwrap_or_else(|f| panic!("resume at b: {f:?}\n{}", b.log_tail()));
     held.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
@@ -1762,22 +1774,7 @@ fn a_relayed_session_rides_out_tunnel_cuts_and_ends_cleanly_past_the_timeout() {
             RESUME_TIMEOUT_MS,
         ),
     );
-    for h in ["a", "b"] {
-        wait_tunnel(&admin_of(h), "tunnel up", |t| t["peers"][0]["up"] == true);
-    }
-    let listener = listen_stream(&a.vm(0).uds, TARGET);
-    let mut g = a.guest(0, GuestConfig::default());
-    let (_, mut s) = open_session(&mut g, TARGET);
-    let held = accept(&listener);
-    drop(g);
-    a.wait_for_log("frontend disconnected", 1);
-    admin_ok(
-        &admin_of("b"),
-        r#"{"v":1,"op":"adopt","vm":"g","from":"a"}"#,
-    );
-    let r = admin_ok(&admin_of("a"), r#"{"v":1,"op":"export","vm":"g","to":"b"}"#);
-    assert_eq!(r["sessions"], 1, "{r}");
-    let mut g = b.guest(0, GuestConfig::default());
+    let (held, mut s, mut g) = session_moved_to_b(&lab, &a, &b, TARGET);
 
     // A RESUME whose proof was not made with the session's secret.
     let mut forged = GuestSession {
