@@ -413,6 +413,34 @@ fn register(g: &mut TestGuest, guest_port: u32, port: u32) -> GuestConn {
     conn
 }
 
+/// A host connection to the guest's session listener on `port` that writes `first`: the
+/// guest reads OFFERED and then exactly `first`. Returns both ends and what OFFERED gave
+/// (id, secret, next nonce, window).
+fn host_connects_offered(
+    g: &mut TestGuest,
+    port: u32,
+    first: &[u8],
+) -> (UnixStream, GuestConn, (SessionId, Secret, Nonce, u32)) {
+    let (mut host, mut conn) = host_connects(g, port);
+    host.write_all(first).unwrap();
+    let (offered, rest) = read_frame_and(g, &mut conn);
+    let Frame::Offered {
+        id,
+        secret,
+        next_nonce,
+        window,
+        ..
+    } = offered
+    else {
+        panic!("expected OFFERED, got {offered:?}");
+    };
+    let mut got = rest;
+    let more = first.len() - got.len();
+    got.extend(g.recv_stream(&mut conn, more, true));
+    assert_eq!(got, first);
+    (host, conn, (id, secret, next_nonce, window))
+}
+
 /// The host connects to guest port `port`; the guest accepts. Returns the host stream
 /// (after its `OK` line) and the guest's connection.
 fn host_connects(g: &mut TestGuest, port: u32) -> (UnixStream, GuestConn) {
@@ -445,23 +473,8 @@ fn a_session_the_guest_accepted_survives_a_device_stop() {
     let mut g = TestGuest::new("s-accept");
     let _keepalive = register(&mut g, 39_000, 6000);
     assert_eq!(g.plane.session_listeners(), 1);
-    let (mut host, mut conn) = host_connects(&mut g, 6000);
-    host.write_all(b"hello guest").unwrap();
-    let (offered, rest) = read_frame_and(&mut g, &mut conn);
-    let Frame::Offered {
-        id,
-        secret,
-        next_nonce,
-        window,
-        ..
-    } = offered
-    else {
-        panic!("expected OFFERED, got {offered:?}");
-    };
-    let mut first = rest;
-    let more = 11 - first.len();
-    first.extend(g.recv_stream(&mut conn, more, true));
-    assert_eq!(first, b"hello guest");
+    let (mut host, conn, (id, secret, next_nonce, window)) =
+        host_connects_offered(&mut g, 6000, b"hello guest");
     g.send_rw(&conn, b"hello host");
     g.pump();
     assert_eq!(read_n(&mut host, 10), b"hello host");
@@ -1079,23 +1092,8 @@ fn a_session_gets_a_new_host_end_with_in_flight_bytes_in_front() {
     use domsock_host::host::HostSocket;
     let mut g = TestGuest::new("s-swap");
     let _keepalive = register(&mut g, 39_000, 6000);
-    let (mut host, mut conn) = host_connects(&mut g, 6000);
-    host.write_all(b"old").unwrap();
-    let (offered, rest) = read_frame_and(&mut g, &mut conn);
-    let Frame::Offered {
-        id,
-        secret,
-        next_nonce,
-        window,
-        ..
-    } = offered
-    else {
-        panic!("expected OFFERED, got {offered:?}");
-    };
-    let mut first = rest;
-    let more = 3 - first.len();
-    first.extend(g.recv_stream(&mut conn, more, true));
-    assert_eq!(first, b"old");
+    let (mut host, mut conn, (id, secret, next_nonce, window)) =
+        host_connects_offered(&mut g, 6000, b"old");
 
     host.write_all(b"unread").unwrap();
     let (mut new_host, engine_end) = UnixStream::pair().unwrap();
