@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
@@ -192,6 +192,15 @@ impl VmConfig {
             line.push(' ');
             line.push_str(p);
         }
+        // Diagnosis only: extra kernel parameters for every guest, e.g.
+        // `DOMSOCK_VM_KERNEL_ARGS="loglevel=7"` to see the kernel's own lines (the serial
+        // log stamps each line with the host's time).
+        if let Ok(extra) = std::env::var("DOMSOCK_VM_KERNEL_ARGS") {
+            for p in extra.split_whitespace() {
+                line.push(' ');
+                line.push_str(p);
+            }
+        }
         for (i, words) in self.cmds.iter().enumerate() {
             for w in words {
                 assert!(
@@ -324,7 +333,12 @@ impl Vm {
                     .trim_end_matches(['\r', '\n'])
                     .to_owned();
                 if let Some(f) = log.as_mut() {
-                    let _ = writeln!(f, "{line}");
+                    // Host wall-clock time in ms, to line guest events up with the host's
+                    // logs and migrate reports (`started_unix_ms`).
+                    let now = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .unwrap_or_default();
+                    let _ = writeln!(f, "[{:.1}] {line}", now.as_secs_f64() * 1000.0);
                 }
                 if echo {
                     eprintln!("[{name}] {line}");
