@@ -3787,7 +3787,8 @@ fn vsock_test_g2g(c: Case) {
 mod migrate;
 use migrate::{
     migrate_across_hosts, migrate_rollback_after_completion, migrate_rollback_on_failed_step,
-    migrate_sessions_across_three_hosts, migrate_with_domsockd_admin,
+    migrate_sessions_across_three_hosts, migrate_sibling_pair_across_hosts,
+    migrate_with_domsockd_admin,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -3847,4 +3848,5 @@ per_kernel!(
     migrate_rollback_after_completion,
     migrate_with_domsockd_admin,
     migrate_sessions_across_three_hosts,
+    migrate_sibling_pair_across_hosts,
 );

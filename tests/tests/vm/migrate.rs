@@ -104,9 +104,24 @@ fn run_migrate(
     confirm_ms: u64,
     log_dir: &Path,
 ) -> (i32, Value) {
+    run_migrate_vm(MIG_VM, from, to, from_vm, to_vm, uri, confirm_ms, log_dir)
+}
+
+/// [`run_migrate`] for the domain named `vm`.
+#[allow(clippy::too_many_arguments)]
+fn run_migrate_vm(
+    vm: &str,
+    from: &Host,
+    to: &Host,
+    from_vm: &Vm,
+    to_vm: &Vm,
+    uri: &str,
+    confirm_ms: u64,
+    log_dir: &Path,
+) -> (i32, Value) {
     let out = Command::new(domsock_cli())
         .arg("migrate")
-        .args(["--vm", MIG_VM, "--from", &from.name, "--to", &to.name])
+        .args(["--vm", vm, "--from", &from.name, "--to", &to.name])
         .args(["--uri", uri])
         .arg("--from-qmp")
         .arg(from_vm.qmp_path())
@@ -840,6 +855,16 @@ fn expect_relays(
     want: &[(&str, usize, &str, &str)],
     when: &str,
 ) -> BTreeMap<String, Value> {
+    expect_relays_of(hosts, MIG_VM, want, when)
+}
+
+/// [`expect_relays`] for the relays of the domain named `vm`.
+fn expect_relays_of(
+    hosts: &[&Host],
+    vm: &str,
+    want: &[(&str, usize, &str, &str)],
+    when: &str,
+) -> BTreeMap<String, Value> {
     let deadline = Instant::now() + RELAY_SETTLE;
     loop {
         let mut seen = BTreeMap::new();
@@ -853,7 +878,7 @@ fn expect_relays(
                     std::iter::repeat_n((role.to_owned(), peer.to_owned()), n)
                 })
                 .collect();
-            ok &= relays_of(&t, MIG_VM) == expect;
+            ok &= relays_of(&t, vm) == expect;
             seen.insert(h.name.clone(), t);
         }
         if ok {
@@ -861,7 +886,7 @@ fn expect_relays(
         }
         assert!(
             Instant::now() < deadline,
-            "{when}: relays of {MIG_VM} should be {want:?}, are {:?}",
+            "{when}: relays of {vm} should be {want:?}, are {:?}",
             seen.iter()
                 .map(|(h, t)| (h.clone(), t["relays"].clone()))
                 .collect::<Vec<_>>()
@@ -1196,6 +1221,245 @@ pub(super) fn migrate_sessions_across_three_hosts(c: Case) {
         report::ms(da.cpu_time()),
         report::ms(db.cpu_time()),
         report::ms(dc.cpu_time()),
+    ));
+    finish(&mut vm_x);
+    finish(&mut vm_y);
+}
+
+/// The hops of `migrate_sibling_pair_across_hosts`: (guest, from, to).
+const PAIR_ROUTE: [(&str, &str, &str); 3] = [("x", "a", "b"), ("y", "a", "b"), ("x", "b", "a")];
+/// How long the pair streams before each hop.
+const PAIR_HOP_GAP: Duration = Duration::from_secs(2);
+
+/// Issue 10's guest-to-guest re-rooting with real QEMU guests, over two hosts with domsockd's
+/// admin sockets and TLS tunnel. On `a`, X ([`MIG_VM`]) opens a `duplex-client --session` to
+/// its sibling Y's `duplex-server --session` (so Y's end is a session too), 256 MiB each way
+/// at once. While they stream: X `a -> b` (X<->Y now runs over the a-b tunnel, `a` is the
+/// pair's home); Y `a -> b` (both halves are relays from `a` to `b`: `b` joins them, the pair
+/// is local on `b` again and no relay is left on either host); X `b -> a` (relayed again,
+/// with `b` as the pair's home now). Every byte arrives once and in order both ways; both
+/// guests resumed at every one of their hops.
+pub(super) fn migrate_sibling_pair_across_hosts(c: Case) {
+    use domsock_tests::hosts::{ConfiguredVm, DaemonConfig};
+    let hosts = match Hosts::new(&["a", "b"]) {
+        Ok(h) => h,
+        Err(e) => {
+            domsock_tests::skip::skip(&format!("network namespaces (needs root and ip): {e}"));
+            return;
+        }
+    };
+    let (ha, hb) = (hosts.host("a"), hosts.host("b"));
+    let all = [ha, hb];
+    let guest = |cid, name: &str| ConfiguredVm {
+        cid,
+        name: name.to_owned(),
+        namespace: SESSION_NAMESPACE.to_owned(),
+        groups: vec!["pair".to_owned()],
+    };
+    let pair = vec![guest(MIG_CID, MIG_VM), guest(SIBLING_CID, SIBLING_VM)];
+    let daemon = || DaemonConfig {
+        vms: pair.clone(),
+        admin: true,
+        tunnel_port: Some(TUNNEL_PORT),
+        tables: "[policy]\nguest-to-host = \"allow\"\n".to_owned(),
+    };
+    let da = hosts.spawn_domsockd_config("a", &daemon(), &c.log_dir);
+    let db = hosts.spawn_domsockd_config("b", &daemon(), &c.log_dir);
+    for h in all {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let t = h.tunnel_status().expect("tunnel status");
+            if t["peers"]
+                .as_array()
+                .is_some_and(|p| p.len() == 1 && p[0]["up"] == true)
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{}'s tunnel: {t}", h.name);
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    let long = format!("--timeout-ms {LONG_GUEST_TIMEOUT_MS}");
+    let cfg_y = ha
+        .vm_config("y-a0", &c.kernel, SIBLING_CID, &c.log_dir)
+        .cmd(&format!(
+            "duplex-server --session --port {SESSION_SIBLING_PORT} --bytes {SESSION_BYTES} \
+             --chunk {CHUNK_BYTES} --seed 44 {long}"
+        ));
+    let cfg_x = ha
+        .vm_config("x-a0", &c.kernel, MIG_CID, &c.log_dir)
+        .cmd(&format!("recv --port {GATE_PORT} {long}"))
+        .cmd(&format!(
+            "duplex-client --session --cid {SIBLING_CID} --port {SESSION_SIBLING_PORT} \
+             --bytes {SESSION_BYTES} --chunk {CHUNK_BYTES} --seed 34 {long}"
+        ));
+    let mut vm_y = Vm::boot(&cfg_y);
+    let mut vm_x = Vm::boot(&cfg_x);
+    assert_eq!(vm_y.expect_cid(BOOT_TIMEOUT), SIBLING_CID);
+    assert_eq!(vm_x.expect_cid(BOOT_TIMEOUT), MIG_CID);
+    let ready = vm_y.expect_ready(SESSION_SIBLING_PORT, STEP_TIMEOUT);
+    assert_eq!(ready.get("session"), Some("1"), "{}", ready.raw);
+    vm_x.expect_ready(GATE_PORT, STEP_TIMEOUT);
+    release_gate_port(&ha.local_spec(MIG_CID), GATE_PORT);
+    let started = Instant::now();
+
+    let mut hop_lines = Vec::new();
+    for (hop, &(who, from, to)) in PAIR_ROUTE.iter().enumerate() {
+        let (src, dst) = (hosts.host(from), hosts.host(to));
+        let (cid, vm_name) = match who {
+            "x" => (MIG_CID, MIG_VM),
+            _ => (SIBLING_CID, SIBLING_VM),
+        };
+        let dst_vm = Vm::boot(&dst.incoming_vm_config(
+            &format!("{who}-{to}{}", hop + 1),
+            &c.kernel,
+            cid,
+            INCOMING_PORT,
+            &c.log_dir,
+        ));
+        thread::sleep(PAIR_HOP_GAP);
+        for (name, vm) in [("X", &vm_x), ("Y", &vm_y)] {
+            assert!(
+                !vm.console_lines()
+                    .iter()
+                    .any(|l| l.contains("DS-RESULT cmd=duplex-")),
+                "{name} finished its stream before hop {}: make the stream longer",
+                hop + 1
+            );
+        }
+        let src_vm: &mut Vm = if who == "x" { &mut vm_x } else { &mut vm_y };
+        let (code, rep) = run_migrate_vm(
+            vm_name,
+            src,
+            dst,
+            src_vm,
+            &dst_vm,
+            &dst.incoming_uri(INCOMING_PORT),
+            CONFIRM_MS,
+            &c.log_dir,
+        );
+        let _ = std::fs::rename(
+            c.log_dir.join(format!("migrate-{from}-{to}.json")),
+            c.log_dir
+                .join(format!("migrate-{}-{who}-{from}-{to}.json", hop + 1)),
+        );
+        assert_eq!(code, 0, "domsock migrate {who} {from} -> {to}: {rep}");
+        assert_eq!(rep["outcome"], "migrated", "{rep}");
+        assert_steps_ok(&rep, "steps");
+        assert_eq!(
+            step(&rep, "steps", "export")["sessions"],
+            1,
+            "{who}'s session exported {from} -> {to}: {rep}"
+        );
+        assert_eq!(
+            step(&rep, "steps", "confirm")["sessions_live"].as_u64(),
+            Some(1),
+            "{who}'s session resumed on {to}: {rep}"
+        );
+        let status = src_vm.wait_exit(STEP_TIMEOUT);
+        assert!(
+            status.success(),
+            "{who}'s source QEMU on {from} quit: {status}"
+        );
+        *src_vm = dst_vm;
+        let line = hop_line(
+            &format!("pair hop {} {who} {from} -> {to}", hop + 1),
+            &rep,
+            0.0,
+        );
+        let line = line[..line.find("; blackout").unwrap_or(line.len())].to_owned();
+        c.report(&line);
+        hop_lines.push(line);
+        // Where the pair's two sessions live now, by domsockd's own state.
+        let (x_want, y_want): (&[(&str, usize, &str, &str)], _) = match hop {
+            0 => (
+                &[("a", 1, "home", "b"), ("b", 1, "guest", "a")][..],
+                &[][..],
+            ),
+            1 => (&[][..], &[][..]),
+            _ => (
+                &[("b", 1, "home", "a"), ("a", 1, "guest", "b")][..],
+                &[][..],
+            ),
+        };
+        let t = expect_relays_of(&all, MIG_VM, x_want, &format!("X after hop {}", hop + 1));
+        expect_relays_of(
+            &all,
+            SIBLING_VM,
+            y_want,
+            &format!("Y after hop {}", hop + 1),
+        );
+        if hop == 1 {
+            assert_eq!(
+                relay_counter(&t["b"], "joined"),
+                1,
+                "joined on b: {}",
+                t["b"]
+            );
+        }
+    }
+
+    let lines = expect_all(
+        &vm_x,
+        Duration::from_secs(300),
+        &[want_result_with(
+            "duplex-client",
+            "peer",
+            &format!("{SIBLING_CID}:{SESSION_SIBLING_PORT}"),
+        )],
+    );
+    let x_line = &lines[0];
+    let y_line = vm_y.expect_result("duplex-server", Duration::from_secs(300));
+    let elapsed = started.elapsed();
+    assert_guest_saw(
+        "Y received X's stream",
+        &y_line,
+        "recv_",
+        &pattern_checksum(34, SESSION_BYTES),
+    );
+    assert_guest_saw(
+        "X received Y's stream",
+        x_line,
+        "recv_",
+        &pattern_checksum(44, SESSION_BYTES),
+    );
+    assert_eq!(x_line.u64("session"), 1, "{}", x_line.raw);
+    assert_eq!(y_line.u64("session"), 1, "{}", y_line.raw);
+    for (name, line, moves) in [("X", x_line, 2), ("Y", &y_line, 1)] {
+        assert!(
+            line.u64("resumes") >= moves,
+            "{name} resumed at each of its {moves} hops: {}",
+            line.raw
+        );
+    }
+    // a: X exported as the home (hop 1), Y handed off (hop 2), X imported (hop 3);
+    // b: X imported (hop 1), Y imported and joined (hop 2), X exported as the home (hop 3).
+    let counters = |h: &Host| {
+        let t = h.tunnel_status().expect("tunnel status");
+        ["joined", "join_failed", "sent_back", "failed", "refused"].map(|n| relay_counter(&t, n))
+    };
+    assert_eq!(counters(ha), [0, 0, 0, 0, 0], "a");
+    assert_eq!(counters(hb), [1, 0, 0, 0, 0], "b");
+    for h in all {
+        let st = h.admin("status", Value::Null).expect("status");
+        for vm in st["vms"].as_array().into_iter().flatten() {
+            let n = |k: &str| vm["counters"][k].as_u64().unwrap_or(u64::MAX);
+            assert_eq!(n("sessions_expired"), 0, "{}: {vm}", h.name);
+            assert_eq!(n("session_bad_proofs"), 0, "{}: {vm}", h.name);
+        }
+    }
+    c.report(&format!(
+        "sibling pair across hosts: X a->b (relayed), Y a->b (joined on b), X b->a (relayed, \
+         home b) under a 256 MiB duplex session X<->Y, all bytes in order both ways in {}; \
+         guest blackouts X {} ms over {} resumes, Y {} ms over {}; domsockd CPU a {}, b {}",
+        report::ms(elapsed),
+        x_line.str("blackout_ms"),
+        x_line.u64("resumes"),
+        y_line.str("blackout_ms"),
+        y_line.u64("resumes"),
+        report::ms(da.cpu_time()),
+        report::ms(db.cpu_time()),
     ));
     finish(&mut vm_x);
     finish(&mut vm_y);
