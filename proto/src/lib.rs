@@ -13,10 +13,12 @@
 //! - [`relay`]: guest-to-guest relaying decisions (admission, credit watch).
 //! - [`control`]: the control service (name resolution) and the all-guests listener
 //!   preamble.
+//! - [`bus`]: bus sockets: the bus wire format and membership/fan-out decisions.
 
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod bus;
 pub mod config_space;
 pub mod control;
 pub mod credit;

@@ -33,3 +33,13 @@ fn endpoint_corpus() {
 fn relay_corpus() {
     run("relay", fuzzing::relay);
 }
+
+#[test]
+fn bus_wire_corpus() {
+    run("bus_wire", fuzzing::bus_wire);
+}
+
+#[test]
+fn bus_fanout_corpus() {
+    run("bus_fanout", fuzzing::bus_fanout);
+}

@@ -6,12 +6,14 @@
 //! and regression input through the same functions on stable Rust. Structured inputs are
 //! decoded with `arbitrary`, so a corpus file is just bytes either way.
 
+mod bus;
 mod codecs;
 pub mod corpus;
 mod endpoint;
 mod input;
 mod relay;
 
+pub use bus::{bus_fanout, bus_wire};
 pub use codecs::{control, header, hybrid};
 pub use endpoint::endpoint;
 pub use relay::relay;
