@@ -1027,35 +1027,15 @@ pub(super) fn migrate_sessions_across_three_hosts(c: Case) {
             thread::sleep(Duration::from_millis(5));
         }
         let at = now_at();
-        let (code, rep) = run_migrate(
-            src,
-            dst,
-            &vm_x,
+        let rep = checked_hop(
+            MIG_VM,
+            &format!("{}-{from}-{to}", hop + 1),
+            (src, dst),
+            &mut vm_x,
             &dst_vm,
-            &dst.incoming_uri(INCOMING_PORT),
-            CONFIRM_MS,
+            2,
             &c.log_dir,
         );
-        let _ = std::fs::rename(
-            c.log_dir.join(format!("migrate-{from}-{to}.json")),
-            c.log_dir
-                .join(format!("migrate-{}-{from}-{to}.json", hop + 1)),
-        );
-        assert_eq!(code, 0, "domsock migrate {from} -> {to}: {rep}");
-        assert_eq!(rep["outcome"], "migrated", "{rep}");
-        assert_steps_ok(&rep, "steps");
-        assert_eq!(
-            step(&rep, "steps", "export")["sessions"],
-            2,
-            "both sessions exported {from} -> {to}: {rep}"
-        );
-        assert_eq!(
-            step(&rep, "steps", "confirm")["sessions_live"].as_u64(),
-            Some(2),
-            "both sessions resumed on {to}: {rep}"
-        );
-        let status = vm_x.wait_exit(STEP_TIMEOUT);
-        assert!(status.success(), "the source QEMU on {from} quit: {status}");
         vm_x = dst_vm;
         // device_add returned -> the host process's first read after the pause.
         let plug = step(&rep, "steps", "plug");
@@ -1226,6 +1206,55 @@ pub(super) fn migrate_sessions_across_three_hosts(c: Case) {
     finish(&mut vm_y);
 }
 
+/// One hop of the domain `vm` with `domsock migrate` against the hosts' real admin sockets
+/// (`hosts`: from, to), checked: exit 0, every step ok, `sessions` exported and live again
+/// at the destination, the source QEMU quit. The report is kept as `migrate-<name>.json`
+/// and returned.
+fn checked_hop(
+    vm: &str,
+    name: &str,
+    (src, dst): (&Host, &Host),
+    src_vm: &mut Vm,
+    dst_vm: &Vm,
+    sessions: u64,
+    log_dir: &Path,
+) -> Value {
+    let (from, to) = (&src.name, &dst.name);
+    let (code, rep) = run_migrate_vm(
+        vm,
+        src,
+        dst,
+        src_vm,
+        dst_vm,
+        &dst.incoming_uri(INCOMING_PORT),
+        CONFIRM_MS,
+        log_dir,
+    );
+    let _ = std::fs::rename(
+        log_dir.join(format!("migrate-{from}-{to}.json")),
+        log_dir.join(format!("migrate-{name}.json")),
+    );
+    assert_eq!(code, 0, "domsock migrate {vm} {from} -> {to}: {rep}");
+    assert_eq!(rep["outcome"], "migrated", "{rep}");
+    assert_steps_ok(&rep, "steps");
+    assert_eq!(
+        step(&rep, "steps", "export")["sessions"].as_u64(),
+        Some(sessions),
+        "{vm}'s sessions exported {from} -> {to}: {rep}"
+    );
+    assert_eq!(
+        step(&rep, "steps", "confirm")["sessions_live"].as_u64(),
+        Some(sessions),
+        "{vm}'s sessions resumed on {to}: {rep}"
+    );
+    let status = src_vm.wait_exit(STEP_TIMEOUT);
+    assert!(
+        status.success(),
+        "{vm}'s source QEMU on {from} quit: {status}"
+    );
+    rep
+}
+
 /// The hops of `migrate_sibling_pair_across_hosts`: (guest, from, to).
 const PAIR_ROUTE: [(&str, &str, &str); 3] = [("x", "a", "b"), ("y", "a", "b"), ("x", "b", "a")];
 /// How long the pair streams before each hop.
@@ -1329,38 +1358,14 @@ pub(super) fn migrate_sibling_pair_across_hosts(c: Case) {
             );
         }
         let src_vm: &mut Vm = if who == "x" { &mut vm_x } else { &mut vm_y };
-        let (code, rep) = run_migrate_vm(
+        let rep = checked_hop(
             vm_name,
-            src,
-            dst,
+            &format!("{}-{who}-{from}-{to}", hop + 1),
+            (src, dst),
             src_vm,
             &dst_vm,
-            &dst.incoming_uri(INCOMING_PORT),
-            CONFIRM_MS,
-            &c.log_dir,
-        );
-        let _ = std::fs::rename(
-            c.log_dir.join(format!("migrate-{from}-{to}.json")),
-            c.log_dir
-                .join(format!("migrate-{}-{who}-{from}-{to}.json", hop + 1)),
-        );
-        assert_eq!(code, 0, "domsock migrate {who} {from} -> {to}: {rep}");
-        assert_eq!(rep["outcome"], "migrated", "{rep}");
-        assert_steps_ok(&rep, "steps");
-        assert_eq!(
-            step(&rep, "steps", "export")["sessions"],
             1,
-            "{who}'s session exported {from} -> {to}: {rep}"
-        );
-        assert_eq!(
-            step(&rep, "steps", "confirm")["sessions_live"].as_u64(),
-            Some(1),
-            "{who}'s session resumed on {to}: {rep}"
-        );
-        let status = src_vm.wait_exit(STEP_TIMEOUT);
-        assert!(
-            status.success(),
-            "{who}'s source QEMU on {from} quit: {status}"
+            &c.log_dir,
         );
         *src_vm = dst_vm;
         let line = hop_line(
