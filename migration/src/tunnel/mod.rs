@@ -73,6 +73,7 @@
 //! incarnation).
 
 pub mod endpoint;
+pub mod rxbuf;
 pub mod wire;
 
 pub use endpoint::{
