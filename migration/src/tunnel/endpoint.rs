@@ -264,6 +264,18 @@ pub struct EndpointStats {
     pub srtt_ms: u64,
 }
 
+/// What [`Endpoint::rx_memory`] reports, in chunks of [`super::rxbuf::CHUNK_BYTES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RxMemory {
+    /// Held by channels' receive buffers (at most one more per channel than their
+    /// buffered bytes fill).
+    pub held_chunks: usize,
+    /// Free in the pool (at most [`super::rxbuf::POOL_MAX_FREE_CHUNKS`]).
+    pub free_chunks: usize,
+    /// Allocated since the endpoint was made (the pool had none free).
+    pub allocated_chunks: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Ours, OPEN queued or sent.
@@ -565,6 +577,16 @@ impl Endpoint {
     /// The sum of all channels' receive windows (what the budget bounds).
     pub fn window_total(&self) -> u64 {
         self.channels.values().map(|c| u64::from(c.rx_window)).sum()
+    }
+
+    /// The chunks of the channels' receive buffers: held by channels, free in the pool,
+    /// and allocated so far (see [`super::rxbuf`]).
+    pub fn rx_memory(&self) -> RxMemory {
+        RxMemory {
+            held_chunks: self.channels.values().map(|c| c.rx.chunks()).sum(),
+            free_chunks: self.rx_pool.free_chunks(),
+            allocated_chunks: self.rx_pool.allocated_chunks(),
+        }
     }
 
     /// Channels held (including those still closing).

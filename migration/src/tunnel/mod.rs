@@ -78,7 +78,7 @@ pub mod wire;
 
 pub use endpoint::{
     BrokenReason, ChannelCounters, ChannelError, ChannelState, Endpoint, EndpointConfig,
-    EndpointStats, Event, LinkError, Millis, OpenError, TransmitSink,
+    EndpointStats, Event, LinkError, Millis, OpenError, RxMemory, TransmitSink,
 };
 pub use wire::{ChannelId, ChannelKind, CloseReason, Incarnation, RefusalCode};
 

@@ -151,14 +151,8 @@ impl RxQueue {
             let here = (end - self.head).min(n);
             self.head += here;
             n -= here;
+            // An emptied chunk goes back, the tail one too (an idle channel holds none).
             if self.head == end {
-                self.pop_front(pool);
-            }
-        }
-        if self.len == 0 {
-            // The tail chunk (if its reader emptied it) goes back too: an idle channel
-            // holds no memory.
-            while !self.chunks.is_empty() {
                 self.pop_front(pool);
             }
         }
