@@ -41,35 +41,33 @@ fn would_block(e: &io::Error) -> bool {
 
 fn run(end: ChannelEnd, mut sock: UnixStream) -> io::Result<PumpStats> {
     let mut stats = PumpStats::default();
-    let mut to_sock = Vec::new();
-    let mut to_sock_pos = 0;
+    // The channel's bytes are read straight into what goes to the socket (one copy).
+    let mut to_sock = vec![0u8; 64 << 10];
+    let (mut to_sock_len, mut to_sock_pos) = (0, 0);
     let mut to_chan = vec![0u8; 64 << 10];
     let (mut to_chan_len, mut to_chan_pos) = (0, 0);
-    let mut buf = vec![0u8; 64 << 10];
     let (mut chan_eof, mut sock_eof) = (false, false);
     loop {
         end.clear_wakeup();
         let mut progress = false;
         // Channel -> socket.
-        if !chan_eof && to_sock_pos == to_sock.len() {
-            match end.read(&mut buf) {
+        if !chan_eof && to_sock_pos == to_sock_len {
+            match end.read(&mut to_sock) {
                 Ok(0) => {
                     chan_eof = true;
                     let _ = sock.shutdown(std::net::Shutdown::Write);
                     progress = true;
                 }
                 Ok(n) => {
-                    to_sock.clear();
-                    to_sock.extend_from_slice(&buf[..n]);
-                    to_sock_pos = 0;
+                    (to_sock_len, to_sock_pos) = (n, 0);
                     progress = true;
                 }
                 Err(e) if would_block(&e) => {}
                 Err(e) => return Err(e),
             }
         }
-        while to_sock_pos < to_sock.len() {
-            match sock.write(&to_sock[to_sock_pos..]) {
+        while to_sock_pos < to_sock_len {
+            match sock.write(&to_sock[to_sock_pos..to_sock_len]) {
                 Ok(n) => {
                     to_sock_pos += n;
                     stats.to_socket += n as u64;
@@ -106,7 +104,7 @@ fn run(end: ChannelEnd, mut sock: UnixStream) -> io::Result<PumpStats> {
                 Err(e) => return Err(e),
             }
         }
-        let drained = to_sock_pos == to_sock.len();
+        let drained = to_sock_pos == to_sock_len;
         if chan_eof && sock_eof && drained {
             return Ok(stats);
         }

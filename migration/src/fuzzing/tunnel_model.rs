@@ -8,14 +8,16 @@
 //! more unacknowledged bytes than the window; receive windows grow (autotuning: the clock
 //! moves only on clock events, so most readers look fast) but never past the maximum, a
 //! sender never believes a larger window than its receiver granted, and the windows'
-//! growth beyond the configured size stays within the budget; honest endpoints never see
-//! a link error;
+//! growth beyond the configured size stays within the budget; receive buffers hold no
+//! more chunks than their buffered bytes fill plus one per channel, and the chunk pool
+//! keeps its bound; honest endpoints never see a link error;
 //! and once the fuzzer's events are spent, a final reconnect and drain delivers every
 //! byte written on the channels still open at both ends.
 
+use crate::tunnel::rxbuf::{CHUNK_BYTES, POOL_MAX_FREE_CHUNKS};
 use crate::tunnel::wire::{ChannelId, ChannelKind, Incarnation};
 use crate::tunnel::{ChannelState, Endpoint, EndpointConfig, Event, Millis};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 const BUF_ALLOC: u32 = 3000;
 /// Autotuning's bounds: four times the configured window per channel, and a budget that
@@ -50,6 +52,8 @@ struct Model {
     up: bool,
     now: Millis,
     pairs: BTreeMap<ChannelId, Pair>,
+    /// Every channel either end may still hold (a pair ends when one end closes).
+    channels: BTreeSet<ChannelId>,
 }
 
 impl Model {
@@ -68,6 +72,7 @@ impl Model {
                     // The opener may have closed it already (the OPEN and the CLOSE
                     // arrived in one delivery): then accepting fails, cleanly.
                     if accept && self.ep(a).accept(channel).is_ok() {
+                        self.channels.insert(channel);
                         self.pairs.entry(channel).or_insert(Pair {
                             kind,
                             a_to_b: Dir::default(),
@@ -211,6 +216,21 @@ impl Model {
             }
         }
         for ep in [&self.a, &self.b] {
+            // Receive buffers hold what is buffered, rounded up to chunks, plus at most
+            // one partly used chunk per channel; the pool keeps its bound.
+            let buffered: usize = self
+                .channels
+                .iter()
+                .filter_map(|&ch| ep.counters(ch).ok())
+                .map(|c| ((c.received - c.consumed) as usize).div_ceil(CHUNK_BYTES) + 1)
+                .sum();
+            let m = ep.rx_memory();
+            assert!(
+                m.held_chunks <= buffered,
+                "receive buffers hold {} chunks for at most {buffered}",
+                m.held_chunks
+            );
+            assert!(m.free_chunks <= POOL_MAX_FREE_CHUNKS, "pool keeps {m:?}");
             let grown = ep
                 .window_total()
                 .saturating_sub(u64::from(BUF_ALLOC) * ep.channel_count() as u64);
@@ -249,6 +269,7 @@ pub fn tunnel_model(data: &[u8]) {
         up: false,
         now,
         pairs: BTreeMap::new(),
+        channels: BTreeSet::new(),
     };
     m.connect();
     let mut it = data.chunks_exact(3);
@@ -266,6 +287,7 @@ pub fn tunnel_model(data: &[u8]) {
                 };
                 let now = m.now;
                 if let Ok(id) = m.ep(side_a).open(kind, &[y], now) {
+                    m.channels.insert(id);
                     m.pairs.insert(
                         id,
                         Pair {

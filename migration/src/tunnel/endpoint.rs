@@ -5,6 +5,7 @@
 //! when a transport came up or went down. Nothing here blocks, reads a clock or owns a
 //! socket, so two endpoints run in memory under simulated time in the tests.
 
+use super::rxbuf::{RxPool, RxQueue};
 use super::wire::{
     self, ChannelId, ChannelKind, CloseReason, Frame, FrameError, Incarnation, RefusalCode,
     ResumeEntry, MAX_CHANNELS, MAX_DATA_LEN, MAX_METADATA_LEN,
@@ -263,6 +264,18 @@ pub struct EndpointStats {
     pub srtt_ms: u64,
 }
 
+/// What [`Endpoint::rx_memory`] reports, in chunks of [`super::rxbuf::CHUNK_BYTES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RxMemory {
+    /// Held by channels' receive buffers (at most one more per channel than their
+    /// buffered bytes fill).
+    pub held_chunks: usize,
+    /// Free in the pool (at most [`super::rxbuf::POOL_MAX_FREE_CHUNKS`]).
+    pub free_chunks: usize,
+    /// Allocated since the endpoint was made (the pool had none free).
+    pub allocated_chunks: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Ours, OPEN queued or sent.
@@ -301,7 +314,8 @@ struct Channel {
     peer_consumed: u64,
     peer_shut_rd: bool,
     // Receiving.
-    rx: VecDeque<u8>,
+    /// Unread bytes, in chunks of the endpoint's [`RxPool`].
+    rx: RxQueue,
     rx_msg_ends: VecDeque<u64>,
     received: u64,
     consumed: u64,
@@ -347,7 +361,7 @@ impl Channel {
             peer_buf_alloc: 0,
             peer_consumed: 0,
             peer_shut_rd: false,
-            rx: VecDeque::new(),
+            rx: RxQueue::default(),
             rx_msg_ends: VecDeque::new(),
             received: 0,
             consumed: 0,
@@ -496,6 +510,8 @@ pub struct Endpoint {
     /// Control frames of one [`Endpoint::poll_transmit_into`] call before they go to the
     /// sink (kept for its allocation).
     tx_scratch: Vec<u8>,
+    /// Chunks of every channel's receive buffer (reused warm, see [`super::rxbuf`]).
+    rx_pool: RxPool,
 }
 
 impl Endpoint {
@@ -530,6 +546,7 @@ impl Endpoint {
             srtt_ms: None,
             stats: EndpointStats::default(),
             tx_scratch: Vec::new(),
+            rx_pool: RxPool::default(),
         }
     }
 
@@ -560,6 +577,16 @@ impl Endpoint {
     /// The sum of all channels' receive windows (what the budget bounds).
     pub fn window_total(&self) -> u64 {
         self.channels.values().map(|c| u64::from(c.rx_window)).sum()
+    }
+
+    /// The chunks of the channels' receive buffers: held by channels, free in the pool,
+    /// and allocated so far (see [`super::rxbuf`]).
+    pub fn rx_memory(&self) -> RxMemory {
+        RxMemory {
+            held_chunks: self.channels.values().map(|c| c.rx.chunks()).sum(),
+            free_chunks: self.rx_pool.free_chunks(),
+            allocated_chunks: self.rx_pool.allocated_chunks(),
+        }
     }
 
     /// Channels held (including those still closing).
@@ -797,7 +824,16 @@ impl Endpoint {
     }
 
     fn get_mut(&mut self, id: ChannelId) -> Result<&mut Channel, ChannelError> {
-        match self.channels.get_mut(&id) {
+        Self::owned(&mut self.channels, id)
+    }
+
+    /// [`Endpoint::get_mut`] borrowing only the channels (so the receive pool can be
+    /// borrowed beside it).
+    fn owned(
+        channels: &mut BTreeMap<ChannelId, Channel>,
+        id: ChannelId,
+    ) -> Result<&mut Channel, ChannelError> {
+        match channels.get_mut(&id) {
             Some(c) if c.phase != Phase::Closing => Ok(c),
             _ => Err(ChannelError::Unknown(id)),
         }
@@ -934,17 +970,12 @@ impl Endpoint {
     /// closed normally), `Err(WouldBlock)` means nothing yet. The bytes read are
     /// acknowledged to the peer, which forgets them.
     pub fn read(&mut self, id: ChannelId, buf: &mut [u8]) -> Result<usize, ChannelError> {
-        let c = self.get_mut(id)?;
+        let c = Self::owned(&mut self.channels, id)?;
         if c.kind != ChannelKind::Stream {
             return Err(ChannelError::WrongKind(c.kind));
         }
         Self::readable(c)?;
-        let n = buf.len().min(c.rx.len());
-        let (a, b) = c.rx.as_slices();
-        let na = n.min(a.len());
-        buf[..na].copy_from_slice(&a[..na]);
-        buf[na..n].copy_from_slice(&b[..n - na]);
-        c.rx.drain(..n);
+        let n = c.rx.read(&mut self.rx_pool, buf);
         self.consumed(id, n);
         Ok(n)
     }
@@ -957,7 +988,7 @@ impl Endpoint {
         id: ChannelId,
         buf: &mut [u8],
     ) -> Result<Option<usize>, ChannelError> {
-        let c = self.get_mut(id)?;
+        let c = Self::owned(&mut self.channels, id)?;
         if c.kind != ChannelKind::SeqPacket {
             return Err(ChannelError::WrongKind(c.kind));
         }
@@ -970,10 +1001,8 @@ impl Endpoint {
         };
         let len = (end - c.consumed) as usize;
         let n = len.min(buf.len());
-        for (d, s) in buf[..n].iter_mut().zip(c.rx.iter()) {
-            *d = *s;
-        }
-        c.rx.drain(..len);
+        c.rx.peek(&mut buf[..n]);
+        c.rx.discard(&mut self.rx_pool, len);
         c.rx_msg_ends.pop_front();
         self.consumed(id, len);
         Ok(Some(len))
@@ -982,7 +1011,7 @@ impl Endpoint {
     /// Half-closes: `rd` stops reading (buffered bytes are dropped and acknowledged),
     /// `wr` sends the end of the stream after the bytes already written.
     pub fn shutdown(&mut self, id: ChannelId, rd: bool, wr: bool) -> Result<(), ChannelError> {
-        let c = self.get_mut(id)?;
+        let c = Self::owned(&mut self.channels, id)?;
         if !matches!(
             c.phase,
             Phase::Open | Phase::Opening | Phase::AwaitingAccept
@@ -1001,7 +1030,7 @@ impl Endpoint {
         if changed {
             let dropped = c.rx.len();
             if rd {
-                c.rx.clear();
+                c.rx.clear(&mut self.rx_pool);
                 c.rx_msg_ends.clear();
             }
             self.queue_ctrl(id, |c| c.shutdown = true);
@@ -1033,7 +1062,7 @@ impl Endpoint {
                 c.phase = Phase::Closing;
                 c.tx = ReplayBuffer::new(0);
                 c.tx_msg_ends.clear();
-                c.rx.clear();
+                c.rx.clear(&mut self.rx_pool);
                 c.rx_msg_ends.clear();
                 c.ctrl = Ctrl::default();
                 self.queue_ctrl(id, |c| c.close = Some(reason));
@@ -1458,7 +1487,7 @@ impl Endpoint {
             self.consumed(id, bytes.len());
             return;
         }
-        c.rx.extend(bytes);
+        c.rx.push(&mut self.rx_pool, bytes);
     }
 
     /// The last payload byte of an accepted DATA frame arrived. The owner hears of a

@@ -73,11 +73,12 @@
 //! incarnation).
 
 pub mod endpoint;
+pub mod rxbuf;
 pub mod wire;
 
 pub use endpoint::{
     BrokenReason, ChannelCounters, ChannelError, ChannelState, Endpoint, EndpointConfig,
-    EndpointStats, Event, LinkError, Millis, OpenError, TransmitSink,
+    EndpointStats, Event, LinkError, Millis, OpenError, RxMemory, TransmitSink,
 };
 pub use wire::{ChannelId, ChannelKind, CloseReason, Incarnation, RefusalCode};
 
