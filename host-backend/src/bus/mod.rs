@@ -446,13 +446,19 @@ impl BusHub {
         lock(&m.bus).control(m.id, bytes, wants);
     }
 
-    /// `m`'s connection is gone without a LEAVE: it stays a member, parked.
-    pub fn park(&self, m: &Membership, now: Instant) {
+    /// `m`'s connection `sock` is gone without a LEAVE: it stays a member, parked. Nothing
+    /// happens if the membership has moved to another connection meanwhile (a REJOIN that
+    /// came first).
+    pub fn park(&self, m: &Membership, sock: &Arc<OwnedFd>, now: Instant) {
         let mut st = lock(&m.bus);
-        st.bus.park(m.id, now);
-        if let Some(s) = st.sinks.get_mut(&m.id) {
-            s.sock = None;
+        let Some(s) = st.sinks.get_mut(&m.id) else {
+            return;
+        };
+        if !s.sock.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, sock)) {
+            return;
         }
+        s.sock = None;
+        st.bus.park(m.id, now);
     }
 
     /// Ends parked memberships past their timeout, on every bus.

@@ -316,7 +316,7 @@ fn close(hub: &BusHub, fd: RawFd, epoll: &Epoll, conns: &mut HashMap<RawFd, Conn
     match conns.remove(&fd) {
         Some(Conn::Member { sock, m }) => {
             let _ = epoll.delete(sock.as_fd());
-            hub.park(&m, Instant::now());
+            hub.park(&m, &sock, Instant::now());
         }
         Some(Conn::Pending { sock, .. }) => {
             let _ = epoll.delete(sock.as_fd());
