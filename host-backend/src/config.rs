@@ -62,6 +62,11 @@ pub struct Args {
     /// `domsock migrate`): one JSON request per line, one JSON reply per line.
     #[arg(long, value_name = "PATH")]
     pub admin_socket: Option<PathBuf>,
+    /// Directory of the bus sockets for host processes: `<DIR>/<namespace>.sock` for every
+    /// namespace of the configured VMs (Unix `SOCK_SEQPACKET`; the files' permissions are
+    /// who may join that namespace's buses).
+    #[arg(long, value_name = "DIR")]
+    pub bus_dir: Option<PathBuf>,
 }
 
 /// One VM's settings.
@@ -223,6 +228,8 @@ struct FileConfig {
     #[serde(default)]
     admin_socket: Option<PathBuf>,
     #[serde(default)]
+    bus_dir: Option<PathBuf>,
+    #[serde(default)]
     tunnel: Option<TunnelSection>,
     #[serde(default)]
     vm: Vec<VmConfig>,
@@ -245,6 +252,8 @@ pub struct Config {
     pub session_park_timeout: std::time::Duration,
     /// The admin service's socket, if any.
     pub admin_socket: Option<PathBuf>,
+    /// The directory of the host processes' bus sockets, if any.
+    pub bus_dir: Option<PathBuf>,
     /// The tunnel to other hosts (`[tunnel]`), if configured.
     pub tunnel: Option<TunnelSection>,
     /// The access policy (`[policy]` of the config file; `groups=` add to it).
@@ -482,6 +491,7 @@ impl TryFrom<Args> for Config {
         let mut busy_poll_us = args.busy_poll_us;
         let mut park_ms = args.session_park_timeout_ms;
         let mut admin_socket = args.admin_socket.clone();
+        let mut bus_dir = args.bus_dir.clone();
         let mut tunnel = None;
         let mut vms = Vec::new();
         if single.iter().any(|&b| b) {
@@ -520,6 +530,9 @@ impl TryFrom<Args> for Config {
             if admin_socket.is_none() {
                 admin_socket = file.admin_socket;
             }
+            if bus_dir.is_none() {
+                bus_dir = file.bus_dir;
+            }
             tunnel = file.tunnel;
             vms.extend(file.vm);
             listeners.extend(file.listen);
@@ -533,6 +546,7 @@ impl TryFrom<Args> for Config {
             busy_poll: std::time::Duration::from_micros(busy_poll_us),
             session_park_timeout: std::time::Duration::from_millis(park_ms),
             admin_socket,
+            bus_dir,
             tunnel,
             policy,
             listeners,

@@ -32,6 +32,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod bus;
 pub mod config;
 pub mod engine;
 #[cfg(feature = "fuzzing")]

@@ -60,12 +60,18 @@ fn main() -> ExitCode {
     let router = Arc::new(Router::new(domains, policy, config.listeners.clone()));
     let namespaces: Vec<String> = config.vms.iter().map(|v| v.namespace()).collect();
     let admin_socket = config.admin_socket.clone();
+    let bus_dir = config.bus_dir.clone();
     let tunnel_section = config.tunnel.clone();
     let sockets: Vec<_> = config
         .vms
         .iter()
         .flat_map(|v| [v.socket.clone(), v.uds_path.clone()])
         .chain(admin_socket.clone())
+        .chain(bus_dir.iter().flat_map(|d| {
+            namespaces
+                .iter()
+                .map(move |ns| d.join(format!("{ns}.sock")))
+        }))
         .collect();
     if let Err(e) = spawn_signal_thread(router.clone(), args, config, sockets) {
         error!("cannot set up signal handling: {e}");
@@ -103,6 +109,20 @@ fn main() -> ExitCode {
             }
         },
     };
+    if let Some(dir) = &bus_dir {
+        let mut spaces = namespaces.clone();
+        spaces.sort();
+        spaces.dedup();
+        match domsock_host::bus::unix::spawn(domsock_host::bus::BusHub::new(), dir, &spaces) {
+            Ok(s) => {
+                info!(dir = %dir.display(), namespaces = s.sockets.len(), "bus sockets listening")
+            }
+            Err(e) => {
+                error!(dir = %dir.display(), "cannot start the bus service: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
     if let Some(path) = &admin_socket {
         if let Err(e) = admin::spawn(path, vms, tunnel.clone()) {
             error!(path = %path.display(), "cannot start the admin service: {e}");

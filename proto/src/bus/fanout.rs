@@ -256,6 +256,11 @@ impl Bus {
         self.members.get(&id).is_some_and(|m| m.parked.is_some())
     }
 
+    /// What `id` was granted, if it is a member.
+    pub fn grant(&self, id: MemberId) -> Option<Grant> {
+        self.members.get(&id).map(|m| m.grant)
+    }
+
     /// Bytes queued for `id` (0 for a non-member).
     pub fn queued_bytes(&self, id: MemberId) -> u64 {
         self.members.get(&id).map_or(0, |m| m.queued_bytes)

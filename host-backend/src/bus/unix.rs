@@ -1,0 +1,329 @@
+//! Host processes as bus members: one Unix `SOCK_SEQPACKET` listening socket per namespace,
+//! `<dir>/<namespace>.sock`, served by one thread with epoll.
+//!
+//! Whoever may open a namespace's socket file may join (and create) that namespace's buses,
+//! with the grant its JOIN asks for: the file's owner, group and mode are the permission,
+//! as for any file. A connection's first frame must be JOIN or REJOIN (anything else, or
+//! a malformed frame, is answered REFUSED and closed); after JOINED every frame is a
+//! request of that membership. A connection that closes without LEAVE parks its membership
+//! (see [`super`]). Connections waiting for their first frame are bounded
+//! ([`MAX_PENDING_BUS_CONNS`]); every member's queue is bounded by its bus.
+//!
+//! One `unsafe` block: taking ownership of the descriptor `accept4` returns (nix gives it
+//! as a raw fd).
+//!
+//! What it does not do: guests (their connections come through the engine).
+
+use super::{BusHub, Membership, Refusal, Wants};
+use domsock_proto::bus::fanout::Grant;
+use domsock_proto::bus::wire::{max_frame_len, MemberFrame, RefuseCode, ServiceFrame, Token};
+use domsock_proto::bus::wire::{MAX_MESSAGE_LIMIT_BYTES, VERSION};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::socket::{
+    accept4, bind, listen, recv, socket, AddressFamily, Backlog, MsgFlags, SockFlag, SockType,
+    UnixAddr,
+};
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, warn};
+
+/// Connections that have not sent their JOIN yet, at most.
+pub const MAX_PENDING_BUS_CONNS: usize = 64;
+/// How often parked memberships are checked for expiry.
+const EXPIRY_CHECK: Duration = Duration::from_millis(250);
+
+enum Conn {
+    Listener(String),
+    Pending {
+        sock: Arc<OwnedFd>,
+        namespace: String,
+    },
+    Member {
+        sock: Arc<OwnedFd>,
+        m: Membership,
+    },
+}
+
+/// The running server: its thread ends with the process.
+#[derive(Debug)]
+pub struct UnixBusServer {
+    /// The sockets, one per namespace.
+    pub sockets: Vec<PathBuf>,
+}
+
+/// Binds `<dir>/<namespace>.sock` for each namespace and serves them on a thread.
+pub fn spawn(hub: Arc<BusHub>, dir: &Path, namespaces: &[String]) -> io::Result<UnixBusServer> {
+    std::fs::create_dir_all(dir)?;
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
+    let mut conns: HashMap<RawFd, Conn> = HashMap::new();
+    let mut listeners = Vec::new();
+    let mut sockets = Vec::new();
+    for ns in namespaces {
+        let path = dir.join(format!("{ns}.sock"));
+        let _ = std::fs::remove_file(&path);
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        bind(fd.as_raw_fd(), &UnixAddr::new(&path)?)?;
+        listen(&fd, Backlog::new(64).map_err(io::Error::from)?)?;
+        let raw = fd.as_raw_fd();
+        epoll.add(&fd, EpollEvent::new(EpollFlags::EPOLLIN, raw as u64))?;
+        conns.insert(raw, Conn::Listener(ns.clone()));
+        listeners.push(fd);
+        sockets.push(path);
+    }
+    std::thread::Builder::new()
+        .name("bus-unix".into())
+        .spawn(move || {
+            let _keep = listeners;
+            serve(&hub, &epoll, &mut conns);
+        })?;
+    Ok(UnixBusServer { sockets })
+}
+
+fn token() -> Token {
+    let mut t = [0u8; 16];
+    getrandom::fill(&mut t).expect("OS randomness");
+    Token(t)
+}
+
+fn send_now(fd: &OwnedFd, bytes: &[u8]) {
+    let _ = nix::sys::socket::send(
+        fd.as_raw_fd(),
+        bytes,
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+    );
+}
+
+fn refuse(fd: &OwnedFd, r: &Refusal) {
+    let mut v = Vec::new();
+    ServiceFrame::Refused {
+        code: r.code,
+        text: &r.text,
+    }
+    .encode(&mut v);
+    send_now(fd, &v);
+}
+
+fn serve(hub: &BusHub, epoll: &Epoll, conns: &mut HashMap<RawFd, Conn>) {
+    let mut events = vec![EpollEvent::empty(); 64];
+    let mut buf = vec![0u8; max_frame_len(MAX_MESSAGE_LIMIT_BYTES) + 1];
+    let mut next_expiry = Instant::now() + EXPIRY_CHECK;
+    loop {
+        let timeout = EpollTimeout::try_from(EXPIRY_CHECK).unwrap_or(EpollTimeout::NONE);
+        let n = match epoll.wait(&mut events, timeout) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                warn!("bus epoll: {e}");
+                return;
+            }
+        };
+        let mut wants = Wants::default();
+        for ev in &events[..n] {
+            let fd = ev.data() as RawFd;
+            let flags = ev.events();
+            if let Some(Conn::Listener(ns)) = conns.get(&fd) {
+                let ns = ns.clone();
+                accept_all(fd, &ns, epoll, conns);
+                continue;
+            }
+            if flags.contains(EpollFlags::EPOLLOUT) {
+                if let Some(Conn::Member { m, sock }) = conns.get(&fd) {
+                    if hub.flush(m, &mut wants) {
+                        let mut ev = EpollEvent::new(EpollFlags::EPOLLIN, fd as u64);
+                        let _ = epoll.modify(sock.as_fd(), &mut ev);
+                    }
+                }
+            }
+            if flags.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
+                read_all(hub, fd, &mut buf, epoll, conns, &mut wants);
+            }
+        }
+        settle(epoll, conns, wants);
+        if Instant::now() >= next_expiry {
+            hub.expire(Instant::now());
+            next_expiry = Instant::now() + EXPIRY_CHECK;
+        }
+    }
+}
+
+/// Re-arms writability for sockets with a queue; closes members cut off as slow.
+fn settle(epoll: &Epoll, conns: &mut HashMap<RawFd, Conn>, wants: Wants) {
+    for sock in wants.closed {
+        let fd = sock.as_raw_fd();
+        let _ = epoll.delete(sock.as_fd());
+        conns.remove(&fd);
+    }
+    for sock in wants.writable {
+        let fd = sock.as_raw_fd();
+        if conns.contains_key(&fd) {
+            let mut ev = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT, fd as u64);
+            if epoll.modify(sock.as_fd(), &mut ev).is_err() {
+                debug!(fd, "bus member gone before its flush");
+            }
+        }
+    }
+}
+
+fn accept_all(lfd: RawFd, ns: &str, epoll: &Epoll, conns: &mut HashMap<RawFd, Conn>) {
+    loop {
+        let raw = match accept4(lfd, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC) {
+            Ok(fd) => fd,
+            Err(nix::errno::Errno::EAGAIN) => return,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                warn!(namespace = ns, "bus accept: {e}");
+                return;
+            }
+        };
+        // SAFETY: `accept4` returned a new descriptor that nothing else owns.
+        #[allow(unsafe_code)]
+        let sock = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+        let pending = conns
+            .values()
+            .filter(|c| matches!(c, Conn::Pending { .. }))
+            .count();
+        if pending >= MAX_PENDING_BUS_CONNS {
+            debug!(namespace = ns, "too many bus connections before their JOIN");
+            continue;
+        }
+        if epoll
+            .add(
+                sock.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, raw as u64),
+            )
+            .is_err()
+        {
+            continue;
+        }
+        conns.insert(
+            raw,
+            Conn::Pending {
+                sock,
+                namespace: ns.to_owned(),
+            },
+        );
+    }
+}
+
+/// Reads every frame waiting on `fd` and acts on it.
+fn read_all(
+    hub: &BusHub,
+    fd: RawFd,
+    buf: &mut [u8],
+    epoll: &Epoll,
+    conns: &mut HashMap<RawFd, Conn>,
+    wants: &mut Wants,
+) {
+    loop {
+        let n = match recv(fd, buf, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_TRUNC) {
+            Ok(0) => return close(hub, fd, epoll, conns),
+            Ok(n) => n,
+            Err(nix::errno::Errno::EAGAIN) => return,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return close(hub, fd, epoll, conns),
+        };
+        let Some(conn) = conns.get_mut(&fd) else {
+            return;
+        };
+        if n > buf.len() {
+            // Longer than any frame: MSG_TRUNC returned the real length.
+            let refusal = Refusal::new(RefuseCode::Malformed, format!("frame of {n} bytes"));
+            match conn {
+                Conn::Pending { sock, .. } => refuse(sock, &refusal),
+                Conn::Member { m, .. } => hub.answer(m, error_frame(&refusal.text), wants),
+                Conn::Listener(_) => {}
+            }
+            if matches!(conn, Conn::Pending { .. }) {
+                return close(hub, fd, epoll, conns);
+            }
+            continue;
+        }
+        let frame = &buf[..n];
+        match conn {
+            Conn::Listener(_) => return,
+            Conn::Pending { sock, namespace } => {
+                let (sock, namespace) = (sock.clone(), namespace.clone());
+                let joined = match MemberFrame::decode(frame) {
+                    Ok(MemberFrame::Join { name, want, create }) => {
+                        let grant: Grant = want;
+                        hub.join(&namespace, &name, grant, create, token(), sock.clone())
+                            .map(|(m, joined)| {
+                                send_now(&sock, &joined);
+                                m
+                            })
+                    }
+                    Ok(MemberFrame::Rejoin(t)) => hub.rejoin(&namespace, &t, sock.clone(), wants),
+                    Ok(_) => Err(Refusal::new(
+                        RefuseCode::Malformed,
+                        "the first frame must be JOIN or REJOIN",
+                    )),
+                    Err(domsock_proto::bus::wire::WireError::Version(v)) => Err(Refusal::new(
+                        RefuseCode::Version,
+                        format!("version {v}; this service speaks {VERSION}"),
+                    )),
+                    Err(e) => Err(Refusal::new(RefuseCode::Malformed, e.to_string())),
+                };
+                match joined {
+                    Ok(m) => {
+                        conns.insert(fd, Conn::Member { sock, m });
+                    }
+                    Err(r) => {
+                        refuse(&sock, &r);
+                        return close(hub, fd, epoll, conns);
+                    }
+                }
+            }
+            Conn::Member { sock, m } => {
+                let leave = matches!(MemberFrame::decode(frame), Ok(MemberFrame::Leave));
+                let answer = match MemberFrame::decode(frame) {
+                    Ok(f) => hub.request(m, f, wants),
+                    Err(e) => Some(error_frame(&e.to_string())),
+                };
+                if let Some(a) = answer {
+                    hub.answer(m, a, wants);
+                }
+                if leave {
+                    let _ = epoll.delete(sock.as_fd());
+                    conns.remove(&fd);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn error_frame(text: &str) -> Vec<u8> {
+    let mut v = Vec::new();
+    ServiceFrame::Error {
+        code: domsock_proto::bus::wire::ErrorCode::Malformed,
+        text,
+    }
+    .encode(&mut v);
+    v
+}
+
+/// The connection ended: a member's membership parks.
+fn close(hub: &BusHub, fd: RawFd, epoll: &Epoll, conns: &mut HashMap<RawFd, Conn>) {
+    match conns.remove(&fd) {
+        Some(Conn::Member { sock, m }) => {
+            let _ = epoll.delete(sock.as_fd());
+            hub.park(&m, &sock, Instant::now());
+        }
+        Some(Conn::Pending { sock, .. }) => {
+            let _ = epoll.delete(sock.as_fd());
+        }
+        Some(c @ Conn::Listener(_)) => {
+            conns.insert(fd, c);
+        }
+        None => {}
+    }
+}
