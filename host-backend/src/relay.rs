@@ -114,8 +114,12 @@ pub struct RelayStats {
     pub failed: AtomicU64,
     /// Sibling pairs joined here (both halves local again; counted once per pair).
     pub joined: AtomicU64,
-    /// Joins that started here and failed (both sessions ended).
+    /// Joins that started here and failed (both sessions ended; counted once per pair).
     pub join_failed: AtomicU64,
+    /// Join requests refused here: the pair is not relayed here from the requester, a
+    /// half is busy, or the policy here does not let the dialer reach the acceptor (the
+    /// pair stays relayed).
+    pub join_refused: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -237,6 +241,9 @@ pub struct RelayService {
     guests: Mutex<HashMap<SessionId, Arc<GuestCtl>>>,
     /// Held while JOINs are matched and while a join's last step runs (one at a time).
     join_match: Mutex<()>,
+    /// Fault injection for tests (admin `hold-joins`): a join that starts here waits this
+    /// long on its placeholders before it drains. 0 in normal operation.
+    join_hold_ms: AtomicU64,
     /// Counters.
     pub stats: RelayStats,
 }
@@ -266,6 +273,7 @@ impl RelayService {
             homes: Mutex::new(HashMap::new()),
             guests: Mutex::new(HashMap::new()),
             join_match: Mutex::new(()),
+            join_hold_ms: AtomicU64::new(0),
             stats: RelayStats::default(),
         })
     }
@@ -273,6 +281,19 @@ impl RelayService {
     /// The tunnel service sessions travel in.
     pub fn set_tunnel(&self, t: Arc<TunnelService>) {
         let _ = self.tunnel.set(t);
+    }
+
+    /// Fault injection for tests: every join that starts here from now on holds both
+    /// engines on their placeholders `ms` before it drains (at most half of
+    /// [`JOIN_TIMEOUT_MS`]), so a test can cut the tunnel, kill the home, move a half or
+    /// half-close a stream while the join runs. 0 turns it off.
+    pub fn hold_joins(&self, ms: u64) -> Result<(), String> {
+        if ms > JOIN_TIMEOUT_MS / 2 {
+            return Err(format!("at most {} ms", JOIN_TIMEOUT_MS / 2));
+        }
+        self.join_hold_ms.store(ms, Ordering::Relaxed);
+        warn!(ms, "fault injection: joins hold on their placeholders");
+        Ok(())
     }
 
     /// This host's name.
@@ -1254,11 +1275,19 @@ impl RelayService {
                     Ok(false) => {}
                     Ok(true) => break Ok(GuestEnd::Joined),
                     Err(why) => {
+                        // Expired while the placeholder is still held: were it dropped
+                        // first, the engine would read its EOF and end the guest's stream
+                        // as if the partner had closed it (found by
+                        // a_join_whose_home_dies_half_way_ends_both_sessions_cleanly).
+                        lock_plane(&vm.plane).expire_session(id);
                         *ctl.join.lock().unwrap() = JoinState::Failed(why.clone());
                         if let Some(p) = &j.partner {
                             p.wake();
                         }
-                        inc(&self.stats.join_failed);
+                        // Both halves' relays end here; the pair counts once.
+                        if j.role == PairRole::Dialer {
+                            inc(&self.stats.join_failed);
+                        }
                         break Err(format!("join failed: {why}"));
                     }
                 }
@@ -1490,9 +1519,11 @@ impl RelayService {
         // A guest that had half-closed: its EOF is real, the channel carries it as such.
         pipe.end_on_eof.store(!write_shut, Ordering::Release);
         let partner_ctl = self.guests.lock().unwrap().get(&partner).cloned();
+        let hold = Duration::from_millis(self.join_hold_ms.load(Ordering::Relaxed));
         Some(Joining {
             placeholder: Some(placeholder),
             since,
+            hold_until: since + hold,
             home_done: false,
             partner: partner_ctl,
             partner_id: partner,
@@ -1526,6 +1557,11 @@ impl RelayService {
         }
         if j.since.elapsed() > Duration::from_millis(JOIN_TIMEOUT_MS) {
             return Err(format!("not done within {JOIN_TIMEOUT_MS} ms"));
+        }
+        if Instant::now() < j.hold_until {
+            pipe.wait(Some(&ctl.wake_rx), 20);
+            ctl.clear();
+            return Ok(false);
         }
         let (moved, ctrl) = match pipe.step(RELAY_MAX_TAIL_BYTES) {
             Ok(x) => x,
@@ -1730,6 +1766,8 @@ struct Joining {
     /// The peer of the placeholder the engine writes into (taken at the last step).
     placeholder: Option<HostSocket>,
     since: Instant,
+    /// Fault injection ([`RelayService::hold_joins`]): nothing drains before this.
+    hold_until: Instant,
     /// The home's END (or a real end of stream) was read.
     home_done: bool,
     /// The partner half's relay, when known.
@@ -1866,6 +1904,7 @@ impl Acceptor for RelayService {
                 .all(|id| g.get(id).is_some_and(|c| c.info.peer == peer));
             drop(g);
             if !ours {
+                inc(&self.stats.join_refused);
                 warn!(%peer, dialer = %req.dialer, acceptor = %req.acceptor, "join request for sessions not relayed here from that host; refused");
                 return Err(Refusal {
                     code: RefusalCode::Policy,
@@ -1921,6 +1960,7 @@ impl Acceptor for RelayService {
                     let answer = match me.join_request(&peer, req) {
                         Ok(()) => 1u8,
                         Err(why) => {
+                            inc(&me.stats.join_refused);
                             warn!(dialer = %req.dialer, acceptor = %req.acceptor, %why, "sibling pair not joined; it stays relayed");
                             0
                         }
