@@ -2647,6 +2647,15 @@ fn a_sibling_pair_stays_relayed_where_the_policy_forbids_it() {
 /// x (CID 3) and y (CID 4) allowed to talk by a group, with a `resume_timeout_ms` tunnel,
 /// once every tunnel is up.
 fn pair_hosts(lab: &RelayLab, names: &[&str], resume_timeout_ms: u64) -> Vec<Backend> {
+    pair_hosts_with_configs(lab, names, resume_timeout_ms).0
+}
+
+/// [`pair_hosts`], with each host's config text (its `[tunnel]`) for `rewrite_config`.
+fn pair_hosts_with_configs(
+    lab: &RelayLab,
+    names: &[&str],
+    resume_timeout_ms: u64,
+) -> (Vec<Backend>, Vec<String>) {
     let pki = lab.pki();
     let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
     let vms = || {
@@ -2670,7 +2679,8 @@ fn pair_hosts(lab: &RelayLab, names: &[&str], resume_timeout_ms: u64) -> Vec<Bac
                 (*n, addr)
             })
             .collect();
-        Backend::spawn_with(
+        let toml = tunnel_toml_timeout(&pki, names[i], ports[i], &peers, resume_timeout_ms);
+        let be = Backend::spawn_with(
             &domsockd(),
             &format!("{}-{}", lab.tag, names[i]),
             &vms(),
@@ -2678,16 +2688,11 @@ fn pair_hosts(lab: &RelayLab, names: &[&str], resume_timeout_ms: u64) -> Vec<Bac
                 "--admin-socket".to_string(),
                 lab.admin(names[i]).display().to_string(),
             ],
-            Some(&tunnel_toml_timeout(
-                &pki,
-                names[i],
-                ports[i],
-                &peers,
-                resume_timeout_ms,
-            )),
-        )
+            Some(&toml),
+        );
+        (be, toml)
     };
-    let mut hosts: Vec<Option<Backend>> = names.iter().map(|_| None).collect();
+    let mut hosts: Vec<Option<(Backend, String)>> = names.iter().map(|_| None).collect();
     for i in (0..names.len()).rev() {
         hosts[i] = Some(spawn(i));
     }
@@ -2698,7 +2703,7 @@ fn pair_hosts(lab: &RelayLab, names: &[&str], resume_timeout_ms: u64) -> Vec<Bac
                 .is_some_and(|p| p.iter().all(|p| p["up"] == true))
         });
     }
-    hosts.into_iter().map(Option::unwrap).collect()
+    hosts.into_iter().map(Option::unwrap).unzip()
 }
 
 fn relay_counters(lab: &RelayLab, h: &str) -> serde_json::Value {
@@ -3016,5 +3021,197 @@ fn a_half_close_during_a_join_arrives_once_at_the_end_of_the_stream() {
         );
     }
     assert_eq!(relay_counters(&lab, "b")["joined"], 1);
+    drop((gx, gy, a, b));
+}
+
+/// The home answers for a relayed session's target at its own policy reloads too: a
+/// session from g (now on b) to a host process on a survives a reload of a that still
+/// allows the port, and is reset on both ends by one that no longer does (the host
+/// process reads EOF, the guest's connection is reset and its RESUME refused `Expired`;
+/// a counts `policy_resets`, b `failed`).
+#[test]
+fn a_home_reload_that_forbids_a_relayed_sessions_target_resets_it() {
+    use domsock_migration::session::wire::Refusal;
+    const TARGET: u32 = 5850;
+    let lab = RelayLab::new("relay-home-hup", "a,b");
+    let pki = lab.pki();
+    let (pa, pb) = (free_port(), free_port());
+    let rules = format!(
+        "[policy]\nguest-to-host = \"rules\"\n[[policy.allow]]\nfrom = \"g\"\nto = \"host\"\n\
+         ports = \"{TARGET}\"\n"
+    );
+    let toml_b = format!("{}{rules}", tunnel_toml(&pki, "b", pb, "a", ""));
+    let tunnel_a = tunnel_toml(&pki, "a", pa, "b", &format!("127.0.0.1:{pb}"));
+    let toml_a = format!("{tunnel_a}{rules}");
+    let b = lab.host("b", VmOpts::new(4).name("g"), &toml_b);
+    let a = lab.host("a", VmOpts::new(3).name("g"), &toml_a);
+    let (mut held, mut s, mut g) = session_moved_to_b(&lab, &a, &b, TARGET);
+    let (key, _) = resume_session(&mut g, &mut s, 0, 1)
+        .unwrap_or_else(|f| panic!("resume at b: {f:?}\n{}", b.log_tail()));
+    held.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+    let mut got_down = 0u64;
+    let mut round = |g: &mut UserGuest, held: &mut std::os::unix::net::UnixStream, seed: u8| {
+        let up = pattern_bytes(seed, 64 * 1024);
+        g.write_all(key, &up, STEP_TIMEOUT).unwrap();
+        let mut got = vec![0u8; up.len()];
+        held.read_exact(&mut got).unwrap();
+        assert!(got == up, "guest -> host, round {seed}");
+        let down = pattern_bytes(seed + 1, 64 * 1024);
+        held.write_all(&down).unwrap();
+        let mut got = vec![0u8; down.len()];
+        g.read_exact(key, &mut got, STEP_TIMEOUT).unwrap();
+        assert!(got == down, "host -> guest, round {seed}");
+        got_down += down.len() as u64;
+    };
+    round(&mut g, &mut held, 1);
+    // A reload that still allows the port keeps the session.
+    a.rewrite_config(&toml_a);
+    a.reload();
+    a.wait_for_log("policy reloaded", 1);
+    thread::sleep(Duration::from_millis(300));
+    round(&mut g, &mut held, 3);
+    assert_eq!(relay_counters(&lab, "a")["policy_resets"], 0);
+    // One without it ends the session on both ends.
+    a.rewrite_config(&format!("{tunnel_a}[policy]\nguest-to-host = \"rules\"\n"));
+    a.reload();
+    a.wait_for_log("policy reloaded", 2);
+    let mut rest = Vec::new();
+    assert_eq!(
+        held.read_to_end(&mut rest).map(|_| rest.len()).unwrap_or(0),
+        0,
+        "the host process reads the end (nothing more)"
+    );
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let mut buf = [0u8; 4096];
+    loop {
+        match g.recv(key, &mut buf) {
+            Err(SockError::Reset(_)) => break,
+            Err(e) if e.is_would_block() => {
+                let _ = g.poll(Some(Duration::from_millis(2)));
+            }
+            other => panic!("the guest's connection after the home's reload: {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "the guest's connection stays up");
+    }
+    match resume_session(&mut g, &mut s, got_down, 2) {
+        Err(Frame::Refused {
+            reason: Refusal::Expired,
+            ..
+        }) => {}
+        other => panic!("RESUME after the home's reload: {other:?}"),
+    }
+    assert!(
+        a.log_text().contains(
+            "relayed session reset: its target is no longer allowed by the reloaded policy"
+        ),
+        "{}",
+        a.log_tail()
+    );
+    assert_eq!(relay_counters(&lab, "a")["policy_resets"], 1);
+    assert_eq!(relay_counters(&lab, "b")["failed"], 1);
+    drop((g, a, b));
+}
+
+/// A sibling pair joined on b is local there: b's own reloads check it like a pair made
+/// on b. A reload that still puts x and y in one group keeps both sessions; one that
+/// takes the group away resets both guests' connections.
+#[test]
+fn a_joined_pair_is_rechecked_at_its_new_hosts_reloads() {
+    const PORT: u32 = 6113;
+    const TOTAL: usize = 4 << 20;
+    let lab = RelayLab::new("join-hup", "a,b");
+    let (mut hosts, configs) = pair_hosts_with_configs(&lab, &["a", "b"], 5000);
+    let b = hosts.pop().unwrap();
+    let a = hosts.pop().unwrap();
+    let mut gy = a.guest(1, GuestConfig::default());
+    let mut gx = a.guest(0, GuestConfig::default());
+    let (mut x, mut y) = open_sibling_pair(&mut gx, &mut gy, PORT, TOTAL);
+    let both_at =
+        |n: usize| move |x: &SiblingEnd, y: &SiblingEnd| x.got.len() >= n && y.got.len() >= n;
+    pump_both(
+        &mut gx,
+        &mut x,
+        &mut gy,
+        &mut y,
+        TOTAL / 4,
+        both_at(TOTAL / 4),
+    );
+    drop(gx);
+    move_domain(&lab, "x", ("a", &a), "b", 1);
+    let mut gx = b.guest(0, GuestConfig::default());
+    x.resume(&mut gx, 1, &b);
+    drop(gy);
+    move_domain(&lab, "y", ("a", &a), "b", 2);
+    for h in ["a", "b"] {
+        settle(&lab, h, 0);
+    }
+    assert_eq!(relay_counters(&lab, "b")["joined"], 1, "{}", b.log_tail());
+    let mut gy = b.guest(1, GuestConfig::default());
+    y.resume(&mut gy, 2, &b);
+    pump_both(
+        &mut gx,
+        &mut x,
+        &mut gy,
+        &mut y,
+        TOTAL / 2,
+        both_at(TOTAL / 2),
+    );
+    let grouped = [
+        VmOpts::new(3).name("x").groups(&["pair"]),
+        VmOpts::new(4).name("y").groups(&["pair"]),
+    ];
+    b.rewrite_config_vms(&grouped, &configs[1]);
+    b.reload();
+    b.wait_for_log("policy reloaded", 1);
+    thread::sleep(Duration::from_millis(300));
+    pump_both(
+        &mut gx,
+        &mut x,
+        &mut gy,
+        &mut y,
+        TOTAL * 3 / 4,
+        both_at(TOTAL * 3 / 4),
+    );
+    assert!(
+        !b.log_text().contains("no longer allowed"),
+        "{}",
+        b.log_tail()
+    );
+    b.rewrite_config_vms(
+        &[VmOpts::new(3).name("x"), VmOpts::new(4).name("y")],
+        &configs[1],
+    );
+    b.reload();
+    b.wait_for_log("policy reloaded", 2);
+    for (g, e, who) in [(&mut gx, &mut x, "X"), (&mut gy, &mut y, "Y")] {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match g.recv(e.key, &mut buf) {
+                Err(SockError::Reset(_)) => break,
+                Ok(n) if n > 0 => e.got.extend_from_slice(&buf[..n]),
+                // The partner's engine may see its end close before its own recheck.
+                Ok(_) => {
+                    eprintln!("{who}: EOF before the reset");
+                    let _ = g.poll(Some(Duration::from_millis(2)));
+                }
+                Err(er) if er.is_would_block() => {
+                    let _ = g.poll(Some(Duration::from_millis(2)));
+                }
+                other => panic!("{who} after b's reload: {other:?}\n{}", b.log_tail()),
+            }
+            assert!(Instant::now() < deadline, "{who}'s connection stays up");
+        }
+    }
+    assert!(y.up.starts_with(&x.got) && x.up.starts_with(&y.got));
+    assert!(
+        b.log_text()
+            .lines()
+            .filter(|l| l.contains("no longer allowed by the reloaded policy"))
+            .count()
+            >= 2,
+        "{}",
+        b.log_tail()
+    );
     drop((gx, gy, a, b));
 }

@@ -289,6 +289,7 @@ fn tunnel_status(t: &AdminTunnel) -> Value {
             "joined": n(&st.joined),
             "join_failed": n(&st.join_failed),
             "join_refused": n(&st.join_refused),
+            "policy_resets": n(&st.policy_resets),
         },
     })
 }

@@ -64,8 +64,8 @@ use crate::tunnel::{
 };
 use crate::vm::VmShared;
 use domsock_migration::relay::{
-    self, data_payloads, extend_tail, Frame, JoinOpen, PairRole, RelayOpen, FRAME_HEADER_LEN,
-    MAX_DATA,
+    self, data_payloads, extend_tail, Frame, JoinOpen, PairRole, RelayOpen, RelayTarget,
+    FRAME_HEADER_LEN, MAX_DATA,
 };
 use domsock_migration::session::snapshot::SessionSnapshot;
 use domsock_migration::session::SessionId;
@@ -120,6 +120,9 @@ pub struct RelayStats {
     /// half is busy, or the policy here does not let the dialer reach the acceptor (the
     /// pair stays relayed).
     pub join_refused: AtomicU64,
+    /// Relayed sessions this host (their home) ended at a policy reload that no longer
+    /// allows their target.
+    pub policy_resets: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -208,6 +211,8 @@ enum JoinState {
 /// The handle of one guest relay.
 struct GuestCtl {
     info: RelayInfo,
+    /// The session's target, as its home named it (`None` from a version-2 home).
+    target: Option<RelayTarget>,
     /// A handoff asked for: the destination and where to answer.
     request: Mutex<Option<(String, Reply)>>,
     /// A handoff was sent: a channel bringing the session back is accepted.
@@ -394,7 +399,7 @@ impl RelayService {
         let Some(s) = lock_plane(&vm.plane).export_parked(id) else {
             return Err(format!("session {id} is not parked here"));
         };
-        let ch = match self.open_relay(vm, &s.snapshot, to) {
+        let ch = match self.open_relay(vm, &s.snapshot, s.target, to) {
             Ok(ch) => ch,
             Err(why) => {
                 self.take_back(vm, s);
@@ -500,6 +505,7 @@ impl RelayService {
         &self,
         vm: &ServedVm,
         snapshot: &SessionSnapshot,
+        target: (Cid, Port),
         to: &str,
     ) -> Result<ChannelEnd, String> {
         let open = RelayOpen {
@@ -507,6 +513,7 @@ impl RelayService {
             socket_type: snapshot.socket_type,
             domain: vm.shared.name.clone(),
             namespace: vm.namespace.clone(),
+            target: self.target_name(vm, snapshot.id, target),
         };
         let ch = self
             .tunnel()?
@@ -516,6 +523,71 @@ impl RelayService {
         Frame::Snapshot(snapshot.clone()).encode(&mut frame);
         await_import(&ch, &frame).map_err(|why| format!("{to}: {why}"))?;
         Ok(ch)
+    }
+
+    /// Session `id`'s target by the names the policy matches on (`None` if it names no
+    /// domain served here).
+    fn target_name(
+        &self,
+        vm: &ServedVm,
+        id: SessionId,
+        target: (Cid, Port),
+    ) -> Option<RelayTarget> {
+        let (cid, port) = target;
+        if target == crate::engine::RELAYED_TARGET {
+            return None;
+        }
+        if cid == Cid::HOST {
+            return Some(RelayTarget::HostPort(port.0));
+        }
+        let domain = self
+            .vms
+            .iter()
+            .find(|v| v.shared.cid == cid)?
+            .shared
+            .name
+            .clone();
+        let accepted = lock_plane(&vm.plane)
+            .router()
+            .pair_of(id)
+            .is_some_and(|p| p.acceptor == id);
+        Some(if accepted {
+            RelayTarget::Accepted {
+                domain,
+                port: port.0,
+            }
+        } else {
+            RelayTarget::Dialed {
+                domain,
+                port: port.0,
+            }
+        })
+    }
+
+    /// Whether this host's policy (as reloaded last) still lets session `id` of `vm`
+    /// reach `target`: the check `recheck_policy` makes for a local session.
+    fn still_allowed(
+        &self,
+        vm: &ServedVm,
+        id: SessionId,
+        target: (Cid, Port),
+        ty: SocketType,
+    ) -> bool {
+        let (cid, port) = target;
+        if target == crate::engine::RELAYED_TARGET {
+            return true;
+        }
+        let router = lock_plane(&vm.plane).router();
+        let me = vm.shared.cid;
+        if cid == Cid::HOST {
+            return router.check_host(me, port, ty).is_allowed();
+        }
+        let accepted = router.pair_of(id).is_some_and(|p| p.acceptor == id);
+        if accepted {
+            router.check_between(cid, me, port, ty).is_allowed()
+        } else {
+            router.check_between(me, cid, port, ty).is_allowed()
+        }
     }
 
     /// Puts a session that could not leave back into its engine, parked.
@@ -950,8 +1022,20 @@ impl RelayService {
             pipe.inbound.push_back(s.out_stream);
         }
         pipe.inbound.extend(s.out_msgs);
+        let router = lock_plane(&vm.plane).router();
+        let mut generation = router.generation();
         let outcome: Result<(), String> = loop {
             ctl.clear();
+            if router.generation() != generation {
+                // A policy reload here: the home answers for the session's target, as
+                // the engine does for a local session (`recheck_policy`).
+                generation = router.generation();
+                if !self.still_allowed(&vm, id, target, ty) {
+                    inc(&self.stats.policy_resets);
+                    warn!(vm = %vm.shared.name, session = %id, target = ?self.target_name(&vm, id, target), "relayed session reset: its target is no longer allowed by the reloaded policy");
+                    break Err("no longer allowed by the reloaded policy".into());
+                }
+            }
             let (moved, ctrl) = match pipe.step(RELAY_MAX_TAIL_BYTES) {
                 Ok(x) => x,
                 Err(e) if pipe.normal_end(&e) => break Ok(()),
@@ -1080,7 +1164,7 @@ impl RelayService {
                 Err(why) => why,
             }
         } else {
-            match self.open_relay(vm, &next, &to) {
+            match self.open_relay(vm, &next, target, &to) {
                 Ok(new) => {
                     // They follow the snapshot as DATA on the new channel: the tail stays
                     // what the engine had.
@@ -1094,7 +1178,7 @@ impl RelayService {
             }
         };
         warn!(vm = %vm.shared.name, session = %id, to = %to, why = %failure, "session cannot move on; sending it back to {sender}");
-        match self.open_relay(vm, &next, &sender) {
+        match self.open_relay(vm, &next, target, &sender) {
             Ok(new) => {
                 drop(pipe.switch(new, rest));
                 inc(&self.stats.sent_back);
@@ -1169,6 +1253,7 @@ impl RelayService {
                 role: "guest",
                 peer: peer.clone(),
             },
+            target: open.target.clone(),
             request: Mutex::new(None),
             handing: AtomicBool::new(false),
             join: Mutex::new(JoinState::Idle),
@@ -1390,6 +1475,20 @@ impl RelayService {
         };
         if d.info.peer != peer || a.info.peer != peer {
             return Err(format!("the pair's home is not {peer}"));
+        }
+        // Where the home named the targets, they must name each other on the port.
+        let names_other = |c: &GuestCtl, other: &GuestCtl, dialer: bool| match &c.target {
+            None => true,
+            Some(RelayTarget::Dialed { domain, port }) => {
+                dialer && *domain == other.info.vm && *port == req.port
+            }
+            Some(RelayTarget::Accepted { domain, port }) => {
+                !dialer && *domain == other.info.vm && *port == req.port
+            }
+            Some(RelayTarget::HostPort(_)) => false,
+        };
+        if !names_other(&d, &a, true) || !names_other(&a, &d, false) {
+            return Err("the halves' targets do not name each other".into());
         }
         for c in [&d, &a] {
             if c.handing.load(Ordering::Acquire)
@@ -1658,6 +1757,13 @@ impl RelayService {
             other.wake();
             return Err(e.to_string());
         }
+        // Local now: their targets are each other, checked at this host's reloads like a
+        // pair made here (no longer the relayed label).
+        let port = Port(j.port);
+        let (mine_accepted, other_accepted) =
+            (j.role == PairRole::Acceptor, j.role == PairRole::Dialer);
+        pm.set_session_target(id, (ov.shared.cid, port), mine_accepted);
+        po.set_session_target(other.info.session, (vm.shared.cid, port), other_accepted);
         // The pair lives here now.
         let router = pm.router();
         drop(p1);
