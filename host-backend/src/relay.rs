@@ -57,6 +57,7 @@ use crate::server::device::lock_plane;
 use crate::tunables::{
     ADOPTION_WINDOW_MS, JOIN_MAX_HELD_BYTES, JOIN_TIMEOUT_MS, MAX_RELAYED_SESSIONS,
     RELAY_CHANNEL_MAX_WINDOW_BYTES, RELAY_MAX_TAIL_BYTES, RELAY_STEP_TIMEOUT_MS,
+    SESSION_REPLAY_BYTES,
 };
 use crate::tunnel::{
     Acceptor, BrokenReason, ChannelEnd, ChannelKind, ChannelState, Refusal, RefusalCode,
@@ -399,7 +400,8 @@ impl RelayService {
         let Some(s) = lock_plane(&vm.plane).export_parked(id) else {
             return Err(format!("session {id} is not parked here"));
         };
-        let ch = match self.open_relay(vm, &s.snapshot, s.target, to) {
+        let (away, beyond) = trim_tail(&s.snapshot);
+        let ch = match self.open_relay(vm, &away, s.target, to) {
             Ok(ch) => ch,
             Err(why) => {
                 self.take_back(vm, s);
@@ -421,7 +423,7 @@ impl RelayService {
         let vm2 = vm.clone();
         std::thread::Builder::new()
             .name(format!("relay-home-{}", &id.hex()[..8]))
-            .spawn(move || me.run_home(vm2, ctl, s, ch))
+            .spawn(move || me.run_home(vm2, ctl, s, ch, beyond))
             .map_err(|e| format!("cannot start a relay thread: {e}"))?;
         self.maybe_join(vm, id);
         Ok(())
@@ -1010,11 +1012,15 @@ impl RelayService {
         ctl: Arc<HomeCtl>,
         s: ExportedSession,
         ch: ChannelEnd,
+        beyond: Vec<u8>,
     ) {
         let id = s.snapshot.id;
         let target = s.target;
         let ty = s.snapshot.socket_type;
         let mut pipe = Pipe::new(ch, s.host, ty);
+        // The tail beyond the replay buffer follows the snapshot as DATA, before anything
+        // read from the host end now ([`trim_tail`]).
+        pipe.out = beyond;
         pipe.end_on_eof = ctl.end_on_eof.clone();
         pipe.sock_eof = s.snapshot.host_done;
         // Guest bytes the engine had accepted and not yet written go first.
@@ -1883,6 +1889,29 @@ struct Joining {
     port: u32,
     /// Why the join cannot go on (found while it started).
     fail: Option<String>,
+}
+
+/// The snapshot a home sends away: a stream session's tail cut to the engine's replay
+/// buffer ([`SESSION_REPLAY_BYTES`]), and the rest of it framed as DATA, to follow the
+/// snapshot on the channel (the EOF, if the host end had ended, after them). A session
+/// that came home with a long tail (every relay buffer's bytes, up to
+/// [`RELAY_MAX_TAIL_BYTES`]) and goes away again so sends that tail through the path
+/// instead of in the snapshot: the path's buffers then hold those bytes, not as many new
+/// ones again, so its next homecoming brings no more than the first (before this, a
+/// guest reading nothing outgrew the bound at its third homecoming and was rolled back).
+/// Seqpacket tails are sent whole (message boundaries; sibling pairs are streams).
+fn trim_tail(s: &SessionSnapshot) -> (SessionSnapshot, Vec<u8>) {
+    let mut away = s.clone();
+    let mut beyond = Vec::new();
+    if s.socket_type != SocketType::Stream || s.tail.len() <= SESSION_REPLAY_BYTES {
+        return (away, beyond);
+    }
+    let rest = away.tail.split_off(SESSION_REPLAY_BYTES);
+    for c in rest.chunks(MAX_DATA) {
+        Frame::Data(c).encode(&mut beyond);
+    }
+    away.host_done = false;
+    (away, beyond)
 }
 
 /// A placeholder host end: the engine reads nothing from it and writes into its peer
