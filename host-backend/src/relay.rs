@@ -44,9 +44,26 @@
 //!
 //! A join that fails half-way (a channel breaks, [`JOIN_TIMEOUT_MS`] passes, a half
 //! would hold more than its bound) ends both sessions like a relay failure: each guest's
-//! connection is reset and its RESUME refused `Expired`, the home's host ends close, and
-//! `join_failed` counts it. An export of either guest waits for a running join (its
-//! handoff request is answered after it) and then exports the joined session from here.
+//! connection is reset and its RESUME refused `Expired` (expired while its placeholder is
+//! still held, so the engine never reads the placeholder's close as an end of stream),
+//! the home's host ends close, and `join_failed` counts the pair once. An export of
+//! either guest waits for a running join (its handoff request is answered after it) and
+//! then exports the joined session from here. A refused join request counts
+//! `join_refused`; the pair stays relayed. Joined halves get each other as targets
+//! ([`crate::engine::DataPlane::set_session_target`]), so this host's reloads recheck
+//! them like a pair made here. Fault injection for tests: [`RelayService::hold_joins`].
+//!
+//! **Policy at reloads.** A home relay answers for its session's target: when the
+//! router's policy generation moves (a SIGHUP reload), it checks the target again as the
+//! engine's `recheck_policy` does a local session; a target no longer allowed ends the
+//! session on both ends (the channel is aborted, so the guest side expires it) and counts
+//! `policy_resets`. The relay metadata names the target ([`RelayTarget`]) so that the
+//! joining host can check the halves name each other.
+//!
+//! **Tails.** A home that sends a session away cuts a stream snapshot's tail to the
+//! replay buffer and sends the rest as DATA after it (`trim_tail`): a session that came
+//! home with every relay buffer's bytes in its tail leaves with them in the path, so its
+//! next homecoming carries no more.
 //!
 //! What it does not do: survive a domsockd restart, or join a pair whose policy at the
 //! joining host forbids it (it stays relayed, logged).
@@ -1019,7 +1036,7 @@ impl RelayService {
         let ty = s.snapshot.socket_type;
         let mut pipe = Pipe::new(ch, s.host, ty);
         // The tail beyond the replay buffer follows the snapshot as DATA, before anything
-        // read from the host end now ([`trim_tail`]).
+        // read from the host end now (`trim_tail`).
         pipe.out = beyond;
         pipe.end_on_eof = ctl.end_on_eof.clone();
         pipe.sock_eof = s.snapshot.host_done;
