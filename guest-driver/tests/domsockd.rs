@@ -2621,6 +2621,12 @@ fn a_sibling_pair_stays_relayed_where_the_policy_forbids_it() {
         "{}",
         b.log_tail()
     );
+    assert_eq!(
+        relay_counters(&lab, "b")["join_refused"],
+        1,
+        "b counts the refusal"
+    );
+    assert_eq!(relay_counters(&lab, "a")["join_refused"], 0);
     for h in ["a", "b"] {
         let c =
             admin(&lab.admin(h), r#"{"v":1,"op":"status"}"#)["tunnel"]["relay_counters"].clone();
@@ -2635,4 +2641,668 @@ fn a_sibling_pair_stays_relayed_where_the_policy_forbids_it() {
         );
     }
     drop((gx, gy, a, b));
+}
+
+/// Hosts `names` (the first dials every other; the others listen), each serving domains
+/// x (CID 3) and y (CID 4) allowed to talk by a group, with a `resume_timeout_ms` tunnel,
+/// once every tunnel is up.
+fn pair_hosts(lab: &RelayLab, names: &[&str], resume_timeout_ms: u64) -> Vec<Backend> {
+    pair_hosts_with_configs(lab, names, resume_timeout_ms).0
+}
+
+/// [`pair_hosts`], with each host's config text (its `[tunnel]`) for `rewrite_config`.
+fn pair_hosts_with_configs(
+    lab: &RelayLab,
+    names: &[&str],
+    resume_timeout_ms: u64,
+) -> (Vec<Backend>, Vec<String>) {
+    let pki = lab.pki();
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let vms = || {
+        vec![
+            VmOpts::new(3).name("x").groups(&["pair"]),
+            VmOpts::new(4).name("y").groups(&["pair"]),
+        ]
+    };
+    let spawn = |i: usize| {
+        // Each host dials the hosts after it in `names` (they sort after it).
+        let peers: Vec<(&str, String)> = names
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| j != i)
+            .map(|(j, n)| {
+                let addr = if j > i {
+                    format!("127.0.0.1:{}", ports[j])
+                } else {
+                    String::new()
+                };
+                (*n, addr)
+            })
+            .collect();
+        let toml = tunnel_toml_timeout(&pki, names[i], ports[i], &peers, resume_timeout_ms);
+        let be = Backend::spawn_with(
+            &domsockd(),
+            &format!("{}-{}", lab.tag, names[i]),
+            &vms(),
+            &[
+                "--admin-socket".to_string(),
+                lab.admin(names[i]).display().to_string(),
+            ],
+            Some(&toml),
+        );
+        (be, toml)
+    };
+    let mut hosts: Vec<Option<(Backend, String)>> = names.iter().map(|_| None).collect();
+    for i in (0..names.len()).rev() {
+        hosts[i] = Some(spawn(i));
+    }
+    for h in names {
+        wait_tunnel(&lab.admin(h), "all tunnels up", |t| {
+            t["peers"]
+                .as_array()
+                .is_some_and(|p| p.iter().all(|p| p["up"] == true))
+        });
+    }
+    hosts.into_iter().map(Option::unwrap).unzip()
+}
+
+fn relay_counters(lab: &RelayLab, h: &str) -> serde_json::Value {
+    admin_ok(&lab.admin(h), r#"{"v":1,"op":"status"}"#)["tunnel"]["relay_counters"].clone()
+}
+
+/// Sends the rest of `e.up` and shuts the write side (`Shutdown::SEND`) once it is all
+/// sent, reading what arrives meanwhile.
+fn send_rest_and_shut(g: &mut UserGuest, e: &mut SiblingEnd) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while e.sent < e.up.len() {
+        assert!(
+            Instant::now() < deadline,
+            "sent {} of {}",
+            e.sent,
+            e.up.len()
+        );
+        if !e.step(g, e.up.len()) {
+            let _ = g.poll(Some(Duration::from_millis(1)));
+        }
+    }
+    g.shutdown(e.key, Shutdown::SEND).unwrap();
+}
+
+/// Reads until end of stream (bounded); returns whether EOF was read, and checks it stays
+/// at EOF (read again: nothing more, EOF again).
+fn read_end_to_eof(g: &mut UserGuest, e: &mut SiblingEnd) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no EOF after {} bytes",
+            e.got.len()
+        );
+        match g.recv(e.key, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => e.got.extend_from_slice(&buf[..n]),
+            Err(er) if er.is_would_block() => {
+                let _ = g.poll(Some(Duration::from_millis(1)));
+            }
+            Err(er) => panic!("recv after {} bytes: {er}", e.got.len()),
+        }
+    }
+    for _ in 0..20 {
+        match g.recv(e.key, &mut buf) {
+            Ok(0) => {}
+            other => panic!("after EOF: {other:?}"),
+        }
+        let _ = g.poll(Some(Duration::from_millis(1)));
+    }
+}
+
+/// Waits until `h`'s log has `count` lines with `needle` (bounded by `within`).
+fn wait_log_within(be: &Backend, needle: &str, count: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    while be.log_text().lines().filter(|l| l.contains(needle)).count() < count {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {count} lines with {needle:?}\n{}",
+            be.log_tail()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A join whose home dies half-way: X runs on b (relayed through a), Y moves a -> b, b
+/// starts the join and holds it on its placeholders (fault injection: admin `hold-joins`)
+/// while a's domsockd is killed. The channels to a time out, the join fails: both
+/// sessions end as documented (X's live connection is reset; both RESUMEs refused
+/// `Expired`, never a plain EOF), `join_failed` counts the pair once, and neither guest
+/// received a byte the other did not send, or one twice.
+#[test]
+fn a_join_whose_home_dies_half_way_ends_both_sessions_cleanly() {
+    use domsock_migration::session::wire::Refusal;
+    const PORT: u32 = 6110;
+    const TOTAL: usize = 4 << 20;
+    let lab = RelayLab::new("join-die", "a,b");
+    let mut hosts = pair_hosts(&lab, &["a", "b"], 1500);
+    let b = hosts.pop().unwrap();
+    let a = hosts.pop().unwrap();
+    let mut gy = a.guest(1, GuestConfig::default());
+    let mut gx = a.guest(0, GuestConfig::default());
+    let (mut x, mut y) = open_sibling_pair(&mut gx, &mut gy, PORT, TOTAL);
+    let both_at =
+        |n: usize| move |x: &SiblingEnd, y: &SiblingEnd| x.got.len() >= n && y.got.len() >= n;
+    pump_both(
+        &mut gx,
+        &mut x,
+        &mut gy,
+        &mut y,
+        TOTAL / 4,
+        both_at(TOTAL / 4),
+    );
+    drop(gx);
+    move_domain(&lab, "x", ("a", &a), "b", 1);
+    let mut gx = b.guest(0, GuestConfig::default());
+    x.resume(&mut gx, 1, &b);
+    pump_both(
+        &mut gx,
+        &mut x,
+        &mut gy,
+        &mut y,
+        TOTAL / 2,
+        both_at(TOTAL / 2),
+    );
+    admin_ok(&lab.admin("b"), r#"{"v":1,"op":"hold-joins","ms":3000}"#);
+    drop(gy);
+    move_domain(&lab, "y", ("a", &a), "b", 2);
+    b.wait_for_log("joining a sibling pair: both engines on placeholders", 1);
+    let pid = nix::unistd::Pid::from_raw(a.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_log_within(
+        &b,
+        "relay failed; session ended",
+        2,
+        Duration::from_secs(20),
+    );
+    // X's connection is reset, not ended: the guest never mistakes it for Y's EOF.
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match gx.recv(x.key, &mut buf) {
+            Ok(0) => panic!("X read EOF from a failed join"),
+            Ok(n) => x.got.extend_from_slice(&buf[..n]),
+            Err(SockError::Reset(_)) => break,
+            Err(e) if e.is_would_block() => {
+                let _ = gx.poll(Some(Duration::from_millis(2)));
+            }
+            Err(e) => panic!("X after the failed join: {e}"),
+        }
+        assert!(Instant::now() < deadline, "X's connection stays up");
+    }
+    let got_x = x.got.len() as u64;
+    match resume_session(&mut gx, &mut x.s, got_x, 2) {
+        Err(Frame::Refused {
+            reason: Refusal::Expired,
+            ..
+        }) => {}
+        other => panic!("X's RESUME after the failed join: {other:?}"),
+    }
+    let mut gy = b.guest(1, GuestConfig::default());
+    let got_y = y.got.len() as u64;
+    match resume_session(&mut gy, &mut y.s, got_y, 3) {
+        Err(Frame::Refused {
+            reason: Refusal::Expired,
+            ..
+        }) => {}
+        other => panic!("Y's RESUME after the failed join: {other:?}"),
+    }
+    assert!(y.up.starts_with(&x.got), "X got only Y's bytes, in order");
+    assert!(x.up.starts_with(&y.got), "Y got only X's bytes, in order");
+    let c = relay_counters(&lab, "b");
+    assert_eq!(
+        (
+            c["join_failed"].as_u64(),
+            c["joined"].as_u64(),
+            c["failed"].as_u64()
+        ),
+        (Some(1), Some(0), Some(2)),
+        "b: {c}"
+    );
+    assert_eq!(settle(&lab, "b", 0)["relays"], serde_json::json!([]));
+    drop((gx, gy, a, b));
+}
+
+/// An export of one half racing a join: while b holds the join of X and Y (fault
+/// injection), X's guest leaves b for c. The export waits for the join and then moves the
+/// joined half from b (its new home) to c; X resumes on c, Y on b, and every byte of both
+/// streams arrives once and in order.
+#[test]
+fn an_export_racing_a_join_waits_for_it_and_moves_the_joined_half() {
+    const PORT: u32 = 6111;
+    const TOTAL: usize = 6 << 20;
+    let lab = RelayLab::new("join-race", "a,b,c");
+    let mut hosts = pair_hosts(&lab, &["a", "b", "c"], 5000);
+    let c = hosts.pop().unwrap();
+    let b = hosts.pop().unwrap();
+    let a = hosts.pop().unwrap();
+    let mut gy = a.guest(1, GuestConfig::default());
+    let mut gx = a.guest(0, GuestConfig::default());
+    let (mut x, mut y) = open_sibling_pair(&mut gx, &mut gy, PORT, TOTAL);
+    let both_at =
+        |n: usize| move |x: &SiblingEnd, y: &SiblingEnd| x.got.len() >= n && y.got.len() >= n;
+    pump_both(
+        &mut gx,
+        &mut x,
+        &mut gy,
+        &mut y,
+        TOTAL / 4,
+        both_at(TOTAL / 4),
+    );
+    drop(gx);
+    move_domain(&lab, "x", ("a", &a), "b", 1);
+    let mut gx = b.guest(0, GuestConfig::default());
+    x.resume(&mut gx, 1, &b);
+    pump_both(
+        &mut gx,
+        &mut x,
+        &mut gy,
+        &mut y,
+        TOTAL / 2,
+        both_at(TOTAL / 2),
+    );
+    admin_ok(&lab.admin("b"), r#"{"v":1,"op":"hold-joins","ms":2000}"#);
+    drop(gy);
+    move_domain(&lab, "y", ("a", &a), "b", 2);
+    b.wait_for_log("joining a sibling pair: both engines on placeholders", 1);
+    drop(gx);
+    admin_ok(
+        &lab.admin("c"),
+        r#"{"v":1,"op":"adopt","vm":"x","from":"b"}"#,
+    );
+    b.wait_for_log("frontend disconnected", 1);
+    assert!(
+        !b.log_text()
+            .contains("sibling pair joined: local pair again"),
+        "the export does not race the join"
+    );
+    let r = admin_ok(
+        &lab.admin("b"),
+        r#"{"v":1,"op":"export","vm":"x","to":"c"}"#,
+    );
+    assert_eq!(r["sessions"], 1, "{r}");
+    assert_eq!(relay_counters(&lab, "b")["joined"], 1, "{}", b.log_tail());
+    let mut gx = c.guest(0, GuestConfig::default());
+    x.resume(&mut gx, 2, &c);
+    let mut gy = b.guest(1, GuestConfig::default());
+    y.resume(&mut gy, 3, &b);
+    pump_both(&mut gx, &mut x, &mut gy, &mut y, TOTAL, both_at(TOTAL));
+    assert!(x.got == y.up, "Y -> X: every byte once, in order");
+    assert!(y.got == x.up, "X -> Y: every byte once, in order");
+    settle(&lab, "a", 0);
+    assert_eq!(settle(&lab, "b", 1)["relays"][0]["role"], "home");
+    assert_eq!(settle(&lab, "c", 1)["relays"][0]["role"], "guest");
+    for h in ["a", "b", "c"] {
+        let r = relay_counters(&lab, h);
+        assert_eq!(
+            (
+                r["failed"].as_u64(),
+                r["join_failed"].as_u64(),
+                r["refused"].as_u64()
+            ),
+            (Some(0), Some(0), Some(0)),
+            "{h}: {r}"
+        );
+    }
+    drop((gx, gy, a, b, c));
+}
+
+/// A half-close during a join: X (live on b) sends its last bytes and shuts its write
+/// side while b holds the join (fault injection). Y, parked during the join, resumes on b
+/// and reads exactly X's bytes, then EOF (once: it stays at EOF); the other direction
+/// stays open and Y's bytes all reach X, then Y's EOF.
+#[test]
+fn a_half_close_during_a_join_arrives_once_at_the_end_of_the_stream() {
+    const PORT: u32 = 6112;
+    const TOTAL: usize = 4 << 20;
+    let lab = RelayLab::new("join-shut", "a,b");
+    let mut hosts = pair_hosts(&lab, &["a", "b"], 5000);
+    let b = hosts.pop().unwrap();
+    let a = hosts.pop().unwrap();
+    let mut gy = a.guest(1, GuestConfig::default());
+    let mut gx = a.guest(0, GuestConfig::default());
+    let (mut x, mut y) = open_sibling_pair(&mut gx, &mut gy, PORT, TOTAL);
+    let both_at =
+        |n: usize| move |x: &SiblingEnd, y: &SiblingEnd| x.got.len() >= n && y.got.len() >= n;
+    pump_both(
+        &mut gx,
+        &mut x,
+        &mut gy,
+        &mut y,
+        TOTAL / 4,
+        both_at(TOTAL / 4),
+    );
+    drop(gx);
+    move_domain(&lab, "x", ("a", &a), "b", 1);
+    let mut gx = b.guest(0, GuestConfig::default());
+    x.resume(&mut gx, 1, &b);
+    // All but X's last 32 KiB before Y moves.
+    let most = TOTAL - 32 * 1024;
+    pump_both(&mut gx, &mut x, &mut gy, &mut y, most, |x, y| {
+        x.sent >= most && y.got.len() >= TOTAL / 2 && x.got.len() >= TOTAL / 2
+    });
+    admin_ok(&lab.admin("b"), r#"{"v":1,"op":"hold-joins","ms":1500}"#);
+    drop(gy);
+    move_domain(&lab, "y", ("a", &a), "b", 2);
+    b.wait_for_log("joining a sibling pair: both engines on placeholders", 1);
+    send_rest_and_shut(&mut gx, &mut x);
+    assert!(
+        !b.log_text()
+            .contains("sibling pair joined: local pair again"),
+        "X's shutdown came after the join"
+    );
+    wait_log_within(
+        &b,
+        "sibling pair joined: local pair again",
+        1,
+        Duration::from_secs(20),
+    );
+    let mut gy = b.guest(1, GuestConfig::default());
+    y.resume(&mut gy, 2, &b);
+    read_end_to_eof(&mut gy, &mut y);
+    assert_eq!(y.got.len(), x.up.len(), "X -> Y up to X's EOF");
+    assert!(y.got == x.up, "X -> Y: every byte once, in order, then EOF");
+    send_rest_and_shut(&mut gy, &mut y);
+    read_end_to_eof(&mut gx, &mut x);
+    assert!(x.got == y.up, "Y -> X: every byte once, in order, then EOF");
+    for h in ["a", "b"] {
+        let r = relay_counters(&lab, h);
+        assert_eq!(
+            (r["failed"].as_u64(), r["join_failed"].as_u64()),
+            (Some(0), Some(0)),
+            "{h}: {r}"
+        );
+    }
+    assert_eq!(relay_counters(&lab, "b")["joined"], 1);
+    drop((gx, gy, a, b));
+}
+
+/// The home answers for a relayed session's target at its own policy reloads too: a
+/// session from g (now on b) to a host process on a survives a reload of a that still
+/// allows the port, and is reset on both ends by one that no longer does (the host
+/// process reads EOF, the guest's connection is reset and its RESUME refused `Expired`;
+/// a counts `policy_resets`, b `failed`).
+#[test]
+fn a_home_reload_that_forbids_a_relayed_sessions_target_resets_it() {
+    use domsock_migration::session::wire::Refusal;
+    const TARGET: u32 = 5850;
+    let lab = RelayLab::new("relay-home-hup", "a,b");
+    let pki = lab.pki();
+    let (pa, pb) = (free_port(), free_port());
+    let rules = format!(
+        "[policy]\nguest-to-host = \"rules\"\n[[policy.allow]]\nfrom = \"g\"\nto = \"host\"\n\
+         ports = \"{TARGET}\"\n"
+    );
+    let toml_b = format!("{}{rules}", tunnel_toml(&pki, "b", pb, "a", ""));
+    let tunnel_a = tunnel_toml(&pki, "a", pa, "b", &format!("127.0.0.1:{pb}"));
+    let toml_a = format!("{tunnel_a}{rules}");
+    let b = lab.host("b", VmOpts::new(4).name("g"), &toml_b);
+    let a = lab.host("a", VmOpts::new(3).name("g"), &toml_a);
+    let (mut held, mut s, mut g) = session_moved_to_b(&lab, &a, &b, TARGET);
+    let (key, _) = resume_session(&mut g, &mut s, 0, 1)
+        .unwrap_or_else(|f| panic!("resume at b: {f:?}\n{}", b.log_tail()));
+    held.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+    let mut got_down = 0u64;
+    let mut round = |g: &mut UserGuest, held: &mut std::os::unix::net::UnixStream, seed: u8| {
+        let up = pattern_bytes(seed, 64 * 1024);
+        g.write_all(key, &up, STEP_TIMEOUT).unwrap();
+        let mut got = vec![0u8; up.len()];
+        held.read_exact(&mut got).unwrap();
+        assert!(got == up, "guest -> host, round {seed}");
+        let down = pattern_bytes(seed + 1, 64 * 1024);
+        held.write_all(&down).unwrap();
+        let mut got = vec![0u8; down.len()];
+        g.read_exact(key, &mut got, STEP_TIMEOUT).unwrap();
+        assert!(got == down, "host -> guest, round {seed}");
+        got_down += down.len() as u64;
+    };
+    round(&mut g, &mut held, 1);
+    // A reload that still allows the port keeps the session.
+    a.rewrite_config(&toml_a);
+    a.reload();
+    a.wait_for_log("policy reloaded", 1);
+    thread::sleep(Duration::from_millis(300));
+    round(&mut g, &mut held, 3);
+    assert_eq!(relay_counters(&lab, "a")["policy_resets"], 0);
+    // One without it ends the session on both ends.
+    a.rewrite_config(&format!("{tunnel_a}[policy]\nguest-to-host = \"rules\"\n"));
+    a.reload();
+    a.wait_for_log("policy reloaded", 2);
+    let mut rest = Vec::new();
+    held.read_to_end(&mut rest)
+        .expect("the host process reads EOF, within its read timeout");
+    assert!(rest.is_empty(), "nothing more reached the host process");
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let mut buf = [0u8; 4096];
+    loop {
+        match g.recv(key, &mut buf) {
+            Err(SockError::Reset(_)) => break,
+            Err(e) if e.is_would_block() => {
+                let _ = g.poll(Some(Duration::from_millis(2)));
+            }
+            other => panic!("the guest's connection after the home's reload: {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "the guest's connection stays up");
+    }
+    match resume_session(&mut g, &mut s, got_down, 2) {
+        Err(Frame::Refused {
+            reason: Refusal::Expired,
+            ..
+        }) => {}
+        other => panic!("RESUME after the home's reload: {other:?}"),
+    }
+    assert!(
+        a.log_text().contains(
+            "relayed session reset: its target is no longer allowed by the reloaded policy"
+        ),
+        "{}",
+        a.log_tail()
+    );
+    assert_eq!(relay_counters(&lab, "a")["policy_resets"], 1);
+    assert_eq!(relay_counters(&lab, "b")["failed"], 1);
+    drop((g, a, b));
+}
+
+/// A sibling pair joined on b is local there: b's own reloads check it like a pair made
+/// on b. A reload that still puts x and y in one group keeps both sessions; one that
+/// takes the group away resets both guests' connections.
+#[test]
+fn a_joined_pair_is_rechecked_at_its_new_hosts_reloads() {
+    const PORT: u32 = 6113;
+    const TOTAL: usize = 4 << 20;
+    let lab = RelayLab::new("join-hup", "a,b");
+    let (mut hosts, configs) = pair_hosts_with_configs(&lab, &["a", "b"], 5000);
+    let b = hosts.pop().unwrap();
+    let a = hosts.pop().unwrap();
+    let mut gy = a.guest(1, GuestConfig::default());
+    let mut gx = a.guest(0, GuestConfig::default());
+    let (mut x, mut y) = open_sibling_pair(&mut gx, &mut gy, PORT, TOTAL);
+    let both_at =
+        |n: usize| move |x: &SiblingEnd, y: &SiblingEnd| x.got.len() >= n && y.got.len() >= n;
+    pump_both(
+        &mut gx,
+        &mut x,
+        &mut gy,
+        &mut y,
+        TOTAL / 4,
+        both_at(TOTAL / 4),
+    );
+    drop(gx);
+    move_domain(&lab, "x", ("a", &a), "b", 1);
+    let mut gx = b.guest(0, GuestConfig::default());
+    x.resume(&mut gx, 1, &b);
+    drop(gy);
+    move_domain(&lab, "y", ("a", &a), "b", 2);
+    // Relays only (`settle` waits for every channel to close too: the join test's).
+    for h in ["a", "b"] {
+        wait_tunnel(&lab.admin(h), "no relays", |t| {
+            t["relays"] == serde_json::json!([])
+        });
+    }
+    assert_eq!(relay_counters(&lab, "b")["joined"], 1, "{}", b.log_tail());
+    let mut gy = b.guest(1, GuestConfig::default());
+    y.resume(&mut gy, 2, &b);
+    pump_both(
+        &mut gx,
+        &mut x,
+        &mut gy,
+        &mut y,
+        TOTAL / 2,
+        both_at(TOTAL / 2),
+    );
+    let grouped = [
+        VmOpts::new(3).name("x").groups(&["pair"]),
+        VmOpts::new(4).name("y").groups(&["pair"]),
+    ];
+    b.rewrite_config_vms(&grouped, &configs[1]);
+    b.reload();
+    b.wait_for_log("policy reloaded", 1);
+    thread::sleep(Duration::from_millis(300));
+    pump_both(
+        &mut gx,
+        &mut x,
+        &mut gy,
+        &mut y,
+        TOTAL * 3 / 4,
+        both_at(TOTAL * 3 / 4),
+    );
+    assert!(
+        !b.log_text().contains("no longer allowed"),
+        "{}",
+        b.log_tail()
+    );
+    b.rewrite_config_vms(
+        &[VmOpts::new(3).name("x"), VmOpts::new(4).name("y")],
+        &configs[1],
+    );
+    b.reload();
+    b.wait_for_log("policy reloaded", 2);
+    for (g, e, who) in [(&mut gx, &mut x, "X"), (&mut gy, &mut y, "Y")] {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match g.recv(e.key, &mut buf) {
+                Err(SockError::Reset(_)) => break,
+                Ok(n) if n > 0 => e.got.extend_from_slice(&buf[..n]),
+                // The partner's engine may see its end close before its own recheck.
+                Ok(_) => {
+                    eprintln!("{who}: EOF before the reset");
+                    let _ = g.poll(Some(Duration::from_millis(2)));
+                }
+                Err(er) if er.is_would_block() => {
+                    let _ = g.poll(Some(Duration::from_millis(2)));
+                }
+                other => panic!("{who} after b's reload: {other:?}\n{}", b.log_tail()),
+            }
+            assert!(Instant::now() < deadline, "{who}'s connection stays up");
+        }
+    }
+    assert!(y.up.starts_with(&x.got) && x.up.starts_with(&y.got));
+    assert!(
+        b.log_text()
+            .lines()
+            .filter(|l| l.contains("no longer allowed by the reloaded policy"))
+            .count()
+            >= 2,
+        "{}",
+        b.log_tail()
+    );
+    drop((gx, gy, a, b));
+}
+
+/// A guest that reads nothing moves home and away again (a -> b -> a -> b -> a -> b -> a)
+/// while its host process keeps writing: every move succeeds, every import's tail stays within
+/// `RELAY_MAX_TAIL_BYTES` (2 MiB), and at the end the guest reads every byte once, in
+/// order. Before the home trimmed a tail it sends away to the replay buffer, each
+/// homecoming brought the last one's tail again plus a full path of new bytes (tails
+/// 0.9-1.1 MiB, then 1.6-1.8 MiB), and the third outgrew the bound and was rolled back.
+#[test]
+fn a_guest_that_reads_nothing_comes_home_three_times_within_the_tail_bound() {
+    const TARGET: u32 = 5860;
+    const DOWN: usize = 12 << 20;
+    const FILL: Duration = Duration::from_millis(700);
+    let lab = RelayLab::new("relay-home-twice", "a,b,c");
+    let admin_of = |h: &str| lab.admin(h);
+    let [a, b, c] = lab.three_hosts();
+    let hosts = [("a", &a), ("b", &b)];
+    let backend = |name: &str| hosts.iter().find(|(n, _)| *n == name).unwrap().1;
+    let listener = listen_stream(&a.vm(0).uds, TARGET);
+    let mut g = a.guest(0, GuestConfig::default());
+    let (key, mut s) = open_session(&mut g, TARGET);
+    let held = accept(&listener);
+    let down = pattern_bytes(0x6b, DOWN);
+    let (writer, reader) = host_process(held, down.clone(), 256 * 1024);
+    let mut key = key;
+    let mut here = "a";
+    let mut disconnects = std::collections::HashMap::new();
+    for (hop, to) in ["b", "a", "b", "a", "b", "a"].iter().enumerate() {
+        thread::sleep(FILL);
+        admin_ok(
+            &admin_of(to),
+            &format!(r#"{{"v":1,"op":"adopt","vm":"g","from":"{here}"}}"#),
+        );
+        drop(g);
+        let n = disconnects.entry(here).or_insert(0);
+        *n += 1;
+        backend(here).wait_for_log("frontend disconnected", *n);
+        let r = admin(
+            &admin_of(here),
+            &format!(r#"{{"v":1,"op":"export","vm":"g","to":"{to}"}}"#),
+        );
+        assert_eq!(
+            r["ok"],
+            true,
+            "hop {hop}: export {here} -> {to}: {r}\n{}\n{}",
+            backend(here).log_tail(),
+            backend(to).log_tail()
+        );
+        g = backend(to).guest(0, GuestConfig::default());
+        let (k, _) = resume_session(&mut g, &mut s, 0, hop as u8 + 1)
+            .unwrap_or_else(|f| panic!("resume at {to}: {f:?}\n{}", backend(to).log_tail()));
+        key = k;
+        here = to;
+    }
+    let tails: Vec<usize> = [&a, &b]
+        .iter()
+        .flat_map(|h| {
+            h.log_text()
+                .lines()
+                .filter(|l| l.contains("session imported, parked"))
+                .filter_map(|l| l.split(" tail=").nth(1)?.split(' ').next()?.parse().ok())
+                .collect::<Vec<usize>>()
+        })
+        .collect();
+    eprintln!("import tails: {tails:?}");
+    assert_eq!(tails.len(), 6, "six imports: {tails:?}");
+    assert!(
+        tails.iter().all(|&t| t <= 2 << 20),
+        "tails within RELAY_MAX_TAIL_BYTES: {tails:?}"
+    );
+    let mut got = vec![0u8; DOWN];
+    g.read_exact(key, &mut got, Duration::from_secs(60))
+        .unwrap();
+    assert!(got == down, "host->guest after six moves, reading nothing");
+    g.shutdown(key, Shutdown::SEND).unwrap();
+    writer
+        .join()
+        .unwrap()
+        .expect("the host process's writes never failed");
+    let from_guest = reader.join().unwrap().expect("the host process reads EOF");
+    assert!(from_guest.is_empty());
+    for h in ["a", "b"] {
+        let r = relay_counters(&lab, h);
+        assert_eq!(
+            (r["failed"].as_u64(), r["sent_back"].as_u64()),
+            (Some(0), Some(0)),
+            "{h}: {r}"
+        );
+    }
+    drop((g, a, b, c));
 }

@@ -12,6 +12,7 @@
 //! | `sessions` | `vm` | `parked`: session ids (hex) parked in that VM's engine |
 //! | `adopt` | `vm`, `from` | (destination of a migration: expect the domain from host `from`) |
 //! | `export` | `vm`, `to` | `sessions`: parked sessions handed to host `to` |
+//! | `hold-joins` | `ms` | (fault injection for tests: each sibling-pair join that starts here waits `ms` on its placeholders before it drains; 0 ends it; needs a `[tunnel]`) |
 //!
 //! With a `[tunnel]` configured, the `status` reply also has `tunnel`: `{host, listen,
 //! refused_peers, peers: [{name, up, connections, reconnects, bytes_sent, bytes_received,
@@ -232,6 +233,14 @@ pub fn handle(line: &[u8], vms: &[ServedVm], relay: Option<&crate::relay::RelayS
             (Err(e), _) => e,
             (Ok(_), None) => error_reply("missing \"to\""),
         },
+        "hold-joins" => match (relay, req.get("ms").and_then(Value::as_u64)) {
+            (Some(r), Some(ms)) => match r.hold_joins(ms) {
+                Ok(()) => json!({"v": ADMIN_VERSION, "ok": true, "ms": ms}),
+                Err(why) => error_reply(&why),
+            },
+            (None, _) => error_reply("no [tunnel] is configured"),
+            (_, None) => error_reply("missing \"ms\""),
+        },
         other => error_reply(&format!("unknown op {other:?}")),
     }
 }
@@ -279,6 +288,8 @@ fn tunnel_status(t: &AdminTunnel) -> Value {
             "failed": n(&st.failed),
             "joined": n(&st.joined),
             "join_failed": n(&st.join_failed),
+            "join_refused": n(&st.join_refused),
+            "policy_resets": n(&st.policy_resets),
         },
     })
 }

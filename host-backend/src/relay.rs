@@ -44,9 +44,26 @@
 //!
 //! A join that fails half-way (a channel breaks, [`JOIN_TIMEOUT_MS`] passes, a half
 //! would hold more than its bound) ends both sessions like a relay failure: each guest's
-//! connection is reset and its RESUME refused `Expired`, the home's host ends close, and
-//! `join_failed` counts it. An export of either guest waits for a running join (its
-//! handoff request is answered after it) and then exports the joined session from here.
+//! connection is reset and its RESUME refused `Expired` (expired while its placeholder is
+//! still held, so the engine never reads the placeholder's close as an end of stream),
+//! the home's host ends close, and `join_failed` counts the pair once. An export of
+//! either guest waits for a running join (its handoff request is answered after it) and
+//! then exports the joined session from here. A refused join request counts
+//! `join_refused`; the pair stays relayed. Joined halves get each other as targets
+//! ([`crate::engine::DataPlane::set_session_target`]), so this host's reloads recheck
+//! them like a pair made here. Fault injection for tests: [`RelayService::hold_joins`].
+//!
+//! **Policy at reloads.** A home relay answers for its session's target: when the
+//! router's policy generation moves (a SIGHUP reload), it checks the target again as the
+//! engine's `recheck_policy` does a local session; a target no longer allowed ends the
+//! session on both ends (the channel is aborted, so the guest side expires it) and counts
+//! `policy_resets`. The relay metadata names the target ([`RelayTarget`]) so that the
+//! joining host can check the halves name each other.
+//!
+//! **Tails.** A home that sends a session away cuts a stream snapshot's tail to the
+//! replay buffer and sends the rest as DATA after it (`trim_tail`): a session that came
+//! home with every relay buffer's bytes in its tail leaves with them in the path, so its
+//! next homecoming carries no more.
 //!
 //! What it does not do: survive a domsockd restart, or join a pair whose policy at the
 //! joining host forbids it (it stays relayed, logged).
@@ -57,6 +74,7 @@ use crate::server::device::lock_plane;
 use crate::tunables::{
     ADOPTION_WINDOW_MS, JOIN_MAX_HELD_BYTES, JOIN_TIMEOUT_MS, MAX_RELAYED_SESSIONS,
     RELAY_CHANNEL_MAX_WINDOW_BYTES, RELAY_MAX_TAIL_BYTES, RELAY_STEP_TIMEOUT_MS,
+    SESSION_REPLAY_BYTES,
 };
 use crate::tunnel::{
     Acceptor, BrokenReason, ChannelEnd, ChannelKind, ChannelState, Refusal, RefusalCode,
@@ -64,8 +82,8 @@ use crate::tunnel::{
 };
 use crate::vm::VmShared;
 use domsock_migration::relay::{
-    self, data_payloads, extend_tail, Frame, JoinOpen, PairRole, RelayOpen, FRAME_HEADER_LEN,
-    MAX_DATA,
+    self, data_payloads, extend_tail, Frame, JoinOpen, PairRole, RelayOpen, RelayTarget,
+    FRAME_HEADER_LEN, MAX_DATA,
 };
 use domsock_migration::session::snapshot::SessionSnapshot;
 use domsock_migration::session::SessionId;
@@ -114,8 +132,15 @@ pub struct RelayStats {
     pub failed: AtomicU64,
     /// Sibling pairs joined here (both halves local again; counted once per pair).
     pub joined: AtomicU64,
-    /// Joins that started here and failed (both sessions ended).
+    /// Joins that started here and failed (both sessions ended; counted once per pair).
     pub join_failed: AtomicU64,
+    /// Join requests refused here: the pair is not relayed here from the requester, a
+    /// half is busy, or the policy here does not let the dialer reach the acceptor (the
+    /// pair stays relayed).
+    pub join_refused: AtomicU64,
+    /// Relayed sessions this host (their home) ended at a policy reload that no longer
+    /// allows their target.
+    pub policy_resets: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -204,6 +229,8 @@ enum JoinState {
 /// The handle of one guest relay.
 struct GuestCtl {
     info: RelayInfo,
+    /// The session's target, as its home named it (`None` from a version-2 home).
+    target: Option<RelayTarget>,
     /// A handoff asked for: the destination and where to answer.
     request: Mutex<Option<(String, Reply)>>,
     /// A handoff was sent: a channel bringing the session back is accepted.
@@ -237,6 +264,9 @@ pub struct RelayService {
     guests: Mutex<HashMap<SessionId, Arc<GuestCtl>>>,
     /// Held while JOINs are matched and while a join's last step runs (one at a time).
     join_match: Mutex<()>,
+    /// Fault injection for tests (admin `hold-joins`): a join that starts here waits this
+    /// long on its placeholders before it drains. 0 in normal operation.
+    join_hold_ms: AtomicU64,
     /// Counters.
     pub stats: RelayStats,
 }
@@ -266,6 +296,7 @@ impl RelayService {
             homes: Mutex::new(HashMap::new()),
             guests: Mutex::new(HashMap::new()),
             join_match: Mutex::new(()),
+            join_hold_ms: AtomicU64::new(0),
             stats: RelayStats::default(),
         })
     }
@@ -273,6 +304,19 @@ impl RelayService {
     /// The tunnel service sessions travel in.
     pub fn set_tunnel(&self, t: Arc<TunnelService>) {
         let _ = self.tunnel.set(t);
+    }
+
+    /// Fault injection for tests: every join that starts here from now on holds both
+    /// engines on their placeholders `ms` before it drains (at most half of
+    /// [`JOIN_TIMEOUT_MS`]), so a test can cut the tunnel, kill the home, move a half or
+    /// half-close a stream while the join runs. 0 turns it off.
+    pub fn hold_joins(&self, ms: u64) -> Result<(), String> {
+        if ms > JOIN_TIMEOUT_MS / 2 {
+            return Err(format!("at most {} ms", JOIN_TIMEOUT_MS / 2));
+        }
+        self.join_hold_ms.store(ms, Ordering::Relaxed);
+        warn!(ms, "fault injection: joins hold on their placeholders");
+        Ok(())
     }
 
     /// This host's name.
@@ -373,7 +417,8 @@ impl RelayService {
         let Some(s) = lock_plane(&vm.plane).export_parked(id) else {
             return Err(format!("session {id} is not parked here"));
         };
-        let ch = match self.open_relay(vm, &s.snapshot, to) {
+        let (away, beyond) = trim_tail(&s.snapshot);
+        let ch = match self.open_relay(vm, &away, s.target, to) {
             Ok(ch) => ch,
             Err(why) => {
                 self.take_back(vm, s);
@@ -395,7 +440,7 @@ impl RelayService {
         let vm2 = vm.clone();
         std::thread::Builder::new()
             .name(format!("relay-home-{}", &id.hex()[..8]))
-            .spawn(move || me.run_home(vm2, ctl, s, ch))
+            .spawn(move || me.run_home(vm2, ctl, s, ch, beyond))
             .map_err(|e| format!("cannot start a relay thread: {e}"))?;
         self.maybe_join(vm, id);
         Ok(())
@@ -479,6 +524,7 @@ impl RelayService {
         &self,
         vm: &ServedVm,
         snapshot: &SessionSnapshot,
+        target: (Cid, Port),
         to: &str,
     ) -> Result<ChannelEnd, String> {
         let open = RelayOpen {
@@ -486,6 +532,7 @@ impl RelayService {
             socket_type: snapshot.socket_type,
             domain: vm.shared.name.clone(),
             namespace: vm.namespace.clone(),
+            target: self.target_name(vm, snapshot.id, target),
         };
         let ch = self
             .tunnel()?
@@ -495,6 +542,71 @@ impl RelayService {
         Frame::Snapshot(snapshot.clone()).encode(&mut frame);
         await_import(&ch, &frame).map_err(|why| format!("{to}: {why}"))?;
         Ok(ch)
+    }
+
+    /// Session `id`'s target by the names the policy matches on (`None` if it names no
+    /// domain served here).
+    fn target_name(
+        &self,
+        vm: &ServedVm,
+        id: SessionId,
+        target: (Cid, Port),
+    ) -> Option<RelayTarget> {
+        let (cid, port) = target;
+        if target == crate::engine::RELAYED_TARGET {
+            return None;
+        }
+        if cid == Cid::HOST {
+            return Some(RelayTarget::HostPort(port.0));
+        }
+        let domain = self
+            .vms
+            .iter()
+            .find(|v| v.shared.cid == cid)?
+            .shared
+            .name
+            .clone();
+        let accepted = lock_plane(&vm.plane)
+            .router()
+            .pair_of(id)
+            .is_some_and(|p| p.acceptor == id);
+        Some(if accepted {
+            RelayTarget::Accepted {
+                domain,
+                port: port.0,
+            }
+        } else {
+            RelayTarget::Dialed {
+                domain,
+                port: port.0,
+            }
+        })
+    }
+
+    /// Whether this host's policy (as reloaded last) still lets session `id` of `vm`
+    /// reach `target`: the check `recheck_policy` makes for a local session.
+    fn still_allowed(
+        &self,
+        vm: &ServedVm,
+        id: SessionId,
+        target: (Cid, Port),
+        ty: SocketType,
+    ) -> bool {
+        let (cid, port) = target;
+        if target == crate::engine::RELAYED_TARGET {
+            return true;
+        }
+        let router = lock_plane(&vm.plane).router();
+        let me = vm.shared.cid;
+        if cid == Cid::HOST {
+            return router.check_host(me, port, ty).is_allowed();
+        }
+        let accepted = router.pair_of(id).is_some_and(|p| p.acceptor == id);
+        if accepted {
+            router.check_between(cid, me, port, ty).is_allowed()
+        } else {
+            router.check_between(me, cid, port, ty).is_allowed()
+        }
     }
 
     /// Puts a session that could not leave back into its engine, parked.
@@ -917,11 +1029,15 @@ impl RelayService {
         ctl: Arc<HomeCtl>,
         s: ExportedSession,
         ch: ChannelEnd,
+        beyond: Vec<u8>,
     ) {
         let id = s.snapshot.id;
         let target = s.target;
         let ty = s.snapshot.socket_type;
         let mut pipe = Pipe::new(ch, s.host, ty);
+        // The tail beyond the replay buffer follows the snapshot as DATA, before anything
+        // read from the host end now (`trim_tail`).
+        pipe.out = beyond;
         pipe.end_on_eof = ctl.end_on_eof.clone();
         pipe.sock_eof = s.snapshot.host_done;
         // Guest bytes the engine had accepted and not yet written go first.
@@ -929,8 +1045,20 @@ impl RelayService {
             pipe.inbound.push_back(s.out_stream);
         }
         pipe.inbound.extend(s.out_msgs);
+        let router = lock_plane(&vm.plane).router();
+        let mut generation = router.generation();
         let outcome: Result<(), String> = loop {
             ctl.clear();
+            if router.generation() != generation {
+                // A policy reload here: the home answers for the session's target, as
+                // the engine does for a local session (`recheck_policy`).
+                generation = router.generation();
+                if !self.still_allowed(&vm, id, target, ty) {
+                    inc(&self.stats.policy_resets);
+                    warn!(vm = %vm.shared.name, session = %id, target = ?self.target_name(&vm, id, target), "relayed session reset: its target is no longer allowed by the reloaded policy");
+                    break Err("no longer allowed by the reloaded policy".into());
+                }
+            }
             let (moved, ctrl) = match pipe.step(RELAY_MAX_TAIL_BYTES) {
                 Ok(x) => x,
                 Err(e) if pipe.normal_end(&e) => break Ok(()),
@@ -1059,7 +1187,7 @@ impl RelayService {
                 Err(why) => why,
             }
         } else {
-            match self.open_relay(vm, &next, &to) {
+            match self.open_relay(vm, &next, target, &to) {
                 Ok(new) => {
                     // They follow the snapshot as DATA on the new channel: the tail stays
                     // what the engine had.
@@ -1073,7 +1201,7 @@ impl RelayService {
             }
         };
         warn!(vm = %vm.shared.name, session = %id, to = %to, why = %failure, "session cannot move on; sending it back to {sender}");
-        match self.open_relay(vm, &next, &sender) {
+        match self.open_relay(vm, &next, target, &sender) {
             Ok(new) => {
                 drop(pipe.switch(new, rest));
                 inc(&self.stats.sent_back);
@@ -1148,6 +1276,7 @@ impl RelayService {
                 role: "guest",
                 peer: peer.clone(),
             },
+            target: open.target.clone(),
             request: Mutex::new(None),
             handing: AtomicBool::new(false),
             join: Mutex::new(JoinState::Idle),
@@ -1254,11 +1383,19 @@ impl RelayService {
                     Ok(false) => {}
                     Ok(true) => break Ok(GuestEnd::Joined),
                     Err(why) => {
+                        // Expired while the placeholder is still held: were it dropped
+                        // first, the engine would read its EOF and end the guest's stream
+                        // as if the partner had closed it (found by
+                        // a_join_whose_home_dies_half_way_ends_both_sessions_cleanly).
+                        lock_plane(&vm.plane).expire_session(id);
                         *ctl.join.lock().unwrap() = JoinState::Failed(why.clone());
                         if let Some(p) = &j.partner {
                             p.wake();
                         }
-                        inc(&self.stats.join_failed);
+                        // Both halves' relays end here; the pair counts once.
+                        if j.role == PairRole::Dialer {
+                            inc(&self.stats.join_failed);
+                        }
                         break Err(format!("join failed: {why}"));
                     }
                 }
@@ -1361,6 +1498,20 @@ impl RelayService {
         };
         if d.info.peer != peer || a.info.peer != peer {
             return Err(format!("the pair's home is not {peer}"));
+        }
+        // Where the home named the targets, they must name each other on the port.
+        let names_other = |c: &GuestCtl, other: &GuestCtl, dialer: bool| match &c.target {
+            None => true,
+            Some(RelayTarget::Dialed { domain, port }) => {
+                dialer && *domain == other.info.vm && *port == req.port
+            }
+            Some(RelayTarget::Accepted { domain, port }) => {
+                !dialer && *domain == other.info.vm && *port == req.port
+            }
+            Some(RelayTarget::HostPort(_)) => false,
+        };
+        if !names_other(&d, &a, true) || !names_other(&a, &d, false) {
+            return Err("the halves' targets do not name each other".into());
         }
         for c in [&d, &a] {
             if c.handing.load(Ordering::Acquire)
@@ -1490,9 +1641,11 @@ impl RelayService {
         // A guest that had half-closed: its EOF is real, the channel carries it as such.
         pipe.end_on_eof.store(!write_shut, Ordering::Release);
         let partner_ctl = self.guests.lock().unwrap().get(&partner).cloned();
+        let hold = Duration::from_millis(self.join_hold_ms.load(Ordering::Relaxed));
         Some(Joining {
             placeholder: Some(placeholder),
             since,
+            hold_until: since + hold,
             home_done: false,
             partner: partner_ctl,
             partner_id: partner,
@@ -1526,6 +1679,11 @@ impl RelayService {
         }
         if j.since.elapsed() > Duration::from_millis(JOIN_TIMEOUT_MS) {
             return Err(format!("not done within {JOIN_TIMEOUT_MS} ms"));
+        }
+        if Instant::now() < j.hold_until {
+            pipe.wait(Some(&ctl.wake_rx), 20);
+            ctl.clear();
+            return Ok(false);
         }
         let (moved, ctrl) = match pipe.step(RELAY_MAX_TAIL_BYTES) {
             Ok(x) => x,
@@ -1622,6 +1780,13 @@ impl RelayService {
             other.wake();
             return Err(e.to_string());
         }
+        // Local now: their targets are each other, checked at this host's reloads like a
+        // pair made here (no longer the relayed label).
+        let port = Port(j.port);
+        let (mine_accepted, other_accepted) =
+            (j.role == PairRole::Acceptor, j.role == PairRole::Dialer);
+        pm.set_session_target(id, (ov.shared.cid, port), mine_accepted);
+        po.set_session_target(other.info.session, (vm.shared.cid, port), other_accepted);
         // The pair lives here now.
         let router = pm.router();
         drop(p1);
@@ -1730,6 +1895,8 @@ struct Joining {
     /// The peer of the placeholder the engine writes into (taken at the last step).
     placeholder: Option<HostSocket>,
     since: Instant,
+    /// Fault injection ([`RelayService::hold_joins`]): nothing drains before this.
+    hold_until: Instant,
     /// The home's END (or a real end of stream) was read.
     home_done: bool,
     /// The partner half's relay, when known.
@@ -1739,6 +1906,29 @@ struct Joining {
     port: u32,
     /// Why the join cannot go on (found while it started).
     fail: Option<String>,
+}
+
+/// The snapshot a home sends away: a stream session's tail cut to the engine's replay
+/// buffer ([`SESSION_REPLAY_BYTES`]), and the rest of it framed as DATA, to follow the
+/// snapshot on the channel (the EOF, if the host end had ended, after them). A session
+/// that came home with a long tail (every relay buffer's bytes, up to
+/// [`RELAY_MAX_TAIL_BYTES`]) and goes away again so sends that tail through the path
+/// instead of in the snapshot: the path's buffers then hold those bytes, not as many new
+/// ones again, so its next homecoming brings no more than the first (before this, a
+/// guest reading nothing outgrew the bound at its third homecoming and was rolled back).
+/// Seqpacket tails are sent whole (message boundaries; sibling pairs are streams).
+fn trim_tail(s: &SessionSnapshot) -> (SessionSnapshot, Vec<u8>) {
+    let mut away = s.clone();
+    let mut beyond = Vec::new();
+    if s.socket_type != SocketType::Stream || s.tail.len() <= SESSION_REPLAY_BYTES {
+        return (away, beyond);
+    }
+    let rest = away.tail.split_off(SESSION_REPLAY_BYTES);
+    for c in rest.chunks(MAX_DATA) {
+        Frame::Data(c).encode(&mut beyond);
+    }
+    away.host_done = false;
+    (away, beyond)
 }
 
 /// A placeholder host end: the engine reads nothing from it and writes into its peer
@@ -1866,6 +2056,7 @@ impl Acceptor for RelayService {
                 .all(|id| g.get(id).is_some_and(|c| c.info.peer == peer));
             drop(g);
             if !ours {
+                inc(&self.stats.join_refused);
                 warn!(%peer, dialer = %req.dialer, acceptor = %req.acceptor, "join request for sessions not relayed here from that host; refused");
                 return Err(Refusal {
                     code: RefusalCode::Policy,
@@ -1921,6 +2112,7 @@ impl Acceptor for RelayService {
                     let answer = match me.join_request(&peer, req) {
                         Ok(()) => 1u8,
                         Err(why) => {
+                            inc(&me.stats.join_refused);
                             warn!(dialer = %req.dialer, acceptor = %req.acceptor, %why, "sibling pair not joined; it stays relayed");
                             0
                         }

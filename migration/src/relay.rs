@@ -63,10 +63,21 @@
 //! the session back to the sender on a new channel, so the sender can tell the two
 //! apart).
 //!
-//! Wire format, version 1, all integers little-endian:
-//! - Channel OPEN metadata ([`RelayOpen`]): `"DSRL"`, version u8, socket type u8 (1 stream,
-//!   2 seqpacket), session id (16), domain length u8 + domain, namespace length u8 +
-//!   namespace (names: 1..=64 bytes of `[A-Za-z0-9._-]`).
+//! Wire format, all integers little-endian:
+//! - Channel OPEN metadata ([`RelayOpen`]): `"DSRL"`, version u8 (2 or 3), socket type u8
+//!   (1 stream, 2 seqpacket), session id (16), domain length u8 + domain, namespace
+//!   length u8 + namespace (names: 1..=64 bytes of `[A-Za-z0-9._-]`); version 3 then adds
+//!   the session's **target by name** ([`RelayTarget`], what the home's policy matches
+//!   on, so a host whose CIDs differ can still name it): kind u8, then
+//!   - 1 (a host port): port u32;
+//!   - 2 (a sibling the session's guest dialed) or 3 (a sibling whose dial this guest
+//!     accepted through a session listener): sibling domain length u8 + name, guest
+//!     port u32 (the sibling is in the session's namespace).
+//!
+//!   A sender writes version 3 when it knows the target and version 2 (no target) else;
+//!   a receiver takes both (a version-2 session is one whose target only its home
+//!   knows, as before). A version-2 receiver refuses version 3 (`Version`), so an export
+//!   to an older host fails cleanly.
 //! - Frames on the (stream) channel: an 8-byte header (kind u8, flags u8, reserved u16 = 0,
 //!   payload length u32), then the payload:
 //!
@@ -97,8 +108,10 @@ use crate::session::SessionId;
 use domsock_proto::SocketType;
 use thiserror::Error;
 
-/// Protocol version.
+/// Protocol version (frames, join requests, and relay metadata without a target).
 pub const RELAY_VERSION: u8 = 2;
+/// Relay metadata version with the session's target ([`RelayOpen::target`]).
+pub const RELAY_OPEN_TARGET_VERSION: u8 = 3;
 /// Frame header length.
 pub const FRAME_HEADER_LEN: usize = 8;
 /// Largest DATA payload (the largest seqpacket message a session carries fits).
@@ -128,7 +141,7 @@ pub enum RelayError {
     #[error("not session relay metadata (bad magic)")]
     BadMagic,
     /// Another protocol version.
-    #[error("unsupported relay version {0} (this build speaks {RELAY_VERSION})")]
+    #[error("unsupported relay version {0} (this build speaks {RELAY_VERSION} and {RELAY_OPEN_TARGET_VERSION} metadata)")]
     Version(u8),
     /// Shorter than its own lengths say.
     #[error("relay metadata truncated")]
@@ -189,6 +202,88 @@ pub struct RelayOpen {
     /// The domain's namespace, as its home host has it; the receiving host refuses a
     /// session whose domain is in another namespace there.
     pub namespace: String,
+    /// What the session reaches, by name (`None`: metadata version 2, known only at its
+    /// home).
+    pub target: Option<RelayTarget>,
+}
+
+/// What a relayed session reaches, by the names the policy matches on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayTarget {
+    /// A host port (on the session's home host).
+    HostPort(u32),
+    /// Sibling domain `domain` (same namespace), guest port `port`, which this
+    /// session's guest dialed.
+    Dialed {
+        /// The sibling's domain name.
+        domain: String,
+        /// Its guest port.
+        port: u32,
+    },
+    /// Sibling domain `domain` dialed this session's guest on its guest port `port`
+    /// (a session listener accepted it): the policy to check is `domain` -> this guest.
+    Accepted {
+        /// The sibling's domain name.
+        domain: String,
+        /// This guest's port it dialed.
+        port: u32,
+    },
+}
+
+const TARGET_HOST: u8 = 1;
+const TARGET_DIALED: u8 = 2;
+const TARGET_ACCEPTED: u8 = 3;
+
+impl RelayTarget {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            RelayTarget::HostPort(p) => {
+                out.push(TARGET_HOST);
+                out.extend_from_slice(&p.to_le_bytes());
+            }
+            RelayTarget::Dialed { domain, port } | RelayTarget::Accepted { domain, port } => {
+                out.push(if matches!(self, RelayTarget::Dialed { .. }) {
+                    TARGET_DIALED
+                } else {
+                    TARGET_ACCEPTED
+                });
+                put_name(out, domain);
+                out.extend_from_slice(&port.to_le_bytes());
+            }
+        }
+    }
+
+    fn decode(buf: &mut &[u8]) -> Result<Self, RelayError> {
+        let kind = take(buf, 1)?[0];
+        let port = |buf: &mut &[u8]| -> Result<u32, RelayError> {
+            Ok(u32::from_le_bytes(
+                take(buf, 4)?.try_into().expect("4 bytes"),
+            ))
+        };
+        Ok(match kind {
+            TARGET_HOST => RelayTarget::HostPort(port(buf)?),
+            TARGET_DIALED | TARGET_ACCEPTED => {
+                let domain = take_name(buf, "target domain")?;
+                let port = port(buf)?;
+                if kind == TARGET_DIALED {
+                    RelayTarget::Dialed { domain, port }
+                } else {
+                    RelayTarget::Accepted { domain, port }
+                }
+            }
+            _ => return Err(RelayError::Invalid("target kind")),
+        })
+    }
+}
+
+impl std::fmt::Display for RelayTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RelayTarget::HostPort(p) => write!(f, "host:{p}"),
+            RelayTarget::Dialed { domain, port } => write!(f, "{domain}:{port}"),
+            RelayTarget::Accepted { domain, port } => write!(f, "from {domain} on :{port}"),
+        }
+    }
 }
 
 fn take<'a>(buf: &mut &'a [u8], n: usize) -> Result<&'a [u8], RelayError> {
@@ -223,11 +318,18 @@ impl RelayOpen {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(24 + self.domain.len() + self.namespace.len());
         out.extend_from_slice(MAGIC);
-        out.push(RELAY_VERSION);
+        out.push(if self.target.is_some() {
+            RELAY_OPEN_TARGET_VERSION
+        } else {
+            RELAY_VERSION
+        });
         out.push(socket_type_code(self.socket_type));
         out.extend_from_slice(&self.session.0);
         put_name(&mut out, &self.domain);
         put_name(&mut out, &self.namespace);
+        if let Some(t) = &self.target {
+            t.encode(&mut out);
+        }
         out
     }
 
@@ -238,7 +340,7 @@ impl RelayOpen {
             return Err(RelayError::BadMagic);
         }
         let version = take(&mut buf, 1)?[0];
-        if version != RELAY_VERSION {
+        if version != RELAY_VERSION && version != RELAY_OPEN_TARGET_VERSION {
             return Err(RelayError::Version(version));
         }
         let socket_type =
@@ -246,6 +348,9 @@ impl RelayOpen {
         let session = SessionId(take(&mut buf, 16)?.try_into().expect("16 bytes"));
         let domain = take_name(&mut buf, "domain")?;
         let namespace = take_name(&mut buf, "namespace")?;
+        let target = (version == RELAY_OPEN_TARGET_VERSION)
+            .then(|| RelayTarget::decode(&mut buf))
+            .transpose()?;
         if !buf.is_empty() {
             return Err(RelayError::Invalid("trailing bytes"));
         }
@@ -254,6 +359,7 @@ impl RelayOpen {
             socket_type,
             domain,
             namespace,
+            target,
         })
     }
 }
@@ -571,6 +677,7 @@ mod tests {
             socket_type: SocketType::SeqPacket,
             domain: "guest-a".into(),
             namespace: "tenant.1".into(),
+            target: None,
         };
         let b = m.encode();
         assert_eq!(&b[..4], b"DSRL");
@@ -598,6 +705,66 @@ mod tests {
     }
 
     #[test]
+    fn metadata_with_a_target_round_trips_and_version_2_still_decodes() {
+        let mut m = RelayOpen {
+            session: SessionId([9; 16]),
+            socket_type: SocketType::Stream,
+            domain: "x".into(),
+            namespace: "default".into(),
+            target: None,
+        };
+        let v2 = m.encode();
+        assert_eq!(v2[4], RELAY_VERSION);
+        for t in [
+            RelayTarget::HostPort(5800),
+            RelayTarget::Dialed {
+                domain: "y".into(),
+                port: 6101,
+            },
+            RelayTarget::Accepted {
+                domain: "x-1".into(),
+                port: 7,
+            },
+        ] {
+            m.target = Some(t);
+            let b = m.encode();
+            assert_eq!(b[4], RELAY_OPEN_TARGET_VERSION);
+            assert_eq!(
+                &b[..v2.len()][5..],
+                &v2[5..],
+                "version 2's fields come first"
+            );
+            assert_eq!(RelayOpen::decode(&b).unwrap(), m);
+            for n in 0..b.len() {
+                assert!(RelayOpen::decode(&b[..n]).is_err(), "prefix {n}");
+            }
+            let mut long = b.clone();
+            long.push(0);
+            assert!(RelayOpen::decode(&long).is_err());
+        }
+        let mut bad = m.encode();
+        bad[v2.len()] = 9;
+        assert_eq!(
+            RelayOpen::decode(&bad),
+            Err(RelayError::Invalid("target kind"))
+        );
+        let mut bad = m.encode();
+        bad[v2.len() + 2] = b'/';
+        assert_eq!(
+            RelayOpen::decode(&bad),
+            Err(RelayError::Invalid("target domain"))
+        );
+        // A version-2 header with a target after it is trailing bytes.
+        let mut bad = m.encode();
+        bad[4] = RELAY_VERSION;
+        assert_eq!(
+            RelayOpen::decode(&bad),
+            Err(RelayError::Invalid("trailing bytes"))
+        );
+        assert_eq!(m.target.as_ref().unwrap().to_string(), "from x-1 on :7");
+    }
+
+    #[test]
     fn join_requests_round_trip_and_are_not_relay_metadata() {
         let j = JoinOpen {
             dialer: SessionId([1; 16]),
@@ -613,6 +780,7 @@ mod tests {
             socket_type: SocketType::Stream,
             domain: "x".into(),
             namespace: "default".into(),
+            target: None,
         };
         assert_eq!(JoinOpen::decode(&open.encode()), Err(RelayError::BadMagic));
         for n in 0..b.len() {

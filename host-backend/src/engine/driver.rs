@@ -177,6 +177,13 @@ impl DataPlane {
             }
             _ => match self.poller.target(token) {
                 Some(Target::Handshake) => self.read_handshake(now, token),
+                // A reload this engine has not rechecked yet comes first: the other half
+                // of a sibling pair that another engine just reset for it must be reset
+                // too, not read as its peer's end of stream.
+                Some(_) if self.router.generation() != self.policy_generation => {
+                    self.recheck_policy();
+                    self.socket_event(now, token, set);
+                }
                 Some(Target::Parked(id)) => self.parked_event(id, set),
                 Some(Target::Conn(key)) => {
                     let Some(hc) = self.conns.get_mut(&key) else {

@@ -1603,6 +1603,33 @@ impl DataPlane {
         Ok(SwappedHost { old, write_shut })
     }
 
+    /// Session `id` (live or parked) reaches `target` from now on (a sibling pair joined
+    /// here: each half's target is the other's domain, `accepted` for the half that
+    /// accepted), so policy reloads here check it like a session made here. Whether the
+    /// session was found.
+    pub fn set_session_target(
+        &mut self,
+        id: SessionId,
+        target: (Cid, Port),
+        accepted: bool,
+    ) -> bool {
+        let Some(loc) = self.locate_session(id) else {
+            return false;
+        };
+        let hc = match loc {
+            None => &mut self.sessions.parked.get_mut(&id).expect("located").hc,
+            Some(key) => self.conns.get_mut(&key).expect("located"),
+        };
+        match link_of(hc) {
+            Some(link) => {
+                link.target = target;
+                link.accepted = accepted;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Whether this domain may open a session to sibling `to` on `port` here (same
     /// namespace, allowed by the policy), checked again before a sibling pair is joined.
     pub fn may_reach_sibling(&self, to: Cid, port: Port) -> bool {

@@ -23,6 +23,13 @@ pub fn session_relay(data: &[u8]) {
         if let Ok(m) = RelayOpen::decode(rest) {
             assert_eq!(m.encode(), rest, "metadata re-encoding differs");
             assert!(relay::valid_name(&m.domain) && relay::valid_name(&m.namespace));
+            if let Some(
+                relay::RelayTarget::Dialed { domain, .. }
+                | relay::RelayTarget::Accepted { domain, .. },
+            ) = &m.target
+            {
+                assert!(relay::valid_name(domain));
+            }
         }
         if let Ok(j) = relay::JoinOpen::decode(rest) {
             assert_eq!(j.encode(), rest, "join request re-encoding differs");
