@@ -812,8 +812,20 @@ impl Endpoint {
     }
 
     fn remove(&mut self, id: ChannelId) {
-        self.channels.remove(&id);
         // Queues hold stale ids harmlessly: they are skipped when popped.
+        let Some(c) = self.channels.remove(&id) else {
+            return;
+        };
+        // A CLOSE still queued for it goes out without it: the peer may be waiting for it
+        // to let go of its end (it closed first, and this end's owner released the dead
+        // channel before the answer went out). Without this the peer's channel stayed
+        // `Closing`, and counted, for the rest of the tunnel's life. The peer ignores a
+        // CLOSE for a channel it no longer has, so this never echoes.
+        if let Some(reason) = c.ctrl.close {
+            if self.orphans.len() < MAX_ORPHAN_FRAMES {
+                self.orphans.push_back(Orphan::Close(id, reason));
+            }
+        }
     }
 
     fn get(&self, id: ChannelId) -> Result<&Channel, ChannelError> {

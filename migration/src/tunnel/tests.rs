@@ -842,3 +842,29 @@ fn a_channel_capped_by_its_owner_grows_no_further() {
         Err(ChannelError::Unknown(ChannelId(999)))
     );
 }
+
+/// Found by the relay's join test (a join request channel left `Closing`, and counted, on
+/// the requesting host for good): A closes; B hears the CLOSE and its owner releases the
+/// dead channel at once, before B's answering CLOSE went out. The answer must still go,
+/// and A must let go of the channel.
+#[test]
+fn a_close_answered_by_a_release_before_the_answer_went_out_ends_on_both_sides() {
+    let mut n = Net::new();
+    let s = n.a.open(ChannelKind::Stream, b"join", n.now).unwrap();
+    n.pump();
+    assert_eq!((n.a.channel_count(), n.b.channel_count()), (1, 1));
+    n.a.close(s);
+    // A's CLOSE reaches B; B's owner releases before B transmits anything.
+    let mut out = Vec::new();
+    n.a.poll_transmit(n.now, &mut out, 1 << 20);
+    n.b.handle_bytes(n.now, &out).expect("a's CLOSE");
+    assert!(matches!(n.b.state(s), Ok(ChannelState::Broken(_))));
+    n.b.close(s);
+    assert_eq!(n.b.channel_count(), 0);
+    n.pump();
+    assert_eq!(
+        n.a.channel_count(),
+        0,
+        "A still holds the channel it closed"
+    );
+}
