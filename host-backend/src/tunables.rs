@@ -66,8 +66,10 @@ pub const MAX_SESSION_PARK_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 /// read buffer (up to one frame each), and on the home's side the channel's window
 /// (256 KiB) and one frame it had not written yet: about 1.4 MiB with the replay
 /// (measured: 1,085,120 bytes, which a 1 MiB limit refused, losing the session, before
-/// re-roots sent the bytes as data). A guest that reads nothing across several moves
-/// home and away again can still outgrow it (then the move fails and is rolled back).
+/// re-roots sent the bytes as data). A home sending a session away again puts at most
+/// 256 KiB of tail in the snapshot and the rest after it as data, so a guest that reads
+/// nothing across several moves home and away no longer grows its tail (measured:
+/// 896,064 bytes at every homecoming of a->b->a->b->a->b->a).
 pub const RELAY_MAX_TAIL_BYTES: usize = 2 * 1024 * 1024;
 /// The receive window a relay channel may grow to (`ChannelEnd::set_max_window`, both
 /// ends): what a home holds unacknowledged for a session, and so what a move carries in
