@@ -2770,6 +2770,27 @@ fn wait_log_within(be: &Backend, needle: &str, count: usize, within: Duration) {
     }
 }
 
+/// X and Y paired on a (X dials Y's session listener on `port`, `total` bytes each way),
+/// a quarter of both streams moved, then X a -> b: relayed through a, resumed on b.
+fn pair_with_x_relayed(
+    lab: &RelayLab,
+    (a, b): (&Backend, &Backend),
+    port: u32,
+    total: usize,
+) -> (UserGuest, SiblingEnd, UserGuest, SiblingEnd) {
+    let mut gy = a.guest(1, GuestConfig::default());
+    let mut gx = a.guest(0, GuestConfig::default());
+    let (mut x, mut y) = open_sibling_pair(&mut gx, &mut gy, port, total);
+    pump_both(&mut gx, &mut x, &mut gy, &mut y, total / 4, |x, y| {
+        x.got.len() >= total / 4 && y.got.len() >= total / 4
+    });
+    drop(gx);
+    move_domain(lab, "x", ("a", a), "b", 1);
+    let mut gx = b.guest(0, GuestConfig::default());
+    x.resume(&mut gx, 1, b);
+    (gx, x, gy, y)
+}
+
 /// A join whose home dies half-way: X runs on b (relayed through a), Y moves a -> b, b
 /// starts the join and holds it on its placeholders (fault injection: admin `hold-joins`)
 /// while a's domsockd is killed. The channels to a time out, the join fails: both
@@ -2785,23 +2806,9 @@ fn a_join_whose_home_dies_half_way_ends_both_sessions_cleanly() {
     let mut hosts = pair_hosts(&lab, &["a", "b"], 1500);
     let b = hosts.pop().unwrap();
     let a = hosts.pop().unwrap();
-    let mut gy = a.guest(1, GuestConfig::default());
-    let mut gx = a.guest(0, GuestConfig::default());
-    let (mut x, mut y) = open_sibling_pair(&mut gx, &mut gy, PORT, TOTAL);
+    let (mut gx, mut x, mut gy, mut y) = pair_with_x_relayed(&lab, (&a, &b), PORT, TOTAL);
     let both_at =
         |n: usize| move |x: &SiblingEnd, y: &SiblingEnd| x.got.len() >= n && y.got.len() >= n;
-    pump_both(
-        &mut gx,
-        &mut x,
-        &mut gy,
-        &mut y,
-        TOTAL / 4,
-        both_at(TOTAL / 4),
-    );
-    drop(gx);
-    move_domain(&lab, "x", ("a", &a), "b", 1);
-    let mut gx = b.guest(0, GuestConfig::default());
-    x.resume(&mut gx, 1, &b);
     pump_both(
         &mut gx,
         &mut x,
@@ -2883,23 +2890,9 @@ fn an_export_racing_a_join_waits_for_it_and_moves_the_joined_half() {
     let c = hosts.pop().unwrap();
     let b = hosts.pop().unwrap();
     let a = hosts.pop().unwrap();
-    let mut gy = a.guest(1, GuestConfig::default());
-    let mut gx = a.guest(0, GuestConfig::default());
-    let (mut x, mut y) = open_sibling_pair(&mut gx, &mut gy, PORT, TOTAL);
+    let (mut gx, mut x, mut gy, mut y) = pair_with_x_relayed(&lab, (&a, &b), PORT, TOTAL);
     let both_at =
         |n: usize| move |x: &SiblingEnd, y: &SiblingEnd| x.got.len() >= n && y.got.len() >= n;
-    pump_both(
-        &mut gx,
-        &mut x,
-        &mut gy,
-        &mut y,
-        TOTAL / 4,
-        both_at(TOTAL / 4),
-    );
-    drop(gx);
-    move_domain(&lab, "x", ("a", &a), "b", 1);
-    let mut gx = b.guest(0, GuestConfig::default());
-    x.resume(&mut gx, 1, &b);
     pump_both(
         &mut gx,
         &mut x,
@@ -2966,23 +2959,7 @@ fn a_half_close_during_a_join_arrives_once_at_the_end_of_the_stream() {
     let mut hosts = pair_hosts(&lab, &["a", "b"], 5000);
     let b = hosts.pop().unwrap();
     let a = hosts.pop().unwrap();
-    let mut gy = a.guest(1, GuestConfig::default());
-    let mut gx = a.guest(0, GuestConfig::default());
-    let (mut x, mut y) = open_sibling_pair(&mut gx, &mut gy, PORT, TOTAL);
-    let both_at =
-        |n: usize| move |x: &SiblingEnd, y: &SiblingEnd| x.got.len() >= n && y.got.len() >= n;
-    pump_both(
-        &mut gx,
-        &mut x,
-        &mut gy,
-        &mut y,
-        TOTAL / 4,
-        both_at(TOTAL / 4),
-    );
-    drop(gx);
-    move_domain(&lab, "x", ("a", &a), "b", 1);
-    let mut gx = b.guest(0, GuestConfig::default());
-    x.resume(&mut gx, 1, &b);
+    let (mut gx, mut x, mut gy, mut y) = pair_with_x_relayed(&lab, (&a, &b), PORT, TOTAL);
     // All but X's last 32 KiB before Y moves.
     let most = TOTAL - 32 * 1024;
     pump_both(&mut gx, &mut x, &mut gy, &mut y, most, |x, y| {
@@ -3121,23 +3098,9 @@ fn a_joined_pair_is_rechecked_at_its_new_hosts_reloads() {
     let (mut hosts, configs) = pair_hosts_with_configs(&lab, &["a", "b"], 5000);
     let b = hosts.pop().unwrap();
     let a = hosts.pop().unwrap();
-    let mut gy = a.guest(1, GuestConfig::default());
-    let mut gx = a.guest(0, GuestConfig::default());
-    let (mut x, mut y) = open_sibling_pair(&mut gx, &mut gy, PORT, TOTAL);
+    let (mut gx, mut x, gy, mut y) = pair_with_x_relayed(&lab, (&a, &b), PORT, TOTAL);
     let both_at =
         |n: usize| move |x: &SiblingEnd, y: &SiblingEnd| x.got.len() >= n && y.got.len() >= n;
-    pump_both(
-        &mut gx,
-        &mut x,
-        &mut gy,
-        &mut y,
-        TOTAL / 4,
-        both_at(TOTAL / 4),
-    );
-    drop(gx);
-    move_domain(&lab, "x", ("a", &a), "b", 1);
-    let mut gx = b.guest(0, GuestConfig::default());
-    x.resume(&mut gx, 1, &b);
     drop(gy);
     move_domain(&lab, "y", ("a", &a), "b", 2);
     // Relays only (`settle` waits for every channel to close too: the join test's).
