@@ -9,9 +9,6 @@
 //! (see [`super`]). Connections waiting for their first frame are bounded
 //! ([`MAX_PENDING_BUS_CONNS`]); every member's queue is bounded by its bus.
 //!
-//! One `unsafe` block: taking ownership of the descriptor `accept4` returns (nix gives it
-//! as a raw fd).
-//!
 //! What it does not do: guests (their connections come through the engine).
 
 use super::{BusHub, Membership, Refusal, Wants};
@@ -20,12 +17,12 @@ use domsock_proto::bus::wire::{max_frame_len, MemberFrame, RefuseCode, ServiceFr
 use domsock_proto::bus::wire::{MAX_MESSAGE_LIMIT_BYTES, VERSION};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::socket::{
-    accept4, bind, listen, recv, socket, AddressFamily, Backlog, MsgFlags, SockFlag, SockType,
-    UnixAddr,
+    bind, listen, recv, socket, AddressFamily, Backlog, MsgFlags, SockFlag, SockType, UnixAddr,
 };
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,7 +34,8 @@ pub const MAX_PENDING_BUS_CONNS: usize = 64;
 const EXPIRY_CHECK: Duration = Duration::from_millis(250);
 
 enum Conn {
-    Listener(String),
+    /// A namespace's listening socket.
+    Listener(String, UnixListener),
     Pending {
         sock: Arc<OwnedFd>,
         namespace: String,
@@ -60,7 +58,6 @@ pub fn spawn(hub: Arc<BusHub>, dir: &Path, namespaces: &[String]) -> io::Result<
     std::fs::create_dir_all(dir)?;
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
     let mut conns: HashMap<RawFd, Conn> = HashMap::new();
-    let mut listeners = Vec::new();
     let mut sockets = Vec::new();
     for ns in namespaces {
         let path = dir.join(format!("{ns}.sock"));
@@ -75,16 +72,14 @@ pub fn spawn(hub: Arc<BusHub>, dir: &Path, namespaces: &[String]) -> io::Result<
         listen(&fd, Backlog::new(64).map_err(io::Error::from)?)?;
         let raw = fd.as_raw_fd();
         epoll.add(&fd, EpollEvent::new(EpollFlags::EPOLLIN, raw as u64))?;
-        conns.insert(raw, Conn::Listener(ns.clone()));
-        listeners.push(fd);
+        // std accepts a seqpacket connection as a `UnixStream` (boundaries kept): no raw
+        // descriptors to take ownership of.
+        conns.insert(raw, Conn::Listener(ns.clone(), UnixListener::from(fd)));
         sockets.push(path);
     }
     std::thread::Builder::new()
         .name("bus-unix".into())
-        .spawn(move || {
-            let _keep = listeners;
-            serve(&hub, &epoll, &mut conns);
-        })?;
+        .spawn(move || serve(&hub, &epoll, &mut conns))?;
     Ok(UnixBusServer { sockets })
 }
 
@@ -130,9 +125,9 @@ fn serve(hub: &BusHub, epoll: &Epoll, conns: &mut HashMap<RawFd, Conn>) {
         for ev in &events[..n] {
             let fd = ev.data() as RawFd;
             let flags = ev.events();
-            if let Some(Conn::Listener(ns)) = conns.get(&fd) {
-                let ns = ns.clone();
-                accept_all(fd, &ns, epoll, conns);
+            if let Some(Conn::Listener(ns, listener)) = conns.get(&fd) {
+                let (ns, accepted) = (ns.clone(), accept_all(listener, ns));
+                admit(accepted, &ns, epoll, conns);
                 continue;
             }
             if flags.contains(EpollFlags::EPOLLOUT) {
@@ -173,20 +168,31 @@ fn settle(epoll: &Epoll, conns: &mut HashMap<RawFd, Conn>, wants: Wants) {
     }
 }
 
-fn accept_all(lfd: RawFd, ns: &str, epoll: &Epoll, conns: &mut HashMap<RawFd, Conn>) {
+/// Every connection waiting on `listener`, nonblocking.
+fn accept_all(listener: &UnixListener, ns: &str) -> Vec<OwnedFd> {
+    let mut accepted = Vec::new();
     loop {
-        let raw = match accept4(lfd, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC) {
-            Ok(fd) => fd,
-            Err(nix::errno::Errno::EAGAIN) => return,
-            Err(nix::errno::Errno::EINTR) => continue,
+        match listener.accept() {
+            Ok((s, _)) => match s.set_nonblocking(true) {
+                Ok(()) => accepted.push(OwnedFd::from(s)),
+                Err(e) => warn!(namespace = ns, "bus connection: {e}"),
+            },
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return accepted,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 warn!(namespace = ns, "bus accept: {e}");
-                return;
+                return accepted;
             }
-        };
-        // SAFETY: `accept4` returned a new descriptor that nothing else owns.
-        #[allow(unsafe_code)]
-        let sock = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+        }
+    }
+}
+
+/// New connections of namespace `ns`, waiting for their JOIN (at most
+/// [`MAX_PENDING_BUS_CONNS`] at once; the rest are closed).
+fn admit(accepted: Vec<OwnedFd>, ns: &str, epoll: &Epoll, conns: &mut HashMap<RawFd, Conn>) {
+    for fd in accepted {
+        let raw = fd.as_raw_fd();
+        let sock = Arc::new(fd);
         let pending = conns
             .values()
             .filter(|c| matches!(c, Conn::Pending { .. }))
@@ -240,7 +246,7 @@ fn read_all(
             match conn {
                 Conn::Pending { sock, .. } => refuse(sock, &refusal),
                 Conn::Member { m, .. } => hub.answer(m, error_frame(&refusal.text), wants),
-                Conn::Listener(_) => {}
+                Conn::Listener(..) => {}
             }
             if matches!(conn, Conn::Pending { .. }) {
                 return close(hub, fd, epoll, conns);
@@ -249,7 +255,7 @@ fn read_all(
         }
         let frame = &buf[..n];
         match conn {
-            Conn::Listener(_) => return,
+            Conn::Listener(..) => return,
             Conn::Pending { sock, namespace } => {
                 let (sock, namespace) = (sock.clone(), namespace.clone());
                 let joined = match MemberFrame::decode(frame) {
@@ -283,8 +289,9 @@ fn read_all(
                 }
             }
             Conn::Member { sock, m } => {
-                let leave = matches!(MemberFrame::decode(frame), Ok(MemberFrame::Leave));
-                let answer = match MemberFrame::decode(frame) {
+                let decoded = MemberFrame::decode(frame);
+                let leave = matches!(decoded, Ok(MemberFrame::Leave));
+                let answer = match decoded {
                     Ok(f) => hub.request(m, f, wants),
                     Err(e) => Some(error_frame(&e.to_string())),
                 };
@@ -321,7 +328,7 @@ fn close(hub: &BusHub, fd: RawFd, epoll: &Epoll, conns: &mut HashMap<RawFd, Conn
         Some(Conn::Pending { sock, .. }) => {
             let _ = epoll.delete(sock.as_fd());
         }
-        Some(c @ Conn::Listener(_)) => {
+        Some(c @ Conn::Listener(..)) => {
             conns.insert(fd, c);
         }
         None => {}
