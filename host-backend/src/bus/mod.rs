@@ -49,6 +49,9 @@ struct Sink {
     sock: Option<Arc<OwnedFd>>,
     /// Whole frames waiting for the socket, oldest first.
     queue: VecDeque<Queued>,
+    /// The socket was full at the last send: nothing is tried again until it is writable
+    /// (one failed `sendmsg` per stall, not one per message published meanwhile).
+    blocked: bool,
 }
 
 /// A frame waiting for a member's socket.
@@ -156,9 +159,14 @@ impl BusState {
                 counted: false,
             });
         }
-        let direct = match (&sink.sock, sink.queue.is_empty()) {
+        let direct = match (&sink.sock, sink.queue.is_empty() && !sink.blocked) {
             (Some(sock), true) => match send_parts(sock, parts) {
-                Ok(sent) => sent,
+                Ok(true) => true,
+                Ok(false) => {
+                    sink.blocked = true;
+                    wants.writable.push(sock.clone());
+                    false
+                }
                 Err(e) => {
                     debug!(member = to.0, "bus member socket: {e}");
                     true // The connection's owner sees the error and parks it.
@@ -174,7 +182,7 @@ impl BusState {
             bytes: parts.concat(),
             counted: true,
         });
-        // The LOSS in front may go now, and what follows it.
+        // A LOSS or answers in front may go now, and what follows them.
         self.flush_member(to, wants);
     }
 
@@ -207,6 +215,9 @@ impl BusState {
         let Some(sock) = sink.sock.clone() else {
             return;
         };
+        if sink.blocked {
+            return;
+        }
         while let Some(front) = sink.queue.front() {
             match send_parts(&sock, &[&front.bytes]) {
                 Ok(true) => {
@@ -216,6 +227,7 @@ impl BusState {
                     sink.queue.pop_front();
                 }
                 Ok(false) => {
+                    sink.blocked = true;
                     wants.writable.push(sock);
                     return;
                 }
@@ -346,6 +358,7 @@ impl BusHub {
             Sink {
                 sock: Some(sock),
                 queue: VecDeque::new(),
+                blocked: false,
             },
         );
         let joined = joined_frame(&st, id, grant, token, 0);
@@ -379,8 +392,10 @@ impl BusHub {
             let sink = st.sinks.entry(id).or_insert(Sink {
                 sock: None,
                 queue: VecDeque::new(),
+                blocked: false,
             });
             sink.sock = Some(sock);
+            sink.blocked = false;
             // JOINED goes before everything that waited for the member.
             sink.queue.push_front(Queued {
                 bytes: joined,
@@ -437,6 +452,9 @@ impl BusHub {
     /// `m`'s socket can take more: writes its queue; whether it is empty now.
     pub fn flush(&self, m: &Membership, wants: &mut Wants) -> bool {
         let mut st = lock(&m.bus);
+        if let Some(s) = st.sinks.get_mut(&m.id) {
+            s.blocked = false;
+        }
         st.flush_member(m.id, wants);
         st.sinks.get(&m.id).is_none_or(|s| s.queue.is_empty())
     }
@@ -458,6 +476,7 @@ impl BusHub {
             return;
         }
         s.sock = None;
+        s.blocked = false;
         st.bus.park(m.id, now);
     }
 
