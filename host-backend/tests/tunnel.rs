@@ -391,9 +391,14 @@ fn cutting_tcp_mid_stream_resumes_without_loss_or_duplication() {
         let w1 = s.spawn(|| send(&fwd, 7, LEN));
         let w2 = s.spawn(|| send(&back, 8, LEN));
         for i in 0..4 {
-            // Cut while bytes are in flight both ways.
+            // Cut while bytes are in flight both ways, each time on a connection that is
+            // up again (bytes of the one before can reach the target first: a cut between
+            // two connections cut nothing, and the test then saw one reconnect too few).
             let target = (i + 1) * LEN / 6;
             wait_until("progress", || fwd_b.counters().received >= target);
+            wait_until("reconnected", || {
+                p.a.counters("b").is_some_and(|c| c.connections > i)
+            });
             proxy.cut();
         }
         w1.join().unwrap();
