@@ -28,12 +28,33 @@
 //! which writes the id there before the announcement, so that another program in the same
 //! guest can name the running session (`forge-resume --id-file`, src/forge.rs).
 //!
+//! `bus join|pub|sub NAME` (src/bus_cli.rs) is a member of a bus of domsockd's bus service
+//! ([`domsock_guest::bus`]): over vsock from a guest, or with `--unix PATH` from a host
+//! process through the service's Unix socket (then it opens no AF_VSOCK socket).
+//!
 //! Never run the vsock subcommands on a host: they open AF_VSOCK sockets. The one host
 //! command, `migrate`, opens none: it drives two QEMUs over QMP and two domsockd instances
 //! over their admin sockets ([`domsock_migration::orchestrate`]) and prints the timed report
 //! (one JSON object with `--json`).
 #![forbid(unsafe_code)]
 
+/// The bus commands' usage lines (in [`USAGE`] and in the bus commands' own errors).
+macro_rules! bus_usage {
+    () => {
+        "\
+  bus join NAME        [MEMBER] [--topic PREFIX]... [--for-ms T] [--messages M]
+  bus pub NAME         [MEMBER] [--topic T | --to ADDR [--addr SRC]]
+                       [MESSAGE | --count N [--size 64]]   (no MESSAGE: each stdin line)
+  bus sub NAME         [MEMBER] [--topic PREFIX]... [--addr SRC] [--for-ms T] [--messages M]
+                       [--count N [--senders 1] [--max-lost 0] [--stall-ms 0]] [--idle-ms T]
+  MEMBER: [--unix PATH] [--json] [--rejoin-ms 0] [--want publish|receive|both]
+          [--create hub|switch|topic [--max-message 64K] [--queue-bytes 1M]
+          [--slow drop|disconnect]]
+  (ADDR, SRC: 1-16 bytes in hex, e.g. 0a0b or aa:bb; ff..ff is broadcast)"
+    };
+}
+
+mod bus_cli;
 mod forge;
 
 use std::collections::BTreeMap;
@@ -54,7 +75,8 @@ use domsock_guest::vsock::{self, SockType, VsockAddr, VsockSocket};
 use domsock_migration::session::SessionId;
 use domsock_proto::control::valid_name;
 
-const USAGE: &str = "\
+const USAGE: &str = concat!(
+    "\
 usage: domsock <command> [--option value]...
   cid                  [--wait-ms 0]
   send                 PEER --port P --bytes N [--chunk 64K] [--seed 1] [--expect-reply-bytes M]
@@ -67,9 +89,9 @@ usage: domsock <command> [--option value]...
   seq-echo-server      --port P [--conns 1]
   echo-server          --port P [--conns 1] [--session]
   duplex-client        PEER --port P --bytes N [--chunk 1M] [--seed <own CID>]
-                       [--session [--session-id-file PATH]]
+                       [--rate-mb-s R] [--session [--session-id-file PATH]]
   duplex-server        --port P --bytes N [--chunk 1M] [--seed <own CID>] [--conns 1]
-                       [--session]
+                       [--rate-mb-s R] [--session]
   connect-expect-fail  PEER --port P [--max-ms 1000] [--type stream|seqpacket]
                        [--errno ECONNRESET,ECONNREFUSED]
   rr                   PEER --port P [--count 1000] [--size 64] [--session]
@@ -86,12 +108,18 @@ usage: domsock <command> [--option value]...
   forge-resume         [--id HEX | --id-file PATH] [--received N] [--port P] [--attempts a,b,..]
                        [--quiet-ms 1000]
                        (hostile RESUMEs to the session port; --port: a host echo for `replay`)
+",
+    bus_usage!(),
+    "
 PEER: --cid C, or --peer CID|NAME (a name is resolved through the control service)
 --session: a resumable session through domsockd's session port instead of a raw connection
            (servers: the port is registered, host connections are offered as sessions)
+--rate-mb-s R: send at most R MB/s (10^6 bytes), e.g. to keep a stream going for as long as
+  a test needs it whatever the machine's speed
 --connect-retry-ms T: retry a raw connect that fails with ENODEV (no vsock device, e.g. while
   it is unplugged) for up to T ms
-common: --timeout-ms 30000 (connect and idle timeout of every blocking call)";
+common: --timeout-ms 30000 (connect and idle timeout of every blocking call)"
+);
 
 /// Options that take no value.
 const FLAGS: &[&str] = &["session", "keep-source", "json"];
@@ -621,12 +649,75 @@ fn send_pattern<S: ByteStream + ?Sized>(
     len: u64,
     chunk: usize,
 ) -> Result<Checksum, Failure> {
+    send_pattern_paced(sock, seed, len, chunk, None)
+}
+
+/// A send-rate cap (`--rate-mb-s`): a token bucket that holds at most [`Pace::BURST`] of
+/// unused time, so a sender that was stalled (a migration pauses the guest, a blackout stops
+/// the device) goes on at the capped rate instead of bursting to catch up.
+#[derive(Debug)]
+struct Pace {
+    bytes_per_sec: f64,
+    /// When the bytes sent so far are due, at the capped rate.
+    due: Instant,
+}
+
+impl Pace {
+    const BURST: Duration = Duration::from_millis(100);
+
+    /// `mb_per_sec` in 10^6 bytes per second, as the `*_mbps` result fields.
+    fn new(mb_per_sec: f64) -> Self {
+        Pace {
+            bytes_per_sec: mb_per_sec * 1e6,
+            due: Instant::now(),
+        }
+    }
+
+    /// Accounts for `n` bytes about to be sent and sleeps until the cap allows them.
+    fn wait(&mut self, n: usize) {
+        let d = self.delay(n, Instant::now());
+        if !d.is_zero() {
+            thread::sleep(d);
+        }
+    }
+
+    /// How long `n` bytes about to be sent at `now` must wait.
+    fn delay(&mut self, n: usize, now: Instant) -> Duration {
+        let earliest = now.checked_sub(Self::BURST).unwrap_or(now);
+        self.due = self.due.max(earliest) + Duration::from_secs_f64(n as f64 / self.bytes_per_sec);
+        self.due.saturating_duration_since(now)
+    }
+}
+
+/// `--rate-mb-s R` (R > 0, at most 10^5): caps what a sender sends per second.
+fn rate_opt(o: &mut Opts) -> Result<Option<f64>, Failure> {
+    let Some(v) = o.take_str("rate-mb-s") else {
+        return Ok(None);
+    };
+    match v.parse::<f64>() {
+        Ok(r) if r > 0.0 && r <= 1e5 => Ok(Some(r)),
+        _ => Err(Failure(format!(
+            "--rate-mb-s {v}: want a rate in MB/s above 0 and at most 100000"
+        ))),
+    }
+}
+
+fn send_pattern_paced<S: ByteStream + ?Sized>(
+    sock: &S,
+    seed: u64,
+    len: u64,
+    chunk: usize,
+    mut pace: Option<Pace>,
+) -> Result<Checksum, Failure> {
     let mut gen = PatternStream::new(seed);
     let mut sum = Checksum::new();
     let mut buf = vec![0u8; chunk.max(1)];
     let mut left = len;
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
+        if let Some(p) = pace.as_mut() {
+            p.wait(n);
+        }
         gen.fill(&mut buf[..n]);
         sock.send_all(&buf[..n]).map_err(|e| {
             Failure::io(
@@ -1150,11 +1241,12 @@ fn duplex<S: ByteStream + ?Sized>(
     seed: u64,
     bytes: u64,
     chunk: usize,
+    rate: Option<f64>,
 ) -> Result<Duplex, Failure> {
     let start = Instant::now();
     let (sent, received) = thread::scope(|scope| {
         let sender = scope.spawn(|| {
-            let sum = send_pattern(sock, seed, bytes, chunk)?;
+            let sum = send_pattern_paced(sock, seed, bytes, chunk, rate.map(Pace::new))?;
             sock.shutdown_write()
                 .map_err(|e| Failure::io(&format!("shutdown(SHUT_WR){}", sock.explain()), &e))?;
             Ok::<_, Failure>((sum, start.elapsed()))
@@ -1217,6 +1309,7 @@ fn cmd_duplex_client(mut o: Opts, timeout: Duration) -> CmdResult {
     let bytes = o.required("bytes")?;
     let chunk = o.usize_or("chunk", DUPLEX_CHUNK_BYTES as usize)?;
     let seed = seed_or_own_cid(&mut o)?;
+    let rate = rate_opt(&mut o)?;
     let session = o.flag("session");
     let id_file = session_id_file(&mut o, session)?;
     o.finish()?;
@@ -1224,7 +1317,7 @@ fn cmd_duplex_client(mut o: Opts, timeout: Duration) -> CmdResult {
     let start = Instant::now();
     let sock = Stream::connect(session, peer.addr, timeout, id_file.as_deref())?;
     let connect_time = start.elapsed();
-    let d = duplex(&sock, seed, bytes, chunk)?;
+    let d = duplex(&sock, seed, bytes, chunk, rate)?;
     let session_fields = sock.fields();
     drop(sock);
     println!(
@@ -1241,13 +1334,14 @@ fn cmd_duplex_server(mut o: Opts, timeout: Duration) -> CmdResult {
     let bytes = o.required("bytes")?;
     let chunk = o.usize_or("chunk", DUPLEX_CHUNK_BYTES as usize)?;
     let seed = seed_or_own_cid(&mut o)?;
+    let rate = rate_opt(&mut o)?;
     let conns = o.size_or("conns", 1)?;
     let session = o.flag("session");
     o.finish()?;
     let listener = Listener::bind(session, SockType::Stream, port, timeout)?;
     for conn in 0..conns {
         let (sock, peer) = listener.accept(timeout)?;
-        let d = duplex(&sock, seed, bytes, chunk)?;
+        let d = duplex(&sock, seed, bytes, chunk, rate)?;
         let session_fields = sock.fields();
         drop(sock);
         println!(
@@ -1446,6 +1540,10 @@ fn run(args: &[String]) -> CmdResult {
     let Some((cmd, rest)) = args.split_first() else {
         return Err(Failure(USAGE.into()));
     };
+    if cmd == "bus" {
+        // Positional words and repeated options: parsed by the bus commands themselves.
+        return bus_cli::cmd_bus(rest);
+    }
     let mut o = Opts::parse(rest)?;
     let timeout = Duration::from_millis(o.size_or("timeout-ms", DEFAULT_TIMEOUT_MS)?);
     match cmd.as_str() {
@@ -1581,6 +1679,40 @@ mod tests {
             parse_sizes("1,2,4K,65536").unwrap(),
             vec![1, 2, 4096, 65536]
         );
+    }
+
+    #[test]
+    fn the_rate_cap_spaces_sends_and_does_not_burst_after_a_stall() {
+        let t0 = Instant::now();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let mut p = Pace {
+            bytes_per_sec: 1e6,
+            due: t0,
+        };
+        // 1 MB/s: 500 KB due 500 ms after the start, the next 500 KB 500 ms later.
+        assert!((ms(p.delay(500_000, t0)) - 500.0).abs() < 0.01);
+        assert!((ms(p.delay(500_000, t0)) - 1000.0).abs() < 0.01);
+        // Sent on time: each chunk waits for its own share only.
+        let t1 = t0 + Duration::from_secs(1);
+        assert!((ms(p.delay(100_000, t1)) - 100.0).abs() < 0.01);
+        // A 10 s stall: at most BURST (100 ms) of the unused time is sent without waiting,
+        // not 10 s worth.
+        let t2 = t0 + Duration::from_secs(11);
+        assert_eq!(p.delay(50_000, t2), Duration::ZERO);
+        assert_eq!(p.delay(50_000, t2), Duration::ZERO);
+        assert!((ms(p.delay(50_000, t2)) - 50.0).abs() < 0.01);
+        let opts = |v: &[&str]| Opts::parse(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            rate_opt(&mut opts(&["--rate-mb-s", "8"]).unwrap()).unwrap(),
+            Some(8.0)
+        );
+        assert_eq!(rate_opt(&mut opts(&[]).unwrap()).unwrap(), None);
+        for bad in ["0", "-1", "x", "1e9", "NaN"] {
+            assert!(
+                rate_opt(&mut opts(&["--rate-mb-s", bad]).unwrap()).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -311,6 +311,12 @@ impl AsFd for VsockSocket {
     }
 }
 
+impl From<VsockSocket> for OwnedFd {
+    fn from(s: VsockSocket) -> OwnedFd {
+        s.fd
+    }
+}
+
 impl AsRawFd for VsockSocket {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()

@@ -1674,6 +1674,15 @@ fn relayed_sessions_are_refused_unless_adopted_in_the_same_namespace() {
     for h in ["a", "b"] {
         wait_tunnel(&admin_of(h), "tunnel up", |t| t["peers"][0]["up"] == true);
     }
+    // Fault injection is refused by a daemon started without --fault-injection.
+    let r = admin(&admin_of("a"), r#"{"v":1,"op":"hold-joins","ms":1000}"#);
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("fault injection is off")),
+        "{r}"
+    );
     let listener = listen_stream(&a.vm(0).uds, TARGET);
     let mut g = a.guest(0, GuestConfig::default());
     let (key, mut s) = open_session(&mut g, TARGET);
@@ -2687,6 +2696,8 @@ fn pair_hosts_with_configs(
             &[
                 "--admin-socket".to_string(),
                 lab.admin(names[i]).display().to_string(),
+                // The join-fault tests hold joins (admin `hold-joins`).
+                "--fault-injection".to_string(),
             ],
             Some(&toml),
         );
@@ -3087,6 +3098,32 @@ fn a_home_reload_that_forbids_a_relayed_sessions_target_resets_it() {
     drop((g, a, b));
 }
 
+/// Reads both halves of a pair until each connection is reset (the bytes before the reset
+/// are kept), within [`STEP_TIMEOUT`] each; a reload on `backend` reset them, whose log
+/// explains a failure.
+fn expect_both_reset(halves: [(&mut UserGuest, &mut SiblingEnd, &str); 2], backend: &Backend) {
+    for (g, e, who) in halves {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match g.recv(e.key, &mut buf) {
+                Err(SockError::Reset(_)) => break,
+                Ok(n) if n > 0 => e.got.extend_from_slice(&buf[..n]),
+                // The partner's engine may see its end close before its own recheck.
+                Ok(_) => {
+                    eprintln!("{who}: EOF before the reset");
+                    let _ = g.poll(Some(Duration::from_millis(2)));
+                }
+                Err(er) if er.is_would_block() => {
+                    let _ = g.poll(Some(Duration::from_millis(2)));
+                }
+                other => panic!("{who} after the reload: {other:?}\n{}", backend.log_tail()),
+            }
+            assert!(Instant::now() < deadline, "{who}'s connection stays up");
+        }
+    }
+}
+
 /// A sibling pair joined on b is local there: b's own reloads check it like a pair made
 /// on b. A reload that still puts x and y in one group keeps both sessions; one that
 /// takes the group away resets both guests' connections.
@@ -3147,26 +3184,7 @@ fn a_joined_pair_is_rechecked_at_its_new_hosts_reloads() {
     );
     b.reload();
     b.wait_for_log("policy reloaded", 2);
-    for (g, e, who) in [(&mut gx, &mut x, "X"), (&mut gy, &mut y, "Y")] {
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            match g.recv(e.key, &mut buf) {
-                Err(SockError::Reset(_)) => break,
-                Ok(n) if n > 0 => e.got.extend_from_slice(&buf[..n]),
-                // The partner's engine may see its end close before its own recheck.
-                Ok(_) => {
-                    eprintln!("{who}: EOF before the reset");
-                    let _ = g.poll(Some(Duration::from_millis(2)));
-                }
-                Err(er) if er.is_would_block() => {
-                    let _ = g.poll(Some(Duration::from_millis(2)));
-                }
-                other => panic!("{who} after b's reload: {other:?}\n{}", b.log_tail()),
-            }
-            assert!(Instant::now() < deadline, "{who}'s connection stays up");
-        }
-    }
+    expect_both_reset([(&mut gx, &mut x, "X"), (&mut gy, &mut y, "Y")], &b);
     assert!(y.up.starts_with(&x.got) && x.up.starts_with(&y.got));
     assert!(
         b.log_text()
@@ -3180,9 +3198,97 @@ fn a_joined_pair_is_rechecked_at_its_new_hosts_reloads() {
     drop((gx, gy, a, b));
 }
 
+/// The acceptor half of a sibling pair that went away and came home is the acceptor
+/// again: X dials Y on a, Y moves a -> b (relayed, a its home) and back, and a reload on
+/// a with a rule that lets only X reach Y on the port keeps the pair. (The homecoming half
+/// was imported as a dialer, so the reload checked Y -> X and reset both.) A rule the
+/// other way round then resets both: the check runs.
+#[test]
+fn an_acceptor_half_that_comes_home_is_rechecked_as_the_acceptor() {
+    const PORT: u32 = 6114;
+    const TOTAL: usize = 4 << 20;
+    let lab = RelayLab::new("accept-home", "a,b");
+    let (mut hosts, configs) = pair_hosts_with_configs(&lab, &["a", "b"], 5000);
+    let b = hosts.pop().unwrap();
+    let a = hosts.pop().unwrap();
+    let both_at =
+        |n: usize| move |x: &SiblingEnd, y: &SiblingEnd| x.got.len() >= n && y.got.len() >= n;
+    let mut gy = a.guest(1, GuestConfig::default());
+    let mut gx = a.guest(0, GuestConfig::default());
+    let (mut x, mut y) = open_sibling_pair(&mut gx, &mut gy, PORT, TOTAL);
+    pump_both(
+        &mut gx,
+        &mut x,
+        &mut gy,
+        &mut y,
+        TOTAL / 4,
+        both_at(TOTAL / 4),
+    );
+    drop(gy);
+    move_domain(&lab, "y", ("a", &a), "b", 1);
+    let mut gy = b.guest(1, GuestConfig::default());
+    y.resume(&mut gy, 1, &b);
+    pump_both(
+        &mut gx,
+        &mut x,
+        &mut gy,
+        &mut y,
+        TOTAL / 2,
+        both_at(TOTAL / 2),
+    );
+    drop(gy);
+    move_domain(&lab, "y", ("b", &b), "a", 1);
+    let mut gy = a.guest(1, GuestConfig::default());
+    y.resume(&mut gy, 2, &a);
+    for h in ["a", "b"] {
+        wait_tunnel(&lab.admin(h), "no relays", |t| {
+            t["relays"] == serde_json::json!([])
+        });
+    }
+    pump_both(
+        &mut gx,
+        &mut x,
+        &mut gy,
+        &mut y,
+        TOTAL * 5 / 8,
+        both_at(TOTAL * 5 / 8),
+    );
+    let ungrouped = [VmOpts::new(3).name("x"), VmOpts::new(4).name("y")];
+    let only = |from: &str, to: &str| {
+        format!(
+            "{}\n[[policy.allow]]\nfrom = \"{from}\"\nto = \"{to}\"\nports = \"{PORT}\"\n",
+            configs[0]
+        )
+    };
+    a.rewrite_config_vms(&ungrouped, &only("x", "y"));
+    a.reload();
+    a.wait_for_log("policy reloaded", 1);
+    thread::sleep(Duration::from_millis(300));
+    pump_both(
+        &mut gx,
+        &mut x,
+        &mut gy,
+        &mut y,
+        TOTAL * 3 / 4,
+        both_at(TOTAL * 3 / 4),
+    );
+    assert!(
+        !a.log_text().contains("no longer allowed"),
+        "{}",
+        a.log_tail()
+    );
+    a.rewrite_config_vms(&ungrouped, &only("y", "x"));
+    a.reload();
+    a.wait_for_log("policy reloaded", 2);
+    expect_both_reset([(&mut gx, &mut x, "X"), (&mut gy, &mut y, "Y")], &a);
+    assert!(y.up.starts_with(&x.got) && x.up.starts_with(&y.got));
+    drop((gx, gy, a, b));
+}
+
 /// A guest that reads nothing moves home and away again (a -> b -> a -> b -> a -> b -> a)
 /// while its host process keeps writing: every move succeeds, every import's tail stays within
-/// `RELAY_MAX_TAIL_BYTES` (2 MiB), and at the end the guest reads every byte once, in
+/// 2 MiB (half of `RELAY_MAX_TAIL_BYTES`: a guest that reads nothing never lets a relay
+/// channel's window grow past its first 256 KiB), and at the end the guest reads every byte once, in
 /// order. Before the home trimmed a tail it sends away to the replay buffer, each
 /// homecoming brought the last one's tail again plus a full path of new bytes (tails
 /// 0.9-1.1 MiB, then 1.6-1.8 MiB), and the third outgrew the bound and was rolled back.
@@ -3246,7 +3352,7 @@ fn a_guest_that_reads_nothing_comes_home_three_times_within_the_tail_bound() {
     assert_eq!(tails.len(), 6, "six imports: {tails:?}");
     assert!(
         tails.iter().all(|&t| t <= 2 << 20),
-        "tails within RELAY_MAX_TAIL_BYTES: {tails:?}"
+        "tails within 2 MiB: {tails:?}"
     );
     let mut got = vec![0u8; DOWN];
     g.read_exact(key, &mut got, Duration::from_secs(60))

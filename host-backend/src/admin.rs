@@ -12,7 +12,11 @@
 //! | `sessions` | `vm` | `parked`: session ids (hex) parked in that VM's engine |
 //! | `adopt` | `vm`, `from` | (destination of a migration: expect the domain from host `from`) |
 //! | `export` | `vm`, `to` | `sessions`: parked sessions handed to host `to` |
-//! | `hold-joins` | `ms` | (fault injection for tests: each sibling-pair join that starts here waits `ms` on its placeholders before it drains; 0 ends it; needs a `[tunnel]`) |
+//! | `hold-joins` | `ms` | (fault injection for tests: each sibling-pair join that starts here waits `ms` on its placeholders before it drains; 0 ends it; needs a `[tunnel]` and domsockd `--fault-injection`, refused otherwise) |
+//!
+//! The `status` reply of domsockd also has `bus`: `{counters: {joins, rejoins,
+//! refused_denied, refused_other, request_errors, removed_by_reload, slow_disconnects,
+//! too_many_conns}, buses: [{namespace, name, policy, members, parked}]}`.
 //!
 //! With a `[tunnel]` configured, the `status` reply also has `tunnel`: `{host, listen,
 //! refused_peers, peers: [{name, up, connections, reconnects, bytes_sent, bytes_received,
@@ -70,10 +74,16 @@ pub struct AdminTunnel {
 struct Served {
     vms: Vec<ServedVm>,
     tunnel: Option<AdminTunnel>,
+    bus: Option<Arc<crate::bus::BusHub>>,
 }
 
 /// Binds `path` (replacing a stale socket) and serves it on a thread of its own.
-pub fn spawn(path: &Path, vms: Vec<ServedVm>, tunnel: Option<AdminTunnel>) -> io::Result<()> {
+pub fn spawn(
+    path: &Path,
+    vms: Vec<ServedVm>,
+    tunnel: Option<AdminTunnel>,
+    bus: Option<Arc<crate::bus::BusHub>>,
+) -> io::Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
@@ -81,7 +91,7 @@ pub fn spawn(path: &Path, vms: Vec<ServedVm>, tunnel: Option<AdminTunnel>) -> io
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     info!(path = %path.display(), "admin service listening");
-    let vms = Arc::new(Served { vms, tunnel });
+    let vms = Arc::new(Served { vms, tunnel, bus });
     let open = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("admin".into())
@@ -138,19 +148,38 @@ fn serve(conn: UnixStream, served: &Served) -> io::Result<()> {
             &served.vms,
             served.tunnel.as_ref().map(|t| &*t.relay),
         );
-        if let (Some(t), Some("status")) = (
-            &served.tunnel,
-            serde_json::from_slice::<Value>(&line)
-                .ok()
-                .and_then(|r| r.get("op").and_then(Value::as_str).map(str::to_owned))
-                .as_deref(),
-        ) {
-            if reply["ok"] == true {
-                reply["tunnel"] = tunnel_status(t);
-            }
+        let status = serde_json::from_slice::<Value>(&line)
+            .ok()
+            .and_then(|r| r.get("op").and_then(Value::as_str).map(str::to_owned))
+            .is_some_and(|op| op == "status")
+            && reply["ok"] == true;
+        if let (Some(t), true) = (&served.tunnel, status) {
+            reply["tunnel"] = tunnel_status(t);
+        }
+        if let (Some(hub), true) = (&served.bus, status) {
+            reply["bus"] = bus_status(hub);
         }
         writeln!(out, "{reply}")?;
     }
+}
+
+/// The bus service's counters and buses.
+fn bus_status(hub: &crate::bus::BusHub) -> Value {
+    let counters: serde_json::Map<String, Value> = hub
+        .stats
+        .pairs()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), json!(v)))
+        .collect();
+    let buses: Vec<Value> = hub
+        .buses()
+        .into_iter()
+        .map(|b| {
+            json!({"namespace": b.namespace, "name": b.name, "policy": b.policy,
+                   "members": b.members, "parked": b.parked})
+        })
+        .collect();
+    json!({"counters": counters, "buses": buses})
 }
 
 fn error_reply(why: &str) -> Value {

@@ -67,6 +67,10 @@ pub struct Args {
     /// who may join that namespace's buses).
     #[arg(long, value_name = "DIR")]
     pub bus_dir: Option<PathBuf>,
+    /// Accept the admin service's fault-injection requests (`hold-joins`): for tests
+    /// only, never in production (command line only, not a config-file key).
+    #[arg(long)]
+    pub fault_injection: bool,
 }
 
 /// One VM's settings.
@@ -237,6 +241,8 @@ struct FileConfig {
     policy: Option<PolicyConfig>,
     #[serde(default)]
     listen: Vec<ListenerConfig>,
+    #[serde(default)]
+    bus: Vec<crate::policy::BusDecl>,
 }
 
 /// Validated daemon configuration.
@@ -539,6 +545,7 @@ impl TryFrom<Args> for Config {
             if let Some(p) = file.policy {
                 policy = p;
             }
+            policy.buses = file.bus;
         }
         let config = Config {
             vms,
@@ -715,6 +722,50 @@ mod tests {
             Config::try_from(args(&[])),
             Err(ConfigError::NoVm)
         ));
+    }
+
+    #[test]
+    fn bus_tables_reach_the_policy() {
+        let dir = std::env::temp_dir().join(format!("domsock-cfg-bus-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("d.toml");
+        let vm =
+            "[[vm]]\nguest-cid = 7\nsocket = \"/tmp/x\"\nuds-path = \"/tmp/y\"\nname = \"db\"\n";
+        let with = |tables: &str| {
+            std::fs::write(&path, format!("{vm}{tables}")).unwrap();
+            Config::try_from(args(&["--config", path.to_str().unwrap()]))
+        };
+        let c = with(
+            "[[bus]]\nname = \"s\"\npolicy = \"topic\"\nqueue-bytes = 131072\npublish = [\"db\"]\n\n\
+             [[policy.bus-create]]\nfrom = \"*\"\n",
+        )
+        .unwrap();
+        let p = c.compile_policy().unwrap();
+        let d = &p.declared_buses()[0];
+        assert_eq!(
+            (d.name.as_str(), d.params.queue_bytes, d.params.slow),
+            ("s", 131072, domsock_proto::bus::wire::SlowPolicy::Drop)
+        );
+        let name = domsock_proto::bus::wire::BusName::new("s").unwrap();
+        assert!(p.bus_permit(Cid(7), &name).publish);
+        assert!(
+            p.bus_permit(
+                Cid(7),
+                &domsock_proto::bus::wire::BusName::new("t").unwrap()
+            )
+            .create
+        );
+        assert!(matches!(
+            with("[[bus]]\nname = \"s\"\npolicy = \"mesh\"\n"),
+            Err(ConfigError::Policy(
+                crate::policy::PolicyError::BadBus { .. }
+            ))
+        ));
+        assert!(matches!(
+            with("[[bus]]\nname = \"s\"\nbogus = 1\n"),
+            Err(ConfigError::ParseFile { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -73,9 +73,30 @@ fn main() -> ExitCode {
                 .map(move |ns| d.join(format!("{ns}.sock")))
         }))
         .collect();
-    if let Err(e) = spawn_signal_thread(router.clone(), args, config, sockets) {
+    let fault_injection = args.fault_injection;
+    // The bus thread runs before the engines exist, so that every engine's service table
+    // answers guests at the bus port.
+    let bus_hub = domsock_host::bus::BusHub::new();
+    bus_hub.reload(router.policy());
+    if let Err(e) = spawn_signal_thread(router.clone(), bus_hub.clone(), args, config, sockets) {
         error!("cannot set up signal handling: {e}");
         return ExitCode::from(1);
+    }
+    let mut spaces = namespaces.clone();
+    spaces.sort();
+    spaces.dedup();
+    // After the signal thread: the bus thread inherits the blocked signal mask.
+    match domsock_host::bus::unix::start(bus_hub.clone(), bus_dir.as_deref(), &spaces) {
+        Ok(s) => {
+            if let Some(dir) = &bus_dir {
+                info!(dir = %dir.display(), namespaces = s.sockets.len(), "bus sockets listening");
+            }
+            router.set_bus_door(s.door.clone());
+        }
+        Err(e) => {
+            error!("cannot start the bus service: {e}");
+            return ExitCode::from(1);
+        }
     }
     let mut engines = Vec::new();
     for (_, s) in &servers {
@@ -101,7 +122,7 @@ fn main() -> ExitCode {
         .collect();
     let tunnel = match &tunnel_section {
         None => None,
-        Some(t) => match start_tunnel(t, vms.clone()) {
+        Some(t) => match start_tunnel(t, vms.clone(), fault_injection) {
             Ok(tunnel) => Some(tunnel),
             Err(e) => {
                 error!("cannot start the tunnel: {}", error_chain(e.as_ref()));
@@ -109,22 +130,8 @@ fn main() -> ExitCode {
             }
         },
     };
-    if let Some(dir) = &bus_dir {
-        let mut spaces = namespaces.clone();
-        spaces.sort();
-        spaces.dedup();
-        match domsock_host::bus::unix::spawn(domsock_host::bus::BusHub::new(), dir, &spaces) {
-            Ok(s) => {
-                info!(dir = %dir.display(), namespaces = s.sockets.len(), "bus sockets listening")
-            }
-            Err(e) => {
-                error!(dir = %dir.display(), "cannot start the bus service: {e}");
-                return ExitCode::from(1);
-            }
-        }
-    }
     if let Some(path) = &admin_socket {
-        if let Err(e) = admin::spawn(path, vms, tunnel.clone()) {
+        if let Err(e) = admin::spawn(path, vms, tunnel.clone(), Some(bus_hub.clone())) {
             error!(path = %path.display(), "cannot start the admin service: {e}");
             return ExitCode::from(1);
         }
@@ -150,9 +157,13 @@ fn main() -> ExitCode {
 fn start_tunnel(
     t: &domsock_host::config::TunnelSection,
     vms: Vec<domsock_host::relay::ServedVm>,
+    fault_injection: bool,
 ) -> Result<admin::AdminTunnel, Box<dyn std::error::Error>> {
     let cfg = t.runtime_config()?;
     let relay = domsock_host::relay::RelayService::new(t.host.clone(), vms);
+    if fault_injection {
+        relay.allow_fault_injection();
+    }
     let service = Arc::new(domsock_host::tunnel::TunnelService::start(
         cfg,
         relay.clone(),
@@ -173,6 +184,7 @@ fn start_tunnel(
 /// socket files and exit.
 fn spawn_signal_thread(
     router: Arc<Router>,
+    bus: Arc<domsock_host::bus::BusHub>,
     args: Args,
     config: Config,
     sockets: Vec<std::path::PathBuf>,
@@ -193,12 +205,13 @@ fn spawn_signal_thread(
         .spawn(move || loop {
             let Ok(sig) = set.wait() else { continue };
             if sig == Signal::SIGHUP {
-                reload(&router, &args, &config);
+                reload(&router, &bus, &args, &config);
                 continue;
             }
             for vm in router.vms() {
                 info!(vm = %vm.name, cid = %vm.cid, stats = %vm.stats, "counters");
             }
+            info!(stats = %bus.stats, "bus counters");
             router::log_summary(&router);
             if sig != Signal::SIGUSR1 {
                 for p in &sockets {
@@ -215,7 +228,7 @@ fn spawn_signal_thread(
 /// Re-reads the configuration and swaps in its policy (rules and groups). The VMs
 /// themselves (CIDs, names, namespaces, sockets) need a restart to change; a file that
 /// changes them, or does not parse, leaves the running policy in place.
-fn reload(router: &Router, args: &Args, running: &Config) {
+fn reload(router: &Router, bus: &domsock_host::bus::BusHub, args: &Args, running: &Config) {
     let fresh = match Config::try_from(args.clone()) {
         Ok(c) => c,
         Err(e) => {
@@ -239,7 +252,8 @@ fn reload(router: &Router, args: &Args, running: &Config) {
     match fresh.compile_policy() {
         Ok(policy) => {
             let reset = router.reload(policy);
-            info!(reset, "policy reloaded");
+            let removed = bus.reload(router.policy());
+            info!(reset, bus_members_removed = removed, "policy reloaded");
         }
         Err(e) => warn!(
             "policy reload failed, keeping the running policy: {}",

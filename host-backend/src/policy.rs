@@ -28,6 +28,7 @@
 //! service ([`Policy::resolve`], [`Policy::visible`]) because visibility follows the same
 //! namespace boundary.
 
+use domsock_proto::bus::wire::{BusName, CreateParams, Policy as BusPolicy, SlowPolicy};
 use domsock_proto::{Cid, Port, SocketType};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -66,6 +67,59 @@ pub struct PolicyConfig {
     /// `[[policy.allow]]` rules.
     #[serde(default)]
     pub allow: Vec<RuleConfig>,
+    /// `[[policy.bus-create]]`: which guests may create (and join) undeclared buses.
+    #[serde(default)]
+    pub bus_create: Vec<BusCreateRule>,
+    /// The `[[bus]]` declarations (top level in the file; carried here so that they
+    /// compile, and reload, with the rules that name the same domains).
+    #[serde(skip)]
+    pub buses: Vec<BusDecl>,
+}
+
+/// One `[[bus]]` table: a bus that exists from the start, with its parameters and who of
+/// the guests may join it. Host processes join through the namespace's bus socket,
+/// whose file permissions decide.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BusDecl {
+    /// Namespace of the bus and of the names in `join`/`publish` ([`DEFAULT_NAMESPACE`]
+    /// if absent).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// The bus's name (`[A-Za-z0-9._-]`, 1 to 64 characters).
+    pub name: String,
+    /// `"hub"` (the default), `"switch"` or `"topic"`.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// Largest message payload (default 64 KiB, at most 1 MiB).
+    #[serde(default)]
+    pub max_message_bytes: Option<u32>,
+    /// Bytes each member's queue holds at most (default 1 MiB, at least the largest
+    /// message).
+    #[serde(default)]
+    pub queue_bytes: Option<u32>,
+    /// A message that does not fit a member's queue: `"drop"` (the default, counted and
+    /// told) or `"disconnect"`.
+    #[serde(default)]
+    pub slow: Option<String>,
+    /// Guests that may join to listen: names, `group:NAME`, `*`.
+    #[serde(default)]
+    pub join: Vec<String>,
+    /// Guests that may join to publish (and listen).
+    #[serde(default)]
+    pub publish: Vec<String>,
+}
+
+/// One `[[policy.bus-create]]` rule.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BusCreateRule {
+    /// Namespace the pattern resolves in ([`DEFAULT_NAMESPACE`] if absent).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// The guests: a name, `group:NAME` or `*`. They may create buses that are not
+    /// declared, and join (publish and listen on) every undeclared bus of their namespace.
+    pub from: String,
 }
 
 /// How guest-to-host connections are decided (`guest-to-host = "..."`).
@@ -250,6 +304,32 @@ pub enum PolicyError {
         /// Rule index.
         rule: usize,
     },
+    /// A `[[bus]]` table is invalid (name, policy, slow, sizes, or a domain it names).
+    #[error("bus[{index}] {name:?}: {what}")]
+    BadBus {
+        /// Index into the `[[bus]]` tables.
+        index: usize,
+        /// The bus's name as written.
+        name: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// Two `[[bus]]` tables declare one bus.
+    #[error("bus {name:?} is declared twice in namespace {namespace:?}")]
+    DuplicateBus {
+        /// Namespace.
+        namespace: String,
+        /// The bus.
+        name: String,
+    },
+    /// A `[[policy.bus-create]]` rule names what its namespace does not have.
+    #[error("policy.bus-create[{index}]: {what}")]
+    BadBusCreate {
+        /// Rule index.
+        index: usize,
+        /// What is wrong.
+        what: String,
+    },
     /// A rule has `from = "host"`: rules only govern connections that guests open.
     #[error(
         "policy.allow[{rule}]: from = \"host\": rules govern guest-initiated connections only"
@@ -426,6 +506,69 @@ pub struct Policy {
     namespaces: Vec<Namespace>,
     guest_rules: Vec<GuestRule>,
     host_rules: Vec<HostRule>,
+    buses: Vec<DeclaredBus>,
+    /// Sorted.
+    bus_creators: Vec<Cid>,
+}
+
+/// A `[[bus]]` declaration, compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeclaredBus {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: BusName,
+    /// What it is created with.
+    pub params: CreateParams,
+    /// Guests that may listen (publishers included), sorted.
+    listen: Vec<Cid>,
+    /// Guests that may publish, sorted.
+    publish: Vec<Cid>,
+}
+
+/// What one guest may do on one bus of its namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BusPermit {
+    /// Join to receive.
+    pub listen: bool,
+    /// Join to publish.
+    pub publish: bool,
+    /// The bus is not declared, and the guest may create it.
+    pub create: bool,
+}
+
+impl BusPermit {
+    /// Whether a member granted `grant` may hold it under this permit.
+    pub fn allows(self, grant: domsock_proto::bus::wire::Want) -> bool {
+        (self.listen || !grant.receive) && (self.publish || !grant.publish)
+    }
+}
+
+/// Parses a `[[bus]]` table's parameters.
+fn bus_params(decl: &BusDecl) -> Result<CreateParams, String> {
+    let policy = match decl.policy.as_deref().unwrap_or("hub") {
+        "hub" => BusPolicy::Hub,
+        "switch" => BusPolicy::Switch,
+        "topic" => BusPolicy::Topic,
+        other => return Err(format!("policy {other:?} is not hub, switch or topic")),
+    };
+    let slow = match decl.slow.as_deref().unwrap_or("drop") {
+        "drop" => SlowPolicy::Drop,
+        "disconnect" => SlowPolicy::Disconnect,
+        other => return Err(format!("slow {other:?} is not drop or disconnect")),
+    };
+    let params = CreateParams {
+        policy,
+        slow,
+        max_message: decl
+            .max_message_bytes
+            .unwrap_or(domsock_proto::bus::wire::DEFAULT_MAX_MESSAGE_BYTES),
+        queue_bytes: decl
+            .queue_bytes
+            .unwrap_or(domsock_proto::bus::fanout::DEFAULT_QUEUE_BYTES),
+    };
+    params.validate().map_err(|e| e.to_string())?;
+    Ok(params)
 }
 
 impl Policy {
@@ -565,6 +708,92 @@ impl Policy {
             }
         }
 
+        // Which domains of namespace `ns` a `from`-style pattern selects.
+        let select = |ns: usize, pattern: &str| -> Result<Vec<Cid>, String> {
+            let m = if pattern == "*" {
+                DomainMatch::Any
+            } else if let Some(group) = pattern.strip_prefix(GROUP_PREFIX) {
+                DomainMatch::Group(
+                    *group_ids
+                        .get(&(ns, group))
+                        .ok_or_else(|| format!("no domain is in group {group:?}"))?,
+                )
+            } else {
+                DomainMatch::One(
+                    *namespaces[ns]
+                        .by_name
+                        .get(pattern)
+                        .ok_or_else(|| format!("no domain {pattern:?}"))?,
+                )
+            };
+            Ok(namespaces[ns]
+                .members
+                .iter()
+                .filter(|&&i| match m {
+                    DomainMatch::Any => true,
+                    DomainMatch::Group(g) => compiled[i].in_group(g),
+                    DomainMatch::One(one) => one == i,
+                })
+                .map(|&i| compiled[i].domain.cid)
+                .collect())
+        };
+        let selected = |ns: usize, patterns: &[String]| -> Result<Vec<Cid>, String> {
+            let mut cids = Vec::new();
+            for p in patterns {
+                cids.extend(select(ns, p)?);
+            }
+            cids.sort_unstable();
+            cids.dedup();
+            Ok(cids)
+        };
+        let mut buses: Vec<DeclaredBus> = Vec::new();
+        for (index, decl) in cfg.buses.iter().enumerate() {
+            let bad = |what: String| PolicyError::BadBus {
+                index,
+                name: decl.name.clone(),
+                what,
+            };
+            let ns_name = decl.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
+            let &ns = namespace_ids
+                .get(ns_name)
+                .ok_or_else(|| bad(format!("no domain is in namespace {ns_name:?}")))?;
+            let name = BusName::new(&decl.name)
+                .ok_or_else(|| bad("not a valid bus name ([A-Za-z0-9._-], 1 to 64)".into()))?;
+            let params = bus_params(decl).map_err(bad)?;
+            let publish = selected(ns, &decl.publish).map_err(|e| bad(format!("publish: {e}")))?;
+            let mut listen = selected(ns, &decl.join).map_err(|e| bad(format!("join: {e}")))?;
+            listen.extend(&publish);
+            listen.sort_unstable();
+            listen.dedup();
+            if buses
+                .iter()
+                .any(|b| b.namespace == ns_name && b.name == name)
+            {
+                return Err(PolicyError::DuplicateBus {
+                    namespace: ns_name.to_owned(),
+                    name: decl.name.clone(),
+                });
+            }
+            buses.push(DeclaredBus {
+                namespace: ns_name.to_owned(),
+                name,
+                params,
+                listen,
+                publish,
+            });
+        }
+        let mut bus_creators = Vec::new();
+        for (index, rule) in cfg.bus_create.iter().enumerate() {
+            let ns_name = rule.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
+            let bad = |what: String| PolicyError::BadBusCreate { index, what };
+            let &ns = namespace_ids
+                .get(ns_name)
+                .ok_or_else(|| bad(format!("no domain is in namespace {ns_name:?}")))?;
+            bus_creators.extend(select(ns, &rule.from).map_err(bad)?);
+        }
+        bus_creators.sort_unstable();
+        bus_creators.dedup();
+
         Ok(Policy {
             host_access: cfg.guest_to_host,
             domains: compiled,
@@ -572,6 +801,8 @@ impl Policy {
             namespaces,
             guest_rules,
             host_rules,
+            buses,
+            bus_creators,
         })
     }
 
@@ -651,6 +882,38 @@ impl Policy {
         self.namespaces.iter().map(|ns| ns.name.as_str())
     }
 
+    /// The `[[bus]]` declarations.
+    pub fn declared_buses(&self) -> &[DeclaredBus] {
+        &self.buses
+    }
+
+    /// What guest `cid` may do on the bus `name` of its namespace (nothing if `cid` is
+    /// not a domain: default deny, as for streams).
+    pub fn bus_permit(&self, cid: Cid, name: &BusName) -> BusPermit {
+        let Some(d) = self.domain(cid) else {
+            return BusPermit::default();
+        };
+        match self
+            .buses
+            .iter()
+            .find(|b| b.namespace == d.namespace && &b.name == name)
+        {
+            Some(b) => BusPermit {
+                listen: b.listen.binary_search(&cid).is_ok(),
+                publish: b.publish.binary_search(&cid).is_ok(),
+                create: false,
+            },
+            None => {
+                let may = self.bus_creators.binary_search(&cid).is_ok();
+                BusPermit {
+                    listen: may,
+                    publish: may,
+                    create: may,
+                }
+            }
+        }
+    }
+
     fn compiled(&self, cid: Cid) -> Option<&CompiledDomain> {
         self.by_cid.get(&cid).map(|&index| &self.domains[index])
     }
@@ -719,6 +982,7 @@ mod tests {
         let cfg = PolicyConfig {
             guest_to_host: host,
             allow,
+            ..Default::default()
         };
         Policy::compile(&cfg, &domains()).expect("policy compiles")
     }
@@ -727,8 +991,108 @@ mod tests {
         let cfg = PolicyConfig {
             guest_to_host: HostAccess::Rules,
             allow,
+            ..Default::default()
         };
         Policy::compile(&cfg, &domains()).expect_err("policy must not compile")
+    }
+
+    #[test]
+    fn bus_permits_follow_declarations_and_creators_within_the_namespace() {
+        let decl = BusDecl {
+            namespace: None,
+            name: "b".into(),
+            policy: Some("switch".into()),
+            max_message_bytes: None,
+            queue_bytes: None,
+            slow: None,
+            join: vec!["group:back".into()],
+            publish: vec!["web".into()],
+        };
+        let cfg = PolicyConfig {
+            buses: vec![decl.clone()],
+            bus_create: vec![BusCreateRule {
+                namespace: Some("tenant-a".into()),
+                from: "db".into(),
+            }],
+            ..Default::default()
+        };
+        let p = Policy::compile(&cfg, &domains()).expect("compiles");
+        let b = BusName::new("b").unwrap();
+        let permit = |cid| p.bus_permit(Cid(cid), &b);
+        let (publish, listen, create) = (
+            BusPermit {
+                listen: true,
+                publish: true,
+                create: false,
+            },
+            BusPermit {
+                listen: true,
+                publish: false,
+                create: false,
+            },
+            BusPermit {
+                listen: true,
+                publish: true,
+                create: true,
+            },
+        );
+        assert_eq!(permit(3), publish, "web publishes");
+        assert_eq!(permit(4), listen, "db is in group back");
+        assert_eq!(permit(5), listen, "cache is in group back");
+        assert_eq!(permit(6), BusPermit::default(), "lone: default deny");
+        assert_eq!(permit(10), BusPermit::default(), "tenant-a has no bus b");
+        assert_eq!(permit(11), create, "tenant-a's db creates undeclared buses");
+        assert_eq!(permit(20), BusPermit::default());
+        assert_eq!(permit(99), BusPermit::default(), "unknown CID");
+        let receive = domsock_proto::bus::wire::Want {
+            publish: false,
+            receive: true,
+        };
+        assert!(listen.allows(receive));
+        assert!(!listen.allows(domsock_proto::bus::wire::Want::BOTH));
+        assert!(!BusPermit::default().allows(receive));
+        let d = &p.declared_buses()[0];
+        assert_eq!(
+            (d.namespace.as_str(), d.params.policy, d.params.max_message),
+            ("default", BusPolicy::Switch, 64 << 10)
+        );
+
+        let err = |decls: Vec<BusDecl>, create: Vec<BusCreateRule>| {
+            let cfg = PolicyConfig {
+                buses: decls,
+                bus_create: create,
+                ..Default::default()
+            };
+            Policy::compile(&cfg, &domains()).expect_err("must not compile")
+        };
+        let with = |f: &dyn Fn(&mut BusDecl)| {
+            let mut d = decl.clone();
+            f(&mut d);
+            err(vec![d], Vec::new()).to_string()
+        };
+        assert!(with(&|d| d.policy = Some("mesh".into())).contains("mesh"));
+        assert!(with(&|d| d.slow = Some("block".into())).contains("block"));
+        assert!(with(&|d| d.join = vec!["nobody".into()]).contains("nobody"));
+        assert!(with(&|d| d.publish = vec!["group:none".into()]).contains("none"));
+        assert!(with(&|d| d.name = "no/slash".into()).contains("bus name"));
+        assert!(with(&|d| d.namespace = Some("blue".into())).contains("blue"));
+        assert!(with(&|d| {
+            d.max_message_bytes = Some(4096);
+            d.queue_bytes = Some(1024);
+        })
+        .contains("queue_bytes"));
+        assert!(matches!(
+            err(vec![decl.clone(), decl.clone()], Vec::new()),
+            PolicyError::DuplicateBus { .. }
+        ));
+        let bad_create = BusCreateRule {
+            namespace: None,
+            from: "group:ops".into(),
+        };
+        assert!(matches!(
+            err(Vec::new(), vec![bad_create]),
+            PolicyError::BadBusCreate { index: 0, .. }
+        ));
     }
 
     fn g2g(p: &Policy, from: u64, to: u64, port: u32, ty: SocketType) -> Verdict {
@@ -1005,6 +1369,7 @@ mod tests {
         let cfg = PolicyConfig {
             guest_to_host: HostAccess::Allow,
             allow: vec![rule(None, "*", "*")],
+            ..Default::default()
         };
         let err = Policy::compile(&cfg, &[domain(3, "a", "ns", &[])]).unwrap_err();
         assert_eq!(
@@ -1264,6 +1629,7 @@ mod tests {
                     ),
                     rule(None, "*", "host"),
                 ],
+                ..Default::default()
             }
         );
         let p = Policy::compile(&file.policy, &domains()).unwrap();

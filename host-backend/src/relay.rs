@@ -172,18 +172,22 @@ struct HomeCtl {
     /// The partner half's home relay read END and shut the peer of this relay's socket:
     /// the EOF read next is the join's, answered with END (not a shutdown of the channel).
     end_on_eof: Arc<AtomicBool>,
+    /// The session is the acceptor half of a sibling pair ([`ExportedSession::accepted`]):
+    /// it comes home as one.
+    accepted: bool,
     wake: UnixStream,
     wake_rx: UnixStream,
 }
 
 impl HomeCtl {
-    fn new(info: RelayInfo) -> io::Result<Self> {
+    fn new(info: RelayInfo, accepted: bool) -> io::Result<Self> {
         let (wake, wake_rx) = UnixStream::pair()?;
         wake.set_nonblocking(true)?;
         wake_rx.set_nonblocking(true)?;
         Ok(Self {
             info: Mutex::new(info),
             end_on_eof: Arc::new(AtomicBool::new(false)),
+            accepted,
             wake,
             wake_rx,
         })
@@ -267,6 +271,8 @@ pub struct RelayService {
     /// Fault injection for tests (admin `hold-joins`): a join that starts here waits this
     /// long on its placeholders before it drains. 0 in normal operation.
     join_hold_ms: AtomicU64,
+    /// `hold-joins` is accepted (domsockd `--fault-injection`).
+    fault_injection: AtomicBool,
     /// Counters.
     pub stats: RelayStats,
 }
@@ -297,6 +303,7 @@ impl RelayService {
             guests: Mutex::new(HashMap::new()),
             join_match: Mutex::new(()),
             join_hold_ms: AtomicU64::new(0),
+            fault_injection: AtomicBool::new(false),
             stats: RelayStats::default(),
         })
     }
@@ -309,14 +316,24 @@ impl RelayService {
     /// Fault injection for tests: every join that starts here from now on holds both
     /// engines on their placeholders `ms` before it drains (at most half of
     /// [`JOIN_TIMEOUT_MS`]), so a test can cut the tunnel, kill the home, move a half or
-    /// half-close a stream while the join runs. 0 turns it off.
+    /// half-close a stream while the join runs. 0 turns it off. Refused unless
+    /// [`RelayService::allow_fault_injection`] was called.
     pub fn hold_joins(&self, ms: u64) -> Result<(), String> {
+        if !self.fault_injection.load(Ordering::Relaxed) {
+            return Err("fault injection is off (domsockd --fault-injection turns it on)".into());
+        }
         if ms > JOIN_TIMEOUT_MS / 2 {
             return Err(format!("at most {} ms", JOIN_TIMEOUT_MS / 2));
         }
         self.join_hold_ms.store(ms, Ordering::Relaxed);
         warn!(ms, "fault injection: joins hold on their placeholders");
         Ok(())
+    }
+
+    /// Accepts fault-injection requests from now on (tests only).
+    pub fn allow_fault_injection(&self) {
+        self.fault_injection.store(true, Ordering::Relaxed);
+        warn!("fault injection enabled: for tests only");
     }
 
     /// This host's name.
@@ -432,8 +449,10 @@ impl RelayService {
             role: "home",
             peer: to.to_owned(),
         };
-        let ctl =
-            Arc::new(HomeCtl::new(info.clone()).map_err(|e| format!("cannot make a relay: {e}"))?);
+        let ctl = Arc::new(
+            HomeCtl::new(info.clone(), s.accepted)
+                .map_err(|e| format!("cannot make a relay: {e}"))?,
+        );
         self.homes.lock().unwrap().insert(id, ctl.clone());
         inc(&self.stats.exported_home);
         info!(vm = %vm.shared.name, session = %id, peer = %to, "session relayed: home relay running");
@@ -623,16 +642,19 @@ struct Pipe {
     ch: ChannelEnd,
     sock: HostSocket,
     ty: SocketType,
-    /// Framed bytes for the channel (DATA and control frames), from `out_pos`.
+    /// Framed bytes for the channel (DATA and control frames): `out[out_pos..out_end]`.
     out: Vec<u8>,
     out_pos: usize,
+    out_end: usize,
     /// The socket reached EOF.
     sock_eof: bool,
     /// The channel's write side was shut after the socket's EOF.
     chan_shut: bool,
-    /// Channel bytes read, not yet parsed, from `rx_pos`.
+    /// Channel bytes read, not yet parsed: `rx[rx_pos..rx_end]`. The buffer keeps its
+    /// length (it only grows, for a frame larger than it), so a read never zeroes it first.
     rx: Vec<u8>,
     rx_pos: usize,
+    rx_end: usize,
     /// Channel offset after the last whole frame parsed.
     parsed: u64,
     /// Payloads from the channel (or taken over with the session) not yet taken by the
@@ -657,6 +679,9 @@ struct Pipe {
     end_sent: bool,
     buf: Vec<u8>,
 }
+
+/// What one read from a relay channel asks for at least (more when a frame is larger).
+const RX_READ_BYTES: usize = 128 * 1024;
 
 /// A control frame [`Pipe::step`] parsed.
 enum Ctrl {
@@ -712,6 +737,32 @@ fn read_one(sock: &mut HostSocket, ty: SocketType, buf: &mut [u8]) -> io::Result
     }
 }
 
+/// Reads one DATA frame's payload from `sock` into `buf` behind room for its header,
+/// and writes the header: `Some(n)` (the frame is `buf[..FRAME_HEADER_LEN + n]`),
+/// `Some(0)` at EOF, `None` when nothing is there. `buf` may come in any length (it is
+/// the pipe's former `out`: shorter after a control frame, longer after a switch started
+/// a channel with everything the old one carried); a read takes at most one frame's
+/// payload, [`MAX_DATA`] (reading into all of a longer buffer made DATA frames the peer
+/// rightly refused, ending the session).
+fn read_data_frame(
+    sock: &mut HostSocket,
+    ty: SocketType,
+    buf: &mut Vec<u8>,
+) -> io::Result<Option<usize>> {
+    if buf.len() < FRAME_HEADER_LEN + MAX_DATA {
+        buf.resize(FRAME_HEADER_LEN + MAX_DATA, 0);
+    }
+    let r = read_one(
+        sock,
+        ty,
+        &mut buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + MAX_DATA],
+    )?;
+    if let Some(n) = r.filter(|&n| n > 0) {
+        buf[..FRAME_HEADER_LEN].copy_from_slice(&Frame::data_header(n));
+    }
+    Ok(r)
+}
+
 /// Reads everything `sock` still holds (nobody serves its other end any more): payloads
 /// in order, and whether EOF was read.
 fn drain_sock(sock: &mut HostSocket, ty: SocketType) -> io::Result<(Vec<Vec<u8>>, bool)> {
@@ -735,10 +786,12 @@ impl Pipe {
             ty,
             out: Vec::new(),
             out_pos: 0,
+            out_end: 0,
             sock_eof: false,
             chan_shut: false,
-            rx: Vec::new(),
+            rx: vec![0; RX_READ_BYTES],
             rx_pos: 0,
+            rx_end: 0,
             parsed: 0,
             inbound: VecDeque::new(),
             in_pos: 0,
@@ -749,7 +802,7 @@ impl Pipe {
             divert: None,
             end_on_eof: Arc::new(AtomicBool::new(false)),
             end_sent: false,
-            buf: vec![0; MAX_DATA],
+            buf: vec![0; FRAME_HEADER_LEN + MAX_DATA],
         }
     }
 
@@ -757,17 +810,27 @@ impl Pipe {
         if self.flushed() {
             self.out.clear();
             self.out_pos = 0;
+        } else {
+            self.out.truncate(self.out_end);
         }
         f.encode(&mut self.out);
+        self.out_end = self.out.len();
+    }
+
+    /// Starts the channel's bytes over with `bytes` (framed already).
+    fn set_out(&mut self, bytes: Vec<u8>) {
+        self.out_end = bytes.len();
+        self.out = bytes;
+        self.out_pos = 0;
     }
 
     fn out_pending(&self) -> &[u8] {
-        &self.out[self.out_pos..]
+        &self.out[self.out_pos..self.out_end]
     }
 
     /// Everything framed was written to the channel.
     fn flushed(&self) -> bool {
-        self.out_pos == self.out.len()
+        self.out_pos == self.out_end
     }
 
     /// Payloads not yet taken by the socket, in order (taken out of the pipe).
@@ -820,11 +883,24 @@ impl Pipe {
         let mut ctrl = None;
         // Channel -> frames, one DATA payload queued at a time (backpressure).
         while self.inbound.is_empty() && !self.hold_rx && ctrl.is_none() {
-            let avail = &self.rx[self.rx_pos..];
+            let avail = &self.rx[self.rx_pos..self.rx_end];
             match relay::parse_header(avail, max_tail).map_err(invalid)? {
                 Some(h) if avail.len() >= h.frame_len() => {
                     let payload = &avail[FRAME_HEADER_LEN..h.frame_len()];
                     match relay::decode(h, payload, max_tail).map_err(invalid)? {
+                        // Straight from the channel's bytes into the socket when nothing
+                        // waits before it; only what the socket does not take is copied.
+                        Frame::Data(d) if self.divert.is_none() => {
+                            let n = match self.sock.write(d) {
+                                Ok(n) => n,
+                                Err(e) if wouldblock(&e) => 0,
+                                Err(e) => return Err(e),
+                            };
+                            let done = n == d.len() || (n > 0 && self.ty == SocketType::SeqPacket);
+                            if !done {
+                                self.inbound.push_back(d[n..].to_vec());
+                            }
+                        }
                         Frame::Data(d) => self.inbound.push_back(d.to_vec()),
                         Frame::Snapshot(s) => ctrl = Some(Ctrl::Snapshot(s)),
                         Frame::Imported => ctrl = Some(Ctrl::Imported),
@@ -850,16 +926,25 @@ impl Pipe {
                     moved |= self.write_inbound()?;
                 }
                 h => {
+                    // Only the part of a frame read so far moves to the front.
                     if self.rx_pos > 0 {
-                        self.rx.drain(..self.rx_pos);
+                        self.rx.copy_within(self.rx_pos..self.rx_end, 0);
+                        self.rx_end -= self.rx_pos;
                         self.rx_pos = 0;
                     }
+                    // The frame is incomplete, so `need` > what is there: room >= 1. A read
+                    // takes at most `RX_READ_BYTES` (or the frame) ahead, even when the
+                    // buffer grew for a large frame: what is read ahead leaves the channel's
+                    // window and would travel in a handoff's bounded `pending`.
                     let need = h.map_or(FRAME_HEADER_LEN, |h| h.frame_len());
-                    let want = need.max(128 * 1024).saturating_sub(self.rx.len()).max(1);
-                    let start = self.rx.len();
-                    self.rx.resize(start + want, 0);
-                    let r = self.ch.read(&mut self.rx[start..]);
-                    self.rx.truncate(start + *r.as_ref().unwrap_or(&0));
+                    let limit = need.max(RX_READ_BYTES);
+                    if self.rx.len() < limit {
+                        self.rx.resize(limit, 0);
+                    }
+                    let r = self.ch.read(&mut self.rx[self.rx_end..limit]);
+                    if let Ok(n) = r {
+                        self.rx_end += n;
+                    }
                     match r {
                         Ok(0) => {
                             if !self.chan_eof {
@@ -875,26 +960,23 @@ impl Pipe {
                 }
             }
         }
-        if self.chan_eof
-            && !self.sock_shut
-            && self.inbound.is_empty()
-            && self.rx_pos == self.rx.len()
+        if self.chan_eof && !self.sock_shut && self.inbound.is_empty() && self.rx_pos == self.rx_end
         {
             self.sock.shutdown(std::net::Shutdown::Write);
             self.sock_shut = true;
         }
         // Socket -> channel, one chunk or message framed at a time.
         if self.flushed() && !self.sock_eof && !self.hold_sock {
-            match read_one(&mut self.sock, self.ty, &mut self.buf)? {
+            // Read behind room for the header, then swap the frame in as `out`: no copy.
+            match read_data_frame(&mut self.sock, self.ty, &mut self.buf)? {
                 Some(0) => {
                     self.sock_eof = true;
                     moved = true;
                 }
                 Some(n) => {
-                    self.out.clear();
+                    std::mem::swap(&mut self.out, &mut self.buf);
                     self.out_pos = 0;
-                    self.out.extend_from_slice(&Frame::data_header(n));
-                    self.out.extend_from_slice(&self.buf[..n]);
+                    self.out_end = FRAME_HEADER_LEN + n;
                     moved = true;
                 }
                 None => {}
@@ -923,7 +1005,7 @@ impl Pipe {
     fn flush(&mut self) -> io::Result<bool> {
         let mut moved = false;
         while !self.flushed() {
-            match self.ch.write(&self.out[self.out_pos..]) {
+            match self.ch.write(&self.out[self.out_pos..self.out_end]) {
                 Ok(n) => {
                     self.out_pos += n;
                     moved = true;
@@ -954,7 +1036,7 @@ impl Pipe {
     /// the close was delivered to the socket.
     fn channel_dead(&self) -> Option<ChannelState> {
         let st = self.channel_gone()?;
-        let delivered = self.chan_eof && self.inbound.is_empty() && self.rx_pos == self.rx.len();
+        let delivered = self.chan_eof && self.inbound.is_empty() && self.rx_pos == self.rx_end;
         (!closed_normally(st) || delivered).then_some(st)
     }
 
@@ -998,10 +1080,9 @@ impl Pipe {
     fn switch(&mut self, new: ChannelEnd, first: Vec<u8>) -> ChannelEnd {
         new.set_max_window(RELAY_CHANNEL_MAX_WINDOW_BYTES);
         let old = std::mem::replace(&mut self.ch, new);
-        self.out = first;
-        self.out_pos = 0;
-        self.rx.clear();
+        self.set_out(first);
         self.rx_pos = 0;
+        self.rx_end = 0;
         self.parsed = 0;
         self.chan_eof = false;
         self.chan_shut = false;
@@ -1037,7 +1118,7 @@ impl RelayService {
         let mut pipe = Pipe::new(ch, s.host, ty);
         // The tail beyond the replay buffer follows the snapshot as DATA, before anything
         // read from the host end now (`trim_tail`).
-        pipe.out = beyond;
+        pipe.set_out(beyond);
         pipe.end_on_eof = ctl.end_on_eof.clone();
         pipe.sock_eof = s.snapshot.host_done;
         // Guest bytes the engine had accepted and not yet written go first.
@@ -1178,7 +1259,7 @@ impl RelayService {
                 extend_tail(&mut home, p);
             }
             home.host_done |= pipe.sock_eof;
-            match self.come_home(vm, pipe, home, target) {
+            match self.come_home(vm, pipe, home, target, ctl.accepted) {
                 Ok(()) => {
                     inc(&self.stats.returned_home);
                     info!(vm = %vm.shared.name, session = %id, from = %sender, "session came home: local path again");
@@ -1218,6 +1299,7 @@ impl RelayService {
         pipe: &mut Pipe,
         snapshot: SessionSnapshot,
         target: (Cid, Port),
+        accepted: bool,
     ) -> Result<(), String> {
         if !self.adopted(&vm.shared.name) {
             return Err(format!(
@@ -1239,6 +1321,7 @@ impl RelayService {
             host,
             out_stream,
             out_msgs,
+            accepted,
         };
         match lock_plane(&vm.plane).try_import_parked(s) {
             Ok(()) => Ok(()),
@@ -1319,6 +1402,9 @@ impl RelayService {
             host: s1,
             out_stream: Vec::new(),
             out_msgs: Vec::new(),
+            // Only the home checks a relayed session's policy (joined halves are given
+            // theirs when the join ends).
+            accepted: false,
         };
         let previous = self.guests.lock().unwrap().insert(id, ctl.clone());
         if let Err(e) = lock_plane(&vm.plane).import_parked(s) {
@@ -1694,7 +1780,7 @@ impl RelayService {
             Some(Ctrl::End) => j.home_done = true,
             Some(_) => return Err("unexpected relay frame from the home during a join".into()),
         }
-        if pipe.chan_eof && pipe.inbound.is_empty() && pipe.rx_pos == pipe.rx.len() {
+        if pipe.chan_eof && pipe.inbound.is_empty() && pipe.rx_pos == pipe.rx_end {
             // The stream towards this guest ended for real before the join's END.
             j.home_done = true;
         }
@@ -1851,11 +1937,11 @@ impl RelayService {
                 Frame::Data(p).encode(&mut pending);
             }
         }
-        let read_ahead = &pipe.rx[pipe.rx_pos..];
+        let read_ahead = &pipe.rx[pipe.rx_pos..pipe.rx_end];
         let taken = pipe.parsed + read_ahead.len() as u64;
         pending.extend_from_slice(read_ahead);
-        pipe.rx.clear();
         pipe.rx_pos = 0;
+        pipe.rx_end = 0;
         if pending.len() > relay::MAX_PENDING {
             return Err(format!(
                 "{} bytes in flight exceed the relay bound",
@@ -2147,5 +2233,87 @@ impl Acceptor for RelayService {
         if spawned.is_err() {
             warn!("cannot start a relay thread");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    /// Everything a host end had queued, read frame by frame the way a pipe reads it
+    /// after a switch left it a buffer longer than one frame.
+    #[test]
+    fn a_data_frame_never_exceeds_max_data_whatever_the_buffer() {
+        let (mut ours, theirs) = HostSocket::pair(SocketType::Stream).unwrap();
+        let mut theirs = UnixStream::from(theirs);
+        theirs.set_nonblocking(true).unwrap();
+        let sent: Vec<u8> = (0..3 * MAX_DATA).map(|i| (i * 7 % 251) as u8).collect();
+        // More queued than one frame holds, so that one read could take more.
+        use nix::sys::socket::{setsockopt, sockopt};
+        let room = 4 * MAX_DATA;
+        if setsockopt(&theirs, sockopt::SndBufForce, &room).is_err() {
+            setsockopt(&theirs, sockopt::SndBuf, &room).unwrap();
+        }
+        let mut at = 0;
+        while at < sent.len() {
+            let end = sent.len().min(at + 64 * 1024);
+            match theirs.write(&sent[at..end]) {
+                Ok(n) => at += n,
+                Err(_) => break,
+            }
+        }
+        assert!(at > MAX_DATA, "only {at} bytes queue on this machine");
+        let mut buf = vec![0u8; 4 * MAX_DATA];
+        let mut got = Vec::new();
+        for _ in 0..10_000 {
+            if at < sent.len() {
+                if let Ok(n) = theirs.write(&sent[at..]) {
+                    at += n;
+                }
+            }
+            match read_data_frame(&mut ours, SocketType::Stream, &mut buf).unwrap() {
+                Some(0) => break,
+                Some(n) => {
+                    assert!(n <= MAX_DATA, "a {n}-byte DATA frame");
+                    let h = relay::parse_header(&buf[..FRAME_HEADER_LEN], 0)
+                        .unwrap()
+                        .unwrap();
+                    let f = relay::decode(h, &buf[FRAME_HEADER_LEN..h.frame_len()], 0).unwrap();
+                    let Frame::Data(d) = f else {
+                        panic!("not DATA")
+                    };
+                    got.extend_from_slice(d);
+                }
+                None if at == sent.len() && got.len() == sent.len() => break,
+                None => {}
+            }
+        }
+        assert!(
+            got == sent,
+            "{} of {} bytes, in order",
+            got.len(),
+            sent.len()
+        );
+    }
+
+    /// A seqpacket message larger than a frame is an error, not an oversized frame.
+    #[test]
+    fn a_message_larger_than_a_frame_is_refused_at_the_socket() {
+        let (mut ours, theirs) = HostSocket::pair(SocketType::SeqPacket).unwrap();
+        let big = vec![1u8; MAX_DATA + 1];
+        // A Unix seqpacket message must fit the sender's buffer.
+        nix::sys::socket::setsockopt(&theirs, nix::sys::socket::sockopt::SndBuf, &(4 * MAX_DATA))
+            .unwrap();
+        nix::sys::socket::send(
+            std::os::fd::AsRawFd::as_raw_fd(&theirs),
+            &big,
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .unwrap();
+        let mut buf = vec![0u8; 4 * MAX_DATA];
+        let e = read_data_frame(&mut ours, SocketType::SeqPacket, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidData);
     }
 }

@@ -172,18 +172,7 @@ impl Process {
 
     /// User + system CPU time it used so far (from `/proc/<pid>/stat`).
     pub fn cpu_time(&self) -> Duration {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-        let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<&str> = after_comm.split_whitespace().collect();
-        let ticks: u64 = [11, 12]
-            .iter()
-            .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
-            .sum();
-        // /proc reports clock ticks of USER_HZ, which is 100 on x86_64 whatever the kernel's HZ.
-        const USER_HZ: u64 = 100;
-        Duration::from_nanos(ticks * 1_000_000_000 / USER_HZ)
+        cpu_time_of(self.child.id())
     }
 
     /// Stops it: SIGTERM (domsockd logs its counters and removes its sockets), SIGKILL if it
@@ -361,4 +350,20 @@ impl Drop for CutProxy {
             let _ = t.join();
         }
     }
+}
+
+/// User + system CPU time process `pid` used so far (from `/proc/<pid>/stat`, 10 ms
+/// resolution); zero when it cannot be read.
+pub fn cpu_time_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    // /proc reports clock ticks of USER_HZ, which is 100 on x86_64 whatever the kernel's HZ.
+    const USER_HZ: u64 = 100;
+    Duration::from_nanos(ticks * 1_000_000_000 / USER_HZ)
 }

@@ -64,19 +64,24 @@ pub const MAX_SESSION_PARK_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 /// with every buffer full that is, on the guest relay's side, its socket pair (64 KiB send
 /// buffer, doubled by the kernel), one DATA payload queued for the pair and its channel
 /// read buffer (up to one frame each), and on the home's side the channel's window
-/// (256 KiB) and one frame it had not written yet: about 1.4 MiB with the replay
-/// (measured: 1,085,120 bytes, which a 1 MiB limit refused, losing the session, before
-/// re-roots sent the bytes as data). A home sending a session away again puts at most
-/// 256 KiB of tail in the snapshot and the rest after it as data, so a guest that reads
-/// nothing across several moves home and away no longer grows its tail (measured:
-/// 896,064 bytes at every homecoming of a->b->a->b->a->b->a).
-pub const RELAY_MAX_TAIL_BYTES: usize = 2 * 1024 * 1024;
+/// (up to [`RELAY_CHANNEL_MAX_WINDOW_BYTES`]) and one frame it had not written yet: with
+/// 256 KiB windows that measured 1,085,120 bytes (which a 1 MiB limit refused, losing the
+/// session, before re-roots sent the bytes as data). A home sending a session away again
+/// puts at most 256 KiB of tail in the snapshot and the rest after it as data, so a guest
+/// that reads nothing across several moves home and away no longer grows its tail
+/// (measured: 896,064 bytes at every homecoming of a->b->a->b->a->b->a).
+pub const RELAY_MAX_TAIL_BYTES: usize = 4 * 1024 * 1024;
 /// The receive window a relay channel may grow to (`ChannelEnd::set_max_window`, both
-/// ends): what a home holds unacknowledged for a session, and so what a move carries in
-/// its tail, must stay within [`RELAY_MAX_TAIL_BYTES`] even when the tunnel autotunes
-/// other channels' windows up to its `max-window-bytes` (a relay channel opens with the
-/// tunnel's `window-bytes`, 256 KiB by default, and stays there unless that is larger).
-pub const RELAY_CHANNEL_MAX_WINDOW_BYTES: u32 = 256 * 1024;
+/// ends), from its opening window (the tunnel's `window-bytes`, 256 KiB by default) by
+/// the tunnel's autotuning. At 256 KiB a relayed session ran at about half the rate it
+/// runs at with 2 MiB on two cores (README, "Sessions across hosts"). What a home holds
+/// unacknowledged for a session, and so what a move carries in its tail, must stay
+/// within [`RELAY_MAX_TAIL_BYTES`] (asserted below); a handoff's `pending` does not
+/// depend on it (what the guest relay read and did not write: its pair, one payload and
+/// one read ahead). (A first try at 2 MiB lost sessions that moved with every buffer
+/// full: not a bound, but the relay's socket read, which after a switch read into the
+/// whole carry-over buffer and made DATA frames over `MAX_DATA`; fixed.)
+pub const RELAY_CHANNEL_MAX_WINDOW_BYTES: u32 = 2 * 1024 * 1024;
 const _: () = assert!(
     RELAY_MAX_TAIL_BYTES
         >= SESSION_REPLAY_BYTES
@@ -90,12 +95,13 @@ const _: () = assert!(
 /// swap, every buffer full: the engine's old pair end and its peer (64 KiB send buffer,
 /// doubled; a Unix socket pair's default on the far side), the guest relays' queued
 /// payloads and read buffers (a frame each), the two home relays' frames and the home's
-/// pair, the two channel windows (256 KiB each) and the placeholder the other engine
+/// pair, the two channel windows (up to [`RELAY_CHANNEL_MAX_WINDOW_BYTES`] each) and the placeholder the other engine
 /// wrote into (its send buffer), plus the replay tail the receiving engine read before
-/// it parked: measured up to 2.9 MiB (a guest that had stopped reading), so the bound
-/// leaves room. Only a join in progress holds it. A half that would hold more stops
+/// it parked: measured up to 2.9 MiB with 256 KiB windows (a guest that had stopped
+/// reading); windows grown to 2 MiB add up to 3.5 MiB, so the bound leaves room. Only a
+/// join in progress holds it. A half that would hold more stops
 /// reading its channel (the join then times out and fails, see the relay module).
-pub const JOIN_MAX_HELD_BYTES: usize = 8 * 1024 * 1024;
+pub const JOIN_MAX_HELD_BYTES: usize = 12 * 1024 * 1024;
 /// How long a join may take from both JOINs to both engines swapped.
 pub const JOIN_TIMEOUT_MS: u64 = 10_000;
 /// Sessions carried by relays on one host at once (both kinds).

@@ -10,7 +10,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
     connect, recv, send, socket, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -27,6 +27,12 @@ fn dir(tag: &str) -> PathBuf {
 struct Client {
     fd: OwnedFd,
     buf: Vec<u8>,
+    /// MESSAGEs of a BATCH not yet handed out.
+    pending: VecDeque<Got>,
+    /// BATCH frames received.
+    batches: u64,
+    /// Seqpacket messages received.
+    frames: u64,
 }
 
 /// What a client received, owned.
@@ -64,6 +70,9 @@ impl Client {
         Client {
             fd,
             buf: vec![0; 1 << 21],
+            pending: VecDeque::new(),
+            batches: 0,
+            frames: 0,
         }
     }
 
@@ -74,17 +83,31 @@ impl Client {
     }
 
     fn join(path: &Path, name: &str, want: Want, create: Option<CreateParams>) -> (Client, Got) {
+        Client::join_with(path, name, want, create, false)
+    }
+
+    fn join_with(
+        path: &Path,
+        name: &str,
+        want: Want,
+        create: Option<CreateParams>,
+        batches: bool,
+    ) -> (Client, Got) {
         let mut c = Client::connect(path);
         c.send(&MemberFrame::Join {
             name: BusName::new(name).unwrap(),
             want,
             create,
+            batches,
         });
         let got = c.recv(STEP).expect("an answer to JOIN");
         (c, got)
     }
 
     fn recv(&mut self, timeout: Duration) -> Option<Got> {
+        if let Some(g) = self.pending.pop_front() {
+            return Some(g);
+        }
         let mut pfd = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
         let ms = PollTimeout::try_from(timeout).unwrap();
         if poll(&mut pfd, ms).unwrap() == 0 {
@@ -94,8 +117,20 @@ impl Client {
         if n == 0 {
             return None;
         }
-        Some(
-            match ServiceFrame::decode(&self.buf[..n]).expect("a valid service frame") {
+        self.frames += 1;
+        if let ServiceFrame::Batch(b) = ServiceFrame::decode(&self.buf[..n]).expect("valid") {
+            self.batches += 1;
+            for f in b.frames() {
+                self.pending.push_back(Self::got(f));
+            }
+            return self.pending.pop_front();
+        }
+        Some(Self::got(&self.buf[..n]))
+    }
+
+    fn got(frame: &[u8]) -> Got {
+        {
+            match ServiceFrame::decode(frame).expect("a valid service frame") {
                 ServiceFrame::Joined(j) => Got::Joined {
                     member: j.member,
                     token: j.token.0,
@@ -116,8 +151,9 @@ impl Client {
                 ServiceFrame::Loss { messages, .. } => Got::Loss { messages },
                 ServiceFrame::Error { code, .. } => Got::Error(code),
                 ServiceFrame::Subscribed { .. } => Got::Subscribed,
-            },
-        )
+                ServiceFrame::Batch(_) => panic!("a BATCH inside a BATCH"),
+            }
+        }
     }
 }
 
@@ -402,6 +438,67 @@ fn a_stalled_member_loses_messages_and_is_told_while_the_others_get_all() {
         "every message seen or counted lost"
     );
     eprintln!("slow member: {seen} delivered, {lost} lost of {N}; fast member all {N}");
+}
+
+/// A member that asked for batches and fell behind catches up in BATCH frames: every
+/// message once and in order, in far fewer seqpacket messages than messages, none larger
+/// than a batch may be; a member that did not ask gets MESSAGEs one by one.
+#[test]
+fn a_member_that_fell_behind_gets_what_waited_in_batches() {
+    const N: u32 = 2000;
+    let d = dir("batch");
+    let srv = unix::spawn(BusHub::new(), &d, &["red".to_owned()]).unwrap();
+    let path = &srv.sockets[0];
+    // Queues hold every message: nothing is lost, only delayed.
+    let (p, pg) = Client::join(path, "feed", Want::BOTH, create(Policy::Hub, 4 << 20));
+    let sender = member_of(&pg);
+    let (mut batched, _) = Client::join_with(path, "feed", Want::BOTH, None, true);
+    let (mut single, _) = Client::join(path, "feed", Want::BOTH, None);
+    for i in 0..N {
+        p.send(&MemberFrame::Publish {
+            fields: Fields::None,
+            payload: &payload(sender, i),
+        });
+    }
+    for (c, name) in [(&mut batched, "batched"), (&mut single, "single")] {
+        let mut next = 1u64;
+        while next <= u64::from(N) {
+            match c
+                .recv(STEP)
+                .unwrap_or_else(|| panic!("{name}: message {next}"))
+            {
+                Got::Message {
+                    seq,
+                    sender: s,
+                    payload: got,
+                } => {
+                    assert_eq!((s, seq), (sender, next), "{name}: in order, once");
+                    assert_eq!(got, payload(sender, seq as u32 - 1), "{name}: bytes");
+                    next += 1;
+                }
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        assert!(
+            c.recv(Duration::from_millis(100)).is_none(),
+            "{name}: nothing more"
+        );
+    }
+    assert_eq!(single.batches, 0, "no BATCH to a member that did not ask");
+    assert_eq!(single.frames, u64::from(N) + 1);
+    assert!(
+        batched.batches > 0,
+        "the member that fell behind got batches"
+    );
+    assert!(
+        batched.frames * 4 < u64::from(N),
+        "{} seqpacket messages for {N} MESSAGEs",
+        batched.frames
+    );
+    eprintln!(
+        "batched member: {N} messages in {} seqpacket messages ({} batches)",
+        batched.frames, batched.batches
+    );
 }
 
 #[test]

@@ -20,7 +20,19 @@
 //!   is low. A consumer that holds a partial unit (a seqpacket message) until the rest arrives
 //!   needs this, checked both when it consumes and when data arrives; batching, or checking
 //!   only on consumption, could leave both sides waiting for each other.
+//!
+//! Packets as well as bytes: a Linux guest (6.12.117 and the stable kernels with the same
+//! fix, `virtio_transport_inc_rx_pkt`) also refuses a packet when its receive queue's
+//! per-packet overhead would pass `buf_alloc` (`(queued + 1) * SKB_TRUESIZE(0)`), and then
+//! resets the connection (`ENOBUFS` to the reader), although the bytes were within credit:
+//! many small seqpacket messages that the reader has not taken yet do that (seen in the
+//! VM case `bus_hub_three_guests_and_a_host`). So a seqpacket sender also keeps at most
+//! [`Credit::max_packets_in_flight`] packets unacknowledged, counting a packet as gone
+//! once the peer's `fwd_cnt` passed its last byte (as the kernel frees it), and asks for a
+//! credit update ([`Credit::wants_credit_request`]) when that is what holds it back: a
+//! peer with plenty of free bytes sends none by itself.
 
+use std::collections::VecDeque;
 use std::num::Wrapping;
 use thiserror::Error;
 
@@ -44,7 +56,23 @@ pub struct Credit {
     peer_buf_alloc: u32,
     peer_fwd_cnt: Wrapping<u32>,
     tx_cnt: Wrapping<u32>,
+    /// `tx_cnt` after each packet sent that the peer has not acknowledged yet, oldest
+    /// first (at most [`Credit::max_packets_in_flight`]).
+    sent_ends: VecDeque<Wrapping<u32>>,
+    /// The peer's `fwd_cnt` when a credit request for the packet bound was last wanted.
+    requested_at: Option<Wrapping<u32>>,
+    /// The packet bound applies (seqpacket connections, see the module doc).
+    packet_bound: bool,
+    /// A seqpacket message was begun and not ended: its rest goes on bytes alone (the
+    /// peer cannot consume, and so acknowledge, a message it has only part of).
+    message_open: bool,
 }
+
+/// What one queued packet costs a Linux receiver beyond its payload, rounded up from
+/// x86_64's `SKB_TRUESIZE(0)` (576 bytes) to leave room for other configurations.
+pub const PACKET_OVERHEAD_BYTES: u32 = 1024;
+/// Packets in flight a peer is always allowed, however small its buffer.
+pub const MIN_PACKETS_IN_FLIGHT: usize = 4;
 
 impl Credit {
     /// New state with our buffer size and the peer's initial advertisement.
@@ -57,7 +85,56 @@ impl Credit {
             peer_buf_alloc,
             peer_fwd_cnt: Wrapping(peer_fwd_cnt),
             tx_cnt: Wrapping(0),
+            sent_ends: VecDeque::new(),
+            requested_at: None,
+            packet_bound: false,
+            message_open: false,
         }
+    }
+
+    /// Applies the packet bound from now on (a seqpacket connection: every message is a
+    /// packet of its own in a Linux receiver's queue, and Linux acknowledges each message
+    /// it hands out, so the bound never waits long).
+    pub fn enable_packet_bound(&mut self) {
+        self.packet_bound = true;
+    }
+
+    /// Bytes the peer's buffer has room for, whatever the packet bound says (the rest of
+    /// a message already begun must go, or the peer could never complete it).
+    pub fn byte_credit(&self) -> u32 {
+        self.peer_buf_alloc.saturating_sub(self.in_flight())
+    }
+
+    /// Whether a consumer that just emptied its queue should tell the peer: it consumed
+    /// something the peer has not heard of (a sender held by the packet bound waits for
+    /// exactly that; Linux sends the same update after each seqpacket message).
+    pub fn wants_drained_update(&self) -> bool {
+        self.unconsumed() == 0 && self.fwd_cnt != self.last_sent_fwd_cnt
+    }
+
+    /// Most packets the peer may hold unacknowledged: its buffer over
+    /// [`PACKET_OVERHEAD_BYTES`], at least [`MIN_PACKETS_IN_FLIGHT`].
+    pub fn max_packets_in_flight(&self) -> usize {
+        ((self.peer_buf_alloc / PACKET_OVERHEAD_BYTES) as usize).max(MIN_PACKETS_IN_FLIGHT)
+    }
+
+    /// Packets sent that the peer has not acknowledged as consumed yet.
+    pub fn packets_in_flight(&self) -> usize {
+        self.sent_ends.len()
+    }
+
+    /// Whether the packet bound, not the bytes, stops sending, and the peer has consumed
+    /// something since the last time this said yes: then a `CREDIT_REQUEST` is worth a
+    /// packet (the peer would not send an update by itself while it has free bytes).
+    pub fn wants_credit_request(&mut self) -> bool {
+        if !self.bound_holds() || self.byte_credit() == 0 {
+            return false;
+        }
+        if self.requested_at == Some(self.peer_fwd_cnt) {
+            return false;
+        }
+        self.requested_at = Some(self.peer_fwd_cnt);
+        true
     }
 
     /// Our advertised receive buffer size.
@@ -85,10 +162,26 @@ impl Credit {
         (self.rx_cnt - self.fwd_cnt).0
     }
 
-    /// Bytes we may send to the peer right now.
+    /// Bytes we may send to the peer right now (0 while the packet bound is reached).
     pub fn peer_credit(&self) -> u32 {
-        let in_flight = (self.tx_cnt - self.peer_fwd_cnt).0;
-        self.peer_buf_alloc.saturating_sub(in_flight)
+        if self.bound_holds() {
+            return 0;
+        }
+        self.byte_credit()
+    }
+
+    /// The packet bound, not the bytes, is what stops a new message or packet now.
+    fn bound_holds(&self) -> bool {
+        self.packet_bound
+            && !self.message_open
+            && self.sent_ends.len() >= self.max_packets_in_flight()
+    }
+
+    /// Accounts `len` payload bytes sent as part of a seqpacket message, `eom` on its
+    /// last part: until then the rest of the message goes on bytes alone.
+    pub fn on_send_message_part(&mut self, len: u32, eom: bool) {
+        self.on_send(len);
+        self.message_open = !eom;
     }
 
     /// Bytes sent and not yet acknowledged as consumed by the peer.
@@ -100,6 +193,16 @@ impl Credit {
     pub fn update_peer(&mut self, buf_alloc: u32, fwd_cnt: u32) {
         self.peer_buf_alloc = buf_alloc;
         self.peer_fwd_cnt = Wrapping(fwd_cnt);
+        // A packet is gone once the peer consumed its last byte. Wrapping distances: an
+        // end at most `in_flight` behind `tx_cnt` is still outstanding.
+        let in_flight = self.in_flight();
+        while let Some(&end) = self.sent_ends.front() {
+            if (self.tx_cnt - end).0 >= in_flight {
+                self.sent_ends.pop_front();
+            } else {
+                break;
+            }
+        }
     }
 
     /// Accounts `len` received payload bytes, rejecting credit violations.
@@ -127,6 +230,9 @@ impl Credit {
     pub fn on_send(&mut self, len: u32) {
         debug_assert!(len <= self.peer_credit());
         self.tx_cnt += Wrapping(len);
+        if len > 0 && self.packet_bound {
+            self.sent_ends.push_back(self.tx_cnt);
+        }
     }
 
     /// Values to put in an outgoing header; records that the peer now knows them.
@@ -174,6 +280,90 @@ mod tests {
         assert_eq!(c.peer_credit(), 200);
         c.update_peer(500, (Wrapping(u32::MAX - 10) + Wrapping(300)).0);
         assert_eq!(c.peer_credit(), 500);
+    }
+
+    #[test]
+    fn small_packets_stop_at_the_packet_bound_until_the_peer_consumes() {
+        // 64 KiB buffer: 64 packets of 100 bytes use 6,400 bytes and reach the bound.
+        let mut c = Credit::new(1000, 64 * 1024, 0);
+        c.on_send(100);
+        c.update_peer(64 * 1024, 100);
+        assert_eq!(
+            c.packets_in_flight(),
+            0,
+            "no bound, nothing tracked, on a stream"
+        );
+        let mut c = Credit::new(1000, 64 * 1024, 0);
+        c.enable_packet_bound();
+        assert_eq!(c.max_packets_in_flight(), 64);
+        for _ in 0..64 {
+            assert!(c.peer_credit() >= 100);
+            c.on_send(100);
+        }
+        assert_eq!(c.packets_in_flight(), 64);
+        assert_eq!(
+            c.peer_credit(),
+            0,
+            "packet bound reached with bytes to spare"
+        );
+        assert!(c.wants_credit_request());
+        assert!(!c.wants_credit_request(), "once until the peer moves");
+        // The peer consumed two whole packets and half of the third.
+        c.update_peer(64 * 1024, 250);
+        assert_eq!(c.packets_in_flight(), 62);
+        assert_eq!(c.peer_credit(), 64 * 1024 - (6400 - 250));
+        c.on_send(100);
+        c.on_send(100);
+        assert_eq!(c.peer_credit(), 0);
+        assert!(
+            c.wants_credit_request(),
+            "the peer moved since the last request"
+        );
+        // Everything consumed.
+        c.update_peer(64 * 1024, 6600);
+        assert_eq!(c.packets_in_flight(), 0);
+        assert_eq!(c.peer_credit(), 64 * 1024);
+        assert!(!c.wants_credit_request());
+    }
+
+    #[test]
+    fn a_message_begun_goes_on_past_the_packet_bound_to_its_end() {
+        // A 4 KiB buffer: at most 4 packets unacknowledged. A message of 8 parts of 64
+        // bytes (tiny RX buffers) begun below the bound goes on to its last part on bytes
+        // alone: the peer cannot consume, or acknowledge, part of a message.
+        let mut c = Credit::new(1000, 4096, 0);
+        c.enable_packet_bound();
+        assert_eq!(c.max_packets_in_flight(), 4);
+        for part in 0..8 {
+            assert_eq!(c.peer_credit(), 4096 - 64 * part, "part {part}");
+            assert!(!c.wants_credit_request(), "nothing holds part {part}");
+            c.on_send_message_part(64, part == 7);
+        }
+        // Ended: the next message waits for the peer.
+        assert_eq!(c.packets_in_flight(), 8);
+        assert_eq!(c.peer_credit(), 0);
+        assert!(c.wants_credit_request());
+        c.update_peer(4096, 512);
+        assert_eq!(c.packets_in_flight(), 0);
+        assert_eq!(c.peer_credit(), 4096);
+        // Bytes still bound a message begun.
+        c.on_send_message_part(4000, false);
+        assert_eq!(c.peer_credit(), 96);
+    }
+
+    #[test]
+    fn packet_bound_survives_counter_wrap() {
+        let mut c = Credit::new(1000, 8 * 1024, u32::MAX - 150);
+        c.enable_packet_bound();
+        c.tx_cnt = Wrapping(u32::MAX - 150);
+        for _ in 0..8 {
+            c.on_send(100);
+        }
+        assert_eq!(c.peer_credit(), 0);
+        // Acknowledged up to the end of the fourth packet, across the wrap.
+        c.update_peer(8 * 1024, (Wrapping(u32::MAX - 150) + Wrapping(400)).0);
+        assert_eq!(c.packets_in_flight(), 4);
+        assert_eq!(c.peer_credit(), 8 * 1024 - 400);
     }
 
     #[test]

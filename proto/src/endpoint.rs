@@ -498,9 +498,11 @@ impl Endpoint {
                 can_send: conn.can_send(),
             });
         }
-        conn.credit.on_send(len);
         let mut flags = 0;
-        if conn.socket_type == SocketType::SeqPacket {
+        if conn.socket_type != SocketType::SeqPacket {
+            conn.credit.on_send(len);
+        } else {
+            conn.credit.on_send_message_part(len, eom);
             if eom {
                 flags |= SEQ_EOM;
             }
@@ -527,6 +529,20 @@ impl Endpoint {
         }
     }
 
+    /// Asks the peer for a credit update when the packet bound, not its free bytes, stops
+    /// sending on `key` (see [`crate::credit`]); at most once per movement of the peer's
+    /// `fwd_cnt`. Whether it asked.
+    pub fn request_credit_if_packet_bound(&mut self, key: &ConnKey) -> bool {
+        let wants = self
+            .conns
+            .get_mut(key)
+            .is_some_and(|c| c.can_send() && c.credit.wants_credit_request());
+        if wants {
+            self.request_credit(key);
+        }
+        wants
+    }
+
     /// Reports that the caller handed `n` received bytes on to its consumer.
     ///
     /// On a stream, `CREDIT_UPDATE`s are batched until half the receive buffer is free, which
@@ -538,7 +554,9 @@ impl Endpoint {
             conn.credit.consume(n);
             let wants_update = match conn.socket_type {
                 SocketType::Stream => conn.credit.wants_update(),
-                SocketType::SeqPacket => conn.credit.wants_eager_update(),
+                SocketType::SeqPacket => {
+                    conn.credit.wants_eager_update() || conn.credit.wants_drained_update()
+                }
             };
             if wants_update {
                 conn.pending.credit_update = true;
@@ -709,7 +727,14 @@ impl Endpoint {
                 key,
                 socket_type,
                 state,
-                credit: Credit::new(self.config.buf_alloc_bytes, peer_buf_alloc, peer_fwd_cnt),
+                credit: {
+                    let mut c =
+                        Credit::new(self.config.buf_alloc_bytes, peer_buf_alloc, peer_fwd_cnt);
+                    if socket_type == SocketType::SeqPacket {
+                        c.enable_packet_bound();
+                    }
+                    c
+                },
                 local_shutdown: Shutdown::default(),
                 peer_shutdown: Shutdown::default(),
                 pending: Pending::default(),

@@ -222,7 +222,7 @@ impl Hosts {
     /// # Errors
     /// When the tool fails or a file cannot be copied.
     pub fn tunnel_certs(&self) -> io::Result<()> {
-        let pki = self.root.path().join("pki");
+        let pki = self.pki_dir();
         if pki.join("ca.pem").exists() {
             return Ok(());
         }
@@ -251,6 +251,12 @@ impl Hosts {
             }
         }
         Ok(())
+    }
+
+    /// The directory of the test CA and every host's certificate and key (made by
+    /// [`Hosts::tunnel_certs`]), as every process sees it (not under a host's view).
+    pub fn pki_dir(&self) -> PathBuf {
+        self.root.path().join("pki")
     }
 
     /// The `[tunnel]` table of host `name`: it listens on its bridge address at `port`;

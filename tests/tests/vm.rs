@@ -3790,6 +3790,9 @@ use migrate::{
     migrate_sessions_across_three_hosts, migrate_sibling_pair_across_hosts,
     migrate_with_domsockd_admin,
 };
+#[path = "vm/bus.rs"]
+mod bus;
+use bus::bus_hub_three_guests_and_a_host;
 
 // ---------------------------------------------------------------------------------------------
 
@@ -3849,4 +3852,5 @@ per_kernel!(
     migrate_with_domsockd_admin,
     migrate_sessions_across_three_hosts,
     migrate_sibling_pair_across_hosts,
+    bus_hub_three_guests_and_a_host,
 );

@@ -9,29 +9,41 @@
 //! fan-out never lets grow past the bus's `queue_bytes` (the message is dropped and
 //! counted, or the member disconnected, as the bus says). A publisher never waits.
 //!
-//! Members today are host processes on a Unix `SOCK_SEQPACKET` socket per namespace
-//! ([`unix`]); the socket file's permissions are who may reach that namespace's buses, as
-//! for a file. Guest members (vsock seqpacket to port
-//! [`BUS_PORT`](domsock_proto::bus::BUS_PORT)) are still to come: their sink will be the
-//! guest's receive path instead of a socket.
+//! Members are host processes on a Unix `SOCK_SEQPACKET` socket per namespace
+//! ([`unix`]; the socket file's permissions are who may reach that namespace's buses, as
+//! for a file) and guests: a guest's vsock seqpacket connection to host port
+//! [`BUS_PORT`](domsock_proto::bus::BUS_PORT) is answered by the bus service of the
+//! engine's service table (its `bus` entry), which hands the bus thread the other
+//! end of a Unix socket pair; the engine carries that pair like any host connection (guest
+//! credit, RX buffers), so a guest that does not read fills its pair and is a full socket
+//! here. A guest's namespace is its VM's; what it may do on a bus is the policy's
+//! [`BusPermit`](crate::policy::BusPermit) (`[[bus]]` declarations and
+//! `[[policy.bus-create]]`, default deny), checked at JOIN and REJOIN and again at every
+//! reload ([`BusHub::reload`] removes members that lost their permission, telling them
+//! REFUSED `Denied`).
 //!
 //! What it does not do: parse frames (that is [`domsock_proto::bus::wire`]) or decide who
 //! receives a message (that is the [`Bus`]).
 
 pub mod unix;
 
+use crate::policy::{BusPermit, Policy};
 use domsock_proto::bus::fanout::{Bus, BusConfig, Grant, JoinError, Loss, Offer};
 use domsock_proto::bus::wire::{
-    encode_message_head, BusName, CreateParams, ErrorCode, Fields, Joined, MemberId, RefuseCode,
-    ServiceFrame, Token,
+    batch_entry_prefix, batch_header, encode_message_head, max_batch_len, BusName, CreateParams,
+    ErrorCode, Fields, Joined, MemberId, RefuseCode, ServiceFrame, Token, BATCH_ENTRY_PREFIX,
+    HEADER_LEN, MAX_BATCH_FRAMES,
 };
+use domsock_proto::Cid;
 use nix::sys::socket::{sendmsg, MsgFlags, UnixAddr};
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// Answers (SUBSCRIBED, ERROR) that may wait in one member's queue before it is cut off.
 pub const MAX_QUEUED_ANSWERS: usize = 256;
@@ -42,9 +54,74 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Who a member is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A host process (through a namespace's socket file).
+    Host,
+    /// The guest with this CID (through the engine).
+    Guest(Cid),
+}
+
+/// The bus service's counters (every refusal and error by kind), for the counters log
+/// line and the admin status.
+#[derive(Debug, Default)]
+pub struct BusStats {
+    /// Memberships that stood (JOIN), host processes and guests.
+    pub joins: AtomicU64,
+    /// Memberships taken back (REJOIN).
+    pub rejoins: AtomicU64,
+    /// Guest JOIN/REJOIN refused by the policy (REFUSED `Denied`).
+    pub refused_denied: AtomicU64,
+    /// JOIN/REJOIN refused for another reason (no such bus, mismatch, full, token, malformed).
+    pub refused_other: AtomicU64,
+    /// Requests answered with ERROR (not permitted, too large, fields, malformed, ...).
+    pub request_errors: AtomicU64,
+    /// Guest members removed because a reload took their permission.
+    pub removed_by_reload: AtomicU64,
+    /// Members disconnected as slow.
+    pub slow_disconnects: AtomicU64,
+    /// Guest bus connections refused because their VM had too many.
+    pub too_many_conns: AtomicU64,
+}
+
+impl BusStats {
+    pub(crate) fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `name=value` pairs, as the counters log line prints them.
+    pub fn pairs(&self) -> Vec<(&'static str, u64)> {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("joins", g(&self.joins)),
+            ("rejoins", g(&self.rejoins)),
+            ("refused_denied", g(&self.refused_denied)),
+            ("refused_other", g(&self.refused_other)),
+            ("request_errors", g(&self.request_errors)),
+            ("removed_by_reload", g(&self.removed_by_reload)),
+            ("slow_disconnects", g(&self.slow_disconnects)),
+            ("too_many_conns", g(&self.too_many_conns)),
+        ]
+    }
+}
+
+impl std::fmt::Display for BusStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (k, v)) in self.pairs().into_iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{k}={v}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Where one member's messages go.
 #[derive(Debug)]
 struct Sink {
+    origin: Origin,
     /// The member's connection; `None` while it is parked.
     sock: Option<Arc<OwnedFd>>,
     /// Whole frames waiting for the socket, oldest first.
@@ -52,6 +129,9 @@ struct Sink {
     /// The socket was full at the last send: nothing is tried again until it is writable
     /// (one failed `sendmsg` per stall, not one per message published meanwhile).
     blocked: bool,
+    /// The member takes BATCH frames (its JOIN said so): queued MESSAGEs go out as few
+    /// seqpacket messages as fit.
+    batches: bool,
 }
 
 /// A frame waiting for a member's socket.
@@ -72,6 +152,23 @@ pub struct BusState {
     /// Reused for every MESSAGE head.
     head: Vec<u8>,
     receivers: Vec<MemberId>,
+    /// Members disconnected as slow, not yet added to the hub's counters.
+    slow_disconnects: u64,
+}
+
+/// One bus, as the admin status lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusSummary {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// Its delivery policy.
+    pub policy: String,
+    /// Members, parked ones included.
+    pub members: usize,
+    /// Of which parked.
+    pub parked: usize,
 }
 
 /// Why a JOIN could not stand.
@@ -119,6 +216,10 @@ type SharedBus = Arc<Mutex<BusState>>;
 #[derive(Debug, Default)]
 pub struct BusHub {
     buses: Mutex<HashMap<BusKey, SharedBus>>,
+    /// What guests may do; without one (host-only tests) every guest is denied.
+    policy: RwLock<Option<Arc<Policy>>>,
+    /// Counters.
+    pub stats: BusStats,
 }
 
 /// Sends `parts` as one seqpacket message, without waiting: `Ok(false)` if the socket
@@ -142,6 +243,21 @@ fn frame(f: &ServiceFrame<'_>) -> Vec<u8> {
     let mut v = Vec::new();
     f.encode(&mut v);
     v
+}
+
+/// How many MESSAGEs from the front of `queue` one BATCH of at most `max_batch` bytes
+/// takes (0 or 1: no batch; the front goes alone).
+fn batch_run(queue: &VecDeque<Queued>, max_batch: usize) -> usize {
+    let mut len = HEADER_LEN;
+    let mut n = 0;
+    for q in queue.iter().take(MAX_BATCH_FRAMES) {
+        len += BATCH_ENTRY_PREFIX + q.bytes.len();
+        if !q.counted || len > max_batch {
+            break;
+        }
+        n += 1;
+    }
+    n
 }
 
 impl BusState {
@@ -207,8 +323,12 @@ impl BusState {
         self.flush_member(id, wants);
     }
 
-    /// Writes `id`'s queue until its socket is full.
+    /// Writes `id`'s queue until its socket is full. A member that takes batches gets
+    /// each run of queued MESSAGEs as BATCH frames (up to [`max_batch_len`] bytes and
+    /// [`MAX_BATCH_FRAMES`] each), sent from the queue's own buffers as the parts of one
+    /// `sendmsg`: no copy, one message for the whole run.
     fn flush_member(&mut self, id: MemberId, wants: &mut Wants) {
+        let max_batch = max_batch_len(self.bus.config().max_message);
         let Some(sink) = self.sinks.get_mut(&id) else {
             return;
         };
@@ -218,13 +338,40 @@ impl BusState {
         if sink.blocked {
             return;
         }
-        while let Some(front) = sink.queue.front() {
-            match send_parts(&sock, &[&front.bytes]) {
+        let header = batch_header();
+        let mut prefixes: Vec<[u8; BATCH_ENTRY_PREFIX]> = Vec::new();
+        while !sink.queue.is_empty() {
+            let run = if sink.batches {
+                batch_run(&sink.queue, max_batch)
+            } else {
+                0
+            };
+            let (sent, taken) = if run >= 2 {
+                prefixes.clear();
+                prefixes.extend(
+                    sink.queue
+                        .iter()
+                        .take(run)
+                        .map(|q| batch_entry_prefix(q.bytes.len())),
+                );
+                let mut parts: Vec<&[u8]> = Vec::with_capacity(1 + 2 * run);
+                parts.push(&header);
+                for (p, q) in prefixes.iter().zip(sink.queue.iter()) {
+                    parts.push(p);
+                    parts.push(&q.bytes);
+                }
+                (send_parts(&sock, &parts), run)
+            } else {
+                let front = sink.queue.front().expect("not empty");
+                (send_parts(&sock, &[&front.bytes]), 1)
+            };
+            match sent {
                 Ok(true) => {
-                    if front.counted {
-                        self.bus.sent(id, front.bytes.len());
+                    for q in sink.queue.drain(..taken) {
+                        if q.counted {
+                            self.bus.sent(id, q.bytes.len());
+                        }
                     }
-                    sink.queue.pop_front();
                 }
                 Ok(false) => {
                     sink.blocked = true;
@@ -267,6 +414,7 @@ impl BusState {
                 Offer::Queue => self.deliver(to, &[&head, payload], len, wants),
                 Offer::Dropped => {}
                 Offer::Disconnect => {
+                    self.slow_disconnects += 1;
                     info!(bus = %self.name, namespace = %self.namespace, member = to.0, "slow bus member disconnected");
                     if let Some(sock) = self.sinks.remove(&to).and_then(|s| s.sock) {
                         wants.closed.push(sock);
@@ -332,6 +480,7 @@ impl BusHub {
             sinks: HashMap::new(),
             head: Vec::new(),
             receivers: Vec::new(),
+            slow_disconnects: 0,
         }));
         buses.insert(key, b.clone());
         Ok(b)
@@ -340,6 +489,163 @@ impl BusHub {
     /// A JOIN on `sock`: the membership and the JOINED frame to answer with.
     pub fn join(
         &self,
+        namespace: &str,
+        name: &BusName,
+        grant: Grant,
+        create: Option<CreateParams>,
+        token: Token,
+        sock: Arc<OwnedFd>,
+    ) -> Result<(Membership, Vec<u8>), Refusal> {
+        self.join_as(Origin::Host, namespace, name, grant, create, token, sock)
+    }
+
+    /// The policy guests are judged by from now on (at start and at every reload):
+    /// declared buses that do not exist yet are created, and guest members whose grant
+    /// the policy no longer allows are told REFUSED `Denied` and removed. Returns how many
+    /// were removed.
+    pub fn reload(&self, policy: Arc<Policy>) -> usize {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Some(policy.clone());
+        for d in policy.declared_buses() {
+            match self.bus(&d.namespace, &d.name, Some(d.params)) {
+                Ok(_) => {}
+                Err(r) => {
+                    warn!(bus = %d.name, namespace = %d.namespace, "declared bus keeps its running parameters: {}", r.text)
+                }
+            }
+        }
+        let buses: Vec<SharedBus> = lock(&self.buses).values().cloned().collect();
+        let mut removed = 0;
+        for b in buses {
+            let mut st = lock(&b);
+            let name = st.name.clone();
+            let gone: Vec<(MemberId, Cid)> = st
+                .sinks
+                .iter()
+                .filter_map(|(&id, s)| match s.origin {
+                    Origin::Guest(cid) => Some((id, cid)),
+                    Origin::Host => None,
+                })
+                .filter(|&(id, cid)| {
+                    let grant = st.bus.grant(id).unwrap_or_default();
+                    !policy.bus_permit(cid, &name).allows(grant)
+                })
+                .collect();
+            for (id, cid) in gone {
+                info!(bus = %name, namespace = %st.namespace, member = id.0, %cid, "bus member removed: the reloaded policy no longer permits it");
+                st.bus.leave(id);
+                if let Some(sock) = st.sinks.remove(&id).and_then(|s| s.sock) {
+                    let mut v = Vec::new();
+                    ServiceFrame::Refused {
+                        code: RefuseCode::Denied,
+                        text: "permission withdrawn by a policy reload",
+                    }
+                    .encode(&mut v);
+                    let _ = send_parts(&sock, &[&v]);
+                    // The bus thread sees the end and forgets the connection.
+                    let _ = nix::sys::socket::shutdown(
+                        sock.as_raw_fd(),
+                        nix::sys::socket::Shutdown::Both,
+                    );
+                }
+                removed += 1;
+                BusStats::inc(&self.stats.removed_by_reload);
+            }
+        }
+        removed
+    }
+
+    /// What guest `cid` may do on `name`, and its namespace; `None` for a CID that is not
+    /// a domain (or without a policy).
+    fn permit(&self, cid: Cid, name: &BusName) -> Option<(String, BusPermit)> {
+        let guard = self.policy.read().unwrap_or_else(|p| p.into_inner());
+        let policy = guard.as_ref()?;
+        let ns = policy.domain(cid)?.namespace.clone();
+        Some((ns, policy.bus_permit(cid, name)))
+    }
+
+    /// A guest's JOIN: allowed by its [`BusPermit`] on the bus of its namespace, with
+    /// `want` whole (as opening a read-only file for writing fails, a listener asking to
+    /// publish is refused, not quietly granted less).
+    pub fn join_guest(
+        &self,
+        cid: Cid,
+        name: &BusName,
+        want: Grant,
+        create: Option<CreateParams>,
+        token: Token,
+        sock: Arc<OwnedFd>,
+    ) -> Result<(Membership, Vec<u8>), Refusal> {
+        let denied = |text: String| {
+            BusStats::inc(&self.stats.refused_denied);
+            Refusal::new(RefuseCode::Denied, text)
+        };
+        let Some((ns, permit)) = self.permit(cid, name) else {
+            return Err(denied(format!("cid {cid} is not a domain of this host")));
+        };
+        if !permit.listen && !permit.publish {
+            return Err(denied(format!(
+                "cid {cid} may not join bus {name} of namespace {ns}"
+            )));
+        }
+        if !permit.allows(want) {
+            return Err(denied(format!(
+                "cid {cid} may only {} on bus {name}",
+                if permit.listen { "listen" } else { "publish" }
+            )));
+        }
+        let create = if permit.create { create } else { None };
+        self.join_as(Origin::Guest(cid), &ns, name, want, create, token, sock)
+    }
+
+    /// A guest's REJOIN: its namespace's parked membership of `token`, if it is that
+    /// guest's and the policy still allows it.
+    pub fn rejoin_guest(
+        &self,
+        cid: Cid,
+        token: &Token,
+        sock: Arc<OwnedFd>,
+        wants: &mut Wants,
+    ) -> Result<Membership, Refusal> {
+        let ns = {
+            let guard = self.policy.read().unwrap_or_else(|p| p.into_inner());
+            guard
+                .as_ref()
+                .and_then(|p| p.domain(cid))
+                .map(|d| d.namespace.clone())
+        };
+        let Some(ns) = ns else {
+            BusStats::inc(&self.stats.refused_denied);
+            return Err(Refusal::new(
+                RefuseCode::Denied,
+                "not a domain of this host",
+            ));
+        };
+        self.rejoin_as(Origin::Guest(cid), &ns, token, sock, wants)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn join_as(
+        &self,
+        origin: Origin,
+        namespace: &str,
+        name: &BusName,
+        grant: Grant,
+        create: Option<CreateParams>,
+        token: Token,
+        sock: Arc<OwnedFd>,
+    ) -> Result<(Membership, Vec<u8>), Refusal> {
+        let r = self.join_inner(origin, namespace, name, grant, create, token, sock);
+        match &r {
+            Ok(_) => BusStats::inc(&self.stats.joins),
+            Err(_) => BusStats::inc(&self.stats.refused_other),
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn join_inner(
+        &self,
+        origin: Origin,
         namespace: &str,
         name: &BusName,
         grant: Grant,
@@ -356,9 +662,11 @@ impl BusHub {
         st.sinks.insert(
             id,
             Sink {
+                origin,
                 sock: Some(sock),
                 queue: VecDeque::new(),
                 blocked: false,
+                batches: false,
             },
         );
         let joined = joined_frame(&st, id, grant, token, 0);
@@ -375,6 +683,34 @@ impl BusHub {
         sock: Arc<OwnedFd>,
         wants: &mut Wants,
     ) -> Result<Membership, Refusal> {
+        self.rejoin_as(Origin::Host, namespace, token, sock, wants)
+    }
+
+    fn rejoin_as(
+        &self,
+        origin: Origin,
+        namespace: &str,
+        token: &Token,
+        sock: Arc<OwnedFd>,
+        wants: &mut Wants,
+    ) -> Result<Membership, Refusal> {
+        let r = self.rejoin_inner(origin, namespace, token, sock, wants);
+        match &r {
+            Ok(_) => BusStats::inc(&self.stats.rejoins),
+            Err(e) if e.code == RefuseCode::Denied => BusStats::inc(&self.stats.refused_denied),
+            Err(_) => BusStats::inc(&self.stats.refused_other),
+        }
+        r
+    }
+
+    fn rejoin_inner(
+        &self,
+        origin: Origin,
+        namespace: &str,
+        token: &Token,
+        sock: Arc<OwnedFd>,
+        wants: &mut Wants,
+    ) -> Result<Membership, Refusal> {
         let buses: Vec<Arc<Mutex<BusState>>> = lock(&self.buses)
             .iter()
             .filter(|((ns, _), _)| ns == namespace)
@@ -382,6 +718,26 @@ impl BusHub {
             .collect();
         for bus in buses {
             let mut st = lock(&bus);
+            // A token is only good for the one who was given it: a host process cannot
+            // take a guest's membership, nor a guest another's.
+            let Some(id) = st.bus.member_of(token) else {
+                continue;
+            };
+            if st.sinks.get(&id).is_some_and(|s| s.origin != origin) {
+                continue;
+            }
+            if let Origin::Guest(cid) = origin {
+                let grant = st.bus.grant(id).unwrap_or_default();
+                let allowed = self
+                    .permit(cid, &st.name)
+                    .is_some_and(|(_, p)| p.allows(grant));
+                if !allowed {
+                    return Err(Refusal::new(
+                        RefuseCode::Denied,
+                        format!("cid {cid} may no longer be a member of bus {}", st.name),
+                    ));
+                }
+            }
             let (id, lost) = match st.bus.rejoin(token) {
                 Ok(r) => r,
                 Err(JoinError::UnknownToken) => continue,
@@ -390,9 +746,11 @@ impl BusHub {
             let grant = st.bus.grant(id).unwrap_or_default();
             let joined = joined_frame(&st, id, grant, *token, lost.messages);
             let sink = st.sinks.entry(id).or_insert(Sink {
+                origin,
                 sock: None,
                 queue: VecDeque::new(),
                 blocked: false,
+                batches: false,
             });
             sink.sock = Some(sock);
             sink.blocked = false;
@@ -421,7 +779,17 @@ impl BusHub {
         use domsock_proto::bus::wire::MemberFrame as F;
         let mut st = lock(&m.bus);
         match req {
-            F::Publish { fields, payload } => st.publish(m.id, &fields, payload, wants),
+            F::Publish { fields, payload } => {
+                let a = st.publish(m.id, &fields, payload, wants);
+                let slow = std::mem::take(&mut st.slow_disconnects);
+                self.stats
+                    .slow_disconnects
+                    .fetch_add(slow, Ordering::Relaxed);
+                if a.is_some() {
+                    BusStats::inc(&self.stats.request_errors);
+                }
+                a
+            }
             F::Subscribe(p) | F::Unsubscribe(p) => {
                 let sub = matches!(req, F::Subscribe(_));
                 let r = if sub {
@@ -431,10 +799,13 @@ impl BusHub {
                 };
                 Some(match r {
                     Ok(_) => frame_subscribed(sub, p),
-                    Err(e) => frame(&ServiceFrame::Error {
-                        code: e.code(),
-                        text: &e.to_string(),
-                    }),
+                    Err(e) => {
+                        BusStats::inc(&self.stats.request_errors);
+                        frame(&ServiceFrame::Error {
+                            code: e.code(),
+                            text: &e.to_string(),
+                        })
+                    }
                 })
             }
             F::Leave => {
@@ -442,10 +813,21 @@ impl BusHub {
                 st.sinks.remove(&m.id);
                 None
             }
-            F::Join { .. } | F::Rejoin(_) => Some(frame(&ServiceFrame::Error {
-                code: ErrorCode::Malformed,
-                text: "already a member on this connection",
-            })),
+            F::Join { .. } | F::Rejoin(_) => {
+                BusStats::inc(&self.stats.request_errors);
+                Some(frame(&ServiceFrame::Error {
+                    code: ErrorCode::Malformed,
+                    text: "already a member on this connection",
+                }))
+            }
+        }
+    }
+
+    /// Whether `m`'s queued MESSAGEs may go out as BATCH frames (its JOIN's *batches*
+    /// flag; the membership keeps it across REJOINs).
+    pub fn set_batches(&self, m: &Membership, batches: bool) {
+        if let Some(sink) = lock(&m.bus).sinks.get_mut(&m.id) {
+            sink.batches = batches;
         }
     }
 
@@ -478,6 +860,28 @@ impl BusHub {
         s.sock = None;
         s.blocked = false;
         st.bus.park(m.id, now);
+        info!(bus = %st.name, namespace = %st.namespace, member = m.id.0, "bus member parked");
+    }
+
+    /// Every bus, sorted by namespace and name, for the admin status.
+    pub fn buses(&self) -> Vec<BusSummary> {
+        let buses: Vec<SharedBus> = lock(&self.buses).values().cloned().collect();
+        let mut list: Vec<BusSummary> = buses
+            .iter()
+            .map(|b| {
+                let st = lock(b);
+                let parked = st.sinks.values().filter(|s| s.sock.is_none()).count();
+                BusSummary {
+                    namespace: st.namespace.clone(),
+                    name: st.name.to_string(),
+                    policy: st.bus.config().policy.to_string(),
+                    members: st.bus.len(),
+                    parked,
+                }
+            })
+            .collect();
+        list.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        list
     }
 
     /// Ends parked memberships past their timeout, on every bus.

@@ -9,12 +9,19 @@
 //! (see [`super`]). Connections waiting for their first frame are bounded
 //! ([`MAX_PENDING_BUS_CONNS`]); every member's queue is bounded by its bus.
 //!
-//! What it does not do: guests (their connections come through the engine).
+//! Guests' connections come in through the [`GuestDoor`]: the bus service of the engine's
+//! service table hands over the far end of a socket pair (the engine carries the near end
+//! like any host connection) with the guest's CID; the same thread serves it, and the
+//! policy decides what the guest may do ([`BusHub::join_guest`]). A VM has at most
+//! [`MAX_BUS_CONNS_PER_VM`] bus connections.
+//!
+//! What it does not do: the guest side of a guest's connection (the engine carries it).
 
-use super::{BusHub, Membership, Refusal, Wants};
+use super::{BusHub, BusStats, Membership, Refusal, Wants};
 use domsock_proto::bus::fanout::Grant;
 use domsock_proto::bus::wire::{max_frame_len, MemberFrame, RefuseCode, ServiceFrame, Token};
 use domsock_proto::bus::wire::{MAX_MESSAGE_LIMIT_BYTES, VERSION};
+use domsock_proto::Cid;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::socket::{
     bind, listen, recv, socket, AddressFamily, Backlog, MsgFlags, SockFlag, SockType, UnixAddr,
@@ -22,28 +29,80 @@ use nix::sys::socket::{
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixDatagram;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 /// Connections that have not sent their JOIN yet, at most.
 pub const MAX_PENDING_BUS_CONNS: usize = 64;
+/// Bus connections of one VM (waiting for their JOIN, or members), at most.
+pub const MAX_BUS_CONNS_PER_VM: usize = 64;
 /// How often parked memberships are checked for expiry.
 const EXPIRY_CHECK: Duration = Duration::from_millis(250);
+
+/// Who is at the other end of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Who {
+    /// A host process that opened the socket of this namespace.
+    Host(String),
+    /// The guest with this CID (its namespace is its VM's).
+    Guest(Cid),
+}
 
 enum Conn {
     /// A namespace's listening socket.
     Listener(String, UnixListener),
+    /// Guests' connections arrive here.
+    Door,
     Pending {
         sock: Arc<OwnedFd>,
-        namespace: String,
+        who: Who,
     },
     Member {
         sock: Arc<OwnedFd>,
         m: Membership,
+        who: Who,
     },
+}
+
+impl Conn {
+    fn guest(&self) -> Option<Cid> {
+        match self {
+            Conn::Pending {
+                who: Who::Guest(c), ..
+            }
+            | Conn::Member {
+                who: Who::Guest(c), ..
+            } => Some(*c),
+            _ => None,
+        }
+    }
+}
+
+/// Where the engine's bus service hands guests' connections to the bus thread.
+#[derive(Debug)]
+pub struct GuestDoor {
+    tx: Mutex<mpsc::Sender<(OwnedFd, Cid)>>,
+    /// One byte wakes the bus thread (a full buffer means it is woken already).
+    wake: UnixDatagram,
+}
+
+impl GuestDoor {
+    /// Hands `fd` (the bus thread's end of guest `cid`'s connection) over.
+    pub fn admit(&self, fd: OwnedFd, cid: Cid) -> io::Result<()> {
+        super::lock(&self.tx)
+            .send((fd, cid))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "bus thread gone"))?;
+        match self.wake.send(&[1]) {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// The running server: its thread ends with the process.
@@ -51,15 +110,41 @@ enum Conn {
 pub struct UnixBusServer {
     /// The sockets, one per namespace.
     pub sockets: Vec<PathBuf>,
+    /// Guests' way in.
+    pub door: Arc<GuestDoor>,
 }
 
 /// Binds `<dir>/<namespace>.sock` for each namespace and serves them on a thread.
 pub fn spawn(hub: Arc<BusHub>, dir: &Path, namespaces: &[String]) -> io::Result<UnixBusServer> {
-    std::fs::create_dir_all(dir)?;
+    start(hub, Some(dir), namespaces)
+}
+
+/// Starts the bus thread: guests through the returned [`GuestDoor`], and with `dir`,
+/// host processes on `<dir>/<namespace>.sock` for each namespace.
+pub fn start(
+    hub: Arc<BusHub>,
+    dir: Option<&Path>,
+    namespaces: &[String],
+) -> io::Result<UnixBusServer> {
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
     let mut conns: HashMap<RawFd, Conn> = HashMap::new();
     let mut sockets = Vec::new();
-    for ns in namespaces {
+    let (wake, waker) = UnixDatagram::pair()?;
+    wake.set_nonblocking(true)?;
+    waker.set_nonblocking(true)?;
+    let (tx, rx) = mpsc::channel();
+    let door = Arc::new(GuestDoor {
+        tx: Mutex::new(tx),
+        wake: waker,
+    });
+    let wake_fd = wake.as_raw_fd();
+    epoll.add(&wake, EpollEvent::new(EpollFlags::EPOLLIN, wake_fd as u64))?;
+    conns.insert(wake_fd, Conn::Door);
+    if let Some(dir) = dir {
+        std::fs::create_dir_all(dir)?;
+    }
+    for ns in dir.map_or(&[][..], |_| namespaces) {
+        let dir = dir.expect("checked");
         let path = dir.join(format!("{ns}.sock"));
         let _ = std::fs::remove_file(&path);
         let fd = socket(
@@ -78,9 +163,9 @@ pub fn spawn(hub: Arc<BusHub>, dir: &Path, namespaces: &[String]) -> io::Result<
         sockets.push(path);
     }
     std::thread::Builder::new()
-        .name("bus-unix".into())
-        .spawn(move || serve(&hub, &epoll, &mut conns))?;
-    Ok(UnixBusServer { sockets })
+        .name("bus".into())
+        .spawn(move || serve(&hub, &epoll, &mut conns, &wake, &rx))?;
+    Ok(UnixBusServer { sockets, door })
 }
 
 fn token() -> Token {
@@ -107,7 +192,13 @@ fn refuse(fd: &OwnedFd, r: &Refusal) {
     send_now(fd, &v);
 }
 
-fn serve(hub: &BusHub, epoll: &Epoll, conns: &mut HashMap<RawFd, Conn>) {
+fn serve(
+    hub: &BusHub,
+    epoll: &Epoll,
+    conns: &mut HashMap<RawFd, Conn>,
+    wake: &UnixDatagram,
+    guests: &mpsc::Receiver<(OwnedFd, Cid)>,
+) {
     let mut events = vec![EpollEvent::empty(); 64];
     let mut buf = vec![0u8; max_frame_len(MAX_MESSAGE_LIMIT_BYTES) + 1];
     let mut next_expiry = Instant::now() + EXPIRY_CHECK;
@@ -127,11 +218,18 @@ fn serve(hub: &BusHub, epoll: &Epoll, conns: &mut HashMap<RawFd, Conn>) {
             let flags = ev.events();
             if let Some(Conn::Listener(ns, listener)) = conns.get(&fd) {
                 let (ns, accepted) = (ns.clone(), accept_all(listener, ns));
-                admit(accepted, &ns, epoll, conns);
+                let accepted = accepted.into_iter().map(|a| (a, Who::Host(ns.clone())));
+                admit(hub, accepted.collect(), epoll, conns);
+                continue;
+            }
+            if let Some(Conn::Door) = conns.get(&fd) {
+                while wake.recv(&mut [0u8; 64]).is_ok() {}
+                let arrived = guests.try_iter().map(|(fd, cid)| (fd, Who::Guest(cid)));
+                admit(hub, arrived.collect(), epoll, conns);
                 continue;
             }
             if flags.contains(EpollFlags::EPOLLOUT) {
-                if let Some(Conn::Member { m, sock }) = conns.get(&fd) {
+                if let Some(Conn::Member { m, sock, .. }) = conns.get(&fd) {
                     if hub.flush(m, &mut wants) {
                         let mut ev = EpollEvent::new(EpollFlags::EPOLLIN, fd as u64);
                         let _ = epoll.modify(sock.as_fd(), &mut ev);
@@ -187,10 +285,15 @@ fn accept_all(listener: &UnixListener, ns: &str) -> Vec<OwnedFd> {
     }
 }
 
-/// New connections of namespace `ns`, waiting for their JOIN (at most
-/// [`MAX_PENDING_BUS_CONNS`] at once; the rest are closed).
-fn admit(accepted: Vec<OwnedFd>, ns: &str, epoll: &Epoll, conns: &mut HashMap<RawFd, Conn>) {
-    for fd in accepted {
+/// New connections, waiting for their JOIN (at most [`MAX_PENDING_BUS_CONNS`] at once,
+/// and [`MAX_BUS_CONNS_PER_VM`] of one guest; the rest are closed).
+fn admit(
+    hub: &BusHub,
+    accepted: Vec<(OwnedFd, Who)>,
+    epoll: &Epoll,
+    conns: &mut HashMap<RawFd, Conn>,
+) {
+    for (fd, who) in accepted {
         let raw = fd.as_raw_fd();
         let sock = Arc::new(fd);
         let pending = conns
@@ -198,8 +301,16 @@ fn admit(accepted: Vec<OwnedFd>, ns: &str, epoll: &Epoll, conns: &mut HashMap<Ra
             .filter(|c| matches!(c, Conn::Pending { .. }))
             .count();
         if pending >= MAX_PENDING_BUS_CONNS {
-            debug!(namespace = ns, "too many bus connections before their JOIN");
+            debug!(?who, "too many bus connections before their JOIN");
+            BusStats::inc(&hub.stats.too_many_conns);
             continue;
+        }
+        if let Who::Guest(cid) = who {
+            if conns.values().filter(|c| c.guest() == Some(cid)).count() >= MAX_BUS_CONNS_PER_VM {
+                debug!(%cid, "too many bus connections of one guest");
+                BusStats::inc(&hub.stats.too_many_conns);
+                continue;
+            }
         }
         if epoll
             .add(
@@ -210,13 +321,7 @@ fn admit(accepted: Vec<OwnedFd>, ns: &str, epoll: &Epoll, conns: &mut HashMap<Ra
         {
             continue;
         }
-        conns.insert(
-            raw,
-            Conn::Pending {
-                sock,
-                namespace: ns.to_owned(),
-            },
-        );
+        conns.insert(raw, Conn::Pending { sock, who });
     }
 }
 
@@ -244,9 +349,15 @@ fn read_all(
             // Longer than any frame: MSG_TRUNC returned the real length.
             let refusal = Refusal::new(RefuseCode::Malformed, format!("frame of {n} bytes"));
             match conn {
-                Conn::Pending { sock, .. } => refuse(sock, &refusal),
-                Conn::Member { m, .. } => hub.answer(m, error_frame(&refusal.text), wants),
-                Conn::Listener(..) => {}
+                Conn::Pending { sock, .. } => {
+                    BusStats::inc(&hub.stats.refused_other);
+                    refuse(sock, &refusal)
+                }
+                Conn::Member { m, .. } => {
+                    BusStats::inc(&hub.stats.request_errors);
+                    hub.answer(m, error_frame(&refusal.text), wants)
+                }
+                Conn::Listener(..) | Conn::Door => {}
             }
             if matches!(conn, Conn::Pending { .. }) {
                 return close(hub, fd, epoll, conns);
@@ -255,19 +366,34 @@ fn read_all(
         }
         let frame = &buf[..n];
         match conn {
-            Conn::Listener(..) => return,
-            Conn::Pending { sock, namespace } => {
-                let (sock, namespace) = (sock.clone(), namespace.clone());
+            Conn::Listener(..) | Conn::Door => return,
+            Conn::Pending { sock, who } => {
+                let (sock, who) = (sock.clone(), who.clone());
                 let joined = match MemberFrame::decode(frame) {
-                    Ok(MemberFrame::Join { name, want, create }) => {
+                    Ok(MemberFrame::Join {
+                        name,
+                        want,
+                        create,
+                        batches,
+                    }) => {
                         let grant: Grant = want;
-                        hub.join(&namespace, &name, grant, create, token(), sock.clone())
-                            .map(|(m, joined)| {
-                                send_now(&sock, &joined);
-                                m
-                            })
+                        let sk = sock.clone();
+                        match &who {
+                            Who::Host(ns) => hub.join(ns, &name, grant, create, token(), sk),
+                            Who::Guest(cid) => {
+                                hub.join_guest(*cid, &name, grant, create, token(), sk)
+                            }
+                        }
+                        .map(|(m, joined)| {
+                            hub.set_batches(&m, batches);
+                            send_now(&sock, &joined);
+                            m
+                        })
                     }
-                    Ok(MemberFrame::Rejoin(t)) => hub.rejoin(&namespace, &t, sock.clone(), wants),
+                    Ok(MemberFrame::Rejoin(t)) => match &who {
+                        Who::Host(ns) => hub.rejoin(ns, &t, sock.clone(), wants),
+                        Who::Guest(cid) => hub.rejoin_guest(*cid, &t, sock.clone(), wants),
+                    },
                     Ok(_) => Err(Refusal::new(
                         RefuseCode::Malformed,
                         "the first frame must be JOIN or REJOIN",
@@ -280,20 +406,26 @@ fn read_all(
                 };
                 match joined {
                     Ok(m) => {
-                        conns.insert(fd, Conn::Member { sock, m });
+                        conns.insert(fd, Conn::Member { sock, m, who });
                     }
                     Err(r) => {
+                        if matches!(r.code, RefuseCode::Malformed | RefuseCode::Version) {
+                            BusStats::inc(&hub.stats.refused_other);
+                        }
                         refuse(&sock, &r);
                         return close(hub, fd, epoll, conns);
                     }
                 }
             }
-            Conn::Member { sock, m } => {
+            Conn::Member { sock, m, .. } => {
                 let decoded = MemberFrame::decode(frame);
                 let leave = matches!(decoded, Ok(MemberFrame::Leave));
                 let answer = match decoded {
                     Ok(f) => hub.request(m, f, wants),
-                    Err(e) => Some(error_frame(&e.to_string())),
+                    Err(e) => {
+                        BusStats::inc(&hub.stats.request_errors);
+                        Some(error_frame(&e.to_string()))
+                    }
                 };
                 if let Some(a) = answer {
                     hub.answer(m, a, wants);
@@ -321,14 +453,14 @@ fn error_frame(text: &str) -> Vec<u8> {
 /// The connection ended: a member's membership parks.
 fn close(hub: &BusHub, fd: RawFd, epoll: &Epoll, conns: &mut HashMap<RawFd, Conn>) {
     match conns.remove(&fd) {
-        Some(Conn::Member { sock, m }) => {
+        Some(Conn::Member { sock, m, .. }) => {
             let _ = epoll.delete(sock.as_fd());
             hub.park(&m, &sock, Instant::now());
         }
         Some(Conn::Pending { sock, .. }) => {
             let _ = epoll.delete(sock.as_fd());
         }
-        Some(c @ Conn::Listener(..)) => {
+        Some(c @ (Conn::Listener(..) | Conn::Door)) => {
             conns.insert(fd, c);
         }
         None => {}

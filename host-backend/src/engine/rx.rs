@@ -7,8 +7,10 @@
 //! ready queue are read straight into the chain's payload area, as far as the guest's
 //! credit and the buffer allow. A stream whose last read filled its buffer gets up to
 //! [`RX_BATCH_MAX_CHAINS`] chains filled with one `readv`. A seqpacket message is read
-//! whole (it must leave the host socket in one `recv`) and cut into packets, EOM on the
-//! last.
+//! whole (it must leave the host socket in one `recv`): one that fits the chain and the
+//! credit (and belongs to no session, which must keep a copy for replay) is read straight
+//! into the chain as one EOM packet; a larger one goes through the connection's inbox and
+//! is cut into packets, EOM on the last.
 //!
 //! What it does not do: ring bookkeeping (pop, `add_used`, counters, notifications:
 //! the writer does) or decide credit (the endpoint does).
@@ -235,12 +237,19 @@ impl DataPlane {
     }
 
     fn fill_from_conn(&mut self, now: Instant, key: ConnKey, mem: &Mem) -> Fill {
-        let credit = self.endpoint.send_credit(&key) as usize;
         let Some(hc) = self.conns.get_mut(&key) else {
             return Fill::Nothing;
         };
+        // The rest of a seqpacket message already begun goes on bytes alone (the credit
+        // knows it).
+        let credit = self.endpoint.send_credit(&key) as usize;
         let room = self.regions.payload_capacity().min(MAX_RX_PAYLOAD_BYTES);
-        if credit == 0 || room == 0 {
+        if credit == 0 {
+            // A guest with free bytes sends no update by itself; the packet bound needs one.
+            self.endpoint.request_credit_if_packet_bound(&key);
+            return Fill::Nothing;
+        }
+        if room == 0 {
             return Fill::Nothing;
         }
         let max = credit.min(room);
@@ -331,6 +340,17 @@ impl DataPlane {
                                 .endpoint
                                 .get(&key)
                                 .map_or(0, |c| rules::largest_message(c.credit()));
+                            if hc.session.is_none() && len <= max {
+                                // One packet's worth, and nothing to keep for a replay:
+                                // straight from the socket into the RX buffer, with no
+                                // copy on the heap (a bus member's MESSAGE takes this way).
+                                if read_message(hc, &self.regions, mem, len).is_err() {
+                                    VmStats::inc(&self.shared.stats.host_errors);
+                                    self.endpoint.reset(key);
+                                    return Fill::Nothing;
+                                }
+                                return self.emit_rw(key, len, true);
+                            }
                             hc.inbox.resize(len, 0);
                             hc.inbox_off = 0;
                             if !matches!(hc.sock.read(&mut hc.inbox), Ok(n) if n == len) {
@@ -373,6 +393,23 @@ impl DataPlane {
             Some(hdr) => Fill::Data(hdr),
             None => Fill::Nothing,
         }
+    }
+}
+
+/// Reads the seqpacket message of `len` bytes waiting on the host socket (peeked) straight
+/// into the payload area of `regions`, which has room for it. `Err` if the socket did not
+/// give exactly one message of that length.
+fn read_message(hc: &mut HostConn, regions: &Regions, mem: &Mem, len: usize) -> Result<(), ()> {
+    let mut slices = Vec::with_capacity(4);
+    regions
+        .for_each_payload_slice(mem, 0, len, |s| {
+            slices.push(s);
+            ControlFlow::<()>::Continue(())
+        })
+        .map_err(|_| ())?;
+    match iov::readv_slices(hc.sock.as_fd(), &slices) {
+        Ok(n) if n == len => Ok(()),
+        _ => Err(()),
     }
 }
 

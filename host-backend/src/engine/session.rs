@@ -1421,6 +1421,11 @@ pub struct ExportedSession {
     pub out_stream: Vec<u8>,
     /// Guest seqpacket messages accepted but not yet taken by the host end.
     pub out_msgs: Vec<Vec<u8>>,
+    /// The guest accepted this session from the sibling `target` names (the acceptor
+    /// half of a sibling pair): policy reloads check the pair from that sibling to this
+    /// guest, not the other way. Kept across moves, so a half that comes home is checked
+    /// as it was made.
+    pub accepted: bool,
 }
 
 /// What [`DataPlane::swap_session_host`] gives back: the session's previous host end.
@@ -1683,6 +1688,7 @@ impl DataPlane {
             host: hc.sock,
             out_stream,
             out_msgs,
+            accepted: link.accepted,
         })
     }
 
@@ -1746,7 +1752,7 @@ impl DataPlane {
             guest_done: snap.guest_done,
             messages,
             ack_requested: false,
-            accepted: false,
+            accepted: s.accepted,
         };
         // The key only names the connection in logs until a RESUME gives it a real one.
         let key = ConnKey {

@@ -184,6 +184,8 @@ pub struct Router {
     /// Sibling pairs made here, by both of their session ids (bounded by the sessions
     /// of this daemon's domains: an entry goes when either half ends here).
     pairs: Mutex<HashMap<domsock_migration::session::SessionId, SiblingPair>>,
+    /// Where guests' bus connections (host port 1021) go, once the bus thread runs.
+    bus: std::sync::OnceLock<Arc<crate::bus::unix::GuestDoor>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -227,7 +229,19 @@ impl Router {
             listeners,
             hash_seed,
             pairs: Mutex::new(HashMap::new()),
+            bus: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets the bus thread's door: engines created from now on answer guests' bus
+    /// connections through it (once; a second call is ignored).
+    pub fn set_bus_door(&self, door: Arc<crate::bus::unix::GuestDoor>) {
+        let _ = self.bus.set(door);
+    }
+
+    /// The bus thread's door, if it runs.
+    pub fn bus_door(&self) -> Option<Arc<crate::bus::unix::GuestDoor>> {
+        self.bus.get().cloned()
     }
 
     /// Records that `pair`'s two sessions share one socket pair on this host.

@@ -1,9 +1,9 @@
 //! Services domsockd itself provides at well-known host ports, as one table.
 //!
 //! A guest connection to host CID 2 is first looked up here by (port, socket type); an
-//! entry answers it in-process instead of a host Unix socket. Today the table holds the
-//! control service ([`control`], port 1023); the bus and session services join it as
-//! entries, not as new branches in the engine.
+//! entry answers it in-process instead of a host Unix socket. The table holds the
+//! control service ([`control`], port 1023, stream) and, when the daemon runs its bus
+//! thread, the bus service ([`bus`], port 1021, seqpacket).
 //!
 //! A service hands the engine one end of a socket (a Unix socket pair), so its
 //! connections are carried exactly like any host connection: same credit, same counters,
@@ -13,6 +13,7 @@
 //! What it does not do: the data path (the engine), or decisions between domains (the
 //! router).
 
+pub mod bus;
 pub mod control;
 
 use crate::host::HostSocket;
@@ -47,14 +48,23 @@ pub struct ServiceTable {
 }
 
 impl ServiceTable {
-    /// The standard table: the control service at [`control::CONTROL_PORT`] (stream).
+    /// The standard table: the control service at [`control::CONTROL_PORT`] (stream), and
+    /// the bus service at [`bus::BUS_PORT`] (seqpacket) if the router knows the bus
+    /// thread's door.
     pub fn standard(router: Arc<Router>) -> Self {
         let mut t = Self::default();
         t.insert(
             control::CONTROL_PORT,
             SocketType::Stream,
-            Arc::new(control::ControlService::new(router)),
+            Arc::new(control::ControlService::new(router.clone())),
         );
+        if let Some(door) = router.bus_door() {
+            t.insert(
+                bus::BUS_PORT,
+                SocketType::SeqPacket,
+                Arc::new(bus::BusService::new(door)),
+            );
+        }
         t
     }
 

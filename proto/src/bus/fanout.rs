@@ -310,6 +310,11 @@ impl Bus {
         }
     }
 
+    /// The member `token` belongs to, if any.
+    pub fn member_of(&self, token: &Token) -> Option<MemberId> {
+        self.by_token.get(token).copied()
+    }
+
     /// Takes back the parked membership of `token`: its id, and what it lost while away
     /// (told in JOINED; no LOSS follows for it).
     pub fn rejoin(&mut self, token: &Token) -> Result<(MemberId, Loss), JoinError> {

@@ -37,7 +37,7 @@
 //!
 //! | kind | name | body |
 //! |---|---|---|
-//! | `0x01` | JOIN | `name_len u8`, bus name (1..=64 bytes of `[A-Za-z0-9._-]`), `want u8` (bit 0 publish, bit 1 receive), then only if flags bit 0 (*create*): `policy u8` (0 hub, 1 switch, 2 topic), `slow u8` (0 drop, 1 disconnect), `max_message u32`, `queue_bytes u32` |
+//! | `0x01` | JOIN | `name_len u8`, bus name (1..=64 bytes of `[A-Za-z0-9._-]`), `want u8` (bit 0 publish, bit 1 receive), then only if flags bit 0 (*create*): `policy u8` (0 hub, 1 switch, 2 topic), `slow u8` (0 drop, 1 disconnect), `max_message u32`, `queue_bytes u32`. Flags bit 3 (*batches*): the member takes BATCH frames (the membership keeps this across REJOINs) |
 //! | `0x02` | REJOIN | `token [16]` from an earlier JOINED: the same membership, its subscriptions and what was queued for it |
 //! | `0x03` | PUBLISH | the [fields](#message-fields) the bus's policy needs, then the payload |
 //! | `0x04` | SUBSCRIBE | topic prefix (0..=255 bytes, the rest of the frame; empty matches every topic) |
@@ -54,6 +54,13 @@
 //! | `0x84` | LOSS | `messages u64`, `bytes u64`: dropped for this member since the last LOSS (sent before the next MESSAGE) |
 //! | `0x85` | ERROR | `code u16`, `text_len u8`, text: one request failed (e.g. a PUBLISH without permission); the membership stays |
 //! | `0x86` | SUBSCRIBED | `op u8` (4 subscribe, 5 unsubscribe), prefix: the change is in force for every message published after it |
+//! | `0x87` | BATCH | 2..=256 entries, each `len u32` and a whole MESSAGE frame of `len` bytes (header included), nothing after the last: the MESSAGEs in order, as if sent one by one. Only to a member that set *batches* in its JOIN; never longer than the bus's longest MESSAGE frame nor 32 KiB, so a receive buffer for one MESSAGE takes it whole |
+//!
+//! A service sends a BATCH when MESSAGEs queued for a member that could not take them one
+//! by one (its connection was full): what waited goes in as few seqpacket messages as
+//! fit, so a receiver that fell behind catches up at a fraction of the per-message cost.
+//! A MESSAGE it can send at once goes alone, so batching adds no latency. LOSS, answers
+//! and JOINED are never inside a BATCH.
 //!
 //! ## Message fields
 //!

@@ -49,6 +49,26 @@ pub const fn max_frame_len(max_message: u32) -> usize {
 const FLAG_CREATE: u16 = 1 << 0;
 const FLAG_ADDRESSED: u16 = 1 << 1;
 const FLAG_TOPIC: u16 = 1 << 2;
+/// JOIN: the member takes BATCH frames.
+const FLAG_BATCHES: u16 = 1 << 3;
+
+/// Bytes of a BATCH entry's length prefix.
+pub const BATCH_ENTRY_PREFIX: usize = 4;
+/// Most MESSAGEs one BATCH carries.
+pub const MAX_BATCH_FRAMES: usize = 256;
+/// Longest BATCH a service sends (never longer than the bus's longest frame, so a member's
+/// receive buffer for one MESSAGE takes any BATCH whole).
+pub const MAX_BATCH_BYTES: usize = 32 << 10;
+
+/// The longest BATCH on a bus whose maximum message size is `max_message`.
+pub const fn max_batch_len(max_message: u32) -> usize {
+    let frame = max_frame_len(max_message);
+    if frame < MAX_BATCH_BYTES {
+        frame
+    } else {
+        MAX_BATCH_BYTES
+    }
+}
 
 /// Frame kinds.
 mod kind {
@@ -64,6 +84,7 @@ mod kind {
     pub const LOSS: u8 = 0x84;
     pub const ERROR: u8 = 0x85;
     pub const SUBSCRIBED: u8 = 0x86;
+    pub const BATCH: u8 = 0x87;
 }
 
 /// Who receives a bus's messages (see [the module doc](super#delivery)).
@@ -413,6 +434,8 @@ pub enum MemberFrame<'a> {
         want: Want,
         /// Parameters to create the bus with, if it may be created.
         create: Option<CreateParams>,
+        /// The member takes BATCH frames (the membership keeps this across REJOINs).
+        batches: bool,
     },
     /// Take back a parked membership.
     Rejoin(Token),
@@ -496,6 +519,117 @@ pub enum ServiceFrame<'a> {
         /// The prefix.
         prefix: &'a [u8],
     },
+    /// Several MESSAGEs in one frame (to a member that asked for them at JOIN), each
+    /// checked as a MESSAGE when the BATCH was decoded.
+    Batch(Batch<'a>),
+}
+
+/// The MESSAGEs of a BATCH, in order: 2..=[`MAX_BATCH_FRAMES`] entries of a `u32` length
+/// and a whole MESSAGE frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batch<'a> {
+    entries: &'a [u8],
+    count: usize,
+}
+
+impl<'a> Batch<'a> {
+    /// How many MESSAGEs it carries.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Never: a BATCH carries at least two.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Each MESSAGE's frame bytes, in order (decode each with [`ServiceFrame::decode`]:
+    /// it is a valid MESSAGE).
+    pub fn frames(&self) -> BatchFrames<'a> {
+        BatchFrames { rest: self.entries }
+    }
+
+    fn parse(entries: &'a [u8]) -> Result<Batch<'a>, WireError> {
+        let mut count = 0;
+        let mut rest = entries;
+        while !rest.is_empty() {
+            let mut r = Reader { buf: rest };
+            let len = r.u32("batch entry length")? as usize;
+            if len < MESSAGE_FIXED_LEN {
+                return Err(WireError::BadLength {
+                    what: "batch entry",
+                    len,
+                    min: MESSAGE_FIXED_LEN,
+                    max: rest.len() - BATCH_ENTRY_PREFIX,
+                });
+            }
+            let frame = r.take("batch entry", len)?;
+            match ServiceFrame::decode(frame)? {
+                ServiceFrame::Message { .. } => {}
+                _ => return Err(WireError::BatchEntry(frame[1])),
+            }
+            count += 1;
+            if count > MAX_BATCH_FRAMES {
+                return Err(WireError::BadLength {
+                    what: "batch",
+                    len: count,
+                    min: 2,
+                    max: MAX_BATCH_FRAMES,
+                });
+            }
+            rest = r.rest();
+        }
+        if count < 2 {
+            return Err(WireError::BadLength {
+                what: "batch",
+                len: count,
+                min: 2,
+                max: MAX_BATCH_FRAMES,
+            });
+        }
+        Ok(Batch { entries, count })
+    }
+}
+
+/// Iterator over the MESSAGE frames of a [`Batch`].
+#[derive(Debug, Clone)]
+pub struct BatchFrames<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for BatchFrames<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let frame = batch_entry_at(self.rest, 0)?;
+        let (rest, end) = (self.rest, frame.end);
+        self.rest = &rest[end..];
+        Some(&rest[frame])
+    }
+}
+
+/// Where the frame of the BATCH entry that starts at `at` of `entries` lies (its bytes
+/// after the length prefix), or `None` past the last entry or for an entry cut short.
+/// For readers that keep offsets into their own buffer rather than borrow it
+/// ([`BatchFrames`] is the borrowing one); `entries` is what follows the BATCH header.
+pub fn batch_entry_at(entries: &[u8], at: usize) -> Option<std::ops::Range<usize>> {
+    let start = at.checked_add(BATCH_ENTRY_PREFIX)?;
+    let prefix = entries.get(at..start)?;
+    let len = u32::from_le_bytes(prefix.try_into().ok()?) as usize;
+    let end = start.checked_add(len).filter(|&e| e <= entries.len())?;
+    Some(start..end)
+}
+
+/// The header of a BATCH, to be followed by its entries ([`batch_entry_prefix`] and a
+/// MESSAGE frame each): a fan-out sends the header, the prefixes and the queued frames
+/// as the parts of one seqpacket message.
+pub fn batch_header() -> [u8; HEADER_LEN] {
+    [VERSION, kind::BATCH, 0, 0]
+}
+
+/// The length prefix of a BATCH entry for a frame of `len` bytes.
+pub fn batch_entry_prefix(len: usize) -> [u8; BATCH_ENTRY_PREFIX] {
+    (len as u32).to_le_bytes()
 }
 
 /// A frame that does not decode.
@@ -517,6 +651,9 @@ pub enum WireError {
     /// A kind this direction does not send.
     #[error("unknown frame kind {0:#04x}")]
     UnknownKind(u8),
+    /// A BATCH entry that is not a MESSAGE.
+    #[error("a batch carries MESSAGEs only, not kind {0:#04x}")]
+    BatchEntry(u8),
     /// Flag bits the kind does not define, or a combination that makes no sense.
     #[error("flags {flags:#06x} not valid on kind {kind:#04x}")]
     BadFlags {
@@ -702,7 +839,7 @@ impl<'a> MemberFrame<'a> {
         let (k, flags, mut r) = header(frame)?;
         let f = match k {
             kind::JOIN => {
-                check_flags(k, flags, FLAG_CREATE)?;
+                check_flags(k, flags, FLAG_CREATE | FLAG_BATCHES)?;
                 let raw = r.short("bus name", 1, MAX_NAME_BYTES)?;
                 let name = std::str::from_utf8(raw)
                     .ok()
@@ -723,7 +860,12 @@ impl<'a> MemberFrame<'a> {
                     }
                 };
                 r.end(k)?;
-                MemberFrame::Join { name, want, create }
+                MemberFrame::Join {
+                    name,
+                    want,
+                    create,
+                    batches: flags & FLAG_BATCHES != 0,
+                }
             }
             kind::REJOIN => {
                 check_flags(k, flags, 0)?;
@@ -770,12 +912,17 @@ impl<'a> MemberFrame<'a> {
     /// that builds frames from its own validated values never hits that).
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
-            MemberFrame::Join { name, want, create } => {
-                push_header(
-                    out,
-                    kind::JOIN,
-                    if create.is_some() { FLAG_CREATE } else { 0 },
-                );
+            MemberFrame::Join {
+                name,
+                want,
+                create,
+                batches,
+            } => {
+                let mut flags = if create.is_some() { FLAG_CREATE } else { 0 };
+                if *batches {
+                    flags |= FLAG_BATCHES;
+                }
+                push_header(out, kind::JOIN, flags);
                 push_short(out, name.as_str().as_bytes());
                 out.push(want.to_wire());
                 if let Some(p) = create {
@@ -913,6 +1060,10 @@ impl<'a> ServiceFrame<'a> {
                 }
                 ServiceFrame::Subscribed { subscribe, prefix }
             }
+            kind::BATCH => {
+                check_flags(k, flags, 0)?;
+                ServiceFrame::Batch(Batch::parse(r.rest())?)
+            }
             other => return Err(WireError::UnknownKind(other)),
         };
         Ok(f)
@@ -966,6 +1117,10 @@ impl<'a> ServiceFrame<'a> {
                 });
                 out.extend_from_slice(&prefix[..prefix.len().min(MAX_TOPIC_BYTES)]);
             }
+            ServiceFrame::Batch(b) => {
+                out.extend_from_slice(&batch_header());
+                out.extend_from_slice(b.entries);
+            }
         }
     }
 }
@@ -997,6 +1152,7 @@ mod tests {
                 max_message: 65536,
                 queue_bytes: 1 << 20,
             }),
+            batches: false,
         };
         let bytes = enc_member(&join);
         assert_eq!(
@@ -1032,6 +1188,112 @@ mod tests {
         assert_eq!(ServiceFrame::decode(&bytes).unwrap(), msg);
     }
 
+    /// A BATCH as a fan-out sends it (header, then a length and a MESSAGE per entry):
+    /// its golden bytes, its MESSAGEs in order, and what a member refuses.
+    #[test]
+    fn a_batch_carries_whole_messages_in_order_and_nothing_else() {
+        let m1 = enc_service(&ServiceFrame::Message {
+            sender: MemberId(3),
+            seq: 1,
+            fields: Fields::None,
+            payload: b"ab",
+        });
+        let m2 = enc_service(&ServiceFrame::Message {
+            sender: MemberId(4),
+            seq: 9,
+            fields: Fields::None,
+            payload: b"",
+        });
+        let mut bytes = batch_header().to_vec();
+        for m in [&m1, &m2] {
+            bytes.extend_from_slice(&batch_entry_prefix(m.len()));
+            bytes.extend_from_slice(m);
+        }
+        assert_eq!(&bytes[..8], &[1, 0x87, 0, 0, 18, 0, 0, 0]);
+        let ServiceFrame::Batch(b) = ServiceFrame::decode(&bytes).unwrap() else {
+            panic!("not a batch");
+        };
+        assert_eq!(b.len(), 2);
+        let frames: Vec<&[u8]> = b.frames().collect();
+        assert_eq!(frames, [&m1[..], &m2[..]]);
+        assert_eq!(enc_service(&ServiceFrame::Batch(b)), bytes);
+        // The offsets form: each entry's frame, then nothing past the last or a cut one.
+        let entries = &bytes[HEADER_LEN..];
+        let first = batch_entry_at(entries, 0).unwrap();
+        assert_eq!(&entries[first.clone()], &m1[..]);
+        let second = batch_entry_at(entries, first.end).unwrap();
+        assert_eq!(&entries[second.clone()], &m2[..]);
+        assert_eq!(second.end, entries.len());
+        assert_eq!(batch_entry_at(entries, second.end), None);
+        assert_eq!(
+            batch_entry_at(&entries[..entries.len() - 1], first.end),
+            None
+        );
+        assert_eq!(batch_entry_at(entries, usize::MAX - 1), None);
+        // One entry is not a batch; a LOSS inside is refused; a cut entry is truncated;
+        // an entry shorter than a MESSAGE's fixed part is refused; a bad MESSAGE inside
+        // is refused with its own error; flags must be 0.
+        let one = [&bytes[..4], &bytes[4..4 + 4 + m1.len()]].concat();
+        assert!(matches!(
+            ServiceFrame::decode(&one),
+            Err(WireError::BadLength { what: "batch", .. })
+        ));
+        let loss = enc_service(&ServiceFrame::Loss {
+            messages: 1,
+            bytes: 2,
+        });
+        let mut with_loss = bytes.clone();
+        with_loss.extend_from_slice(&batch_entry_prefix(loss.len()));
+        with_loss.extend_from_slice(&loss);
+        assert_eq!(
+            ServiceFrame::decode(&with_loss),
+            Err(WireError::BatchEntry(0x84))
+        );
+        assert!(matches!(
+            ServiceFrame::decode(&bytes[..bytes.len() - 1]),
+            Err(WireError::Truncated { .. })
+        ));
+        let mut short = bytes.clone();
+        short.extend_from_slice(&batch_entry_prefix(3));
+        short.extend_from_slice(&[1, 0x83, 0]);
+        assert!(matches!(
+            ServiceFrame::decode(&short),
+            Err(WireError::BadLength {
+                what: "batch entry",
+                ..
+            })
+        ));
+        let mut bad_inner = bytes.clone();
+        bad_inner[4 + 4] = 2; // the first MESSAGE's version
+        assert_eq!(ServiceFrame::decode(&bad_inner), Err(WireError::Version(2)));
+        let mut flagged = bytes.clone();
+        flagged[2] = 1;
+        assert!(matches!(
+            ServiceFrame::decode(&flagged),
+            Err(WireError::BadFlags { kind: 0x87, .. })
+        ));
+        // Too many entries.
+        let mut many = batch_header().to_vec();
+        for _ in 0..=MAX_BATCH_FRAMES {
+            many.extend_from_slice(&batch_entry_prefix(m2.len()));
+            many.extend_from_slice(&m2);
+        }
+        assert!(matches!(
+            ServiceFrame::decode(&many),
+            Err(WireError::BadLength { what: "batch", .. })
+        ));
+        // JOIN's batches flag.
+        let join = enc_member(&MemberFrame::Join {
+            name: BusName::new("b").unwrap(),
+            want: Want::BOTH,
+            create: None,
+            batches: true,
+        });
+        assert_eq!(&join[..4], &[1, 0x01, 0x08, 0x00]);
+        assert!(max_batch_len(16) < MAX_BATCH_BYTES);
+        assert_eq!(max_batch_len(DEFAULT_MAX_MESSAGE_BYTES), MAX_BATCH_BYTES);
+    }
+
     #[test]
     fn every_frame_round_trips() {
         let member = [
@@ -1042,6 +1304,7 @@ mod tests {
                     receive: true,
                 },
                 create: None,
+                batches: true,
             },
             MemberFrame::Rejoin(Token([9; TOKEN_LEN])),
             MemberFrame::Publish {

@@ -30,6 +30,19 @@ pub fn bus_wire(data: &[u8]) {
         f.encode(&mut out);
         assert_eq!(out, frame, "service frame {f:?} re-encoded differently");
         assert_eq!(ServiceFrame::decode(&out).as_ref(), Ok(&f));
+        if let ServiceFrame::Batch(b) = f {
+            // What the decode checked is what a member hands out: every entry a MESSAGE.
+            let mut n = 0;
+            for inner in b.frames() {
+                assert!(matches!(
+                    ServiceFrame::decode(inner),
+                    Ok(ServiceFrame::Message { .. })
+                ));
+                n += 1;
+            }
+            assert_eq!(n, b.len());
+            assert!((2..=crate::bus::wire::MAX_BATCH_FRAMES).contains(&n));
+        }
     }
 }
 

@@ -116,6 +116,11 @@ struct Model {
     deadline: Option<Instant>,
     /// Our REQUEST went out (only a RESPONSE after that answers it).
     request_sent: bool,
+    /// Seqpacket: `tx` after each non-empty packet the peer had not consumed all of when
+    /// it last spoke (the packet bound of `crate::credit`).
+    packet_ends: Vec<u32>,
+    /// Seqpacket: a message was begun and not ended (its rest goes on bytes alone).
+    message_open: bool,
 }
 
 impl Model {
@@ -131,13 +136,34 @@ impl Model {
             peer_shutdown: Shutdown::default(),
             deadline: None,
             request_sent: false,
+            packet_ends: Vec::new(),
+            message_open: false,
         }
     }
 
-    /// Credit the peer gave us: never more than the window it advertised.
+    /// Credit the peer gave us: never more than the window it advertised, and nothing
+    /// for a new seqpacket message while the peer holds its buffer over 1024 packets (at
+    /// least 4) unconsumed.
     fn peer_credit(&self) -> u32 {
+        let most_packets = (self.peer_buf_alloc / 1024).max(4) as usize;
+        if self.socket_type == SocketType::SeqPacket
+            && !self.message_open
+            && self.packet_ends.len() >= most_packets
+        {
+            return 0;
+        }
         self.peer_buf_alloc
             .saturating_sub(self.tx.wrapping_sub(self.peer_fwd_cnt))
+    }
+
+    /// The peer spoke: packets it consumed all of are gone.
+    fn peer_consumed(&mut self, buf_alloc: u32, fwd_cnt: u32) {
+        self.peer_buf_alloc = buf_alloc;
+        self.peer_fwd_cnt = fwd_cnt;
+        let in_flight = self.tx.wrapping_sub(fwd_cnt);
+        let tx = self.tx;
+        self.packet_ends
+            .retain(|&end| tx.wrapping_sub(end) < in_flight);
     }
 
     fn can_send(&self) -> bool {
@@ -341,8 +367,7 @@ impl Harness {
             self.live.remove(&key);
             return Incoming::Dropped(DropReason::TypeMismatch);
         }
-        m.peer_buf_alloc = hdr.buf_alloc();
-        m.peer_fwd_cnt = hdr.fwd_cnt();
+        m.peer_consumed(hdr.buf_alloc(), hdr.fwd_cnt());
         let violation = Incoming::Dropped(DropReason::ProtocolViolation);
         let result = match (m.state, hdr.op()) {
             (State::Closing, Op::Rst) => Incoming::Closed(key),
@@ -475,6 +500,12 @@ impl Harness {
                 assert!(allowed, "send_rw({key}, {len}) allowed; model {model:?}");
                 let m = self.live.get_mut(&key).expect("allowed implies live");
                 m.tx = m.tx.wrapping_add(len);
+                if m.socket_type == SocketType::SeqPacket {
+                    if len > 0 {
+                        m.packet_ends.push(m.tx);
+                    }
+                    m.message_open = !eom;
+                }
                 let in_flight = m.tx.wrapping_sub(m.peer_fwd_cnt);
                 if len > 0 {
                     assert!(

@@ -8,7 +8,9 @@
 //! an AF_VSOCK socket.
 
 pub mod baseline;
+pub mod bus;
 pub mod peer;
+pub mod relayed;
 pub mod report;
 pub mod tunnel;
 pub mod vsock;

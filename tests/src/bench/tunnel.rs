@@ -51,6 +51,89 @@ pub struct Row {
     pub key: String,
     /// Payload MB/s (10^6 bytes per second), or why not.
     pub mbps: Result<f64, String>,
+    /// CPU seconds per GiB moved of the processes the row names (its median run's).
+    pub cpu_s_per_gib: Option<f64>,
+}
+
+/// One measurement of a row.
+#[derive(Debug, Clone, Copy)]
+pub struct Measured {
+    /// Payload MB/s.
+    pub mbps: f64,
+    /// CPU seconds per GiB, when known.
+    pub cpu_s_per_gib: Option<f64>,
+}
+
+impl Measured {
+    /// `bytes` in `secs`, with `cpu` spent on them.
+    pub fn new(bytes: f64, secs: f64, cpu: Option<Duration>) -> Measured {
+        Measured {
+            mbps: bytes / secs / 1e6,
+            cpu_s_per_gib: cpu
+                .filter(|_| bytes > 0.0)
+                .map(|c| c.as_secs_f64() / (bytes / f64::from(1u32 << 30))),
+        }
+    }
+}
+
+impl Row {
+    /// The row of `runs` (one per round): the median round's rate and CPU, or the first
+    /// failure.
+    pub fn median(label: &str, key: &str, runs: Vec<Result<Measured, String>>) -> Row {
+        let (mbps, cpu_s_per_gib) = match runs.into_iter().collect::<Result<Vec<_>, String>>() {
+            Ok(mut v) if !v.is_empty() => {
+                v.sort_by(|a, b| a.mbps.total_cmp(&b.mbps));
+                let m = v[v.len() / 2];
+                (Ok(m.mbps), m.cpu_s_per_gib)
+            }
+            Ok(_) => (Err("no runs".to_owned()), None),
+            Err(e) => (Err(e), None),
+        };
+        Row {
+            label: label.to_owned(),
+            key: key.to_owned(),
+            mbps,
+            cpu_s_per_gib,
+        }
+    }
+}
+
+/// `rows` as table lines (label, MB/s, CPU s/GiB), labels `width` wide.
+pub fn rows_table(out: &mut String, rows: &[Row], width: usize, cpu_header: &str) {
+    let _ = writeln!(out, "{:<width$} {:>10} {:>10}", "", "MB/s", cpu_header);
+    for r in rows {
+        let v = match &r.mbps {
+            Ok(v) => format!("{v:.1}"),
+            Err(e) => format!("FAIL ({e})"),
+        };
+        let cpu = r
+            .cpu_s_per_gib
+            .map_or_else(|| "-".to_owned(), |c| format!("{c:.2}"));
+        let _ = writeln!(out, "{:<width$} {:>10} {:>10}", r.label, v, cpu);
+    }
+}
+
+/// A section as JSON: `link`, `rounds` and every row.
+pub fn rows_json(link: &str, rounds: usize, rows: &[Row]) -> String {
+    let mut out = format!("{{\"link\": {link:?}, \"rounds\": {rounds}, \"rows\": [");
+    for (i, r) in rows.iter().enumerate() {
+        let v = match &r.mbps {
+            Ok(v) => format!("\"mbps\": {v:.3}"),
+            Err(e) => format!("\"failed\": {e:?}"),
+        };
+        let cpu = r
+            .cpu_s_per_gib
+            .map_or_else(|| "null".to_owned(), |c| format!("{c:.4}"));
+        let _ = write!(
+            out,
+            "{}{{\"key\": {:?}, \"label\": {:?}, {v}, \"cpu_s_per_gib\": {cpu}}}",
+            if i > 0 { ", " } else { "" },
+            r.key,
+            r.label
+        );
+    }
+    out.push_str("]}");
+    out
 }
 
 /// The tunnel section of a run.
@@ -65,7 +148,8 @@ pub struct Report {
 }
 
 impl Report {
-    fn get(&self, key: &str) -> Option<f64> {
+    /// The MB/s of row `key`, if it has one.
+    pub fn get(&self, key: &str) -> Option<f64> {
         self.rows
             .iter()
             .find(|r| r.key == key)
@@ -80,14 +164,7 @@ impl Report {
             "tunnel ({}), 64 KiB writes, median of {} rounds",
             self.link, self.rounds
         );
-        let _ = writeln!(out, "{:<40} {:>10}", "", "MB/s");
-        for r in &self.rows {
-            let v = match &r.mbps {
-                Ok(v) => format!("{v:.1}"),
-                Err(e) => format!("FAIL ({e})"),
-            };
-            let _ = writeln!(out, "{:<40} {:>10}", r.label, v);
-        }
+        rows_table(&mut out, &self.rows, 44, "CPU s/GiB");
         let ratio = |a: &str, b: &str| match (self.get(a), self.get(b)) {
             (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
             _ => "-".into(),
@@ -106,25 +183,7 @@ impl Report {
 
     /// JSON object.
     pub fn json(&self) -> String {
-        let mut out = format!(
-            "{{\"link\": {:?}, \"rounds\": {}, \"rows\": [",
-            self.link, self.rounds
-        );
-        for (i, r) in self.rows.iter().enumerate() {
-            let v = match &r.mbps {
-                Ok(v) => format!("\"mbps\": {v:.3}"),
-                Err(e) => format!("\"failed\": {e:?}"),
-            };
-            let _ = write!(
-                out,
-                "{}{{\"key\": {:?}, \"label\": {:?}, {v}}}",
-                if i > 0 { ", " } else { "" },
-                r.key,
-                r.label
-            );
-        }
-        out.push_str("]}");
-        out
+        rows_json(&self.link, self.rounds, &self.rows)
     }
 }
 
@@ -181,7 +240,7 @@ pub fn run_all(plan: &Plan) -> Report {
     // Rounds of all rows, so that load from elsewhere on the machine falls on every row
     // alike; the median round of each row is reported.
     let repeats = plan.repeats.max(if plan.repeats > 1 { 5 } else { 1 });
-    let mut runs: Vec<Vec<Result<f64, String>>> = vec![Vec::new(); scenarios.len()];
+    let mut runs: Vec<Vec<Result<Measured, String>>> = vec![Vec::new(); scenarios.len()];
     for round in 0..repeats {
         for (i, &(label, _, mode, channels, stalled)) in scenarios.iter().enumerate() {
             let r = measure(
@@ -198,18 +257,7 @@ pub fn run_all(plan: &Plan) -> Report {
         }
     }
     for ((label, key, ..), results) in scenarios.iter().zip(runs) {
-        let mbps = results
-            .into_iter()
-            .collect::<Result<Vec<f64>, String>>()
-            .map(|mut v| {
-                v.sort_by(f64::total_cmp);
-                v[v.len() / 2]
-            });
-        rows.push(Row {
-            label: (*label).into(),
-            key: (*key).into(),
-            mbps,
-        });
+        rows.push(Row::median(label, key, results));
     }
     drop(net);
     Report {
@@ -284,12 +332,14 @@ impl Drop for Net {
     }
 }
 
-fn spawn_role(ns: Option<&str>, args: &[String]) -> io::Result<Child> {
+/// Re-executes this binary as one side of a row, after `wrapper` (the words that put it
+/// in its network namespace; none: here).
+fn spawn_role(wrapper: &[String], args: &[String]) -> io::Result<Child> {
     let exe = std::env::current_exe()?;
-    let mut cmd = match ns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(exe);
+    let mut cmd = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(exe);
             c
         }
         None => Command::new(exe),
@@ -302,6 +352,17 @@ fn spawn_role(ns: Option<&str>, args: &[String]) -> io::Result<Child> {
         .spawn()
 }
 
+fn netns_wrapper(ns: bool, name: &str) -> Vec<String> {
+    if ns {
+        ["ip", "netns", "exec", name]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect()
+    } else {
+        Vec::new()
+    }
+}
+
 fn measure(
     ns: bool,
     certs: &Path,
@@ -310,7 +371,52 @@ fn measure(
     channels: usize,
     stalled: bool,
     duration: Duration,
-) -> Result<f64, String> {
+) -> Result<Measured, String> {
+    measure_with(
+        &netns_wrapper(ns, NS_B),
+        &netns_wrapper(ns, NS_A),
+        certs,
+        server,
+        mode,
+        channels,
+        stalled,
+        duration,
+    )
+}
+
+/// One rustls TLS stream (the TLS row's roles) from a client run after `client` to a
+/// server at `server` run after `server_wrapper`; certificates `a` (client) and `b`
+/// (server) from `certs`. MB/s.
+pub(super) fn tls_between(
+    server_wrapper: &[String],
+    client: &[String],
+    certs: &Path,
+    server: SocketAddr,
+    duration: Duration,
+) -> Result<Measured, String> {
+    measure_with(
+        server_wrapper,
+        client,
+        certs,
+        server,
+        "tls",
+        1,
+        false,
+        duration,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure_with(
+    server_wrapper: &[String],
+    client_wrapper: &[String],
+    certs: &Path,
+    server: SocketAddr,
+    mode: &str,
+    channels: usize,
+    stalled: bool,
+    duration: Duration,
+) -> Result<Measured, String> {
     let common = [
         mode.to_owned(),
         server.to_string(),
@@ -321,7 +427,7 @@ fn measure(
     ];
     let mut server_args = vec!["serve".to_owned()];
     server_args.extend(common.iter().cloned());
-    let mut srv = spawn_role(ns.then_some(NS_B), &server_args).map_err(|e| e.to_string())?;
+    let mut srv = spawn_role(server_wrapper, &server_args).map_err(|e| e.to_string())?;
     let result = (|| {
         let mut lines = BufReader::new(srv.stdout.take().ok_or("no stdout")?).lines();
         match lines.next() {
@@ -330,7 +436,7 @@ fn measure(
         }
         let mut client_args = vec!["send".to_owned()];
         client_args.extend(common.iter().cloned());
-        let out = spawn_role(ns.then_some(NS_A), &client_args)
+        let out = spawn_role(client_wrapper, &client_args)
             .and_then(|c| c.wait_with_output())
             .map_err(|e| e.to_string())?;
         let text = String::from_utf8_lossy(&out.stdout);
@@ -341,7 +447,12 @@ fn measure(
         let mut it = line.split_whitespace();
         let bytes: f64 = it.next().and_then(|v| v.parse().ok()).ok_or("bad RESULT")?;
         let secs: f64 = it.next().and_then(|v| v.parse().ok()).ok_or("bad RESULT")?;
-        Ok(bytes / secs / 1e6)
+        // The client's CPU (it reports its own: it has exited) and the server's, read
+        // while it still runs: it answered the byte count, so its work is done.
+        let client_cpu: Option<f64> = it.next().and_then(|v| v.parse().ok());
+        let server_cpu = domsock_host::test_utils::cpu_time_of(srv.id());
+        let cpu = client_cpu.map(|c| Duration::from_secs_f64(c) + server_cpu);
+        Ok(Measured::new(bytes, secs, cpu))
     })();
     let _ = srv.kill();
     let _ = srv.wait();
@@ -377,6 +488,12 @@ fn material(certs: &Path, host: &str) -> io::Result<TlsMaterial> {
         &certs.join("ca.pem"),
     )
     .map_err(io::Error::other)
+}
+
+/// The client's answer: bytes, seconds, and its own CPU seconds so far.
+fn result_line(bytes: u64, secs: f64) {
+    let cpu = domsock_host::test_utils::cpu_time_of(std::process::id());
+    println!("RESULT {bytes} {secs} {}", cpu.as_secs_f64());
 }
 
 fn ready() {
@@ -476,7 +593,7 @@ fn send_stream(addr: SocketAddr, certs: Option<&Path>, duration: Duration) -> io
             confirm(total, reply)?;
         }
     }
-    println!("RESULT {total} {}", start.elapsed().as_secs_f64());
+    result_line(total, start.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -757,6 +874,6 @@ fn send_tunnel(
         windows.iter().min().unwrap_or(&0) >> 10,
         windows.iter().max().unwrap_or(&0) >> 10
     );
-    println!("RESULT {} {elapsed}", sent.iter().sum::<u64>());
+    result_line(sent.iter().sum::<u64>(), elapsed);
     Ok(())
 }

@@ -319,7 +319,7 @@ fn host_to_guest(
 }
 
 /// Reads one session frame on `key`, exactly (application bytes may follow it).
-fn read_session_frame(g: &mut UserGuest, key: ConnKey) -> Result<Frame, String> {
+pub(super) fn read_session_frame(g: &mut UserGuest, key: ConnKey) -> Result<Frame, String> {
     let mut pre = [0u8; session_wire::PREAMBLE_LEN];
     g.read_exact(key, &mut pre, STALL)
         .map_err(|e| format!("session preamble: {e}"))?;

@@ -4,12 +4,18 @@
 //!
 //! ```text
 //! domsock-bench [--quick] [--json PATH] [--no-peer] [--no-baselines] [--no-tunnel]
-//!               [--tunnel-only]
+//!               [--tunnel-only] [--relayed-only] [--no-bus] [--bus-only]
 //! ```
 //! The tunnel rows (one channel through the domsockd tunnel against plain rustls TLS and
 //! raw TCP over a veth pair between two network namespaces, then 64 channels and 63 with
 //! one stalled) need root for `ip netns`; without it they run over loopback and say so.
-//! `--tunnel-only` runs just them.
+//! `--tunnel-only` runs just them. With them (root only) come the relayed-session rows
+//! (`domsock_tests::bench::relayed`): one session whose guest moved to another host,
+//! through two domsockd and their tunnel, against rustls TLS between the same two hosts
+//! and a session at home; `--relayed-only` runs just those. The bus rows
+//! (`domsock_tests::bench::bus`: one publisher guest to 1-8 subscriber guests on a hub bus
+//! against a host broker process relaying to N streams) run in a full run; `--bus-only`
+//! runs just them, `--no-bus` skips them.
 //! `--quick` runs every scenario briefly (smoke test); `--no-peer` skips vhost-device-vsock;
 //! `--no-baselines` skips the Unix-pair and TCP runs (for profiling one backend);
 //! `DOMSOCKD=<path>` picks the domsockd binary (default `target/release/domsockd`);
@@ -21,8 +27,8 @@
 use domsock_tests::artifacts;
 use domsock_tests::bench::report::Results;
 use domsock_tests::bench::{
-    baseline, median_latency, median_throughput, peer, tunnel, vsock, Measurement, Outcome, Plan,
-    Scenario, Transport, RR_SIZE, WRITE_SIZES,
+    baseline, bus, median_latency, median_throughput, peer, relayed, tunnel, vsock, Measurement,
+    Outcome, Plan, Scenario, Transport, RR_SIZE, WRITE_SIZES,
 };
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
@@ -35,6 +41,8 @@ struct Args {
     peer: bool,
     baselines: bool,
     tunnel: bool,
+    relayed: bool,
+    bus: bool,
     vsock: bool,
 }
 
@@ -45,6 +53,8 @@ fn parse_args() -> Result<Args, String> {
         peer: true,
         baselines: true,
         tunnel: true,
+        relayed: true,
+        bus: true,
         vsock: true,
     };
     let mut it = std::env::args().skip(1);
@@ -53,10 +63,27 @@ fn parse_args() -> Result<Args, String> {
             "--quick" => args.quick = true,
             "--no-peer" => args.peer = false,
             "--no-baselines" => args.baselines = false,
-            "--no-tunnel" => args.tunnel = false,
+            "--no-tunnel" => {
+                args.tunnel = false;
+                args.relayed = false;
+            }
+            "--relayed-only" => {
+                args.vsock = false;
+                args.baselines = false;
+                args.tunnel = false;
+                args.bus = false;
+            }
             "--tunnel-only" => {
                 args.vsock = false;
                 args.baselines = false;
+                args.bus = false;
+            }
+            "--no-bus" => args.bus = false,
+            "--bus-only" => {
+                args.vsock = false;
+                args.baselines = false;
+                args.tunnel = false;
+                args.relayed = false;
             }
             "--json" => args.json = it.next().ok_or("--json needs a path")?.into(),
             "-h" | "--help" => {
@@ -187,9 +214,29 @@ fn main() -> ExitCode {
         tunnel::run_all(&plan)
     });
 
+    let relayed_report = args.relayed.then(|| {
+        eprintln!("relayed session (two hosts, each with domsockd) ...");
+        relayed::run_all(&plan)
+    });
+
+    let bus_report = args.bus.then(|| {
+        let bin = artifacts::backend_binary();
+        eprintln!("bus ({}) ...", bin.display());
+        // The bench's guests may create (and use) the bench bus.
+        bus::run_all(&bin, &plan, &|_| {
+            "[[policy.bus-create]]\nfrom = \"*\"\n".to_owned()
+        })
+    });
+
     println!("{}", results.table());
     if let Some(t) = &tunnel_report {
         println!("{}", t.table());
+    }
+    if let Some(r) = &relayed_report {
+        println!("{}", relayed::table(r));
+    }
+    if let Some(r) = &bus_report {
+        println!("{}", r.table());
     }
     if let Some(dir) = args.json.parent() {
         let _ = std::fs::create_dir_all(dir);
@@ -199,6 +246,16 @@ fn main() -> ExitCode {
         // One more top-level member before the closing brace.
         if let Some(at) = json.rfind('}') {
             json.replace_range(at.., &format!(",\n  \"tunnel\": {}\n}}\n", t.json()));
+        }
+    }
+    if let Some(r) = &relayed_report {
+        if let Some(at) = json.rfind('}') {
+            json.replace_range(at.., &format!(",\n  \"relayed\": {}\n}}\n", r.json()));
+        }
+    }
+    if let Some(r) = &bus_report {
+        if let Some(at) = json.rfind('}') {
+            json.replace_range(at.., &format!(",\n  \"bus\": {}\n}}\n", r.json()));
         }
     }
     match std::fs::write(&args.json, json) {

@@ -979,7 +979,8 @@ pub(super) fn migrate_sessions_across_three_hosts(c: Case) {
         ))
         .cmd(&format!(
             "duplex-client --session --cid {SIBLING_CID} --port {SESSION_SIBLING_PORT} \
-             --bytes {SESSION_BYTES} --chunk {CHUNK_BYTES} --seed 34 {long}"
+             --bytes {SESSION_BYTES} --chunk {CHUNK_BYTES} --seed 34 \
+             --rate-mb-s {PAIR_RATE_MB_S} {long}"
         ));
     let mut vm_y = Vm::boot(&cfg_y);
     let mut vm_x = Vm::boot(&cfg_x);
@@ -1259,6 +1260,11 @@ fn checked_hop(
 const PAIR_ROUTE: [(&str, &str, &str); 3] = [("x", "a", "b"), ("y", "a", "b"), ("x", "b", "a")];
 /// How long the pair streams before each hop.
 const PAIR_HOP_GAP: Duration = Duration::from_secs(2);
+/// The pair's send rate, each way: the three hops take ~12 s under TCG (a hop ~3.5 s after
+/// its gap), and an unpaced stream between two guests on one host now ends in ~8 s, before
+/// the third hop (the fresh-clone CI run of 2026-12-02 failed so). 8 MB/s makes the 256 MiB
+/// last ~34 s on any machine fast enough to stream at all.
+const PAIR_RATE_MB_S: u32 = 8;
 
 /// Issue 10's guest-to-guest re-rooting with real QEMU guests, over two hosts with domsockd's
 /// admin sockets and TLS tunnel. On `a`, X ([`MIG_VM`]) opens a `duplex-client --session` to
@@ -1314,14 +1320,15 @@ pub(super) fn migrate_sibling_pair_across_hosts(c: Case) {
         .vm_config("y-a0", &c.kernel, SIBLING_CID, &c.log_dir)
         .cmd(&format!(
             "duplex-server --session --port {SESSION_SIBLING_PORT} --bytes {SESSION_BYTES} \
-             --chunk {CHUNK_BYTES} --seed 44 {long}"
+             --chunk {CHUNK_BYTES} --seed 44 --rate-mb-s {PAIR_RATE_MB_S} {long}"
         ));
     let cfg_x = ha
         .vm_config("x-a0", &c.kernel, MIG_CID, &c.log_dir)
         .cmd(&format!("recv --port {GATE_PORT} {long}"))
         .cmd(&format!(
             "duplex-client --session --cid {SIBLING_CID} --port {SESSION_SIBLING_PORT} \
-             --bytes {SESSION_BYTES} --chunk {CHUNK_BYTES} --seed 34 {long}"
+             --bytes {SESSION_BYTES} --chunk {CHUNK_BYTES} --seed 34 \
+             --rate-mb-s {PAIR_RATE_MB_S} {long}"
         ));
     let mut vm_y = Vm::boot(&cfg_y);
     let mut vm_x = Vm::boot(&cfg_x);
