@@ -3,11 +3,17 @@
 //! [`BusHub`] holds the buses, each a [`domsock_proto::bus::fanout::Bus`] (who receives
 //! what, grants, sequence numbers, queue accounting) plus, per member, its **sink**: where
 //! its messages go and the frames waiting for it. A publish is fanned out in the thread
-//! that received it: for each receiver the MESSAGE head is written in front of the
-//! publisher's payload as one seqpacket message (`sendmsg` of two parts, no heap copy);
-//! only when the receiver's socket is full are the bytes copied into its queue, which the
-//! fan-out never lets grow past the bus's `queue_bytes` (the message is dropped and
-//! counted, or the member disconnected, as the bus says). A publisher never waits.
+//! that received it. To a member that takes BATCH frames, the bus thread defers it to the
+//! end of its round ([`Wants::defer`]): the MESSAGE (head and payload, copied once and
+//! shared by all its receivers) waits in the member's queue, and when the round ends each
+//! member's run goes out as one BATCH, so a receiver costs one `sendmsg` (and one RX
+//! packet in a guest's engine) per round instead of one per message; a run that would
+//! fill a batch or half the member's queue bound goes at once. To any other member the
+//! MESSAGE head is written in front of the publisher's payload as one seqpacket message
+//! (`sendmsg` of two parts, no heap copy), and only when its socket is full are the bytes
+//! queued. The fan-out never lets a queue grow past the bus's `queue_bytes` (the message
+//! is dropped and counted, or the member disconnected, as the bus says). A publisher
+//! never waits.
 //!
 //! Members are host processes on a Unix `SOCK_SEQPACKET` socket per namespace
 //! ([`unix`]; the socket file's permissions are who may reach that namespace's buses, as
@@ -132,12 +138,18 @@ struct Sink {
     /// The member takes BATCH frames (its JOIN said so): queued MESSAGEs go out as few
     /// seqpacket messages as fit.
     batches: bool,
+    /// Deferred MESSAGEs wait in the queue for the end of the bus thread's round
+    /// ([`BusHub::flush_deferred`]); the member is in its bus's `deferred` list.
+    deferred: bool,
+    /// The BATCH the deferred MESSAGEs would make, in bytes.
+    deferred_len: usize,
 }
 
-/// A frame waiting for a member's socket.
+/// A frame waiting for a member's socket. A deferred MESSAGE's bytes are shared by every
+/// receiver it waits for (one copy per message, not per receiver).
 #[derive(Debug)]
 struct Queued {
-    bytes: Vec<u8>,
+    bytes: Arc<[u8]>,
     /// A MESSAGE, counted by the bus against the member's bound; LOSS and JOINED are not.
     counted: bool,
 }
@@ -154,6 +166,8 @@ pub struct BusState {
     receivers: Vec<MemberId>,
     /// Members disconnected as slow, not yet added to the hub's counters.
     slow_disconnects: u64,
+    /// Members with deferred MESSAGEs (see [`Wants::defer`]).
+    deferred: Vec<MemberId>,
 }
 
 /// One bus, as the admin status lists it.
@@ -205,6 +219,15 @@ pub struct Wants {
     pub writable: Vec<Arc<OwnedFd>>,
     /// Members disconnected as slow: close these connections.
     pub closed: Vec<Arc<OwnedFd>>,
+    /// Set by the caller: MESSAGEs to members that take batches may wait until the
+    /// caller's round ends, when [`BusHub::flush_deferred`] sends what waited for each
+    /// member as one BATCH (one `sendmsg` and, in a guest's engine, one RX packet for the
+    /// run instead of one per message). A run goes at once when it would fill a batch or
+    /// half the member's queue bound, so deferring never drops what a direct send would
+    /// have delivered.
+    pub defer: bool,
+    /// Buses with deferred MESSAGEs (for [`BusHub::flush_deferred`]).
+    deferred: Vec<SharedBus>,
 }
 
 /// A bus is named by its namespace and its name.
@@ -263,17 +286,50 @@ fn batch_run(queue: &VecDeque<Queued>, max_batch: usize) -> usize {
 impl BusState {
     /// Delivers to `to` a frame made of `parts` (counted as `len` bytes by the bus),
     /// after any LOSS it is owed: straight to its socket when nothing waits before it,
-    /// else into its queue.
-    fn deliver(&mut self, to: MemberId, parts: &[&[u8]], len: usize, wants: &mut Wants) {
+    /// else into its queue (the bytes shared with the message's other receivers through
+    /// `shared`). With [`Wants::defer`], a member that takes batches gets it queued for
+    /// the end of the round instead.
+    fn deliver(
+        &mut self,
+        to: MemberId,
+        parts: &[&[u8]],
+        len: usize,
+        shared: &mut Option<Arc<[u8]>>,
+        wants: &mut Wants,
+    ) {
         let loss = self.bus.take_loss(to);
+        let queued_bytes = self.bus.queued_bytes(to);
+        let queue_bound = self.bus.config().queue_bytes;
+        let max_batch = max_batch_len(self.bus.config().max_message);
         let Some(sink) = self.sinks.get_mut(&to) else {
             return;
         };
         if let Some(Loss { messages, bytes }) = loss {
             sink.queue.push_back(Queued {
-                bytes: frame(&ServiceFrame::Loss { messages, bytes }),
+                bytes: frame(&ServiceFrame::Loss { messages, bytes }).into(),
                 counted: false,
             });
+        }
+        if wants.defer && sink.batches && sink.sock.is_some() && !sink.blocked {
+            sink.queue.push_back(Queued {
+                bytes: shared.get_or_insert_with(|| parts.concat().into()).clone(),
+                counted: true,
+            });
+            if sink.deferred_len == 0 {
+                sink.deferred_len = HEADER_LEN;
+            }
+            sink.deferred_len += BATCH_ENTRY_PREFIX + len;
+            // `queued_bytes` counts this message already (the offer did).
+            let full_run = sink.queue.len() >= MAX_BATCH_FRAMES
+                || sink.deferred_len >= max_batch
+                || queued_bytes.saturating_mul(2) >= u64::from(queue_bound);
+            if full_run {
+                self.flush_member(to, wants);
+            } else if !sink.deferred {
+                sink.deferred = true;
+                self.deferred.push(to);
+            }
+            return;
         }
         let direct = match (&sink.sock, sink.queue.is_empty() && !sink.blocked) {
             (Some(sock), true) => match send_parts(sock, parts) {
@@ -295,7 +351,7 @@ impl BusState {
             return;
         }
         sink.queue.push_back(Queued {
-            bytes: parts.concat(),
+            bytes: shared.get_or_insert_with(|| parts.concat().into()).clone(),
             counted: true,
         });
         // A LOSS or answers in front may go now, and what follows them.
@@ -317,7 +373,7 @@ impl BusState {
             return;
         }
         sink.queue.push_back(Queued {
-            bytes,
+            bytes: bytes.into(),
             counted: false,
         });
         self.flush_member(id, wants);
@@ -335,6 +391,7 @@ impl BusState {
         let Some(sock) = sink.sock.clone() else {
             return;
         };
+        sink.deferred_len = 0;
         if sink.blocked {
             return;
         }
@@ -409,9 +466,10 @@ impl BusState {
         head.clear();
         encode_message_head(&mut head, from, seq, fields);
         let len = head.len() + payload.len();
+        let mut shared = None;
         for &to in &receivers {
             match self.bus.offer(to, len) {
-                Offer::Queue => self.deliver(to, &[&head, payload], len, wants),
+                Offer::Queue => self.deliver(to, &[&head, payload], len, &mut shared, wants),
                 Offer::Dropped => {}
                 Offer::Disconnect => {
                     self.slow_disconnects += 1;
@@ -481,6 +539,7 @@ impl BusHub {
             head: Vec::new(),
             receivers: Vec::new(),
             slow_disconnects: 0,
+            deferred: Vec::new(),
         }));
         buses.insert(key, b.clone());
         Ok(b)
@@ -667,6 +726,8 @@ impl BusHub {
                 queue: VecDeque::new(),
                 blocked: false,
                 batches: false,
+                deferred: false,
+                deferred_len: 0,
             },
         );
         let joined = joined_frame(&st, id, grant, token, 0);
@@ -751,12 +812,14 @@ impl BusHub {
                 queue: VecDeque::new(),
                 blocked: false,
                 batches: false,
+                deferred: false,
+                deferred_len: 0,
             });
             sink.sock = Some(sock);
             sink.blocked = false;
             // JOINED goes before everything that waited for the member.
             sink.queue.push_front(Queued {
-                bytes: joined,
+                bytes: joined.into(),
                 counted: false,
             });
             st.flush_member(id, wants);
@@ -781,6 +844,10 @@ impl BusHub {
         match req {
             F::Publish { fields, payload } => {
                 let a = st.publish(m.id, &fields, payload, wants);
+                if !st.deferred.is_empty() && !wants.deferred.iter().any(|b| Arc::ptr_eq(b, &m.bus))
+                {
+                    wants.deferred.push(m.bus.clone());
+                }
                 let slow = std::mem::take(&mut st.slow_disconnects);
                 self.stats
                     .slow_disconnects
@@ -828,6 +895,20 @@ impl BusHub {
     pub fn set_batches(&self, m: &Membership, batches: bool) {
         if let Some(sink) = lock(&m.bus).sinks.get_mut(&m.id) {
             sink.batches = batches;
+        }
+    }
+
+    /// Sends what waited for the end of the round ([`Wants::defer`]): each member's
+    /// deferred MESSAGEs as BATCH frames. The caller calls it before it sleeps.
+    pub fn flush_deferred(&self, wants: &mut Wants) {
+        for bus in std::mem::take(&mut wants.deferred) {
+            let mut st = lock(&bus);
+            for id in std::mem::take(&mut st.deferred) {
+                if let Some(s) = st.sinks.get_mut(&id) {
+                    s.deferred = false;
+                }
+                st.flush_member(id, wants);
+            }
         }
     }
 
@@ -913,4 +994,171 @@ fn joined_frame(st: &BusState, id: MemberId, granted: Grant, token: Token, lost:
         token,
         lost,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use domsock_proto::bus::wire::{MemberFrame, Policy as BusPolicy, SlowPolicy, Want};
+    use nix::sys::socket::{recv, socketpair, AddressFamily, SockFlag, SockType};
+
+    /// A member's two ends: the service's (`Arc`, as the bus thread holds it) and the
+    /// member's.
+    fn pair() -> (Arc<OwnedFd>, OwnedFd) {
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        (Arc::new(a), b)
+    }
+
+    /// Every frame waiting on `fd`, decoded: BATCH entries as their count and the
+    /// messages' payloads, in order.
+    fn frames(fd: &OwnedFd) -> Vec<(usize, Vec<Vec<u8>>)> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 1 << 17];
+        while let Ok(n) = recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            let payload = |f: &[u8]| match ServiceFrame::decode(f).unwrap() {
+                ServiceFrame::Message { payload, .. } => payload.to_vec(),
+                other => panic!("not a MESSAGE: {other:?}"),
+            };
+            out.push(match ServiceFrame::decode(&buf[..n]).unwrap() {
+                ServiceFrame::Batch(b) => (b.len(), b.frames().map(payload).collect()),
+                _ => (1, vec![payload(&buf[..n])]),
+            });
+        }
+        out
+    }
+
+    struct Rig {
+        hub: Arc<BusHub>,
+        publisher: Membership,
+        _publisher_end: OwnedFd,
+        batched: OwnedFd,
+        single: OwnedFd,
+    }
+
+    /// A hub bus with a publisher, a receiver that takes batches and one that does not.
+    fn rig(queue_bytes: u32) -> Rig {
+        let hub = BusHub::new();
+        let name = BusName::new("feed").unwrap();
+        let create = Some(CreateParams {
+            policy: BusPolicy::Hub,
+            slow: SlowPolicy::Drop,
+            max_message: 1024,
+            queue_bytes,
+        });
+        let join = |want, batches: bool| {
+            let (svc, member) = pair();
+            let (m, _joined) = hub
+                .join(
+                    "red",
+                    &name,
+                    want,
+                    create,
+                    Token([batches as u8 + 7; 16]),
+                    svc,
+                )
+                .unwrap();
+            hub.set_batches(&m, batches);
+            (m, member)
+        };
+        let publisher = {
+            let (svc, member) = pair();
+            let want = Want {
+                publish: true,
+                receive: false,
+            };
+            let (m, _) = hub
+                .join("red", &name, want, create, Token([1; 16]), svc)
+                .unwrap();
+            (m, member)
+        };
+        let recv_only = Want {
+            publish: false,
+            receive: true,
+        };
+        let (_, batched) = join(recv_only, true);
+        let (_, single) = join(recv_only, false);
+        Rig {
+            hub,
+            publisher: publisher.0,
+            _publisher_end: publisher.1,
+            batched,
+            single,
+        }
+    }
+
+    fn publish(r: &Rig, payload: &[u8], wants: &mut Wants) {
+        let f = MemberFrame::Publish {
+            fields: Fields::None,
+            payload,
+        };
+        assert!(r.hub.request(&r.publisher, f, wants).is_none());
+    }
+
+    #[test]
+    fn deferred_messages_go_out_as_one_batch_at_the_end_of_the_round() {
+        let r = rig(1 << 20);
+        let mut wants = Wants {
+            defer: true,
+            ..Wants::default()
+        };
+        let sent: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 100 + usize::from(i)]).collect();
+        for p in &sent {
+            publish(&r, p, &mut wants);
+        }
+        // A member without batches got each at once; the other nothing yet.
+        assert_eq!(
+            frames(&r.single),
+            sent.iter()
+                .map(|p| (1, vec![p.clone()]))
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            frames(&r.batched).is_empty(),
+            "deferred until the round ends"
+        );
+        r.hub.flush_deferred(&mut wants);
+        assert_eq!(
+            frames(&r.batched),
+            vec![(5, sent.clone())],
+            "one BATCH, in order"
+        );
+        assert!(wants.writable.is_empty() && wants.closed.is_empty());
+        // Without `defer` (another caller) nothing waits.
+        let mut direct = Wants::default();
+        publish(&r, b"now", &mut direct);
+        assert_eq!(frames(&r.batched), vec![(1, vec![b"now".to_vec()])]);
+        assert!(direct.deferred.is_empty());
+    }
+
+    #[test]
+    fn a_deferred_run_goes_at_once_before_it_could_cost_a_message() {
+        // Queue bound 1 KiB (the bus's max message), messages of ~300 bytes: a run goes
+        // out once it holds half the bound, so none is dropped although the round defers
+        // 20 of them (a run of a whole batch, ~1.2 KiB, would drop every fourth).
+        let r = rig(1024);
+        let mut wants = Wants {
+            defer: true,
+            ..Wants::default()
+        };
+        let sent: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 300]).collect();
+        for p in &sent {
+            publish(&r, p, &mut wants);
+        }
+        let before_flush: usize = frames(&r.batched).iter().map(|(n, _)| n).sum::<usize>();
+        assert!(before_flush > 0, "runs went out during the round");
+        r.hub.flush_deferred(&mut wants);
+        let after: usize = frames(&r.batched).iter().map(|(n, _)| n).sum::<usize>();
+        assert_eq!(
+            before_flush + after,
+            20,
+            "every message delivered, none dropped"
+        );
+        assert_eq!(lock(&r.publisher.bus).bus.counters().dropped, 0);
+    }
 }

@@ -44,6 +44,8 @@ pub const MAX_PENDING_BUS_CONNS: usize = 64;
 pub const MAX_BUS_CONNS_PER_VM: usize = 64;
 /// How often parked memberships are checked for expiry.
 const EXPIRY_CHECK: Duration = Duration::from_millis(250);
+/// Frames read from one connection per round of the bus thread.
+const ROUND_FRAMES: usize = 64;
 
 /// Who is at the other end of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,7 +214,12 @@ fn serve(
                 return;
             }
         };
-        let mut wants = Wants::default();
+        // MESSAGEs to members that take batches wait for the end of this round and go out
+        // as one BATCH per member (`flush_deferred` below).
+        let mut wants = Wants {
+            defer: true,
+            ..Wants::default()
+        };
         for ev in &events[..n] {
             let fd = ev.data() as RawFd;
             let flags = ev.events();
@@ -240,6 +247,7 @@ fn serve(
                 read_all(hub, fd, &mut buf, epoll, conns, &mut wants);
             }
         }
+        hub.flush_deferred(&mut wants);
         settle(epoll, conns, wants);
         if Instant::now() >= next_expiry {
             hub.expire(Instant::now());
@@ -334,7 +342,10 @@ fn read_all(
     conns: &mut HashMap<RawFd, Conn>,
     wants: &mut Wants,
 ) {
-    loop {
+    // At most this many frames per connection and round: a busy publisher cannot hold
+    // back the others, nor its receivers' deferred batches (epoll is level-triggered, so
+    // the rest is read in the next round).
+    for _ in 0..ROUND_FRAMES {
         let n = match recv(fd, buf, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_TRUNC) {
             Ok(0) => return close(hub, fd, epoll, conns),
             Ok(n) => n,
