@@ -359,7 +359,7 @@ impl Member {
                     },
                     Ok(None) => return Err("bus service closed at JOIN".into()),
                     Err(SockError::WouldBlock) => {
-                        let _ = m.g.poll(Some(Duration::from_millis(5)));
+                        let _ = m.g.poll(Some(Duration::from_millis(1)));
                     }
                     Err(e) => return Err(format!("JOIN: {e}")),
                 }
@@ -621,6 +621,12 @@ fn measure(
                     // The publisher's device is serviced while it waits (its TX
                     // completions), as a real guest's would be by its kernel.
                     let _ = publisher.g.poll(Some(Duration::ZERO));
+                    // Spinning without yielding kept the host's threads off this core
+                    // until the next tick or a subscriber's poll timeout: on 2 cores that
+                    // was a 1-3 ms tail in 1-3 % of the samples, bus and broker alike,
+                    // moving with the subscribers' poll timeout (a bench artifact, not
+                    // the path's latency).
+                    thread::yield_now();
                 }
                 samples.push(t.elapsed());
             }
