@@ -132,6 +132,9 @@ pub fn run_all(plan: &Plan) -> Report {
     let mut runs: Vec<Vec<Result<Measured, String>>> = vec![Vec::new(); labels.len()];
     for round in 0..repeats {
         for (i, (label, key)) in labels.iter().enumerate() {
+            if !super::row_wanted(key) {
+                continue;
+            }
             let r = match *key {
                 "tls_ba" => rig.tls(plan.duration),
                 k => {

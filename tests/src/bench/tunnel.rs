@@ -242,7 +242,10 @@ pub fn run_all(plan: &Plan) -> Report {
     let repeats = plan.repeats.max(if plan.repeats > 1 { 5 } else { 1 });
     let mut runs: Vec<Vec<Result<Measured, String>>> = vec![Vec::new(); scenarios.len()];
     for round in 0..repeats {
-        for (i, &(label, _, mode, channels, stalled)) in scenarios.iter().enumerate() {
+        for (i, &(label, key, mode, channels, stalled)) in scenarios.iter().enumerate() {
+            if !super::row_wanted(key) {
+                continue;
+            }
             let r = measure(
                 ns,
                 dir.path(),

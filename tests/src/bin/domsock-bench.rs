@@ -19,6 +19,8 @@
 //! `--quick` runs every scenario briefly (smoke test); `--no-peer` skips vhost-device-vsock;
 //! `--no-baselines` skips the Unix-pair and TCP runs (for profiling one backend);
 //! `DOMSOCKD=<path>` picks the domsockd binary (default `target/release/domsockd`);
+//! `DOMSOCK_BENCH_ROWS=key,..` runs only those rows of the tunnel and relayed sections (to
+//! profile one, e.g. `tunnel_1`, `relayed_g2h`).
 //! `DOMSOCK_BENCH_ONLY=<text>` runs only the vsock scenarios whose key contains it
 //! (e.g. `host_to_guest/64`, `round_trip`, `concurrent`);
 //! (otherwise it is installed into .cache/peer with `cargo install` when missing).
