@@ -80,11 +80,31 @@ pub struct Row {
     pub broker: Result<Cell, String>,
 }
 
+/// The stalled-member row of one message size: [`STALLED_FAST`] subscribers' delivered
+/// rate alone and beside a member that joined and never reads (the bus drops for it once
+/// its queue is full), medians of [`STALLED_ROUNDS`] alternating rounds.
+#[derive(Debug, Clone)]
+pub struct StalledRow {
+    /// Message payload bytes.
+    pub size: usize,
+    /// The fast subscribers alone, messages/s.
+    pub alone: Result<f64, String>,
+    /// The same beside the stalled member.
+    pub beside: Result<f64, String>,
+}
+
+/// Fast subscribers of the stalled-member rows.
+pub const STALLED_FAST: usize = 2;
+/// Rounds of the stalled-member rows (each one run alone and one beside the stalled one).
+const STALLED_ROUNDS: usize = 3;
+
 /// The bus section of a run.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
     /// Rows in order.
     pub rows: Vec<Row>,
+    /// The stalled-member rows, one per size.
+    pub stalled: Vec<StalledRow>,
 }
 
 fn us(d: Duration) -> f64 {
@@ -172,6 +192,36 @@ impl Report {
                 at4.join("; ")
             }
         );
+        if !self.stalled.is_empty() {
+            let _ = writeln!(
+                out,
+                "bus: {STALLED_FAST} subscribers alone vs beside a member that never reads (median of {STALLED_ROUNDS} alternating rounds)"
+            );
+            let _ = writeln!(
+                out,
+                "{:<10} {:>13} {:>13} {:>8}",
+                "size", "alone msg/s", "beside msg/s", "ratio"
+            );
+            for r in &self.stalled {
+                let v = |x: &Result<f64, String>| match x {
+                    Ok(v) => format!("{v:.0}"),
+                    Err(e) => format!("FAIL({})", e.chars().take(30).collect::<String>()),
+                };
+                let ratio = match (&r.alone, &r.beside) {
+                    (Ok(a), Ok(b)) if *a > 0.0 => format!("{:.2}x", b / a),
+                    _ => "-".into(),
+                };
+                let _ = writeln!(
+                    out,
+                    "{:<10} {:>13} {:>13} {:>8}",
+                    r.size,
+                    v(&r.alone),
+                    v(&r.beside),
+                    ratio
+                );
+            }
+            let _ = writeln!(out, "(target: beside >= 0.90x alone)");
+        }
         out
     }
 
@@ -203,7 +253,27 @@ impl Report {
                 )
             })
             .collect();
-        format!("{{\"rows\": [{}]}}", rows.join(", "))
+        let num = |x: &Result<f64, String>| match x {
+            Ok(v) => format!("{v:.1}"),
+            Err(e) => format!("{{\"failed\": {e:?}}}"),
+        };
+        let stalled: Vec<String> = self
+            .stalled
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"size\": {}, \"alone_per_s\": {}, \"beside_stalled_per_s\": {}}}",
+                    r.size,
+                    num(&r.alone),
+                    num(&r.beside)
+                )
+            })
+            .collect();
+        format!(
+            "{{\"rows\": [{}], \"stalled\": [{}]}}",
+            rows.join(", "),
+            stalled.join(", ")
+        )
     }
 }
 
@@ -220,8 +290,8 @@ enum Via {
 pub fn run_all(binary: &Path, plan: &Plan, bus_config: &dyn Fn(usize) -> String) -> Report {
     let mut rows = Vec::new();
     for &subs in &SUBSCRIBERS {
-        let bus = measure(binary, Via::Bus, subs, plan, bus_config);
-        let broker = measure(binary, Via::Broker, subs, plan, bus_config);
+        let bus = measure(binary, Via::Bus, subs, false, plan, bus_config);
+        let broker = measure(binary, Via::Broker, subs, false, plan, bus_config);
         for (i, &size) in SIZES.iter().enumerate() {
             let pick = |r: &Result<Vec<Cell>, String>| r.clone().map(|v| v[i]);
             rows.push(Row {
@@ -232,7 +302,49 @@ pub fn run_all(binary: &Path, plan: &Plan, bus_config: &dyn Fn(usize) -> String)
             });
         }
     }
-    Report { rows }
+    // A stalled member beside fast ones: alternating rounds, each a daemon of its own.
+    let mut alone: Vec<Vec<Result<f64, String>>> = vec![Vec::new(); SIZES.len()];
+    let mut beside = alone.clone();
+    for _ in 0..STALLED_ROUNDS {
+        for (with_stalled, into) in [(false, &mut alone), (true, &mut beside)] {
+            let r = measure(
+                binary,
+                Via::Bus,
+                STALLED_FAST,
+                with_stalled,
+                plan,
+                bus_config,
+            );
+            let rates: Result<Vec<String>, String> = r.clone().map(|v| {
+                v.iter()
+                    .map(|c| format!("{:.0}", c.delivered_per_s))
+                    .collect()
+            });
+            eprintln!(
+                "  bus, {STALLED_FAST} subscribers, stalled member {with_stalled}: {rates:?}"
+            );
+            for (i, cells) in into.iter_mut().enumerate() {
+                cells.push(r.clone().map(|v| v[i].delivered_per_s));
+            }
+        }
+    }
+    let median = |v: Vec<Result<f64, String>>| -> Result<f64, String> {
+        let mut v = v.into_iter().collect::<Result<Vec<f64>, String>>()?;
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2)
+            .copied()
+            .ok_or_else(|| "no rounds".to_owned())
+    };
+    let stalled = SIZES
+        .iter()
+        .zip(alone.into_iter().zip(beside))
+        .map(|(&size, (a, b))| StalledRow {
+            size,
+            alone: median(a),
+            beside: median(b),
+        })
+        .collect();
+    Report { rows, stalled }
 }
 
 /// What the subscribers share with the publisher.
@@ -526,15 +638,20 @@ fn broker(listeners: Vec<UnixListener>) -> Result<(), String> {
     }
 }
 
-/// One transport with `subs` subscribers: a cell per size of [`SIZES`].
+/// One transport with `subs` subscribers: a cell per size of [`SIZES`]. With `stalled`
+/// (bus only) one more member joins to receive and never reads: its guest never services
+/// its device, so its RX ring, its connection and then its queue on the bus fill, and the
+/// bus drops for it from then on; it is not counted.
 fn measure(
     binary: &Path,
     via: Via,
     subs: usize,
+    stalled: bool,
     plan: &Plan,
     bus_config: &dyn Fn(usize) -> String,
 ) -> Result<Vec<Cell>, String> {
-    let (backend, specs, _tmp) = start(binary, subs, bus_config)?;
+    let (backend, mut specs, _tmp) = start(binary, subs + usize::from(stalled), bus_config)?;
+    let stalled_spec = stalled.then(|| specs.pop().expect("the stalled member's VM"));
     let broker_thread = match via {
         Via::Bus => None,
         Via::Broker => {
@@ -547,6 +664,11 @@ fn measure(
     };
     // The publisher first: on the bus it creates it.
     let mut publisher = Member::join(&specs[0], via, true)?;
+    // Held, never read, until the end.
+    let _stalled = match &stalled_spec {
+        Some(spec) => Some(Member::join(spec, via, false)?),
+        None => None,
+    };
     let epoch = Instant::now();
     let tally = Arc::new(Tally::default());
     let ready = Arc::new(Barrier::new(subs + 1));
