@@ -1404,6 +1404,15 @@ impl Daemon {
     }
 
     fn blackout(&mut self, absent_for: u64) -> u32 {
+        // The device is gone before anything breaks: a client that notices a break and
+        // dials at once must find it gone (set after the breaks, a listener's
+        // re-registration could slip in before it and be counted, and a `forget` that
+        // follows then dropped the registration the client relied on: 1 in 20 runs).
+        {
+            let mut plan = lock(&self.plan);
+            plan.absent_for = absent_for;
+            plan.broke_once = true;
+        }
         let mut keepalives = 0;
         if let Some(reg) = lock(&self.registry.reg).as_mut() {
             if let Some((link, sock)) = reg.keepalive.take() {
@@ -1423,9 +1432,6 @@ impl Daemon {
                 try_break(ctl, &mut sess, &srv.shared, true);
             }
         }
-        let mut plan = lock(&self.plan);
-        plan.absent_for = absent_for;
-        plan.broke_once = true;
         keepalives
     }
 
