@@ -102,7 +102,8 @@ usage: domsock <command> [--option value]...
   migrate              --vm NAME --from HOST --to HOST --uri tcp:IP:PORT
                        --from-qmp PATH --to-qmp PATH --from-admin PATH --to-admin PATH
                        [--device-id vsock0] [--chardev vhu0] [--unplug-ms 10000]
-                       [--migrate-ms 120000] [--confirm-ms 10000] [--keep-source] [--json]
+                       [--migrate-ms 120000] [--settle-ms 10000] [--confirm-ms 10000]
+                       [--keep-source] [--json]
                        (on a host: live-migrates a guest between two QEMUs; exit 0 migrated,
                        2 rolled back, 3 rollback failed, 1 nothing done)
   forge-resume         [--id HEX | --id-file PATH] [--received N] [--port P] [--attempts a,b,..]
@@ -1601,6 +1602,7 @@ fn cmd_migrate(mut o: Opts) -> Result<ExitCode, Failure> {
     let ms = Duration::from_millis;
     plan.timeouts.unplug = ms(o.size_or("unplug-ms", 10_000)?);
     plan.timeouts.migrate = ms(o.size_or("migrate-ms", 120_000)?);
+    plan.timeouts.settle = ms(o.size_or("settle-ms", 10_000)?);
     plan.timeouts.confirm = ms(o.size_or("confirm-ms", 10_000)?);
     plan.quit_source = !o.flag("keep-source");
     let json = o.flag("json");

@@ -23,6 +23,8 @@
 //!     SQ->>DQ: RAM and device state
 //!     O->>SQ: query-migrate ... completed (source paused)
 //!     Note over O: migrate
+//!     O->>DQ: query-status ... not inmigrate (its last state loaded)
+//!     Note over O: settle
 //!     O->>SD: export {vm, to}
 //!     SD-->>O: sessions n
 //!     O->>DQ: device_add vhost-user-vsock-pci
@@ -41,7 +43,7 @@
 //!   rollback resumes it if it is paused, plugs the device back, and confirms through the
 //!   source's domsockd that the device runs. Sessions were never exported, so they resume
 //!   on the source like after any unplug.
-//! - `export`, `plug` or `confirm` fails, after the migration completed: the source QEMU is
+//! - `settle`, `export`, `plug` or `confirm` fails, after the migration completed: the source QEMU is
 //!   paused in `postmigrate` with the guest's whole state as of the switchover, and the
 //!   destination runs a copy of it. Rollback quits the destination QEMU first (so two copies
 //!   never run), asks the destination's domsockd to hand the exported sessions back (when
@@ -67,6 +69,8 @@ use serde_json::{json, Map, Value};
 use crate::admin::{AgentError, HostAgent};
 use crate::qmp::{Qmp, QmpError};
 
+/// Pause between `query-status` polls of a destination still loading.
+const SETTLE_POLL_MS: u64 = 5;
 /// Pause between `query-migrate` polls.
 const MIGRATE_POLL_MS: u64 = 20;
 /// Pause between `status` polls of the confirm steps.
@@ -95,6 +99,8 @@ pub struct Timeouts {
     pub unplug: Duration,
     /// `migrate` until `completed`.
     pub migrate: Duration,
+    /// After that, until the destination has loaded the state (leaves `inmigrate`).
+    pub settle: Duration,
     /// `device_add` until domsockd says the device runs (and sessions resumed).
     pub confirm: Duration,
 }
@@ -105,6 +111,7 @@ impl Default for Timeouts {
             qmp: Duration::from_secs(10),
             unplug: Duration::from_secs(10),
             migrate: Duration::from_secs(120),
+            settle: Duration::from_secs(10),
             confirm: Duration::from_secs(10),
         }
     }
@@ -491,6 +498,32 @@ fn forward<S: HostAgent, D: HostAgent>(
         }
     })?;
     *reached = Reached::Completed;
+
+    // The source says `completed` when it has sent everything; the destination may still
+    // be loading the last device state. A `device_add` then is accepted, but its hot-plug
+    // event is lost with the state loaded over it: the guest never sees the device (found
+    // in a fresh-clone CI run: `plug` found the destination `inmigrate`, and `confirm`
+    // waited 15 s for a device that never ran).
+    rec.run("settle", |d| {
+        let deadline = Instant::now() + t.settle;
+        let mut polls = 0u64;
+        loop {
+            let state = dst.qmp.run_state(t.qmp)?;
+            polls += 1;
+            if state != "inmigrate" {
+                d.insert("destination_state".into(), json!(state));
+                d.insert("polls".into(), json!(polls));
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(StepFailed(format!(
+                    "the destination is still loading the migration (inmigrate) {:?} after the source completed",
+                    t.settle
+                )));
+            }
+            thread::sleep(Duration::from_millis(SETTLE_POLL_MS));
+        }
+    })?;
 
     rec.run("export", |d| {
         *exported = src.agent.export(&plan.vm, &dst.host)?;

@@ -24,6 +24,9 @@ struct QemuState {
     migrate: MigrateBehaviour,
     migration: &'static str,
     queries: u32,
+    /// While `inmigrate`: how many more `query-status` calls say so before the state
+    /// is loaded and it runs (`None`: never). The first comes from `prepare`.
+    loading: Option<u32>,
     /// Every command received, in order.
     commands: Vec<String>,
 }
@@ -46,6 +49,7 @@ fn fake_qemu(
         migrate,
         migration: "none",
         queries: 0,
+        loading: Some(0),
         commands: Vec::new(),
     }));
     let st = Arc::clone(&state);
@@ -66,7 +70,15 @@ fn fake_qemu(
             let out = match cmd.as_str() {
                 "qmp_capabilities" => ok(json!({})),
                 "query-status" => {
-                    ok(json!({"status": q.run_state, "running": q.run_state == "running"}))
+                    let status = q.run_state.clone();
+                    if status == "inmigrate" {
+                        match q.loading {
+                            Some(0) => q.run_state = "running".into(),
+                            Some(n) => q.loading = Some(n - 1),
+                            None => {}
+                        }
+                    }
+                    ok(json!({"status": status, "running": status == "running"}))
                 }
                 "qom-list" => {
                     let mut l = vec![json!({"name": "type", "type": "string"})];
@@ -199,6 +211,8 @@ fn rig(migrate: MigrateBehaviour, src_agent: Agent, dst_agent: Agent) -> Rig {
     let dir = crate::test_dir::TestDir::new("orch");
     let (src_q, sp) = fake_qemu(dir.path(), "a", "running", true, migrate);
     let (dst_q, dp) = fake_qemu(dir.path(), "b", "inmigrate", false, migrate);
+    // prepare sees it inmigrate, and so does the first settle poll.
+    dst_q.lock().unwrap().loading = Some(1);
     let t = Duration::from_secs(5);
     let src = Side {
         host: "a".into(),
@@ -222,6 +236,7 @@ fn rig(migrate: MigrateBehaviour, src_agent: Agent, dst_agent: Agent) -> Rig {
 fn plan() -> Plan {
     let mut p = Plan::vsock("web", "tcp:10.0.0.2:4444", "vsock0", "vhu0");
     p.timeouts.confirm = Duration::from_millis(500);
+    p.timeouts.settle = Duration::from_millis(300);
     p
 }
 
@@ -251,6 +266,7 @@ fn a_move_runs_every_step_in_order() {
             "prepare",
             "unplug",
             "migrate",
+            "settle",
             "export",
             "plug",
             "confirm",
@@ -262,7 +278,12 @@ fn a_move_runs_every_step_in_order() {
     let j = rep.to_json();
     assert_eq!(j["outcome"], "migrated");
     assert_eq!(j["steps"][2]["downtime_ms"], 40);
-    assert_eq!(j["steps"][5]["polls"], 3);
+    assert_eq!(
+        j["steps"][3]["polls"], 2,
+        "settle waited for the state to load"
+    );
+    assert_eq!(j["steps"][3]["destination_state"], "running");
+    assert_eq!(j["steps"][6]["polls"], 3);
     assert!(j["steps"][1]["ms"].as_f64().is_some());
     assert_eq!(
         *r.dst.agent.calls.lock().unwrap().first().unwrap(),
@@ -404,4 +425,65 @@ fn a_rollback_that_cannot_confirm_is_reported() {
     assert_eq!(rep.outcome, Outcome::RollbackFailed, "{}", rep.to_text());
     assert_eq!(rep.to_json()["outcome"], "rollback_failed");
     assert!(rep.rollback.last().unwrap().error.is_some());
+}
+
+#[test]
+fn the_device_is_plugged_only_once_the_destination_has_loaded_the_state() {
+    let mut r = rig(
+        MigrateBehaviour::Complete,
+        running_after(1),
+        running_after(1),
+    );
+    r.dst_q.lock().unwrap().loading = Some(6);
+    let rep = migrate(&plan(), &mut r.src, &mut r.dst);
+    assert_eq!(rep.outcome, Outcome::Migrated, "{}", rep.to_text());
+    let d = r.dst_q.lock().unwrap();
+    // prepare's query-status and six more said inmigrate; device_add came after the one
+    // that said running.
+    let statuses = d.commands.iter().filter(|c| *c == "query-status").count();
+    let add = d.commands.iter().position(|c| c == "device_add").unwrap();
+    let last_status = d
+        .commands
+        .iter()
+        .rposition(|c| c == "query-status")
+        .unwrap();
+    assert!(statuses >= 8, "{:?}", d.commands);
+    assert!(last_status < add, "{:?}", d.commands);
+    assert_eq!(rep.to_json()["steps"][3]["polls"], 7);
+}
+
+#[test]
+fn a_destination_that_never_loads_the_state_is_quit_and_the_source_resumes() {
+    let mut r = rig(
+        MigrateBehaviour::Complete,
+        running_after(1),
+        running_after(1),
+    );
+    r.dst_q.lock().unwrap().loading = None;
+    let rep = migrate(&plan(), &mut r.src, &mut r.dst);
+    assert_eq!(rep.outcome, Outcome::RolledBack, "{}", rep.to_text());
+    let failed = rep.failed_step().unwrap();
+    assert_eq!(failed.name, "settle");
+    assert!(
+        failed.error.as_ref().unwrap().contains("still loading"),
+        "{failed:?}"
+    );
+    assert_eq!(
+        names(&rep.rollback),
+        [
+            "quit-destination",
+            "source-resume",
+            "source-plug",
+            "source-confirm"
+        ]
+    );
+    let d = r.dst_q.lock().unwrap();
+    assert!(
+        !d.commands.contains(&"device_add".to_owned()),
+        "never plugged there"
+    );
+    assert_eq!(d.run_state, "quit");
+    let s = r.src_q.lock().unwrap();
+    assert_eq!(s.run_state, "running");
+    assert!(s.device, "plugged back on the source");
 }

@@ -254,7 +254,8 @@ fn hop_line(label: &str, report: &Value, blackout: f64) -> String {
     let mig = step(report, "steps", "migrate");
     format!(
         "{label}: total {:.0} ms (prepare {:.1}, unplug {:.1}, migrate {:.1} [QEMU total {} ms, \
-         downtime {} ms, {:.1} MB], export {:.1}, plug {:.1}, confirm {:.1}, quit-source {:.1}); \
+         downtime {} ms, {:.1} MB], settle {:.1}, export {:.1}, plug {:.1}, confirm {:.1}, \
+         quit-source {:.1}); \
          blackout device_add -> first echo byte through the destination's domsockd {blackout:.0} ms",
         report["total_ms"].as_f64().unwrap_or(-1.0),
         s("prepare"),
@@ -263,6 +264,7 @@ fn hop_line(label: &str, report: &Value, blackout: f64) -> String {
         mig["qemu_total_ms"],
         mig["downtime_ms"],
         mig["transferred_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        s("settle"),
         s("export"),
         s("plug"),
         s("confirm"),
@@ -353,6 +355,7 @@ pub(super) fn migrate_across_hosts(c: Case) {
             "prepare",
             "unplug",
             "migrate",
+            "settle",
             "export",
             "plug",
             "confirm",
@@ -571,7 +574,7 @@ pub(super) fn migrate_rollback_after_completion(c: Case) {
     assert_eq!(rep["failed_step"], "confirm", "{rep}");
     assert_eq!(
         step_names(&rep, "steps"),
-        ["prepare", "unplug", "migrate", "export", "plug", "confirm"]
+        ["prepare", "unplug", "migrate", "settle", "export", "plug", "confirm"]
     );
     assert_eq!(
         step_names(&rep, "rollback"),
