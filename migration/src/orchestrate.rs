@@ -43,11 +43,12 @@
 //!   rollback resumes it if it is paused, plugs the device back, and confirms through the
 //!   source's domsockd that the device runs. Sessions were never exported, so they resume
 //!   on the source like after any unplug.
-//! - `settle`, `export`, `plug` or `confirm` fails, after the migration completed: the source QEMU is
-//!   paused in `postmigrate` with the guest's whole state as of the switchover, and the
-//!   destination runs a copy of it. Rollback quits the destination QEMU first (so two copies
-//!   never run), asks the destination's domsockd to hand the exported sessions back (when
-//!   any were exported), then `cont`s the source, plugs its device back and confirms. What
+//! - `settle`, `export`, `plug` or `confirm` fails, after the migration completed: the
+//!   source QEMU is paused in `postmigrate` with the guest's whole state as of the
+//!   switchover, and the destination runs a copy of it. Rollback quits the destination QEMU
+//!   first (so two copies never run), asks the destination's domsockd to hand the exported
+//!   sessions back (when any were exported), then `cont`s the source, plugs its device back
+//!   and confirms. What
 //!   the guest did on the destination between switchover and rollback (at most the plug and
 //!   confirm time) is discarded: its memory changes, and anything it wrote to shared
 //!   storage or sent over a network in that window, are not undone, and its clock jumps
@@ -500,10 +501,10 @@ fn forward<S: HostAgent, D: HostAgent>(
     *reached = Reached::Completed;
 
     // The source says `completed` when it has sent everything; the destination may still
-    // be loading the last device state. A `device_add` then is accepted, but its hot-plug
-    // event is lost with the state loaded over it: the guest never sees the device (found
-    // in a fresh-clone CI run: `plug` found the destination `inmigrate`, and `confirm`
-    // waited 15 s for a device that never ran).
+    // be loading the last device state. A `device_add` then is accepted, but the guest
+    // may never see the device (its hot-plug event, it seems, goes under the state loaded
+    // after it): found in a fresh-clone CI run, where `plug` found the destination
+    // `inmigrate` and `confirm` waited 15 s for a device that never ran.
     rec.run("settle", |d| {
         let deadline = Instant::now() + t.settle;
         let mut polls = 0u64;

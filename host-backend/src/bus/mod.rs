@@ -298,9 +298,6 @@ impl BusState {
         wants: &mut Wants,
     ) {
         let loss = self.bus.take_loss(to);
-        let queued_bytes = self.bus.queued_bytes(to);
-        let queue_bound = self.bus.config().queue_bytes;
-        let max_batch = max_batch_len(self.bus.config().max_message);
         let Some(sink) = self.sinks.get_mut(&to) else {
             return;
         };
@@ -319,10 +316,11 @@ impl BusState {
                 sink.deferred_len = HEADER_LEN;
             }
             sink.deferred_len += BATCH_ENTRY_PREFIX + len;
+            let cfg = self.bus.config();
             // `queued_bytes` counts this message already (the offer did).
             let full_run = sink.queue.len() >= MAX_BATCH_FRAMES
-                || sink.deferred_len >= max_batch
-                || queued_bytes.saturating_mul(2) >= u64::from(queue_bound);
+                || sink.deferred_len >= max_batch_len(cfg.max_message)
+                || self.bus.queued_bytes(to).saturating_mul(2) >= u64::from(cfg.queue_bytes);
             if full_run {
                 self.flush_member(to, wants);
             } else if !sink.deferred {

@@ -471,7 +471,7 @@ impl Member {
                     },
                     Ok(None) => return Err("bus service closed at JOIN".into()),
                     Err(SockError::WouldBlock) => {
-                        let _ = m.g.poll(Some(Duration::from_millis(1)));
+                        let _ = m.g.poll(Some(Duration::from_millis(5)));
                     }
                     Err(e) => return Err(format!("JOIN: {e}")),
                 }

@@ -266,7 +266,6 @@ pub fn median_latency(mut runs: Vec<Latency>) -> Option<Latency> {
     Some(runs[runs.len() / 2])
 }
 
-/// p50 and p99 of samples (sorted in place).
 /// `DOMSOCK_BENCH_ROWS=key,key,..`: the tunnel and relayed sections run only these rows
 /// (e.g. `tunnel_1` or `relayed_g2h`, the keys of the JSON report), to profile one.
 pub fn row_wanted(key: &str) -> bool {
@@ -275,6 +274,7 @@ pub fn row_wanted(key: &str) -> bool {
         .is_none_or(|o| o.split(',').any(|k| k == key))
 }
 
+/// p50 and p99 of samples (sorted in place).
 pub fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
     if samples.is_empty() {
         return (Duration::ZERO, Duration::ZERO);
