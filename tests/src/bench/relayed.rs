@@ -55,14 +55,12 @@ pub fn table(r: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "one session relayed through the tunnel ({}), 64 KiB writes, median of {} rounds",
+        "one session relayed through the tunnel ({}), 64 KiB writes, median of {} rounds \
+         (a ratio: the median of each round's own)",
         r.link, r.rounds
     );
     rows_table(&mut out, &r.rows, 52, "CPU s/GiB");
-    let ratio = |a: &str, b: &str| match (r.get(a), r.get(b)) {
-        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
-        _ => "-".into(),
-    };
+    let ratio = |a: &str, b: &str| r.ratio(a, b);
     let _ = writeln!(
         out,
         "relayed/tls g->h {}, h->g {} (target >= 0.80x); relayed/home g->h {}, h->g {}",

@@ -53,6 +53,9 @@ pub struct Row {
     pub mbps: Result<f64, String>,
     /// CPU seconds per GiB moved of the processes the row names (its median run's).
     pub cpu_s_per_gib: Option<f64>,
+    /// Every round's MB/s in round order (empty when a round failed), for ratios of
+    /// rows measured in the same round ([`Report::ratio`]).
+    pub rounds_mbps: Vec<f64>,
 }
 
 /// One measurement of a row.
@@ -80,8 +83,10 @@ impl Row {
     /// The row of `runs` (one per round): the median round's rate and CPU, or the first
     /// failure.
     pub fn median(label: &str, key: &str, runs: Vec<Result<Measured, String>>) -> Row {
+        let mut rounds_mbps = Vec::new();
         let (mbps, cpu_s_per_gib) = match runs.into_iter().collect::<Result<Vec<_>, String>>() {
             Ok(mut v) if !v.is_empty() => {
+                rounds_mbps = v.iter().map(|m| m.mbps).collect();
                 v.sort_by(|a, b| a.mbps.total_cmp(&b.mbps));
                 let m = v[v.len() / 2];
                 (Ok(m.mbps), m.cpu_s_per_gib)
@@ -94,6 +99,7 @@ impl Row {
             key: key.to_owned(),
             mbps,
             cpu_s_per_gib,
+            rounds_mbps,
         }
     }
 }
@@ -124,12 +130,15 @@ pub fn rows_json(link: &str, rounds: usize, rows: &[Row]) -> String {
         let cpu = r
             .cpu_s_per_gib
             .map_or_else(|| "null".to_owned(), |c| format!("{c:.4}"));
+        let rounds: Vec<String> = r.rounds_mbps.iter().map(|m| format!("{m:.3}")).collect();
         let _ = write!(
             out,
-            "{}{{\"key\": {:?}, \"label\": {:?}, {v}, \"cpu_s_per_gib\": {cpu}}}",
+            "{}{{\"key\": {:?}, \"label\": {:?}, {v}, \"cpu_s_per_gib\": {cpu}, \
+             \"rounds_mbps\": [{}]}}",
             if i > 0 { ", " } else { "" },
             r.key,
-            r.label
+            r.label,
+            rounds.join(", ")
         );
     }
     out.push_str("]}");
@@ -156,19 +165,36 @@ impl Report {
             .and_then(|r| r.mbps.as_ref().ok().copied())
     }
 
+    /// Row `a` against row `b`: the median over rounds of the ratio of the two in the
+    /// same round (they ran within seconds of each other, so a machine that speeds up
+    /// or slows down between rounds moves both), or `-`. With a row's rounds missing,
+    /// the ratio of the medians.
+    pub fn ratio(&self, a: &str, b: &str) -> String {
+        let row = |k: &str| self.rows.iter().find(|r| r.key == k);
+        if let (Some(ra), Some(rb)) = (row(a), row(b)) {
+            if !ra.rounds_mbps.is_empty() && ra.rounds_mbps.len() == rb.rounds_mbps.len() {
+                return match paired_median(&ra.rounds_mbps, &rb.rounds_mbps) {
+                    Some(r) => format!("{r:.2}x"),
+                    None => "-".into(),
+                };
+            }
+        }
+        match (self.get(a), self.get(b)) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+            _ => "-".into(),
+        }
+    }
+
     /// The table, with the target ratios.
     pub fn table(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "tunnel ({}), 64 KiB writes, median of {} rounds",
+            "tunnel ({}), 64 KiB writes, median of {} rounds (a ratio: the median of each round's own)",
             self.link, self.rounds
         );
         rows_table(&mut out, &self.rows, 44, "CPU s/GiB");
-        let ratio = |a: &str, b: &str| match (self.get(a), self.get(b)) {
-            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
-            _ => "-".into(),
-        };
+        let ratio = |a: &str, b: &str| self.ratio(a, b);
         let _ = writeln!(
             out,
             "tunnel/tls {} (target >= 0.80x); tunnel/tcp {}; 64ch/1ch {} (target >= 0.90x); \
@@ -185,6 +211,26 @@ impl Report {
     pub fn json(&self) -> String {
         rows_json(&self.link, self.rounds, &self.rows)
     }
+}
+
+/// The median of `a[i] / b[i]` over the rounds where `b[i] > 0`.
+pub fn paired_median(a: &[f64], b: &[f64]) -> Option<f64> {
+    let mut r: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .filter(|(_, &b)| b > 0.0)
+        .map(|(a, b)| a / b)
+        .collect();
+    if r.is_empty() {
+        return None;
+    }
+    r.sort_by(f64::total_cmp);
+    let n = r.len();
+    Some(if n % 2 == 1 {
+        r[n / 2]
+    } else {
+        (r[n / 2 - 1] + r[n / 2]) / 2.0
+    })
 }
 
 /// Runs the tunnel rows.
@@ -872,11 +918,62 @@ fn send_tunnel(
     let elapsed = start.elapsed().as_secs_f64();
     // What autotuning made of the receivers' windows (the sender's view of them).
     let windows: Vec<u32> = ends.iter().map(|e| e.counters().peer_buf_alloc).collect();
+    let frames = svc.counters("b").unwrap_or_default();
     eprintln!(
-        "    windows at the end: {} KiB .. {} KiB",
+        "    windows at the end: {} KiB .. {} KiB; frames sent {}, received {}",
         windows.iter().min().unwrap_or(&0) >> 10,
-        windows.iter().max().unwrap_or(&0) >> 10
+        windows.iter().max().unwrap_or(&0) >> 10,
+        frames.frames_sent,
+        frames.frames_received,
     );
     result_line(sent.iter().sum::<u64>(), elapsed);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(key: &str, rounds: &[f64]) -> Row {
+        let runs = rounds
+            .iter()
+            .map(|&mbps| {
+                Ok(Measured {
+                    mbps,
+                    cpu_s_per_gib: None,
+                })
+            })
+            .collect();
+        Row::median(key, key, runs)
+    }
+
+    #[test]
+    fn a_ratio_pairs_rows_of_the_same_round() {
+        // The machine doubles its speed after two rounds: each round's own ratio is 0.5,
+        // while the medians of the rows (400 over 1000) would say 0.4.
+        let r = Report {
+            link: String::new(),
+            rows: vec![
+                row("a", &[200.0, 200.0, 400.0, 400.0, 400.0]),
+                row("b", &[400.0, 400.0, 800.0, 800.0, 1000.0]),
+            ],
+            rounds: 5,
+        };
+        assert_eq!(r.ratio("a", "b"), "0.50x");
+        assert_eq!(paired_median(&[1.0, 3.0], &[1.0, 1.0]), Some(2.0));
+        assert_eq!(paired_median(&[1.0], &[0.0]), None);
+    }
+
+    #[test]
+    fn a_ratio_without_every_round_falls_back_to_the_medians() {
+        let mut failed = row("a", &[300.0]);
+        failed.rounds_mbps.clear();
+        let r = Report {
+            link: String::new(),
+            rows: vec![failed, row("b", &[100.0, 600.0, 600.0])],
+            rounds: 3,
+        };
+        assert_eq!(r.ratio("a", "b"), "0.50x");
+        assert_eq!(r.ratio("a", "missing"), "-");
+    }
 }
