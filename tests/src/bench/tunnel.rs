@@ -526,17 +526,26 @@ fn pin_host(first_half: bool) {
     let cpus: Vec<usize> = (0..CpuSet::count())
         .filter(|&i| allowed.is_set(i).unwrap_or(false))
         .collect();
-    if cpus.len() < 2 {
+    let Some(mine) = host_cpus(&cpus, first_half) else {
         return;
-    }
-    let (a, b) = cpus.split_at(cpus.len() / 2);
+    };
     let mut set = CpuSet::new();
-    for &c in if first_half { a } else { b } {
+    for &c in mine {
         let _ = set.set(c);
     }
     if let Err(e) = sched_setaffinity(Pid::from_raw(0), &set) {
         eprintln!("    could not place this host on its CPUs: {e}");
     }
+}
+
+/// One host's share of the CPUs `allowed` (in order): the first half (rounded down) or
+/// the rest; `None` with fewer than two, when there is nothing to split.
+fn host_cpus(allowed: &[usize], first_half: bool) -> Option<&[usize]> {
+    if allowed.len() < 2 {
+        return None;
+    }
+    let (a, b) = allowed.split_at(allowed.len() / 2);
+    Some(if first_half { a } else { b })
 }
 
 /// Entry point of a re-executed side: `serve|send MODE ADDR CERTS CHANNELS STALLED MS`.
@@ -994,6 +1003,17 @@ mod tests {
         assert_eq!(r.ratio("a", "b"), "0.50x");
         assert_eq!(paired_median(&[1.0, 3.0], &[1.0, 1.0]), Some(2.0));
         assert_eq!(paired_median(&[1.0], &[0.0]), None);
+    }
+
+    #[test]
+    fn each_host_gets_its_own_cpus() {
+        assert_eq!(host_cpus(&[0, 1], true), Some(&[0][..]));
+        assert_eq!(host_cpus(&[0, 1], false), Some(&[1][..]));
+        // A cpuset with holes, odd count: the second host gets the extra CPU.
+        assert_eq!(host_cpus(&[2, 5, 7], true), Some(&[2][..]));
+        assert_eq!(host_cpus(&[2, 5, 7], false), Some(&[5, 7][..]));
+        assert_eq!(host_cpus(&[3], true), None);
+        assert_eq!(host_cpus(&[], false), None);
     }
 
     #[test]
