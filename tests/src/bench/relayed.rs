@@ -60,14 +60,13 @@ pub fn table(r: &Report) -> String {
         r.link, r.rounds
     );
     rows_table(&mut out, &r.rows, 52, "CPU s/GiB");
-    let ratio = |a: &str, b: &str| r.ratio(a, b);
     let _ = writeln!(
         out,
         "relayed/tls g->h {}, h->g {} (target >= 0.80x); relayed/home g->h {}, h->g {}",
-        ratio("relayed_g2h", "tls_ba"),
-        ratio("relayed_h2g", "tls_ba"),
-        ratio("relayed_g2h", "home_g2h"),
-        ratio("relayed_h2g", "home_h2g"),
+        r.ratio("relayed_g2h", "tls_ba"),
+        r.ratio("relayed_h2g", "tls_ba"),
+        r.ratio("relayed_g2h", "home_g2h"),
+        r.ratio("relayed_h2g", "home_h2g"),
     );
     out
 }

@@ -195,15 +195,14 @@ impl Report {
             self.link, self.rounds
         );
         rows_table(&mut out, &self.rows, 44, "CPU s/GiB");
-        let ratio = |a: &str, b: &str| self.ratio(a, b);
         let _ = writeln!(
             out,
             "tunnel/tls {} (target >= 0.80x); tunnel/tcp {}; 64ch/1ch {} (target >= 0.90x); \
              63+stalled/64ch {} (target >= 0.90x)",
-            ratio("tunnel_1", "tls_1"),
-            ratio("tunnel_1", "tcp_1"),
-            ratio("tunnel_64", "tunnel_1"),
-            ratio("tunnel_63_stalled", "tunnel_64"),
+            self.ratio("tunnel_1", "tls_1"),
+            self.ratio("tunnel_1", "tcp_1"),
+            self.ratio("tunnel_64", "tunnel_1"),
+            self.ratio("tunnel_63_stalled", "tunnel_64"),
         );
         out
     }
