@@ -669,7 +669,9 @@ impl ChannelEnd {
         let _ = self.peer.lock().ep.set_max_window(self.id, bytes);
     }
 
-    /// Resets the eventfd (call before draining the channel).
+    /// Resets the eventfd (call before draining the channel). Not needed under
+    /// edge-triggered epoll (`EPOLLET`): there every notification is a new event whether
+    /// or not the eventfd was reset, which saves a syscall per wakeup.
     pub fn clear_wakeup(&self) {
         let _ = self.notify.read();
     }

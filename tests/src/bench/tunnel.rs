@@ -791,8 +791,9 @@ fn serve_tunnel(addr: SocketAddr, certs: &Path) -> io::Result<()> {
         }
         let mut progress = false;
         for r in rx.iter_mut().filter(|r| !r.done && r.ready) {
+            // Edge-triggered: every notification after this read is a new event, so the
+            // eventfd is never reset (a syscall per wakeup saved).
             r.ready = false;
-            r.end.clear_wakeup();
             loop {
                 match r.end.read(&mut buf) {
                     Ok(0) => {
@@ -885,7 +886,8 @@ fn send_tunnel(
     // Partial writes continue at this offset of `buf`, so every write is 64 KiB.
     let mut pos = vec![0usize; channels];
     // A channel without credit waits for its eventfd (one epoll wait for all of them, as
-    // an engine's would), so a round costs a syscall per channel only when it blocks.
+    // an engine's would; edge-triggered, so the eventfd is never reset), so a round costs
+    // no syscall per channel.
     let mut blocked = vec![false; channels];
     let start = Instant::now();
     let stop_at = start + duration;
@@ -895,27 +897,15 @@ fn send_tunnel(
             if blocked[i] {
                 continue;
             }
-            let mut cleared = false;
-            loop {
-                match e.write(&buf[pos[i]..]) {
-                    Ok(n) => {
-                        sent[i] += n as u64;
-                        pos[i] = (pos[i] + n) % WRITE_BYTES;
-                        progress = true;
-                        break;
-                    }
-                    // Clear the eventfd, then look once more: credit that came in
-                    // between sets it again.
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock && !cleared => {
-                        e.clear_wakeup();
-                        cleared = true;
-                    }
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                        blocked[i] = true;
-                        break;
-                    }
-                    Err(err) => return Err(err),
+            match e.write(&buf[pos[i]..]) {
+                Ok(n) => {
+                    sent[i] += n as u64;
+                    pos[i] = (pos[i] + n) % WRITE_BYTES;
+                    progress = true;
                 }
+                // Credit that comes in after this look writes the eventfd: a new edge.
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => blocked[i] = true,
+                Err(err) => return Err(err),
             }
         }
         if blocked.iter().any(|&b| b) {
