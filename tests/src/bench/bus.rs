@@ -105,6 +105,8 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// The stalled-member rows, one per size.
     pub stalled: Vec<StalledRow>,
+    /// The hypervisor's steal share while the rows ran ([`super::StealMeter`]).
+    pub steal: Option<f64>,
 }
 
 fn us(d: Duration) -> f64 {
@@ -118,7 +120,8 @@ impl Report {
         let _ = writeln!(
             out,
             "bus: one publisher guest to N subscriber guests, hub bus vs a host broker process \
-             relaying to N streams (same domsockd)"
+             relaying to N streams (same domsockd); {}",
+            super::steal_text(self.steal)
         );
         let _ = writeln!(
             out,
@@ -270,7 +273,9 @@ impl Report {
             })
             .collect();
         format!(
-            "{{\"rows\": [{}], \"stalled\": [{}]}}",
+            "{{\"steal_share\": {}, \"rows\": [{}], \"stalled\": [{}]}}",
+            self.steal
+                .map_or_else(|| "null".to_owned(), |s| format!("{s:.4}")),
             rows.join(", "),
             stalled.join(", ")
         )
@@ -288,6 +293,7 @@ enum Via {
 /// lets the bench's VMs (names `m0`, `m1`, ...) create and use the bus (the daemon's
 /// bus permissions).
 pub fn run_all(binary: &Path, plan: &Plan, bus_config: &dyn Fn(usize) -> String) -> Report {
+    let steal = super::StealMeter::start();
     let mut rows = Vec::new();
     for &subs in &SUBSCRIBERS {
         let bus = measure(binary, Via::Bus, subs, false, plan, bus_config);
@@ -344,7 +350,11 @@ pub fn run_all(binary: &Path, plan: &Plan, bus_config: &dyn Fn(usize) -> String)
             beside: median(b),
         })
         .collect();
-    Report { rows, stalled }
+    Report {
+        rows,
+        stalled,
+        steal: steal.share(),
+    }
 }
 
 /// What the subscribers share with the publisher.

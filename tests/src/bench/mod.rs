@@ -274,6 +274,59 @@ pub fn row_wanted(key: &str) -> bool {
         .is_none_or(|o| o.split(',').any(|k| k == key))
 }
 
+/// CPU time the hypervisor gave to others while this machine's CPUs wanted it (`steal`
+/// in `/proc/stat`), as a share of all CPU time over a span of the run. On a shared
+/// cloud VM it was 0.3-14% from one run of the tunnel rows to the next (seconds apart),
+/// and the rows' rates moved with it: the tables print it so a reader can tell a slow
+/// machine from a slow path.
+#[derive(Debug, Clone, Copy)]
+pub struct StealMeter {
+    start: Option<(u64, u64)>,
+}
+
+impl StealMeter {
+    /// Starts the span now.
+    pub fn start() -> Self {
+        Self { start: cpu_times() }
+    }
+
+    /// The steal share of the span so far (0.0-1.0), when `/proc/stat` is readable.
+    pub fn share(&self) -> Option<f64> {
+        let (s0, t0) = self.start?;
+        let (s1, t1) = cpu_times()?;
+        (t1 > t0).then(|| s1.saturating_sub(s0) as f64 / (t1 - t0) as f64)
+    }
+}
+
+/// `(steal, total)` ticks of all CPUs.
+fn cpu_times() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_cpu_line(stat.lines().next()?)
+}
+
+/// `(steal, total)` of the aggregate `cpu` line of `/proc/stat` (user nice system idle
+/// iowait irq softirq steal [guest guest_nice]; guest time is already in user and nice,
+/// so it is not added again).
+fn parse_cpu_line(line: &str) -> Option<(u64, u64)> {
+    let mut f = line.split_whitespace();
+    if f.next()? != "cpu" {
+        return None;
+    }
+    let v: Vec<u64> = f.take(8).map(str::parse).collect::<Result<_, _>>().ok()?;
+    if v.len() < 8 {
+        return None;
+    }
+    Some((v[7], v.iter().sum()))
+}
+
+/// `share` as the tables print it.
+pub fn steal_text(share: Option<f64>) -> String {
+    share.map_or_else(
+        || "steal unknown".to_owned(),
+        |s| format!("{:.1}% of CPU time stolen by the hypervisor", s * 100.0),
+    )
+}
+
 /// p50 and p99 of samples (sorted in place).
 pub fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
     if samples.is_empty() {
@@ -287,6 +340,22 @@ pub fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steal_is_the_eighth_field_of_the_cpu_line() {
+        let line = "cpu  52756 0 21607 234633 6899 0 5155 4590 7 0";
+        assert_eq!(
+            parse_cpu_line(line),
+            Some((4590, 52756 + 21607 + 234633 + 6899 + 5155 + 4590))
+        );
+        assert_eq!(parse_cpu_line("cpu0 1 2 3 4 5 6 7 8"), None);
+        assert_eq!(parse_cpu_line("cpu 1 2 3"), None);
+        assert_eq!(parse_cpu_line("cpu 1 2 3 x 5 6 7 8"), None);
+        assert_eq!(
+            steal_text(Some(0.125)),
+            "12.5% of CPU time stolen by the hypervisor"
+        );
+    }
 
     #[test]
     fn percentiles_of_known_samples() {

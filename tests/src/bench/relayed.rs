@@ -56,8 +56,10 @@ pub fn table(r: &Report) -> String {
     let _ = writeln!(
         out,
         "one session relayed through the tunnel ({}), 64 KiB writes, median of {} rounds \
-         (a ratio: the median of each round's own)",
-        r.link, r.rounds
+         (a ratio: the median of each round's own); {}",
+        r.link,
+        r.rounds,
+        super::steal_text(r.steal)
     );
     rows_table(&mut out, &r.rows, 52, "CPU s/GiB");
     let _ = writeln!(
@@ -127,6 +129,7 @@ pub fn run_all(plan: &Plan) -> Report {
     ];
     let repeats = plan.repeats.max(if plan.repeats > 1 { 5 } else { 1 });
     let mut runs: Vec<Vec<Result<Measured, String>>> = vec![Vec::new(); labels.len()];
+    let steal = super::StealMeter::start();
     for round in 0..repeats {
         for (i, (label, key)) in labels.iter().enumerate() {
             if !super::row_wanted(key) {
@@ -162,6 +165,7 @@ pub fn run_all(plan: &Plan) -> Report {
         link,
         rows,
         rounds: repeats,
+        steal: steal.share(),
     }
 }
 

@@ -121,8 +121,11 @@ pub fn rows_table(out: &mut String, rows: &[Row], width: usize, cpu_header: &str
 }
 
 /// A section as JSON: `link`, `rounds` and every row.
-pub fn rows_json(link: &str, rounds: usize, rows: &[Row]) -> String {
-    let mut out = format!("{{\"link\": {link:?}, \"rounds\": {rounds}, \"rows\": [");
+pub fn rows_json(link: &str, rounds: usize, steal: Option<f64>, rows: &[Row]) -> String {
+    let steal = steal.map_or_else(|| "null".to_owned(), |s| format!("{s:.4}"));
+    let mut out = format!(
+        "{{\"link\": {link:?}, \"rounds\": {rounds}, \"steal_share\": {steal}, \"rows\": ["
+    );
     for (i, r) in rows.iter().enumerate() {
         let v = match &r.mbps {
             Ok(v) => format!("\"mbps\": {v:.3}"),
@@ -155,6 +158,8 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// Rounds of all rows (each row's median is reported).
     pub rounds: usize,
+    /// The hypervisor's steal share while the rows ran ([`super::StealMeter`]).
+    pub steal: Option<f64>,
 }
 
 impl Report {
@@ -191,8 +196,10 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "tunnel ({}), 64 KiB writes, median of {} rounds (a ratio: the median of each round's own)",
-            self.link, self.rounds
+            "tunnel ({}), 64 KiB writes, median of {} rounds (a ratio: the median of each round's own); {}",
+            self.link,
+            self.rounds,
+            super::steal_text(self.steal)
         );
         rows_table(&mut out, &self.rows, 44, "CPU s/GiB");
         let _ = writeln!(
@@ -209,7 +216,7 @@ impl Report {
 
     /// JSON object.
     pub fn json(&self) -> String {
-        rows_json(&self.link, self.rounds, &self.rows)
+        rows_json(&self.link, self.rounds, self.steal, &self.rows)
     }
 }
 
@@ -289,6 +296,7 @@ pub fn run_all(plan: &Plan) -> Report {
     // alike; the median round of each row is reported.
     let repeats = plan.repeats.max(if plan.repeats > 1 { 5 } else { 1 });
     let mut runs: Vec<Vec<Result<Measured, String>>> = vec![Vec::new(); scenarios.len()];
+    let steal = super::StealMeter::start();
     for round in 0..repeats {
         for (i, &(label, key, mode, channels, stalled)) in scenarios.iter().enumerate() {
             if !super::row_wanted(key) {
@@ -315,6 +323,7 @@ pub fn run_all(plan: &Plan) -> Report {
         link,
         rows,
         rounds: repeats,
+        steal: steal.share(),
     }
 }
 
@@ -988,6 +997,7 @@ mod tests {
                 row("b", &[400.0, 400.0, 800.0, 800.0, 1000.0]),
             ],
             rounds: 5,
+            steal: None,
         };
         assert_eq!(r.ratio("a", "b"), "0.50x");
         assert_eq!(paired_median(&[1.0, 3.0], &[1.0, 1.0]), Some(2.0));
@@ -1013,6 +1023,7 @@ mod tests {
             link: String::new(),
             rows: vec![failed, row("b", &[100.0, 600.0, 600.0])],
             rounds: 3,
+            steal: None,
         };
         assert_eq!(r.ratio("a", "b"), "0.50x");
         assert_eq!(r.ratio("a", "missing"), "-");
