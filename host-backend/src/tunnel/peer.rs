@@ -7,7 +7,7 @@ use super::{tls, ChannelEnd, PeerShared, ServiceShared};
 use domsock_migration::tunnel::{Event, Millis, TransmitSink};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use rustls::pki_types::ServerName;
-use std::io::{self, BufRead, IoSlice, Read, Write};
+use std::io::{self, BufRead, IoSlice, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
@@ -27,9 +27,6 @@ const BACKOFF_MAX_MS: u64 = 2_000;
 const TRANSMIT_BUDGET_BYTES: usize = 64 << 10;
 /// TLS reads per wakeup before the driver turns to writing (fairness between directions).
 const READS_PER_ROUND: usize = 32;
-/// One socket read: rustls reads at most one record (16 KiB) per call, which made the
-/// receiving side's syscalls, socket locking and window-update ACKs a fifth of its time.
-const RECV_BYTES: usize = 256 << 10;
 /// rustls' buffer of encrypted bytes not yet written to TCP.
 const TLS_BUFFER_BYTES: usize = 1 << 20;
 
@@ -100,21 +97,11 @@ pub(super) fn listen(svc: Arc<ServiceShared>, listener: TcpListener) {
 struct Conn {
     sock: TcpStream,
     tls: rustls::Connection,
-    /// Bytes read from the socket that rustls has not taken yet (`rx[rx_start..rx_end]`).
-    rx: Box<[u8]>,
-    rx_start: usize,
-    rx_end: usize,
 }
 
 impl Conn {
     fn new(sock: TcpStream, tls: rustls::Connection) -> Self {
-        Self {
-            sock,
-            tls,
-            rx: vec![0u8; RECV_BYTES].into_boxed_slice(),
-            rx_start: 0,
-            rx_end: 0,
-        }
+        Self { sock, tls }
     }
 }
 
@@ -188,25 +175,16 @@ fn dial(svc: &ServiceShared, peer: &PeerShared) -> io::Result<Conn> {
 /// Reads what the socket has and feeds the endpoint. `Err` drops the connection.
 fn read_side(c: &mut Conn, peer: &PeerShared) -> io::Result<()> {
     for _ in 0..READS_PER_ROUND {
-        if c.rx_start == c.rx_end {
-            match (&c.sock).read(&mut c.rx) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => {
-                    (c.rx_start, c.rx_end) = (0, n);
-                    peer.counters
-                        .bytes_received
-                        .fetch_add(n as u64, Ordering::Relaxed);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+        match c.tls.read_tls(&mut c.sock) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                peer.counters
+                    .bytes_received
+                    .fetch_add(n as u64, Ordering::Relaxed);
             }
-        }
-        let mut pending = &c.rx[c.rx_start..c.rx_end];
-        match c.tls.read_tls(&mut pending)? {
-            // rustls saw close_notify: the peer ended the connection.
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            n => c.rx_start += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         }
         c.tls
             .process_new_packets()
@@ -430,10 +408,6 @@ pub(super) fn run(svc: Arc<ServiceShared>, peer: Arc<PeerShared>) {
         } else {
             peer.lock().ep.handle_timeout(now);
             handle_events(&svc, &peer);
-        }
-        // Bytes already read from the socket wake nothing: take them before sleeping.
-        if conn.as_ref().is_some_and(|c| c.rx_start < c.rx_end) {
-            continue;
         }
         // While the socket is backed up, POLLOUT brings the driver back to send; else
         // channel ends wake it from here on, and what they queued before is sent first.
