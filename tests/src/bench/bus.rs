@@ -238,7 +238,7 @@ impl Report {
                 c.lost,
                 us(c.p50),
                 us(c.p99),
-                c.cpu_s_per_m.map_or_else(|| "null".into(), |v| format!("{v:.4}"))
+                super::json_f64(c.cpu_s_per_m)
             ),
             Err(e) => format!("{{\"failed\": {e:?}}}"),
         }
@@ -274,8 +274,7 @@ impl Report {
             .collect();
         format!(
             "{{\"steal_share\": {}, \"rows\": [{}], \"stalled\": [{}]}}",
-            self.steal
-                .map_or_else(|| "null".to_owned(), |s| format!("{s:.4}")),
+            super::json_f64(self.steal),
             rows.join(", "),
             stalled.join(", ")
         )

@@ -319,6 +319,11 @@ fn parse_cpu_line(line: &str) -> Option<(u64, u64)> {
     Some((v[7], v.iter().sum()))
 }
 
+/// `v` as a JSON number with four decimals, or `null`.
+pub fn json_f64(v: Option<f64>) -> String {
+    v.map_or_else(|| "null".to_owned(), |x| format!("{x:.4}"))
+}
+
 /// `share` as the tables print it.
 pub fn steal_text(share: Option<f64>) -> String {
     share.map_or_else(
@@ -351,6 +356,8 @@ mod tests {
         assert_eq!(parse_cpu_line("cpu0 1 2 3 4 5 6 7 8"), None);
         assert_eq!(parse_cpu_line("cpu 1 2 3"), None);
         assert_eq!(parse_cpu_line("cpu 1 2 3 x 5 6 7 8"), None);
+        assert_eq!(json_f64(Some(0.10049)), "0.1005");
+        assert_eq!(json_f64(None), "null");
         assert_eq!(
             steal_text(Some(0.125)),
             "12.5% of CPU time stolen by the hypervisor"

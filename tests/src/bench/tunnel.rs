@@ -122,7 +122,7 @@ pub fn rows_table(out: &mut String, rows: &[Row], width: usize, cpu_header: &str
 
 /// A section as JSON: `link`, `rounds` and every row.
 pub fn rows_json(link: &str, rounds: usize, steal: Option<f64>, rows: &[Row]) -> String {
-    let steal = steal.map_or_else(|| "null".to_owned(), |s| format!("{s:.4}"));
+    let steal = super::json_f64(steal);
     let mut out = format!(
         "{{\"link\": {link:?}, \"rounds\": {rounds}, \"steal_share\": {steal}, \"rows\": ["
     );
@@ -131,9 +131,7 @@ pub fn rows_json(link: &str, rounds: usize, steal: Option<f64>, rows: &[Row]) ->
             Ok(v) => format!("\"mbps\": {v:.3}"),
             Err(e) => format!("\"failed\": {e:?}"),
         };
-        let cpu = r
-            .cpu_s_per_gib
-            .map_or_else(|| "null".to_owned(), |c| format!("{c:.4}"));
+        let cpu = super::json_f64(r.cpu_s_per_gib);
         let rounds: Vec<String> = r.rounds_mbps.iter().map(|m| format!("{m:.3}")).collect();
         let _ = write!(
             out,
