@@ -6,7 +6,7 @@
 use domsock_host::test_utils::CutProxy;
 use domsock_host::test_utils::TempDir;
 use domsock_host::tunnel::{
-    certs, unix, Acceptor, ChannelEnd, ChannelKind, ChannelState, Refusal, RefusalCode,
+    certs, unix, Acceptor, ChannelEnd, ChannelKind, ChannelState, ReadyGroup, Refusal, RefusalCode,
     TunnelConfig, TunnelService,
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -219,6 +219,119 @@ fn many_channels_both_ways_arrive_checksummed() {
     assert_eq!(ca.connections, 1);
     assert!(ca.bytes_sent > N * LEN * 2 / 3, "{ca:?}");
     assert!(ca.frames_received > 0);
+}
+
+/// One thread serves many channels in both directions through one [`ReadyGroup`]: it
+/// waits on the group's eventfd alone and touches a channel only when its key was
+/// reported (a change the group failed to report would stall that channel until the
+/// deadline). The channels join after data arrived, so the join itself must report what
+/// came before it; replies go back while the other side still sends, so writes wait for
+/// credit through the group too.
+#[test]
+fn one_ready_group_serves_many_channels_on_one_thread() {
+    let p = pair("tunnel-group", false, |_| {});
+    const N: usize = 16;
+    const LEN: u64 = 1 << 20;
+    let senders: Vec<ChannelEnd> = (0..N)
+        .map(|i| {
+            p.a.open("b", format!("g{i}").as_bytes(), ChannelKind::Stream)
+                .unwrap()
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for (i, e) in senders.iter().enumerate() {
+            s.spawn(move || {
+                send(e, i as u64, LEN);
+                let got = recv(e);
+                assert_eq!(got, expected(i as u64 + 500, LEN / 4), "channel {i} back");
+            });
+        }
+        let group = ReadyGroup::new().unwrap();
+        let mut ends: Vec<ChannelEnd> = (0..N)
+            .map(|i| p.b_acc.take(format!("g{i}").as_bytes()))
+            .collect();
+        // Data is waiting before the ends join: the join must report it.
+        for e in &ends {
+            wait_until("data before the join", || e.counters().received > 0);
+        }
+        struct St {
+            rx: Xxh3,
+            rx_len: u64,
+            eof: bool,
+            tx_at: u64,
+        }
+        let mut st: Vec<St> = (0..N)
+            .map(|_| St {
+                rx: Xxh3::new(),
+                rx_len: 0,
+                eof: false,
+                tx_at: 0,
+            })
+            .collect();
+        for (i, e) in ends.iter().enumerate() {
+            e.join_group(&group, i as u64);
+        }
+        let mut ready = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        let mut wakeups = 0u64;
+        let until = Instant::now() + DEADLINE;
+        while st.iter().any(|c| !c.eof || c.tx_at < LEN / 4) {
+            assert!(
+                Instant::now() < until,
+                "group stalled: {:?}",
+                st.iter().map(|c| (c.rx_len, c.tx_at)).collect::<Vec<_>>()
+            );
+            group.clear_wakeup();
+            group.take_ready(&mut ready);
+            if ready.is_empty() {
+                let mut fds = [PollFd::new(group.as_fd(), PollFlags::POLLIN)];
+                if poll(&mut fds, PollTimeout::from(2_000u16)).unwrap() == 0 {
+                    // No wakeup for 2 s: nothing may be listed (a mark without a wakeup).
+                    group.take_ready(&mut ready);
+                    assert!(ready.is_empty(), "keys {ready:?} listed without a wakeup");
+                }
+                wakeups += 1;
+                continue;
+            }
+            for k in ready.drain(..) {
+                let (e, c) = (&ends[k as usize], &mut st[k as usize]);
+                while c.tx_at < LEN / 4 {
+                    let n = (LEN / 4 - c.tx_at).min(buf.len() as u64) as usize;
+                    let chunk: Vec<u8> = (0..n as u64)
+                        .map(|j| pattern(k + 500, c.tx_at + j))
+                        .collect();
+                    match e.write(&chunk) {
+                        Ok(w) => c.tx_at += w as u64,
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(err) => panic!("write on {k}: {err}"),
+                    }
+                    if c.tx_at == LEN / 4 {
+                        e.shutdown(std::net::Shutdown::Write).unwrap();
+                    }
+                }
+                while !c.eof {
+                    match e.read(&mut buf) {
+                        Ok(0) => c.eof = true,
+                        Ok(n) => {
+                            c.rx.update(&buf[..n]);
+                            c.rx_len += n as u64;
+                        }
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(err) => panic!("read on {k}: {err}"),
+                    }
+                }
+            }
+        }
+        for (i, c) in st.iter().enumerate() {
+            assert_eq!(
+                (c.rx_len, c.rx.digest()),
+                expected(i as u64, LEN),
+                "channel {i} forth"
+            );
+        }
+        assert!(wakeups > 0);
+        ends.clear();
+    });
 }
 
 /// Ping-pong of small messages: each write must reach the driver at once. The driver

@@ -3,7 +3,7 @@
 //! connection's socket; channel ends reach the endpoint through the peer's mutex and wake
 //! the driver through its eventfd.
 
-use super::{tls, ChannelEnd, PeerShared, ServiceShared};
+use super::{tls, ChannelEnd, Notifier, PeerShared, ReadyGroup, ServiceShared};
 use domsock_migration::tunnel::{Event, Millis, TransmitSink};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use rustls::pki_types::ServerName;
@@ -256,7 +256,8 @@ fn write_side(c: &mut Conn, peer: &PeerShared) -> io::Result<bool> {
 fn handle_events(svc: &ServiceShared, peer: &Arc<PeerShared>) -> bool {
     const BATCH: usize = 64;
     let mut dead = false;
-    let mut notify: Vec<Arc<EventFd>> = Vec::new();
+    let mut notify: Vec<Notifier> = Vec::new();
+    let mut groups: Vec<Arc<ReadyGroup>> = Vec::new();
     let mut others: Vec<Event> = Vec::new();
     loop {
         let (stats, count, more) = {
@@ -277,7 +278,14 @@ fn handle_events(svc: &ServiceShared, peer: &Arc<PeerShared>) -> bool {
             (g.ep.stats(), g.ep.channel_count(), more)
         };
         for n in notify.drain(..) {
-            let _ = n.write(1);
+            if let Some(g) = n.notify() {
+                if !groups.iter().any(|w| Arc::ptr_eq(w, g)) {
+                    groups.push(g.clone());
+                }
+            }
+        }
+        for g in groups.drain(..) {
+            g.wake();
         }
         let c = &peer.counters;
         c.frames_sent.store(stats.frames_sent, Ordering::Relaxed);
@@ -319,7 +327,7 @@ fn handle_events(svc: &ServiceShared, peer: &Arc<PeerShared>) -> bool {
                             let mut g = peer.lock();
                             let ok = g.ep.accept(channel).is_ok();
                             if ok {
-                                g.ends.insert(channel, notify.clone());
+                                g.ends.insert(channel, Notifier::Own(notify.clone()));
                             }
                             ok
                         };

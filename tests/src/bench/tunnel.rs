@@ -18,7 +18,7 @@
 use super::Plan;
 use domsock_host::test_utils::TempDir;
 use domsock_host::tunnel::{
-    certs, tls::TlsMaterial, Acceptor, ChannelEnd, ChannelKind, Refusal, TunnelConfig,
+    certs, tls::TlsMaterial, Acceptor, ChannelEnd, ChannelKind, ReadyGroup, Refusal, TunnelConfig,
     TunnelService,
 };
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -725,40 +725,47 @@ impl Acceptor for Queue {
     }
 }
 
-/// The channel ends' eventfds in one epoll set, edge-triggered, as an engine's event loop
-/// holds them: a wait is one syscall that reports only the ends whose eventfd was written
-/// since they were last reported, so a round costs nothing per idle or busy channel
-/// (a `poll` over every end costs a file lookup and a poll callback per channel per
-/// round; at 64 channels that was the bench's own largest overhead).
+/// The channel ends of one side in one [`ReadyGroup`], as an event loop that serves many
+/// channels holds them: the driver writes the group's eventfd once per batch of changes
+/// (one eventfd per end woke this thread once per channel: on a host's one core each
+/// wakeup preempted the driver, twice the context switches per byte at 64 channels),
+/// and the wait is edge-triggered epoll on that one eventfd, so it is never reset.
 struct Interest {
+    group: Arc<ReadyGroup>,
     epoll: Epoll,
-    events: Vec<EpollEvent>,
+    events: [EpollEvent; 1],
+    keys: Vec<u64>,
 }
 
 impl Interest {
     fn new() -> io::Result<Self> {
+        let group = ReadyGroup::new()?;
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let ev = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, 0);
+        epoll.add(group.as_fd(), ev)?;
         Ok(Self {
-            epoll: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?,
-            events: vec![EpollEvent::empty(); 2 * CHANNELS],
+            group,
+            epoll,
+            events: [EpollEvent::empty()],
+            keys: Vec::with_capacity(2 * CHANNELS),
         })
     }
 
     /// Watches `end`, reported as `key`.
-    fn add(&self, end: &ChannelEnd, key: usize) -> io::Result<()> {
-        let ev = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, key as u64);
-        Ok(self.epoll.add(end.as_fd(), ev)?)
+    fn add(&self, end: &ChannelEnd, key: usize) {
+        end.join_group(&self.group, key as u64);
     }
 
-    fn remove(&self, end: &ChannelEnd) {
-        let _ = self.epoll.delete(end.as_fd());
-    }
-
-    /// Waits up to `ms` for ends to be written and calls `ready` with each one's key.
+    /// Waits up to `ms` for a change (none if one is already listed) and calls `ready`
+    /// with the key of each end that changed.
     fn wait(&mut self, ms: u16, mut ready: impl FnMut(usize)) {
-        if let Ok(n) = self.epoll.wait(&mut self.events, EpollTimeout::from(ms)) {
-            for e in &self.events[..n] {
-                ready(e.data() as usize);
-            }
+        self.group.take_ready(&mut self.keys);
+        if self.keys.is_empty() {
+            let _ = self.epoll.wait(&mut self.events, EpollTimeout::from(ms));
+            self.group.take_ready(&mut self.keys);
+        }
+        for k in self.keys.drain(..) {
+            ready(k as usize);
         }
     }
 }
@@ -785,7 +792,7 @@ fn serve_tunnel(addr: SocketAddr, certs: &Path) -> io::Result<()> {
     loop {
         for (end, meta) in q.ends.lock().expect("queue").drain(..) {
             if meta != b"stall" {
-                interest.add(&end, rx.len())?;
+                interest.add(&end, rx.len());
                 rx.push(Rx {
                     end,
                     total: 0,
@@ -805,7 +812,6 @@ fn serve_tunnel(addr: SocketAddr, certs: &Path) -> io::Result<()> {
                 match r.end.read(&mut buf) {
                     Ok(0) => {
                         r.done = true;
-                        interest.remove(&r.end);
                         let _ = r.end.write(&r.total.to_le_bytes());
                         progress = true;
                         break;
@@ -887,7 +893,7 @@ fn send_tunnel(
     }
     let mut interest = Interest::new()?;
     for (i, e) in ends.iter().enumerate() {
-        interest.add(e, i)?;
+        interest.add(e, i);
     }
     let mut sent = vec![0u64; channels];
     // Partial writes continue at this offset of `buf`, so every write is 64 KiB.
