@@ -38,6 +38,7 @@
 
 pub mod certs;
 mod peer;
+mod record;
 pub mod tls;
 pub mod unix;
 
@@ -354,7 +355,7 @@ struct PeerInner {
     ep: Endpoint,
     ends: HashMap<ChannelId, Notifier>,
     /// A connection the listener accepted and authenticated, for the peer thread.
-    incoming: Option<(std::net::TcpStream, rustls::Connection)>,
+    incoming: Option<peer::Conn>,
 }
 
 pub(crate) struct PeerShared {

@@ -3,11 +3,12 @@
 //! connection's socket; channel ends reach the endpoint through the peer's mutex and wake
 //! the driver through its eventfd.
 
+use super::record::{self, RecordAtATime, RecordLayer};
 use super::{tls, ChannelEnd, Notifier, PeerShared, ReadyGroup, ServiceShared};
 use domsock_migration::tunnel::{Event, Millis, TransmitSink};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use rustls::pki_types::ServerName;
-use std::io::{self, BufRead, IoSlice, Write};
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
@@ -20,30 +21,57 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_MIN_MS: u64 = 50;
 const BACKOFF_MAX_MS: u64 = 2_000;
-/// Plaintext frames handed to rustls per round, before its records go to the socket:
-/// one full DATA frame, so the peer decrypts the first frame while this end encrypts the
-/// next (a whole window at once would make the two ends take turns). rustls encrypts
-/// under the endpoint's lock, so this also bounds how long channel ends wait for it.
+/// Plaintext frames sealed per round before the records go to the socket: one full DATA
+/// frame, so the peer decrypts the first frame while this end encrypts the next (a whole
+/// window at once would make the two ends take turns). The frames are copied out under
+/// the endpoint's lock and sealed after it is released.
 const TRANSMIT_BUDGET_BYTES: usize = 64 << 10;
-/// TLS reads per wakeup before the driver turns to writing (fairness between directions).
-const READS_PER_ROUND: usize = 32;
-/// rustls' buffer of encrypted bytes not yet written to TCP.
-const TLS_BUFFER_BYTES: usize = 1 << 20;
+/// Socket reads per wakeup before the driver turns to writing (fairness between
+/// directions).
+const READS_PER_ROUND: usize = 16;
+/// The receive buffer: socket reads land here and records are opened in place.
+const READ_BUFFER_BYTES: usize = 256 << 10;
 
-fn handshake(sock: &mut TcpStream, tls: &mut rustls::Connection) -> io::Result<()> {
+/// Runs rustls' handshake on the blocking socket and takes the traffic secrets out of
+/// it; returns them with the peer's end-entity certificate. Reads stop at record
+/// boundaries, so nothing after the handshake is taken from the socket.
+fn handshake(
+    sock: &mut TcpStream,
+    mut tls: rustls::Connection,
+) -> io::Result<(Handshaken, Option<CertificateDer<'static>>)> {
     sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    while tls.is_handshaking() {
-        tls.complete_io(sock)?;
+    {
+        let mut io = RecordAtATime::new(&mut *sock);
+        while tls.is_handshaking() {
+            tls.complete_io(&mut io)?;
+        }
+        while tls.wants_write() {
+            tls.write_tls(&mut io)?;
+        }
     }
-    while tls.wants_write() {
-        tls.write_tls(sock)?;
+    if tls.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not TLS 1.3"));
     }
+    let cert = tls
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.clone().into_owned());
+    let mut early = Vec::new();
+    match tls.reader().read_to_end(&mut early) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(e) => return Err(e),
+    }
+    let secrets = tls
+        .dangerous_extract_secrets()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let layer = RecordLayer::new(secrets)?;
     sock.set_read_timeout(None)?;
     sock.set_write_timeout(None)?;
     sock.set_nonblocking(true)?;
     sock.set_nodelay(true)?;
-    Ok(())
+    Ok(((layer, early), cert))
 }
 
 /// The listener thread: authenticates each connection and hands it to its peer's driver.
@@ -67,18 +95,21 @@ pub(super) fn listen(svc: Arc<ServiceShared>, listener: TcpListener) {
         if sock.set_nonblocking(false).is_err() {
             continue;
         }
-        let mut tls = match rustls::ServerConnection::new(svc.tls.server.clone()) {
+        let tls = match rustls::ServerConnection::new(svc.tls.server.clone()) {
             Ok(c) => rustls::Connection::Server(c),
             Err(e) => {
                 warn!("tunnel TLS: {e}");
                 continue;
             }
         };
-        if let Err(e) = handshake(&mut sock, &mut tls) {
-            refused(format!("TLS handshake: {e}"));
-            continue;
-        }
-        let Some(cert) = tls.peer_certificates().and_then(|c| c.first()) else {
+        let (tls, cert) = match handshake(&mut sock, tls) {
+            Ok(t) => t,
+            Err(e) => {
+                refused(format!("TLS handshake: {e}"));
+                continue;
+            }
+        };
+        let Some(cert) = cert.as_ref() else {
             refused("no certificate".into());
             continue;
         };
@@ -88,66 +119,96 @@ pub(super) fn listen(svc: Arc<ServiceShared>, listener: TcpListener) {
         };
         let peer = &svc.peers[name];
         info!(%from, peer = name, "tunnel connection accepted");
-        tls.set_buffer_limit(Some(TLS_BUFFER_BYTES));
-        peer.lock().incoming = Some((sock, tls));
+        peer.lock().incoming = Some(Conn::new(sock, tls));
         peer.wake();
     }
 }
 
-struct Conn {
+/// A connection's record layer and the plaintext rustls decrypted before the secrets
+/// were taken (none with the tunnel's own peers, but not lost if there is).
+type Handshaken = (RecordLayer, Vec<u8>);
+
+/// One TCP connection to the peer with its record layer and buffers.
+pub(super) struct Conn {
     sock: TcpStream,
-    tls: rustls::Connection,
+    rec: RecordLayer,
+    /// Socket reads land in `rbuf[rend..]`; `rbuf[rstart..rend]` is not yet opened.
+    rbuf: Box<[u8]>,
+    rstart: usize,
+    rend: usize,
+    /// Sealed records; `wbuf[wpos..]` is not yet written.
+    wbuf: Vec<u8>,
+    wpos: usize,
+    /// Plaintext rustls decrypted before the secrets were taken (fed first).
+    early: Vec<u8>,
 }
 
-impl Conn {
-    fn new(sock: TcpStream, tls: rustls::Connection) -> Self {
-        Self { sock, tls }
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").field("sock", &self.sock).finish()
     }
 }
 
-/// The endpoint's frames go straight into rustls, which copies each record's plaintext
-/// (DATA payloads from the replay buffer) once, into the buffer it encrypts in place.
-struct TlsSink<'a> {
-    tls: &'a mut rustls::Connection,
-    taken: usize,
-    /// rustls took less than it was given (its buffer limit, or a failed connection).
-    short: bool,
+impl Conn {
+    fn new(sock: TcpStream, (rec, early): Handshaken) -> Self {
+        Self {
+            sock,
+            rec,
+            rbuf: vec![0u8; READ_BUFFER_BYTES].into_boxed_slice(),
+            rstart: 0,
+            rend: 0,
+            wbuf: Vec::with_capacity(TRANSMIT_BUDGET_BYTES * 2 + 4 * record::MAX_PLAINTEXT),
+            wpos: 0,
+            early,
+        }
+    }
 }
 
-impl TransmitSink for TlsSink<'_> {
+/// The endpoint's frames are copied once, into records laid out in `buf` (header room,
+/// plaintext, room for the content type and tag); they are sealed after the endpoint's
+/// lock is released.
+struct RecordSink<'a> {
+    buf: &'a mut Vec<u8>,
+    /// Start of each record in `buf` (the last one may still be filling).
+    records: &'a mut Vec<usize>,
+    /// Plaintext bytes in the record that is filling (None: no record open).
+    filling: Option<usize>,
+    taken: usize,
+}
+
+impl TransmitSink for RecordSink<'_> {
     fn taken(&self) -> usize {
         self.taken
     }
 
     fn put(&mut self, parts: &[&[u8]]) {
-        if self.short {
-            return;
-        }
-        let mut slices = [IoSlice::new(&[]); 4];
-        let mut k = 0;
-        let mut want = 0;
-        for p in parts.iter().filter(|p| !p.is_empty()) {
-            if k == slices.len() {
-                // More parts than the endpoint ever gives: write what is gathered.
-                self.put_slices(&slices[..k], want);
-                (k, want) = (0, 0);
+        for p in parts {
+            let mut p: &[u8] = p;
+            while !p.is_empty() {
+                let used = match self.filling {
+                    Some(u) if u < record::MAX_PLAINTEXT => u,
+                    _ => {
+                        self.close_record();
+                        self.records.push(self.buf.len());
+                        self.buf.extend_from_slice(&[0; record::HEADER_LEN]);
+                        0
+                    }
+                };
+                let n = p.len().min(record::MAX_PLAINTEXT - used);
+                self.buf.extend_from_slice(&p[..n]);
+                self.filling = Some(used + n);
+                self.taken += n;
+                p = &p[n..];
             }
-            slices[k] = IoSlice::new(p);
-            k += 1;
-            want += p.len();
         }
-        self.put_slices(&slices[..k], want);
     }
 }
 
-impl TlsSink<'_> {
-    fn put_slices(&mut self, slices: &[IoSlice<'_>], want: usize) {
-        if slices.is_empty() || self.short {
-            return;
-        }
-        match self.tls.writer().write_vectored(slices) {
-            Ok(n) if n == want => self.taken += n,
-            _ => self.short = true,
+impl RecordSink<'_> {
+    /// Ends the filling record: room for what sealing appends.
+    fn close_record(&mut self) {
+        if self.filling.take().is_some() {
+            self.buf.extend_from_slice(&[0; record::SEAL_OVERHEAD]);
         }
     }
 }
@@ -161,23 +222,41 @@ fn dial(svc: &ServiceShared, peer: &PeerShared) -> io::Result<Conn> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let c = rustls::ClientConnection::new(svc.tls.client.clone(), name)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let mut tls = rustls::Connection::Client(c);
-    if let Err(e) = handshake(&mut sock, &mut tls) {
-        if e.kind() == io::ErrorKind::InvalidData {
-            svc.refused_peers.fetch_add(1, Ordering::Relaxed);
+    match handshake(&mut sock, rustls::Connection::Client(c)) {
+        Ok((h, _)) => Ok(Conn::new(sock, h)),
+        Err(e) => {
+            if e.kind() == io::ErrorKind::InvalidData {
+                svc.refused_peers.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e)
         }
-        return Err(e);
     }
-    tls.set_buffer_limit(Some(TLS_BUFFER_BYTES));
-    Ok(Conn::new(sock, tls))
 }
 
-/// Reads what the socket has and feeds the endpoint. `Err` drops the connection.
+/// Reads what the socket has, opens the records in place and feeds their plaintext to
+/// the endpoint (one lock per read). `Err` drops the connection.
 fn read_side(c: &mut Conn, peer: &PeerShared) -> io::Result<()> {
+    if !c.early.is_empty() {
+        let early = std::mem::take(&mut c.early);
+        let now = peer.now();
+        peer.lock()
+            .ep
+            .handle_bytes(now, &early)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    }
+    // Plaintext ranges of the records opened from one read.
+    let mut plain: Vec<(usize, usize)> = Vec::with_capacity(READ_BUFFER_BYTES / 1024);
     for _ in 0..READS_PER_ROUND {
-        match c.tls.read_tls(&mut c.sock) {
+        if c.rend == c.rbuf.len() {
+            // Only a partial record is left at the end: move it to the front.
+            c.rbuf.copy_within(c.rstart..c.rend, 0);
+            c.rend -= c.rstart;
+            c.rstart = 0;
+        }
+        match c.sock.read(&mut c.rbuf[c.rend..]) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => {
+                c.rend += n;
                 peer.counters
                     .bytes_received
                     .fetch_add(n as u64, Ordering::Relaxed);
@@ -186,36 +265,44 @@ fn read_side(c: &mut Conn, peer: &PeerShared) -> io::Result<()> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
-        c.tls
-            .process_new_packets()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        // Decrypted records go to the endpoint from rustls' own buffer (no copy out).
-        let now = peer.now();
-        let mut g = peer.lock();
-        loop {
-            let n = match c.tls.reader().into_first_chunk() {
-                Ok([]) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(chunk) => {
-                    g.ep.handle_bytes(now, chunk)
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                    chunk.len()
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            };
-            c.tls.reader().consume(n);
+        // Open every whole record outside the endpoint's lock.
+        while c.rend - c.rstart >= record::HEADER_LEN {
+            let at = c.rstart;
+            let len = record::record_len(&c.rbuf[at..at + record::HEADER_LEN])?;
+            let end = at + record::HEADER_LEN + len;
+            if end > c.rend {
+                break;
+            }
+            let p = c.rec.rx.open(&mut c.rbuf[at..end])?;
+            if !p.is_empty() {
+                plain.push((at + record::HEADER_LEN, p.len()));
+            }
+            c.rstart = end;
+        }
+        if !plain.is_empty() {
+            let now = peer.now();
+            let mut g = peer.lock();
+            for (at, n) in plain.drain(..) {
+                g.ep.handle_bytes(now, &c.rbuf[at..at + n])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            }
+        }
+        if c.rstart == c.rend {
+            (c.rstart, c.rend) = (0, 0);
         }
     }
     Ok(())
 }
 
-/// Moves frames from the endpoint through TLS to the socket until it would block or
-/// nothing is left. Returns whether the socket is backed up (poll for POLLOUT).
+/// Moves frames from the endpoint through the record layer to the socket until it would
+/// block or nothing is left. Returns whether the socket is backed up (poll for POLLOUT).
 fn write_side(c: &mut Conn, peer: &PeerShared) -> io::Result<bool> {
+    let mut records = Vec::new();
     loop {
-        while c.tls.wants_write() {
-            match c.tls.write_tls(&mut c.sock) {
+        while c.wpos < c.wbuf.len() {
+            match c.sock.write(&c.wbuf[c.wpos..]) {
                 Ok(n) => {
+                    c.wpos += n;
                     peer.counters
                         .bytes_sent
                         .fetch_add(n as u64, Ordering::Relaxed);
@@ -225,27 +312,28 @@ fn write_side(c: &mut Conn, peer: &PeerShared) -> io::Result<bool> {
                 Err(e) => return Err(e),
             }
         }
-        // rustls holds nothing now: give it the next round (at most the budget and one
-        // frame, well under its buffer limit, so it takes every byte).
-        let mut sink = TlsSink {
-            tls: &mut c.tls,
+        c.wbuf.clear();
+        c.wpos = 0;
+        // Everything is written: copy the next round out of the endpoint, then seal it.
+        let mut sink = RecordSink {
+            buf: &mut c.wbuf,
+            records: &mut records,
+            filling: None,
             taken: 0,
-            short: false,
         };
         let now = peer.now();
         peer.lock()
             .ep
             .poll_transmit_into(now, &mut sink, TRANSMIT_BUDGET_BYTES);
-        if sink.short {
-            // The endpoint counts those frames as sent: only a new connection (and its
-            // HELLO's counts) puts the stream right.
-            return Err(io::Error::other(
-                "TLS took fewer plaintext bytes than given",
-            ));
-        }
+        sink.close_record();
         if sink.taken == 0 {
             return Ok(false);
         }
+        records.push(c.wbuf.len());
+        for w in records.windows(2) {
+            c.rec.tx.seal(&mut c.wbuf[w[0]..w[1]])?;
+        }
+        records.clear();
     }
 }
 
@@ -359,10 +447,7 @@ pub(super) fn run(svc: Arc<ServiceShared>, peer: Arc<PeerShared>) {
     let mut ever_connected = false;
     while !svc.stop.load(Ordering::SeqCst) {
         let now = peer.now();
-        let mut fresh = None;
-        if let Some((sock, tls)) = peer.lock().incoming.take() {
-            fresh = Some(Conn::new(sock, tls));
-        }
+        let mut fresh = peer.lock().incoming.take();
         if fresh.is_none() && conn.is_none() && dials && now >= next_dial {
             match dial(&svc, &peer) {
                 Ok(c) => {

@@ -76,14 +76,22 @@ impl TlsMaterial {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier =
             WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
-        let server = ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()?
+        // TLS 1.3 only, no session tickets, and the traffic secrets may be taken out once
+        // the handshake is done: the tunnel's record layer ([`super::record`]) speaks
+        // TLS 1.3 records and nothing after the handshake.
+        let tls13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(tls13)?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())?;
-        let client = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
+        server.send_tls13_tickets = 0;
+        server.enable_secret_extraction = true;
+        let mut client = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(tls13)?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)?;
+        client.enable_secret_extraction = true;
+        client.resumption = rustls::client::Resumption::disabled();
         Ok(Self {
             server: Arc::new(server),
             client: Arc::new(client),
