@@ -73,7 +73,7 @@ use crate::host::HostSocket;
 use crate::server::device::lock_plane;
 use crate::tunables::{
     ADOPTION_WINDOW_MS, JOIN_MAX_HELD_BYTES, JOIN_TIMEOUT_MS, MAX_RELAYED_SESSIONS,
-    RELAY_CHANNEL_MAX_WINDOW_BYTES, RELAY_MAX_TAIL_BYTES, RELAY_STEP_TIMEOUT_MS,
+    RELAY_CHANNEL_MAX_WINDOW_BYTES, RELAY_MAX_TAIL_BYTES, RELAY_SEND_BUFFER, RELAY_STEP_TIMEOUT_MS,
     SESSION_REPLAY_BYTES,
 };
 use crate::tunnel::{
@@ -2117,9 +2117,6 @@ fn relay_pair(ty: SocketType) -> io::Result<(HostSocket, HostSocket)> {
     );
     Ok((ours, socket_from(theirs, ty)))
 }
-
-/// See [`relay_pair`] (the kernel doubles it).
-const RELAY_SEND_BUFFER: usize = 64 * 1024;
 
 fn socket_from(fd: std::os::fd::OwnedFd, ty: SocketType) -> HostSocket {
     let _ = nix::fcntl::fcntl(

@@ -61,8 +61,8 @@ pub const MAX_SESSION_PARK_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 /// another guest host, the tail is only what the session's engine held (at most its
 /// replay buffer, [`SESSION_REPLAY_BYTES`]): the relays' bytes in flight follow it as
 /// data on the new channel. Coming home, the home's engine takes them all in the tail:
-/// with every buffer full that is, on the guest relay's side, its socket pair (64 KiB send
-/// buffer, doubled by the kernel), one DATA payload queued for the pair and its channel
+/// with every buffer full that is, on the guest relay's side, its socket pair
+/// ([`RELAY_SEND_BUFFER`], doubled by the kernel), one DATA payload queued for the pair and its channel
 /// read buffer (up to one frame each), and on the home's side the channel's window
 /// (up to [`RELAY_CHANNEL_MAX_WINDOW_BYTES`]) and one frame it had not written yet: with
 /// 256 KiB windows that measured 1,085,120 bytes (which a 1 MiB limit refused, losing the
@@ -71,6 +71,10 @@ pub const MAX_SESSION_PARK_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 /// that reads nothing across several moves home and away no longer grows its tail
 /// (measured: 896,064 bytes at every homecoming of a->b->a->b->a->b->a).
 pub const RELAY_MAX_TAIL_BYTES: usize = 4 * 1024 * 1024;
+/// Send buffer of a guest relay's end of its socket pair into the engine (the
+/// host->guest direction), and of a placeholder's engine end; the kernel doubles it. What
+/// it holds when the session is handed off travels in the snapshot's tail.
+pub const RELAY_SEND_BUFFER: usize = 256 * 1024;
 /// The receive window a relay channel may grow to (`ChannelEnd::set_max_window`, both
 /// ends), from its opening window (the tunnel's `window-bytes`, 256 KiB by default) by
 /// the tunnel's autotuning. At 256 KiB a relayed session ran at about half the rate it
@@ -85,15 +89,15 @@ pub const RELAY_CHANNEL_MAX_WINDOW_BYTES: u32 = 2 * 1024 * 1024;
 const _: () = assert!(
     RELAY_MAX_TAIL_BYTES
         >= SESSION_REPLAY_BYTES
-            + 2 * 64 * 1024
+            + 2 * RELAY_SEND_BUFFER
             + 3 * (domsock_migration::relay::MAX_DATA + domsock_migration::relay::FRAME_HEADER_LEN)
             + RELAY_CHANNEL_MAX_WINDOW_BYTES as usize
 );
 /// Most bytes one half of a sibling pair may hold while the pair is joined (what was in
 /// flight towards its guest when both engines stopped feeding the relayed path), and so
 /// the most an engine takes in front of its new host end. In flight per direction at the
-/// swap, every buffer full: the engine's old pair end and its peer (64 KiB send buffer,
-/// doubled; a Unix socket pair's default on the far side), the guest relays' queued
+/// swap, every buffer full: the engine's old pair end and its peer
+/// ([`RELAY_SEND_BUFFER`], doubled; a Unix socket pair's default on the far side), the guest relays' queued
 /// payloads and read buffers (a frame each), the two home relays' frames and the home's
 /// pair, the two channel windows (up to [`RELAY_CHANNEL_MAX_WINDOW_BYTES`] each) and the placeholder the other engine
 /// wrote into (its send buffer), plus the replay tail the receiving engine read before
