@@ -32,6 +32,11 @@
 //! ([`domsock_guest::bus`]): over vsock from a guest, or with `--unix PATH` from a host
 //! process through the service's Unix socket (then it opens no AF_VSOCK socket).
 //!
+//! `DOMSOCK_LOG=<filter>` (e.g. `info`, `domsock_guest=debug`) writes the library's log on
+//! stderr: each session's resume attempts and their outcome. The test guests get
+//! `DOMSOCK_LOG=info` from the kernel command line, so every session event is on the serial
+//! console. Unset: no log.
+//!
 //! Never run the vsock subcommands on a host: they open AF_VSOCK sockets. The one host
 //! command, `migrate`, opens none: it drives two QEMUs over QMP and two domsockd instances
 //! over their admin sockets ([`domsock_migration::orchestrate`]) and prints the timed report
@@ -1646,6 +1651,17 @@ fn cmd_migrate(mut o: Opts) -> Result<ExitCode, Failure> {
 }
 
 fn main() -> ExitCode {
+    if let Some(filter) = std::env::var_os("DOMSOCK_LOG") {
+        let filter = filter.to_string_lossy();
+        match tracing_subscriber::EnvFilter::try_new(&*filter) {
+            Ok(f) => tracing_subscriber::fmt()
+                .with_env_filter(f)
+                .with_writer(io::stderr)
+                .with_ansi(false)
+                .init(),
+            Err(e) => eprintln!("domsock: DOMSOCK_LOG={filter:?} ignored: {e}"),
+        }
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("migrate") {
         let outcome = Opts::parse(&args[1..]).and_then(cmd_migrate);

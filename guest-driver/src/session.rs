@@ -955,7 +955,7 @@ impl Core {
                     return Ok((n, truncated));
                 }
                 Err(e) if !is_break(&e) => return Err(e),
-                Err(e) => tracing::debug!(session = %self.id, "read broke: {e}"),
+                Err(e) => tracing::info!(session = %self.id, "read broke: {e}"),
             }
             let failed = Arc::clone(&rs.conn);
             drop(rs);
@@ -999,7 +999,7 @@ impl Core {
                     return Err(e);
                 }
                 (Err(e), _) if !is_break(&e) => return Err(e),
-                (Err(e), _) => tracing::debug!(session = %self.id, "write broke: {e}"),
+                (Err(e), _) => tracing::info!(session = %self.id, "write broke: {e}"),
             }
             let failed = Arc::clone(&ws.conn);
             drop(ws);
@@ -1027,7 +1027,7 @@ impl Core {
         match ws.conn.transport.shutdown(Shutdown::Write) {
             Ok(()) => return Ok(()),
             Err(e) if !is_break(&e) => return Err(e),
-            Err(e) => tracing::debug!(session = %self.id, "shutdown broke: {e}"),
+            Err(e) => tracing::info!(session = %self.id, "shutdown broke: {e}"),
         }
         // The resume repeats the shutdown on the new connection.
         let failed = Arc::clone(&ws.conn);
@@ -1173,6 +1173,7 @@ impl Core {
                                 || e.raw_os_error().is_none() =>
                         {
                             why = format!("retransmission failed: {e}");
+                            tracing::info!(session = %self.id, dials = stats.dials, "{why}");
                         }
                         Err(RetransmitError::Io(e)) => {
                             return Err(SessionError::Protocol(format!(
@@ -1181,7 +1182,15 @@ impl Core {
                         }
                     }
                 }
-                Attempt::Retry(reason) => why = reason,
+                Attempt::Retry(reason) => {
+                    // Once per kind of failure, not per attempt: a blackout is many dials.
+                    if reason != why {
+                        tracing::info!(session = %self.id, dials = stats.dials,
+                            since_ms = noticed.elapsed().as_millis() as u64,
+                            "resume attempt failed: {reason}");
+                    }
+                    why = reason;
+                }
                 Attempt::Fatal(e) => return Err(e),
             }
             let pause = backoff
@@ -1190,6 +1199,9 @@ impl Core {
             if watch.wait(pause) == Wake::Device {
                 // The transport is back: try at once, and soon again if that was early.
                 stats.device_wakes += 1;
+                tracing::info!(session = %self.id, dials = stats.dials,
+                    since_ms = noticed.elapsed().as_millis() as u64,
+                    "vsock device announced: resuming");
                 backoff = Backoff::new(&self.opts);
             }
         }

@@ -178,7 +178,9 @@ impl VmConfig {
             self.cmds.len() <= MAX_GUEST_CMDS,
             "at most {MAX_GUEST_CMDS} guest commands"
         );
-        let mut line = String::from("console=ttyS0 quiet panic=-1");
+        // `DOMSOCK_LOG` reaches the guest program as an environment variable (through
+        // /init): every session's resume attempts go to the serial log.
+        let mut line = String::from("console=ttyS0 quiet panic=-1 DOMSOCK_LOG=info");
         line.push_str(match self.after {
             After::PowerOff => " ds_after=poweroff",
             After::Reboot => " ds_after=reboot",

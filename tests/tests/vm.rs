@@ -2665,8 +2665,12 @@ fn forged_resumes_are_refused(c: Case) {
 /// Makes the backend log its counters (SIGUSR1) and returns, per VM name, the numbers of the
 /// `counters vm=<name> ... stats=k=v k=v ...` line it logged in response.
 fn backend_counters(backend: &Backend, names: &[&str]) -> BTreeMap<String, BTreeMap<String, u64>> {
+    // Whole lines only: a read can catch the backend in the middle of writing one, and a
+    // cut line would lack its last counters.
     let counter_lines = |log: &str| {
-        log.lines()
+        let whole = log.rfind('\n').map_or("", |end| &log[..end]);
+        whole
+            .lines()
             .filter(|l| l.contains(" counters vm="))
             .map(str::to_owned)
             .collect::<Vec<_>>()

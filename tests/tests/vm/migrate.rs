@@ -1210,6 +1210,24 @@ pub(super) fn migrate_sessions_across_three_hosts(c: Case) {
     finish(&mut vm_y);
 }
 
+/// What a failed hop leaves to read: the last lines of each host's domsockd log and of the
+/// guest's console at the destination (its session log, `DOMSOCK_LOG`).
+fn hop_diagnosis(hosts: &[&Host], dst_vm: &Vm, log_dir: &Path) -> String {
+    let tail = |lines: Vec<String>, n: usize| lines[lines.len().saturating_sub(n)..].join("\n");
+    let mut out = String::new();
+    for h in hosts {
+        let path = log_dir.join(format!("domsockd-{}.log", h.name));
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines = text.lines().map(str::to_owned).collect();
+        out.push_str(&format!("--- {} (last 40 lines) ---\n{}\n", path.display(), tail(lines, 40)));
+    }
+    out.push_str(&format!(
+        "--- the destination guest's console (last 40 lines) ---\n{}",
+        tail(dst_vm.console_lines(), 40)
+    ));
+    out
+}
+
 /// One hop of the domain `vm` with `domsock migrate` against the hosts' real admin sockets
 /// (`hosts`: from, to), checked: exit 0, every step ok, `sessions` exported and live again
 /// at the destination, the source QEMU quit. The report is kept as `migrate-<name>.json`
@@ -1238,8 +1256,12 @@ fn checked_hop(
         log_dir.join(format!("migrate-{from}-{to}.json")),
         log_dir.join(format!("migrate-{name}.json")),
     );
-    assert_eq!(code, 0, "domsock migrate {vm} {from} -> {to}: {rep}");
-    assert_eq!(rep["outcome"], "migrated", "{rep}");
+    if code != 0 || rep["outcome"] != "migrated" {
+        panic!(
+            "domsock migrate {vm} {from} -> {to} exited {code}: {rep}\n{}",
+            hop_diagnosis(&[src, dst], dst_vm, log_dir)
+        );
+    }
     assert_steps_ok(&rep, "steps");
     assert_eq!(
         step(&rep, "steps", "export")["sessions"].as_u64(),
