@@ -144,7 +144,7 @@ pub struct TunnelSection {
     /// A tunnel down this long ends its channels (default 30 s).
     #[serde(default)]
     pub resume_timeout_ms: Option<u64>,
-    /// Receive window of a channel when it opens (default 256 KiB).
+    /// Receive window of a channel when it opens (default 128 KiB).
     #[serde(default)]
     pub window_bytes: Option<u32>,
     /// Largest window autotuning grows a channel's to (default 4 MiB; equal to
@@ -791,7 +791,7 @@ mod tests {
         let t = with("").unwrap().tunnel.unwrap().runtime_config().unwrap();
         assert_eq!(
             (t.buf_alloc_bytes, t.max_window_bytes, t.window_budget_bytes),
-            (256 << 10, 4 << 20, 64 << 20)
+            (128 << 10, 4 << 20, 64 << 20)
         );
         let t = with(
             "window-bytes = 65536\nmax-window-bytes = 1048576\nwindow-budget-bytes = 8388608\n",

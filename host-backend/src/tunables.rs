@@ -76,7 +76,7 @@ pub const RELAY_MAX_TAIL_BYTES: usize = 4 * 1024 * 1024;
 /// it holds when the session is handed off travels in the snapshot's tail.
 pub const RELAY_SEND_BUFFER: usize = 256 * 1024;
 /// The receive window a relay channel may grow to (`ChannelEnd::set_max_window`, both
-/// ends), from its opening window (the tunnel's `window-bytes`, 256 KiB by default) by
+/// ends), from its opening window (the tunnel's `window-bytes`, 128 KiB by default) by
 /// the tunnel's autotuning. At 256 KiB a relayed session ran at about half the rate it
 /// runs at with 2 MiB on two cores (README, "Sessions across hosts"). What a home holds
 /// unacknowledged for a session, and so what a move carries in its tail, must stay

@@ -34,7 +34,7 @@
 //! read them, and the sender keeps unacknowledged bytes in a
 //! [`crate::session::replay::ReplayBuffer`] (its size is the credit window).
 //!
-//! **Window autotuning.** A channel's receive window starts at `buf_alloc_bytes` (256
+//! **Window autotuning.** A channel's receive window starts at `buf_alloc_bytes` (128
 //! KiB) and the receiver doubles it, up to `max_window_bytes` (4 MiB), when its owner
 //! reads a whole window within two round trips (at least 1 ms, the clock's resolution):
 //! then the window, not the reader, limits the channel (its throughput is at most one
