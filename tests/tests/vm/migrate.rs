@@ -1219,7 +1219,11 @@ fn hop_diagnosis(hosts: &[&Host], dst_vm: &Vm, log_dir: &Path) -> String {
         let path = log_dir.join(format!("domsockd-{}.log", h.name));
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let lines = text.lines().map(str::to_owned).collect();
-        out.push_str(&format!("--- {} (last 40 lines) ---\n{}\n", path.display(), tail(lines, 40)));
+        out.push_str(&format!(
+            "--- {} (last 40 lines) ---\n{}\n",
+            path.display(),
+            tail(lines, 40)
+        ));
     }
     out.push_str(&format!(
         "--- the destination guest's console (last 40 lines) ---\n{}",
