@@ -62,6 +62,11 @@ pub(crate) fn poll_ours(
             }
             let (now, view) = s.poll_view();
             if now != *gen {
+                crate::log::debug!(
+                    "poll: fd {} revents {:#x} of generation {gen} dropped (now {now})",
+                    fds[*i].fd,
+                    revents
+                );
                 fds[*i].revents = 0;
                 continue;
             }
@@ -71,6 +76,11 @@ pub(crate) fn poll_ours(
                     fds[*i].revents = 0;
                 }
                 PollView::Transient => {
+                    crate::log::debug!(
+                        "poll: fd {} revents {:#x} while between states (generation {gen})",
+                        fds[*i].fd,
+                        revents
+                    );
                     fds[*i].revents = 0;
                     settle = true;
                 }

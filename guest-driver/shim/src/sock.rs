@@ -674,10 +674,15 @@ impl Sock {
                 } else {
                     0
                 };
+                let mut rc = -1;
                 for _ in 0..100 {
-                    if next::dup3(newfd, fd, flags) >= 0 || next::errno() != libc::EBUSY {
+                    rc = next::dup3(newfd, fd, flags);
+                    if rc >= 0 || next::errno() != libc::EBUSY {
                         break;
                     }
+                }
+                if rc < 0 {
+                    debug!("dup3 onto fd {fd} failed: {}", errno_name(next::errno()));
                 }
             }
         }
@@ -687,6 +692,7 @@ impl Sock {
             unsafe { next::epoll_ctl(r.epfd, libc::EPOLL_CTL_ADD, r.fd, &mut ev) };
         }
         st.gen += 1;
+        debug!("fds {:?} are generation {} now", st.fds, st.gen);
     }
 
     /// Ends the session with `e`: the program's fds become the failed placeholder.
