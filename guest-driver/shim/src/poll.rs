@@ -22,6 +22,14 @@ use std::time::{Duration, Instant};
 
 /// How long a poll waits before looking again at a socket caught between two states.
 const SETTLE: Duration = Duration::from_millis(1);
+/// The longest one kernel poll may sleep while one of the shim's sockets is not live (its fd
+/// is a placeholder or about to be swapped). Linux registers a poll on its files' wait
+/// queues only in its first pass: woken when the shim `dup3`s the new connection over the
+/// fd, it looks at the new connection without registering on it and, if that is not ready
+/// yet (no credit after a full-window retransmission, no data), sleeps again on the old
+/// file's queue, which never wakes it. Polling in short slices while a socket is between
+/// states makes the next call register on whatever the fd is then.
+const TRANSIENT_SLICE: Duration = Duration::from_millis(5);
 
 /// Whether any of `fds` is the shim's.
 pub(crate) fn any_ours(fds: &[pollfd]) -> bool {
@@ -41,16 +49,27 @@ pub(crate) fn poll_ours(
 ) -> c_int {
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
+        let mut transient = false;
         let ours: Vec<(usize, Arc<Sock>, u64)> = fds
             .iter()
             .enumerate()
             .filter_map(|(i, p)| table::sock(p.fd).map(|s| (i, s)))
             .map(|(i, s)| {
-                let (gen, _) = s.poll_view();
+                let (gen, view) = s.poll_view();
+                transient |= matches!(view, PollView::Transient);
                 (i, s, gen)
             })
             .collect();
-        let r = call(fds, left(deadline));
+        let wait = match (left(deadline), transient) {
+            (None, true) => Some(TRANSIENT_SLICE),
+            (Some(l), true) => Some(l.min(TRANSIENT_SLICE)),
+            (l, false) => l,
+        };
+        let r = call(fds, wait);
+        if r == 0 && transient && left(deadline).is_none_or(|l| !l.is_zero()) {
+            // A slice ended, not the program's timeout: look again.
+            continue;
+        }
         if r <= 0 {
             return r;
         }
